@@ -1,0 +1,1564 @@
+//! Command execution: one function per command, run under the data lock
+//! with no I/O. The handshake (hello) is answered by the connection layer;
+//! everything else arrives here as a [`Request`] and leaves as a reply
+//! document (`ok: 1` or a server-shaped error).
+//!
+//! Supported: ping, buildInfo, getParameter, endSessions, refreshSessions,
+//! killSessions, killAllSessions, killAllSessionsByPattern, insert, find,
+//! getMore, killCursors, update, findAndModify, delete, count, distinct,
+//! aggregate ($match $sort $skip $limit $project $count $group), createIndexes,
+//! listIndexes, dropIndexes, listCollections, listDatabases, create, drop,
+//! dropDatabase, commitTransaction, abortTransaction.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bson::{doc, oid::ObjectId, Bson, Document};
+
+use super::errors::{self, CommandError, CommandResult};
+use super::query;
+use super::sessions::{Cursor, Inner, SessionKey, StmtOutcome, TxnContext, TxnState};
+use super::state::{lock, EmulatorState};
+use super::store::DuplicateId;
+use super::Topology;
+
+/// Default number of documents in a first batch (the server's).
+const DEFAULT_FIRST_BATCH: usize = 101;
+/// A batch stops growing past this many bytes (the server's 16 MiB).
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Commands a retryable write may carry `txnNumber` on.
+const RETRYABLE_WRITE_COMMANDS: &[&str] = &[
+    "insert",
+    "update",
+    "delete",
+    "findAndModify",
+    "findandmodify",
+];
+
+/// Commands allowed inside a multi-document transaction.
+const TRANSACTION_COMMANDS: &[&str] = &[
+    "find",
+    "getMore",
+    "killCursors",
+    "insert",
+    "update",
+    "delete",
+    "findAndModify",
+    "findandmodify",
+    "aggregate",
+    "distinct",
+    "commitTransaction",
+    "abortTransaction",
+    "create",
+    "createIndexes",
+];
+
+/// A command as received: its name, database, body and kind-1 sequences.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub name: String,
+    pub db: String,
+    pub body: Document,
+    pub sequences: Vec<(String, Vec<Document>)>,
+}
+
+impl Request {
+    /// Documents given either as a kind-1 sequence or as an array in the body.
+    fn documents(&self, field: &str) -> Result<Vec<Document>, CommandError> {
+        if let Some((_, docs)) = self.sequences.iter().find(|(id, _)| id == field) {
+            return Ok(docs.clone());
+        }
+        match self.body.get(field) {
+            Some(Bson::Array(items)) => items
+                .iter()
+                .map(|item| match item {
+                    Bson::Document(d) => Ok(d.clone()),
+                    _ => Err(CommandError::new(
+                        errors::TYPE_MISMATCH,
+                        format!(
+                            "BSON field '{}.{field}' is the wrong type, expected object",
+                            self.name
+                        ),
+                    )),
+                })
+                .collect(),
+            None => Err(CommandError::new(
+                errors::FAILED_TO_PARSE,
+                format!(
+                    "BSON field '{}.{field}' is missing but a required field",
+                    self.name
+                ),
+            )),
+            Some(_) => Err(CommandError::new(
+                errors::TYPE_MISMATCH,
+                format!(
+                    "BSON field '{}.{field}' is the wrong type, expected array",
+                    self.name
+                ),
+            )),
+        }
+    }
+
+    fn collection(&self) -> Result<String, CommandError> {
+        match self.body.iter().next() {
+            Some((_, Bson::String(name))) if !name.is_empty() => Ok(name.clone()),
+            _ => Err(CommandError::new(
+                errors::INVALID_NAMESPACE,
+                format!("Invalid namespace specified '{}.'", self.db),
+            )),
+        }
+    }
+
+    fn ns(&self, coll: &str) -> String {
+        format!("{}.{coll}", self.db)
+    }
+
+    fn doc_field(&self, field: &str) -> Result<Document, CommandError> {
+        match self.body.get(field) {
+            None | Some(Bson::Null) => Ok(Document::new()),
+            Some(Bson::Document(d)) => Ok(d.clone()),
+            Some(_) => Err(CommandError::new(
+                errors::TYPE_MISMATCH,
+                format!(
+                    "BSON field '{}.{field}' is the wrong type, expected object",
+                    self.name
+                ),
+            )),
+        }
+    }
+}
+
+fn as_i64(value: Option<&Bson>) -> Option<i64> {
+    match value? {
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Int64(v) => Some(*v),
+        Bson::Double(v) => Some(*v as i64),
+        _ => None,
+    }
+}
+
+fn truthy(value: Option<&Bson>) -> bool {
+    match value {
+        Some(Bson::Boolean(b)) => *b,
+        Some(other) => as_i64(Some(other)).is_some_and(|n| n != 0),
+        None => false,
+    }
+}
+
+/// Non-negative count from the wire (batchSize, limit, skip), checked.
+fn as_count(value: Option<&Bson>, field: &str) -> Result<Option<usize>, CommandError> {
+    match as_i64(value) {
+        None => Ok(None),
+        Some(n) => usize::try_from(n)
+            .map(Some)
+            .map_err(|_| CommandError::bad_value(format!("{field} must be a non-negative number"))),
+    }
+}
+
+/// One command's execution context.
+struct Exec<'a> {
+    state: &'a EmulatorState,
+    inner: &'a mut Inner,
+    lsid: Option<SessionKey>,
+    txn: TxnContext,
+    writable: bool,
+}
+
+/// Executes one (non-hello) command and returns its reply document.
+pub fn execute(state: &EmulatorState, member: usize, req: &Request) -> Document {
+    let now = Instant::now();
+    let config = state.config();
+    let topology = state.topology();
+    let is_replica_set = matches!(config.topology, Topology::ReplicaSetPrimary { .. });
+    let writable = !is_replica_set || topology.primary_member == Some(member);
+    let lsid = req
+        .body
+        .get_document("lsid")
+        .ok()
+        .and_then(SessionKey::from_lsid);
+    let txn_number = as_i64(req.body.get("txnNumber"));
+    let autocommit = req.body.get_bool("autocommit").ok();
+    let start_transaction = truthy(req.body.get("startTransaction"));
+
+    let mut inner = lock(&state.inner);
+    if let Some(key) = &lsid {
+        inner.touch(key, now, config.session_timeout);
+    }
+    let txn = match transaction_context(
+        &mut inner,
+        config,
+        req,
+        lsid.as_ref(),
+        txn_number,
+        autocommit,
+        start_transaction,
+    ) {
+        Ok(txn) => txn,
+        Err(e) => return e.to_document(),
+    };
+    let mut exec = Exec {
+        state,
+        inner: &mut inner,
+        lsid,
+        txn,
+        writable,
+    };
+    match run(&mut exec, req) {
+        Ok(reply) => reply,
+        Err(err) => {
+            // The server aborts a transaction when any of its commands fails.
+            if exec.inner.txn_state(&exec.txn) == Some(TxnState::InProgress) {
+                exec.inner.abort(&exec.txn);
+            }
+            err.to_document()
+        }
+    }
+}
+
+fn transaction_context(
+    inner: &mut Inner,
+    config: &super::EmulatorConfig,
+    req: &Request,
+    lsid: Option<&SessionKey>,
+    txn_number: Option<i64>,
+    autocommit: Option<bool>,
+    start_transaction: bool,
+) -> Result<TxnContext, CommandError> {
+    let Some(txn_number) = txn_number else {
+        if autocommit.is_some() || start_transaction {
+            return Err(CommandError::new(
+                errors::INVALID_OPTIONS,
+                "'autocommit' and 'startTransaction' require a txnNumber",
+            ));
+        }
+        return Ok(TxnContext::None);
+    };
+    if config.topology == Topology::Standalone {
+        return Err(CommandError::new(
+            errors::ILLEGAL_OPERATION,
+            "Transaction numbers are only allowed on a replica set member or mongos",
+        ));
+    }
+    let Some(key) = lsid else {
+        return Err(CommandError::new(
+            errors::INVALID_OPTIONS,
+            "Transaction number requires a session ID to also be specified",
+        ));
+    };
+    let name = req.name.as_str();
+    if autocommit.is_none() && !RETRYABLE_WRITE_COMMANDS.contains(&name) {
+        return Err(CommandError::new(
+            errors::TXN_NUMBER_NOT_ALLOWED,
+            format!("txnNumber may only be provided for multi-document transactions and retryable write commands. autocommit:false was not provided, and {name} is not a retryable write command."),
+        ));
+    }
+    if autocommit.is_some() && !TRANSACTION_COMMANDS.contains(&name) {
+        return Err(CommandError::new(
+            errors::OPERATION_NOT_SUPPORTED_IN_TRANSACTION,
+            format!("Cannot run '{name}' in a multi-document transaction."),
+        ));
+    }
+    inner.begin_or_continue(key, txn_number, autocommit, start_transaction, name)
+}
+
+fn run(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    match req.name.as_str() {
+        "ping" => Ok(doc! { "ok": 1.0 }),
+        "buildInfo" | "buildinfo" => Ok(build_info()),
+        "getParameter" => get_parameter(ex, req),
+        "endSessions" => end_sessions(ex, req, true),
+        "killSessions" => end_sessions(ex, req, false),
+        "refreshSessions" => refresh_sessions(ex, req),
+        "killAllSessions" => kill_all_sessions(ex, req),
+        "killAllSessionsByPattern" => kill_all_sessions_by_pattern(ex, req),
+        "insert" => insert(ex, req),
+        "update" => update(ex, req),
+        "delete" => delete(ex, req),
+        "findAndModify" | "findandmodify" => find_and_modify(ex, req),
+        "find" => find(ex, req),
+        "getMore" => get_more(ex, req),
+        "killCursors" => kill_cursors(ex, req),
+        "count" => count(ex, req),
+        "distinct" => distinct(ex, req),
+        "aggregate" => aggregate(ex, req),
+        "createIndexes" => create_indexes(ex, req),
+        "listIndexes" => list_indexes(ex, req),
+        "dropIndexes" | "deleteIndexes" => drop_indexes(ex, req),
+        "listCollections" => list_collections(ex, req),
+        "listDatabases" => list_databases(ex, req),
+        "create" => create(ex, req),
+        "drop" => drop(ex, req),
+        "dropDatabase" => drop_database(ex, req),
+        "commitTransaction" => commit_transaction(ex, req),
+        "abortTransaction" => abort_transaction(ex, req),
+        other => Err(CommandError::new(
+            errors::COMMAND_NOT_FOUND,
+            format!("no such command: '{other}'"),
+        )),
+    }
+}
+
+fn build_info() -> Document {
+    doc! {
+        "version": "7.0.0",
+        "gitVersion": "0000000000000000000000000000000000000000",
+        "versionArray": [7, 0, 0, 0],
+        "bits": 64,
+        "debug": false,
+        "maxBsonObjectSize": super::hello::MAX_BSON_OBJECT_SIZE,
+        "storageEngines": ["wiredTiger"],
+        "javascriptEngine": "mozjs",
+        "sysInfo": "deprecated",
+        "modules": [],
+        "openssl": { "running": "disabled", "compiled": "disabled" },
+        "ok": 1.0,
+    }
+}
+
+fn get_parameter(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let config = ex.state.config();
+    let known = doc! {
+        "featureCompatibilityVersion": { "version": "7.0" },
+        "logicalSessionTimeoutMinutes": config.logical_session_timeout_minutes,
+        "transactionLifetimeLimitSeconds": 60,
+        "maxBSONDepth": 200,
+        "authenticationMechanisms": ["SCRAM-SHA-1", "SCRAM-SHA-256"],
+    };
+    let all = matches!(req.body.get("getParameter"), Some(Bson::String(s)) if s == "*");
+    let mut reply = Document::new();
+    for (name, value) in &known {
+        if all || req.body.contains_key(name) {
+            reply.insert(name.clone(), value.clone());
+        }
+    }
+    if reply.is_empty() {
+        return Err(CommandError::new(
+            errors::INVALID_OPTIONS,
+            "no option found to get",
+        ));
+    }
+    reply.insert("ok", 1.0);
+    Ok(reply)
+}
+
+fn lsid_list(req: &Request) -> Result<Vec<SessionKey>, CommandError> {
+    let Some(Bson::Array(items)) = req.body.get(&req.name) else {
+        return Err(CommandError::new(
+            errors::TYPE_MISMATCH,
+            format!(
+                "BSON field '{}' is the wrong type, expected array",
+                req.name
+            ),
+        ));
+    };
+    Ok(items
+        .iter()
+        .filter_map(|item| match item {
+            Bson::Document(d) => SessionKey::from_lsid(d),
+            _ => None,
+        })
+        .collect())
+}
+
+fn end_sessions(ex: &mut Exec<'_>, req: &Request, count_as_ended: bool) -> CommandResult {
+    let keys = lsid_list(req)?;
+    for key in &keys {
+        ex.inner.end_session(key);
+    }
+    if count_as_ended {
+        ex.state.add_ended_sessions(keys.len() as u64);
+    }
+    tracing::debug!(command = %req.name, sessions = keys.len(), "sessions ended");
+    Ok(doc! { "ok": 1.0 })
+}
+
+fn refresh_sessions(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let keys = lsid_list(req)?;
+    let now = Instant::now();
+    for key in &keys {
+        ex.inner
+            .refresh(key, now, ex.state.config().session_timeout);
+    }
+    ex.state.add_refreshed_sessions(keys.len() as u64);
+    Ok(doc! { "ok": 1.0 })
+}
+
+fn end_all_sessions(ex: &mut Exec<'_>) {
+    for key in ex.inner.all_session_keys() {
+        ex.inner.end_session(&key);
+    }
+}
+
+/// Without authentication every session belongs to the same (absent) user,
+/// so any user pattern matches them all.
+fn kill_all_sessions(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    if !matches!(req.body.get(&req.name), Some(Bson::Array(_))) {
+        return Err(CommandError::new(
+            errors::TYPE_MISMATCH,
+            "killAllSessions needs an array",
+        ));
+    }
+    end_all_sessions(ex);
+    Ok(doc! { "ok": 1.0 })
+}
+
+fn kill_all_sessions_by_pattern(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let Some(Bson::Array(patterns)) = req.body.get(&req.name) else {
+        return Err(CommandError::new(
+            errors::TYPE_MISMATCH,
+            "killAllSessionsByPattern needs an array",
+        ));
+    };
+    let mut specific = Vec::new();
+    let mut everything = patterns.is_empty();
+    for pattern in patterns {
+        match pattern {
+            Bson::Document(p) => {
+                match p.get_document("lsid").ok().and_then(SessionKey::from_lsid) {
+                    Some(key) => specific.push(key),
+                    None => everything = true,
+                }
+            }
+            _ => {
+                return Err(CommandError::new(
+                    errors::TYPE_MISMATCH,
+                    "patterns must be documents",
+                ))
+            }
+        }
+    }
+    if everything {
+        end_all_sessions(ex);
+    } else {
+        for key in &specific {
+            ex.inner.end_session(key);
+        }
+    }
+    Ok(doc! { "ok": 1.0 })
+}
+
+fn require_writable(ex: &Exec<'_>) -> Result<(), CommandError> {
+    if ex.writable {
+        Ok(())
+    } else {
+        Err(CommandError::new(
+            errors::NOT_WRITABLE_PRIMARY,
+            "not primary",
+        ))
+    }
+}
+
+fn in_transaction(ex: &Exec<'_>) -> bool {
+    matches!(ex.txn, TxnContext::Transaction { .. })
+}
+
+fn stmt_ids(req: &Request, n: usize) -> Vec<i32> {
+    if let Ok(ids) = req.body.get_array("stmtIds") {
+        let ids: Vec<i32> = ids
+            .iter()
+            .filter_map(|b| as_i64(Some(b)))
+            .filter_map(|v| i32::try_from(v).ok())
+            .collect();
+        if ids.len() == n {
+            return ids;
+        }
+    }
+    let base = as_i64(req.body.get("stmtId"))
+        .and_then(|v| i32::try_from(v).ok())
+        .unwrap_or(0);
+    (0..n)
+        .map(|i| base.saturating_add(i32::try_from(i).unwrap_or(i32::MAX)))
+        .collect()
+}
+
+fn with_id_first(doc: Document) -> Document {
+    if doc.contains_key("_id") {
+        return doc;
+    }
+    let mut with_id = doc! { "_id": ObjectId::new() };
+    with_id.extend(doc);
+    with_id
+}
+
+fn duplicate_key_message(ns: &str, id: &Bson) -> String {
+    format!("E11000 duplicate key error collection: {ns} index: _id_ dup key: {{ _id: {id} }}")
+}
+
+fn write_error(index: usize, err: &CommandError) -> Document {
+    doc! { "index": index as i64, "code": err.code, "errmsg": err.errmsg.clone() }
+}
+
+fn duplicate_key_error(ns: &str, id: &Bson) -> CommandError {
+    CommandError::new(errors::DUPLICATE_KEY, duplicate_key_message(ns, id))
+}
+
+fn insert(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    let coll = req.collection()?;
+    let ns = req.ns(&coll);
+    let docs = req.documents("documents")?;
+    let ordered = req.body.get_bool("ordered").unwrap_or(true);
+    let ids = stmt_ids(req, docs.len());
+    let mut n: i64 = 0;
+    let mut write_errors = Vec::new();
+    let mut retried = 0usize;
+    for (index, doc) in docs.into_iter().enumerate() {
+        let stmt = ids[index];
+        if ex.inner.recorded(&ex.txn, stmt).is_some() {
+            // A retry of a statement already executed: not executed again.
+            n += 1;
+            retried += 1;
+            continue;
+        }
+        let doc = with_id_first(doc);
+        let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+        let (store, undo) = ex.inner.store_and_undo(&ex.txn);
+        match store.insert(&req.db, &coll, doc, undo) {
+            Ok(_) => {
+                n += 1;
+                ex.inner.record(
+                    &ex.txn,
+                    stmt,
+                    StmtOutcome::Write {
+                        n: 1,
+                        n_modified: 0,
+                        upserted: None,
+                    },
+                );
+            }
+            Err(DuplicateId) => {
+                let err = duplicate_key_error(&ns, &id);
+                if in_transaction(ex) {
+                    return Err(err);
+                }
+                let mut we = write_error(index, &err);
+                we.insert("keyPattern", doc! { "_id": 1 });
+                we.insert("keyValue", doc! { "_id": id });
+                write_errors.push(we);
+                if ordered {
+                    break;
+                }
+            }
+        }
+    }
+    if retried > 0 {
+        tracing::debug!(ns = %ns, statements = retried, "retryable write: statements already executed, not executed again");
+    }
+    let mut reply = doc! { "n": n as i32 };
+    if !write_errors.is_empty() {
+        reply.insert("writeErrors", write_errors);
+    }
+    reply.insert("ok", 1.0);
+    Ok(reply)
+}
+
+/// Positions of the documents matching `filter`, in natural order.
+fn matching(
+    ex: &Exec<'_>,
+    db: &str,
+    coll: &str,
+    filter: &Document,
+) -> Result<Vec<(u64, Document)>, CommandError> {
+    let mut out = Vec::new();
+    if let Some(c) = ex.inner.store.collection(db, coll) {
+        for (seq, doc) in c.iter() {
+            if query::matches(doc, filter)? {
+                out.push((seq, doc.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct UpdateOutcome {
+    n: i64,
+    n_modified: i64,
+    upserted: Option<Bson>,
+    old: Option<Document>,
+    new: Option<Document>,
+}
+
+/// One update statement (shared by update and findAndModify).
+fn update_one_statement(
+    ex: &mut Exec<'_>,
+    db: &str,
+    coll: &str,
+    filter: &Document,
+    update: &Bson,
+    multi: bool,
+    upsert: bool,
+    sort: Option<&Document>,
+) -> Result<UpdateOutcome, CommandError> {
+    let Bson::Document(update) = update else {
+        return Err(CommandError::bad_value(
+            "pipeline-style updates are not supported by the sessionguard emulator",
+        ));
+    };
+    if multi && !query::is_operator_update(update) {
+        return Err(CommandError::new(
+            errors::FAILED_TO_PARSE,
+            "multi update is not supported for replacement-style update",
+        ));
+    }
+    let mut targets = matching(ex, db, coll, filter)?;
+    if let Some(sort) = sort {
+        let mut docs: Vec<Document> = targets.iter().map(|(_, d)| d.clone()).collect();
+        let seqs: Vec<(u64, Document)> = targets.clone();
+        query::sort_documents(&mut docs, sort);
+        targets = docs
+            .into_iter()
+            .filter_map(|d| seqs.iter().find(|(_, o)| *o == d).map(|(s, _)| (*s, d)))
+            .collect();
+    }
+    if !multi {
+        targets.truncate(1);
+    }
+    let mut outcome = UpdateOutcome {
+        n: 0,
+        n_modified: 0,
+        upserted: None,
+        old: None,
+        new: None,
+    };
+    for (seq, old) in targets {
+        let mut new = old.clone();
+        query::apply_update(&mut new, update, false)?;
+        outcome.n += 1;
+        if !query::values_equal(&Bson::Document(old.clone()), &Bson::Document(new.clone())) {
+            outcome.n_modified += 1;
+            let (store, undo) = ex.inner.store_and_undo(&ex.txn);
+            store.replace(db, coll, seq, new.clone(), undo);
+        }
+        outcome.old = Some(old);
+        outcome.new = Some(new);
+    }
+    if outcome.n == 0 && upsert {
+        let mut doc = if query::is_operator_update(update) {
+            query::upsert_seed(filter)
+        } else {
+            let mut seed = Document::new();
+            if let Some(id) = filter
+                .get("_id")
+                .filter(|v| !matches!(v, Bson::Document(_)))
+            {
+                seed.insert("_id", id.clone());
+            }
+            seed
+        };
+        query::apply_update(&mut doc, update, true)?;
+        let doc = with_id_first(doc);
+        let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+        let (store, undo) = ex.inner.store_and_undo(&ex.txn);
+        store
+            .insert(db, coll, doc.clone(), undo)
+            .map_err(|DuplicateId| duplicate_key_error(&format!("{db}.{coll}"), &id))?;
+        outcome.upserted = Some(id);
+        outcome.new = Some(doc);
+    }
+    Ok(outcome)
+}
+
+fn update(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    let coll = req.collection()?;
+    let statements = req.documents("updates")?;
+    let ordered = req.body.get_bool("ordered").unwrap_or(true);
+    let ids = stmt_ids(req, statements.len());
+    let (mut n, mut n_modified) = (0i64, 0i64);
+    let mut upserted = Vec::new();
+    let mut write_errors = Vec::new();
+    for (index, statement) in statements.iter().enumerate() {
+        let stmt = ids[index];
+        if let Some(StmtOutcome::Write {
+            n: rn,
+            n_modified: rm,
+            upserted: ru,
+        }) = ex.inner.recorded(&ex.txn, stmt)
+        {
+            n += rn;
+            n_modified += rm;
+            if let Some(id) = ru {
+                upserted.push(doc! { "index": index as i32, "_id": id });
+            }
+            continue;
+        }
+        let filter = match statement.get("q") {
+            Some(Bson::Document(q)) => q.clone(),
+            _ => Document::new(),
+        };
+        let Some(u) = statement.get("u") else {
+            let err = CommandError::new(
+                errors::FAILED_TO_PARSE,
+                "BSON field 'update.updates.u' is missing but a required field",
+            );
+            return Err(err);
+        };
+        let result = update_one_statement(
+            ex,
+            &req.db,
+            &coll,
+            &filter,
+            u,
+            truthy(statement.get("multi")),
+            truthy(statement.get("upsert")),
+            None,
+        );
+        match result {
+            Ok(o) => {
+                n += o.n + i64::from(o.upserted.is_some());
+                n_modified += o.n_modified;
+                if let Some(id) = &o.upserted {
+                    upserted.push(doc! { "index": index as i32, "_id": id.clone() });
+                }
+                ex.inner.record(
+                    &ex.txn,
+                    stmt,
+                    StmtOutcome::Write {
+                        n: o.n + i64::from(o.upserted.is_some()),
+                        n_modified: o.n_modified,
+                        upserted: o.upserted,
+                    },
+                );
+            }
+            Err(err) => {
+                if in_transaction(ex) {
+                    return Err(err);
+                }
+                write_errors.push(write_error(index, &err));
+                if ordered {
+                    break;
+                }
+            }
+        }
+    }
+    let mut reply = doc! { "n": n as i32, "nModified": n_modified as i32 };
+    if !upserted.is_empty() {
+        reply.insert("upserted", upserted);
+    }
+    if !write_errors.is_empty() {
+        reply.insert("writeErrors", write_errors);
+    }
+    reply.insert("ok", 1.0);
+    Ok(reply)
+}
+
+fn delete(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    let coll = req.collection()?;
+    let statements = req.documents("deletes")?;
+    let ids = stmt_ids(req, statements.len());
+    let mut n = 0i64;
+    for (index, statement) in statements.iter().enumerate() {
+        let stmt = ids[index];
+        if let Some(StmtOutcome::Write { n: rn, .. }) = ex.inner.recorded(&ex.txn, stmt) {
+            n += rn;
+            continue;
+        }
+        let filter = match statement.get("q") {
+            Some(Bson::Document(q)) => q.clone(),
+            _ => Document::new(),
+        };
+        let limit = as_i64(statement.get("limit")).unwrap_or(0);
+        let mut targets = matching(ex, &req.db, &coll, &filter)?;
+        if limit == 1 {
+            targets.truncate(1);
+        }
+        let mut deleted = 0i64;
+        for (seq, _) in targets {
+            let (store, undo) = ex.inner.store_and_undo(&ex.txn);
+            if store.delete(&req.db, &coll, seq, undo).is_some() {
+                deleted += 1;
+            }
+        }
+        n += deleted;
+        ex.inner.record(
+            &ex.txn,
+            stmt,
+            StmtOutcome::Write {
+                n: deleted,
+                n_modified: 0,
+                upserted: None,
+            },
+        );
+    }
+    Ok(doc! { "n": n as i32, "ok": 1.0 })
+}
+
+fn find_and_modify(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    let coll = req.collection()?;
+    let stmt = stmt_ids(req, 1)[0];
+    if let Some(StmtOutcome::Reply(reply)) = ex.inner.recorded(&ex.txn, stmt) {
+        return Ok(reply);
+    }
+    let filter = req.doc_field("query")?;
+    let sort = req.doc_field("sort")?;
+    let fields = req.doc_field("fields")?;
+    let return_new = truthy(req.body.get("new"));
+    let remove = truthy(req.body.get("remove"));
+    let upsert = truthy(req.body.get("upsert"));
+    let shape = |d: Option<Document>| {
+        d.map(|d| Bson::Document(query::project(&d, &fields)))
+            .unwrap_or(Bson::Null)
+    };
+    let reply = if remove {
+        if req.body.contains_key("update") {
+            return Err(CommandError::new(
+                errors::FAILED_TO_PARSE,
+                "Cannot specify both an update and remove=true",
+            ));
+        }
+        let mut targets: Vec<Document> = matching(ex, &req.db, &coll, &filter)?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        query::sort_documents(&mut targets, &sort);
+        let victim = targets.into_iter().next();
+        if let Some(doc) = &victim {
+            let c = ex.inner.store.collection(&req.db, &coll);
+            let seq = doc
+                .get("_id")
+                .and_then(|id| c.and_then(|c| c.seq_of_id(id)));
+            if let Some(seq) = seq {
+                let (store, undo) = ex.inner.store_and_undo(&ex.txn);
+                store.delete(&req.db, &coll, seq, undo);
+            }
+        }
+        doc! {
+            "lastErrorObject": { "n": i32::from(victim.is_some()) },
+            "value": shape(victim),
+            "ok": 1.0,
+        }
+    } else {
+        let Some(update) = req.body.get("update") else {
+            return Err(CommandError::new(
+                errors::FAILED_TO_PARSE,
+                "Either an update or remove=true must be specified",
+            ));
+        };
+        let o = update_one_statement(
+            ex,
+            &req.db,
+            &coll,
+            &filter,
+            update,
+            false,
+            upsert,
+            Some(&sort),
+        )?;
+        let mut last = doc! {
+            "n": i32::from(o.n > 0 || o.upserted.is_some()),
+            "updatedExisting": o.n > 0,
+        };
+        if let Some(id) = &o.upserted {
+            last.insert("upserted", id.clone());
+        }
+        let value = if return_new { o.new } else { o.old };
+        doc! { "lastErrorObject": last, "value": shape(value), "ok": 1.0 }
+    };
+    ex.inner
+        .record(&ex.txn, stmt, StmtOutcome::Reply(reply.clone()));
+    Ok(reply)
+}
+
+/// Takes up to `limit` documents (and at most 16 MiB, but at least one).
+fn take_batch(remaining: &mut VecDeque<Document>, limit: Option<usize>) -> Vec<Bson> {
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(next) = remaining.front() {
+        if limit.is_some_and(|l| batch.len() >= l) {
+            break;
+        }
+        let size = bson::to_vec(next).map(|v| v.len()).unwrap_or(0);
+        if !batch.is_empty() && bytes.saturating_add(size) > MAX_BATCH_BYTES {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        if let Some(doc) = remaining.pop_front() {
+            batch.push(Bson::Document(doc));
+        }
+    }
+    batch
+}
+
+fn new_cursor_id(inner: &Inner) -> i64 {
+    loop {
+        let id = rand::random::<i64>() & i64::MAX;
+        if id != 0 && !inner.cursors.contains_key(&id) {
+            return id;
+        }
+    }
+}
+
+/// A cursor reply over `docs`; registers a cursor if documents remain.
+fn cursor_reply(
+    ex: &mut Exec<'_>,
+    ns: String,
+    docs: Vec<Document>,
+    batch_size: Option<usize>,
+    single_batch: bool,
+) -> Document {
+    let mut remaining: VecDeque<Document> = docs.into();
+    let first_limit = batch_size.unwrap_or(DEFAULT_FIRST_BATCH);
+    let first_batch = take_batch(&mut remaining, Some(first_limit));
+    let keep_open = !single_batch && (!remaining.is_empty() || first_limit == 0);
+    let id = if keep_open {
+        let id = new_cursor_id(ex.inner);
+        ex.inner.cursors.insert(
+            id,
+            Cursor {
+                ns: ns.clone(),
+                remaining,
+                session: ex.lsid.clone(),
+                last_use: Instant::now(),
+            },
+        );
+        id
+    } else {
+        0
+    };
+    doc! { "cursor": { "firstBatch": first_batch, "id": id, "ns": ns }, "ok": 1.0 }
+}
+
+fn find(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let coll = req.collection()?;
+    let filter = req.doc_field("filter")?;
+    let sort = req.doc_field("sort")?;
+    let projection = req.doc_field("projection")?;
+    let skip = as_count(req.body.get("skip"), "skip")?.unwrap_or(0);
+    let raw_limit = as_i64(req.body.get("limit")).unwrap_or(0);
+    let mut single_batch = truthy(req.body.get("singleBatch")) || raw_limit < 0;
+    let limit = usize::try_from(raw_limit.unsigned_abs()).unwrap_or(usize::MAX);
+    let batch_size = as_count(req.body.get("batchSize"), "batchSize")?;
+    let mut docs: Vec<Document> = matching(ex, &req.db, &coll, &filter)?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
+    query::sort_documents(&mut docs, &sort);
+    let mut docs: Vec<Document> = docs.into_iter().skip(skip).collect();
+    if limit > 0 {
+        docs.truncate(limit);
+        if batch_size.is_none_or(|b| b >= limit)
+            && docs.len() <= DEFAULT_FIRST_BATCH.max(batch_size.unwrap_or(0))
+        {
+            // Everything fits the first batch: the server closes the cursor.
+            single_batch |= batch_size.is_some() || limit <= DEFAULT_FIRST_BATCH;
+        }
+    }
+    let docs = docs
+        .iter()
+        .map(|d| query::project(d, &projection))
+        .collect();
+    Ok(cursor_reply(
+        ex,
+        req.ns(&coll),
+        docs,
+        batch_size,
+        single_batch,
+    ))
+}
+
+fn get_more(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let id = match req.body.get("getMore") {
+        Some(Bson::Int64(id)) => *id,
+        _ => {
+            return Err(CommandError::new(
+                errors::TYPE_MISMATCH,
+                "BSON field 'getMore.getMore' is the wrong type, expected type 'long'",
+            ))
+        }
+    };
+    if !matches!(req.body.get("collection"), Some(Bson::String(_))) {
+        return Err(CommandError::new(
+            40414,
+            "BSON field 'getMore.collection' is missing but a required field",
+        ));
+    }
+    let batch_size = as_count(req.body.get("batchSize"), "batchSize")?.filter(|b| *b > 0);
+    let lsid = ex.lsid.clone();
+    let Some(cursor) = ex.inner.cursors.get_mut(&id) else {
+        return Err(CommandError::new(
+            errors::CURSOR_NOT_FOUND,
+            format!("cursor id {id} not found"),
+        ));
+    };
+    match (&lsid, &cursor.session) {
+        (Some(mine), None) => {
+            return Err(CommandError::new(
+                errors::GETMORE_NOT_IN_SESSION,
+                format!("Cannot run getMore on cursor {id}, which was not created in a session, in session {}", mine.display()),
+            ))
+        }
+        (None, Some(owner)) => {
+            return Err(CommandError::new(
+                errors::GETMORE_WITHOUT_LSID,
+                format!("Cannot run getMore on cursor {id}, which was created in session {}, without an lsid", owner.display()),
+            ))
+        }
+        (Some(mine), Some(owner)) if mine != owner => {
+            return Err(CommandError::new(
+                errors::GETMORE_OTHER_SESSION,
+                format!(
+                    "Cannot run getMore on cursor {id}, which was created in session {}, in session {}",
+                    owner.display(),
+                    mine.display()
+                ),
+            ))
+        }
+        _ => {}
+    }
+    cursor.last_use = Instant::now();
+    let batch = take_batch(&mut cursor.remaining, batch_size);
+    let ns = cursor.ns.clone();
+    let exhausted = cursor.remaining.is_empty();
+    if exhausted {
+        ex.inner.cursors.remove(&id);
+    }
+    Ok(doc! {
+        "cursor": { "nextBatch": batch, "id": if exhausted { 0 } else { id }, "ns": ns },
+        "ok": 1.0,
+    })
+}
+
+/// killCursors does not check the cursor's session (the server checks only
+/// the authenticated user, and there is no authentication here).
+fn kill_cursors(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let Ok(ids) = req.body.get_array("cursors") else {
+        return Err(CommandError::new(
+            errors::FAILED_TO_PARSE,
+            "BSON field 'killCursors.cursors' is missing but a required field",
+        ));
+    };
+    let (mut killed, mut not_found) = (Vec::new(), Vec::new());
+    for id in ids {
+        let Some(id) = as_i64(Some(id)) else {
+            continue;
+        };
+        if ex.inner.cursors.remove(&id).is_some() {
+            killed.push(Bson::Int64(id));
+        } else {
+            not_found.push(Bson::Int64(id));
+        }
+    }
+    Ok(doc! {
+        "cursorsKilled": killed,
+        "cursorsNotFound": not_found,
+        "cursorsAlive": [],
+        "cursorsUnknown": [],
+        "ok": 1.0,
+    })
+}
+
+fn count(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let coll = req.collection()?;
+    let filter = req.doc_field("query")?;
+    let skip = as_count(req.body.get("skip"), "skip")?.unwrap_or(0);
+    let limit = as_i64(req.body.get("limit"))
+        .map(|l| usize::try_from(l.unsigned_abs()).unwrap_or(usize::MAX));
+    let mut n = matching(ex, &req.db, &coll, &filter)?
+        .len()
+        .saturating_sub(skip);
+    if let Some(limit) = limit.filter(|l| *l > 0) {
+        n = n.min(limit);
+    }
+    Ok(doc! { "n": i32::try_from(n).unwrap_or(i32::MAX), "ok": 1.0 })
+}
+
+fn distinct(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let coll = req.collection()?;
+    let Ok(key) = req.body.get_str("key") else {
+        return Err(CommandError::new(
+            errors::FAILED_TO_PARSE,
+            "BSON field 'distinct.key' is missing but a required field",
+        ));
+    };
+    let filter = req.doc_field("query")?;
+    let mut values: Vec<Bson> = Vec::new();
+    for (_, doc) in matching(ex, &req.db, &coll, &filter)? {
+        let found = match query::get_path(&doc, key) {
+            Some(Bson::Array(items)) => items.clone(),
+            Some(v) => vec![v.clone()],
+            None => Vec::new(),
+        };
+        for v in found {
+            if !values.iter().any(|e| query::values_equal(e, &v)) {
+                values.push(v);
+            }
+        }
+    }
+    values.sort_by(query::compare);
+    Ok(doc! { "values": values, "ok": 1.0 })
+}
+
+fn aggregate(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let Some(Bson::String(coll)) = req.body.get("aggregate") else {
+        return Err(CommandError::new(
+            errors::INVALID_NAMESPACE,
+            "the sessionguard emulator supports only collection aggregations",
+        ));
+    };
+    let coll = coll.clone();
+    let Ok(pipeline) = req.body.get_array("pipeline") else {
+        return Err(CommandError::new(
+            errors::FAILED_TO_PARSE,
+            "BSON field 'aggregate.pipeline' is missing but a required field",
+        ));
+    };
+    let Ok(cursor_opts) = req.body.get_document("cursor") else {
+        return Err(CommandError::new(
+            errors::FAILED_TO_PARSE,
+            "The 'cursor' option is required, except for aggregate with the explain argument",
+        ));
+    };
+    let batch_size = as_count(cursor_opts.get("batchSize"), "batchSize")?;
+    let mut docs: Vec<Document> = ex
+        .inner
+        .store
+        .scan(&req.db, &coll)
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
+    for stage in pipeline {
+        let Bson::Document(stage) = stage else {
+            return Err(CommandError::new(
+                errors::TYPE_MISMATCH,
+                "Each element of the 'pipeline' array must be an object",
+            ));
+        };
+        let Some((name, spec)) = stage.iter().next() else {
+            return Err(CommandError::bad_value(
+                "A pipeline stage specification object must contain exactly one field.",
+            ));
+        };
+        docs = apply_stage(docs, name, spec)?;
+    }
+    Ok(cursor_reply(ex, req.ns(&coll), docs, batch_size, false))
+}
+
+fn apply_stage(
+    docs: Vec<Document>,
+    name: &str,
+    spec: &Bson,
+) -> Result<Vec<Document>, CommandError> {
+    let spec_doc = || match spec {
+        Bson::Document(d) => Ok(d),
+        _ => Err(CommandError::bad_value(format!(
+            "the {name} stage specification must be an object"
+        ))),
+    };
+    let spec_count = || {
+        as_i64(Some(spec))
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| CommandError::bad_value(format!("invalid argument to {name} stage")))
+    };
+    Ok(match name {
+        "$match" => {
+            let filter = spec_doc()?;
+            let mut out = Vec::new();
+            for d in docs {
+                if query::matches(&d, filter)? {
+                    out.push(d);
+                }
+            }
+            out
+        }
+        "$sort" => {
+            let mut docs = docs;
+            query::sort_documents(&mut docs, spec_doc()?);
+            docs
+        }
+        "$skip" => docs.into_iter().skip(spec_count()?).collect(),
+        "$limit" => docs.into_iter().take(spec_count()?).collect(),
+        "$project" => {
+            let projection = spec_doc()?;
+            docs.iter().map(|d| query::project(d, projection)).collect()
+        }
+        "$count" => {
+            let Bson::String(field) = spec else {
+                return Err(CommandError::bad_value(
+                    "the count field must be a non-empty string",
+                ));
+            };
+            if docs.is_empty() {
+                Vec::new()
+            } else {
+                vec![doc! { field.clone(): i32::try_from(docs.len()).unwrap_or(i32::MAX) }]
+            }
+        }
+        "$group" => group(docs, spec_doc()?)?,
+        other => {
+            return Err(CommandError::new(
+                40324,
+                format!("Unrecognized pipeline stage name: '{other}'"),
+            ))
+        }
+    })
+}
+
+/// Evaluates a group key or accumulator argument: "$field" or a constant.
+fn eval(doc: &Document, expr: &Bson) -> Bson {
+    match expr {
+        Bson::String(s) if s.starts_with('$') => {
+            query::get_path(doc, &s[1..]).cloned().unwrap_or(Bson::Null)
+        }
+        other => other.clone(),
+    }
+}
+
+fn add(a: &Bson, b: &Bson) -> Bson {
+    match (a, b) {
+        (Bson::Int32(x), Bson::Int32(y)) => x
+            .checked_add(*y)
+            .map(Bson::Int32)
+            .unwrap_or(Bson::Int64(i64::from(*x) + i64::from(*y))),
+        (Bson::Int64(x), Bson::Int32(y)) => Bson::Int64(x.saturating_add(i64::from(*y))),
+        (Bson::Int32(x), Bson::Int64(y)) => Bson::Int64(i64::from(*x).saturating_add(*y)),
+        (Bson::Int64(x), Bson::Int64(y)) => Bson::Int64(x.saturating_add(*y)),
+        (x, y) => match (as_f64(x), as_f64(y)) {
+            (Some(x), Some(y)) => Bson::Double(x + y),
+            (Some(_), None) => a.clone(),
+            (None, Some(_)) => b.clone(),
+            _ => Bson::Int32(0),
+        },
+    }
+}
+
+fn as_f64(v: &Bson) -> Option<f64> {
+    match v {
+        Bson::Int32(x) => Some(f64::from(*x)),
+        Bson::Int64(x) => Some(*x as f64),
+        Bson::Double(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// `$group` with a constant or field `_id` and `$sum $min $max $first $last $push $avg`.
+fn group(docs: Vec<Document>, spec: &Document) -> Result<Vec<Document>, CommandError> {
+    let Some(id_expr) = spec.get("_id") else {
+        return Err(CommandError::new(
+            15955,
+            "a group specification must include an _id",
+        ));
+    };
+    let mut groups: Vec<(Bson, Vec<Document>)> = Vec::new();
+    for d in docs {
+        let key = eval(&d, id_expr);
+        match groups
+            .iter_mut()
+            .find(|(k, _)| query::values_equal(k, &key))
+        {
+            Some((_, members)) => members.push(d),
+            None => groups.push((key, vec![d])),
+        }
+    }
+    let mut out = Vec::new();
+    for (key, members) in groups {
+        let mut row = doc! { "_id": key };
+        for (field, acc) in spec.iter().filter(|(k, _)| k.as_str() != "_id") {
+            let Bson::Document(acc) = acc else {
+                return Err(CommandError::new(
+                    40234,
+                    format!("The field '{field}' must be an accumulator object"),
+                ));
+            };
+            let Some((op, arg)) = acc.iter().next() else {
+                return Err(CommandError::new(
+                    40234,
+                    format!("The field '{field}' must be an accumulator object"),
+                ));
+            };
+            let values: Vec<Bson> = members.iter().map(|m| eval(m, arg)).collect();
+            let value = match op.as_str() {
+                "$sum" => values.iter().fold(Bson::Int32(0), |acc, v| add(&acc, v)),
+                "$avg" => {
+                    let nums: Vec<f64> = values.iter().filter_map(as_f64).collect();
+                    if nums.is_empty() {
+                        Bson::Null
+                    } else {
+                        Bson::Double(nums.iter().sum::<f64>() / nums.len() as f64)
+                    }
+                }
+                "$min" => values
+                    .iter()
+                    .filter(|v| !matches!(v, Bson::Null))
+                    .min_by(|a, b| query::compare(a, b))
+                    .cloned()
+                    .unwrap_or(Bson::Null),
+                "$max" => values
+                    .iter()
+                    .filter(|v| !matches!(v, Bson::Null))
+                    .max_by(|a, b| query::compare(a, b))
+                    .cloned()
+                    .unwrap_or(Bson::Null),
+                "$first" => values.first().cloned().unwrap_or(Bson::Null),
+                "$last" => values.last().cloned().unwrap_or(Bson::Null),
+                "$push" => Bson::Array(values),
+                other => {
+                    return Err(CommandError::new(
+                        15952,
+                        format!("unknown group operator '{other}'"),
+                    ))
+                }
+            };
+            row.insert(field.clone(), value);
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+fn id_index() -> Document {
+    doc! { "v": 2, "key": { "_id": 1 }, "name": "_id_" }
+}
+
+fn create_indexes(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    let coll = req.collection()?;
+    let specs = req.documents("indexes")?;
+    let created = ex.inner.store.ensure_collection(&req.db, &coll);
+    let Some(c) = ex.inner.store.collection_mut(&req.db, &coll) else {
+        return Err(CommandError::new(
+            errors::NAMESPACE_NOT_FOUND,
+            "collection vanished",
+        ));
+    };
+    let before = c.indexes.len() + 1;
+    for spec in specs {
+        let (Ok(_key), Ok(name)) = (spec.get_document("key"), spec.get_str("name")) else {
+            return Err(CommandError::new(
+                errors::FAILED_TO_PARSE,
+                "index specification must have 'key' and 'name'",
+            ));
+        };
+        if name == "_id_" || c.indexes.iter().any(|i| i.get_str("name") == Ok(name)) {
+            continue;
+        }
+        let mut stored = doc! { "v": 2 };
+        stored.extend(spec.clone());
+        c.indexes.push(stored);
+    }
+    let after = c.indexes.len() + 1;
+    let mut reply = doc! {
+        "numIndexesBefore": before as i32,
+        "numIndexesAfter": after as i32,
+        "createdCollectionAutomatically": created,
+    };
+    if before == after {
+        reply.insert("note", "all indexes already exist");
+    }
+    reply.insert("ok", 1.0);
+    Ok(reply)
+}
+
+fn list_indexes(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let coll = req.collection()?;
+    let ns = req.ns(&coll);
+    let Some(c) = ex.inner.store.collection(&req.db, &coll) else {
+        return Err(CommandError::new(
+            errors::NAMESPACE_NOT_FOUND,
+            format!("ns does not exist: {ns}"),
+        ));
+    };
+    let mut docs = vec![id_index()];
+    docs.extend(c.indexes.iter().cloned());
+    let batch_size = req
+        .body
+        .get_document("cursor")
+        .ok()
+        .and_then(|c| as_i64(c.get("batchSize")))
+        .and_then(|b| usize::try_from(b).ok());
+    Ok(cursor_reply(ex, ns, docs, batch_size, false))
+}
+
+fn drop_indexes(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    let coll = req.collection()?;
+    let ns = req.ns(&coll);
+    let Some(c) = ex.inner.store.collection_mut(&req.db, &coll) else {
+        return Err(CommandError::new(
+            errors::NAMESPACE_NOT_FOUND,
+            format!("ns not found {ns}"),
+        ));
+    };
+    let was = c.indexes.len() + 1;
+    match req.body.get("index") {
+        Some(Bson::String(s)) if s == "*" => c.indexes.clear(),
+        Some(Bson::String(s)) if s == "_id_" => {
+            return Err(CommandError::new(
+                errors::INVALID_OPTIONS,
+                "cannot drop _id index",
+            ));
+        }
+        Some(Bson::String(name)) => {
+            let Some(pos) = c
+                .indexes
+                .iter()
+                .position(|i| i.get_str("name") == Ok(name.as_str()))
+            else {
+                return Err(CommandError::new(
+                    errors::INDEX_NOT_FOUND,
+                    format!("index not found with name [{name}]"),
+                ));
+            };
+            c.indexes.remove(pos);
+        }
+        Some(Bson::Array(names)) => {
+            for name in names.iter().filter_map(Bson::as_str) {
+                let Some(pos) = c.indexes.iter().position(|i| i.get_str("name") == Ok(name)) else {
+                    return Err(CommandError::new(
+                        errors::INDEX_NOT_FOUND,
+                        format!("index not found with name [{name}]"),
+                    ));
+                };
+                c.indexes.remove(pos);
+            }
+        }
+        Some(Bson::Document(key)) => {
+            let Some(pos) = c.indexes.iter().position(|i| {
+                i.get_document("key").is_ok_and(|k| {
+                    query::values_equal(&Bson::Document(k.clone()), &Bson::Document(key.clone()))
+                })
+            }) else {
+                return Err(CommandError::new(
+                    errors::INDEX_NOT_FOUND,
+                    format!("can't find index with key: {key}"),
+                ));
+            };
+            c.indexes.remove(pos);
+        }
+        _ => {
+            return Err(CommandError::new(
+                errors::FAILED_TO_PARSE,
+                "BSON field 'dropIndexes.index' is missing but a required field",
+            ));
+        }
+    }
+    Ok(doc! { "nIndexesWas": was as i32, "ok": 1.0 })
+}
+
+fn list_collections(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let filter = req.doc_field("filter")?;
+    let name_only = truthy(req.body.get("nameOnly"));
+    let mut docs = Vec::new();
+    for name in ex.inner.store.collection_names(&req.db) {
+        let entry = if name_only {
+            doc! { "name": name, "type": "collection" }
+        } else {
+            doc! {
+                "name": name,
+                "type": "collection",
+                "options": {},
+                "info": { "readOnly": false },
+                "idIndex": id_index(),
+            }
+        };
+        if query::matches(&entry, &filter)? {
+            docs.push(entry);
+        }
+    }
+    let batch_size = req
+        .body
+        .get_document("cursor")
+        .ok()
+        .and_then(|c| as_i64(c.get("batchSize")))
+        .and_then(|b| usize::try_from(b).ok());
+    Ok(cursor_reply(
+        ex,
+        format!("{}.$cmd.listCollections", req.db),
+        docs,
+        batch_size,
+        false,
+    ))
+}
+
+fn list_databases(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    let name_only = truthy(req.body.get("nameOnly"));
+    let filter = req.doc_field("filter")?;
+    let mut databases = Vec::new();
+    let mut total: i64 = 0;
+    for name in ex.inner.store.database_names() {
+        let size = i64::try_from(ex.inner.store.database_doc_count(&name))
+            .unwrap_or(i64::MAX)
+            .saturating_mul(4096)
+            .max(4096);
+        let entry = if name_only {
+            doc! { "name": name }
+        } else {
+            doc! { "name": name, "sizeOnDisk": size, "empty": false }
+        };
+        if query::matches(&entry, &filter)? {
+            total = total.saturating_add(size);
+            databases.push(entry);
+        }
+    }
+    let mut reply = doc! { "databases": databases };
+    if !name_only {
+        reply.insert("totalSize", total);
+        reply.insert("totalSizeMb", total / (1024 * 1024));
+    }
+    reply.insert("ok", 1.0);
+    Ok(reply)
+}
+
+fn create(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    let coll = req.collection()?;
+    if !ex.inner.store.ensure_collection(&req.db, &coll) {
+        return Err(CommandError::new(
+            errors::NAMESPACE_EXISTS,
+            format!("Collection {} already exists.", req.ns(&coll)),
+        ));
+    }
+    Ok(doc! { "ok": 1.0 })
+}
+
+fn drop(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    let coll = req.collection()?;
+    let ns = req.ns(&coll);
+    // As of 7.0 dropping a missing collection succeeds.
+    match ex.inner.store.drop_collection(&req.db, &coll) {
+        Some(dropped) => {
+            ex.inner.cursors.retain(|_, c| c.ns != ns);
+            Ok(doc! { "nIndexesWas": (dropped.indexes.len() + 1) as i32, "ns": ns, "ok": 1.0 })
+        }
+        None => Ok(doc! { "ok": 1.0 }),
+    }
+}
+
+fn drop_database(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    require_writable(ex)?;
+    ex.inner.store.drop_database(&req.db);
+    let prefix = format!("{}.", req.db);
+    ex.inner.cursors.retain(|_, c| !c.ns.starts_with(&prefix));
+    Ok(doc! { "ok": 1.0 })
+}
+
+fn transaction_admin_checks(ex: &Exec<'_>, req: &Request) -> Result<(), CommandError> {
+    if req.db != "admin" {
+        return Err(CommandError::new(
+            errors::UNAUTHORIZED,
+            format!("{} may only be run against the admin database.", req.name),
+        ));
+    }
+    if !in_transaction(ex) {
+        return Err(CommandError::new(
+            errors::INVALID_OPTIONS,
+            format!("{} must be run within a transaction", req.name),
+        ));
+    }
+    Ok(())
+}
+
+fn commit_transaction(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    transaction_admin_checks(ex, req)?;
+    ex.inner.commit(&ex.txn);
+    Ok(doc! { "ok": 1.0 })
+}
+
+fn abort_transaction(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
+    transaction_admin_checks(ex, req)?;
+    ex.inner.abort(&ex.txn);
+    Ok(doc! { "ok": 1.0 })
+}

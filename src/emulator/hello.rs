@@ -1,0 +1,170 @@
+//! The handshake reply (`hello` / `isMaster` / `ismaster`) for each
+//! persona, shaped like a MongoDB 7.0 server's, and the helpers for the
+//! streaming (awaitable) hello protocol: reading the client's
+//! topologyVersion / maxAwaitTimeMS and deciding whether to answer at once.
+
+use std::time::Duration;
+
+use bson::{doc, oid::ObjectId, Bson, DateTime, Document, Timestamp};
+
+use super::state::{EmulatorState, TopologyState};
+use super::Topology;
+use crate::wire::Compressor;
+
+pub const MAX_BSON_OBJECT_SIZE: i32 = 16 * 1024 * 1024;
+pub const MAX_MESSAGE_SIZE_BYTES: i32 = 48_000_000;
+pub const MAX_WRITE_BATCH_SIZE: i32 = 100_000;
+pub const MAX_WIRE_VERSION: i32 = 21;
+
+/// Is this command name one of the handshake commands?
+pub fn is_hello(name: &str) -> bool {
+    matches!(name, "hello" | "isMaster" | "ismaster")
+}
+
+/// What one connection knows about itself when answering hello.
+pub struct HelloContext<'a> {
+    pub state: &'a EmulatorState,
+    pub member: usize,
+    pub connection_id: i32,
+}
+
+/// The client's awaitable-hello parameters, when both are present.
+pub struct AwaitParams {
+    pub process_id: ObjectId,
+    pub counter: i64,
+    pub max_await: Duration,
+}
+
+pub fn await_params(request: &Document) -> Option<AwaitParams> {
+    let tv = request.get_document("topologyVersion").ok()?;
+    let process_id = tv.get_object_id("processId").ok()?;
+    let counter = match tv.get("counter")? {
+        Bson::Int64(c) => *c,
+        Bson::Int32(c) => i64::from(*c),
+        _ => return None,
+    };
+    let max_await_ms = match request.get("maxAwaitTimeMS")? {
+        Bson::Int64(v) => *v,
+        Bson::Int32(v) => i64::from(*v),
+        Bson::Double(v) => *v as i64,
+        _ => return None,
+    };
+    Some(AwaitParams {
+        process_id,
+        counter,
+        max_await: Duration::from_millis(u64::try_from(max_await_ms).unwrap_or(0)),
+    })
+}
+
+/// Is the client's topologyVersion current (so the server should wait)?
+pub fn is_current(params: &AwaitParams, topology: &TopologyState) -> bool {
+    params.process_id == topology.process_id && params.counter >= topology.counter
+}
+
+/// Picks the compressor to use with a client: the first in its list we support.
+pub fn negotiate_compression(request: &Document) -> Option<Compressor> {
+    let names = request.get_array("compression").ok()?;
+    names.iter().filter_map(Bson::as_str).find_map(|name| {
+        Compressor::from_name(name)
+            .filter(|c| matches!(c, Compressor::Snappy | Compressor::Zlib | Compressor::Zstd))
+    })
+}
+
+fn election_id(term: i64) -> ObjectId {
+    let mut bytes = [0u8; 12];
+    bytes[..4].copy_from_slice(&[0x7f, 0xff, 0xff, 0xff]);
+    bytes[4..].copy_from_slice(&term.to_be_bytes());
+    ObjectId::from_bytes(bytes)
+}
+
+/// Builds the hello reply. `command_name` decides between `isWritablePrimary`
+/// (hello) and `ismaster` (legacy) as the server does.
+pub fn hello_reply(
+    ctx: &HelloContext<'_>,
+    command_name: &str,
+    request: &Document,
+    compression: Option<Compressor>,
+) -> Document {
+    let topology = ctx.state.topology();
+    let config = ctx.state.config();
+    let legacy = command_name != "hello";
+    let writable_field = if legacy {
+        "ismaster"
+    } else {
+        "isWritablePrimary"
+    };
+    let mut reply = Document::new();
+    if request.get_bool("helloOk").unwrap_or(false) {
+        reply.insert("helloOk", true);
+    }
+    reply.insert(
+        "topologyVersion",
+        doc! { "processId": topology.process_id, "counter": topology.counter },
+    );
+    match &config.topology {
+        Topology::Standalone => {
+            reply.insert(writable_field, true);
+        }
+        Topology::Mongos => {
+            reply.insert(writable_field, true);
+            reply.insert("msg", "isdbgrid");
+        }
+        Topology::ReplicaSetPrimary { set_name } => {
+            let is_primary = topology.primary_member == Some(ctx.member);
+            let hosts: Vec<Bson> = topology
+                .members
+                .iter()
+                .map(|h| Bson::String(h.clone()))
+                .collect();
+            let me = topology
+                .members
+                .get(ctx.member)
+                .cloned()
+                .unwrap_or_default();
+            reply.insert("hosts", hosts);
+            reply.insert("setName", set_name.clone());
+            reply.insert("setVersion", 1);
+            reply.insert(writable_field, is_primary);
+            reply.insert("secondary", !is_primary);
+            if let Some(primary) = topology
+                .primary_member
+                .and_then(|p| topology.members.get(p))
+            {
+                reply.insert("primary", primary.clone());
+            }
+            reply.insert("me", me);
+            if is_primary {
+                reply.insert("electionId", election_id(topology.term));
+            }
+            let now = DateTime::now();
+            let secs = u32::try_from(now.timestamp_millis() / 1000).unwrap_or(u32::MAX);
+            let op_time = doc! { "ts": Timestamp { time: secs, increment: 1 }, "t": topology.term };
+            reply.insert(
+                "lastWrite",
+                doc! {
+                    "opTime": op_time.clone(),
+                    "lastWriteDate": now,
+                    "majorityOpTime": op_time,
+                    "majorityWriteDate": now,
+                },
+            );
+        }
+    }
+    reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE);
+    reply.insert("maxMessageSizeBytes", MAX_MESSAGE_SIZE_BYTES);
+    reply.insert("maxWriteBatchSize", MAX_WRITE_BATCH_SIZE);
+    reply.insert("localTime", DateTime::now());
+    reply.insert(
+        "logicalSessionTimeoutMinutes",
+        config.logical_session_timeout_minutes,
+    );
+    reply.insert("connectionId", ctx.connection_id);
+    reply.insert("minWireVersion", 0);
+    reply.insert("maxWireVersion", MAX_WIRE_VERSION);
+    reply.insert("readOnly", false);
+    if let Some(c) = compression {
+        reply.insert("compression", vec![Bson::String(c.name().to_string())]);
+    }
+    reply.insert("ok", 1.0);
+    reply
+}

@@ -1,0 +1,526 @@
+//! Listeners and connections: accepts clients, splits their byte streams into
+//! frames with [`crate::wire`], answers each request in order (handshake
+//! here, everything else via `commands`), applies the configured latency
+//! without holding any lock, and runs the streaming (exhaust) hello protocol.
+//! A malformed frame closes that one connection with a log line.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::Document;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::codec::FramedRead;
+
+use super::commands::{self, Request};
+use super::errors::{self, CommandError};
+use super::hello::{self, AwaitParams, HelloContext};
+use super::state::EmulatorState;
+use crate::wire::{
+    self, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, MsgHeader, OpCode,
+};
+
+/// Commands whose replies are never compressed (OP_COMPRESSED spec).
+const NEVER_COMPRESSED: &[&str] = &[
+    "hello",
+    "isMaster",
+    "ismaster",
+    "saslStart",
+    "saslContinue",
+    "getnonce",
+    "authenticate",
+    "createUser",
+    "updateUser",
+    "copydbSaslStart",
+    "copydbgetnonce",
+    "copydb",
+];
+
+/// Commands exempt from `reply_latency` (monitoring and shutdown stay fast).
+const LATENCY_EXEMPT: &[&str] = &[
+    "hello",
+    "isMaster",
+    "ismaster",
+    "ping",
+    "buildInfo",
+    "buildinfo",
+    "endSessions",
+];
+
+/// OP_REPLY responseFlags bit the server sets on handshake replies.
+const AWAIT_CAPABLE: i32 = 8;
+
+/// A running emulator listener.
+pub struct EmulatorHandle {
+    addr: SocketAddr,
+    member: usize,
+    state: Arc<EmulatorState>,
+    shutdown_tx: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl EmulatorHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// The shared state (to start more members over the same data set).
+    pub fn state(&self) -> Arc<EmulatorState> {
+        self.state.clone()
+    }
+    /// This listener's index among the state's members.
+    pub fn member(&self) -> usize {
+        self.member
+    }
+    /// Exact bytes of every received frame (requires `record_frames`).
+    pub fn received_frames(&self) -> Vec<Bytes> {
+        self.state.received_frames()
+    }
+    /// Every client address that connected (to any member of the state).
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.state.peers()
+    }
+    /// Commands received by name (as sent: "isMaster" and "hello" differ).
+    pub fn command_count(&self, name: &str) -> u64 {
+        self.state.command_count(name)
+    }
+    /// lsids named by endSessions so far.
+    pub fn ended_session_count(&self) -> u64 {
+        self.state.ended_session_count()
+    }
+    /// lsids named by refreshSessions so far.
+    pub fn refreshed_session_count(&self) -> u64 {
+        self.state.refreshed_session_count()
+    }
+    /// Makes this member primary (or not): bumps topologyVersion.counter and
+    /// wakes streaming hellos.
+    pub fn set_primary(&self, is_primary: bool) {
+        self.state.set_primary(self.member, is_primary);
+    }
+    /// Stops accepting and closes every connection of this listener.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown_tx.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+}
+
+pub(crate) async fn start_listener(
+    listen: SocketAddr,
+    state: Arc<EmulatorState>,
+) -> std::io::Result<EmulatorHandle> {
+    let listener = TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    // A wildcard bind is advertised on loopback so clients can dial it back.
+    let advertised = if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+    } else {
+        addr
+    };
+    let member = state.register_member(advertised.to_string());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(listener, state.clone(), member, shutdown_rx));
+    tracing::debug!(%addr, member, "emulator listener started");
+    Ok(EmulatorHandle {
+        addr,
+        member,
+        state,
+        shutdown_tx,
+        task: Some(task),
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<EmulatorState>,
+    member: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    state.add_peer(peer);
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_connection(stream, peer, state.clone(), member, shutdown.clone()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "emulator accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.shutdown().await;
+}
+
+/// Per-connection facts.
+struct Connection {
+    state: Arc<EmulatorState>,
+    member: usize,
+    connection_id: i32,
+    peer: SocketAddr,
+    compression: Option<Compressor>,
+}
+
+/// What to do after handling one request.
+enum Action {
+    Reply { bytes: Bytes, delay: Duration },
+    NoReply,
+    AwaitHello(AwaitingHello),
+}
+
+struct AwaitingHello {
+    request_id: i32,
+    command_name: String,
+    body: Document,
+    params: AwaitParams,
+    exhaust: bool,
+}
+
+enum StreamEnd {
+    Done,
+    Closed,
+    Interrupted(Frame),
+}
+
+type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<EmulatorState>,
+    member: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connection_id = state.next_connection_id();
+    let max = state.config().max_message_size;
+    let (read, mut write) = stream.into_split();
+    let mut frames = FramedRead::new(read, FrameCodec::new(max));
+    let mut conn = Connection {
+        state,
+        member,
+        connection_id,
+        peer,
+        compression: None,
+    };
+    tracing::debug!(%peer, connection_id, "emulator connection opened");
+    let mut pending: Option<Frame> = None;
+    loop {
+        let frame = match pending.take() {
+            Some(frame) => frame,
+            None => tokio::select! {
+                next = frames.next() => match next {
+                    None => break,
+                    Some(Ok(frame)) => {
+                        conn.state.record_frame(&frame.bytes);
+                        frame
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(%peer, connection_id, error = %e, "malformed frame; closing emulator connection");
+                        break;
+                    }
+                },
+                _ = shutdown.changed() => break,
+            },
+        };
+        match handle_frame(&mut conn, &frame) {
+            Err(reason) => {
+                tracing::warn!(%peer, connection_id, %reason, "malformed request; closing emulator connection");
+                break;
+            }
+            Ok(Action::NoReply) => {}
+            Ok(Action::Reply { bytes, delay }) => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if write.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Action::AwaitHello(awaiting)) => {
+                match stream_hello(&conn, &mut frames, &mut write, awaiting, &mut shutdown).await {
+                    StreamEnd::Done => {}
+                    StreamEnd::Closed => break,
+                    StreamEnd::Interrupted(frame) => pending = Some(frame),
+                }
+            }
+        }
+    }
+    tracing::debug!(%peer, connection_id, "emulator connection closed");
+}
+
+/// Answers awaitable hellos: waits while the client's topologyVersion is
+/// current (up to maxAwaitTimeMS or a topology change), then replies; with
+/// exhaustAllowed keeps replying (moreToCome set, each reply's responseTo
+/// the previous reply's requestID) until the client goes away.
+async fn stream_hello(
+    conn: &Connection,
+    frames: &mut Reader,
+    write: &mut OwnedWriteHalf,
+    awaiting: AwaitingHello,
+    shutdown: &mut watch::Receiver<bool>,
+) -> StreamEnd {
+    let AwaitingHello {
+        request_id,
+        command_name,
+        body,
+        mut params,
+        exhaust,
+    } = awaiting;
+    let mut response_to = request_id;
+    loop {
+        let mut changed = conn.state.subscribe_topology();
+        if hello::is_current(&params, &conn.state.topology()) {
+            tokio::select! {
+                _ = tokio::time::sleep(params.max_await) => {}
+                _ = changed.changed() => {}
+                next = frames.next() => return match next {
+                    Some(Ok(frame)) => {
+                        conn.state.record_frame(&frame.bytes);
+                        StreamEnd::Interrupted(frame)
+                    }
+                    None => StreamEnd::Closed,
+                    Some(Err(e)) => {
+                        tracing::warn!(peer = %conn.peer, connection_id = conn.connection_id, error = %e, "malformed frame; closing emulator connection");
+                        StreamEnd::Closed
+                    }
+                },
+                _ = shutdown.changed() => return StreamEnd::Closed,
+            }
+        }
+        let ctx = HelloContext {
+            state: &conn.state,
+            member: conn.member,
+            connection_id: conn.connection_id,
+        };
+        let reply = hello::hello_reply(&ctx, &command_name, &body, None);
+        if let Some(sent) = hello::await_params(&with_await(&reply, params.max_await)) {
+            params = sent;
+        }
+        let reply_id = conn.state.next_request_id();
+        let flags = if exhaust {
+            MsgFlags(MsgFlags::MORE_TO_COME)
+        } else {
+            MsgFlags(0)
+        };
+        let Some(bytes) = encode_msg(reply_id, response_to, flags, &reply) else {
+            return StreamEnd::Closed;
+        };
+        if write.write_all(&bytes).await.is_err() {
+            return StreamEnd::Closed;
+        }
+        if !exhaust {
+            return StreamEnd::Done;
+        }
+        response_to = reply_id;
+    }
+}
+
+/// The reply's topologyVersion in the shape `await_params` reads.
+fn with_await(reply: &Document, max_await: Duration) -> Document {
+    let mut probe = Document::new();
+    if let Ok(tv) = reply.get_document("topologyVersion") {
+        probe.insert("topologyVersion", tv.clone());
+    }
+    probe.insert(
+        "maxAwaitTimeMS",
+        i64::try_from(max_await.as_millis()).unwrap_or(i64::MAX),
+    );
+    probe
+}
+
+fn to_bytes(doc: &Document) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    doc.to_writer(&mut bytes).ok()?;
+    Some(bytes)
+}
+
+fn encode_msg(
+    request_id: i32,
+    response_to: i32,
+    flags: MsgFlags,
+    reply: &Document,
+) -> Option<Bytes> {
+    Some(op_msg::encode(
+        request_id,
+        response_to,
+        flags,
+        &to_bytes(reply)?,
+    ))
+}
+
+fn latency(conn: &Connection, name: &str) -> Duration {
+    let config = conn.state.config();
+    match config.command_latency.get(name) {
+        Some(d) => *d,
+        None if LATENCY_EXEMPT.contains(&name) => Duration::ZERO,
+        None => config.reply_latency,
+    }
+}
+
+/// Parses and answers one frame. `Err` means the connection must close.
+fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> {
+    let max = conn.state.config().max_message_size;
+    let opened = wire::open(frame, max).map_err(|e| e.to_string())?;
+    let header_bytes: Vec<u8> = if opened.compressor.is_some() {
+        let length = i32::try_from(opened.body.len().saturating_add(wire::HEADER_LEN))
+            .map_err(|_| "decompressed message too large".to_string())?;
+        MsgHeader {
+            message_length: length,
+            request_id: frame.header.request_id,
+            response_to: frame.header.response_to,
+            op_code: opened.op_code,
+        }
+        .to_bytes()
+        .to_vec()
+    } else {
+        frame.header_bytes().to_vec()
+    };
+    let message =
+        wire::parse(opened.op_code, &header_bytes, &opened.body).map_err(|e| e.to_string())?;
+    match message {
+        Message::Msg(msg) => {
+            let body =
+                Document::try_from(msg.body).map_err(|e| format!("invalid OP_MSG body: {e}"))?;
+            let mut sequences = Vec::with_capacity(msg.sequences.len());
+            for sequence in &msg.sequences {
+                let docs = sequence
+                    .iter()
+                    .map(Document::try_from)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        format!(
+                            "invalid document in sequence '{}': {e}",
+                            sequence.identifier
+                        )
+                    })?;
+                sequences.push((sequence.identifier.to_string(), docs));
+            }
+            let name = body.keys().next().cloned().unwrap_or_default();
+            conn.state.count_command(&name);
+            let request_id = frame.header.request_id;
+            let reply = match body.get_str("$db") {
+                Err(_) => {
+                    CommandError::new(errors::MISSING_DB, "OP_MSG requests require a $db argument")
+                        .to_document()
+                }
+                Ok(db) => {
+                    tracing::debug!(peer = %conn.peer, connection_id = conn.connection_id, command = %name, db, "emulator command");
+                    if hello::is_hello(&name) {
+                        if body.contains_key("compression") {
+                            conn.compression = hello::negotiate_compression(&body);
+                        }
+                        if let Some(params) = hello::await_params(&body) {
+                            if !msg.flags.more_to_come() {
+                                return Ok(Action::AwaitHello(AwaitingHello {
+                                    request_id,
+                                    command_name: name,
+                                    body,
+                                    params,
+                                    exhaust: msg.flags.exhaust_allowed(),
+                                }));
+                            }
+                        }
+                        let ctx = HelloContext {
+                            state: &conn.state,
+                            member: conn.member,
+                            connection_id: conn.connection_id,
+                        };
+                        hello::hello_reply(&ctx, &name, &body, conn.compression)
+                    } else {
+                        let request = Request {
+                            name: name.clone(),
+                            db: db.to_string(),
+                            body,
+                            sequences,
+                        };
+                        commands::execute(&conn.state, conn.member, &request)
+                    }
+                }
+            };
+            if msg.flags.more_to_come() {
+                return Ok(Action::NoReply);
+            }
+            let reply_id = conn.state.next_request_id();
+            let reply_bytes =
+                to_bytes(&reply).ok_or_else(|| "reply could not be encoded".to_string())?;
+            let encoded = op_msg::encode(reply_id, request_id, MsgFlags(0), &reply_bytes);
+            let bytes = match opened.compressor {
+                Some(compressor) if !NEVER_COMPRESSED.contains(&name.as_str()) => {
+                    wire::op_compressed::compress(
+                        reply_id,
+                        request_id,
+                        OpCode::Msg,
+                        compressor,
+                        encoded.get(wire::HEADER_LEN..).unwrap_or_default(),
+                    )
+                }
+                _ => encoded,
+            };
+            Ok(Action::Reply {
+                bytes,
+                delay: latency(conn, &name),
+            })
+        }
+        Message::Query(query) => {
+            let name = query.command_name().unwrap_or_default().to_string();
+            conn.state.count_command(&name);
+            let raw = Document::try_from(query.query)
+                .map_err(|e| format!("invalid OP_QUERY document: {e}"))?;
+            let body = match raw.get_document("$query") {
+                Ok(inner) => inner.clone(),
+                Err(_) => raw,
+            };
+            let is_command = query.full_collection_name.ends_with(".$cmd");
+            let reply = if is_command && hello::is_hello(&name) {
+                if body.contains_key("compression") {
+                    conn.compression = hello::negotiate_compression(&body);
+                }
+                let ctx = HelloContext {
+                    state: &conn.state,
+                    member: conn.member,
+                    connection_id: conn.connection_id,
+                };
+                hello::hello_reply(&ctx, &name, &body, conn.compression)
+            } else {
+                CommandError::new(
+                    errors::UNSUPPORTED_OP_QUERY_COMMAND,
+                    format!("Unsupported OP_QUERY command: {name}. The client driver may require an upgrade. For more details see https://dochub.mongodb.org/core/legacy-opcode-removal"),
+                )
+                .to_document()
+            };
+            let reply_bytes =
+                to_bytes(&reply).ok_or_else(|| "reply could not be encoded".to_string())?;
+            let reply_id = conn.state.next_request_id();
+            let bytes = wire::legacy::encode_reply(
+                reply_id,
+                frame.header.request_id,
+                AWAIT_CAPABLE,
+                0,
+                &[&reply_bytes],
+            );
+            Ok(Action::Reply {
+                bytes,
+                delay: latency(conn, &name),
+            })
+        }
+        Message::Reply(_) => Err("a client sent OP_REPLY".to_string()),
+        Message::Other(op) => Err(format!("unsupported opcode {}", op.name())),
+    }
+}
