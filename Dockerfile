@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: compile with the Rust toolchain image, run on a slim
+# Debian base as a non-root user. Build: docker build -t sessionguard .
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin sessionguard
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sessionguard
+COPY --from=build /src/target/release/sessionguard /usr/local/bin/sessionguard
+COPY config/sessionguard.toml /etc/sessionguard/sessionguard.toml
+# Inside a container the proxy and admin API must listen on all interfaces;
+# every other setting comes from the mounted config file or SESSIONGUARD_* env.
+ENV SESSIONGUARD_LISTEN=0.0.0.0:27018 \
+    SESSIONGUARD_ADMIN=0.0.0.0:9216 \
+    SESSIONGUARD_LOG_FORMAT=json
+USER 10001
+EXPOSE 27018 9216
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:9216/healthz || exit 1
+ENTRYPOINT ["/usr/local/bin/sessionguard"]
+CMD ["proxy", "--config", "/etc/sessionguard/sessionguard.toml"]
