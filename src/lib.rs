@@ -6,9 +6,24 @@
 //!   OP_QUERY/OP_REPLY). Pure: no I/O, no session logic.
 //! - [`emulator`]: a small in-memory MongoDB-compatible server used by
 //!   `demo`, the tests and the benchmarks.
+//! - [`proxy`]: the data path: listener, connection cap, drain, one upstream
+//!   connection per client, frames forwarded unchanged, the `Inspector` seam.
+//! - [`config`]: the TOML configuration, documented defaults, validation
+//!   naming the key, CLI/env overrides.
+//! - [`admin`]: the admin HTTP server (`/healthz`).
+//! - [`telemetry`]: `tracing` subscriber setup (pretty or JSON logs).
+//! - [`command`]: zero-copy views of requests, replies and handshakes (lsid,
+//!   txnNumber, cursor ids, session lists, statement identity, user).
+//! - [`session`]: the session ledger, the hygiene rules, violations,
+//!   enforcement and the refresher.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod command;
+pub mod config;
 pub mod demo;
 pub mod emulator;
+pub mod proxy;
 pub mod session;
+pub mod telemetry;
 pub mod wire;

@@ -1,1 +1,315 @@
-fn main(){}
+//! The `sessionguard` command line: `proxy`, `demo`, `check-config` and
+//! `emulator`. It parses flags (each also settable by a `SESSIONGUARD_*`
+//! environment variable), resolves the configuration before anything is
+//! bound (bad config: exit 64 naming the key), installs logging and signal
+//! handling, and hands over to the library. No proxy logic lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use sessionguard::config::{Config, LogConfig, LogFormat, Overrides};
+use sessionguard::emulator::{EmulatorConfig, Topology};
+use sessionguard::proxy::{NoopInspector, Proxy};
+
+/// Exit code for a configuration error (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code for a runtime failure (e.g. a port already in use).
+const EXIT_FAILURE: u8 = 1;
+/// Exit code after SIGINT, as shells report it (128 + 2).
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sessionguard",
+    version,
+    about = "A MongoDB wire-protocol proxy that enforces session hygiene"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy in front of a MongoDB deployment.
+    Proxy(ProxyArgs),
+    /// Start the built-in emulator and the proxy, run a short workload through them, exit.
+    Demo,
+    /// Validate a configuration file: prints "ok: FILE" or the error (exit 64).
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+    /// Run the built-in MongoDB emulator (for manual testing and benchmarks).
+    Emulator(EmulatorArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProxyArgs {
+    /// TOML configuration file (see config/sessionguard.toml).
+    #[arg(long, env = "SESSIONGUARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to accept application connections on [default: 127.0.0.1:27018].
+    #[arg(long, env = "SESSIONGUARD_LISTEN", value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// MongoDB connection string of the deployment [default: mongodb://127.0.0.1:27017].
+    #[arg(long, env = "SESSIONGUARD_UPSTREAM", value_name = "URI")]
+    upstream: Option<String>,
+    /// Address of the admin HTTP server [default: 127.0.0.1:9216].
+    #[arg(long, env = "SESSIONGUARD_ADMIN", value_name = "HOST:PORT")]
+    admin: Option<String>,
+    /// Log format [default: pretty].
+    #[arg(long, env = "SESSIONGUARD_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter: a level or tracing directives [default: info].
+    #[arg(long, env = "SESSIONGUARD_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Print the effective [proxy] and [log] settings and exit without binding anything.
+    #[arg(long, env = "SESSIONGUARD_PRINT_CONFIG")]
+    print_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TopologyArg {
+    Standalone,
+    Replicaset,
+    Mongos,
+}
+
+#[derive(Debug, clap::Args)]
+struct EmulatorArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "SESSIONGUARD_EMULATOR_LISTEN",
+        default_value = "127.0.0.1:27017"
+    )]
+    listen: SocketAddr,
+    /// Deployment persona reported by hello.
+    #[arg(
+        long,
+        env = "SESSIONGUARD_EMULATOR_TOPOLOGY",
+        value_enum,
+        default_value = "replicaset"
+    )]
+    topology: TopologyArg,
+    /// Fixed delay added to replies (humantime: "0ms", "50ms", "1s").
+    #[arg(long, env = "SESSIONGUARD_EMULATOR_LATENCY", default_value = "0ms", value_parser = parse_duration)]
+    latency: Duration,
+    /// Log format.
+    #[arg(
+        long,
+        env = "SESSIONGUARD_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    log_format: LogFormat,
+    /// Log filter.
+    #[arg(long, env = "SESSIONGUARD_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("`{value}`: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Proxy(args) => run_proxy(args),
+        Command::Demo => run_demo(),
+        Command::Emulator(args) => run_emulator(args),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(_) => {
+            println!("ok: {}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn run_proxy(args: ProxyArgs) -> ExitCode {
+    let overrides = Overrides {
+        listen: args.listen,
+        upstream: args.upstream,
+        admin: args.admin,
+        log_format: args.log_format,
+        log_level: args.log_level,
+    };
+    // Everything about the configuration is settled before any port is bound.
+    let config = match Config::resolve(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.print_config {
+        print!("{}", render_effective(&config));
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = sessionguard::telemetry::init(&config.log) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let code = runtime.block_on(serve_proxy(config));
+    // Connections still winding down after a fast exit must not delay it.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    code
+}
+
+fn render_effective(config: &Config) -> String {
+    #[derive(serde::Serialize)]
+    struct Effective<'a> {
+        proxy: &'a sessionguard::config::ProxyConfig,
+        log: &'a LogConfig,
+    }
+    toml::to_string(&Effective {
+        proxy: &config.proxy,
+        log: &config.log,
+    })
+    .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
+}
+
+async fn serve_proxy(config: Config) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let (mut sigterm, mut sigint) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+
+    let admin_shutdown = CancellationToken::new();
+    let admin = match sessionguard::admin::serve(&config.proxy.admin, admin_shutdown.clone()).await
+    {
+        Ok(admin) => admin,
+        Err(e) => {
+            tracing::error!(admin = %config.proxy.admin, error = %e, "cannot start the admin server");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let proxy_config = Arc::new(config.proxy.clone());
+    let proxy = match Proxy::start(proxy_config, Arc::new(NoopInspector)).await {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            tracing::error!(listen = %config.proxy.listen, error = %e, "cannot start the proxy");
+            admin_shutdown.cancel();
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    tracing::info!(listen = %proxy.local_addr(), admin = %admin.local_addr, "sessionguard ready");
+
+    let code = tokio::select! {
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM: draining");
+            proxy.drain();
+            ExitCode::SUCCESS
+        }
+        _ = sigint.recv() => {
+            tracing::info!("SIGINT: exiting now");
+            proxy.shutdown_now();
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+    };
+    admin_shutdown.cancel();
+    // SIGINT during a drain cuts it short.
+    let mut code = code;
+    let drained = proxy.wait();
+    tokio::pin!(drained);
+    tokio::select! {
+        _ = &mut drained => {}
+        _ = sigint.recv() => {
+            tracing::info!("SIGINT during drain: exiting now");
+            code = ExitCode::from(EXIT_INTERRUPTED);
+        }
+    }
+    tracing::info!("sessionguard stopped");
+    code
+}
+
+fn run_demo() -> ExitCode {
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(sessionguard::demo::run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn run_emulator(args: EmulatorArgs) -> ExitCode {
+    let log = LogConfig {
+        format: args.log_format,
+        level: args.log_level,
+    };
+    if let Err(e) = sessionguard::telemetry::init(&log) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let topology = match args.topology {
+        TopologyArg::Standalone => Topology::Standalone,
+        TopologyArg::Replicaset => Topology::ReplicaSetPrimary {
+            set_name: "rs0".to_string(),
+        },
+        TopologyArg::Mongos => Topology::Mongos,
+    };
+    let config = EmulatorConfig {
+        topology,
+        reply_latency: args.latency,
+        ..EmulatorConfig::default()
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(sessionguard::emulator::run(args.listen, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("emulator failed: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

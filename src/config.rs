@@ -1,0 +1,648 @@
+//! sessionguard's configuration: the TOML file (`[proxy]`, `[log]`,
+//! `[sessions]`, `[rules]`), its documented defaults, validation whose every
+//! error names the offending key, and the overlay of CLI flags / environment
+//! variables on top of the file (precedence: CLI > env > file > defaults;
+//! clap already merges CLI and env into one `Overrides`). It must not bind
+//! ports, open files other than the config file, or start anything: a bad
+//! config is reported before any side effect.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proxy::upstream::ConnectionString;
+use crate::session::config::{RulesConfig, SessionConfig};
+
+/// Address the proxy accepts application connections on.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
+/// The deployment the proxy forwards to.
+pub const DEFAULT_UPSTREAM: &str = "mongodb://127.0.0.1:27017";
+/// Address of the admin HTTP server (`/healthz`, later `/metrics`...).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9216";
+/// Maximum concurrent client connections; more are closed on accept.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Largest frame accepted in either direction (the server's maxMessageSizeBytes).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = crate::wire::DEFAULT_MAX_MESSAGE_SIZE;
+/// Smallest allowed `max_message_size`: below this even a handshake fails.
+pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
+/// How long dialing the upstream may take before the client is closed.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a drain (SIGTERM) waits for in-flight requests before closing.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// How long a frame may take to arrive once its first byte has arrived.
+pub const DEFAULT_FRAME_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an injected request (e.g. refreshSessions) may wait for a quiet
+/// moment on its connection plus its reply.
+pub const DEFAULT_INJECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default log verbosity (a `tracing` filter directive).
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub sessions: SessionConfig,
+    #[serde(default)]
+    pub rules: RulesConfig,
+}
+
+/// `[proxy]`: listening, upstream, limits and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// `HOST:PORT` the proxy listens on.
+    pub listen: String,
+    /// MongoDB connection string of the deployment; its first host is dialed.
+    pub upstream: String,
+    /// `HOST:PORT` of the admin HTTP server.
+    pub admin: String,
+    pub max_connections: usize,
+    pub max_message_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub frame_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub inject_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: DEFAULT_LISTEN.to_string(),
+            upstream: DEFAULT_UPSTREAM.to_string(),
+            admin: DEFAULT_ADMIN.to_string(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            drain_grace: DEFAULT_DRAIN_GRACE,
+            frame_read_timeout: DEFAULT_FRAME_READ_TIMEOUT,
+            inject_timeout: DEFAULT_INJECT_TIMEOUT,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks every value; the error names the key (`proxy.<key>: ...`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_host_port("proxy.listen", &self.listen)?;
+        validate_host_port("proxy.admin", &self.admin)?;
+        let upstream = self.upstream_connection_string()?;
+        if upstream.wants_tls() {
+            return Err(ConfigError::key(
+                "proxy.upstream",
+                "tls=true / ssl=true is not supported yet (upstream TLS comes later)",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::key(
+                "proxy.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.max_message_size < MIN_MAX_MESSAGE_SIZE {
+            return Err(ConfigError::key(
+                "proxy.max_message_size",
+                format!("must be at least {MIN_MAX_MESSAGE_SIZE} bytes"),
+            ));
+        }
+        if i32::try_from(self.max_message_size).is_err() {
+            return Err(ConfigError::key(
+                "proxy.max_message_size",
+                format!("must be at most {} bytes (wire lengths are i32)", i32::MAX),
+            ));
+        }
+        for (key, value) in [
+            ("proxy.connect_timeout", self.connect_timeout),
+            ("proxy.frame_read_timeout", self.frame_read_timeout),
+            ("proxy.inject_timeout", self.inject_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::key(key, "must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed `upstream` connection string.
+    pub fn upstream_connection_string(&self) -> Result<ConnectionString, ConfigError> {
+        ConnectionString::parse(&self.upstream).map_err(|e| ConfigError::key("proxy.upstream", e))
+    }
+}
+
+/// `[log]`: output format and verbosity.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter: a level (`info`) or directives (`sessionguard=debug,info`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Pretty,
+            level: DEFAULT_LOG_LEVEL.to_string(),
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        tracing_subscriber::EnvFilter::try_new(&self.level)
+            .map(|_| ())
+            .map_err(|e| {
+                ConfigError::key("log.level", format!("invalid filter `{}`: {e}", self.level))
+            })
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Values from CLI flags or `SESSIONGUARD_*` environment variables; `None`
+/// leaves the file's (or default) value in place.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub admin: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+}
+
+impl Overrides {
+    /// Whether this override replaces the value of dotted `key`.
+    pub fn sets(&self, key: &str) -> bool {
+        match key {
+            "proxy.listen" => self.listen.is_some(),
+            "proxy.upstream" => self.upstream.is_some(),
+            "proxy.admin" => self.admin.is_some(),
+            "log.format" => self.log_format.is_some(),
+            "log.level" => self.log_level.is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// A configuration problem. `key` is the dotted key (`proxy.max_connections`)
+/// when known; `source` is the file when the problem came from one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source: Option<String>,
+    pub key: Option<String>,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn key(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            source: None,
+            key: Some(key.into()),
+            problem: problem.into(),
+        }
+    }
+
+    fn in_file(mut self, path: &Path) -> ConfigError {
+        self.source = Some(path.display().to_string());
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(source) = &self.source {
+            write!(f, "{source}: ")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, "{key}: ")?;
+        }
+        f.write_str(&self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError {
+                source: None,
+                key: None,
+                problem: format!("cannot read config file: {e}"),
+            }
+            .in_file(path)
+        })?;
+        let config = Config::parse(&text).map_err(|e| e.in_file(path))?;
+        config.validate().map_err(|e| e.in_file(path))?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no validation beyond types and unknown keys).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str::<Config>(text).map_err(|e| toml_error(text, &e))
+    }
+
+    /// Checks every table; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.proxy.validate()?;
+        self.log.validate()?;
+        self.sessions.validate().map_err(split_key_message)?;
+        self.rules.validate().map_err(split_key_message)?;
+        Ok(())
+    }
+
+    /// Loads `path` (or starts from defaults), applies `overrides`, validates.
+    pub fn resolve(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError {
+                        source: None,
+                        key: None,
+                        problem: format!("cannot read config file: {e}"),
+                    }
+                    .in_file(path)
+                })?;
+                Config::parse(&text).map_err(|e| e.in_file(path))?
+            }
+            None => Config::default(),
+        };
+        config.apply(overrides);
+        config.validate().map_err(|e| match path {
+            // Blame the file only for values the file actually set.
+            Some(path) if !e.key.as_deref().is_some_and(|k| overrides.sets(k)) => e.in_file(path),
+            _ => e,
+        })?;
+        Ok(config)
+    }
+
+    /// Puts every `Some` override over the current value.
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if let Some(listen) = &overrides.listen {
+            self.proxy.listen = listen.clone();
+        }
+        if let Some(upstream) = &overrides.upstream {
+            self.proxy.upstream = upstream.clone();
+        }
+        if let Some(admin) = &overrides.admin {
+            self.proxy.admin = admin.clone();
+        }
+        if let Some(format) = overrides.log_format {
+            self.log.format = format;
+        }
+        if let Some(level) = &overrides.log_level {
+            self.log.level = level.clone();
+        }
+    }
+}
+
+/// The session engine reports `"key: problem"`; keep the key separate when
+/// it is there so messages read the same as ours.
+fn split_key_message(message: String) -> ConfigError {
+    match message.split_once(": ") {
+        Some((key, problem)) if !key.contains(' ') && !key.is_empty() => {
+            ConfigError::key(key, problem)
+        }
+        _ => ConfigError {
+            source: None,
+            key: None,
+            problem: message,
+        },
+    }
+}
+
+fn validate_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = value.rsplit_once(':') else {
+        return Err(ConfigError::key(
+            key,
+            format!("`{value}` is not HOST:PORT (e.g. 127.0.0.1:27018)"),
+        ));
+    };
+    if host.is_empty() || host.contains(':') || host.contains('[') {
+        return Err(ConfigError::key(
+            key,
+            format!("`{value}` is not HOST:PORT (IPv6 addresses go in brackets: [::1]:27018)"),
+        ));
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(ConfigError::key(
+            key,
+            format!("`{value}`: port `{port}` is not a number between 0 and 65535"),
+        ));
+    }
+    Ok(())
+}
+
+/// Turns a TOML error into "table.key: problem". toml reports a byte span;
+/// the key is recovered from the line it points at and the table header
+/// above it, because serde's messages alone ("invalid type: ...") do not say
+/// which key was wrong.
+fn toml_error(text: &str, err: &toml::de::Error) -> ConfigError {
+    let problem = err.message().trim().to_string();
+    let Some(span) = err.span() else {
+        return ConfigError {
+            source: None,
+            key: None,
+            problem,
+        };
+    };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = text[line_start..line_end].trim();
+    let line_no = text[..line_start].matches('\n').count() + 1;
+
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|header| {
+            header
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string()
+        });
+
+    let key = if line.starts_with('[') {
+        // The error is about the table itself (e.g. an unknown table).
+        Some(
+            line.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        )
+    } else {
+        line.split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"').to_string())
+            .filter(|k| !k.is_empty())
+            .map(|k| match &table {
+                Some(t) => format!("{t}.{k}"),
+                None => k,
+            })
+    };
+    ConfigError {
+        source: None,
+        key,
+        problem: format!("{problem} (line {line_no})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config/sessionguard.toml");
+
+    fn parse_err(text: &str) -> ConfigError {
+        match Config::parse(text) {
+            Err(e) => e,
+            Ok(c) => c.validate().expect_err(text),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_constants_and_valid() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.proxy, ProxyConfig::default());
+        assert_eq!(config.proxy.listen, "127.0.0.1:27018");
+        assert_eq!(config.proxy.upstream, "mongodb://127.0.0.1:27017");
+        assert_eq!(config.proxy.admin, "127.0.0.1:9216");
+        assert_eq!(config.proxy.max_connections, 10_000);
+        assert_eq!(config.proxy.max_message_size, 48_000_000);
+        assert_eq!(config.proxy.connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.proxy.drain_grace, Duration::from_secs(30));
+        assert_eq!(config.proxy.frame_read_timeout, Duration::from_secs(60));
+        assert_eq!(config.log.format, LogFormat::Pretty);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn example_file_parses_validates_and_matches_defaults() {
+        let config = Config::parse(EXAMPLE).unwrap();
+        config.validate().unwrap();
+        // Every key in the example is commented out: it documents defaults.
+        assert_eq!(config.proxy, ProxyConfig::default());
+        assert_eq!(config.log, LogConfig::default());
+    }
+
+    #[test]
+    fn example_file_documents_every_proxy_and_log_key() {
+        let proxy = toml::to_string(&ProxyConfig::default()).unwrap();
+        let log = toml::to_string(&LogConfig::default()).unwrap();
+        for line in proxy.lines().chain(log.lines()) {
+            let key = line.split('=').next().unwrap().trim();
+            let documented = EXAMPLE.lines().any(|l| {
+                l.trim_start_matches('#')
+                    .trim_start()
+                    .starts_with(&format!("{key} ="))
+            });
+            assert!(
+                documented,
+                "config/sessionguard.toml does not document `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn example_values_uncommented_equal_defaults() {
+        // Uncomment the `key = value` lines of [proxy] and [log]: the
+        // documented values must be the real defaults.
+        let mut uncommented = String::new();
+        let mut table = String::new();
+        for line in EXAMPLE.lines() {
+            let trimmed = line.trim();
+            if trimmed.starts_with('[') {
+                table = trimmed.to_string();
+                uncommented.push_str(trimmed);
+                uncommented.push('\n');
+            } else if (table == "[proxy]" || table == "[log]") && trimmed.starts_with("# ") {
+                let body = &trimmed[2..];
+                if let Some((k, _)) = body.split_once(" = ") {
+                    if !k.contains(' ') {
+                        uncommented.push_str(body);
+                        uncommented.push('\n');
+                    }
+                }
+            }
+        }
+        let config = Config::parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert_eq!(config.proxy, ProxyConfig::default(), "{uncommented}");
+        assert_eq!(config.log, LogConfig::default());
+    }
+
+    #[test]
+    fn durations_are_humantime() {
+        let config = Config::parse(
+            "[proxy]\nconnect_timeout = \"250ms\"\ndrain_grace = \"2m\"\nframe_read_timeout = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.proxy.connect_timeout, Duration::from_millis(250));
+        assert_eq!(config.proxy.drain_grace, Duration::from_secs(120));
+        assert_eq!(config.proxy.frame_read_timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn every_validation_error_names_its_key() {
+        let cases = [
+            (
+                "[proxy]\nmax_connections = 0",
+                "proxy.max_connections: must be at least 1",
+            ),
+            (
+                "[proxy]\nmax_message_size = 1023",
+                "proxy.max_message_size: must be at least 1024",
+            ),
+            (
+                "[proxy]\nmax_message_size = 3000000000",
+                "proxy.max_message_size: must be at most",
+            ),
+            (
+                "[proxy]\nconnect_timeout = \"0s\"",
+                "proxy.connect_timeout: must be greater than 0",
+            ),
+            (
+                "[proxy]\nframe_read_timeout = \"0s\"",
+                "proxy.frame_read_timeout: must be greater",
+            ),
+            (
+                "[proxy]\ninject_timeout = \"0s\"",
+                "proxy.inject_timeout: must be greater",
+            ),
+            (
+                "[proxy]\nlisten = \"nonsense\"",
+                "proxy.listen: `nonsense` is not HOST:PORT",
+            ),
+            (
+                "[proxy]\nlisten = \"h:99999\"",
+                "proxy.listen: `h:99999`: port",
+            ),
+            ("[proxy]\nadmin = \"::1:80\"", "proxy.admin:"),
+            (
+                "[proxy]\nupstream = \"mongodb+srv://x\"",
+                "proxy.upstream: mongodb+srv:// connection strings are not supported yet",
+            ),
+            (
+                "[proxy]\nupstream = \"127.0.0.1:27017\"",
+                "proxy.upstream: must start with mongodb://",
+            ),
+            (
+                "[proxy]\nupstream = \"mongodb://h/?tls=true\"",
+                "proxy.upstream: tls=true",
+            ),
+            ("[log]\nlevel = \"=[\"", "log.level: invalid filter"),
+            // Parse-time errors: unknown keys and wrong types name the key too.
+            (
+                "[proxy]\nmax_conections = 5",
+                "proxy.max_conections: unknown field `max_conections`",
+            ),
+            (
+                "[proxy]\nmax_connections = \"many\"",
+                "proxy.max_connections: invalid type",
+            ),
+            ("[proxy]\ndrain_grace = \"soon\"", "proxy.drain_grace:"),
+            (
+                "[log]\nformat = \"xml\"",
+                "log.format: unknown variant `xml`",
+            ),
+            ("[nonsense]\nx = 1", "nonsense: unknown field `nonsense`"),
+        ];
+        for (text, expected) in cases {
+            let err = parse_err(text).to_string();
+            assert!(
+                err.starts_with(expected),
+                "for {text:?}\n got: {err}\nwant: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn overrides_win_over_file_and_file_over_defaults() {
+        let mut config =
+            Config::parse("[proxy]\nlisten = \"127.0.0.1:1111\"\nadmin = \"127.0.0.1:2222\"\n[log]\nlevel = \"debug\"\n")
+                .unwrap();
+        config.apply(&Overrides {
+            listen: Some("127.0.0.1:3333".into()),
+            upstream: None,
+            admin: None,
+            log_format: Some(LogFormat::Json),
+            log_level: None,
+        });
+        assert_eq!(config.proxy.listen, "127.0.0.1:3333", "override beats file");
+        assert_eq!(config.proxy.admin, "127.0.0.1:2222", "file beats default");
+        assert_eq!(
+            config.proxy.upstream, DEFAULT_UPSTREAM,
+            "default when neither"
+        );
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.log.level, "debug");
+    }
+
+    #[test]
+    fn resolve_validates_overrides_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[proxy]\nmax_connections = 0\n").unwrap();
+        let err = Config::resolve(Some(&path), &Overrides::default()).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("proxy.max_connections"));
+        assert!(err.to_string().contains("bad.toml"), "{err}");
+
+        let err = Config::resolve(
+            Some(&path),
+            &Overrides {
+                upstream: Some("mongodb://[::1".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        // Validation order reports the file's bad key first...
+        assert_eq!(err.key.as_deref(), Some("proxy.max_connections"));
+        std::fs::write(&path, "[proxy]\nmax_connections = 5\n").unwrap();
+        let err = Config::resolve(
+            Some(&path),
+            &Overrides {
+                upstream: Some("mongodb://[::1".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        // ...and a bad override is not blamed on the file.
+        assert_eq!(err.key.as_deref(), Some("proxy.upstream"));
+        assert!(!err.to_string().contains("bad.toml"), "{err}");
+
+        let missing = dir.path().join("missing.toml");
+        let err = Config::load(&missing).unwrap_err();
+        assert!(err.to_string().contains("cannot read config file"), "{err}");
+    }
+
+    #[test]
+    fn session_engine_errors_keep_their_key() {
+        let err = split_key_message("sessions.max_sessions: must be at least 1".into());
+        assert_eq!(err.key.as_deref(), Some("sessions.max_sessions"));
+        assert_eq!(err.to_string(), "sessions.max_sessions: must be at least 1");
+        let err = split_key_message("something odd happened".into());
+        assert_eq!(err.to_string(), "something odd happened");
+    }
+}

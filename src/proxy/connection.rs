@@ -1,0 +1,650 @@
+//! One client connection and its upstream connection: the two pumps
+//! (client -> upstream and upstream -> client), request/reply correlation,
+//! the inspector calls, rejected-request replies, injected requests, drain
+//! and the close log line. Frames are forwarded as the exact bytes received.
+//! The pumps run concurrently, each owning one reader and one writer, so a
+//! write blocked in one direction never stops the other. The shared
+//! in-flight map is locked only for short synchronous sections, never
+//! across `.await`. Document contents are never logged.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::inflight::{InFlight, ReplyOwner};
+use super::inspect::{
+    intern_command, is_hello, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector,
+    Inspector, ReplyVerdict, Verdict, INJECT_QUEUE,
+};
+use super::upstream::{self, DialError, HostPort};
+use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, MsgHeader, OpCode, WireError};
+
+/// Which side of a connection pair failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Internal,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a connection pair was closed on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("{side} sent a malformed frame: {source}")]
+    Malformed {
+        side: Side,
+        #[source]
+        source: WireError,
+    },
+    #[error("{side} stopped mid-frame: no complete frame within {timeout:?}")]
+    FrameTimeout { side: Side, timeout: Duration },
+    #[error("{side} i/o error while {action}: {source}")]
+    Io {
+        side: Side,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream unreachable: {0}")]
+    Connect(#[from] DialError),
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl ConnError {
+    pub fn side(&self) -> Side {
+        match self {
+            ConnError::Malformed { side, .. }
+            | ConnError::FrameTimeout { side, .. }
+            | ConnError::Io { side, .. } => *side,
+            ConnError::Connect(_) => Side::Upstream,
+            ConnError::Internal(_) => Side::Internal,
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+enum Outcome {
+    ClientClosed,
+    UpstreamClosed,
+    Drained,
+    Killed,
+    Failed(ConnError),
+}
+
+/// Settings every connection of a listener shares.
+#[derive(Debug)]
+pub(crate) struct ConnSettings {
+    pub upstream: HostPort,
+    pub max_message_size: usize,
+    pub connect_timeout: Duration,
+    pub frame_read_timeout: Duration,
+    pub inject_timeout: Duration,
+}
+
+/// State both pumps touch.
+struct Shared {
+    in_flight: Mutex<InFlight>,
+    /// Signalled when the in-flight map may have become idle (for pending
+    /// injections and for drain).
+    became_idle: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, InFlight> {
+        // A panic while holding this lock would be a bug in synchronous map
+        // code; the map is still structurally sound, so keep going.
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Serves one accepted client connection to completion.
+pub(crate) async fn serve(
+    id: u64,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    settings: Arc<ConnSettings>,
+    inspector: Arc<dyn Inspector>,
+    drain: CancellationToken,
+    kill: CancellationToken,
+) {
+    let opened_at = Instant::now();
+    let _ = client.set_nodelay(true);
+    debug!(conn = id, %peer, "connection opened");
+
+    let dialed = tokio::select! {
+        dialed = upstream::dial(&settings.upstream, settings.connect_timeout) => dialed,
+        _ = kill.cancelled() => return,
+    };
+    let upstream = match dialed {
+        Ok(stream) => stream,
+        Err(e) => {
+            let e = ConnError::from(e);
+            warn!(conn = id, %peer, side = %e.side(), error = %e, "connection closed: {e}");
+            return;
+        }
+    };
+
+    let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
+    let ctx = ConnContext {
+        id,
+        peer,
+        local,
+        injector: Injector::new(inject_tx, settings.inject_timeout),
+    };
+    inspector.on_connect(&ctx);
+
+    let shared = Shared {
+        in_flight: Mutex::new(InFlight::default()),
+        became_idle: Notify::new(),
+    };
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+    let (local_tx, local_rx) = mpsc::channel::<Bytes>(4);
+    let mut counters = Counters::default();
+
+    let pumps = Pumps {
+        ctx: &ctx,
+        shared: &shared,
+        inspector: inspector.as_ref(),
+        settings: &settings,
+        drain: &drain,
+    };
+    let outcome = {
+        let requests = pumps.client_to_upstream(
+            FramedRead::new(client_read, FrameCodec::new(settings.max_message_size)),
+            upstream_write,
+            local_tx,
+            inject_rx,
+        );
+        let replies = pumps.upstream_to_client(
+            FramedRead::new(upstream_read, FrameCodec::new(settings.max_message_size)),
+            client_write,
+            local_rx,
+        );
+        tokio::pin!(requests, replies);
+        tokio::select! {
+            (outcome, n) = &mut requests => { counters.requests = n; outcome }
+            (outcome, n) = &mut replies => { counters.replies = n; outcome }
+            _ = kill.cancelled() => Outcome::Killed,
+        }
+    };
+
+    let still_in_flight = shared.lock().take_client_requests();
+    inspector.on_close(&ctx, &still_in_flight);
+
+    let lifetime = opened_at.elapsed();
+    let in_flight = still_in_flight.len();
+    match outcome {
+        Outcome::Failed(e) => warn!(
+            conn = id, %peer, side = %e.side(), in_flight, lifetime = ?lifetime,
+            "connection closed: {e}"
+        ),
+        Outcome::UpstreamClosed if in_flight > 0 => warn!(
+            conn = id, %peer, side = "upstream", in_flight, lifetime = ?lifetime,
+            "connection closed: upstream closed the connection with requests in flight"
+        ),
+        other => debug!(
+            conn = id, %peer, in_flight, lifetime = ?lifetime,
+            requests = counters.requests, replies = counters.replies,
+            reason = other.reason(), "connection closed"
+        ),
+    }
+}
+
+impl Outcome {
+    fn reason(&self) -> &'static str {
+        match self {
+            Outcome::ClientClosed => "client closed",
+            Outcome::UpstreamClosed => "upstream closed",
+            Outcome::Drained => "drained",
+            Outcome::Killed => "shutdown",
+            Outcome::Failed(_) => "error",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: u64,
+    replies: u64,
+}
+
+/// What the request pump learned from one client frame.
+struct RequestInfo {
+    record: Option<InFlightRequest>,
+    verdict: Verdict,
+    /// OP_QUERY expects an OP_REPLY, not an OP_MSG, as the rejection reply.
+    legacy: bool,
+}
+
+struct Pumps<'a> {
+    ctx: &'a ConnContext,
+    shared: &'a Shared,
+    inspector: &'a dyn Inspector,
+    settings: &'a ConnSettings,
+    drain: &'a CancellationToken,
+}
+
+impl Pumps<'_> {
+    /// Client -> upstream: reads requests, records those that expect a
+    /// reply, asks the inspector, forwards (or answers a rejection), and
+    /// sends queued injections when the connection is idle.
+    async fn client_to_upstream<R, W>(
+        &self,
+        mut reader: FramedRead<R, FrameCodec>,
+        mut upstream: W,
+        local_tx: mpsc::Sender<Bytes>,
+        mut inject_rx: mpsc::Receiver<InjectRequest>,
+    ) -> (Outcome, u64)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut requests = 0u64;
+        let mut pending: VecDeque<InjectRequest> = VecDeque::new();
+        loop {
+            let draining = self.drain.is_cancelled();
+            expire(&mut pending, self.settings.inject_timeout);
+            if draining {
+                for request in pending.drain(..) {
+                    let _ = request.reply.send(Err(InjectError::Draining));
+                }
+                while let Ok(request) = inject_rx.try_recv() {
+                    let _ = request.reply.send(Err(InjectError::Draining));
+                }
+                if self.shared.lock().idle_for_drain() {
+                    return (Outcome::Drained, requests);
+                }
+            } else if let Some(frame) = self.take_injection(&mut pending) {
+                if let Err(source) = upstream.write_all(&frame).await {
+                    return (
+                        Outcome::Failed(ConnError::Io {
+                            side: Side::Upstream,
+                            action: "writing",
+                            source,
+                        }),
+                        requests,
+                    );
+                }
+                continue;
+            }
+            let next_deadline = pending.iter().map(|p| p.deadline).min();
+
+            let frame = tokio::select! {
+                _ = self.drain.cancelled(), if !draining => continue,
+                _ = self.shared.became_idle.notified() => continue,
+                injected = inject_rx.recv(), if !draining => {
+                    if let Some(request) = injected {
+                        pending.push_back(request);
+                    }
+                    continue;
+                }
+                _ = sleep_until_opt(next_deadline), if next_deadline.is_some() => continue,
+                frame = next_frame(&mut reader, self.settings.frame_read_timeout, Side::Client), if !draining => frame,
+            };
+            let frame = match frame {
+                None => return (Outcome::ClientClosed, requests),
+                Some(Err(e)) => return (Outcome::Failed(e), requests),
+                Some(Ok(frame)) => frame,
+            };
+            requests += 1;
+
+            let info = match self.inspect_request(&frame) {
+                Ok(info) => info,
+                Err(e) => return (Outcome::Failed(e), requests),
+            };
+            match info.verdict {
+                Verdict::Forward => {
+                    if let Some(record) = info.record {
+                        // Recorded before forwarding so the reply can never
+                        // arrive before its request is known.
+                        if let Some(old) = self.shared.lock().insert_client(record) {
+                            debug!(
+                                conn = self.ctx.id,
+                                request_id = old.request_id,
+                                "client reused a request id that was still in flight"
+                            );
+                        }
+                    }
+                    if let Err(source) = upstream.write_all(&frame.bytes).await {
+                        return (
+                            Outcome::Failed(ConnError::Io {
+                                side: Side::Upstream,
+                                action: "writing",
+                                source,
+                            }),
+                            requests,
+                        );
+                    }
+                }
+                Verdict::Reject { reply } => {
+                    // A moreToCome request expects no reply, so it gets none.
+                    if info.record.is_none() {
+                        continue;
+                    }
+                    let reply_id = self.shared.lock().next_proxy_id();
+                    let request_id = frame.header.request_id;
+                    let bytes = if info.legacy {
+                        wire::legacy::encode_reply(reply_id, request_id, 0, 0, &[&reply])
+                    } else {
+                        wire::op_msg::encode(reply_id, request_id, MsgFlags::default(), &reply)
+                    };
+                    if local_tx.send(bytes).await.is_err() {
+                        return (
+                            Outcome::Failed(ConnError::Internal("reply pump stopped")),
+                            requests,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pops the oldest pending injection if the connection is idle, records
+    /// it as in flight and returns the frame to write.
+    fn take_injection(&self, pending: &mut VecDeque<InjectRequest>) -> Option<Bytes> {
+        if pending.is_empty() {
+            return None;
+        }
+        let mut map = self.shared.lock();
+        if !map.idle_for_inject() {
+            return None;
+        }
+        let request = pending.pop_front()?;
+        let id = map.next_proxy_id();
+        let record = InFlightRequest {
+            request_id: id,
+            op_code: OpCode::Msg,
+            command: None,
+            started: Instant::now(),
+            exhaust_allowed: false,
+            awaitable_hello: false,
+            streamed_replies: 0,
+        };
+        map.insert_injected(record, request.reply);
+        drop(map);
+        Some(wire::op_msg::encode(
+            id,
+            0,
+            MsgFlags::default(),
+            &request.body,
+        ))
+    }
+
+    fn inspect_request(&self, frame: &Frame) -> Result<RequestInfo, ConnError> {
+        let malformed = |source| ConnError::Malformed {
+            side: Side::Client,
+            source,
+        };
+        let opened = wire::open(frame, self.settings.max_message_size).map_err(malformed)?;
+        let header = opened_header(
+            frame,
+            opened.op_code,
+            opened.compressor.is_some(),
+            &opened.body,
+        )
+        .map_err(malformed)?;
+        let msg = wire::parse(opened.op_code, &header, &opened.body).map_err(malformed)?;
+
+        let (command, expects_reply, exhaust_allowed, awaitable_hello) = match &msg {
+            Message::Msg(m) => {
+                let name = m.command_name();
+                let awaitable = name.is_some_and(is_hello)
+                    && (m.flags.exhaust_allowed()
+                        || m.body.get("maxAwaitTimeMS").ok().flatten().is_some());
+                (
+                    name,
+                    !m.flags.more_to_come(),
+                    m.flags.exhaust_allowed(),
+                    awaitable,
+                )
+            }
+            Message::Query(q) => (q.command_name(), true, false, false),
+            // Clients do not send replies; unknown opcodes are carried
+            // through without expecting anything back.
+            Message::Reply(_) | Message::Other(_) => (None, false, false, false),
+        };
+        let record = expects_reply.then(|| InFlightRequest {
+            request_id: frame.header.request_id,
+            op_code: opened.op_code,
+            command: command.map(intern_command),
+            started: Instant::now(),
+            exhaust_allowed,
+            awaitable_hello,
+            streamed_replies: 0,
+        });
+        let verdict = self.inspector.on_request(self.ctx, frame, &msg);
+        Ok(RequestInfo {
+            record,
+            verdict,
+            legacy: matches!(msg, Message::Query(_)),
+        })
+    }
+
+    /// Upstream -> client: reads replies, matches them to requests, hands
+    /// injected replies to their waiters, asks the inspector, forwards.
+    async fn upstream_to_client<R, W>(
+        &self,
+        mut reader: FramedRead<R, FrameCodec>,
+        mut client: W,
+        mut local_rx: mpsc::Receiver<Bytes>,
+    ) -> (Outcome, u64)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut replies = 0u64;
+        let client_write_error = |source| ConnError::Io {
+            side: Side::Client,
+            action: "writing",
+            source,
+        };
+        loop {
+            let frame = tokio::select! {
+                biased;
+                local = local_rx.recv() => {
+                    if let Some(bytes) = local {
+                        if let Err(e) = client.write_all(&bytes).await {
+                            return (Outcome::Failed(client_write_error(e)), replies);
+                        }
+                    }
+                    continue;
+                }
+                frame = next_frame(&mut reader, self.settings.frame_read_timeout, Side::Upstream) => frame,
+            };
+            let frame = match frame {
+                None => return (Outcome::UpstreamClosed, replies),
+                Some(Err(e)) => return (Outcome::Failed(e), replies),
+                Some(Ok(frame)) => frame,
+            };
+            replies += 1;
+
+            let (to_client, became_idle) = match self.inspect_reply(&frame) {
+                Ok(r) => r,
+                Err(e) => return (Outcome::Failed(e), replies),
+            };
+            if let Some(bytes) = to_client {
+                if let Err(e) = client.write_all(&bytes).await {
+                    return (Outcome::Failed(client_write_error(e)), replies);
+                }
+            }
+            // Only after the reply reached the client: a draining
+            // connection closes when woken, and must not cut it off.
+            if became_idle {
+                self.shared.became_idle.notify_one();
+            }
+        }
+    }
+
+    /// Returns the bytes to send to the client (None for injected replies)
+    /// and whether the in-flight map may now be idle.
+    fn inspect_reply(&self, frame: &Frame) -> Result<(Option<Bytes>, bool), ConnError> {
+        let malformed = |source| ConnError::Malformed {
+            side: Side::Upstream,
+            source,
+        };
+        let opened = wire::open(frame, self.settings.max_message_size).map_err(malformed)?;
+        let header = opened_header(
+            frame,
+            opened.op_code,
+            opened.compressor.is_some(),
+            &opened.body,
+        )
+        .map_err(malformed)?;
+        let msg = wire::parse(opened.op_code, &header, &opened.body).map_err(malformed)?;
+        let more_to_come = matches!(&msg, Message::Msg(m) if m.flags.more_to_come());
+
+        let (owner, became_idle) = {
+            let mut map = self.shared.lock();
+            let owner = map.on_reply(
+                frame.header.response_to,
+                frame.header.request_id,
+                more_to_come,
+            );
+            let idle = map.idle_for_inject() || map.idle_for_drain();
+            (owner, idle)
+        };
+        let verdict = match owner {
+            ReplyOwner::Injected(waiter) => {
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(Ok(frame.bytes.clone()));
+                }
+                return Ok((None, became_idle));
+            }
+            ReplyOwner::Client(request) => {
+                self.inspector
+                    .on_reply(self.ctx, Some(&request), frame, &msg)
+            }
+            ReplyOwner::Unmatched => {
+                debug!(
+                    conn = self.ctx.id,
+                    response_to = frame.header.response_to,
+                    op = frame.header.op_code.name(),
+                    "reply matches no request in flight; forwarding it anyway"
+                );
+                self.inspector.on_reply(self.ctx, None, frame, &msg)
+            }
+        };
+        let bytes = match verdict {
+            ReplyVerdict::Forward => frame.bytes.clone(),
+            ReplyVerdict::Replace(bytes) => bytes,
+        };
+        Ok((Some(bytes), became_idle))
+    }
+}
+
+/// The header bytes `wire::parse` needs for checksum verification: the
+/// frame's own for plain messages, reconstructed for the message inside an
+/// OP_COMPRESSED wrapper.
+fn opened_header(
+    frame: &Frame,
+    op_code: OpCode,
+    compressed: bool,
+    body: &[u8],
+) -> Result<[u8; wire::HEADER_LEN], WireError> {
+    if !compressed {
+        let mut header = [0u8; wire::HEADER_LEN];
+        header.copy_from_slice(frame.header_bytes());
+        return Ok(header);
+    }
+    let length = body
+        .len()
+        .checked_add(wire::HEADER_LEN)
+        .and_then(|n| i32::try_from(n).ok())
+        .ok_or(WireError::LengthTooLarge {
+            len: body.len() as i64,
+            max: i32::MAX as usize,
+        })?;
+    Ok(MsgHeader {
+        message_length: length,
+        request_id: frame.header.request_id,
+        response_to: frame.header.response_to,
+        op_code,
+    }
+    .to_bytes())
+}
+
+/// Reads the next frame. An idle connection waits forever; once part of a
+/// frame has arrived, the rest must come within `frame_timeout`. Cancel-safe
+/// (the partial frame stays in the reader's buffer).
+async fn next_frame<R: AsyncRead + Unpin>(
+    reader: &mut FramedRead<R, FrameCodec>,
+    frame_timeout: Duration,
+    side: Side,
+) -> Option<Result<Frame, ConnError>> {
+    loop {
+        match tokio::time::timeout(frame_timeout, reader.next()).await {
+            Ok(None) => return None,
+            Ok(Some(Ok(frame))) => return Some(Ok(frame)),
+            Ok(Some(Err(WireError::Io(source)))) => {
+                return Some(Err(ConnError::Io {
+                    side,
+                    action: "reading",
+                    source,
+                }))
+            }
+            Ok(Some(Err(source))) => return Some(Err(ConnError::Malformed { side, source })),
+            Err(_) if !reader.read_buffer().is_empty() => {
+                return Some(Err(ConnError::FrameTimeout {
+                    side,
+                    timeout: frame_timeout,
+                }))
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
+/// Fails queued injections whose deadline passed.
+fn expire(pending: &mut VecDeque<InjectRequest>, timeout: Duration) {
+    let now = tokio::time::Instant::now();
+    let mut index = 0;
+    while index < pending.len() {
+        if pending[index].deadline > now {
+            index += 1;
+            continue;
+        }
+        if let Some(request) = pending.remove(index) {
+            // The waiter may already have given up on its own timer; the
+            // send then fails, which is fine.
+            let _ = request.reply.send(Err(InjectError::Timeout(timeout)));
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,153 @@
+//! The data path: accept client connections, dial one upstream connection
+//! per client, and forward every frame unchanged in both directions while
+//! showing each one (parsed, zero-copy) to an `Inspector`. This module owns
+//! sockets, correlation of requests and replies, lifecycle (connection cap,
+//! drain, shutdown) and the seams for policy (`Inspector`) and injected
+//! requests (`Injector`). It holds no session logic and never logs document
+//! contents.
+//!
+//! - `inspect`: the `Inspector` trait, verdicts, `ConnContext`, `Injector`.
+//! - `listener`: accept loop, connection cap, accept back-off, drain.
+//! - `connection`: one client connection and its two pumps.
+//! - `inflight`: the per-connection map of requests awaiting replies.
+//! - `upstream`: connection-string parsing and dialing.
+
+mod connection;
+mod inflight;
+pub mod inspect;
+mod listener;
+pub mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use connection::{ConnError, Side};
+pub use inspect::{
+    ConnContext, InFlightRequest, InjectError, Injector, Inspector, NoopInspector, ReplyVerdict,
+    Verdict,
+};
+
+use crate::config::ProxyConfig;
+use connection::ConnSettings;
+use listener::{AcceptLoop, ListenerStats};
+
+/// Entry point of the data path.
+pub struct Proxy;
+
+impl Proxy {
+    /// Validates `cfg`, binds `cfg.listen` and starts accepting. Returns once
+    /// the listener is bound (so `local_addr` is known, e.g. for port 0).
+    pub async fn start(
+        cfg: Arc<ProxyConfig>,
+        inspector: Arc<dyn Inspector>,
+    ) -> io::Result<ProxyHandle> {
+        cfg.validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let upstream = cfg
+            .upstream_connection_string()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        if upstream.hosts.len() > 1 {
+            info!(
+                upstream = %upstream.primary_target(),
+                hosts = upstream.hosts.len(),
+                "the upstream lists several hosts; only the first is used for now"
+            );
+        }
+        let listener = TcpListener::bind(&cfg.listen).await?;
+        let local = listener.local_addr()?;
+        info!(listen = %local, upstream = %upstream.primary_target(), "proxy listening");
+
+        let settings = Arc::new(ConnSettings {
+            upstream: upstream.primary_target().clone(),
+            max_message_size: cfg.max_message_size,
+            connect_timeout: cfg.connect_timeout,
+            frame_read_timeout: cfg.frame_read_timeout,
+            inject_timeout: cfg.inject_timeout,
+        });
+        let drain = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let active = Arc::new(watch::Sender::new(0usize));
+        let stats = Arc::new(ListenerStats::default());
+        let accept_loop = AcceptLoop {
+            listener,
+            local,
+            settings,
+            inspector,
+            max_connections: cfg.max_connections,
+            drain_grace: cfg.drain_grace,
+            drain: drain.clone(),
+            kill: kill.clone(),
+            active: active.clone(),
+            stats: stats.clone(),
+            next_id: Arc::new(AtomicU64::new(1)),
+        };
+        let task = tokio::spawn(accept_loop.run());
+        Ok(ProxyHandle {
+            local_addr: local,
+            drain,
+            kill,
+            active,
+            stats,
+            task,
+        })
+    }
+}
+
+/// Controls a running proxy listener.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    local_addr: SocketAddr,
+    drain: CancellationToken,
+    kill: CancellationToken,
+    active: Arc<watch::Sender<usize>>,
+    stats: Arc<ListenerStats>,
+    task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// The bound listen address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting; each connection closes as soon as it has nothing in
+    /// flight (a monitoring hello stream counts as nothing); whatever is
+    /// left is closed after `drain_grace`.
+    pub fn drain(&self) {
+        self.drain.cancel();
+    }
+
+    /// Closes the listener and every connection now.
+    pub fn shutdown_now(&self) {
+        self.kill.cancel();
+    }
+
+    /// Resolves when the listener has stopped and every connection is closed
+    /// (after `drain` or `shutdown_now`).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// Client connections currently open.
+    pub fn active_connections(&self) -> usize {
+        *self.active.borrow()
+    }
+
+    /// Connections accepted since start (not counting those over the cap).
+    pub fn accepted_connections(&self) -> u64 {
+        self.stats.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed at once because the cap was reached.
+    pub fn rejected_connections(&self) -> u64 {
+        self.stats.rejected_over_cap.load(Ordering::Relaxed)
+    }
+}
