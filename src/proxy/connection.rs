@@ -28,7 +28,7 @@ use super::inspect::{
     Inspector, ReplyVerdict, Verdict, INJECT_QUEUE,
 };
 use super::upstream::{self, DialError, HostPort};
-use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, MsgHeader, OpCode, WireError};
+use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, OpCode, WireError};
 
 /// Which side of a connection pair failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,17 +126,36 @@ impl Shared {
     }
 }
 
+/// A freshly accepted client connection.
+pub(crate) struct Accepted {
+    pub id: u64,
+    pub client: TcpStream,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// The listener's lifecycle signals: `drain` asks connections to finish
+/// their in-flight work and close; `kill` closes them now.
+#[derive(Clone)]
+pub(crate) struct Lifecycle {
+    pub drain: CancellationToken,
+    pub kill: CancellationToken,
+}
+
 /// Serves one accepted client connection to completion.
 pub(crate) async fn serve(
-    id: u64,
-    client: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
+    accepted: Accepted,
     settings: Arc<ConnSettings>,
     inspector: Arc<dyn Inspector>,
-    drain: CancellationToken,
-    kill: CancellationToken,
+    lifecycle: Lifecycle,
 ) {
+    let Accepted {
+        id,
+        client,
+        peer,
+        local,
+    } = accepted;
+    let Lifecycle { drain, kill } = lifecycle;
     let opened_at = Instant::now();
     let _ = client.set_nodelay(true);
     debug!(conn = id, %peer, "connection opened");
@@ -407,14 +426,7 @@ impl Pumps<'_> {
             source,
         };
         let opened = wire::open(frame, self.settings.max_message_size).map_err(malformed)?;
-        let header = opened_header(
-            frame,
-            opened.op_code,
-            opened.compressor.is_some(),
-            &opened.body,
-        )
-        .map_err(malformed)?;
-        let msg = wire::parse(opened.op_code, &header, &opened.body).map_err(malformed)?;
+        let msg = opened.parse(frame).map_err(malformed)?;
 
         let (command, expects_reply, exhaust_allowed, awaitable_hello) = match &msg {
             Message::Msg(m) => {
@@ -514,14 +526,7 @@ impl Pumps<'_> {
             source,
         };
         let opened = wire::open(frame, self.settings.max_message_size).map_err(malformed)?;
-        let header = opened_header(
-            frame,
-            opened.op_code,
-            opened.compressor.is_some(),
-            &opened.body,
-        )
-        .map_err(malformed)?;
-        let msg = wire::parse(opened.op_code, &header, &opened.body).map_err(malformed)?;
+        let msg = opened.parse(frame).map_err(malformed)?;
         let more_to_come = matches!(&msg, Message::Msg(m) if m.flags.more_to_come());
 
         let (owner, became_idle) = {
@@ -561,37 +566,6 @@ impl Pumps<'_> {
         };
         Ok((Some(bytes), became_idle))
     }
-}
-
-/// The header bytes `wire::parse` needs for checksum verification: the
-/// frame's own for plain messages, reconstructed for the message inside an
-/// OP_COMPRESSED wrapper.
-fn opened_header(
-    frame: &Frame,
-    op_code: OpCode,
-    compressed: bool,
-    body: &[u8],
-) -> Result<[u8; wire::HEADER_LEN], WireError> {
-    if !compressed {
-        let mut header = [0u8; wire::HEADER_LEN];
-        header.copy_from_slice(frame.header_bytes());
-        return Ok(header);
-    }
-    let length = body
-        .len()
-        .checked_add(wire::HEADER_LEN)
-        .and_then(|n| i32::try_from(n).ok())
-        .ok_or(WireError::LengthTooLarge {
-            len: body.len() as i64,
-            max: i32::MAX as usize,
-        })?;
-    Ok(MsgHeader {
-        message_length: length,
-        request_id: frame.header.request_id,
-        response_to: frame.header.response_to,
-        op_code,
-    }
-    .to_bytes())
 }
 
 /// Reads the next frame. An idle connection waits forever; once part of a

@@ -15,7 +15,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::connection::{self, ConnSettings};
+use super::connection::{self, Accepted, ConnSettings, Lifecycle};
 use super::inspect::Inspector;
 
 /// First and longest pause after a resource-exhaustion accept error.
@@ -114,13 +114,20 @@ impl AcceptLoop {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let settings = self.settings.clone();
             let inspector = self.inspector.clone();
-            let drain = self.drain.clone();
-            let kill = self.kill.clone();
-            let local = self.local;
+            let lifecycle = Lifecycle {
+                drain: self.drain.clone(),
+                kill: self.kill.clone(),
+            };
+            let accepted = Accepted {
+                id,
+                client: stream,
+                peer,
+                local: self.local,
+            };
             tokio::spawn(async move {
                 let _permit = permit;
                 let _guard = guard;
-                connection::serve(id, stream, peer, local, settings, inspector, drain, kill).await;
+                connection::serve(accepted, settings, inspector, lifecycle).await;
             });
         }
         // Stop accepting now: new clients get "connection refused" at once
