@@ -191,10 +191,9 @@ impl<'a> RequestView<'a> {
                 continue;
             }
             match key {
-                "$db" => {
-                    if view.db.is_none() {
-                        view.db = element.value().ok().and_then(RawBsonRef::as_str);
-                    }
+                // OP_QUERY's database comes from the namespace; it wins.
+                "$db" if view.db.is_none() => {
+                    view.db = element.value().ok().and_then(RawBsonRef::as_str);
                 }
                 "lsid" => match element.value().ok().and_then(RawBsonRef::as_document) {
                     Some(doc) => match Lsid::from_document(doc) {

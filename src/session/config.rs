@@ -1,28 +1,377 @@
-//! Configuration of the session engine: `[sessions]` and `[rules.<id>]`.
-//! (Stub: the session engine fills this in; `config.rs` embeds these types.)
+//! Configuration of the session engine: the `[sessions]` table (mode,
+//! refresher, ledger bounds, time limits) and the `[rules.<rule-id>]` tables
+//! (enabled, severity, action), their documented defaults, validation whose
+//! errors name the key, and their resolution into the per-rule settings the
+//! engine uses. `src/config.rs` embeds these types; nothing here does I/O.
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::violation::{Action, RuleId, Severity};
+
+/// How long ended / killed sessions are remembered, to catch their reuse.
+pub const DEFAULT_ENDED_RETENTION: Duration = Duration::from_secs(30 * 60);
+/// Most sessions tracked at once; beyond it the oldest idle / ended go first.
+pub const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
+/// The server's default transactionLifetimeLimitSeconds.
+pub const DEFAULT_TRANSACTION_MAX_OPEN: Duration = Duration::from_secs(60);
+/// How often the refresher looks for held sessions to refresh.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+/// Held sessions not used by the application for longer than this are left
+/// to expire (a cursor nobody reads any more is a leak, not a hold).
+pub const DEFAULT_REFRESH_MAX_AGE: Duration = Duration::from_secs(60 * 60);
+/// Violations kept in memory for the admin API.
+pub const DEFAULT_MAX_VIOLATIONS: usize = 10_000;
+/// The server's default logicalSessionTimeoutMinutes, used until a hello
+/// reply says otherwise.
+pub const DEFAULT_SERVER_SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// `observe` reports; `enforce` also rejects requests that break an
+/// error-severity rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Observe,
+    Enforce,
+}
+
+/// Which sessions the refresher keeps alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshPolicy {
+    /// Sessions the application holds: an open transaction or cursor.
+    #[default]
+    Held,
+    /// Every session not ended.
+    All,
+    /// Never refresh.
+    Off,
+}
 
 /// `[sessions]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SessionConfig {}
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    pub mode: Mode,
+    pub refresh: RefreshPolicy,
+    /// Refresh held sessions idle longer than this. Default: half the
+    /// server's session timeout.
+    #[serde(with = "humantime_serde")]
+    pub refresh_after: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub refresh_max_age: Duration,
+    /// Overrides the server's session timeout learned from hello's
+    /// `logicalSessionTimeoutMinutes`.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub ended_retention: Duration,
+    pub max_sessions: usize,
+    #[serde(with = "humantime_serde")]
+    pub transaction_max_open: Duration,
+    pub max_violations: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            mode: Mode::Observe,
+            refresh: RefreshPolicy::Held,
+            refresh_after: None,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            refresh_max_age: DEFAULT_REFRESH_MAX_AGE,
+            session_timeout: None,
+            ended_retention: DEFAULT_ENDED_RETENTION,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            transaction_max_open: DEFAULT_TRANSACTION_MAX_OPEN,
+            max_violations: DEFAULT_MAX_VIOLATIONS,
+        }
+    }
+}
 
 impl SessionConfig {
     /// Checks values; the error names the key (`sessions.<key>`) and the problem.
     pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("sessions.refresh_interval", Some(self.refresh_interval)),
+            ("sessions.refresh_max_age", Some(self.refresh_max_age)),
+            ("sessions.refresh_after", self.refresh_after),
+            ("sessions.session_timeout", self.session_timeout),
+            ("sessions.ended_retention", Some(self.ended_retention)),
+            (
+                "sessions.transaction_max_open",
+                Some(self.transaction_max_open),
+            ),
+        ];
+        for (key, value) in positive {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(format!("{key}: must be greater than 0"));
+            }
+        }
+        if self.max_sessions == 0 {
+            return Err("sessions.max_sessions: must be at least 1".into());
+        }
+        if let (Some(after), Some(timeout)) = (self.refresh_after, self.session_timeout) {
+            if after >= timeout {
+                return Err(format!(
+                    "sessions.refresh_after: {} is not shorter than sessions.session_timeout ({}); sessions would \
+                     expire before they are refreshed",
+                    humantime::format_duration(after),
+                    humantime::format_duration(timeout)
+                ));
+            }
+        }
         Ok(())
     }
 }
 
-/// `[rules]` table: one `[rules.<rule-id>]` sub-table per rule.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[rules.<rule-id>]`: overrides for one rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RulesConfig {}
+pub struct RuleOverride {
+    pub enabled: Option<bool>,
+    pub severity: Option<Severity>,
+    pub action: Option<Action>,
+}
+
+/// `[rules]` table: one `[rules.<rule-id>]` sub-table per rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct RulesConfig {
+    pub rules: BTreeMap<String, RuleOverride>,
+}
 
 impl RulesConfig {
     /// Checks rule ids and values; the error names the key (`rules.<id>.<key>`).
     pub fn validate(&self) -> Result<(), String> {
+        for id in self.rules.keys() {
+            if id.parse::<RuleId>().is_err() {
+                let known: Vec<&str> = RuleId::ALL.iter().map(|rule| rule.as_str()).collect();
+                return Err(format!(
+                    "rules.{id}: unknown rule; known rules: {}",
+                    known.join(", ")
+                ));
+            }
+        }
         Ok(())
+    }
+
+    pub fn get(&self, rule: RuleId) -> Option<&RuleOverride> {
+        self.rules.get(rule.as_str())
+    }
+}
+
+/// One rule's effective settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleSettings {
+    pub enabled: bool,
+    pub severity: Severity,
+    pub action: Action,
+}
+
+/// Every rule's effective settings: defaults, then `[rules.<id>]`, then the
+/// mode (`enforce` turns `reject` on for error-severity rules whose action
+/// was not set explicitly).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedRules {
+    settings: [RuleSettings; RuleId::COUNT],
+}
+
+impl ResolvedRules {
+    pub fn resolve(mode: Mode, rules: &RulesConfig) -> ResolvedRules {
+        let settings = RuleId::ALL.map(|rule| {
+            let overrides = rules.get(rule).cloned().unwrap_or_default();
+            let severity = overrides.severity.unwrap_or(rule.default_severity());
+            let action = overrides.action.unwrap_or(match (mode, severity) {
+                (Mode::Enforce, Severity::Error) => Action::Reject,
+                _ => Action::Log,
+            });
+            RuleSettings {
+                enabled: overrides.enabled.unwrap_or(true),
+                severity,
+                action,
+            }
+        });
+        ResolvedRules { settings }
+    }
+
+    pub fn get(&self, rule: RuleId) -> RuleSettings {
+        self.settings[rule.index()]
+    }
+
+    pub fn enabled(&self, rule: RuleId) -> bool {
+        self.settings[rule.index()].enabled
+    }
+}
+
+impl Default for ResolvedRules {
+    fn default() -> Self {
+        ResolvedRules::resolve(Mode::Observe, &RulesConfig::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct File {
+        #[serde(default)]
+        sessions: SessionConfig,
+        #[serde(default)]
+        rules: RulesConfig,
+    }
+
+    fn parse(text: &str) -> Result<File, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let file = parse("").unwrap();
+        assert_eq!(file.sessions, SessionConfig::default());
+        assert_eq!(file.sessions.ended_retention, Duration::from_secs(1800));
+        assert_eq!(file.sessions.max_sessions, 1_000_000);
+        assert_eq!(file.sessions.transaction_max_open, Duration::from_secs(60));
+        assert_eq!(file.sessions.mode, Mode::Observe);
+        assert_eq!(file.sessions.refresh, RefreshPolicy::Held);
+        assert!(file.sessions.validate().is_ok());
+        assert!(file.rules.validate().is_ok());
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let file = parse(
+            r#"
+            [sessions]
+            mode = "enforce"
+            refresh = "all"
+            refresh_after = "10m"
+            refresh_interval = "30s"
+            refresh_max_age = "2h"
+            session_timeout = "20m"
+            ended_retention = "1h"
+            max_sessions = 5000
+            transaction_max_open = "2m"
+            max_violations = 50
+
+            [rules.txn-left-open]
+            enabled = false
+
+            [rules.concurrent-use]
+            severity = "warning"
+            action = "reject"
+            "#,
+        )
+        .unwrap();
+        let s = &file.sessions;
+        assert_eq!(s.mode, Mode::Enforce);
+        assert_eq!(s.refresh, RefreshPolicy::All);
+        assert_eq!(s.refresh_after, Some(Duration::from_secs(600)));
+        assert_eq!(s.refresh_interval, Duration::from_secs(30));
+        assert_eq!(s.refresh_max_age, Duration::from_secs(7200));
+        assert_eq!(s.session_timeout, Some(Duration::from_secs(1200)));
+        assert_eq!(s.ended_retention, Duration::from_secs(3600));
+        assert_eq!(s.max_sessions, 5000);
+        assert_eq!(s.transaction_max_open, Duration::from_secs(120));
+        assert_eq!(s.max_violations, 50);
+        assert!(s.validate().is_ok());
+        assert!(file.rules.validate().is_ok());
+        let resolved = ResolvedRules::resolve(s.mode, &file.rules);
+        assert!(!resolved.enabled(RuleId::TxnLeftOpen));
+        assert_eq!(
+            resolved.get(RuleId::ConcurrentUse),
+            RuleSettings {
+                enabled: true,
+                severity: Severity::Warning,
+                action: Action::Reject
+            }
+        );
+        // Enforce: error rules reject, warnings log.
+        assert_eq!(resolved.get(RuleId::UseAfterEnd).action, Action::Reject);
+        assert_eq!(resolved.get(RuleId::IdleExpiredReuse).action, Action::Log);
+    }
+
+    #[test]
+    fn observe_logs_everything_unless_a_rule_says_reject() {
+        let rules = parse("[rules.use-after-end]\naction = \"reject\"\n[rules.txn-regression]\nseverity = \"info\"\n")
+            .unwrap()
+            .rules;
+        let resolved = ResolvedRules::resolve(Mode::Observe, &rules);
+        assert_eq!(resolved.get(RuleId::UseAfterEnd).action, Action::Reject);
+        assert_eq!(resolved.get(RuleId::ConcurrentUse).action, Action::Log);
+        assert_eq!(resolved.get(RuleId::TxnRegression).severity, Severity::Info);
+        let enforce = ResolvedRules::resolve(Mode::Enforce, &rules);
+        // Demoted below error: enforce does not turn reject on for it.
+        assert_eq!(enforce.get(RuleId::TxnRegression).action, Action::Log);
+        let explicit_log = parse("[rules.concurrent-use]\naction = \"log\"\n")
+            .unwrap()
+            .rules;
+        assert_eq!(
+            ResolvedRules::resolve(Mode::Enforce, &explicit_log)
+                .get(RuleId::ConcurrentUse)
+                .action,
+            Action::Log
+        );
+    }
+
+    #[test]
+    fn unknown_rule_ids_and_keys_are_errors_naming_the_key() {
+        let rules = parse("[rules.concurent-use]\nenabled = false\n")
+            .unwrap()
+            .rules;
+        let err = rules.validate().unwrap_err();
+        assert!(
+            err.starts_with("rules.concurent-use: unknown rule"),
+            "{err}"
+        );
+        assert!(err.contains("concurrent-use"));
+        let err = parse("[rules.concurrent-use]\nenable = false\n").unwrap_err();
+        assert!(err.contains("enable"), "{err}");
+        let err = parse("[rules.concurrent-use]\naction = \"block\"\n").unwrap_err();
+        assert!(err.contains("block"), "{err}");
+        let err = parse("[sessions]\nrefresh_evry = \"1s\"\n").unwrap_err();
+        assert!(err.contains("refresh_evry"), "{err}");
+        let err = parse("[sessions]\nmode = \"strict\"\n").unwrap_err();
+        assert!(err.contains("strict"), "{err}");
+        let err = parse("[sessions]\nended_retention = \"soon\"\n").unwrap_err();
+        assert!(
+            err.contains("ended_retention") || err.contains("soon"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let zero = |f: fn(&mut SessionConfig)| {
+            let mut config = SessionConfig::default();
+            f(&mut config);
+            config.validate().unwrap_err()
+        };
+        assert_eq!(
+            zero(|c| c.max_sessions = 0),
+            "sessions.max_sessions: must be at least 1"
+        );
+        assert!(
+            zero(|c| c.refresh_interval = Duration::ZERO).starts_with("sessions.refresh_interval:")
+        );
+        assert!(
+            zero(|c| c.ended_retention = Duration::ZERO).starts_with("sessions.ended_retention:")
+        );
+        assert!(zero(|c| c.transaction_max_open = Duration::ZERO)
+            .starts_with("sessions.transaction_max_open:"));
+        assert!(
+            zero(|c| c.refresh_after = Some(Duration::ZERO)).starts_with("sessions.refresh_after:")
+        );
+        assert!(zero(|c| {
+            c.refresh_after = Some(Duration::from_secs(60));
+            c.session_timeout = Some(Duration::from_secs(30));
+        })
+        .starts_with("sessions.refresh_after:"));
     }
 }

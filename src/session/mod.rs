@@ -1,4 +1,36 @@
-//! Session hygiene: the ledger of every logical session, the rules, the
-//! violations they raise and the refresher. (Filled in by the session engine.)
+//! Session hygiene: the ledger of every logical session the proxy sees, the
+//! rules that detect misuse, the violations they raise (and, in enforce
+//! mode, the rejections), and the refresher that keeps held sessions alive.
+//!
+//! - [`config`]: `[sessions]` and `[rules.<id>]`, defaults, validation.
+//! - [`state`]: one session's state machine (pure data and transitions).
+//! - [`rules`]: one pure function per rule.
+//! - [`violation`]: rule ids, severities, actions, violation records, the
+//!   enforce error code.
+//! - [`ledger`]: the bounded, shared map of sessions, cursors and held sessions.
+//! - [`intern`]: small ids for names and client identities.
+//! - [`engine`]: `SessionEngine`, the synchronous API the connection tasks call.
+//! - [`inspector`]: `SessionEngine` as the proxy's `Inspector`.
+//! - [`refresher`]: the background task that refreshes held sessions and
+//!   runs the time-driven checks.
+//!
+//! Nothing here does network I/O except through the proxy's `Injector`, and
+//! nothing here logs document contents.
 
 pub mod config;
+pub mod engine;
+pub mod inspector;
+pub mod intern;
+pub mod ledger;
+pub mod refresher;
+pub mod rules;
+pub mod state;
+pub mod violation;
+
+pub use config::{Mode, RefreshPolicy, RulesConfig, SessionConfig};
+pub use engine::{Decision, EngineStats, SessionEngine};
+pub use refresher::spawn_refresher;
+pub use violation::{
+    Action, RuleId, Severity, ViolationRecord, SESSIONGUARD_VIOLATION_CODE,
+    SESSIONGUARD_VIOLATION_CODE_NAME,
+};

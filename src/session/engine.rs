@@ -1,0 +1,1857 @@
+//! `SessionEngine`: the synchronous heart of sessionguard. The connection
+//! tasks call it for every request, reply, connect and close; it reads the
+//! command views, keeps the per-connection facts (handshake identity,
+//! authenticated owner, requests awaiting replies), drives the session
+//! ledger, runs the enabled rules, decides whether a request is rejected
+//! (enforce), and reports violations (a `tracing` event each, per-rule
+//! counters, a bounded in-memory list).
+//!
+//! It never blocks and never awaits: every call takes a few map locks for a
+//! few microseconds and returns. No lock is held across a call boundary and
+//! no two session entries are locked at once. It never logs document
+//! contents — command names, namespaces, ids and counts only.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+
+use crate::command::{auth_user, AuthUser, Handshake, KillPattern, ReplyView, RequestView};
+use crate::wire::Message;
+
+use super::config::{RefreshPolicy, RulesConfig};
+use super::config::{ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
+use super::intern::{normalize_ip, ClientIdentity, Tables, DEFAULT_INTERN_LIMIT};
+use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
+use super::rules::{self, CursorEvent, EndEvent, Names, RequestEvent, RuleContext};
+use super::state::{
+    ClientId, CommandClass, EndKind, InFlight, Millis, OwnerId, ReplyFacts, RequestFacts,
+    RequestRef, SessionKey, Sym,
+};
+use super::violation::{
+    Action, RequestEvidence, RuleId, Severity, Violation, ViolationRecord,
+    SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
+};
+
+/// Server error codes the engine reads replies for.
+const NO_SUCH_TRANSACTION: i32 = 251;
+const CURSOR_NOT_FOUND: i32 = 43;
+
+/// How often tombstones and long-expired sessions are purged.
+const PURGE_EVERY: Millis = 60_000;
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Forward,
+    /// Answer with this reply body (a raw BSON document) instead of forwarding.
+    Reject {
+        reply: Vec<u8>,
+    },
+}
+
+/// Engine-wide counters (for metrics and the admin API).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub ledger: LedgerCounts,
+    pub connections: usize,
+    pub requests_inspected: u64,
+    pub requests_rejected: u64,
+    pub refreshes_sent: u64,
+    pub sessions_refreshed: u64,
+    pub refresh_failures: u64,
+    pub violations: u64,
+}
+
+/// A request of one connection that awaits its reply.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    key: Option<SessionKey>,
+    entry: InFlight,
+    in_transaction: bool,
+    /// getMore's cursor (to forget it when the reply says exhausted).
+    cursor: Option<i64>,
+}
+
+/// An authentication the connection started; the server's reply decides.
+#[derive(Debug, Clone, Copy)]
+struct PendingAuth {
+    owner: OwnerId,
+    /// x.509 `authenticate` completes in one step.
+    single_step: bool,
+}
+
+/// What the engine knows about one client connection.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    pub(crate) peer: SocketAddr,
+    pub(crate) upstream: u32,
+    identity: ClientIdentity,
+    pub(crate) client: ClientId,
+    pub(crate) owner: OwnerId,
+    pending_auth: Option<PendingAuth>,
+    pending: Vec<Pending>,
+    pub(crate) injector: Option<crate::proxy::inspect::Injector>,
+    /// A refresh injected on this connection has not answered yet.
+    pub(crate) refresh_in_progress: bool,
+}
+
+impl ConnState {
+    pub(crate) fn is_quiet(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// Per-upstream facts (an upstream is the listener / member a client reached).
+#[derive(Debug, Default)]
+pub(crate) struct UpstreamState {
+    pub(crate) refresh_unsupported: AtomicBool,
+}
+
+/// The bounded list of recent violations.
+#[derive(Debug)]
+struct ViolationLog {
+    recent: Mutex<VecDeque<Arc<ViolationRecord>>>,
+    capacity: usize,
+    next_id: AtomicU64,
+    per_rule: [AtomicU64; RuleId::COUNT],
+}
+
+pub struct SessionEngine {
+    pub(crate) config: SessionConfig,
+    rules: ResolvedRules,
+    pub(crate) ledger: SessionLedger,
+    pub(crate) tables: Tables,
+    pub(crate) conns: DashMap<u64, ConnState>,
+    upstream_ids: DashMap<SocketAddr, u32>,
+    pub(crate) upstreams: DashMap<u32, UpstreamState>,
+    /// logicalSessionTimeoutMinutes from hello replies, in ms (0: not seen).
+    learned_timeout: AtomicU64,
+    origin: Instant,
+    origin_wall: SystemTime,
+    violations: ViolationLog,
+    last_purge: AtomicU64,
+    requests_inspected: AtomicU64,
+    requests_rejected: AtomicU64,
+    pub(crate) refreshes_sent: AtomicU64,
+    pub(crate) sessions_refreshed: AtomicU64,
+    pub(crate) refresh_failures: AtomicU64,
+}
+
+impl std::fmt::Debug for SessionEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionEngine")
+            .field("sessions", &self.ledger.len())
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Names for SessionEngine {
+    fn symbol(&self, sym: Sym) -> Arc<str> {
+        self.tables.symbols.resolve(sym.0)
+    }
+    fn identity(&self, id: ClientId) -> Option<Arc<ClientIdentity>> {
+        self.tables.identities.get(id)
+    }
+}
+
+/// Everything a request carries that the engine acts on after the rules ran.
+struct Inspected<'a> {
+    view: RequestView<'a>,
+    facts: RequestFacts,
+    key: Option<SessionKey>,
+    owner: OwnerId,
+}
+
+impl SessionEngine {
+    /// An engine with validated configuration (see `SessionConfig::validate`).
+    pub fn new(config: &SessionConfig, rules: &RulesConfig) -> SessionEngine {
+        SessionEngine {
+            config: config.clone(),
+            rules: ResolvedRules::resolve(config.mode, rules),
+            ledger: SessionLedger::new(config.max_sessions),
+            tables: Tables::new(DEFAULT_INTERN_LIMIT),
+            conns: DashMap::new(),
+            upstream_ids: DashMap::new(),
+            upstreams: DashMap::new(),
+            learned_timeout: AtomicU64::new(0),
+            origin: Instant::now(),
+            origin_wall: SystemTime::now(),
+            violations: ViolationLog {
+                recent: Mutex::new(VecDeque::new()),
+                capacity: config.max_violations,
+                next_id: AtomicU64::new(1),
+                per_rule: Default::default(),
+            },
+            last_purge: AtomicU64::new(0),
+            requests_inspected: AtomicU64::new(0),
+            requests_rejected: AtomicU64::new(0),
+            refreshes_sent: AtomicU64::new(0),
+            sessions_refreshed: AtomicU64::new(0),
+            refresh_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Milliseconds since the engine started (its clock for all state).
+    pub fn now(&self) -> Millis {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The server's session timeout: configured, else learned from hello,
+    /// else the server default (30 minutes).
+    pub fn session_timeout(&self) -> Duration {
+        if let Some(timeout) = self.config.session_timeout {
+            return timeout;
+        }
+        match self.learned_timeout.load(Ordering::Relaxed) {
+            0 => DEFAULT_SERVER_SESSION_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// Idle time after which the refresher refreshes a held session.
+    pub fn refresh_after(&self) -> Duration {
+        self.config
+            .refresh_after
+            .unwrap_or_else(|| self.session_timeout() / 2)
+    }
+
+    pub fn refresh_policy(&self) -> RefreshPolicy {
+        self.config.refresh
+    }
+
+    fn millis(duration: Duration) -> Millis {
+        u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn context(&self, now: Millis) -> RuleContext<'_> {
+        RuleContext {
+            now,
+            session_timeout: Self::millis(self.session_timeout()),
+            transaction_max_open: Self::millis(self.config.transaction_max_open),
+            names: self,
+        }
+    }
+
+    fn upstream_id(&self, local: SocketAddr) -> u32 {
+        if let Some(id) = self.upstream_ids.get(&local) {
+            return *id;
+        }
+        let next = u32::try_from(self.upstream_ids.len()).unwrap_or(u32::MAX);
+        let id = *self.upstream_ids.entry(local).or_insert(next);
+        self.upstreams.entry(id).or_default();
+        id
+    }
+
+    // ---- connections ----
+
+    /// A client connected (`local`: the listener it reached).
+    pub fn connect(
+        &self,
+        conn: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+        injector: Option<crate::proxy::inspect::Injector>,
+    ) {
+        let upstream = self.upstream_id(local);
+        let identity = ClientIdentity {
+            peer: Some(normalize_ip(peer.ip())),
+            ..ClientIdentity::default()
+        };
+        let client = self.tables.identities.intern(&identity);
+        self.conns.insert(
+            conn,
+            ConnState {
+                peer,
+                upstream,
+                identity,
+                client,
+                owner: OwnerId::UNKNOWN,
+                pending_auth: None,
+                pending: Vec::new(),
+                injector,
+                refresh_in_progress: false,
+            },
+        );
+    }
+
+    fn pending_owner(&self, user: &AuthUser<'_>) -> Option<PendingAuth> {
+        let name = user.user.as_deref()?;
+        Some(PendingAuth {
+            owner: self.tables.owner(name, user.db.unwrap_or("admin")),
+            single_step: user.mechanism == crate::command::AuthMechanism::X509,
+        })
+    }
+
+    /// Handshake and authentication bookkeeping; returns the connection's
+    /// (client identity, owner, upstream).
+    fn connection_facts(
+        &self,
+        conn: u64,
+        view: &RequestView<'_>,
+        class: CommandClass,
+    ) -> (ClientId, OwnerId, u32) {
+        let handshake = if class == CommandClass::Hello {
+            Handshake::from_request(view)
+        } else {
+            None
+        };
+        let auth = if class == CommandClass::Auth {
+            auth_user(view)
+        } else {
+            None
+        };
+        let Some(mut state) = self.conns.get_mut(&conn) else {
+            return (ClientId::UNKNOWN, OwnerId::UNKNOWN, 0);
+        };
+        if let Some(handshake) = handshake {
+            if handshake.driver_name.is_some() || handshake.app_name.is_some() {
+                let arc = |value: Option<&str>| value.map(Arc::<str>::from);
+                let updated = ClientIdentity {
+                    metadata_seen: true,
+                    driver_name: arc(handshake.driver_name),
+                    driver_version: arc(handshake.driver_version),
+                    app_name: arc(handshake.app_name),
+                    ..state.identity.clone()
+                };
+                if updated != state.identity {
+                    state.client = self.tables.identities.intern(&updated);
+                    state.identity = updated;
+                }
+            }
+            if let Some(user) = handshake
+                .user
+                .as_ref()
+                .and_then(|user| self.pending_owner(user))
+            {
+                state.pending_auth = Some(user);
+            }
+        }
+        if let Some(user) = auth.as_ref() {
+            state.pending_auth = self.pending_owner(user);
+        }
+        (state.client, state.owner, state.upstream)
+    }
+
+    fn confirm_owner(&self, conn: u64) {
+        let Some(mut state) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(pending) = state.pending_auth.take() else {
+            return;
+        };
+        state.owner = pending.owner;
+        let user = self.tables.owner_name(pending.owner);
+        if state.identity.user != user {
+            let updated = ClientIdentity {
+                user,
+                ..state.identity.clone()
+            };
+            state.client = self.tables.identities.intern(&updated);
+            state.identity = updated;
+        }
+    }
+
+    // ---- requests ----
+
+    /// Inspects a client request before it is forwarded.
+    pub fn request(&self, conn: u64, request_id: i32, message: &Message<'_>) -> Decision {
+        self.request_at(conn, request_id, message, self.now())
+    }
+
+    /// `request` at a given engine time (tests drive time explicitly).
+    pub fn request_at(
+        &self,
+        conn: u64,
+        request_id: i32,
+        message: &Message<'_>,
+        now: Millis,
+    ) -> Decision {
+        let Some(view) = RequestView::from_message(message) else {
+            return Decision::Forward;
+        };
+        self.requests_inspected.fetch_add(1, Ordering::Relaxed);
+        let inspected = self.inspect(conn, request_id, view, now);
+        let ctx = self.context(now);
+        let mut found: Vec<Violation> = Vec::new();
+
+        // Read-only checks first: nothing changes until the verdict is known.
+        let cursor_event = self.cursor_event(&inspected);
+        if let Some(event) = &cursor_event {
+            if self.rules.enabled(RuleId::CursorSessionMismatch) {
+                found.extend(rules::cursor_session_mismatch(event, &ctx));
+            }
+        }
+        let end_kind = match inspected.facts.class {
+            CommandClass::EndSessions => Some(EndKind::Ended),
+            CommandClass::KillSessions => Some(EndKind::Killed),
+            _ => None,
+        };
+        if let Some(kind) = end_kind {
+            if self.rules.enabled(RuleId::EndWhileInFlight) {
+                for lsid in inspected.view.session_list() {
+                    let event = EndEvent {
+                        key: SessionKey {
+                            lsid,
+                            owner: inspected.owner,
+                        },
+                        kind,
+                        request: inspected.facts.request,
+                    };
+                    if let Some(v) = self.ledger.read(&event.key, |state| {
+                        rules::end_while_in_flight(&event, state, &ctx)
+                    }) {
+                        found.extend(v);
+                    }
+                }
+            }
+        }
+
+        let can_reply = inspected.facts.expects_reply;
+        let mut rejected = false;
+        if let Some(key) = inspected.key {
+            let event = RequestEvent {
+                key,
+                facts: inspected.facts,
+            };
+            rejected = self.ledger.with_session(key, now, |state| {
+                self.session_rules(&event, state, &ctx, &mut found);
+                let reject = can_reply
+                    && found
+                        .iter()
+                        .any(|v| self.rules.get(v.rule).action == Action::Reject);
+                if !reject {
+                    if state.is_ended() && found.iter().any(|v| v.rule == RuleId::UseAfterEnd) {
+                        // The server treats the id as a brand-new session.
+                        state.restart(now);
+                    }
+                    if let Some(shared) =
+                        found.iter().find(|v| v.rule == RuleId::CrossClientSharing)
+                    {
+                        state.shared_with = shared.current.map_or(ClientId::UNKNOWN, |r| r.client);
+                    }
+                    state.apply_request(&event.facts, now);
+                }
+                reject
+            });
+        } else if can_reply {
+            rejected = found
+                .iter()
+                .any(|v| self.rules.get(v.rule).action == Action::Reject);
+        }
+
+        if !rejected {
+            self.apply_request_effects(&inspected, cursor_event.as_ref(), end_kind, now);
+        }
+
+        let reply = if rejected {
+            self.requests_rejected.fetch_add(1, Ordering::Relaxed);
+            let first = found
+                .iter()
+                .filter(|v| self.rules.get(v.rule).action == Action::Reject)
+                .max_by_key(|v| self.rules.get(v.rule).severity);
+            first.map(|v| self.reject_reply(v))
+        } else {
+            None
+        };
+        for violation in found {
+            let settings = self.rules.get(violation.rule);
+            self.emit(violation, rejected && settings.action == Action::Reject);
+        }
+        match reply {
+            Some(reply) => Decision::Reject { reply },
+            None => Decision::Forward,
+        }
+    }
+
+    fn inspect<'a>(
+        &self,
+        conn: u64,
+        request_id: i32,
+        view: RequestView<'a>,
+        now: Millis,
+    ) -> Inspected<'a> {
+        let class = CommandClass::of(view.name);
+        let (client, owner, upstream) = self.connection_facts(conn, &view, class);
+        let namespace = view.namespace();
+        let request = RequestRef {
+            conn,
+            at: now,
+            txn_number: view.txn_number,
+            request_id,
+            client,
+            command: self.tables.symbol(view.name),
+            namespace: self.tables.namespace(namespace.db, namespace.collection),
+        };
+        let key = view.lsid.map(|lsid| SessionKey { lsid, owner });
+        let facts = RequestFacts {
+            request,
+            class,
+            // Only session requests need an identity (retries, reuse).
+            statement: if key.is_some() {
+                view.statement_hash()
+            } else {
+                0
+            },
+            upstream,
+            in_transaction: view.in_transaction(),
+            start_transaction: view.start_transaction,
+            retryable_write: view.is_retryable_write(),
+            unacknowledged: view.unacknowledged,
+            expects_reply: !view.more_to_come,
+        };
+        Inspected {
+            view,
+            facts,
+            key,
+            owner,
+        }
+    }
+
+    fn session_rules(
+        &self,
+        event: &RequestEvent,
+        state: &super::state::SessionState,
+        ctx: &RuleContext<'_>,
+        found: &mut Vec<Violation>,
+    ) {
+        type Rule =
+            fn(&RequestEvent, &super::state::SessionState, &RuleContext<'_>) -> Option<Violation>;
+        const RULES: [(RuleId, Rule); 9] = [
+            (RuleId::UseAfterEnd, rules::use_after_end),
+            (RuleId::ConcurrentUse, rules::concurrent_use),
+            (RuleId::CrossClientSharing, rules::cross_client_sharing),
+            (RuleId::TxnRegression, rules::txn_regression),
+            (RuleId::TxnNumberReuse, rules::txn_number_reuse),
+            (RuleId::TxnSuperseded, rules::txn_superseded),
+            (RuleId::TxnAfterAbort, rules::txn_after_abort),
+            (
+                RuleId::UnacknowledgedWithSession,
+                rules::unacknowledged_with_session,
+            ),
+            (RuleId::IdleExpiredReuse, rules::idle_expired_reuse),
+        ];
+        for (rule, check) in RULES {
+            if self.rules.enabled(rule) {
+                found.extend(check(event, state, ctx));
+            }
+        }
+    }
+
+    /// The cursor a getMore / killCursors addresses, when the proxy saw it
+    /// opened (for killCursors: the first one opened under another session).
+    fn cursor_event(&self, inspected: &Inspected<'_>) -> Option<CursorEvent> {
+        let upstream = inspected.facts.upstream;
+        let make = |cursor_id: i64, entry: CursorEntry| CursorEvent {
+            cursor_id,
+            key: inspected.key,
+            facts: inspected.facts,
+            owner: entry.owner,
+            opened_by: entry.opened_by,
+        };
+        match inspected.facts.class {
+            CommandClass::GetMore => {
+                let id = inspected.view.get_more_cursor_id()?;
+                let entry = self.ledger.cursor(&CursorKey { upstream, id })?;
+                Some(make(id, entry))
+            }
+            CommandClass::KillCursors => inspected.view.killed_cursor_ids().find_map(|id| {
+                let entry = self.ledger.cursor(&CursorKey { upstream, id })?;
+                (Some(entry.owner) != inspected.key).then(|| make(id, entry))
+            }),
+            _ => None,
+        }
+    }
+
+    /// State changes of a forwarded request outside its own session entry.
+    fn apply_request_effects(
+        &self,
+        inspected: &Inspected<'_>,
+        _cursor_event: Option<&CursorEvent>,
+        end_kind: Option<EndKind>,
+        now: Millis,
+    ) {
+        let facts = &inspected.facts;
+        if let Some(kind) = end_kind {
+            for lsid in inspected.view.session_list() {
+                self.ledger.end(
+                    SessionKey {
+                        lsid,
+                        owner: inspected.owner,
+                    },
+                    kind,
+                    facts.request,
+                    now,
+                );
+            }
+        }
+        match facts.class {
+            CommandClass::KillAllSessions => self.kill_all(inspected, now),
+            CommandClass::RefreshSessions => {
+                for lsid in inspected.view.session_list() {
+                    self.ledger.with_existing(
+                        &SessionKey {
+                            lsid,
+                            owner: inspected.owner,
+                        },
+                        |state| {
+                            if !state.is_ended() {
+                                state.last_refreshed = now;
+                            }
+                        },
+                    );
+                }
+            }
+            CommandClass::KillCursors => {
+                for id in inspected.view.killed_cursor_ids() {
+                    self.ledger.remove_cursor(&CursorKey {
+                        upstream: facts.upstream,
+                        id,
+                    });
+                }
+            }
+            _ => {}
+        }
+        let tracked = inspected.key.is_some()
+            || matches!(facts.class, CommandClass::Hello | CommandClass::Auth);
+        if tracked && facts.expects_reply {
+            let pending = Pending {
+                key: inspected.key,
+                entry: InFlight {
+                    request: facts.request,
+                    statement: facts.statement,
+                    class: facts.class,
+                },
+                in_transaction: facts.in_transaction,
+                cursor: if facts.class == CommandClass::GetMore {
+                    inspected.view.get_more_cursor_id()
+                } else {
+                    None
+                },
+            };
+            if let Some(mut conn) = self.conns.get_mut(&facts.request.conn) {
+                conn.pending.push(pending);
+            }
+        }
+    }
+
+    fn kill_all(&self, inspected: &Inspected<'_>, now: Millis) {
+        let patterns = inspected.view.kill_patterns();
+        if patterns.is_empty() {
+            return;
+        }
+        let mut unmatchable = false;
+        let owners: Vec<Option<OwnerId>> = patterns
+            .iter()
+            .map(|pattern| match pattern {
+                KillPattern::User { user, db } => self
+                    .tables
+                    .owners
+                    .lookup(&format!("{user}@{db}"))
+                    .map(OwnerId),
+                _ => None,
+            })
+            .collect();
+        let matches = |key: &SessionKey| {
+            patterns
+                .iter()
+                .zip(&owners)
+                .any(|(pattern, owner)| match pattern {
+                    KillPattern::All => true,
+                    KillPattern::Lsid(lsid) => key.lsid == *lsid,
+                    KillPattern::User { .. } => owner.is_some_and(|owner| owner == key.owner),
+                    KillPattern::Unmatchable => false,
+                })
+        };
+        for pattern in &patterns {
+            unmatchable |= *pattern == KillPattern::Unmatchable;
+        }
+        for key in self.ledger.all_keys() {
+            if matches(&key) {
+                self.ledger
+                    .end(key, EndKind::KilledByPattern, inspected.facts.request, now);
+            }
+        }
+        if unmatchable {
+            tracing::debug!(
+                conn = inspected.facts.request.conn,
+                command = inspected.view.name,
+                "a kill pattern names sessions by uid or role, which sessionguard cannot match; those sessions are not marked killed"
+            );
+        }
+    }
+
+    fn reject_reply(&self, violation: &Violation) -> Vec<u8> {
+        let errmsg = format!("sessionguard: {}: {}", violation.rule, violation.message);
+        let doc = bson::rawdoc! {
+            "ok": 0.0,
+            "errmsg": errmsg,
+            "code": SESSIONGUARD_VIOLATION_CODE,
+            "codeName": SESSIONGUARD_VIOLATION_CODE_NAME,
+        };
+        doc.into_bytes()
+    }
+
+    // ---- replies ----
+
+    /// Inspects a reply before it is forwarded.
+    pub fn reply(&self, conn: u64, response_to: i32, message: &Message<'_>) {
+        self.reply_at(conn, response_to, message, self.now())
+    }
+
+    pub fn reply_at(&self, conn: u64, response_to: i32, message: &Message<'_>, now: Millis) {
+        let Some(reply) = ReplyView::from_message(message) else {
+            return;
+        };
+        let final_reply = !reply.more_to_come;
+        let pending = {
+            let Some(mut state) = self.conns.get_mut(&conn) else {
+                return;
+            };
+            let Some(position) = state
+                .pending
+                .iter()
+                .position(|p| p.entry.request.request_id == response_to)
+            else {
+                return;
+            };
+            if final_reply {
+                state.pending.swap_remove(position)
+            } else {
+                state.pending[position]
+            }
+        };
+        match pending.entry.class {
+            CommandClass::Hello => self.hello_reply(conn, &reply),
+            CommandClass::Auth => {
+                let done = reply.boolean("done") == Some(true);
+                let single_step = self
+                    .conns
+                    .get(&conn)
+                    .and_then(|c| c.pending_auth)
+                    .is_some_and(|p| p.single_step);
+                if !reply.ok {
+                    if let Some(mut state) = self.conns.get_mut(&conn) {
+                        state.pending_auth = None;
+                    }
+                } else if done || single_step {
+                    self.confirm_owner(conn);
+                }
+            }
+            _ => {}
+        }
+        let Some(key) = pending.key else { return };
+        let facts = reply_facts(&reply, pending.in_transaction);
+        let ctx = self.context(now);
+        let mut found = None;
+        self.ledger.with_existing(&key, |state| {
+            if self.rules.enabled(RuleId::TxnAfterAbort) {
+                found = rules::txn_after_abort_on_reply(&key, &pending.entry, &facts, state, &ctx);
+            }
+            state.apply_reply(&pending.entry, &facts, final_reply, now);
+        });
+        self.cursor_reply(&key, &pending, &reply);
+        if let Some(violation) = found {
+            self.emit(violation, false);
+        }
+    }
+
+    fn hello_reply(&self, conn: u64, reply: &ReplyView<'_>) {
+        if let Some(minutes) = reply
+            .integer("logicalSessionTimeoutMinutes")
+            .filter(|m| *m > 0)
+        {
+            let ms = u64::try_from(minutes).unwrap_or(0).saturating_mul(60_000);
+            // Drivers use the smallest timeout any server reports.
+            let _ = self.learned_timeout.fetch_update(
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+                |current| (current == 0 || ms < current).then_some(ms),
+            );
+        }
+        if let Some(speculative) = reply.subdocument("speculativeAuthenticate") {
+            let conversation_done = speculative
+                .get("done")
+                .ok()
+                .flatten()
+                .and_then(|v| v.as_bool());
+            let in_conversation = speculative.get("conversationId").ok().flatten().is_some();
+            // x.509 answers with {dbname, user}; SCRAM continues with saslContinue.
+            if conversation_done == Some(true) || (!in_conversation && reply.ok) {
+                self.confirm_owner(conn);
+            }
+        }
+    }
+
+    fn cursor_reply(&self, key: &SessionKey, pending: &Pending, reply: &ReplyView<'_>) {
+        let upstream = self
+            .conns
+            .get(&pending.entry.request.conn)
+            .map_or(0, |c| c.upstream);
+        match pending.entry.class {
+            CommandClass::GetMore => {
+                let Some(id) = pending.cursor else { return };
+                let exhausted = reply.cursor_id == Some(0)
+                    || (!reply.ok && reply.code == Some(CURSOR_NOT_FOUND));
+                if exhausted {
+                    self.ledger.remove_cursor(&CursorKey { upstream, id });
+                }
+            }
+            CommandClass::KillCursors => {}
+            _ => {
+                if let Some(id) = reply.cursor_id.filter(|id| *id != 0) {
+                    self.ledger.register_cursor(
+                        CursorKey { upstream, id },
+                        CursorEntry {
+                            owner: *key,
+                            opened_by: pending.entry.request,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    // ---- close ----
+
+    /// The client connection closed.
+    pub fn close(&self, conn: u64) {
+        self.close_at(conn, self.now())
+    }
+
+    pub fn close_at(&self, conn: u64, now: Millis) {
+        let Some((_, state)) = self.conns.remove(&conn) else {
+            return;
+        };
+        let ctx = self.context(now);
+        for pending in &state.pending {
+            let Some(key) = pending.key else { continue };
+            let mut found = None;
+            self.ledger.with_existing(&key, |session| {
+                if self.rules.enabled(RuleId::ClosedWithRequestsInFlight) {
+                    found = rules::closed_with_requests_in_flight(&key, &pending.entry, now, &ctx);
+                }
+                session.connection_closed(&pending.entry);
+            });
+            if let Some(violation) = found {
+                self.emit(violation, false);
+            }
+        }
+    }
+
+    // ---- time-driven ----
+
+    /// Time-driven checks (transactions left open) and, at most once a
+    /// minute, purging of old tombstones and long-expired sessions.
+    pub fn sweep(&self) {
+        self.sweep_at(self.now())
+    }
+
+    pub fn sweep_at(&self, now: Millis) {
+        let ctx = self.context(now);
+        if self.rules.enabled(RuleId::TxnLeftOpen) {
+            for key in self.ledger.held_keys() {
+                let found = self.ledger.with_existing(&key, |state| {
+                    let violation = rules::txn_left_open(&key, state, &ctx);
+                    if violation.is_some() {
+                        if let Some(txn) = state.txn.as_deref_mut() {
+                            txn.left_open_reported = true;
+                        }
+                    }
+                    violation
+                });
+                if let Some(Some(violation)) = found {
+                    self.emit(violation, false);
+                }
+            }
+        }
+        let last = self.last_purge.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= PURGE_EVERY
+            && self
+                .last_purge
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let purged = self.ledger.purge(
+                now,
+                Self::millis(self.config.ended_retention),
+                Self::millis(self.session_timeout()),
+            );
+            if purged > 0 {
+                tracing::debug!(
+                    purged,
+                    "purged old session tombstones and long-expired sessions"
+                );
+            }
+        }
+    }
+
+    // ---- violations ----
+
+    fn emit(&self, violation: Violation, rejected: bool) {
+        let settings = self.rules.get(violation.rule);
+        self.violations.per_rule[violation.rule.index()].fetch_add(1, Ordering::Relaxed);
+        let record = self.resolve(&violation, settings.severity, settings.action, rejected);
+        log_violation(&record);
+        if self.violations.capacity > 0 {
+            let mut recent = self
+                .violations
+                .recent
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if recent.len() >= self.violations.capacity {
+                recent.pop_front();
+            }
+            recent.push_back(Arc::new(record));
+        }
+    }
+
+    fn wall(&self, at: Millis) -> String {
+        let time = self.origin_wall + Duration::from_millis(at);
+        humantime::format_rfc3339_millis(time).to_string()
+    }
+
+    fn evidence(&self, request: &RequestRef) -> RequestEvidence {
+        let identity = self.tables.identities.get(request.client);
+        let peer = self
+            .conns
+            .get(&request.conn)
+            .map(|c| c.peer.to_string())
+            .or_else(|| {
+                identity
+                    .as_ref()
+                    .and_then(|i| i.peer)
+                    .map(|ip| ip.to_string())
+            });
+        RequestEvidence {
+            connection_id: request.conn,
+            request_id: request.request_id,
+            peer,
+            app_name: identity
+                .as_ref()
+                .and_then(|i| i.app_name.as_deref().map(str::to_owned)),
+            driver: identity
+                .as_ref()
+                .and_then(|i| i.driver_name.as_deref().map(str::to_owned)),
+            driver_version: identity
+                .as_ref()
+                .and_then(|i| i.driver_version.as_deref().map(str::to_owned)),
+            user: identity
+                .as_ref()
+                .and_then(|i| i.user.as_deref().map(str::to_owned)),
+            command: self.tables.symbols.resolve(request.command.0).to_string(),
+            namespace: self.tables.symbols.resolve(request.namespace.0).to_string(),
+            txn_number: request.txn_number,
+            at: self.wall(request.at),
+        }
+    }
+
+    fn resolve(
+        &self,
+        violation: &Violation,
+        severity: Severity,
+        action: Action,
+        rejected: bool,
+    ) -> ViolationRecord {
+        ViolationRecord {
+            id: self.violations.next_id.fetch_add(1, Ordering::Relaxed),
+            rule: violation.rule,
+            severity,
+            action,
+            rejected,
+            lsid: violation.key.lsid.to_string(),
+            lsid_short: violation.key.lsid.short().to_string(),
+            owner: self
+                .tables
+                .owner_name(violation.key.owner)
+                .map(|o| o.to_string()),
+            at: self.wall(violation.at),
+            message: violation.message.clone(),
+            current: violation.current.as_ref().map(|r| self.evidence(r)),
+            earlier: violation.earlier.as_ref().map(|r| self.evidence(r)),
+        }
+    }
+
+    /// The most recent violations, oldest first (at most `max_violations`).
+    pub fn violations(&self) -> Vec<Arc<ViolationRecord>> {
+        let recent = self
+            .violations
+            .recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        recent.iter().cloned().collect()
+    }
+
+    /// How many times each rule fired since start.
+    pub fn violation_counts(&self) -> Vec<(RuleId, u64)> {
+        RuleId::ALL
+            .into_iter()
+            .map(|rule| {
+                (
+                    rule,
+                    self.violations.per_rule[rule.index()].load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            ledger: self.ledger.counts(),
+            connections: self.conns.len(),
+            requests_inspected: self.requests_inspected.load(Ordering::Relaxed),
+            requests_rejected: self.requests_rejected.load(Ordering::Relaxed),
+            refreshes_sent: self.refreshes_sent.load(Ordering::Relaxed),
+            sessions_refreshed: self.sessions_refreshed.load(Ordering::Relaxed),
+            refresh_failures: self.refresh_failures.load(Ordering::Relaxed),
+            violations: self
+                .violations
+                .per_rule
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum(),
+        }
+    }
+}
+
+fn reply_facts(reply: &ReplyView<'_>, in_transaction: bool) -> ReplyFacts {
+    let no_such_transaction = reply.code == Some(NO_SUCH_TRANSACTION)
+        || reply
+            .write_error_codes()
+            .any(|code| code == NO_SUCH_TRANSACTION);
+    ReplyFacts {
+        ok: reply.ok,
+        clean_success: reply.is_clean_success(),
+        in_transaction,
+        transient: reply.has_label("TransientTransactionError"),
+        no_such_transaction,
+        unknown_commit_result: reply.has_label("UnknownTransactionCommitResult"),
+        retryable: reply.has_label("RetryableWriteError"),
+        overloaded: reply.has_label("SystemOverloadedError") || reply.has_label("RetryableError"),
+    }
+}
+
+/// One structured event per violation: rule, severity, short lsid, both
+/// requests' ids, peers, apps, drivers, users, commands, namespaces,
+/// txnNumbers and times. No document contents.
+fn log_violation(record: &ViolationRecord) {
+    let current = record.current.as_ref();
+    let earlier = record.earlier.as_ref();
+    fn text(value: Option<&String>) -> &str {
+        value.map(String::as_str).unwrap_or_default()
+    }
+    macro_rules! event {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "sessionguard::violation",
+                violation_id = record.id,
+                rule = record.rule.as_str(),
+                severity = record.severity.as_str(),
+                action = record.action.as_str(),
+                rejected = record.rejected,
+                lsid = %record.lsid_short,
+                owner = %text(record.owner.as_ref()),
+                conn = current.map(|r| r.connection_id),
+                request_id = current.map(|r| r.request_id),
+                peer = current.and_then(|r| r.peer.as_deref()),
+                app = %text(current.and_then(|r| r.app_name.as_ref())),
+                driver = %text(current.and_then(|r| r.driver.as_ref())),
+                user = %text(current.and_then(|r| r.user.as_ref())),
+                command = %text(current.map(|r| &r.command)),
+                ns = %text(current.map(|r| &r.namespace)),
+                txn_number = current.and_then(|r| r.txn_number),
+                at = current.map(|r| r.at.as_str()),
+                other_conn = earlier.map(|r| r.connection_id),
+                other_request_id = earlier.map(|r| r.request_id),
+                other_peer = earlier.and_then(|r| r.peer.as_deref()),
+                other_app = %text(earlier.and_then(|r| r.app_name.as_ref())),
+                other_driver = %text(earlier.and_then(|r| r.driver.as_ref())),
+                other_user = %text(earlier.and_then(|r| r.user.as_ref())),
+                other_command = %text(earlier.map(|r| &r.command)),
+                other_ns = %text(earlier.map(|r| &r.namespace)),
+                other_txn_number = earlier.and_then(|r| r.txn_number),
+                other_at = earlier.map(|r| r.at.as_str()),
+                "{}: {}",
+                record.rule,
+                record.message
+            )
+        };
+    }
+    match record.severity {
+        Severity::Error => event!(error),
+        Severity::Warning => event!(warn),
+        Severity::Info => event!(info),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::config::Mode;
+    use crate::wire::op_msg::encode;
+    use crate::wire::{MsgFlags, OpMsg, HEADER_LEN};
+    use bson::spec::BinarySubtype;
+    use bson::{rawdoc, Binary, RawDocumentBuf};
+
+    const PEER: &str = "10.1.1.1:50000";
+    const LISTENER: &str = "127.0.0.1:27018";
+
+    fn lsid(n: u8) -> RawDocumentBuf {
+        rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: vec![n; 16] } }
+    }
+
+    fn engine_with(config: SessionConfig, rules: RulesConfig) -> SessionEngine {
+        SessionEngine::new(&config, &rules)
+    }
+
+    fn engine() -> SessionEngine {
+        engine_with(SessionConfig::default(), RulesConfig::default())
+    }
+
+    fn connect(engine: &SessionEngine, conn: u64, peer: &str, app: &str) {
+        engine.connect(conn, peer.parse().unwrap(), LISTENER.parse().unwrap(), None);
+        let hello = rawdoc! {
+            "hello": 1,
+            "client": { "driver": { "name": "mongo-rust-driver", "version": "3.3.0" }, "application": { "name": app } },
+            "$db": "admin",
+        };
+        assert_eq!(send(engine, conn, 1, &hello, 0, 0), Decision::Forward);
+        reply(
+            engine,
+            conn,
+            1,
+            &rawdoc! { "isWritablePrimary": true, "logicalSessionTimeoutMinutes": 30, "ok": 1.0 },
+            0,
+        );
+    }
+
+    fn send(
+        engine: &SessionEngine,
+        conn: u64,
+        id: i32,
+        doc: &RawDocumentBuf,
+        flags: u32,
+        now: Millis,
+    ) -> Decision {
+        let frame = encode(id, 0, MsgFlags(flags), doc.as_bytes());
+        let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+        engine.request_at(conn, id, &Message::Msg(msg), now)
+    }
+
+    fn reply(engine: &SessionEngine, conn: u64, to: i32, doc: &RawDocumentBuf, now: Millis) {
+        let frame = encode(9000 + to, to, MsgFlags(0), doc.as_bytes());
+        let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+        engine.reply_at(conn, to, &Message::Msg(msg), now);
+    }
+
+    fn ok() -> RawDocumentBuf {
+        rawdoc! { "ok": 1.0 }
+    }
+
+    fn rules_fired(engine: &SessionEngine) -> Vec<RuleId> {
+        engine.violations().iter().map(|v| v.rule).collect()
+    }
+
+    fn insert(session: u8, txn: i64, value: i32) -> RawDocumentBuf {
+        rawdoc! { "insert": "orders", "documents": [{ "v": value }], "lsid": lsid(session), "txnNumber": txn, "$db": "shop" }
+    }
+
+    fn find(session: u8) -> RawDocumentBuf {
+        rawdoc! { "find": "orders", "filter": {}, "lsid": lsid(session), "$db": "shop" }
+    }
+
+    #[test]
+    fn sequential_pooled_sessions_across_connections_raise_nothing() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, "10.1.1.1:50001", "web");
+        let mut txn = 0;
+        for round in 0..20 {
+            let conn = 1 + (round % 2);
+            txn += 1;
+            assert_eq!(
+                send(
+                    &engine,
+                    conn,
+                    10 + round as i32,
+                    &insert(1, txn, round as i32),
+                    0,
+                    round
+                ),
+                Decision::Forward
+            );
+            reply(&engine, conn, 10 + round as i32, &ok(), round);
+            send(&engine, conn, 100 + round as i32, &find(1), 0, round);
+            reply(
+                &engine,
+                conn,
+                100 + round as i32,
+                &rawdoc! { "cursor": { "id": 0_i64, "firstBatch": [] }, "ok": 1.0 },
+                round,
+            );
+        }
+        assert_eq!(rules_fired(&engine), vec![]);
+        assert_eq!(engine.stats().requests_inspected, 20 * 2 + 2);
+    }
+
+    #[test]
+    fn overlapping_use_is_concurrent_use_with_both_requests_in_evidence() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, "10.1.1.1:50001", "web");
+        send(&engine, 1, 10, &find(3), 0, 100);
+        send(&engine, 2, 20, &insert(3, 1, 1), 0, 150);
+        let violations = engine.violations();
+        assert_eq!(violations.len(), 1);
+        let v = &violations[0];
+        assert_eq!(v.rule, RuleId::ConcurrentUse);
+        assert_eq!(v.severity, Severity::Error);
+        assert!(!v.rejected);
+        let current = v.current.as_ref().unwrap();
+        let earlier = v.earlier.as_ref().unwrap();
+        assert_eq!((current.connection_id, current.request_id), (2, 20));
+        assert_eq!((earlier.connection_id, earlier.request_id), (1, 10));
+        assert_eq!(current.command, "insert");
+        assert_eq!(earlier.command, "find");
+        assert_eq!(current.namespace, "shop.orders");
+        assert_eq!(current.app_name.as_deref(), Some("web"));
+        assert_eq!(current.driver.as_deref(), Some("mongo-rust-driver"));
+        assert_eq!(current.peer.as_deref(), Some("10.1.1.1:50001"));
+        assert_eq!(current.txn_number, Some(1));
+        assert_eq!(v.lsid, "03030303-0303-0303-0303-030303030303");
+        assert_eq!(
+            engine.violation_counts()[RuleId::ConcurrentUse.index()].1,
+            1
+        );
+    }
+
+    #[test]
+    fn enforce_rejects_with_the_documented_error_and_does_not_record_the_request() {
+        let config = SessionConfig {
+            mode: Mode::Enforce,
+            ..SessionConfig::default()
+        };
+        let engine = engine_with(config, RulesConfig::default());
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, "10.1.1.1:50001", "web");
+        send(&engine, 1, 10, &find(3), 0, 100);
+        let Decision::Reject { reply: body } = send(&engine, 2, 20, &insert(3, 1, 1), 0, 150)
+        else {
+            panic!("expected a rejection");
+        };
+        let doc = bson::RawDocument::from_bytes(&body).unwrap();
+        assert_eq!(doc.get_f64("ok").unwrap(), 0.0);
+        assert_eq!(doc.get_i32("code").unwrap(), SESSIONGUARD_VIOLATION_CODE);
+        assert_eq!(doc.get_str("codeName").unwrap(), "SessionGuardViolation");
+        assert!(doc
+            .get_str("errmsg")
+            .unwrap()
+            .starts_with("sessionguard: concurrent-use: "));
+        assert!(doc.get("errorLabels").unwrap().is_none());
+        assert!(engine.violations()[0].rejected);
+        // The rejected insert never became part of the session: its txnNumber
+        // is not "used", and the first request's reply leaves nothing in flight.
+        reply(
+            &engine,
+            1,
+            10,
+            &rawdoc! { "cursor": { "id": 0_i64, "firstBatch": [] }, "ok": 1.0 },
+            200,
+        );
+        assert_eq!(
+            send(&engine, 2, 21, &insert(3, 1, 1), 0, 250),
+            Decision::Forward
+        );
+        // Warnings are logged, not rejected, in enforce mode.
+        let w0 = rawdoc! { "insert": "c", "documents": [{}], "lsid": lsid(4), "writeConcern": { "w": 0 }, "$db": "d" };
+        assert_eq!(send(&engine, 1, 30, &w0, 0, 300), Decision::Forward);
+        assert_eq!(
+            engine.violations().last().unwrap().rule,
+            RuleId::UnacknowledgedWithSession
+        );
+    }
+
+    #[test]
+    fn reject_is_impossible_without_a_reply_so_more_to_come_is_forwarded() {
+        let mut rules = RulesConfig::default();
+        rules.rules.insert(
+            "concurrent-use".into(),
+            crate::session::config::RuleOverride {
+                action: Some(Action::Reject),
+                ..Default::default()
+            },
+        );
+        let engine = engine_with(SessionConfig::default(), rules);
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 1, 10, &find(3), 0, 100);
+        let insert = rawdoc! { "insert": "c", "documents": [{}], "lsid": lsid(3), "$db": "d" };
+        assert_eq!(
+            send(&engine, 2, 20, &insert, MsgFlags::MORE_TO_COME, 110),
+            Decision::Forward
+        );
+        let fired = engine.violations();
+        assert!(fired
+            .iter()
+            .any(|v| v.rule == RuleId::ConcurrentUse && !v.rejected));
+    }
+
+    #[test]
+    fn node_client_close_with_end_sessions_unread_is_not_misuse() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 10, &insert(5, 1, 1), 0, 0);
+        reply(&engine, 1, 10, &ok(), 1);
+        let end = rawdoc! { "endSessions": [lsid(5), lsid(6)], "$db": "admin" };
+        send(&engine, 1, 11, &end, 0, 2);
+        let kill = rawdoc! { "killCursors": "orders", "cursors": [77_i64], "lsid": lsid(5), "$db": "shop" };
+        send(&engine, 1, 12, &kill, 0, 2);
+        engine.close_at(1, 3);
+        assert_eq!(rules_fired(&engine), vec![]);
+    }
+
+    #[test]
+    fn closing_with_a_write_in_flight_is_a_warning() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 10, &insert(5, 1, 1), 0, 0);
+        engine.close_at(1, 50);
+        let fired = engine.violations();
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].rule, RuleId::ClosedWithRequestsInFlight);
+        assert_eq!(fired[0].severity, Severity::Warning);
+        // The session has nothing in flight any more: the next use is clean.
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 2, 1, &insert(5, 2, 2), 0, 60);
+        assert_eq!(engine.violations().len(), 1);
+    }
+
+    #[test]
+    fn use_after_end_and_end_while_in_flight() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 1, 10, &insert(7, 1, 1), 0, 0);
+        // Ended while the insert is still running.
+        send(
+            &engine,
+            2,
+            20,
+            &rawdoc! { "endSessions": [lsid(7)], "$db": "admin" },
+            0,
+            5,
+        );
+        reply(&engine, 1, 10, &ok(), 6);
+        reply(&engine, 2, 20, &ok(), 6);
+        // Used again later.
+        send(&engine, 1, 11, &find(7), 0, 1_000);
+        assert_eq!(
+            rules_fired(&engine),
+            vec![RuleId::EndWhileInFlight, RuleId::UseAfterEnd]
+        );
+        // Observe mode: the server started a new session, later uses are fine.
+        reply(
+            &engine,
+            1,
+            11,
+            &rawdoc! { "cursor": { "id": 0_i64, "firstBatch": [] }, "ok": 1.0 },
+            1_001,
+        );
+        send(&engine, 1, 12, &insert(7, 2, 2), 0, 1_002);
+        assert_eq!(engine.violations().len(), 2);
+    }
+
+    #[test]
+    fn kill_sessions_and_kill_all_sessions_mark_sessions_killed() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 10, &insert(1, 1, 1), 0, 0);
+        reply(&engine, 1, 10, &ok(), 0);
+        send(&engine, 1, 11, &insert(2, 1, 1), 0, 0);
+        reply(&engine, 1, 11, &ok(), 0);
+        send(
+            &engine,
+            1,
+            12,
+            &rawdoc! { "killSessions": [lsid(1)], "$db": "admin" },
+            0,
+            1,
+        );
+        reply(&engine, 1, 12, &ok(), 1);
+        send(&engine, 1, 13, &find(1), 0, 2);
+        reply(&engine, 1, 13, &ok(), 2);
+        send(
+            &engine,
+            1,
+            14,
+            &rawdoc! { "killAllSessions": [], "$db": "admin" },
+            0,
+            3,
+        );
+        reply(&engine, 1, 14, &ok(), 3);
+        send(&engine, 1, 15, &find(2), 0, 4);
+        let fired = engine.violations();
+        assert_eq!(
+            fired.iter().map(|v| v.rule).collect::<Vec<_>>(),
+            vec![RuleId::UseAfterEnd, RuleId::UseAfterEnd]
+        );
+        assert!(fired[0].message.contains("killSessions"));
+        assert!(fired[1].message.contains("killAllSessions"));
+    }
+
+    #[test]
+    fn retryable_write_retry_on_a_new_connection_raises_nothing() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 10, &insert(8, 4, 1), 0, 0);
+        // The connection dies; the driver retries on another one before the
+        // proxy has processed the close.
+        connect(&engine, 2, PEER, "web");
+        let mut retry = insert(8, 4, 1);
+        retry.append(
+            "$clusterTime",
+            rawdoc! { "clusterTime": bson::Timestamp { time: 5, increment: 1 } },
+        );
+        send(&engine, 2, 20, &retry, 0, 30);
+        reply(&engine, 2, 20, &ok(), 31);
+        engine.close_at(1, 32);
+        assert_eq!(
+            rules_fired(&engine),
+            vec![RuleId::ClosedWithRequestsInFlight]
+        );
+    }
+
+    #[test]
+    fn promise_all_on_one_session_is_txn_number_reuse() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 1, 10, &insert(9, 3, 1), 0, 0);
+        send(&engine, 2, 20, &insert(9, 3, 2), 0, 1);
+        let fired = rules_fired(&engine);
+        assert!(fired.contains(&RuleId::TxnNumberReuse), "{fired:?}");
+        assert!(fired.contains(&RuleId::ConcurrentUse), "{fired:?}");
+    }
+
+    fn txn_insert(session: u8, txn: i64, start: bool) -> RawDocumentBuf {
+        let mut doc = insert(session, txn, 1);
+        if start {
+            doc.append("startTransaction", true);
+        }
+        doc.append("autocommit", false);
+        doc
+    }
+
+    fn txn_command(name: &str, session: u8, txn: i64) -> RawDocumentBuf {
+        let mut doc = RawDocumentBuf::new();
+        doc.append(name, 1);
+        doc.append("lsid", lsid(session));
+        doc.append("txnNumber", txn);
+        doc.append("autocommit", false);
+        doc.append("$db", "admin");
+        doc
+    }
+
+    #[test]
+    fn with_transaction_retry_loop_raises_nothing() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        let write_conflict = rawdoc! {
+            "ok": 0.0, "code": 112, "codeName": "WriteConflict", "errmsg": "x",
+            "errorLabels": ["TransientTransactionError"],
+        };
+        // Attempt 1: conflict, abort, retry with a new number.
+        send(&engine, 1, 1, &txn_insert(4, 1, true), 0, 0);
+        reply(&engine, 1, 1, &write_conflict, 1);
+        send(&engine, 1, 2, &txn_command("abortTransaction", 4, 1), 0, 2);
+        reply(
+            &engine,
+            1,
+            2,
+            &rawdoc! { "ok": 0.0, "code": 251, "codeName": "NoSuchTransaction" },
+            3,
+        );
+        // Attempt 2: commit fails with an unknown result, is retried, succeeds.
+        send(&engine, 1, 3, &txn_insert(4, 2, true), 0, 4);
+        reply(&engine, 1, 3, &ok(), 5);
+        send(&engine, 1, 4, &txn_command("commitTransaction", 4, 2), 0, 6);
+        reply(
+            &engine,
+            1,
+            4,
+            &rawdoc! { "ok": 0.0, "code": 50, "errorLabels": ["UnknownTransactionCommitResult"] },
+            7,
+        );
+        send(&engine, 1, 5, &txn_command("commitTransaction", 4, 2), 0, 8);
+        reply(&engine, 1, 5, &ok(), 9);
+        // And the app commits once more (drivers re-run commit when asked).
+        send(
+            &engine,
+            1,
+            6,
+            &txn_command("commitTransaction", 4, 2),
+            0,
+            10,
+        );
+        reply(&engine, 1, 6, &ok(), 11);
+        // Attempt where the commit itself says the transaction is gone: the
+        // driver re-runs commit, then retries the transaction.
+        send(&engine, 1, 7, &txn_insert(4, 3, true), 0, 12);
+        reply(&engine, 1, 7, &ok(), 13);
+        send(
+            &engine,
+            1,
+            8,
+            &txn_command("commitTransaction", 4, 3),
+            0,
+            14,
+        );
+        reply(
+            &engine,
+            1,
+            8,
+            &rawdoc! { "ok": 0.0, "code": 251, "errorLabels": ["TransientTransactionError"] },
+            15,
+        );
+        send(
+            &engine,
+            1,
+            9,
+            &txn_command("commitTransaction", 4, 3),
+            0,
+            16,
+        );
+        reply(
+            &engine,
+            1,
+            9,
+            &rawdoc! { "ok": 0.0, "code": 251, "errorLabels": ["TransientTransactionError"] },
+            17,
+        );
+        send(&engine, 1, 10, &txn_insert(4, 4, true), 0, 18);
+        reply(&engine, 1, 10, &ok(), 19);
+        send(
+            &engine,
+            1,
+            11,
+            &txn_command("commitTransaction", 4, 4),
+            0,
+            20,
+        );
+        reply(&engine, 1, 11, &ok(), 21);
+        engine.sweep_at(10 * 60_000);
+        assert_eq!(rules_fired(&engine), vec![]);
+    }
+
+    #[test]
+    fn transaction_misuse_is_reported() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        // Superseded: transaction 1 open, transaction 2 starts.
+        send(&engine, 1, 1, &txn_insert(2, 1, true), 0, 0);
+        reply(&engine, 1, 1, &ok(), 1);
+        send(&engine, 1, 2, &txn_insert(2, 2, true), 0, 2);
+        reply(&engine, 1, 2, &ok(), 3);
+        // Regression: number 1 again.
+        send(&engine, 1, 3, &txn_insert(2, 1, false), 0, 4);
+        reply(&engine, 1, 3, &rawdoc! { "ok": 0.0, "code": 225 }, 5);
+        // After abort: a statement fails with a transient error, the app
+        // swallows it and keeps going.
+        send(&engine, 1, 4, &txn_insert(2, 2, false), 0, 6);
+        reply(
+            &engine,
+            1,
+            4,
+            &rawdoc! { "ok": 0.0, "code": 112, "errorLabels": ["TransientTransactionError"] },
+            7,
+        );
+        send(&engine, 1, 5, &txn_insert(2, 2, false), 0, 8);
+        reply(
+            &engine,
+            1,
+            5,
+            &rawdoc! { "ok": 0.0, "code": 251, "errorLabels": ["TransientTransactionError"] },
+            9,
+        );
+        send(
+            &engine,
+            1,
+            6,
+            &txn_command("commitTransaction", 2, 2),
+            0,
+            10,
+        );
+        assert_eq!(
+            rules_fired(&engine),
+            vec![
+                RuleId::TxnSuperseded,
+                RuleId::TxnRegression,
+                RuleId::TxnAfterAbort,
+                RuleId::TxnAfterAbort
+            ]
+        );
+    }
+
+    #[test]
+    fn a_swallowed_duplicate_key_is_proven_by_the_next_reply() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 1, &txn_insert(2, 1, true), 0, 0);
+        reply(&engine, 1, 1, &ok(), 1);
+        send(&engine, 1, 2, &txn_insert(2, 1, false), 0, 2);
+        reply(
+            &engine,
+            1,
+            2,
+            &rawdoc! { "ok": 1.0, "n": 0, "writeErrors": [{ "index": 0, "code": 11000, "errmsg": "dup" }] },
+            3,
+        );
+        // Nothing yet: the reply did not say the transaction is gone.
+        assert_eq!(rules_fired(&engine), vec![]);
+        send(&engine, 1, 3, &txn_insert(2, 1, false), 0, 4);
+        reply(
+            &engine,
+            1,
+            3,
+            &rawdoc! { "ok": 0.0, "code": 251, "errorLabels": ["TransientTransactionError"] },
+            5,
+        );
+        assert_eq!(rules_fired(&engine), vec![RuleId::TxnAfterAbort]);
+        // The driver's cleanup abort raises nothing more.
+        send(&engine, 1, 4, &txn_command("abortTransaction", 2, 1), 0, 6);
+        reply(&engine, 1, 4, &rawdoc! { "ok": 0.0, "code": 251 }, 7);
+        assert_eq!(engine.violations().len(), 1);
+    }
+
+    #[test]
+    fn transactions_left_open_are_reported_once_by_the_sweep() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 1, &txn_insert(2, 1, true), 0, 0);
+        reply(&engine, 1, 1, &ok(), 1);
+        engine.sweep_at(30_000);
+        assert_eq!(rules_fired(&engine), vec![]);
+        engine.sweep_at(61_000);
+        engine.sweep_at(62_000);
+        assert_eq!(rules_fired(&engine), vec![RuleId::TxnLeftOpen]);
+    }
+
+    #[test]
+    fn cursors_follow_their_session() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 1, &find(1), 0, 0);
+        reply(
+            &engine,
+            1,
+            1,
+            &rawdoc! { "cursor": { "id": 555_i64, "ns": "shop.orders", "firstBatch": [] }, "ok": 1.0 },
+            1,
+        );
+        assert_eq!(engine.stats().ledger.held, 1);
+        let get_more = |session: Option<u8>| {
+            let mut doc = rawdoc! { "getMore": 555_i64, "collection": "orders" };
+            if let Some(session) = session {
+                doc.append("lsid", lsid(session));
+            }
+            doc.append("$db", "shop");
+            doc
+        };
+        send(&engine, 1, 2, &get_more(Some(1)), 0, 2);
+        reply(
+            &engine,
+            1,
+            2,
+            &rawdoc! { "cursor": { "id": 555_i64, "nextBatch": [] }, "ok": 1.0 },
+            3,
+        );
+        assert_eq!(rules_fired(&engine), vec![]);
+        send(&engine, 1, 3, &get_more(Some(2)), 0, 4);
+        reply(&engine, 1, 3, &rawdoc! { "ok": 0.0, "code": 50738 }, 5);
+        send(&engine, 1, 4, &get_more(None), 0, 6);
+        reply(&engine, 1, 4, &rawdoc! { "ok": 0.0, "code": 50737 }, 7);
+        assert_eq!(
+            rules_fired(&engine),
+            vec![RuleId::CursorSessionMismatch, RuleId::CursorSessionMismatch]
+        );
+        // Exhausted: forgotten, and the session is no longer held.
+        send(&engine, 1, 5, &get_more(Some(1)), 0, 8);
+        reply(
+            &engine,
+            1,
+            5,
+            &rawdoc! { "cursor": { "id": 0_i64, "nextBatch": [] }, "ok": 1.0 },
+            9,
+        );
+        assert_eq!(engine.stats().ledger.cursors, 0);
+        assert_eq!(engine.stats().ledger.held, 0);
+    }
+
+    #[test]
+    fn idle_expiry_uses_the_learned_timeout_and_refreshes_reset_it() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        assert_eq!(engine.session_timeout(), Duration::from_secs(1800));
+        send(&engine, 1, 1, &find(1), 0, 0);
+        reply(&engine, 1, 1, &ok(), 0);
+        send(&engine, 1, 2, &find(2), 0, 0);
+        reply(&engine, 1, 2, &ok(), 0);
+        // The client refreshes session 2 itself.
+        send(
+            &engine,
+            1,
+            3,
+            &rawdoc! { "refreshSessions": [lsid(2)], "$db": "admin" },
+            0,
+            20 * 60_000,
+        );
+        reply(&engine, 1, 3, &ok(), 20 * 60_000);
+        send(&engine, 1, 4, &find(1), 0, 31 * 60_000);
+        reply(&engine, 1, 4, &ok(), 31 * 60_000);
+        send(&engine, 1, 5, &find(2), 0, 31 * 60_000);
+        assert_eq!(rules_fired(&engine), vec![RuleId::IdleExpiredReuse]);
+        assert!(engine.violations()[0].lsid.starts_with("01010101"));
+    }
+
+    #[test]
+    fn cross_client_sharing_is_reported_once_per_pair() {
+        let engine = engine();
+        connect(&engine, 1, "10.0.0.1:4000", "web");
+        connect(&engine, 2, "10.0.0.2:4000", "web");
+        connect(&engine, 3, "10.0.0.1:4001", "web");
+        for (conn, id, at) in [(1, 10, 0), (3, 11, 1), (2, 12, 2), (2, 13, 3)] {
+            send(&engine, conn, id, &find(6), 0, at);
+            reply(&engine, conn, id, &ok(), at);
+        }
+        assert_eq!(rules_fired(&engine), vec![RuleId::CrossClientSharing]);
+        assert!(engine.violations()[0].message.contains("peer host"));
+    }
+
+    #[test]
+    fn scram_owner_separates_sessions_and_is_reported() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        let sasl = rawdoc! {
+            "saslStart": 1, "mechanism": "SCRAM-SHA-256",
+            "payload": Binary { subtype: BinarySubtype::Generic, bytes: b"n,,n=alice,r=abc".to_vec() },
+            "$db": "admin",
+        };
+        send(&engine, 1, 2, &sasl, 0, 0);
+        reply(
+            &engine,
+            1,
+            2,
+            &rawdoc! { "conversationId": 1, "done": false, "payload": Binary { subtype: BinarySubtype::Generic, bytes: vec![] }, "ok": 1.0 },
+            0,
+        );
+        send(
+            &engine,
+            1,
+            3,
+            &rawdoc! { "saslContinue": 1, "conversationId": 1, "$db": "admin" },
+            0,
+            0,
+        );
+        reply(
+            &engine,
+            1,
+            3,
+            &rawdoc! { "conversationId": 1, "done": true, "ok": 1.0 },
+            0,
+        );
+        // A second connection whose authentication fails stays unknown.
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 2, 2, &sasl, 0, 0);
+        reply(
+            &engine,
+            2,
+            2,
+            &rawdoc! { "ok": 0.0, "code": 18, "codeName": "AuthenticationFailed" },
+            0,
+        );
+        // Same lsid under two owners: two server sessions, no overlap.
+        send(&engine, 1, 10, &find(1), 0, 1);
+        send(&engine, 2, 10, &find(1), 0, 1);
+        assert_eq!(rules_fired(&engine), vec![]);
+        assert_eq!(engine.stats().ledger.sessions, 2);
+        send(&engine, 1, 11, &find(1), 0, 2);
+        let fired = engine.violations();
+        assert_eq!(fired[0].rule, RuleId::ConcurrentUse);
+        assert_eq!(fired[0].owner.as_deref(), Some("alice@admin"));
+        assert_eq!(
+            fired[0].current.as_ref().unwrap().user.as_deref(),
+            Some("alice@admin")
+        );
+    }
+
+    #[test]
+    fn disabled_rules_stay_silent() {
+        let mut rules = RulesConfig::default();
+        rules.rules.insert(
+            "concurrent-use".into(),
+            crate::session::config::RuleOverride {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        );
+        let engine = engine_with(SessionConfig::default(), rules);
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 1, 10, &find(3), 0, 100);
+        send(&engine, 2, 20, &find(3), 0, 150);
+        assert_eq!(rules_fired(&engine), vec![]);
+    }
+
+    #[test]
+    fn the_violation_list_is_bounded() {
+        let config = SessionConfig {
+            max_violations: 3,
+            ..SessionConfig::default()
+        };
+        let engine = engine_with(config, RulesConfig::default());
+        connect(&engine, 1, PEER, "web");
+        for i in 0..10 {
+            let w0 = rawdoc! { "insert": "c", "documents": [{}], "lsid": lsid(i), "writeConcern": { "w": 0 }, "$db": "d" };
+            send(
+                &engine,
+                1,
+                100 + i32::from(i),
+                &w0,
+                MsgFlags::MORE_TO_COME,
+                0,
+            );
+        }
+        let kept = engine.violations();
+        assert_eq!(kept.len(), 3);
+        assert_eq!(
+            kept.iter().map(|v| v.id).collect::<Vec<_>>(),
+            vec![8, 9, 10]
+        );
+        assert_eq!(
+            engine.violation_counts()[RuleId::UnacknowledgedWithSession.index()].1,
+            10
+        );
+    }
+
+    #[test]
+    fn the_ledger_stays_within_max_sessions() {
+        let config = SessionConfig {
+            max_sessions: 50,
+            ..SessionConfig::default()
+        };
+        let engine = engine_with(config, RulesConfig::default());
+        connect(&engine, 1, PEER, "web");
+        for i in 0..200u8 {
+            send(&engine, 1, i32::from(i) + 10, &find(i), 0, u64::from(i));
+            reply(&engine, 1, i32::from(i) + 10, &ok(), u64::from(i));
+        }
+        let counts = engine.stats().ledger;
+        assert!(counts.sessions <= 50, "{counts:?}");
+        assert!(counts.evicted_idle >= 150, "{counts:?}");
+        assert_eq!(rules_fired(&engine), vec![]);
+    }
+}

@@ -1,0 +1,349 @@
+//! Interning: command names, namespaces, owners (`user@db`) and client
+//! identities become small integer ids so per-session state holds no
+//! strings and the hot path allocates nothing once a name has been seen.
+//! Each table is bounded; past the bound new names share the "unknown" id
+//! (evidence then says "?"), so a client inventing names cannot grow memory.
+//!
+//! No policy here and no logging: just the tables.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use super::state::{ClientId, OwnerId, Sym};
+
+/// How many distinct names / identities each table keeps.
+pub const DEFAULT_INTERN_LIMIT: usize = 100_000;
+
+/// A bounded string table. Id 0 is "unknown".
+#[derive(Debug)]
+pub struct StringTable {
+    ids: DashMap<u64, u32>,
+    values: DashMap<u32, Arc<str>>,
+    next: AtomicU32,
+    limit: usize,
+}
+
+impl StringTable {
+    pub fn new(limit: usize) -> StringTable {
+        StringTable {
+            ids: DashMap::new(),
+            values: DashMap::new(),
+            next: AtomicU32::new(1),
+            limit,
+        }
+    }
+
+    /// The id of `parts` joined (so `db` + `.` + `collection` needs no
+    /// temporary String when already known).
+    pub fn intern_parts(&self, parts: &[&str]) -> u32 {
+        let mut hasher = DefaultHasher::new();
+        for part in parts {
+            hasher.write(part.as_bytes());
+        }
+        hasher.write_u8(0xFF);
+        let hash = hasher.finish();
+        if let Some(id) = self.ids.get(&hash) {
+            return *id;
+        }
+        if self.ids.len() >= self.limit {
+            return 0;
+        }
+        *self.ids.entry(hash).or_insert_with(|| {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            self.values.insert(id, Arc::from(parts.concat()));
+            id
+        })
+    }
+
+    pub fn intern(&self, value: &str) -> u32 {
+        self.intern_parts(&[value])
+    }
+
+    /// The string of `id`; "?" for unknown.
+    pub fn resolve(&self, id: u32) -> Arc<str> {
+        self.values
+            .get(&id)
+            .map(|v| v.clone())
+            .unwrap_or_else(|| Arc::from("?"))
+    }
+
+    pub fn get(&self, id: u32) -> Option<Arc<str>> {
+        self.values.get(&id).map(|v| v.clone())
+    }
+
+    /// The id of `value` if it was interned (no insertion).
+    pub fn lookup(&self, value: &str) -> Option<u32> {
+        let mut hasher = DefaultHasher::new();
+        hasher.write(value.as_bytes());
+        hasher.write_u8(0xFF);
+        self.ids.get(&hasher.finish()).map(|id| *id)
+    }
+}
+
+/// Who is on the other end of a connection, as far as the proxy can tell.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ClientIdentity {
+    /// The peer's address, normalised (IPv4-mapped IPv6 to IPv4, every
+    /// loopback address to 127.0.0.1: one host talking to itself over
+    /// several loopback addresses is still one host).
+    pub peer: Option<IpAddr>,
+    /// The handshake's `client` metadata was seen.
+    pub metadata_seen: bool,
+    pub driver_name: Option<Arc<str>>,
+    pub driver_version: Option<Arc<str>>,
+    pub app_name: Option<Arc<str>>,
+    /// `user@db`, when the authentication was visible.
+    pub user: Option<Arc<str>>,
+}
+
+impl ClientIdentity {
+    /// The first field in which two identities certainly differ. Unknown
+    /// parts never count as different: only what both sides show is compared.
+    pub fn differs_from(&self, other: &ClientIdentity) -> Option<&'static str> {
+        if let (Some(a), Some(b)) = (self.peer, other.peer) {
+            if a != b {
+                return Some("peer host");
+            }
+        }
+        if self.metadata_seen && other.metadata_seen {
+            if self.driver_name != other.driver_name {
+                return Some("driver");
+            }
+            if self.driver_version != other.driver_version {
+                return Some("driver version");
+            }
+            if self.app_name != other.app_name {
+                return Some("application name");
+            }
+        }
+        if let (Some(a), Some(b)) = (&self.user, &other.user) {
+            if a != b {
+                return Some("user");
+            }
+        }
+        None
+    }
+
+    /// "app 'billing' (mongo-rust-driver 3.3.0) from 10.0.0.5 as alice@admin".
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        match &self.app_name {
+            Some(app) => out.push_str(&format!("app '{app}'")),
+            None => out.push_str("a client"),
+        }
+        if let Some(driver) = &self.driver_name {
+            out.push_str(&format!(" ({driver}"));
+            if let Some(version) = &self.driver_version {
+                out.push_str(&format!(" {version}"));
+            }
+            out.push(')');
+        }
+        if let Some(peer) = self.peer {
+            out.push_str(&format!(" from {peer}"));
+        }
+        if let Some(user) = &self.user {
+            out.push_str(&format!(" as {user}"));
+        }
+        out
+    }
+}
+
+/// Canonical form of a peer address for identity comparisons.
+pub fn normalize_ip(ip: IpAddr) -> IpAddr {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    if ip.is_loopback() {
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+    } else {
+        ip
+    }
+}
+
+/// Interned client identities. Id 0 is "unknown".
+#[derive(Debug)]
+pub struct IdentityTable {
+    ids: DashMap<u64, u32>,
+    values: DashMap<u32, Arc<ClientIdentity>>,
+    next: AtomicU32,
+    limit: usize,
+}
+
+impl IdentityTable {
+    pub fn new(limit: usize) -> IdentityTable {
+        IdentityTable {
+            ids: DashMap::new(),
+            values: DashMap::new(),
+            next: AtomicU32::new(1),
+            limit,
+        }
+    }
+
+    pub fn intern(&self, identity: &ClientIdentity) -> ClientId {
+        let mut hasher = DefaultHasher::new();
+        identity.hash(&mut hasher);
+        let hash = hasher.finish();
+        if let Some(id) = self.ids.get(&hash) {
+            return ClientId(*id);
+        }
+        if self.ids.len() >= self.limit {
+            return ClientId::UNKNOWN;
+        }
+        ClientId(*self.ids.entry(hash).or_insert_with(|| {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            self.values.insert(id, Arc::new(identity.clone()));
+            id
+        }))
+    }
+
+    pub fn get(&self, id: ClientId) -> Option<Arc<ClientIdentity>> {
+        self.values.get(&id.0).map(|v| v.clone())
+    }
+}
+
+/// All the tables of one engine.
+#[derive(Debug)]
+pub struct Tables {
+    pub symbols: StringTable,
+    pub owners: StringTable,
+    pub identities: IdentityTable,
+}
+
+impl Tables {
+    pub fn new(limit: usize) -> Tables {
+        Tables {
+            symbols: StringTable::new(limit),
+            owners: StringTable::new(limit),
+            identities: IdentityTable::new(limit),
+        }
+    }
+
+    pub fn symbol(&self, value: &str) -> Sym {
+        Sym(self.symbols.intern(value))
+    }
+
+    pub fn namespace(&self, db: &str, collection: Option<&str>) -> Sym {
+        match collection {
+            Some(collection) => Sym(self.symbols.intern_parts(&[db, ".", collection])),
+            None => Sym(self.symbols.intern(db)),
+        }
+    }
+
+    pub fn owner(&self, user: &str, db: &str) -> OwnerId {
+        OwnerId(self.owners.intern_parts(&[user, "@", db]))
+    }
+
+    pub fn owner_name(&self, owner: OwnerId) -> Option<Arc<str>> {
+        if owner == OwnerId::UNKNOWN {
+            return None;
+        }
+        self.owners.get(owner.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_intern_to_stable_ids_and_resolve() {
+        let table = StringTable::new(10);
+        let find = table.intern("find");
+        assert_ne!(find, 0);
+        assert_eq!(table.intern("find"), find);
+        assert_eq!(table.intern_parts(&["fi", "nd"]), find);
+        assert_ne!(table.intern("insert"), find);
+        assert_eq!(&*table.resolve(find), "find");
+        assert_eq!(&*table.resolve(0), "?");
+        assert_eq!(table.lookup("find"), Some(find));
+        assert_eq!(table.lookup("nope"), None);
+    }
+
+    #[test]
+    fn tables_are_bounded() {
+        let table = StringTable::new(2);
+        let a = table.intern("a");
+        let b = table.intern("b");
+        assert_eq!(table.intern("c"), 0);
+        assert_eq!(table.intern("a"), a);
+        assert_eq!(table.intern("b"), b);
+    }
+
+    #[test]
+    fn identities_compare_only_what_both_sides_show() {
+        let base = ClientIdentity {
+            peer: Some(normalize_ip("10.0.0.5".parse().unwrap())),
+            metadata_seen: true,
+            driver_name: Some(Arc::from("nodejs")),
+            driver_version: Some(Arc::from("6.8.0")),
+            app_name: Some(Arc::from("web")),
+            user: None,
+        };
+        assert_eq!(base.differs_from(&base.clone()), None);
+        let other_host = ClientIdentity {
+            peer: Some("10.0.0.6".parse().unwrap()),
+            ..base.clone()
+        };
+        assert_eq!(base.differs_from(&other_host), Some("peer host"));
+        let other_app = ClientIdentity {
+            app_name: Some(Arc::from("worker")),
+            ..base.clone()
+        };
+        assert_eq!(base.differs_from(&other_app), Some("application name"));
+        let no_metadata = ClientIdentity {
+            metadata_seen: false,
+            driver_name: None,
+            driver_version: None,
+            app_name: None,
+            ..base.clone()
+        };
+        assert_eq!(base.differs_from(&no_metadata), None);
+        let with_user = ClientIdentity {
+            user: Some(Arc::from("a@admin")),
+            ..base.clone()
+        };
+        assert_eq!(base.differs_from(&with_user), None);
+        let other_user = ClientIdentity {
+            user: Some(Arc::from("b@admin")),
+            ..base.clone()
+        };
+        assert_eq!(with_user.differs_from(&other_user), Some("user"));
+    }
+
+    #[test]
+    fn loopback_and_mapped_addresses_normalise() {
+        let v4: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(normalize_ip("::1".parse().unwrap()), v4);
+        assert_eq!(normalize_ip("127.0.0.2".parse().unwrap()), v4);
+        assert_eq!(
+            normalize_ip("::ffff:10.1.2.3".parse().unwrap()),
+            "10.1.2.3".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn identity_ids_are_stable() {
+        let table = IdentityTable::new(10);
+        let a = ClientIdentity {
+            app_name: Some(Arc::from("a")),
+            ..Default::default()
+        };
+        let b = ClientIdentity {
+            app_name: Some(Arc::from("b")),
+            ..Default::default()
+        };
+        let id_a = table.intern(&a);
+        assert_eq!(table.intern(&a.clone()), id_a);
+        assert_ne!(table.intern(&b), id_a);
+        assert_eq!(table.get(id_a).as_deref(), Some(&a));
+    }
+}

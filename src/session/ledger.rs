@@ -1,0 +1,423 @@
+//! The session ledger: every session the proxy follows (`DashMap` keyed by
+//! lsid + owner), the cursors opened under sessions, and the small set of
+//! sessions the application currently holds (open transaction or cursor),
+//! which the refresher and the transaction-age sweep walk instead of the
+//! whole ledger.
+//!
+//! Bounded: at `max_sessions` the oldest ended sessions go first, then the
+//! oldest idle ones, and only then (never in practice) busy ones — every
+//! eviction counted. Ended sessions stay as tombstones for `ended_retention`
+//! so their reuse is caught; sessions long expired on the server are purged.
+//!
+//! Lock discipline (DashMap shards are locks): a closure given a session
+//! never touches another session, and the only nesting allowed is a session
+//! guard briefly touching the held set. Nothing here is async.
+
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+use super::state::{EndKind, Millis, RequestRef, SessionKey, SessionState};
+
+/// A cursor as the server names it: cursor ids are per server, so the
+/// listener (member) the client reached is part of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CursorKey {
+    pub upstream: u32,
+    pub id: i64,
+}
+
+/// Who opened a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorEntry {
+    pub owner: SessionKey,
+    pub opened_by: RequestRef,
+}
+
+/// Counts of what the ledger let go of, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerCounts {
+    pub sessions: usize,
+    pub held: usize,
+    pub cursors: usize,
+    pub evicted_ended: u64,
+    pub evicted_idle: u64,
+    pub evicted_busy: u64,
+    pub purged: u64,
+}
+
+/// Eviction preference: lower goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum EvictionClass {
+    Ended = 0,
+    Idle = 1,
+    Busy = 2,
+}
+
+#[derive(Debug)]
+pub struct SessionLedger {
+    sessions: DashMap<SessionKey, SessionState>,
+    cursors: DashMap<CursorKey, CursorEntry>,
+    held: DashMap<SessionKey, ()>,
+    max_sessions: usize,
+    evicted: [AtomicU64; 3],
+    purged: AtomicU64,
+}
+
+impl SessionLedger {
+    pub fn new(max_sessions: usize) -> SessionLedger {
+        SessionLedger {
+            sessions: DashMap::new(),
+            cursors: DashMap::new(),
+            held: DashMap::new(),
+            max_sessions: max_sessions.max(1),
+            evicted: Default::default(),
+            purged: AtomicU64::new(0),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    pub fn contains(&self, key: &SessionKey) -> bool {
+        self.sessions.contains_key(key)
+    }
+
+    /// Runs `f` on the session, creating it (evicting first if the ledger is
+    /// full) when it is not tracked yet.
+    pub fn with_session<R>(
+        &self,
+        key: SessionKey,
+        now: Millis,
+        f: impl FnOnce(&mut SessionState) -> R,
+    ) -> R {
+        if !self.sessions.contains_key(&key) && self.sessions.len() >= self.max_sessions {
+            self.evict();
+        }
+        let mut entry = self
+            .sessions
+            .entry(key)
+            .or_insert_with(|| SessionState::new(now));
+        let result = f(entry.value_mut());
+        self.sync_held(&key, entry.value());
+        result
+    }
+
+    /// Runs `f` on the session if it is tracked.
+    pub fn with_existing<R>(
+        &self,
+        key: &SessionKey,
+        f: impl FnOnce(&mut SessionState) -> R,
+    ) -> Option<R> {
+        let mut entry = self.sessions.get_mut(key)?;
+        let result = f(entry.value_mut());
+        self.sync_held(key, entry.value());
+        Some(result)
+    }
+
+    /// Reads the session if it is tracked.
+    pub fn read<R>(&self, key: &SessionKey, f: impl FnOnce(&SessionState) -> R) -> Option<R> {
+        self.sessions.get(key).map(|entry| f(entry.value()))
+    }
+
+    fn sync_held(&self, key: &SessionKey, state: &SessionState) {
+        if state.is_held() {
+            if !self.held.contains_key(key) {
+                self.held.insert(*key, ());
+            }
+        } else if self.held.contains_key(key) {
+            self.held.remove(key);
+        }
+    }
+
+    /// The sessions currently held (copied out, so callers can visit each
+    /// without holding a shard lock).
+    pub fn held_keys(&self) -> Vec<SessionKey> {
+        self.held.iter().map(|entry| *entry.key()).collect()
+    }
+
+    /// Every tracked session key (for `refresh = "all"` and killAllSessions).
+    pub fn all_keys(&self) -> Vec<SessionKey> {
+        self.sessions.iter().map(|entry| *entry.key()).collect()
+    }
+
+    // ---- cursors ----
+
+    /// Records a cursor opened under `owner`; true if it was new.
+    pub fn register_cursor(&self, key: CursorKey, entry: CursorEntry) -> bool {
+        let new = self.cursors.insert(key, entry).is_none();
+        if new {
+            self.with_existing(&entry.owner, |state| {
+                state.open_cursors = state.open_cursors.saturating_add(1)
+            });
+        }
+        new
+    }
+
+    pub fn cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
+        self.cursors.get(key).map(|entry| *entry.value())
+    }
+
+    /// Forgets a cursor (exhausted, killed, not found).
+    pub fn remove_cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
+        let (_, entry) = self.cursors.remove(key)?;
+        self.with_existing(&entry.owner, |state| {
+            state.open_cursors = state.open_cursors.saturating_sub(1)
+        });
+        Some(entry)
+    }
+
+    /// Forgets every cursor of a session (it ended; the server killed them).
+    pub fn remove_cursors_of(&self, owner: &SessionKey) {
+        self.cursors.retain(|_, entry| entry.owner != *owner);
+    }
+
+    // ---- ending ----
+
+    /// Marks a session ended (creating a tombstone if it was never seen).
+    pub fn end(&self, key: SessionKey, kind: EndKind, by: RequestRef, now: Millis) {
+        let had_cursors = self.with_session(key, now, |state| {
+            let had = state.open_cursors > 0;
+            state.end(kind, by);
+            had
+        });
+        if had_cursors {
+            self.remove_cursors_of(&key);
+        }
+    }
+
+    // ---- bounds ----
+
+    /// Frees about 1% of the capacity, oldest ended first, then oldest idle,
+    /// then (only if everything is busy) oldest busy.
+    fn evict(&self) {
+        let batch = (self.max_sessions / 100).clamp(1, 10_000);
+        // A max-heap of the `batch` best candidates: its top is the worst kept.
+        let mut heap: BinaryHeap<(EvictionClass, Millis, SessionKey)> =
+            BinaryHeap::with_capacity(batch + 1);
+        for entry in self.sessions.iter() {
+            let state = entry.value();
+            let class = if state.is_ended() {
+                EvictionClass::Ended
+            } else if state.is_idle() {
+                EvictionClass::Idle
+            } else {
+                EvictionClass::Busy
+            };
+            let candidate = (class, state.last_activity(), *entry.key());
+            if heap.len() < batch {
+                heap.push(candidate);
+            } else if heap.peek().is_some_and(|worst| candidate < *worst) {
+                heap.pop();
+                heap.push(candidate);
+            }
+        }
+        for (class, _, key) in heap {
+            if let Some((key, state)) = self.sessions.remove(&key) {
+                self.evicted[class as usize].fetch_add(1, Ordering::Relaxed);
+                self.forget_side_tables(&key, &state);
+            }
+        }
+    }
+
+    fn forget_side_tables(&self, key: &SessionKey, state: &SessionState) {
+        self.held.remove(key);
+        if state.open_cursors > 0 {
+            self.remove_cursors_of(key);
+        }
+    }
+
+    /// Drops tombstones older than `ended_retention`, and sessions the
+    /// server expired (idle past `session_timeout`) more than
+    /// `ended_retention` ago. Returns how many went.
+    pub fn purge(&self, now: Millis, ended_retention: Millis, session_timeout: Millis) -> usize {
+        let mut removed: Vec<(SessionKey, bool)> = Vec::new();
+        self.sessions.retain(|key, state| {
+            let keep = match state.ended.as_deref() {
+                Some(ended) => now.saturating_sub(ended.by.at) <= ended_retention,
+                None => {
+                    !state.in_flight.is_empty()
+                        || now.saturating_sub(state.last_activity())
+                            <= session_timeout.saturating_add(ended_retention)
+                }
+            };
+            if !keep {
+                removed.push((*key, state.open_cursors > 0));
+            }
+            keep
+        });
+        for (key, had_cursors) in &removed {
+            self.held.remove(key);
+            if *had_cursors {
+                self.remove_cursors_of(key);
+            }
+        }
+        self.purged
+            .fetch_add(removed.len() as u64, Ordering::Relaxed);
+        removed.len()
+    }
+
+    pub fn counts(&self) -> LedgerCounts {
+        LedgerCounts {
+            sessions: self.sessions.len(),
+            held: self.held.len(),
+            cursors: self.cursors.len(),
+            evicted_ended: self.evicted[EvictionClass::Ended as usize].load(Ordering::Relaxed),
+            evicted_idle: self.evicted[EvictionClass::Idle as usize].load(Ordering::Relaxed),
+            evicted_busy: self.evicted[EvictionClass::Busy as usize].load(Ordering::Relaxed),
+            purged: self.purged.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Lsid;
+    use crate::session::state::tests::{facts, request};
+    use crate::session::state::{CommandClass, OwnerId};
+
+    fn key(n: u8) -> SessionKey {
+        SessionKey {
+            lsid: Lsid([n; 16]),
+            owner: OwnerId(0),
+        }
+    }
+
+    #[test]
+    fn sessions_are_created_once_and_updated_in_place() {
+        let ledger = SessionLedger::new(10);
+        ledger.with_session(key(1), 5, |state| state.refreshes = 3);
+        assert_eq!(ledger.len(), 1);
+        assert_eq!(
+            ledger.read(&key(1), |state| (state.first_seen, state.refreshes)),
+            Some((5, 3))
+        );
+        ledger.with_session(key(1), 9, |state| state.refreshes += 1);
+        assert_eq!(
+            ledger.read(&key(1), |state| (state.first_seen, state.refreshes)),
+            Some((5, 4))
+        );
+        assert_eq!(ledger.with_existing(&key(2), |_| ()), None);
+    }
+
+    #[test]
+    fn eviction_prefers_ended_then_oldest_idle_and_counts() {
+        let ledger = SessionLedger::new(3);
+        ledger.with_session(key(1), 10, |_| ());
+        ledger.with_session(key(2), 1, |_| ());
+        ledger.end(key(3), EndKind::Ended, request(1, 1, 20, None), 20);
+        // Full: the ended one goes first even though it is the newest.
+        ledger.with_session(key(4), 30, |_| ());
+        assert!(!ledger.contains(&key(3)));
+        assert_eq!(ledger.counts().evicted_ended, 1);
+        // Next: the oldest idle (key 2, last used at 1).
+        ledger.with_session(key(5), 40, |_| ());
+        assert!(!ledger.contains(&key(2)));
+        assert!(ledger.contains(&key(1)));
+        assert_eq!(ledger.counts().evicted_idle, 1);
+        assert_eq!(ledger.len(), 3);
+    }
+
+    #[test]
+    fn busy_sessions_are_evicted_last() {
+        let ledger = SessionLedger::new(2);
+        ledger.with_session(key(1), 1, |state| {
+            state.apply_request(&facts(request(1, 1, 1, None), CommandClass::Write), 1)
+        });
+        ledger.with_session(key(2), 5, |_| ());
+        ledger.with_session(key(3), 6, |_| ());
+        assert!(
+            ledger.contains(&key(1)),
+            "the session with a request in flight stays"
+        );
+        assert!(!ledger.contains(&key(2)));
+    }
+
+    #[test]
+    fn held_set_follows_cursors_and_transactions() {
+        let ledger = SessionLedger::new(10);
+        ledger.with_session(key(1), 0, |_| ());
+        assert!(ledger.held_keys().is_empty());
+        let cursor = CursorKey {
+            upstream: 0,
+            id: 99,
+        };
+        assert!(ledger.register_cursor(
+            cursor,
+            CursorEntry {
+                owner: key(1),
+                opened_by: request(1, 1, 0, None)
+            }
+        ));
+        assert!(!ledger.register_cursor(
+            cursor,
+            CursorEntry {
+                owner: key(1),
+                opened_by: request(1, 1, 0, None)
+            }
+        ));
+        assert_eq!(ledger.read(&key(1), |s| s.open_cursors), Some(1));
+        assert_eq!(ledger.held_keys(), vec![key(1)]);
+        assert_eq!(ledger.cursor(&cursor).unwrap().owner, key(1));
+        assert!(ledger.remove_cursor(&cursor).is_some());
+        assert_eq!(ledger.read(&key(1), |s| s.open_cursors), Some(0));
+        assert!(ledger.held_keys().is_empty());
+    }
+
+    #[test]
+    fn ending_kills_the_sessions_cursors() {
+        let ledger = SessionLedger::new(10);
+        ledger.with_session(key(1), 0, |_| ());
+        for id in [1, 2] {
+            ledger.register_cursor(
+                CursorKey { upstream: 0, id },
+                CursorEntry {
+                    owner: key(1),
+                    opened_by: request(1, 1, 0, None),
+                },
+            );
+        }
+        ledger.register_cursor(
+            CursorKey { upstream: 0, id: 3 },
+            CursorEntry {
+                owner: key(2),
+                opened_by: request(1, 1, 0, None),
+            },
+        );
+        ledger.end(key(1), EndKind::Ended, request(2, 2, 5, None), 5);
+        assert_eq!(ledger.counts().cursors, 1);
+        assert!(ledger.held_keys().is_empty());
+        assert!(ledger.read(&key(1), |s| s.is_ended()).unwrap());
+        // Ending a session never seen leaves a tombstone.
+        ledger.end(key(7), EndKind::Killed, request(2, 3, 5, None), 5);
+        assert!(ledger.read(&key(7), |s| s.is_ended()).unwrap());
+    }
+
+    #[test]
+    fn purge_drops_old_tombstones_and_long_expired_sessions_only() {
+        let ledger = SessionLedger::new(10);
+        ledger.end(key(1), EndKind::Ended, request(1, 1, 0, None), 0);
+        ledger.end(key(2), EndKind::Ended, request(1, 1, 900, None), 900);
+        ledger.with_session(key(3), 0, |_| ());
+        ledger.with_session(key(4), 0, |state| {
+            state.apply_request(&facts(request(1, 1, 0, None), CommandClass::Write), 0)
+        });
+        ledger.with_session(key(5), 500, |_| ());
+        // retention 1000, timeout 100: at 1200 key1's tombstone (age 1200) and
+        // key3 (idle 1200 > 1100) go; key4 has a request in flight.
+        assert_eq!(ledger.purge(1200, 1000, 100), 2);
+        assert!(!ledger.contains(&key(1)));
+        assert!(ledger.contains(&key(2)));
+        assert!(!ledger.contains(&key(3)));
+        assert!(ledger.contains(&key(4)));
+        assert!(ledger.contains(&key(5)));
+        assert_eq!(ledger.counts().purged, 2);
+    }
+}

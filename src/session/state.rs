@@ -1,0 +1,766 @@
+//! The state of one logical session as the proxy has seen it, and the
+//! transitions requests and replies cause: requests in flight (by connection
+//! id and request id), ended / killed (a tombstone), the highest txnNumber,
+//! the open transaction (number, start, statements, whether the server
+//! aborted it), the last retryable write's identity, open cursors, the client
+//! identities that used it, refreshes, last use.
+//!
+//! Pure data and pure transitions: no maps, no clocks (times are passed in as
+//! `Millis` since the engine's origin), no logging. Kept small on purpose —
+//! ids instead of strings, rarely used parts boxed — because a busy proxy
+//! tracks up to `max_sessions` of these.
+
+use crate::command::Lsid;
+
+/// Milliseconds since the engine's clock origin.
+pub type Millis = u64;
+
+/// The authenticated user (`user@db`) a session belongs to, interned.
+/// `OwnerId::UNKNOWN` when the connection did not authenticate or used a
+/// mechanism the proxy cannot read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct OwnerId(pub u32);
+
+impl OwnerId {
+    pub const UNKNOWN: OwnerId = OwnerId(0);
+}
+
+/// A client identity (peer address, driver, application, user), interned.
+/// `ClientId::UNKNOWN` never compares as "different".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ClientId(pub u32);
+
+impl ClientId {
+    pub const UNKNOWN: ClientId = ClientId(0);
+}
+
+/// An interned string (command name or namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Sym(pub u32);
+
+/// Sessions are per user on the server: the same lsid under two users is two
+/// sessions. So the ledger key is the lsid plus the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey {
+    pub lsid: Lsid,
+    pub owner: OwnerId,
+}
+
+/// One request, by ids: enough to name it in evidence without keeping strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestRef {
+    pub conn: u64,
+    pub at: Millis,
+    pub txn_number: Option<i64>,
+    pub request_id: i32,
+    pub client: ClientId,
+    pub command: Sym,
+    pub namespace: Sym,
+}
+
+/// What kind of command a request is, as far as the rules care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandClass {
+    Hello,
+    /// saslStart / saslContinue / authenticate.
+    Auth,
+    EndSessions,
+    KillSessions,
+    KillAllSessions,
+    RefreshSessions,
+    Commit,
+    Abort,
+    GetMore,
+    KillCursors,
+    /// A command whose reply may open a cursor (find, aggregate, list*).
+    CursorOpen,
+    /// insert / update / delete / findAndModify / bulkWrite.
+    Write,
+    Other,
+}
+
+impl CommandClass {
+    pub fn of(name: &str) -> CommandClass {
+        match name {
+            "hello" | "isMaster" | "ismaster" => CommandClass::Hello,
+            "saslStart" | "saslContinue" | "authenticate" => CommandClass::Auth,
+            "endSessions" => CommandClass::EndSessions,
+            "killSessions" => CommandClass::KillSessions,
+            "killAllSessions" | "killAllSessionsByPattern" => CommandClass::KillAllSessions,
+            "refreshSessions" => CommandClass::RefreshSessions,
+            "commitTransaction" => CommandClass::Commit,
+            "abortTransaction" => CommandClass::Abort,
+            "getMore" => CommandClass::GetMore,
+            "killCursors" => CommandClass::KillCursors,
+            "find" | "aggregate" | "listCollections" | "listIndexes" | "listSearchIndexes" => {
+                CommandClass::CursorOpen
+            }
+            "insert" | "update" | "delete" | "findAndModify" | "findandmodify" | "bulkWrite" => {
+                CommandClass::Write
+            }
+            _ => CommandClass::Other,
+        }
+    }
+
+    /// Commands drivers fire and forget while shutting down.
+    pub fn is_fire_and_forget_at_close(self) -> bool {
+        matches!(self, CommandClass::EndSessions | CommandClass::KillCursors)
+    }
+}
+
+/// A request awaiting its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    pub request: RequestRef,
+    /// `RequestView::statement_hash`: recognises a retry of the same command.
+    pub statement: u64,
+    pub class: CommandClass,
+}
+
+/// The requests in flight on a session. Almost always zero or one, so the
+/// first lives inline and only overlaps (misuse) spill into a vector.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InFlightSet {
+    first: Option<InFlight>,
+    more: Vec<InFlight>,
+}
+
+impl InFlightSet {
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &InFlight> {
+        self.first.iter().chain(self.more.iter())
+    }
+    pub fn insert(&mut self, entry: InFlight) {
+        if self.first.is_none() {
+            self.first = Some(entry);
+        } else {
+            self.more.push(entry);
+        }
+    }
+    /// Removes the request (conn, request id); returns it if it was there.
+    pub fn remove(&mut self, conn: u64, request_id: i32) -> Option<InFlight> {
+        let matches =
+            |entry: &InFlight| entry.request.conn == conn && entry.request.request_id == request_id;
+        if self.first.as_ref().is_some_and(matches) {
+            let removed = self.first.take();
+            if !self.more.is_empty() {
+                self.first = Some(self.more.remove(0));
+            }
+            if self.more.is_empty() {
+                // An overlap is over: give the memory back.
+                self.more = Vec::new();
+            }
+            return removed;
+        }
+        let position = self.more.iter().position(matches)?;
+        let removed = self.more.remove(position);
+        if self.more.is_empty() {
+            self.more = Vec::new();
+        }
+        Some(removed)
+    }
+    /// Removes everything in flight on `conn` (the connection closed).
+    pub fn remove_connection(&mut self, conn: u64) {
+        loop {
+            let next = self
+                .iter()
+                .find(|entry| entry.request.conn == conn)
+                .map(|entry| entry.request.request_id);
+            let Some(request_id) = next else { break };
+            self.remove(conn, request_id);
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndKind {
+    /// `endSessions`.
+    Ended,
+    /// `killSessions`.
+    Killed,
+    /// `killAllSessions` / `killAllSessionsByPattern`.
+    KilledByPattern,
+}
+
+impl EndKind {
+    pub fn verb(self) -> &'static str {
+        match self {
+            EndKind::Ended => "ended by endSessions",
+            EndKind::Killed => "killed by killSessions",
+            EndKind::KilledByPattern => "killed by killAllSessions",
+        }
+    }
+}
+
+/// The tombstone of an ended session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    pub kind: EndKind,
+    pub by: RequestRef,
+}
+
+/// Where a transaction stands, as far as the proxy can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnPhase {
+    /// Started, every reply so far clean.
+    Open,
+    /// A statement failed in a way that usually aborts the transaction on
+    /// the server, but the reply did not say so (no TransientTransactionError
+    /// label, not NoSuchTransaction). Only a later NoSuchTransaction proves it.
+    LikelyAborted,
+    /// The server said the transaction is gone (TransientTransactionError or
+    /// NoSuchTransaction). `by_commit`: the proof came from a commit's reply,
+    /// after which the driver may legitimately re-run the commit.
+    ServerAborted {
+        by_commit: bool,
+    },
+    /// A statement's connection closed before its reply: the outcome is
+    /// unknown and the driver will abort or retry the whole transaction.
+    Uncertain,
+    /// commitTransaction sent; retries of it are legitimate.
+    Committing,
+    Committed,
+    /// abortTransaction sent by the client.
+    Aborted,
+}
+
+impl TxnPhase {
+    /// Open and healthy: a new transaction now would silently abort it.
+    pub fn is_open(self) -> bool {
+        matches!(self, TxnPhase::Open)
+    }
+    /// Still holding server resources (for refreshing and left-open checks).
+    pub fn holds_session(self) -> bool {
+        matches!(
+            self,
+            TxnPhase::Open | TxnPhase::LikelyAborted | TxnPhase::Uncertain | TxnPhase::Committing
+        )
+    }
+}
+
+/// The latest transaction on a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transaction {
+    pub number: i64,
+    pub started_at: Millis,
+    /// The request that started it (or the first statement seen, if the
+    /// proxy missed the start).
+    pub started_by: RequestRef,
+    pub start_seen: bool,
+    pub statements: u32,
+    pub phase: TxnPhase,
+    /// The reply that showed the abort (for txn-after-abort's evidence).
+    pub aborted_by: Option<RequestRef>,
+    pub left_open_reported: bool,
+}
+
+/// Identity of the last retryable write (outside transactions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryableWrite {
+    pub txn_number: i64,
+    pub statement: u64,
+    pub request: RequestRef,
+}
+
+/// Everything the proxy knows about one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    pub first_seen: Millis,
+    /// Last request or reply for this session.
+    pub last_used: Millis,
+    /// Last successful `refreshSessions` naming it (by the client or by the
+    /// refresher); 0 when never.
+    pub last_refreshed: Millis,
+    pub in_flight: InFlightSet,
+    pub ended: Option<Box<Ended>>,
+    pub highest_txn: Option<i64>,
+    pub txn: Option<Box<Transaction>>,
+    pub last_retryable: Option<Box<RetryableWrite>>,
+    /// The first client identity that used it.
+    pub first_client: ClientId,
+    /// A second identity already reported by cross-client-sharing.
+    pub shared_with: ClientId,
+    pub last_conn: u64,
+    pub upstream: u32,
+    pub refreshes: u32,
+    pub open_cursors: u16,
+    /// idle-expired-reuse already reported for the current idle period.
+    pub idle_reported: bool,
+    /// A refresher `refreshSessions` naming it has not answered yet.
+    pub refresh_pending: bool,
+}
+
+impl SessionState {
+    pub fn new(now: Millis) -> SessionState {
+        SessionState {
+            first_seen: now,
+            last_used: now,
+            last_refreshed: 0,
+            in_flight: InFlightSet::default(),
+            ended: None,
+            highest_txn: None,
+            txn: None,
+            last_retryable: None,
+            first_client: ClientId::UNKNOWN,
+            shared_with: ClientId::UNKNOWN,
+            last_conn: 0,
+            upstream: 0,
+            refreshes: 0,
+            open_cursors: 0,
+            idle_reported: false,
+            refresh_pending: false,
+        }
+    }
+
+    /// When the server last heard of this session (use or refresh).
+    pub fn last_activity(&self) -> Millis {
+        self.last_used.max(self.last_refreshed)
+    }
+
+    /// The application still holds server resources under this session: an
+    /// open (or possibly open) transaction, or an open cursor.
+    pub fn is_held(&self) -> bool {
+        self.ended.is_none()
+            && (self.open_cursors > 0
+                || self
+                    .txn
+                    .as_ref()
+                    .is_some_and(|txn| txn.phase.holds_session()))
+    }
+
+    /// Nothing in flight and nothing held: safe to forget under pressure.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.is_empty() && !self.is_held()
+    }
+
+    /// The session was ended or killed and the tombstone is still kept.
+    pub fn is_ended(&self) -> bool {
+        self.ended.is_some()
+    }
+
+    /// The server would treat the next use as a brand-new session (after an
+    /// end, a kill, or an expiry): forget everything tied to the old one.
+    pub fn restart(&mut self, now: Millis) {
+        let first_client = self.first_client;
+        *self = SessionState::new(now);
+        self.first_client = first_client;
+    }
+
+    /// Marks the session ended by `by`. The server aborts its transaction and
+    /// kills its cursors; in-flight requests keep running until they answer.
+    pub fn end(&mut self, kind: EndKind, by: RequestRef) {
+        self.ended = Some(Box::new(Ended { kind, by }));
+        self.txn = None;
+        self.open_cursors = 0;
+    }
+
+    /// Records a request that is being forwarded.
+    pub fn apply_request(&mut self, request: &RequestFacts, now: Millis) {
+        self.last_used = now;
+        self.idle_reported = false;
+        self.last_conn = request.request.conn;
+        self.upstream = request.upstream;
+        if self.first_client == ClientId::UNKNOWN {
+            self.first_client = request.request.client;
+        }
+        if request.expects_reply {
+            self.in_flight.insert(InFlight {
+                request: request.request,
+                statement: request.statement,
+                class: request.class,
+            });
+        }
+        let Some(number) = request.request.txn_number else {
+            return;
+        };
+        if self.highest_txn.is_none_or(|highest| number > highest) {
+            self.highest_txn = Some(number);
+        }
+        if request.in_transaction {
+            self.apply_transaction_request(request, number, now);
+        } else if request.retryable_write {
+            if let Some(txn) = &self.txn {
+                // A higher txnNumber on the session aborts the transaction
+                // in progress, retryable write or not.
+                if number > txn.number {
+                    self.txn = None;
+                }
+            }
+            let write = RetryableWrite {
+                txn_number: number,
+                statement: request.statement,
+                request: request.request,
+            };
+            match &mut self.last_retryable {
+                // The first write with this number defines it; later
+                // different writes with the same number are the reuse.
+                Some(last) if last.txn_number == number => {}
+                Some(last) => **last = write,
+                None => self.last_retryable = Some(Box::new(write)),
+            }
+        }
+    }
+
+    fn apply_transaction_request(&mut self, request: &RequestFacts, number: i64, now: Millis) {
+        let same = self.txn.as_ref().is_some_and(|txn| txn.number == number);
+        if !same {
+            if self.txn.as_ref().is_some_and(|txn| txn.number > number) {
+                // A regression: the server refuses it; nothing changes.
+                return;
+            }
+            let fresh = Transaction {
+                number,
+                started_at: now,
+                started_by: request.request,
+                start_seen: request.start_transaction,
+                statements: 0,
+                phase: TxnPhase::Open,
+                aborted_by: None,
+                left_open_reported: false,
+            };
+            match &mut self.txn {
+                Some(txn) => **txn = fresh,
+                None => self.txn = Some(Box::new(fresh)),
+            }
+        }
+        let Some(txn) = self.txn.as_deref_mut() else {
+            return;
+        };
+        match request.class {
+            CommandClass::Commit => {
+                if !matches!(
+                    txn.phase,
+                    TxnPhase::ServerAborted { .. } | TxnPhase::Aborted
+                ) {
+                    txn.phase = TxnPhase::Committing;
+                }
+            }
+            CommandClass::Abort => txn.phase = TxnPhase::Aborted,
+            _ => {
+                txn.statements = txn.statements.saturating_add(1);
+                if request.start_transaction && !txn.start_seen {
+                    txn.start_seen = true;
+                    txn.started_at = now;
+                    txn.started_by = request.request;
+                }
+            }
+        }
+    }
+
+    /// Records the reply to `request` (which was in flight on this session).
+    /// `final_reply` is false for an exhaust reply with more to come.
+    pub fn apply_reply(
+        &mut self,
+        request: &InFlight,
+        reply: &ReplyFacts,
+        final_reply: bool,
+        now: Millis,
+    ) {
+        self.last_used = now;
+        if final_reply {
+            self.in_flight
+                .remove(request.request.conn, request.request.request_id);
+        }
+        let Some(number) = request.request.txn_number else {
+            return;
+        };
+        let Some(txn) = self.txn.as_deref_mut() else {
+            return;
+        };
+        if txn.number != number || !reply.in_transaction {
+            return;
+        }
+        match request.class {
+            CommandClass::Abort => txn.phase = TxnPhase::Aborted,
+            CommandClass::Commit => {
+                if reply.clean_success || reply.ok {
+                    txn.phase = TxnPhase::Committed;
+                } else if reply.unknown_commit_result || reply.retryable {
+                    txn.phase = TxnPhase::Committing;
+                } else {
+                    txn.phase = TxnPhase::ServerAborted { by_commit: true };
+                    txn.aborted_by = Some(request.request);
+                }
+            }
+            _ => {
+                if reply.clean_success || reply.overloaded {
+                    return;
+                }
+                if reply.transient || reply.no_such_transaction {
+                    txn.phase = TxnPhase::ServerAborted { by_commit: false };
+                    txn.aborted_by = Some(request.request);
+                } else if matches!(txn.phase, TxnPhase::Open) {
+                    txn.phase = TxnPhase::LikelyAborted;
+                    txn.aborted_by = Some(request.request);
+                }
+            }
+        }
+    }
+
+    /// The connection of an in-flight request closed before its reply.
+    pub fn connection_closed(&mut self, entry: &InFlight) {
+        self.in_flight
+            .remove(entry.request.conn, entry.request.request_id);
+        let Some(number) = entry.request.txn_number else {
+            return;
+        };
+        if let Some(txn) = self.txn.as_deref_mut() {
+            if txn.number == number && matches!(txn.phase, TxnPhase::Open | TxnPhase::LikelyAborted)
+            {
+                txn.phase = TxnPhase::Uncertain;
+            }
+        }
+    }
+}
+
+/// The facts of one request the state machine and the rules need, already
+/// extracted from the command view and resolved to ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub request: RequestRef,
+    pub class: CommandClass,
+    pub statement: u64,
+    pub upstream: u32,
+    /// `autocommit: false`.
+    pub in_transaction: bool,
+    pub start_transaction: bool,
+    /// A txnNumber outside a transaction.
+    pub retryable_write: bool,
+    pub unacknowledged: bool,
+    /// False for `moreToCome` requests (no reply will come).
+    pub expects_reply: bool,
+}
+
+/// The facts of one reply the state machine needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplyFacts {
+    pub ok: bool,
+    /// ok and no writeErrors.
+    pub clean_success: bool,
+    /// The request was a transaction statement (`autocommit: false`).
+    pub in_transaction: bool,
+    /// errorLabels has TransientTransactionError.
+    pub transient: bool,
+    /// code (or a writeErrors code) is NoSuchTransaction (251).
+    pub no_such_transaction: bool,
+    /// errorLabels has UnknownTransactionCommitResult.
+    pub unknown_commit_result: bool,
+    /// errorLabels has RetryableWriteError.
+    pub retryable: bool,
+    /// errorLabels has SystemOverloadedError / RetryableError: the server
+    /// refused before running the command, and drivers retry it as is.
+    pub overloaded: bool,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn request(conn: u64, request_id: i32, at: Millis, txn: Option<i64>) -> RequestRef {
+        RequestRef {
+            conn,
+            at,
+            txn_number: txn,
+            request_id,
+            client: ClientId(1),
+            command: Sym(1),
+            namespace: Sym(1),
+        }
+    }
+
+    pub(crate) fn facts(request: RequestRef, class: CommandClass) -> RequestFacts {
+        RequestFacts {
+            request,
+            class,
+            statement: 1,
+            upstream: 0,
+            in_transaction: false,
+            start_transaction: false,
+            retryable_write: false,
+            unacknowledged: false,
+            expects_reply: true,
+        }
+    }
+
+    #[test]
+    fn session_state_stays_small() {
+        // A later target is at most 300 bytes per tracked session, key and
+        // map overhead included.
+        let size = std::mem::size_of::<SessionState>() + std::mem::size_of::<SessionKey>();
+        assert!(size <= 256, "SessionState + key is {size} bytes");
+    }
+
+    #[test]
+    fn in_flight_set_keeps_overlaps_and_removes_exactly() {
+        let mut set = InFlightSet::default();
+        let a = InFlight {
+            request: request(1, 10, 0, None),
+            statement: 1,
+            class: CommandClass::Other,
+        };
+        let b = InFlight {
+            request: request(2, 10, 0, None),
+            statement: 2,
+            class: CommandClass::Other,
+        };
+        let c = InFlight {
+            request: request(2, 11, 0, None),
+            statement: 3,
+            class: CommandClass::Other,
+        };
+        set.insert(a);
+        set.insert(b);
+        set.insert(c);
+        assert_eq!(set.len(), 3);
+        assert_eq!(set.remove(1, 10), Some(a));
+        assert_eq!(set.remove(1, 10), None);
+        assert_eq!(set.len(), 2);
+        set.remove_connection(2);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn retryable_writes_track_highest_and_first_identity() {
+        let mut state = SessionState::new(0);
+        let mut write = facts(request(1, 1, 5, Some(3)), CommandClass::Write);
+        write.retryable_write = true;
+        write.statement = 77;
+        state.apply_request(&write, 5);
+        assert_eq!(state.highest_txn, Some(3));
+        assert_eq!(state.last_retryable.as_ref().unwrap().statement, 77);
+        // A different write with the same number does not replace the first.
+        let mut other = write;
+        other.statement = 88;
+        other.request.request_id = 2;
+        state.apply_request(&other, 6);
+        assert_eq!(state.last_retryable.as_ref().unwrap().statement, 77);
+        let mut next = write;
+        next.request.txn_number = Some(4);
+        next.statement = 99;
+        state.apply_request(&next, 7);
+        assert_eq!(state.highest_txn, Some(4));
+        assert_eq!(state.last_retryable.as_ref().unwrap().statement, 99);
+        assert_eq!(state.in_flight.len(), 3);
+    }
+
+    #[test]
+    fn transaction_lifecycle_commit() {
+        let mut state = SessionState::new(0);
+        let mut start = facts(request(1, 1, 0, Some(1)), CommandClass::Write);
+        start.in_transaction = true;
+        start.start_transaction = true;
+        state.apply_request(&start, 0);
+        assert!(state.is_held());
+        let txn = state.txn.as_ref().unwrap();
+        assert_eq!(
+            (txn.number, txn.phase, txn.statements, txn.start_seen),
+            (1, TxnPhase::Open, 1, true)
+        );
+        let entry = *state.in_flight.iter().next().unwrap();
+        let clean = ReplyFacts {
+            ok: true,
+            clean_success: true,
+            in_transaction: true,
+            ..Default::default()
+        };
+        state.apply_reply(&entry, &clean, true, 1);
+        assert!(state.in_flight.is_empty());
+        let mut commit = facts(request(1, 2, 2, Some(1)), CommandClass::Commit);
+        commit.in_transaction = true;
+        state.apply_request(&commit, 2);
+        assert_eq!(state.txn.as_ref().unwrap().phase, TxnPhase::Committing);
+        let entry = *state.in_flight.iter().next().unwrap();
+        state.apply_reply(&entry, &clean, true, 3);
+        assert_eq!(state.txn.as_ref().unwrap().phase, TxnPhase::Committed);
+        assert!(!state.is_held());
+    }
+
+    #[test]
+    fn statement_errors_mark_the_transaction_aborted_with_the_right_certainty() {
+        let mut start = facts(request(1, 1, 0, Some(1)), CommandClass::Write);
+        start.in_transaction = true;
+        start.start_transaction = true;
+        let cases = [
+            (
+                ReplyFacts {
+                    in_transaction: true,
+                    transient: true,
+                    ..Default::default()
+                },
+                TxnPhase::ServerAborted { by_commit: false },
+            ),
+            (
+                ReplyFacts {
+                    in_transaction: true,
+                    no_such_transaction: true,
+                    ..Default::default()
+                },
+                TxnPhase::ServerAborted { by_commit: false },
+            ),
+            (
+                ReplyFacts {
+                    in_transaction: true,
+                    ok: true,
+                    ..Default::default()
+                },
+                TxnPhase::LikelyAborted,
+            ),
+            (
+                ReplyFacts {
+                    in_transaction: true,
+                    overloaded: true,
+                    ..Default::default()
+                },
+                TxnPhase::Open,
+            ),
+        ];
+        for (reply, expected) in cases {
+            let mut state = SessionState::new(0);
+            state.apply_request(&start, 0);
+            let entry = *state.in_flight.iter().next().unwrap();
+            state.apply_reply(&entry, &reply, true, 1);
+            assert_eq!(state.txn.as_ref().unwrap().phase, expected, "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn a_higher_retryable_write_ends_the_transaction_and_end_clears_everything() {
+        let mut state = SessionState::new(0);
+        let mut start = facts(request(1, 1, 0, Some(1)), CommandClass::Write);
+        start.in_transaction = true;
+        start.start_transaction = true;
+        state.apply_request(&start, 0);
+        let mut write = facts(request(1, 2, 1, Some(2)), CommandClass::Write);
+        write.retryable_write = true;
+        state.apply_request(&write, 1);
+        assert!(state.txn.is_none());
+        state.open_cursors = 2;
+        assert!(state.is_held());
+        state.end(EndKind::Ended, request(3, 9, 2, None));
+        assert!(state.is_ended());
+        assert!(!state.is_held());
+        state.restart(3);
+        assert!(!state.is_ended());
+        assert_eq!(state.highest_txn, None);
+        assert_eq!(state.first_client, ClientId(1));
+    }
+
+    #[test]
+    fn closing_a_connection_mid_statement_makes_the_transaction_uncertain() {
+        let mut state = SessionState::new(0);
+        let mut start = facts(request(1, 1, 0, Some(1)), CommandClass::Write);
+        start.in_transaction = true;
+        start.start_transaction = true;
+        state.apply_request(&start, 0);
+        let entry = *state.in_flight.iter().next().unwrap();
+        state.connection_closed(&entry);
+        assert!(state.in_flight.is_empty());
+        assert_eq!(state.txn.as_ref().unwrap().phase, TxnPhase::Uncertain);
+    }
+}

@@ -1,0 +1,306 @@
+//! What a broken rule looks like: the stable rule ids (they appear in
+//! metrics, logs, reports and config), severities and actions, the compact
+//! `Violation` a rule function returns, and the self-contained
+//! `ViolationRecord` it becomes once the engine has resolved ids into names
+//! (for the log line, the bounded in-memory list and the admin API).
+//!
+//! It must never carry document contents: command names, namespaces, ids,
+//! counts, peers, driver/application names and user names only.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::state::{Millis, RequestRef, SessionKey};
+
+/// The code of every reply sessionguard writes when it rejects a request.
+///
+/// Chosen far above every code the server assigns (named error codes stay
+/// below 1,000; assertion location codes are below 20,000,000) and absent
+/// from every list drivers act on: the retryable-writes and retryable-reads
+/// lists, the SDAM "not writable primary" / "node is recovering" / shutdown
+/// lists, the transactions spec's UnknownTransactionCommitResult codes and
+/// the change-stream resumable codes. Together with the absence of any
+/// `errorLabels`, a driver surfaces it to the application unchanged.
+pub const SESSIONGUARD_VIOLATION_CODE: i32 = 741_100_001;
+
+/// The `codeName` of a rejected request's reply.
+pub const SESSIONGUARD_VIOLATION_CODE_NAME: &str = "SessionGuardViolation";
+
+/// The rules, in the order of DESIGN.md's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum RuleId {
+    #[serde(rename = "concurrent-use")]
+    ConcurrentUse,
+    #[serde(rename = "use-after-end")]
+    UseAfterEnd,
+    #[serde(rename = "end-while-in-flight")]
+    EndWhileInFlight,
+    #[serde(rename = "closed-with-requests-in-flight")]
+    ClosedWithRequestsInFlight,
+    #[serde(rename = "txn-regression")]
+    TxnRegression,
+    #[serde(rename = "txn-number-reuse")]
+    TxnNumberReuse,
+    #[serde(rename = "txn-superseded")]
+    TxnSuperseded,
+    #[serde(rename = "txn-after-abort")]
+    TxnAfterAbort,
+    #[serde(rename = "txn-left-open")]
+    TxnLeftOpen,
+    #[serde(rename = "cursor-session-mismatch")]
+    CursorSessionMismatch,
+    #[serde(rename = "unacknowledged-with-session")]
+    UnacknowledgedWithSession,
+    #[serde(rename = "idle-expired-reuse")]
+    IdleExpiredReuse,
+    #[serde(rename = "cross-client-sharing")]
+    CrossClientSharing,
+}
+
+impl RuleId {
+    pub const ALL: [RuleId; 13] = [
+        RuleId::ConcurrentUse,
+        RuleId::UseAfterEnd,
+        RuleId::EndWhileInFlight,
+        RuleId::ClosedWithRequestsInFlight,
+        RuleId::TxnRegression,
+        RuleId::TxnNumberReuse,
+        RuleId::TxnSuperseded,
+        RuleId::TxnAfterAbort,
+        RuleId::TxnLeftOpen,
+        RuleId::CursorSessionMismatch,
+        RuleId::UnacknowledgedWithSession,
+        RuleId::IdleExpiredReuse,
+        RuleId::CrossClientSharing,
+    ];
+    pub const COUNT: usize = RuleId::ALL.len();
+
+    /// The stable id.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleId::ConcurrentUse => "concurrent-use",
+            RuleId::UseAfterEnd => "use-after-end",
+            RuleId::EndWhileInFlight => "end-while-in-flight",
+            RuleId::ClosedWithRequestsInFlight => "closed-with-requests-in-flight",
+            RuleId::TxnRegression => "txn-regression",
+            RuleId::TxnNumberReuse => "txn-number-reuse",
+            RuleId::TxnSuperseded => "txn-superseded",
+            RuleId::TxnAfterAbort => "txn-after-abort",
+            RuleId::TxnLeftOpen => "txn-left-open",
+            RuleId::CursorSessionMismatch => "cursor-session-mismatch",
+            RuleId::UnacknowledgedWithSession => "unacknowledged-with-session",
+            RuleId::IdleExpiredReuse => "idle-expired-reuse",
+            RuleId::CrossClientSharing => "cross-client-sharing",
+        }
+    }
+
+    /// Position in `ALL` (for per-rule counters and settings arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The severity from DESIGN.md's table.
+    pub fn default_severity(self) -> Severity {
+        match self {
+            RuleId::ClosedWithRequestsInFlight
+            | RuleId::TxnLeftOpen
+            | RuleId::UnacknowledgedWithSession
+            | RuleId::IdleExpiredReuse => Severity::Warning,
+            _ => Severity::Error,
+        }
+    }
+}
+
+impl fmt::Display for RuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RuleId {
+    type Err = ();
+    fn from_str(s: &str) -> Result<RuleId, ()> {
+        RuleId::ALL
+            .into_iter()
+            .find(|rule| rule.as_str() == s)
+            .ok_or(())
+    }
+}
+
+/// How bad a violation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What sessionguard does about a violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Report it; the request is forwarded.
+    Log,
+    /// Report it and answer the request with an error instead of forwarding
+    /// it (only possible for a request that expects a reply).
+    Reject,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Log => "log",
+            Action::Reject => "reject",
+        }
+    }
+}
+
+/// What a rule function returns: compact (ids, not names), cheap to build.
+/// The engine stamps severity and action from the configuration and
+/// resolves it into a [`ViolationRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: RuleId,
+    pub key: SessionKey,
+    pub at: Millis,
+    /// What happened and why it is a problem, in words (no document contents).
+    pub message: String,
+    /// The request that broke the rule (absent for time-driven rules).
+    pub current: Option<RequestRef>,
+    /// The earlier request it conflicts with, when there is one.
+    pub earlier: Option<RequestRef>,
+}
+
+impl Violation {
+    pub fn new(rule: RuleId, key: SessionKey, at: Millis, message: String) -> Violation {
+        Violation {
+            rule,
+            key,
+            at,
+            message,
+            current: None,
+            earlier: None,
+        }
+    }
+    pub fn current(mut self, request: RequestRef) -> Violation {
+        self.current = Some(request);
+        self
+    }
+    pub fn earlier(mut self, request: RequestRef) -> Violation {
+        self.earlier = Some(request);
+        self
+    }
+}
+
+/// One request of a violation's evidence, with every id resolved to names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestEvidence {
+    pub connection_id: u64,
+    pub request_id: i32,
+    pub peer: Option<String>,
+    pub app_name: Option<String>,
+    pub driver: Option<String>,
+    pub driver_version: Option<String>,
+    pub user: Option<String>,
+    pub command: String,
+    pub namespace: String,
+    pub txn_number: Option<i64>,
+    /// RFC 3339 UTC time the request (or event) was seen.
+    pub at: String,
+}
+
+/// A violation as logged, listed and served by the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ViolationRecord {
+    /// Increasing per process.
+    pub id: u64,
+    pub rule: RuleId,
+    pub severity: Severity,
+    pub action: Action,
+    /// Whether the request was actually rejected (a `reject` action on a
+    /// request that expects no reply cannot be answered, so it is forwarded).
+    pub rejected: bool,
+    /// The full lsid (UUID form) and the short form used in log lines.
+    pub lsid: String,
+    pub lsid_short: String,
+    /// The session's owner (`user@db`), when the proxy saw the authentication.
+    pub owner: Option<String>,
+    pub at: String,
+    pub message: String,
+    pub current: Option<RequestEvidence>,
+    pub earlier: Option<RequestEvidence>,
+}
+
+impl ViolationRecord {
+    /// The `errmsg` of a rejected request's reply.
+    pub fn errmsg(&self) -> String {
+        format!("sessionguard: {}: {}", self.rule, self.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_ids_round_trip_and_are_unique() {
+        for (index, rule) in RuleId::ALL.into_iter().enumerate() {
+            assert_eq!(rule.index(), index);
+            assert_eq!(rule.as_str().parse::<RuleId>(), Ok(rule));
+            let json = serde_json::to_string(&rule).unwrap();
+            assert_eq!(json, format!("\"{}\"", rule.as_str()));
+        }
+        assert!("no-such-rule".parse::<RuleId>().is_err());
+    }
+
+    #[test]
+    fn default_severities_follow_the_design_table() {
+        let warnings: Vec<_> = RuleId::ALL
+            .into_iter()
+            .filter(|rule| rule.default_severity() == Severity::Warning)
+            .map(RuleId::as_str)
+            .collect();
+        assert_eq!(
+            warnings,
+            [
+                "closed-with-requests-in-flight",
+                "txn-left-open",
+                "unacknowledged-with-session",
+                "idle-expired-reuse"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_violation_code_is_on_no_driver_list() {
+        // Retryable writes / reads, SDAM not-primary / recovering / shutdown,
+        // UnknownTransactionCommitResult and change-stream resumable codes,
+        // as listed by the specifications and the Rust, Node.js and Python
+        // drivers.
+        const DRIVER_CODES: &[i32] = &[
+            6, 7, 43, 50, 63, 64, 89, 91, 133, 134, 150, 189, 234, 251, 262, 9001, 10058, 10107,
+            11600, 11602, 13388, 13435, 13436, 20, 26, 112, 225, 244, 391,
+        ];
+        assert!(!DRIVER_CODES.contains(&SESSIONGUARD_VIOLATION_CODE));
+        const { assert!(SESSIONGUARD_VIOLATION_CODE > 20_000_000) };
+    }
+}
