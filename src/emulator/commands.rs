@@ -582,8 +582,7 @@ struct UpdateOutcome {
 /// One update statement (shared by update and findAndModify).
 fn update_one_statement(
     ex: &mut Exec<'_>,
-    db: &str,
-    coll: &str,
+    (db, coll): (&str, &str),
     filter: &Document,
     update: &Bson,
     multi: bool,
@@ -696,8 +695,7 @@ fn update(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         };
         let result = update_one_statement(
             ex,
-            &req.db,
-            &coll,
+            (&req.db, &coll),
             &filter,
             u,
             truthy(statement.get("multi")),
@@ -839,8 +837,7 @@ fn find_and_modify(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         };
         let o = update_one_statement(
             ex,
-            &req.db,
-            &coll,
+            (&req.db, &coll),
             &filter,
             update,
             false,

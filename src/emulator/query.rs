@@ -331,7 +331,7 @@ pub fn project(doc: &Document, projection: &Document) -> Document {
             .collect()
     } else {
         doc.iter()
-            .filter(|(k, _)| !projection.get(k.as_str()).is_some_and(|v| !truthy(v)))
+            .filter(|(k, _)| projection.get(k.as_str()).is_none_or(truthy))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
