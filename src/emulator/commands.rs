@@ -925,7 +925,7 @@ fn find(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let projection = req.doc_field("projection")?;
     let skip = as_count(req.body.get("skip"), "skip")?.unwrap_or(0);
     let raw_limit = as_i64(req.body.get("limit")).unwrap_or(0);
-    let mut single_batch = truthy(req.body.get("singleBatch")) || raw_limit < 0;
+    let single_batch = truthy(req.body.get("singleBatch")) || raw_limit < 0;
     let limit = usize::try_from(raw_limit.unsigned_abs()).unwrap_or(usize::MAX);
     let batch_size = as_count(req.body.get("batchSize"), "batchSize")?;
     let mut docs: Vec<Document> = matching(ex, &req.db, &coll, &filter)?
@@ -935,13 +935,8 @@ fn find(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     query::sort_documents(&mut docs, &sort);
     let mut docs: Vec<Document> = docs.into_iter().skip(skip).collect();
     if limit > 0 {
+        // Truncating here closes the cursor once the limit is reached.
         docs.truncate(limit);
-        if batch_size.is_none_or(|b| b >= limit)
-            && docs.len() <= DEFAULT_FIRST_BATCH.max(batch_size.unwrap_or(0))
-        {
-            // Everything fits the first batch: the server closes the cursor.
-            single_batch |= batch_size.is_some() || limit <= DEFAULT_FIRST_BATCH;
-        }
     }
     let docs = docs
         .iter()

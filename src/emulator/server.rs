@@ -11,9 +11,8 @@ use std::time::Duration;
 use bson::Document;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::codec::FramedRead;
@@ -199,18 +198,24 @@ enum StreamEnd {
     Interrupted(Frame),
 }
 
-type Reader = FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec>;
+/// Smallest wait between two streamed hello replies, so a client asking for
+/// maxAwaitTimeMS 0 with exhaustAllowed is not flooded.
+const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(10);
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Serves one client over any byte stream (plain TCP today, TLS later)
+/// until it closes, sends a malformed frame, or the listener stops.
+pub(crate) async fn serve_connection<S>(
+    stream: S,
     peer: SocketAddr,
     state: Arc<EmulatorState>,
     member: usize,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let connection_id = state.next_connection_id();
     let max = state.config().max_message_size;
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = tokio::io::split(stream);
     let mut frames = FramedRead::new(read, FrameCodec::new(max));
     let mut conn = Connection {
         state,
@@ -269,10 +274,10 @@ async fn serve_connection(
 /// current (up to maxAwaitTimeMS or a topology change), then replies; with
 /// exhaustAllowed keeps replying (moreToCome set, each reply's responseTo
 /// the previous reply's requestID) until the client goes away.
-async fn stream_hello(
+async fn stream_hello<S: AsyncRead + AsyncWrite>(
     conn: &Connection,
-    frames: &mut Reader,
-    write: &mut OwnedWriteHalf,
+    frames: &mut FramedRead<ReadHalf<S>, FrameCodec>,
+    write: &mut WriteHalf<S>,
     awaiting: AwaitingHello,
     shutdown: &mut watch::Receiver<bool>,
 ) -> StreamEnd {
@@ -286,9 +291,14 @@ async fn stream_hello(
     let mut response_to = request_id;
     loop {
         let mut changed = conn.state.subscribe_topology();
+        let wait = if exhaust {
+            params.max_await.max(MIN_STREAM_INTERVAL)
+        } else {
+            params.max_await
+        };
         if hello::is_current(&params, &conn.state.topology()) {
             tokio::select! {
-                _ = tokio::time::sleep(params.max_await) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = changed.changed() => {}
                 next = frames.next() => return match next {
                     Some(Ok(frame)) => {
