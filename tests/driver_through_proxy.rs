@@ -65,6 +65,8 @@ async fn a_cursor_needing_several_get_mores_reads_every_document() {
         seen.push(cursor.deserialize_current().unwrap().get_i32("_id").unwrap());
     }
     assert_eq!(seen, (0..50).collect::<Vec<_>>());
+    // The driver's shutdown waits for every live cursor to be dropped.
+    drop(cursor);
     // 50 documents in batches of 7: one find and seven getMores.
     assert_eq!(stack.emulator.command_count("getMore"), 7);
     client.shutdown().await;
