@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test suite sessionguard has. This is the test command named in
-# README.md, and the one .ci/run calls. It assumes the toolchains are present
-# (Rust; later Node.js and Python for the interop suites) and installs nothing
-# system-wide itself: .ci/run does that on a fresh machine.
+# README.md, and the one .ci/run calls. It needs the Rust toolchain (and, for
+# the interop suites, Node.js and Python 3, whose packages it installs into
+# the project's own folders); .ci/run installs the system packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,5 +12,11 @@ cargo fmt --all -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
-echo "== cargo test (unit, integration, property tests)"
-cargo test --all-targets --locked
+echo "== Rust tests: unit, property and integration (real drivers through the proxy)"
+if cargo nextest --version >/dev/null 2>&1; then
+  # nextest kills a hung test after 2 minutes (.config/nextest.toml).
+  cargo nextest run --all-targets --locked
+  cargo test --doc --locked
+else
+  cargo test --all-targets --locked
+fi
