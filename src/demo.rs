@@ -84,20 +84,32 @@ pub async fn run_workload(client: &Client) -> Result<(), DemoError> {
         .map(|i| doc! { "_id": i, "item": format!("item-{i}"), "qty": i % 7 })
         .collect();
     let inserted = orders.insert_many(docs).await?;
-    step("insert_many", format!("{} documents", inserted.inserted_ids.len()));
+    step(
+        "insert_many",
+        format!("{} documents", inserted.inserted_ids.len()),
+    );
 
     let options = FindOptions::builder().batch_size(5).build();
-    let mut cursor = orders.find(doc! { "qty": { "$gte": 3 } }).with_options(options).await?;
+    let mut cursor = orders
+        .find(doc! { "qty": { "$gte": 3 } })
+        .with_options(options)
+        .await?;
     let mut read = 0;
     while cursor.advance().await? {
         read += 1;
     }
-    step("find (batchSize 5)", format!("{read} documents over several getMores"));
+    step(
+        "find (batchSize 5)",
+        format!("{read} documents over several getMores"),
+    );
 
     let updated = orders
         .update_many(doc! { "qty": 0 }, doc! { "$set": { "status": "empty" } })
         .await?;
-    step("update_many", format!("{} modified", updated.modified_count));
+    step(
+        "update_many",
+        format!("{} modified", updated.modified_count),
+    );
 
     let deleted = orders.delete_one(doc! { "_id": 24 }).await?;
     step("delete_one", format!("{} deleted", deleted.deleted_count));
@@ -125,7 +137,10 @@ pub async fn run_workload(client: &Client) -> Result<(), DemoError> {
     );
 
     let total = orders.count_documents(doc! {}).await?;
-    step("count_documents", format!("{total} documents in demo.orders"));
+    step(
+        "count_documents",
+        format!("{total} documents in demo.orders"),
+    );
     Ok(())
 }
 

@@ -24,7 +24,11 @@ async fn crud_round_trips_through_the_proxy() {
         ])
         .await
         .unwrap();
-    let found = people.find_one(doc! { "name": "alan" }).await.unwrap().unwrap();
+    let found = people
+        .find_one(doc! { "name": "alan" })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(found.get_i32("age").unwrap(), 41);
 
     let updated = people
@@ -35,7 +39,10 @@ async fn crud_round_trips_through_the_proxy() {
     let grace = people.find_one(doc! { "_id": 3 }).await.unwrap().unwrap();
     assert_eq!(grace.get_i32("age").unwrap(), 86);
 
-    let deleted = people.delete_one(doc! { "age": { "$lt": 40 } }).await.unwrap();
+    let deleted = people
+        .delete_one(doc! { "age": { "$lt": 40 } })
+        .await
+        .unwrap();
     assert_eq!(deleted.deleted_count, 1);
     assert_eq!(people.count_documents(doc! {}).await.unwrap(), 2);
 
@@ -62,7 +69,13 @@ async fn a_cursor_needing_several_get_mores_reads_every_document() {
     let mut cursor = items.find(doc! {}).with_options(options).await.unwrap();
     let mut seen = Vec::new();
     while cursor.advance().await.unwrap() {
-        seen.push(cursor.deserialize_current().unwrap().get_i32("_id").unwrap());
+        seen.push(
+            cursor
+                .deserialize_current()
+                .unwrap()
+                .get_i32("_id")
+                .unwrap(),
+        );
     }
     assert_eq!(seen, (0..50).collect::<Vec<_>>());
     // The driver's shutdown waits for every live cursor to be dropped.
@@ -79,7 +92,10 @@ async fn explicit_session_and_transactions_commit_and_abort() {
     let client = stack.client().await;
     let accounts = client.database("bank").collection::<Document>("accounts");
     accounts
-        .insert_many(vec![doc! { "_id": "a", "balance": 100 }, doc! { "_id": "b", "balance": 0 }])
+        .insert_many(vec![
+            doc! { "_id": "a", "balance": 100 },
+            doc! { "_id": "b", "balance": 0 },
+        ])
         .await
         .unwrap();
 
@@ -117,8 +133,16 @@ async fn explicit_session_and_transactions_commit_and_abort() {
     session.abort_transaction().await.unwrap();
     drop(session);
 
-    let a = accounts.find_one(doc! { "_id": "a" }).await.unwrap().unwrap();
-    let b = accounts.find_one(doc! { "_id": "b" }).await.unwrap().unwrap();
+    let a = accounts
+        .find_one(doc! { "_id": "a" })
+        .await
+        .unwrap()
+        .unwrap();
+    let b = accounts
+        .find_one(doc! { "_id": "b" })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(a.get_i32("balance").unwrap(), 70);
     assert_eq!(b.get_i32("balance").unwrap(), 30);
     assert_eq!(stack.emulator.command_count("commitTransaction"), 1);
@@ -149,7 +173,10 @@ async fn client_shutdown_ends_sessions_through_the_proxy() {
         stack.emulator.ended_session_count() > 0
     })
     .await;
-    assert!(ended, "endSessions from client.shutdown() must reach the emulator");
+    assert!(
+        ended,
+        "endSessions from client.shutdown() must reach the emulator"
+    );
     assert!(stack.emulator.command_count("endSessions") >= 1);
     stack.stop().await;
 }
@@ -157,7 +184,9 @@ async fn client_shutdown_ends_sessions_through_the_proxy() {
 #[tokio::test]
 async fn the_demo_workload_runs_through_the_proxy() {
     let stack = sessionguard::demo::DemoStack::start().await.unwrap();
-    let client = mongodb::Client::with_uri_str(stack.client_uri()).await.unwrap();
+    let client = mongodb::Client::with_uri_str(stack.client_uri())
+        .await
+        .unwrap();
     sessionguard::demo::run_workload(&client).await.unwrap();
     let orders = client.database("demo").collection::<Document>("orders");
     // 25 inserted, one deleted, one committed in a transaction, one aborted.

@@ -23,7 +23,10 @@ impl Stack {
         Stack::start_with(emulator_config, Arc::new(NoopInspector)).await
     }
 
-    pub async fn start_with(emulator_config: EmulatorConfig, inspector: Arc<dyn Inspector>) -> Stack {
+    pub async fn start_with(
+        emulator_config: EmulatorConfig,
+        inspector: Arc<dyn Inspector>,
+    ) -> Stack {
         let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let emulator = Emulator::start(loopback, emulator_config)
             .await
@@ -41,7 +44,10 @@ impl Stack {
 
     /// A connection string through the proxy (`extra` is appended to the options).
     pub fn proxy_uri(&self, extra: &str) -> String {
-        format!("mongodb://{}/?directConnection=true{extra}", self.proxy.local_addr())
+        format!(
+            "mongodb://{}/?directConnection=true{extra}",
+            self.proxy.local_addr()
+        )
     }
 
     /// A Rust driver client that reaches the emulator through the proxy.
