@@ -10,12 +10,19 @@
 //!   connection per client, frames forwarded unchanged, the `Inspector` seam.
 //! - [`config`]: the TOML configuration, documented defaults, validation
 //!   naming the key, CLI/env overrides.
-//! - [`admin`]: the admin HTTP server (`/healthz`).
+//! - [`metrics`]: the Prometheus registry and the data path's pre-resolved
+//!   metric handles; the session engine's counters are read at scrape time.
+//! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
+//!   `/sessions`, `/violations`).
 //! - [`telemetry`]: `tracing` subscriber setup (pretty or JSON logs).
 //! - [`command`]: zero-copy views of requests, replies and handshakes (lsid,
 //!   txnNumber, cursor ids, session lists, statement identity, user).
 //! - [`session`]: the session ledger, the hygiene rules, violations,
 //!   enforcement and the refresher.
+//! - [`report`]: the run summary (JSON, JUnit XML, text) and the exit-code
+//!   policy of CI mode.
+//! - [`exec`]: `sessionguard exec -- CMD`: a private proxy around one child
+//!   process (CI mode).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -23,7 +30,10 @@ pub mod command;
 pub mod config;
 pub mod demo;
 pub mod emulator;
+pub mod exec;
+pub mod metrics;
 pub mod proxy;
+pub mod report;
 pub mod session;
 pub mod telemetry;
 pub mod wire;

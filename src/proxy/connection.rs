@@ -28,6 +28,7 @@ use super::inspect::{
     Inspector, ReplyVerdict, Verdict, INJECT_QUEUE,
 };
 use super::upstream::{self, DialError, HostPort};
+use crate::metrics::{ConnectFailure, Direction, FrameSide, ProxyMetrics};
 use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, OpCode, WireError};
 
 /// Which side of a connection pair failed.
@@ -108,6 +109,7 @@ pub(crate) struct ConnSettings {
     pub connect_timeout: Duration,
     pub frame_read_timeout: Duration,
     pub inject_timeout: Duration,
+    pub metrics: ProxyMetrics,
 }
 
 /// State both pumps touch.
@@ -165,8 +167,12 @@ pub(crate) async fn serve(
         _ = kill.cancelled() => return,
     };
     let upstream = match dialed {
-        Ok(stream) => stream,
+        Ok(stream) => {
+            settings.metrics.upstream_reached();
+            stream
+        }
         Err(e) => {
+            settings.metrics.connect_failed(connect_failure(&e));
             let e = ConnError::from(e);
             warn!(conn = id, %peer, side = %e.side(), error = %e, "connection closed: {e}");
             return;
@@ -223,6 +229,12 @@ pub(crate) async fn serve(
 
     let lifetime = opened_at.elapsed();
     let in_flight = still_in_flight.len();
+    if let Outcome::Failed(ConnError::Malformed { side, .. }) = &outcome {
+        settings.metrics.malformed_frame(match side {
+            Side::Client => FrameSide::Client,
+            Side::Upstream | Side::Internal => FrameSide::Upstream,
+        });
+    }
     match outcome {
         Outcome::Failed(e) => warn!(
             conn = id, %peer, side = %e.side(), in_flight, lifetime = ?lifetime,
@@ -237,6 +249,17 @@ pub(crate) async fn serve(
             requests = counters.requests, replies = counters.replies,
             reason = other.reason(), "connection closed"
         ),
+    }
+}
+
+/// The `reason` label of a failed dial.
+fn connect_failure(e: &DialError) -> ConnectFailure {
+    match e {
+        DialError::Timeout { .. } => ConnectFailure::Timeout,
+        DialError::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+            ConnectFailure::Refused
+        }
+        DialError::Io { .. } => ConnectFailure::Other,
     }
 }
 
@@ -337,6 +360,11 @@ impl Pumps<'_> {
                 Some(Ok(frame)) => frame,
             };
             requests += 1;
+            self.settings.metrics.frame(
+                Direction::ClientToUpstream,
+                frame.header.op_code,
+                frame.bytes.len(),
+            );
 
             let info = match self.inspect_request(&frame) {
                 Ok(info) => info,
@@ -446,6 +474,9 @@ impl Pumps<'_> {
             // through without expecting anything back.
             Message::Reply(_) | Message::Other(_) => (None, false, false, false),
         };
+        if let Some(name) = command {
+            self.settings.metrics.command(name);
+        }
         let record = expects_reply.then(|| InFlightRequest {
             request_id: frame.header.request_id,
             op_code: opened.op_code,
@@ -500,6 +531,11 @@ impl Pumps<'_> {
                 Some(Ok(frame)) => frame,
             };
             replies += 1;
+            self.settings.metrics.frame(
+                Direction::UpstreamToClient,
+                frame.header.op_code,
+                frame.bytes.len(),
+            );
 
             let (to_client, became_idle) = match self.inspect_reply(&frame) {
                 Ok(r) => r,
@@ -515,6 +551,21 @@ impl Pumps<'_> {
             if became_idle {
                 self.shared.became_idle.notify_one();
             }
+        }
+    }
+
+    /// Records the latency of a request's first reply. Awaitable hellos wait
+    /// for a topology change on purpose, so they would only blur the
+    /// histogram; later replies of an exhaust stream are not round trips.
+    fn observe_round_trip(&self, request: &InFlightRequest, more_to_come: bool) {
+        let first_reply = request.streamed_replies <= u32::from(more_to_come);
+        if request.awaitable_hello || !first_reply {
+            return;
+        }
+        if let Some(name) = request.command.as_deref() {
+            self.settings
+                .metrics
+                .round_trip(name, request.started.elapsed());
         }
     }
 
@@ -547,6 +598,7 @@ impl Pumps<'_> {
                 return Ok((None, became_idle));
             }
             ReplyOwner::Client(request) => {
+                self.observe_round_trip(&request, more_to_come);
                 self.inspector
                     .on_reply(self.ctx, Some(&request), frame, &msg)
             }

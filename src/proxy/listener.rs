@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::connection::{self, Accepted, ConnSettings, Lifecycle};
 use super::inspect::Inspector;
+use crate::metrics::ProxyMetrics;
 
 /// First and longest pause after a resource-exhaustion accept error.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
@@ -46,14 +47,16 @@ pub(crate) struct AcceptLoop {
     pub active: Arc<watch::Sender<usize>>,
     pub stats: Arc<ListenerStats>,
     pub next_id: Arc<AtomicU64>,
+    pub metrics: ProxyMetrics,
 }
 
-/// Decrements the active-connection count when a connection task ends,
-/// however it ends.
-struct ActiveGuard(Arc<watch::Sender<usize>>);
+/// Decrements the active-connection count (and gauge) when a connection
+/// task ends, however it ends.
+struct ActiveGuard(Arc<watch::Sender<usize>>, ProxyMetrics);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        self.1.connection_closed();
         self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
@@ -97,6 +100,7 @@ impl AcceptLoop {
             let Ok(permit) = cap.clone().try_acquire_owned() else {
                 drop(stream);
                 self.stats.rejected_over_cap.fetch_add(1, Ordering::Relaxed);
+                self.metrics.connection_rejected();
                 rejected_since_log += 1;
                 if last_reject_log.is_none_or(|at| at.elapsed() >= REJECT_LOG_INTERVAL) {
                     warn!(listen = %self.local, %peer, max_connections = self.max_connections,
@@ -110,7 +114,8 @@ impl AcceptLoop {
 
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             self.active.send_modify(|n| *n += 1);
-            let guard = ActiveGuard(self.active.clone());
+            self.metrics.connection_opened();
+            let guard = ActiveGuard(self.active.clone(), self.metrics.clone());
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let settings = self.settings.clone();
             let inspector = self.inspector.clone();

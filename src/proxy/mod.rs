@@ -11,6 +11,9 @@
 //! - `connection`: one client connection and its two pumps.
 //! - `inflight`: the per-connection map of requests awaiting replies.
 //! - `upstream`: connection-string parsing and dialing.
+//!
+//! Metrics: the connection and listener update pre-resolved handles of
+//! `crate::metrics::ProxyMetrics` (atomic adds, no allocation per frame).
 
 mod connection;
 mod inflight;
@@ -36,6 +39,7 @@ pub use inspect::{
 };
 
 use crate::config::ProxyConfig;
+use crate::metrics::Metrics;
 use connection::ConnSettings;
 use listener::{AcceptLoop, ListenerStats};
 
@@ -45,9 +49,20 @@ pub struct Proxy;
 impl Proxy {
     /// Validates `cfg`, binds `cfg.listen` and starts accepting. Returns once
     /// the listener is bound (so `local_addr` is known, e.g. for port 0).
+    /// The proxy gets a registry of its own (see `ProxyHandle::metrics`).
     pub async fn start(
         cfg: Arc<ProxyConfig>,
         inspector: Arc<dyn Inspector>,
+    ) -> io::Result<ProxyHandle> {
+        Proxy::start_with_metrics(cfg, inspector, Arc::new(Metrics::new())).await
+    }
+
+    /// `start`, recording into `metrics` (shared with the admin server and
+    /// the session engine's collector).
+    pub async fn start_with_metrics(
+        cfg: Arc<ProxyConfig>,
+        inspector: Arc<dyn Inspector>,
+        metrics: Arc<Metrics>,
     ) -> io::Result<ProxyHandle> {
         cfg.validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -71,6 +86,7 @@ impl Proxy {
             connect_timeout: cfg.connect_timeout,
             frame_read_timeout: cfg.frame_read_timeout,
             inject_timeout: cfg.inject_timeout,
+            metrics: metrics.proxy().clone(),
         });
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();
@@ -88,6 +104,7 @@ impl Proxy {
             active: active.clone(),
             stats: stats.clone(),
             next_id: Arc::new(AtomicU64::new(1)),
+            metrics: metrics.proxy().clone(),
         };
         let task = tokio::spawn(accept_loop.run());
         Ok(ProxyHandle {
@@ -96,6 +113,7 @@ impl Proxy {
             kill,
             active,
             stats,
+            metrics,
             task,
         })
     }
@@ -109,6 +127,7 @@ pub struct ProxyHandle {
     kill: CancellationToken,
     active: Arc<watch::Sender<usize>>,
     stats: Arc<ListenerStats>,
+    metrics: Arc<Metrics>,
     task: JoinHandle<()>,
 }
 
@@ -122,12 +141,24 @@ impl ProxyHandle {
     /// flight (a monitoring hello stream counts as nothing); whatever is
     /// left is closed after `drain_grace`.
     pub fn drain(&self) {
+        self.metrics.proxy().set_draining();
         self.drain.cancel();
     }
 
     /// Closes the listener and every connection now.
     pub fn shutdown_now(&self) {
+        self.metrics.proxy().set_draining();
         self.kill.cancel();
+    }
+
+    /// Whether `drain` or `shutdown_now` was called.
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled() || self.kill.is_cancelled()
+    }
+
+    /// The metrics this proxy records into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Resolves when the listener has stopped and every connection is closed

@@ -1,0 +1,767 @@
+//! Prometheus metrics: one [`Metrics`] struct owning a `prometheus::Registry`
+//! and typed, pre-resolved handles for the data path, plus a scrape-time
+//! collector for the session engine's counters. It owns metric names, help
+//! texts and label sets; it must not own policy, sockets or session state.
+//!
+//! Cardinality is fixed when the struct is built: every label value of every
+//! series is known up front (directions, opcodes, a closed list of command
+//! names with everything else as `other`, rule ids, fixed reasons), so a scrape
+//! always shows every series (zeros included) and nothing a client sends can
+//! create a series. Never an lsid, namespace, peer or user as a label. The hot
+//! path indexes arrays of counter handles: an atomic add, no lock, no
+//! allocation, no string formatting.
+//!
+//! The session engine has no metrics dependency: [`SessionCollector`] reads
+//! `SessionEngine::stats()` and `violation_counts()` when Prometheus scrapes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::session::config::ResolvedRules;
+use crate::session::{RuleId, SessionEngine};
+use crate::wire::OpCode;
+
+/// Media type of the text exposition format served at `/metrics`.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Which way a frame travelled through the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    ClientToUpstream = 0,
+    UpstreamToClient = 1,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::ClientToUpstream, Direction::UpstreamToClient];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToUpstream => "client_to_upstream",
+            Direction::UpstreamToClient => "upstream_to_client",
+        }
+    }
+}
+
+/// The `opcode` label values (`OpCode::name`), in index order.
+const OPCODE_LABELS: [&str; 10] = [
+    "reply",
+    "update",
+    "insert",
+    "query",
+    "get_more",
+    "delete",
+    "kill_cursors",
+    "compressed",
+    "msg",
+    "unknown",
+];
+
+fn opcode_index(op: OpCode) -> usize {
+    match op {
+        OpCode::Reply => 0,
+        OpCode::Update => 1,
+        OpCode::Insert => 2,
+        OpCode::Query => 3,
+        OpCode::GetMore => 4,
+        OpCode::Delete => 5,
+        OpCode::KillCursors => 6,
+        OpCode::Compressed => 7,
+        OpCode::Msg => 8,
+        OpCode::Unknown(_) => 9,
+    }
+}
+
+/// The `command` label values: the commands drivers and applications send
+/// routinely. Anything else (including every misspelling a client could
+/// invent) is counted as `other`, which is last.
+pub const COMMAND_LABELS: [&str; 42] = [
+    "find",
+    "insert",
+    "update",
+    "delete",
+    "getMore",
+    "aggregate",
+    "findAndModify",
+    "count",
+    "distinct",
+    "killCursors",
+    "bulkWrite",
+    "hello",
+    "isMaster",
+    "ping",
+    "buildInfo",
+    "getParameter",
+    "serverStatus",
+    "saslStart",
+    "saslContinue",
+    "authenticate",
+    "logout",
+    "endSessions",
+    "refreshSessions",
+    "killSessions",
+    "killAllSessions",
+    "killAllSessionsByPattern",
+    "startSession",
+    "commitTransaction",
+    "abortTransaction",
+    "listCollections",
+    "listIndexes",
+    "listDatabases",
+    "createIndexes",
+    "dropIndexes",
+    "create",
+    "drop",
+    "dropDatabase",
+    "collMod",
+    "renameCollection",
+    "explain",
+    "getLastError",
+    "other",
+];
+
+const OTHER_COMMAND: usize = COMMAND_LABELS.len() - 1;
+
+/// The index of `name` in [`COMMAND_LABELS`] (legacy lowercase spellings
+/// fold into their camel-case names; unknown names are `other`).
+pub fn command_index(name: &str) -> usize {
+    let canonical = match name {
+        "ismaster" => "isMaster",
+        "buildinfo" => "buildInfo",
+        other => other,
+    };
+    COMMAND_LABELS[..OTHER_COMMAND]
+        .iter()
+        .position(|known| *known == canonical)
+        .unwrap_or(OTHER_COMMAND)
+}
+
+/// Round-trip latency buckets, in seconds: 100µs to 10s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Why dialing the upstream failed (`reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Timeout = 0,
+    Refused = 1,
+    Other = 2,
+}
+
+const CONNECT_FAILURE_LABELS: [&str; 3] = ["timeout", "refused", "other"];
+
+/// Which side sent a malformed frame (`side` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameSide {
+    Client = 0,
+    Upstream = 1,
+}
+
+const FRAME_SIDE_LABELS: [&str; 2] = ["client", "upstream"];
+
+/// Handles the data path updates. Every field is resolved at construction.
+#[derive(Debug, Clone)]
+pub struct ProxyMetrics {
+    connections_active: IntGauge,
+    connections_accepted: IntCounter,
+    connections_rejected: IntCounter,
+    frames: [[IntCounter; OPCODE_LABELS.len()]; 2],
+    bytes: [[IntCounter; OPCODE_LABELS.len()]; 2],
+    commands: [IntCounter; COMMAND_LABELS.len()],
+    latency: [Histogram; COMMAND_LABELS.len()],
+    connect_errors: [IntCounter; CONNECT_FAILURE_LABELS.len()],
+    malformed: [IntCounter; FRAME_SIDE_LABELS.len()],
+    upstream_up: IntGauge,
+    draining: IntGauge,
+}
+
+impl ProxyMetrics {
+    /// A client connection was accepted (under the cap).
+    pub fn connection_opened(&self) {
+        self.connections_accepted.inc();
+        self.connections_active.inc();
+    }
+
+    /// An accepted client connection ended.
+    pub fn connection_closed(&self) {
+        self.connections_active.dec();
+    }
+
+    /// A connection was closed at accept because the cap was reached.
+    pub fn connection_rejected(&self) {
+        self.connections_rejected.inc();
+    }
+
+    /// A frame of `len` bytes was read from one side.
+    #[inline]
+    pub fn frame(&self, direction: Direction, op: OpCode, len: usize) {
+        let (d, o) = (direction as usize, opcode_index(op));
+        self.frames[d][o].inc();
+        self.bytes[d][o].inc_by(u64::try_from(len).unwrap_or(u64::MAX));
+    }
+
+    /// A client sent a command named `name`.
+    #[inline]
+    pub fn command(&self, name: &str) {
+        self.commands[command_index(name)].inc();
+    }
+
+    /// The first reply to a `name` request arrived `elapsed` after the request.
+    #[inline]
+    pub fn round_trip(&self, name: &str, elapsed: Duration) {
+        self.latency[command_index(name)].observe(elapsed.as_secs_f64());
+    }
+
+    /// Dialing the upstream failed.
+    pub fn connect_failed(&self, failure: ConnectFailure) {
+        self.connect_errors[failure as usize].inc();
+        self.upstream_up.set(0);
+    }
+
+    /// The upstream accepted a connection (a client's, or the readiness probe's).
+    pub fn upstream_reached(&self) {
+        self.upstream_up.set(1);
+    }
+
+    /// The upstream refused or timed out a readiness probe.
+    pub fn upstream_unreachable(&self) {
+        self.upstream_up.set(0);
+    }
+
+    /// A connection was closed because one side sent a malformed frame.
+    pub fn malformed_frame(&self, side: FrameSide) {
+        self.malformed[side as usize].inc();
+    }
+
+    /// The proxy started draining (or shutting down): not ready any more.
+    pub fn set_draining(&self) {
+        self.draining.set(1);
+    }
+
+    /// Whether a drain or shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.get() != 0
+    }
+
+    /// Whether the last dial of the upstream (client connection or probe)
+    /// succeeded. True until the first dial says otherwise.
+    pub fn upstream_is_up(&self) -> bool {
+        self.upstream_up.get() != 0
+    }
+
+    /// Client connections open now.
+    pub fn active_connections(&self) -> i64 {
+        self.connections_active.get()
+    }
+}
+
+/// The process's metrics: one registry, the data path's handles, and (once
+/// registered) the session engine's collector.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    proxy: ProxyMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Builds the registry with every data-path series at zero.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        // Names and label sets are constants, so registration can fail only
+        // through a bug in this function (a duplicate name).
+        let proxy = build_proxy_metrics(&registry).expect("metric definitions are consistent");
+        Metrics { registry, proxy }
+    }
+
+    /// The data path's handles.
+    pub fn proxy(&self) -> &ProxyMetrics {
+        &self.proxy
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Adds the session engine's counters (read at scrape time). `rules`
+    /// gives each rule's configured action for the `action` label.
+    pub fn register_session_engine(
+        &self,
+        engine: Arc<SessionEngine>,
+        rules: ResolvedRules,
+    ) -> prometheus::Result<()> {
+        self.registry
+            .register(Box::new(SessionCollector::new(engine, rules)))
+    }
+
+    /// Every metric family, sorted by name.
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        self.registry.gather()
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(64 * 1024);
+        // Encoding into a Vec fails only on names the registry already
+        // validated; an empty body would be the visible symptom.
+        if let Err(e) = TextEncoder::new().encode(&self.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+fn build_proxy_metrics(registry: &Registry) -> prometheus::Result<ProxyMetrics> {
+    fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+        let gauge = IntGauge::new(name, help)?;
+        registry.register(Box::new(gauge.clone()))?;
+        Ok(gauge)
+    }
+    fn counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+        let counter = IntCounter::new(name, help)?;
+        registry.register(Box::new(counter.clone()))?;
+        Ok(counter)
+    }
+    fn counter_vec(
+        registry: &Registry,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> prometheus::Result<IntCounterVec> {
+        let vec = IntCounterVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(vec.clone()))?;
+        Ok(vec)
+    }
+    fn resolve<const N: usize>(
+        vec: &IntCounterVec,
+        prefix: &[&str],
+        values: [&str; N],
+    ) -> prometheus::Result<[IntCounter; N]> {
+        let mut handles = Vec::with_capacity(N);
+        for value in values {
+            let mut labels = prefix.to_vec();
+            labels.push(value);
+            handles.push(vec.get_metric_with_label_values(&labels)?);
+        }
+        Ok(handles.try_into().expect("N handles"))
+    }
+
+    let frames_vec = counter_vec(
+        registry,
+        "sessionguard_frames_total",
+        "Wire-protocol frames read, by direction and header opcode.",
+        &["direction", "opcode"],
+    )?;
+    let bytes_vec = counter_vec(
+        registry,
+        "sessionguard_bytes_total",
+        "Bytes of wire-protocol frames read (headers included), by direction and header opcode.",
+        &["direction", "opcode"],
+    )?;
+    let per_direction = |vec: &IntCounterVec| -> prometheus::Result<_> {
+        Ok([
+            resolve(vec, &[Direction::ClientToUpstream.as_str()], OPCODE_LABELS)?,
+            resolve(vec, &[Direction::UpstreamToClient.as_str()], OPCODE_LABELS)?,
+        ])
+    };
+    let frames = per_direction(&frames_vec)?;
+    let bytes = per_direction(&bytes_vec)?;
+
+    let commands_vec = counter_vec(
+        registry,
+        "sessionguard_commands_total",
+        "Client commands, by command name (a fixed set; anything else is `other`).",
+        &["command"],
+    )?;
+    let commands = resolve(&commands_vec, &[], COMMAND_LABELS)?;
+
+    let latency_vec = HistogramVec::new(
+        HistogramOpts::new(
+            "sessionguard_command_duration_seconds",
+            "Time from a client request to the first upstream reply, by command \
+             (awaitable and streaming hello excluded: they wait on purpose).",
+        )
+        .buckets(LATENCY_BUCKETS.to_vec()),
+        &["command"],
+    )?;
+    registry.register(Box::new(latency_vec.clone()))?;
+    let mut latency = Vec::with_capacity(COMMAND_LABELS.len());
+    for command in COMMAND_LABELS {
+        latency.push(latency_vec.get_metric_with_label_values(&[command])?);
+    }
+    let latency: [Histogram; COMMAND_LABELS.len()] =
+        latency.try_into().expect("one histogram per command");
+
+    let connect_vec = counter_vec(
+        registry,
+        "sessionguard_upstream_connect_errors_total",
+        "Failed dials of the upstream for a client connection, by reason.",
+        &["reason"],
+    )?;
+    let connect_errors = resolve(&connect_vec, &[], CONNECT_FAILURE_LABELS)?;
+    let malformed_vec = counter_vec(
+        registry,
+        "sessionguard_malformed_frames_total",
+        "Connections closed because a frame was malformed, by the side that sent it.",
+        &["side"],
+    )?;
+    let malformed = resolve(&malformed_vec, &[], FRAME_SIDE_LABELS)?;
+
+    let upstream_up = gauge(
+        registry,
+        "sessionguard_upstream_up",
+        "1 if the last dial of the upstream (a client's or the readiness probe's) succeeded, else 0.",
+    )?;
+    upstream_up.set(1);
+
+    Ok(ProxyMetrics {
+        connections_active: gauge(
+            registry,
+            "sessionguard_connections_active",
+            "Client connections open now.",
+        )?,
+        connections_accepted: counter(
+            registry,
+            "sessionguard_connections_accepted_total",
+            "Client connections accepted (not counting those over the cap).",
+        )?,
+        connections_rejected: counter(
+            registry,
+            "sessionguard_connections_rejected_total",
+            "Client connections closed at accept because max_connections was reached.",
+        )?,
+        frames,
+        bytes,
+        commands,
+        latency,
+        connect_errors,
+        malformed,
+        upstream_up,
+        draining: gauge(
+            registry,
+            "sessionguard_draining",
+            "1 once the proxy is draining or shutting down, else 0.",
+        )?,
+    })
+}
+
+/// Reads the session engine's counters at scrape time.
+pub struct SessionCollector {
+    engine: Arc<SessionEngine>,
+    rules: ResolvedRules,
+    descs: Vec<Desc>,
+}
+
+impl std::fmt::Debug for SessionCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionCollector").finish_non_exhaustive()
+    }
+}
+
+/// What one scrape reads from the engine.
+#[derive(Debug, Default)]
+struct EngineSnapshot {
+    stats: crate::session::EngineStats,
+    violations: Vec<(RuleId, u64)>,
+}
+
+impl SessionCollector {
+    pub fn new(engine: Arc<SessionEngine>, rules: ResolvedRules) -> SessionCollector {
+        let template = session_families(&EngineSnapshot::default(), &rules)
+            .expect("session metric definitions are consistent");
+        let descs = template
+            .iter()
+            .flat_map(|c| c.desc().into_iter().cloned())
+            .collect();
+        SessionCollector {
+            engine,
+            rules,
+            descs,
+        }
+    }
+}
+
+impl Collector for SessionCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snapshot = EngineSnapshot {
+            stats: self.engine.stats(),
+            violations: self.engine.violation_counts(),
+        };
+        match session_families(&snapshot, &self.rules) {
+            Ok(collectors) => collectors.iter().flat_map(|c| c.collect()).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build the session metrics");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The session-side families for one snapshot. Fresh metric objects per
+/// scrape: counters cannot be set, and sharing them between concurrent
+/// scrapes would race; a few dozen small allocations per scrape is nothing.
+fn session_families(
+    snapshot: &EngineSnapshot,
+    rules: &ResolvedRules,
+) -> prometheus::Result<Vec<Box<dyn Collector>>> {
+    let stats = &snapshot.stats;
+    let ledger = &stats.ledger;
+    let mut out: Vec<Box<dyn Collector>> = Vec::new();
+    let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+
+    let mut gauge = |name: &str, help: &str, value: i64| -> prometheus::Result<()> {
+        let gauge = IntGauge::new(name, help)?;
+        gauge.set(value);
+        out.push(Box::new(gauge));
+        Ok(())
+    };
+    gauge(
+        "sessionguard_sessions_tracked",
+        "Logical sessions in the ledger now (including ended sessions kept as tombstones).",
+        as_i64(ledger.sessions),
+    )?;
+    gauge(
+        "sessionguard_sessions_held",
+        "Sessions the application holds now (an open transaction or an open cursor).",
+        as_i64(ledger.held),
+    )?;
+    gauge(
+        "sessionguard_cursors_open",
+        "Cursors opened under a session that the proxy still follows.",
+        as_i64(ledger.cursors),
+    )?;
+
+    let mut counter = |name: &str, help: &str, value: u64| -> prometheus::Result<()> {
+        let counter = IntCounter::new(name, help)?;
+        counter.inc_by(value);
+        out.push(Box::new(counter));
+        Ok(())
+    };
+    counter(
+        "sessionguard_sessions_purged_total",
+        "Tombstones past ended_retention and sessions long expired on the server, dropped from the ledger.",
+        ledger.purged,
+    )?;
+    counter(
+        "sessionguard_requests_inspected_total",
+        "Client requests the session engine inspected.",
+        stats.requests_inspected,
+    )?;
+    counter(
+        "sessionguard_requests_rejected_total",
+        "Client requests answered with an error instead of being forwarded (enforce).",
+        stats.requests_rejected,
+    )?;
+    counter(
+        "sessionguard_refreshes_sent_total",
+        "refreshSessions commands the refresher injected.",
+        stats.refreshes_sent,
+    )?;
+    counter(
+        "sessionguard_sessions_refreshed_total",
+        "Sessions named by a successful injected refreshSessions.",
+        stats.sessions_refreshed,
+    )?;
+    counter(
+        "sessionguard_refreshes_failed_total",
+        "Injected refreshSessions that failed (error reply, timeout, closed connection).",
+        stats.refresh_failures,
+    )?;
+
+    let evicted = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_sessions_evicted_total",
+            "Sessions dropped because the ledger reached max_sessions, by what they were.",
+        ),
+        &["reason"],
+    )?;
+    evicted
+        .with_label_values(&["ended"])
+        .inc_by(ledger.evicted_ended);
+    evicted
+        .with_label_values(&["idle"])
+        .inc_by(ledger.evicted_idle);
+    evicted
+        .with_label_values(&["busy"])
+        .inc_by(ledger.evicted_busy);
+    out.push(Box::new(evicted));
+
+    let violations = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_violations_total",
+            "Session-hygiene violations, by rule id and the rule's configured action.",
+        ),
+        &["rule", "action"],
+    )?;
+    for rule in RuleId::ALL {
+        let count = snapshot
+            .violations
+            .iter()
+            .find(|(r, _)| *r == rule)
+            .map_or(0, |(_, n)| *n);
+        violations
+            .with_label_values(&[rule.as_str(), rules.get(rule).action.as_str()])
+            .inc_by(count);
+    }
+    out.push(Box::new(violations));
+
+    let rules_enabled = IntGaugeVec::new(
+        Opts::new(
+            "sessionguard_rules_enabled",
+            "1 for each rule that is enabled.",
+        ),
+        &["rule"],
+    )?;
+    for rule in RuleId::ALL {
+        rules_enabled
+            .with_label_values(&[rule.as_str()])
+            .set(i64::from(rules.enabled(rule)));
+    }
+    out.push(Box::new(rules_enabled));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{RulesConfig, SessionConfig};
+
+    fn value_of(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn command_names_fold_into_a_fixed_set() {
+        assert_eq!(COMMAND_LABELS[command_index("find")], "find");
+        assert_eq!(COMMAND_LABELS[command_index("ismaster")], "isMaster");
+        assert_eq!(COMMAND_LABELS[command_index("buildinfo")], "buildInfo");
+        assert_eq!(COMMAND_LABELS[command_index("myOwnCommand")], "other");
+        assert_eq!(COMMAND_LABELS[command_index("")], "other");
+        assert_eq!(COMMAND_LABELS[command_index("other")], "other");
+    }
+
+    #[test]
+    fn every_series_exists_before_any_traffic() {
+        let metrics = Metrics::new();
+        let text = metrics.render();
+        assert_eq!(
+            value_of(
+                &text,
+                "sessionguard_frames_total{direction=\"upstream_to_client\",opcode=\"msg\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value_of(&text, "sessionguard_commands_total{command=\"other\"}"),
+            Some(0.0)
+        );
+        assert_eq!(value_of(&text, "sessionguard_upstream_up"), Some(1.0));
+        assert_eq!(value_of(&text, "sessionguard_draining"), Some(0.0));
+    }
+
+    #[test]
+    fn hot_path_handles_update_the_right_series() {
+        let metrics = Metrics::new();
+        let proxy = metrics.proxy();
+        proxy.connection_opened();
+        proxy.connection_opened();
+        proxy.connection_closed();
+        proxy.connection_rejected();
+        proxy.frame(Direction::ClientToUpstream, OpCode::Msg, 100);
+        proxy.frame(Direction::ClientToUpstream, OpCode::Msg, 50);
+        proxy.frame(Direction::UpstreamToClient, OpCode::Unknown(77), 20);
+        proxy.command("insert");
+        proxy.command("someCustomThing");
+        proxy.round_trip("insert", Duration::from_millis(3));
+        proxy.connect_failed(ConnectFailure::Refused);
+        proxy.malformed_frame(FrameSide::Upstream);
+        proxy.set_draining();
+        let text = metrics.render();
+        let v = |series: &str| value_of(&text, series).unwrap_or(-1.0);
+        assert_eq!(v("sessionguard_connections_active"), 1.0);
+        assert_eq!(v("sessionguard_connections_accepted_total"), 2.0);
+        assert_eq!(v("sessionguard_connections_rejected_total"), 1.0);
+        assert_eq!(
+            v("sessionguard_bytes_total{direction=\"client_to_upstream\",opcode=\"msg\"}"),
+            150.0
+        );
+        assert_eq!(
+            v("sessionguard_frames_total{direction=\"client_to_upstream\",opcode=\"msg\"}"),
+            2.0
+        );
+        assert_eq!(
+            v("sessionguard_frames_total{direction=\"upstream_to_client\",opcode=\"unknown\"}"),
+            1.0
+        );
+        assert_eq!(v("sessionguard_commands_total{command=\"insert\"}"), 1.0);
+        assert_eq!(v("sessionguard_commands_total{command=\"other\"}"), 1.0);
+        assert_eq!(
+            v("sessionguard_command_duration_seconds_bucket{command=\"insert\",le=\"0.005\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("sessionguard_command_duration_seconds_bucket{command=\"insert\",le=\"0.0025\"}"),
+            0.0
+        );
+        assert_eq!(
+            v("sessionguard_upstream_connect_errors_total{reason=\"refused\"}"),
+            1.0
+        );
+        assert_eq!(v("sessionguard_upstream_up"), 0.0);
+        assert_eq!(
+            v("sessionguard_malformed_frames_total{side=\"upstream\"}"),
+            1.0
+        );
+        assert_eq!(v("sessionguard_draining"), 1.0);
+        assert!(proxy.is_draining());
+    }
+
+    #[test]
+    fn session_collector_reports_every_rule_with_its_action() {
+        let metrics = Metrics::new();
+        let sessions = SessionConfig::default();
+        let rules = RulesConfig::default();
+        let engine = Arc::new(SessionEngine::new(&sessions, &rules));
+        metrics
+            .register_session_engine(engine, ResolvedRules::resolve(sessions.mode, &rules))
+            .unwrap();
+        let text = metrics.render();
+        for rule in RuleId::ALL {
+            let series = format!("sessionguard_violations_total{{action=\"log\",rule=\"{rule}\"}}");
+            assert_eq!(value_of(&text, &series), Some(0.0), "{series}\n{text}");
+        }
+        assert_eq!(value_of(&text, "sessionguard_sessions_tracked"), Some(0.0));
+        assert_eq!(
+            value_of(
+                &text,
+                "sessionguard_sessions_evicted_total{reason=\"idle\"}"
+            ),
+            Some(0.0)
+        );
+        // Registering a second engine would duplicate every name.
+        let other = Arc::new(SessionEngine::new(&sessions, &rules));
+        assert!(metrics
+            .register_session_engine(other, ResolvedRules::resolve(sessions.mode, &rules))
+            .is_err());
+    }
+}
