@@ -19,8 +19,13 @@ use crate::session::config::{RulesConfig, SessionConfig};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
 /// The deployment the proxy forwards to.
 pub const DEFAULT_UPSTREAM: &str = "mongodb://127.0.0.1:27017";
-/// Address of the admin HTTP server (`/healthz`, later `/metrics`...).
+/// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
+/// `/sessions`, `/violations`).
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9216";
+/// How often `/readyz` dials the upstream to see whether it is reachable.
+pub const DEFAULT_UPSTREAM_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Shortest accepted `admin_token`: a guessable token protects nothing.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 /// Maximum concurrent client connections; more are closed on accept.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Largest frame accepted in either direction (the server's maxMessageSizeBytes).
@@ -73,6 +78,42 @@ pub struct ProxyConfig {
     pub frame_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub inject_timeout: Duration,
+    /// Bearer token required by the admin routes other than `/healthz` and
+    /// `/metrics`; `None` leaves them open (the admin address is loopback
+    /// by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<AdminToken>,
+    #[serde(with = "humantime_serde")]
+    pub upstream_probe_interval: Duration,
+}
+
+/// A secret that never reaches logs or rendered configuration: `Debug` and
+/// `Serialize` print `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    pub fn new(token: impl Into<String>) -> AdminToken {
+        AdminToken(token.into())
+    }
+
+    /// The token itself, for comparing with a request's credentials only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for AdminToken {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
+    }
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +128,8 @@ impl Default for ProxyConfig {
             drain_grace: DEFAULT_DRAIN_GRACE,
             frame_read_timeout: DEFAULT_FRAME_READ_TIMEOUT,
             inject_timeout: DEFAULT_INJECT_TIMEOUT,
+            admin_token: None,
+            upstream_probe_interval: DEFAULT_UPSTREAM_PROBE_INTERVAL,
         }
     }
 }
@@ -125,9 +168,29 @@ impl ProxyConfig {
             ("proxy.connect_timeout", self.connect_timeout),
             ("proxy.frame_read_timeout", self.frame_read_timeout),
             ("proxy.inject_timeout", self.inject_timeout),
+            (
+                "proxy.upstream_probe_interval",
+                self.upstream_probe_interval,
+            ),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::key(key, "must be greater than 0"));
+            }
+        }
+        if let Some(token) = &self.admin_token {
+            let token = token.expose();
+            if token.chars().count() < MIN_ADMIN_TOKEN_LEN {
+                return Err(ConfigError::key(
+                    "proxy.admin_token",
+                    format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters"),
+                ));
+            }
+            // It travels in an HTTP header: visible ASCII only.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::key(
+                    "proxy.admin_token",
+                    "must be visible ASCII characters without spaces",
+                ));
             }
         }
         Ok(())
@@ -440,6 +503,21 @@ mod tests {
     }
 
     #[test]
+    fn admin_token_never_shows_in_debug_or_rendered_config() {
+        let config = Config::parse("[proxy]\nadmin_token = \"s3cret-s3cret-s3cret\"\n").unwrap();
+        config.validate().unwrap();
+        let token = config.proxy.admin_token.as_ref().unwrap();
+        assert_eq!(token.expose(), "s3cret-s3cret-s3cret");
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let rendered = toml::to_string(&config.proxy).unwrap();
+        assert!(!rendered.contains("s3cret"), "{rendered}");
+        assert!(
+            rendered.contains("admin_token = \"<redacted>\""),
+            "{rendered}"
+        );
+    }
+
+    #[test]
     fn example_file_parses_validates_and_matches_defaults() {
         let config = Config::parse(EXAMPLE).unwrap();
         config.validate().unwrap();
@@ -540,6 +618,18 @@ mod tests {
                 "proxy.listen: `h:99999`: port",
             ),
             ("[proxy]\nadmin = \"::1:80\"", "proxy.admin:"),
+            (
+                "[proxy]\nadmin_token = \"short\"",
+                "proxy.admin_token: must be at least 16",
+            ),
+            (
+                "[proxy]\nadmin_token = \"has a space in the token\"",
+                "proxy.admin_token: must be visible ASCII",
+            ),
+            (
+                "[proxy]\nupstream_probe_interval = \"0s\"",
+                "proxy.upstream_probe_interval: must be greater",
+            ),
             (
                 "[proxy]\nupstream = \"mongodb+srv://x\"",
                 "proxy.upstream: mongodb+srv:// connection strings are not supported yet",
