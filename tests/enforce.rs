@@ -1,0 +1,176 @@
+//! Enforce mode end to end: a request that breaks an error-severity rule is
+//! not forwarded, and the Rust driver surfaces sessionguard's error to the
+//! caller unchanged — not retried, not taken for a topology change.
+
+mod rules_common;
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
+use rules_common::{emulator_with_latency, find_cmd, lsid, session_lsid, Guarded, RawClient};
+use sessionguard::emulator::EmulatorConfig;
+use sessionguard::session::{
+    Mode, RuleId, SessionConfig, SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
+};
+
+fn enforce() -> SessionConfig {
+    SessionConfig {
+        mode: Mode::Enforce,
+        ..SessionConfig::default()
+    }
+}
+
+fn command_error(error: &mongodb::error::Error) -> (i32, String, String) {
+    match error.kind.as_ref() {
+        ErrorKind::Command(e) => (e.code, e.code_name.clone(), e.message.clone()),
+        other => panic!("expected a command error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_rust_driver_surfaces_a_rejection_without_retrying() {
+    let g = Guarded::start(EmulatorConfig::default(), enforce()).await;
+    let client = g.client("web").await;
+    let items = client.database("app").collection::<Document>("items");
+    let mut session = client.start_session().await.unwrap();
+    items
+        .insert_one(doc! { "_id": 1 })
+        .session(&mut session)
+        .await
+        .unwrap();
+    let id = session_lsid(&session);
+    client
+        .database("admin")
+        .run_command(doc! { "killSessions": [id] })
+        .await
+        .unwrap();
+    let finds_before = g.stack.emulator.command_count("find");
+    let inserts_before = g.stack.emulator.command_count("insert");
+
+    // A read with the killed session: rejected, surfaced, not retried.
+    let error = items
+        .find_one(doc! {})
+        .session(&mut session)
+        .await
+        .unwrap_err();
+    let (code, code_name, message) = command_error(&error);
+    assert_eq!(code, SESSIONGUARD_VIOLATION_CODE);
+    assert_eq!(code_name, SESSIONGUARD_VIOLATION_CODE_NAME);
+    assert!(
+        message.starts_with("sessionguard: use-after-end: "),
+        "{message}"
+    );
+    assert_eq!(
+        g.stack.emulator.command_count("find"),
+        finds_before,
+        "never forwarded, never retried"
+    );
+
+    // A retryable write with it: rejected, no retry label, not retried.
+    let error = items
+        .insert_one(doc! { "_id": 2 })
+        .session(&mut session)
+        .await
+        .unwrap_err();
+    assert_eq!(command_error(&error).0, SESSIONGUARD_VIOLATION_CODE);
+    assert!(!error.contains_label(RETRYABLE_WRITE_ERROR));
+    assert!(!error.contains_label(TRANSIENT_TRANSACTION_ERROR));
+    assert_eq!(g.stack.emulator.command_count("insert"), inserts_before);
+    assert_eq!(items.count_documents(doc! {}).await.unwrap(), 1);
+
+    // The client itself is healthy: the rejection was not taken for a
+    // not-primary / recovering state that would clear its pool.
+    let mut fresh = client.start_session().await.unwrap();
+    items
+        .insert_one(doc! { "_id": 3 })
+        .session(&mut fresh)
+        .await
+        .unwrap();
+    let records = g.violations_of(RuleId::UseAfterEnd);
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|v| v.rejected));
+    drop(session);
+    drop(fresh);
+    client.shutdown().await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn ending_a_session_in_use_is_refused() {
+    let g = Guarded::start(
+        emulator_with_latency(&[("find", Duration::from_millis(500))]),
+        enforce(),
+    )
+    .await;
+    let client = g.client("web").await;
+    let items = client.database("app").collection::<Document>("items");
+    items.insert_one(doc! { "_id": 1 }).await.unwrap();
+    let mut session = client.start_session().await.unwrap();
+    let id = session_lsid(&session);
+    let reader = {
+        let items = items.clone();
+        tokio::spawn(async move {
+            let found = items.find_one(doc! {}).session(&mut session).await;
+            (found, session)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let error = client
+        .database("admin")
+        .run_command(doc! { "endSessions": [id] })
+        .await
+        .unwrap_err();
+    assert_eq!(command_error(&error).0, SESSIONGUARD_VIOLATION_CODE);
+    let (found, session) = reader.await.unwrap();
+    assert!(
+        found.unwrap().is_some(),
+        "the operation in flight was untouched"
+    );
+    assert_eq!(
+        g.stack.emulator.ended_session_count(),
+        0,
+        "the endSessions never reached the server"
+    );
+    drop(session);
+    client.shutdown().await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn warnings_and_disabled_rules_never_reject() {
+    let mut rules = sessionguard::session::RulesConfig::default();
+    rules.rules.insert(
+        "concurrent-use".into(),
+        sessionguard::session::config::RuleOverride {
+            action: Some(sessionguard::session::Action::Log),
+            ..Default::default()
+        },
+    );
+    let g = Guarded::start_with(
+        rules_common::slow_emulator(Duration::from_millis(200)),
+        enforce(),
+        rules,
+        false,
+    )
+    .await;
+    let shared = lsid(7);
+    let mut a = RawClient::connect(g.proxy_addr(), "web").await;
+    let mut b = RawClient::connect(g.proxy_addr(), "web").await;
+    a.send(find_cmd("app", "items", &shared, None)).await;
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    // A different read (an identical one could be a retry racing the close
+    // of the first connection, which sessionguard never reports).
+    b.send(find_cmd("app", "items", &shared, Some(5))).await;
+    assert_eq!(a.read_reply().await.get_f64("ok").unwrap(), 1.0);
+    assert_eq!(
+        b.read_reply().await.get_f64("ok").unwrap(),
+        1.0,
+        "logged, not rejected"
+    );
+    let violation = g.wait_for(RuleId::ConcurrentUse).await;
+    assert!(!violation.rejected);
+    a.close().await;
+    b.close().await;
+    g.stop().await;
+}

@@ -1,0 +1,138 @@
+//! The refresher end to end: with a short emulated session timeout, a cursor
+//! the application holds idle past the timeout still works through the
+//! proxy, because sessionguard refreshed its session (the emulator, which
+//! expires idle sessions and their cursors like the server does, counts the
+//! refreshes). Without the refresher the very same workload loses its cursor
+//! (CursorNotFound).
+
+mod rules_common;
+
+use std::time::Duration;
+
+use bson::{doc, Document};
+use mongodb::error::ErrorKind;
+use mongodb::options::FindOptions;
+use rules_common::Guarded;
+use sessionguard::emulator::EmulatorConfig;
+use sessionguard::session::{RefreshPolicy, RuleId, SessionConfig};
+
+const SERVER_TIMEOUT: Duration = Duration::from_millis(1_500);
+const IDLE: Duration = Duration::from_millis(3_500);
+
+fn emulator() -> EmulatorConfig {
+    EmulatorConfig {
+        session_timeout: SERVER_TIMEOUT,
+        ..EmulatorConfig::default()
+    }
+}
+
+fn sessions(refresh: RefreshPolicy) -> SessionConfig {
+    SessionConfig {
+        refresh,
+        // hello reports whole minutes; the emulated timeout is shorter.
+        session_timeout: Some(SERVER_TIMEOUT),
+        refresh_after: Some(Duration::from_millis(400)),
+        refresh_interval: Duration::from_millis(150),
+        ..SessionConfig::default()
+    }
+}
+
+/// Opens a cursor, reads its first batch, sits idle, then reads the rest.
+async fn hold_a_cursor_idle(g: &Guarded) -> mongodb::error::Result<usize> {
+    let client = g.client("reports").await;
+    let rows = client.database("app").collection::<Document>("rows");
+    rows.insert_many((0..20).map(|i| doc! { "_id": i }).collect::<Vec<_>>())
+        .await?;
+    let options = FindOptions::builder()
+        .batch_size(4)
+        .sort(doc! { "_id": 1 })
+        .build();
+    let mut cursor = rows.find(doc! {}).with_options(options).await?;
+    let mut seen = 0;
+    for _ in 0..4 {
+        assert!(cursor.advance().await?);
+        seen += 1;
+    }
+    // The report pauses (a slow consumer, a user reading a page).
+    tokio::time::sleep(IDLE).await;
+    let result = async {
+        while cursor.advance().await? {
+            seen += 1;
+        }
+        Ok(seen)
+    }
+    .await;
+    drop(cursor);
+    client.shutdown().await;
+    result
+}
+
+#[tokio::test]
+async fn a_held_cursor_survives_an_idle_period_longer_than_the_session_timeout() {
+    let g = Guarded::start_with(
+        emulator(),
+        sessions(RefreshPolicy::Held),
+        Default::default(),
+        true,
+    )
+    .await;
+    let seen = hold_a_cursor_idle(&g)
+        .await
+        .expect("the cursor is still alive");
+    assert_eq!(seen, 20);
+    let refreshed = g.stack.emulator.refreshed_session_count();
+    assert!(
+        refreshed >= 2,
+        "the emulator saw {refreshed} refreshed sessions"
+    );
+    let stats = g.engine.stats();
+    assert!(stats.sessions_refreshed >= 2, "{stats:?}");
+    assert_eq!(stats.refresh_failures, 0, "{stats:?}");
+    // Nothing was misused: the refresher kept the session alive.
+    assert_eq!(g.settle().await, vec![]);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn without_the_refresher_the_same_cursor_is_lost() {
+    let g = Guarded::start_with(
+        emulator(),
+        sessions(RefreshPolicy::Off),
+        Default::default(),
+        true,
+    )
+    .await;
+    let error = hold_a_cursor_idle(&g)
+        .await
+        .expect_err("the server expired the session and its cursor");
+    match error.kind.as_ref() {
+        ErrorKind::Command(e) => assert_eq!(e.code, 43, "CursorNotFound expected, got {e:?}"),
+        other => panic!("expected CursorNotFound, got {other:?}"),
+    }
+    assert_eq!(g.stack.emulator.refreshed_session_count(), 0);
+    assert_eq!(g.engine.stats().refreshes_sent, 0);
+    // sessionguard saw the expired session being used again.
+    g.wait_for(RuleId::IdleExpiredReuse).await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn ended_and_unheld_sessions_are_never_refreshed() {
+    let g = Guarded::start_with(
+        emulator(),
+        sessions(RefreshPolicy::Held),
+        Default::default(),
+        true,
+    )
+    .await;
+    let client = g.client("web").await;
+    let rows = client.database("app").collection::<Document>("rows");
+    // Plain operations on implicit sessions: nothing is held afterwards.
+    rows.insert_one(doc! { "_id": 1 }).await.unwrap();
+    rows.find_one(doc! {}).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(g.stack.emulator.refreshed_session_count(), 0);
+    assert_eq!(g.engine.stats().refreshes_sent, 0);
+    client.shutdown().await;
+    g.stop().await;
+}
