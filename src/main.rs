@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use sessionguard::config::{Config, LogConfig, LogFormat, Overrides};
 use sessionguard::emulator::{EmulatorConfig, Topology};
-use sessionguard::proxy::{NoopInspector, Proxy};
+use sessionguard::proxy::Proxy;
 
 /// Exit code for a configuration error (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -222,7 +222,14 @@ async fn serve_proxy(config: Config) -> ExitCode {
         }
     };
     let proxy_config = Arc::new(config.proxy.clone());
-    let proxy = match Proxy::start(proxy_config, Arc::new(NoopInspector)).await {
+    // The session engine inspects every frame; its refresher/sweep task ends
+    // when the engine is dropped.
+    let engine = Arc::new(sessionguard::session::SessionEngine::new(
+        &config.sessions,
+        &config.rules,
+    ));
+    let _refresher = sessionguard::session::spawn_refresher(&engine);
+    let proxy = match Proxy::start(proxy_config, engine.clone()).await {
         Ok(proxy) => proxy,
         Err(e) => {
             tracing::error!(listen = %config.proxy.listen, error = %e, "cannot start the proxy");
