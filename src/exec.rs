@@ -13,7 +13,7 @@
 //! string it hands to the child (it may hold credentials).
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -155,7 +155,8 @@ fn plan(args: ExecArgs) -> Result<Plan, String> {
     }
     for (flag, path) in [("--report", &args.report), ("--junit", &args.junit)] {
         if let Some(path) = path {
-            check_writable_location(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+            report::check_output_path(path)
+                .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
         }
     }
     if args
@@ -174,23 +175,6 @@ fn plan(args: ExecArgs) -> Result<Plan, String> {
         fail_on: args.fail_on,
         command: args.command,
     })
-}
-
-/// A report path is usable if its directory exists (the file is written at
-/// the end; finding out then would waste the whole run).
-fn check_writable_location(path: &Path) -> Result<(), String> {
-    if path.as_os_str().is_empty() {
-        return Err("empty path".to_string());
-    }
-    if path.is_dir() {
-        return Err("is a directory".to_string());
-    }
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-            Err(format!("directory {} does not exist", dir.display()))
-        }
-        _ => Ok(()),
-    }
 }
 
 async fn run(plan: Plan) -> u8 {
@@ -417,12 +401,7 @@ impl ProxyUri {
         let load_balanced = parsed
             .option("loadBalanced")
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let upstream_hosts = parsed
-            .hosts
-            .iter()
-            .map(|host| host.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let upstream_hosts = report::upstream_hosts(upstream);
         Ok(ProxyUri {
             userinfo,
             path: path.to_string(),

@@ -1,5 +1,5 @@
-//! The `sessionguard` command line: `proxy`, `demo`, `check-config` and
-//! `emulator`. It parses flags (each also settable by a `SESSIONGUARD_*`
+//! The `sessionguard` command line: `proxy`, `exec`, `demo`, `check-config`
+//! and `emulator`. It parses flags (each also settable by a `SESSIONGUARD_*`
 //! environment variable), resolves the configuration before anything is
 //! bound (bad config: exit 64 naming the key), installs logging and signal
 //! handling, and hands over to the library. No proxy logic lives here.
@@ -48,6 +48,8 @@ enum Command {
     },
     /// Run the built-in MongoDB emulator (for manual testing and benchmarks).
     Emulator(EmulatorArgs),
+    /// CI mode: run CMD against a private proxy, report session misuse, exit 3 on violations.
+    Exec(sessionguard::exec::ExecArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +75,9 @@ struct ProxyArgs {
     /// Print the effective [proxy] and [log] settings and exit without binding anything.
     #[arg(long, env = "SESSIONGUARD_PRINT_CONFIG")]
     print_config: bool,
+    /// Write the JSON run report (as `exec --report`) here at shutdown.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -120,12 +125,21 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // `exec` promises 64 for any usage error (clap's own code is 2).
+        Err(e) if e.use_stderr() && std::env::args_os().nth(1).is_some_and(|a| a == "exec") => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Proxy(args) => run_proxy(args),
         Command::Demo => run_demo(),
         Command::Emulator(args) => run_emulator(args),
+        Command::Exec(args) => sessionguard::exec::main(args),
     }
 }
 
@@ -168,6 +182,12 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         print!("{}", render_effective(&config));
         return ExitCode::SUCCESS;
     }
+    if let Some(path) = &args.report {
+        if let Err(e) = sessionguard::report::check_output_path(path) {
+            eprintln!("error: --report {}: {e}", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     if let Err(e) = sessionguard::telemetry::init(&config.log) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -179,7 +199,7 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let code = runtime.block_on(serve_proxy(config));
+    let code = runtime.block_on(serve_proxy(config, args.report));
     // Connections still winding down after a fast exit must not delay it.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
@@ -198,8 +218,9 @@ fn render_effective(config: &Config) -> String {
     .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
 }
 
-async fn serve_proxy(config: Config) -> ExitCode {
+async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
+    let started = std::time::SystemTime::now();
 
     let (mut sigterm, mut sigint) = match (
         signal(SignalKind::terminate()),
@@ -261,6 +282,15 @@ async fn serve_proxy(config: Config) -> ExitCode {
         _ = sigint.recv() => {
             tracing::info!("SIGINT during drain: exiting now");
             code = ExitCode::from(EXIT_INTERRUPTED);
+        }
+    }
+    if let Some(path) = &report {
+        match sessionguard::report::write_proxy_report(path, started, &config, &engine) {
+            Ok(()) => tracing::info!(report = %path.display(), "report written"),
+            Err(e) => {
+                tracing::error!(report = %path.display(), error = %e, "cannot write the report");
+                code = ExitCode::from(EXIT_FAILURE);
+            }
         }
     }
     tracing::info!("sessionguard stopped");

@@ -18,6 +18,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
+use crate::proxy::upstream::ConnectionString;
 use crate::session::config::ResolvedRules;
 use crate::session::violation::RequestEvidence;
 use crate::session::{RuleId, SessionEngine, Severity, ViolationRecord};
@@ -430,6 +432,57 @@ impl Report {
     }
 }
 
+/// Writes the JSON report of a `sessionguard proxy` run, at shutdown: no
+/// child, the default threshold.
+pub fn write_proxy_report(
+    path: &Path,
+    started: SystemTime,
+    config: &Config,
+    engine: &SessionEngine,
+) -> std::io::Result<()> {
+    let rules = ResolvedRules::resolve(config.sessions.mode, &config.rules);
+    let info = RunInfo {
+        started,
+        finished: SystemTime::now(),
+        upstream: upstream_hosts(&config.proxy.upstream),
+        child: None,
+        fail_on: FailOn::default(),
+    };
+    Report::from_engine(info, engine, &rules).write_json(path)
+}
+
+/// The host list of a connection string, for reports: never its
+/// credentials or options.
+pub fn upstream_hosts(uri: &str) -> String {
+    match ConnectionString::parse(uri) {
+        Ok(parsed) => parsed
+            .hosts
+            .iter()
+            .map(|host| host.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        Err(_) => "(invalid connection string)".to_string(),
+    }
+}
+
+/// Checks before a run that a report can be written at `path` (its
+/// directory exists, it is not a directory): finding out at the end would
+/// waste the whole run.
+pub fn check_output_path(path: &Path) -> Result<(), String> {
+    if path.as_os_str().is_empty() {
+        return Err("empty path".to_string());
+    }
+    if path.is_dir() {
+        return Err("is a directory".to_string());
+    }
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err(format!("directory {} does not exist", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The exit-code policy: a failing child's own code wins (the test suite's
 /// verdict comes first), else [`EXIT_VIOLATIONS`] when violations reached
 /// `fail_on`, else 0. Codes outside 1..=255 are clamped to 1 so a failure
@@ -757,6 +810,24 @@ mod tests {
         // Out-of-range codes still fail.
         assert_eq!(exit_code(Some(256), &passing), 1);
         assert_eq!(exit_code(Some(-1), &passing), 1);
+    }
+
+    #[test]
+    fn upstream_hosts_never_show_credentials() {
+        assert_eq!(
+            upstream_hosts("mongodb://u:secret@a,b:27018/db?replicaSet=x"),
+            "a:27017,b:27018"
+        );
+        assert_eq!(upstream_hosts("nope"), "(invalid connection string)");
+    }
+
+    #[test]
+    fn output_paths_are_checked_up_front() {
+        assert!(check_output_path(Path::new("report.json")).is_ok());
+        assert!(check_output_path(Path::new("/tmp")).is_err());
+        assert!(check_output_path(Path::new("/nonexistent-dir/r.json"))
+            .unwrap_err()
+            .contains("does not exist"));
     }
 
     #[test]
