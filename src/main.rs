@@ -233,8 +233,42 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
         }
     };
 
+    // The session engine inspects every frame; its refresher/sweep task ends
+    // when the engine is dropped.
+    let engine = Arc::new(sessionguard::session::SessionEngine::new(
+        &config.sessions,
+        &config.rules,
+    ));
+    let _refresher = sessionguard::session::spawn_refresher(&engine);
+    // One registry for the data path and the engine (read at scrape time).
+    let metrics = Arc::new(sessionguard::metrics::Metrics::new());
+    let rules =
+        sessionguard::session::config::ResolvedRules::resolve(config.sessions.mode, &config.rules);
+    let admin_context = metrics
+        .register_session_engine(engine.clone(), rules)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            sessionguard::admin::AdminContext::for_proxy(
+                &config.proxy,
+                metrics.clone(),
+                Some(engine.clone()),
+            )
+            .map_err(|e| e.to_string())
+        });
+    let admin_context = match admin_context {
+        Ok(context) => context,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the admin server");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let admin_shutdown = CancellationToken::new();
-    let admin = match sessionguard::admin::serve(&config.proxy.admin, admin_shutdown.clone()).await
+    let admin = match sessionguard::admin::serve_with(
+        &config.proxy.admin,
+        admin_context,
+        admin_shutdown.clone(),
+    )
+    .await
     {
         Ok(admin) => admin,
         Err(e) => {
@@ -243,14 +277,7 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
         }
     };
     let proxy_config = Arc::new(config.proxy.clone());
-    // The session engine inspects every frame; its refresher/sweep task ends
-    // when the engine is dropped.
-    let engine = Arc::new(sessionguard::session::SessionEngine::new(
-        &config.sessions,
-        &config.rules,
-    ));
-    let _refresher = sessionguard::session::spawn_refresher(&engine);
-    let proxy = match Proxy::start(proxy_config, engine.clone()).await {
+    let proxy = match Proxy::start_with_metrics(proxy_config, engine.clone(), metrics).await {
         Ok(proxy) => proxy,
         Err(e) => {
             tracing::error!(listen = %config.proxy.listen, error = %e, "cannot start the proxy");
@@ -272,7 +299,6 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
             ExitCode::from(EXIT_INTERRUPTED)
         }
     };
-    admin_shutdown.cancel();
     // SIGINT during a drain cuts it short.
     let mut code = code;
     let drained = proxy.wait();
@@ -293,6 +319,8 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
             }
         }
     }
+    // The admin server outlives the drain so /readyz answers 503 meanwhile.
+    admin_shutdown.cancel();
     tracing::info!("sessionguard stopped");
     code
 }
