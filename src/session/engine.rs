@@ -97,6 +97,9 @@ pub(crate) struct ConnState {
     pub(crate) injector: Option<crate::proxy::inspect::Injector>,
     /// A refresh injected on this connection has not answered yet.
     pub(crate) refresh_in_progress: bool,
+    /// The application sent session traffic on it (monitoring connections
+    /// never do, and may not be authenticated: no refresh goes there).
+    pub(crate) carried_sessions: bool,
 }
 
 impl ConnState {
@@ -275,6 +278,7 @@ impl SessionEngine {
                 pending: Vec::new(),
                 injector,
                 refresh_in_progress: false,
+                carried_sessions: false,
             },
         );
     }
@@ -635,6 +639,7 @@ impl SessionEngine {
             };
             if let Some(mut conn) = self.conns.get_mut(&facts.request.conn) {
                 conn.pending.push(pending);
+                conn.carried_sessions |= inspected.key.is_some();
             }
         }
     }
@@ -1089,7 +1094,7 @@ fn log_violation(record: &ViolationRecord) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::session::config::Mode;
     use crate::wire::op_msg::encode;
@@ -1097,14 +1102,14 @@ mod tests {
     use bson::spec::BinarySubtype;
     use bson::{rawdoc, Binary, RawDocumentBuf};
 
-    const PEER: &str = "10.1.1.1:50000";
+    pub(crate) const PEER: &str = "10.1.1.1:50000";
     const LISTENER: &str = "127.0.0.1:27018";
 
-    fn lsid(n: u8) -> RawDocumentBuf {
+    pub(crate) fn lsid(n: u8) -> RawDocumentBuf {
         rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: vec![n; 16] } }
     }
 
-    fn engine_with(config: SessionConfig, rules: RulesConfig) -> SessionEngine {
+    pub(crate) fn engine_with(config: SessionConfig, rules: RulesConfig) -> SessionEngine {
         SessionEngine::new(&config, &rules)
     }
 
@@ -1112,8 +1117,15 @@ mod tests {
         engine_with(SessionConfig::default(), RulesConfig::default())
     }
 
-    fn connect(engine: &SessionEngine, conn: u64, peer: &str, app: &str) {
-        engine.connect(conn, peer.parse().unwrap(), LISTENER.parse().unwrap(), None);
+    pub(crate) fn connect(engine: &SessionEngine, conn: u64, peer: &str, app: &str) {
+        // A detached injector: every injection fails with Closed.
+        let injector = Some(crate::proxy::inspect::Injector::detached());
+        engine.connect(
+            conn,
+            peer.parse().unwrap(),
+            LISTENER.parse().unwrap(),
+            injector,
+        );
         let hello = rawdoc! {
             "hello": 1,
             "client": { "driver": { "name": "mongo-rust-driver", "version": "3.3.0" }, "application": { "name": app } },
@@ -1129,7 +1141,7 @@ mod tests {
         );
     }
 
-    fn send(
+    pub(crate) fn send(
         engine: &SessionEngine,
         conn: u64,
         id: i32,
@@ -1142,25 +1154,31 @@ mod tests {
         engine.request_at(conn, id, &Message::Msg(msg), now)
     }
 
-    fn reply(engine: &SessionEngine, conn: u64, to: i32, doc: &RawDocumentBuf, now: Millis) {
+    pub(crate) fn reply(
+        engine: &SessionEngine,
+        conn: u64,
+        to: i32,
+        doc: &RawDocumentBuf,
+        now: Millis,
+    ) {
         let frame = encode(9000 + to, to, MsgFlags(0), doc.as_bytes());
         let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
         engine.reply_at(conn, to, &Message::Msg(msg), now);
     }
 
-    fn ok() -> RawDocumentBuf {
+    pub(crate) fn ok() -> RawDocumentBuf {
         rawdoc! { "ok": 1.0 }
     }
 
-    fn rules_fired(engine: &SessionEngine) -> Vec<RuleId> {
+    pub(crate) fn rules_fired(engine: &SessionEngine) -> Vec<RuleId> {
         engine.violations().iter().map(|v| v.rule).collect()
     }
 
-    fn insert(session: u8, txn: i64, value: i32) -> RawDocumentBuf {
+    pub(crate) fn insert(session: u8, txn: i64, value: i32) -> RawDocumentBuf {
         rawdoc! { "insert": "orders", "documents": [{ "v": value }], "lsid": lsid(session), "txnNumber": txn, "$db": "shop" }
     }
 
-    fn find(session: u8) -> RawDocumentBuf {
+    pub(crate) fn find(session: u8) -> RawDocumentBuf {
         rawdoc! { "find": "orders", "filter": {}, "lsid": lsid(session), "$db": "shop" }
     }
 

@@ -116,7 +116,7 @@ impl SessionEngine {
         // Connections that can carry a refresh, per (owner, upstream).
         let mut candidates: HashMap<(OwnerId, u32), Vec<(u64, bool)>> = HashMap::new();
         for conn in self.conns.iter() {
-            if conn.injector.is_some() && !conn.refresh_in_progress {
+            if conn.injector.is_some() && conn.carried_sessions && !conn.refresh_in_progress {
                 candidates
                     .entry((conn.owner, conn.upstream))
                     .or_default()
@@ -310,4 +310,182 @@ pub fn spawn_refresher(engine: &Arc<SessionEngine>) -> tokio::task::JoinHandle<(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::config::{RulesConfig, SessionConfig};
+    use crate::session::engine::tests::{connect, engine_with, find, lsid, ok, reply, send, PEER};
+    use crate::wire::op_msg::encode;
+    use crate::wire::MsgFlags;
+    use bson::rawdoc;
+
+    const SECOND: Millis = 1_000;
+
+    fn engine(policy: RefreshPolicy) -> SessionEngine {
+        let config = SessionConfig {
+            refresh: policy,
+            session_timeout: Some(Duration::from_secs(10)),
+            refresh_after: Some(Duration::from_secs(4)),
+            ..SessionConfig::default()
+        };
+        engine_with(config, RulesConfig::default())
+    }
+
+    /// Opens a cursor under session `n` on connection `conn` at time 0.
+    fn hold_cursor(engine: &SessionEngine, conn: u64, n: u8, request_id: i32) {
+        send(engine, conn, request_id, &find(n), 0, 0);
+        let cursor_id = 1_000 + i64::from(n);
+        reply(
+            engine,
+            conn,
+            request_id,
+            &rawdoc! { "cursor": { "id": cursor_id, "firstBatch": [] }, "ok": 1.0 },
+            0,
+        );
+    }
+
+    fn reply_frame(doc: bson::RawDocumentBuf) -> Bytes {
+        encode(-5, -1, MsgFlags(0), doc.as_bytes())
+    }
+
+    #[test]
+    fn held_idle_sessions_are_planned_on_their_own_connection() {
+        let engine = engine(RefreshPolicy::Held);
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        hold_cursor(&engine, 2, 7, 10);
+        // A plain session on connection 1: not held.
+        send(&engine, 1, 11, &find(8), 0, 0);
+        reply(&engine, 1, 11, &ok(), 0);
+        assert!(
+            engine.plan_refresh(3 * SECOND).is_empty(),
+            "not idle long enough yet"
+        );
+        let plans = engine.plan_refresh(5 * SECOND);
+        assert_eq!(plans.len(), 1);
+        assert_eq!(plans[0].conn, 2);
+        assert_eq!(plans[0].keys.len(), 1);
+        assert_eq!(plans[0].keys[0].lsid.0, [7; 16]);
+        // Pending: not planned twice.
+        assert!(engine.plan_refresh(6 * SECOND).is_empty());
+        let body = bson::RawDocument::from_bytes(&plans[0].body())
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            body.get_array("refreshSessions")
+                .unwrap()
+                .into_iter()
+                .count(),
+            1
+        );
+        assert_eq!(body.get_str("$db").unwrap(), "admin");
+        assert!(
+            body.get("lsid").unwrap().is_none(),
+            "the refresh itself carries no session"
+        );
+
+        engine.finish_refresh(
+            &plans[0],
+            Ok(reply_frame(rawdoc! { "ok": 1.0 })),
+            6 * SECOND,
+        );
+        assert_eq!(engine.stats().sessions_refreshed, 1);
+        // Refreshed at 6 s: due again only after 10 s.
+        assert!(engine.plan_refresh(9 * SECOND).is_empty());
+        assert_eq!(engine.plan_refresh(11 * SECOND).len(), 1);
+    }
+
+    #[test]
+    fn ended_sessions_and_policy_off_are_never_refreshed() {
+        let engine = engine(RefreshPolicy::Held);
+        connect(&engine, 1, PEER, "web");
+        hold_cursor(&engine, 1, 3, 10);
+        send(
+            &engine,
+            1,
+            11,
+            &rawdoc! { "endSessions": [lsid(3)], "$db": "admin" },
+            0,
+            1,
+        );
+        reply(&engine, 1, 11, &ok(), 1);
+        assert!(engine.plan_refresh(60 * SECOND).is_empty());
+
+        let off = self::engine(RefreshPolicy::Off);
+        connect(&off, 1, PEER, "web");
+        hold_cursor(&off, 1, 3, 10);
+        assert!(off.plan_refresh(60 * SECOND).is_empty());
+    }
+
+    #[test]
+    fn refresh_all_includes_unheld_sessions_but_not_past_max_age() {
+        let engine = engine(RefreshPolicy::All);
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 10, &find(4), 0, 0);
+        reply(&engine, 1, 10, &ok(), 0);
+        assert_eq!(engine.plan_refresh(5 * SECOND).len(), 1);
+        let late = self::engine(RefreshPolicy::All);
+        connect(&late, 1, PEER, "web");
+        send(&late, 1, 10, &find(4), 0, 0);
+        reply(&late, 1, 10, &ok(), 0);
+        assert!(
+            late.plan_refresh(2 * 60 * 60 * SECOND).is_empty(),
+            "unused for longer than refresh_max_age"
+        );
+    }
+
+    #[test]
+    fn monitoring_only_connections_never_carry_refreshes() {
+        let engine = engine(RefreshPolicy::Held);
+        connect(&engine, 1, PEER, "web");
+        hold_cursor(&engine, 1, 5, 10);
+        // The connection that carried the session goes away; only a
+        // connection without session traffic (a monitor) is left.
+        engine.close_at(1, 1);
+        connect(&engine, 2, PEER, "web");
+        assert!(engine.plan_refresh(60 * SECOND).is_empty());
+    }
+
+    #[test]
+    fn command_not_supported_stops_refreshing_on_that_upstream() {
+        let engine = engine(RefreshPolicy::Held);
+        connect(&engine, 1, PEER, "web");
+        hold_cursor(&engine, 1, 6, 10);
+        let plans = engine.plan_refresh(5 * SECOND);
+        assert_eq!(plans.len(), 1);
+        let unsupported =
+            rawdoc! { "ok": 0.0, "code": 115, "codeName": "CommandNotSupported", "errmsg": "no" };
+        engine.finish_refresh(&plans[0], Ok(reply_frame(unsupported)), 5 * SECOND);
+        assert_eq!(engine.stats().refresh_failures, 1);
+        assert!(engine.plan_refresh(60 * SECOND).is_empty());
+    }
+
+    #[test]
+    fn failed_injections_are_counted_and_retried_later() {
+        let engine = engine(RefreshPolicy::Held);
+        connect(&engine, 1, PEER, "web");
+        hold_cursor(&engine, 1, 6, 10);
+        let plans = engine.plan_refresh(5 * SECOND);
+        engine.finish_refresh(&plans[0], Err(InjectError::Closed), 5 * SECOND);
+        assert_eq!(engine.stats().refresh_failures, 1);
+        assert_eq!(engine.stats().sessions_refreshed, 0);
+        assert_eq!(
+            engine.plan_refresh(6 * SECOND).len(),
+            1,
+            "still due: the refresh did not happen"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_task_stops_with_the_engine() {
+        let engine = Arc::new(engine(RefreshPolicy::Held));
+        let task = spawn_refresher(&engine);
+        drop(engine);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the refresher ends")
+            .unwrap();
+    }
 }
