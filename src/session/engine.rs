@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -130,6 +130,7 @@ pub struct SessionEngine {
     pub(crate) tables: Tables,
     pub(crate) conns: DashMap<u64, ConnState>,
     upstream_ids: DashMap<SocketAddr, u32>,
+    next_upstream: AtomicU32,
     pub(crate) upstreams: DashMap<u32, UpstreamState>,
     /// logicalSessionTimeoutMinutes from hello replies, in ms (0: not seen).
     learned_timeout: AtomicU64,
@@ -180,6 +181,7 @@ impl SessionEngine {
             tables: Tables::new(DEFAULT_INTERN_LIMIT),
             conns: DashMap::new(),
             upstream_ids: DashMap::new(),
+            next_upstream: AtomicU32::new(0),
             upstreams: DashMap::new(),
             learned_timeout: AtomicU64::new(0),
             origin: Instant::now(),
@@ -244,8 +246,10 @@ impl SessionEngine {
         if let Some(id) = self.upstream_ids.get(&local) {
             return *id;
         }
-        let next = u32::try_from(self.upstream_ids.len()).unwrap_or(u32::MAX);
-        let id = *self.upstream_ids.entry(local).or_insert(next);
+        let id = *self
+            .upstream_ids
+            .entry(local)
+            .or_insert_with(|| self.next_upstream.fetch_add(1, Ordering::Relaxed));
         self.upstreams.entry(id).or_default();
         id
     }
