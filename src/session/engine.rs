@@ -615,11 +615,24 @@ impl SessionEngine {
                 }
             }
             CommandClass::KillCursors => {
+                // A getMore still waiting on a killed cursor (a change stream
+                // or tailable cursor closed mid-await) no longer holds its
+                // session: the driver may hand the session on right away.
+                let mut owners: Vec<SessionKey> = inspected.key.into_iter().collect();
                 for id in inspected.view.killed_cursor_ids() {
-                    self.ledger.remove_cursor(&CursorKey {
+                    let key = CursorKey {
                         upstream: facts.upstream,
                         id,
-                    });
+                    };
+                    if let Some(entry) = self.ledger.remove_cursor(&key) {
+                        if !owners.contains(&entry.owner) {
+                            owners.push(entry.owner);
+                        }
+                    }
+                }
+                for owner in owners {
+                    self.ledger
+                        .with_existing(&owner, |state| state.in_flight.abandon_get_mores());
                 }
             }
             _ => {}
@@ -633,6 +646,7 @@ impl SessionEngine {
                     request: facts.request,
                     statement: facts.statement,
                     class: facts.class,
+                    abandoned: false,
                 },
                 in_transaction: facts.in_transaction,
                 cursor: if facts.class == CommandClass::GetMore {
@@ -841,10 +855,16 @@ impl SessionEngine {
             let Some(key) = pending.key else { continue };
             let mut found = None;
             self.ledger.with_existing(&key, |session| {
+                // The session's copy knows whether the client abandoned it.
+                let entry = session
+                    .in_flight
+                    .find(pending.entry.request.conn, pending.entry.request.request_id)
+                    .copied()
+                    .unwrap_or(pending.entry);
                 if self.rules.enabled(RuleId::ClosedWithRequestsInFlight) {
-                    found = rules::closed_with_requests_in_flight(&key, &pending.entry, now, &ctx);
+                    found = rules::closed_with_requests_in_flight(&key, &entry, now, &ctx);
                 }
-                session.connection_closed(&pending.entry);
+                session.connection_closed(&entry);
             });
             if let Some(violation) = found {
                 self.emit(violation, false);
@@ -1711,6 +1731,48 @@ pub(crate) mod tests {
         );
         assert_eq!(engine.stats().ledger.cursors, 0);
         assert_eq!(engine.stats().ledger.held, 0);
+    }
+
+    #[test]
+    fn a_cursor_closed_while_its_get_more_waits_releases_the_session() {
+        // A change stream (or tailable cursor) closed mid-await: the driver
+        // kills the cursor from another connection and hands the session to
+        // the next operation while the old getMore is still waiting.
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 1, 1, &find(1), 0, 0);
+        reply(
+            &engine,
+            1,
+            1,
+            &rawdoc! { "cursor": { "id": 900_i64, "firstBatch": [] }, "ok": 1.0 },
+            1,
+        );
+        let get_more = rawdoc! { "getMore": 900_i64, "collection": "orders", "maxTimeMS": 1000, "lsid": lsid(1), "$db": "shop" };
+        send(&engine, 1, 2, &get_more, 0, 2);
+        let kill = rawdoc! { "killCursors": "orders", "cursors": [900_i64], "lsid": lsid(1), "$db": "shop" };
+        send(&engine, 2, 3, &kill, 0, 3);
+        reply(&engine, 2, 3, &ok(), 4);
+        send(&engine, 2, 4, &insert(1, 1, 1), 0, 5);
+        reply(&engine, 2, 4, &ok(), 6);
+        engine.close_at(1, 7);
+        assert_eq!(rules_fired(&engine), vec![]);
+        // Without the kill, the same overlap is concurrent use.
+        send(&engine, 2, 5, &find(2), 0, 10);
+        reply(
+            &engine,
+            2,
+            5,
+            &rawdoc! { "cursor": { "id": 901_i64, "firstBatch": [] }, "ok": 1.0 },
+            11,
+        );
+        let get_more =
+            rawdoc! { "getMore": 901_i64, "collection": "orders", "lsid": lsid(2), "$db": "shop" };
+        send(&engine, 2, 6, &get_more, 0, 12);
+        connect(&engine, 3, PEER, "web");
+        send(&engine, 3, 7, &insert(2, 1, 1), 0, 13);
+        assert_eq!(rules_fired(&engine), vec![RuleId::ConcurrentUse]);
     }
 
     #[test]

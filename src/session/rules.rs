@@ -88,7 +88,7 @@ pub fn concurrent_use(
     let other = state
         .in_flight
         .iter()
-        .find(|other| other.class != CommandClass::KillCursors && !is_retry_of(current, other))?;
+        .find(|other| still_using(other) && !is_retry_of(current, other))?;
     let command = ctx.names.symbol(current.request.command);
     let other_command = ctx.names.symbol(other.request.command);
     Some(
@@ -109,6 +109,13 @@ pub fn concurrent_use(
         .current(current.request)
         .earlier(other.request),
     )
+}
+
+/// An in-flight request that still means the session is busy: not a
+/// killCursors (cursor reapers overlap freely) and not a getMore whose
+/// cursor the client already killed.
+fn still_using(entry: &InFlight) -> bool {
+    entry.class != CommandClass::KillCursors && !entry.abandoned
 }
 
 /// The driver retries a command on a new connection after a network error
@@ -172,9 +179,10 @@ pub fn end_while_in_flight(
     state: &SessionState,
     ctx: &RuleContext<'_>,
 ) -> Option<Violation> {
-    let other = state.in_flight.iter().find(|other| {
-        other.class != CommandClass::KillCursors && other.request.conn != ev.request.conn
-    })?;
+    let other = state
+        .in_flight
+        .iter()
+        .find(|other| still_using(other) && other.request.conn != ev.request.conn)?;
     let verb = match ev.kind {
         EndKind::Ended => "endSessions",
         EndKind::Killed | EndKind::KilledByPattern => "killSessions",
@@ -207,7 +215,7 @@ pub fn closed_with_requests_in_flight(
     closed_at: Millis,
     ctx: &RuleContext<'_>,
 ) -> Option<Violation> {
-    if entry.class.is_fire_and_forget_at_close() {
+    if entry.class.is_fire_and_forget_at_close() || entry.abandoned {
         return None;
     }
     let command = ctx.names.symbol(entry.request.command);
@@ -861,16 +869,19 @@ mod tests {
             request: request(1, 1, 0, None),
             statement: 0,
             class: CommandClass::EndSessions,
+            abandoned: false,
         };
         let kill = InFlight {
             request: request(1, 2, 0, None),
             statement: 0,
             class: CommandClass::KillCursors,
+            abandoned: false,
         };
         let insert = InFlight {
             request: request(1, 3, 0, None),
             statement: 0,
             class: CommandClass::Write,
+            abandoned: false,
         };
         assert_eq!(
             closed_with_requests_in_flight(&KEY, &end, 5, &ctx(&names, 5)),
@@ -1084,6 +1095,7 @@ mod tests {
             request: request(1, 5, 1, Some(3)),
             statement: 0,
             class: CommandClass::Write,
+            abandoned: false,
         };
         state.txn.as_mut().unwrap().phase = TxnPhase::LikelyAborted;
         state.txn.as_mut().unwrap().aborted_by = Some(failing.request);
@@ -1091,6 +1103,7 @@ mod tests {
             request: request(1, 6, 2, Some(3)),
             statement: 0,
             class: CommandClass::Write,
+            abandoned: false,
         };
         let nst = ReplyFacts {
             in_transaction: true,

@@ -115,6 +115,10 @@ pub struct InFlight {
     /// `RequestView::statement_hash`: recognises a retry of the same command.
     pub statement: u64,
     pub class: CommandClass,
+    /// A getMore whose cursor the client has since killed (a change stream
+    /// or tailable cursor closed while its getMore waits): the client has
+    /// let go of it, so it no longer counts as the session being in use.
+    pub abandoned: bool,
 }
 
 /// The requests in flight on a session. Almost always zero or one, so the
@@ -134,6 +138,20 @@ impl InFlightSet {
     }
     pub fn iter(&self) -> impl Iterator<Item = &InFlight> {
         self.first.iter().chain(self.more.iter())
+    }
+    /// Marks the session's in-flight getMores abandoned (their cursor was
+    /// killed by the client).
+    pub fn abandon_get_mores(&mut self) {
+        for entry in self.first.iter_mut().chain(self.more.iter_mut()) {
+            if entry.class == CommandClass::GetMore {
+                entry.abandoned = true;
+            }
+        }
+    }
+    /// The in-flight request (conn, request id), if present.
+    pub fn find(&self, conn: u64, request_id: i32) -> Option<&InFlight> {
+        self.iter()
+            .find(|entry| entry.request.conn == conn && entry.request.request_id == request_id)
     }
     pub fn insert(&mut self, entry: InFlight) {
         if self.first.is_none() {
@@ -374,6 +392,7 @@ impl SessionState {
                 request: request.request,
                 statement: request.statement,
                 class: request.class,
+                abandoned: false,
             });
         }
         let Some(number) = request.request.txn_number else {
@@ -603,16 +622,19 @@ pub(crate) mod tests {
             request: request(1, 10, 0, None),
             statement: 1,
             class: CommandClass::Other,
+            abandoned: false,
         };
         let b = InFlight {
             request: request(2, 10, 0, None),
             statement: 2,
             class: CommandClass::Other,
+            abandoned: false,
         };
         let c = InFlight {
             request: request(2, 11, 0, None),
             statement: 3,
             class: CommandClass::Other,
+            abandoned: false,
         };
         set.insert(a);
         set.insert(b);
