@@ -1070,9 +1070,6 @@ fn reply_facts(reply: &ReplyView<'_>, in_transaction: bool) -> ReplyFacts {
 fn log_violation(record: &ViolationRecord) {
     let current = record.current.as_ref();
     let earlier = record.earlier.as_ref();
-    fn text(value: Option<&String>) -> &str {
-        value.map(String::as_str).unwrap_or_default()
-    }
     macro_rules! event {
         ($level:ident) => {
             tracing::$level!(
@@ -1083,25 +1080,25 @@ fn log_violation(record: &ViolationRecord) {
                 action = record.action.as_str(),
                 rejected = record.rejected,
                 lsid = %record.lsid_short,
-                owner = %text(record.owner.as_ref()),
+                owner = record.owner.as_deref(),
                 conn = current.map(|r| r.connection_id),
                 request_id = current.map(|r| r.request_id),
                 peer = current.and_then(|r| r.peer.as_deref()),
-                app = %text(current.and_then(|r| r.app_name.as_ref())),
-                driver = %text(current.and_then(|r| r.driver.as_ref())),
-                user = %text(current.and_then(|r| r.user.as_ref())),
-                command = %text(current.map(|r| &r.command)),
-                ns = %text(current.map(|r| &r.namespace)),
+                app = current.and_then(|r| r.app_name.as_deref()),
+                driver = current.and_then(|r| r.driver.as_deref()),
+                user = current.and_then(|r| r.user.as_deref()),
+                command = current.map(|r| r.command.as_str()),
+                ns = current.map(|r| r.namespace.as_str()),
                 txn_number = current.and_then(|r| r.txn_number),
                 at = current.map(|r| r.at.as_str()),
                 other_conn = earlier.map(|r| r.connection_id),
                 other_request_id = earlier.map(|r| r.request_id),
                 other_peer = earlier.and_then(|r| r.peer.as_deref()),
-                other_app = %text(earlier.and_then(|r| r.app_name.as_ref())),
-                other_driver = %text(earlier.and_then(|r| r.driver.as_ref())),
-                other_user = %text(earlier.and_then(|r| r.user.as_ref())),
-                other_command = %text(earlier.map(|r| &r.command)),
-                other_ns = %text(earlier.map(|r| &r.namespace)),
+                other_app = earlier.and_then(|r| r.app_name.as_deref()),
+                other_driver = earlier.and_then(|r| r.driver.as_deref()),
+                other_user = earlier.and_then(|r| r.user.as_deref()),
+                other_command = earlier.map(|r| r.command.as_str()),
+                other_ns = earlier.map(|r| r.namespace.as_str()),
                 other_txn_number = earlier.and_then(|r| r.txn_number),
                 other_at = earlier.map(|r| r.at.as_str()),
                 "{}: {}",
@@ -1731,6 +1728,79 @@ pub(crate) mod tests {
         );
         assert_eq!(engine.stats().ledger.cursors, 0);
         assert_eq!(engine.stats().ledger.held, 0);
+    }
+
+    #[derive(Clone, Default)]
+    struct SharedLog(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for SharedLog {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn violation_log_lines_carry_evidence_but_never_document_contents() {
+        let log = SharedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let engine = engine();
+            connect(&engine, 1, PEER, "web");
+            let sasl = rawdoc! {
+                "saslStart": 1, "mechanism": "SCRAM-SHA-256",
+                "payload": Binary { subtype: BinarySubtype::Generic, bytes: b"n,,n=alice,r=NONCE-SECRET-123".to_vec() },
+                "$db": "admin",
+            };
+            send(&engine, 1, 2, &sasl, 0, 0);
+            reply(
+                &engine,
+                1,
+                2,
+                &rawdoc! { "done": true, "conversationId": 1, "ok": 1.0 },
+                0,
+            );
+            connect(&engine, 2, PEER, "web");
+            send(&engine, 2, 2, &sasl, 0, 0);
+            reply(
+                &engine,
+                2,
+                2,
+                &rawdoc! { "done": true, "conversationId": 1, "ok": 1.0 },
+                0,
+            );
+            let secret = rawdoc! {
+                "insert": "users", "documents": [{ "password": "hunter2-do-not-log" }],
+                "lsid": lsid(5), "txnNumber": 1_i64, "$db": "app",
+            };
+            send(&engine, 1, 10, &secret, 0, 1);
+            send(&engine, 2, 11, &find(5), 0, 2);
+            engine.close_at(1, 3);
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("concurrent-use"), "{text}");
+        assert!(text.contains("closed-with-requests-in-flight"), "{text}");
+        assert!(text.contains("lsid=05050505"), "{text}");
+        assert!(text.contains("other_command=\"insert\""), "{text}");
+        assert!(text.contains(" ns=\"shop.orders\""), "{text}");
+        assert!(text.contains("other_ns=\"app.users\""), "{text}");
+        assert!(text.contains("alice@admin"), "{text}");
+        assert!(
+            !text.contains("hunter2"),
+            "document contents leaked: {text}"
+        );
+        assert!(
+            !text.contains("NONCE-SECRET"),
+            "an authentication payload leaked: {text}"
+        );
     }
 
     #[test]
