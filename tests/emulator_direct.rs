@@ -996,3 +996,53 @@ async fn reply_latency_delays_commands_but_not_the_handshake() {
     assert!(started.elapsed() >= Duration::from_millis(300));
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn three_members_share_one_data_set_and_fail_over() {
+    let first = start(EmulatorConfig::default()).await;
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let second = Emulator::start_member(loopback, first.state())
+        .await
+        .unwrap();
+    let third = Emulator::start_member(loopback, first.state())
+        .await
+        .unwrap();
+    let client = replica_set_client(&first).await;
+    let coll = client.database("app").collection::<Document>("rs");
+    coll.insert_one(doc! { "_id": 1 }).await.unwrap();
+
+    let mut raw = Raw::connect(&third).await;
+    let hello = raw.command(doc! { "hello": 1, "$db": "admin" }).await;
+    assert_eq!(hello.get_array("hosts").unwrap().len(), 3);
+    assert!(!hello.get_bool("isWritablePrimary").unwrap());
+    assert_eq!(hello.get_str("primary").unwrap(), first.addr().to_string());
+    assert_eq!(hello.get_str("me").unwrap(), third.addr().to_string());
+
+    third.set_primary(true);
+    let moved = Instant::now();
+    loop {
+        let status = raw.command(doc! { "hello": 1, "$db": "admin" }).await;
+        if status.get_bool("isWritablePrimary").unwrap() {
+            break;
+        }
+        assert!(moved.elapsed() < WAIT);
+    }
+    tokio::time::timeout(WAIT, coll.insert_one(doc! { "_id": 2 }))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        coll.count_documents(doc! {}).await.unwrap(),
+        2,
+        "one data set behind every member"
+    );
+    let old_primary = Raw::connect(&first)
+        .await
+        .command(doc! { "hello": 1, "$db": "admin" })
+        .await;
+    assert!(old_primary.get_bool("secondary").unwrap());
+    client.shutdown().await;
+    for member in [first, second, third] {
+        member.shutdown().await;
+    }
+}
