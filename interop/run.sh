@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# Runs the interop suites: the official Node.js driver (mongodb v6, plus an
+# Express app with express-session + connect-mongo) and PyMongo, each
+# scenario (a) straight against `sessionguard emulator` and (b) through
+# `sessionguard proxy` in front of it. A scenario passes when it exits 0 and
+# its last stdout line is its JSON summary with "ok": true (see
+# interop/README.md). Ends with "N passed, N failed"; exits 1 on any failure.
+#
+# Installs what is missing, from the package registries only: `npm ci` in
+# interop/node, and a virtualenv with requirements.txt in interop/python/.venv
+# (falls back to `pip install --target` when the venv module is unavailable).
+#
+# Environment:
+#   SESSIONGUARD_BIN   binary to use (default: `cargo build`, then the target dir's debug binary)
+#   INTEROP_MODES      "direct proxy" (default) or one of them
+#   INTEROP_ONLY       a grep -E pattern: run only the scenarios whose name matches
+#   INTEROP_LATENCY    emulator reply latency, default 20ms: concurrent requests
+#                      then really overlap on the wire, as over a network
+#   INTEROP_TIMEOUT    seconds per scenario, default 120
+#   INTEROP_LOG_DIR    where logs go (default: a fresh temporary directory)
+set -euo pipefail
+
+INTEROP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$INTEROP_DIR/.." && pwd)"
+NODE_DIR="$INTEROP_DIR/node"
+PY_DIR="$INTEROP_DIR/python"
+MODES="${INTEROP_MODES:-direct proxy}"
+LATENCY="${INTEROP_LATENCY:-20ms}"
+SCENARIO_TIMEOUT="${INTEROP_TIMEOUT:-120}"
+LOG_DIR="${INTEROP_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/sessionguard-interop.XXXXXX")}"
+mkdir -p "$LOG_DIR"
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'interop: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- binaries
+if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
+  BIN="$SESSIONGUARD_BIN"
+else
+  say "== building sessionguard"
+  (cd "$REPO_ROOT" && cargo build --locked --quiet --bin sessionguard)
+  target_dir="$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+  BIN="$target_dir/debug/sessionguard"
+fi
+[[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
+
+# ---------------------------------------------------------------- installs
+command -v node >/dev/null || die "node is required (Node.js 20.8 or newer)"
+node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=8)?0:1)' ||
+  die "Node.js 20.8 or newer is required (found $(node --version))"
+command -v python3 >/dev/null || die "python3 is required"
+
+lock_hash="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
+if [[ "$(cat "$NODE_DIR/node_modules/.interop-lock-hash" 2>/dev/null || true)" != "$lock_hash" ]]; then
+  say "== npm ci (interop/node)"
+  (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  printf '%s\n' "$lock_hash" >"$NODE_DIR/node_modules/.interop-lock-hash"
+fi
+
+req_hash="$(sha256sum "$PY_DIR/requirements.txt" | cut -d' ' -f1)"
+PYTHON="$PY_DIR/.venv/bin/python"
+PY_PATH_EXTRA=""
+if [[ "$(cat "$PY_DIR/.venv/.interop-req-hash" 2>/dev/null || true)" != "$req_hash" ]]; then
+  say "== pip install -r requirements.txt (interop/python/.venv)"
+  rm -rf "$PY_DIR/.venv"
+  if python3 -m venv "$PY_DIR/.venv" >/dev/null 2>&1; then
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check -r "$PY_DIR/requirements.txt"
+  else
+    # No venv module (Debian without python3-venv): a private --target dir.
+    rm -rf "$PY_DIR/.venv"
+    mkdir -p "$PY_DIR/.venv/site"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$PY_DIR/.venv/site" \
+      -r "$PY_DIR/requirements.txt"
+  fi
+  printf '%s\n' "$req_hash" >"$PY_DIR/.venv/.interop-req-hash"
+fi
+if [[ ! -x "$PYTHON" ]]; then
+  PYTHON="$(command -v python3)"
+  PY_PATH_EXTRA="$PY_DIR/.venv/site"
+fi
+
+# ---------------------------------------------------------------- servers
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+
+# wait_for_field LOG MESSAGE FIELD: the FIELD of the first JSON log line whose
+# message is MESSAGE (the binaries bind port 0 and log the address they got).
+wait_for_field() {
+  local log="$1" message="$2" field="$3" pid="$4" i value
+  for i in $(seq 1 100); do
+    value="$(python3 - "$log" "$message" "$field" <<'EOF'
+import json, sys
+log, message, field = sys.argv[1:]
+try:
+    for line in open(log):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("message") == message and field in entry:
+            print(entry[field])
+            break
+except FileNotFoundError:
+    pass
+EOF
+)"
+    if [[ -n "$value" ]]; then
+      printf '%s\n' "$value"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; die "process $pid exited before logging '$message'"; }
+    sleep 0.1
+  done
+  cat "$log" >&2
+  die "timed out waiting for '$message' in $log"
+}
+
+"$BIN" emulator --listen 127.0.0.1:0 --latency "$LATENCY" --log-format json \
+  >"$LOG_DIR/emulator.log" 2>&1 &
+EMU_PID=$!
+PIDS+=("$EMU_PID")
+EMU_ADDR="$(wait_for_field "$LOG_DIR/emulator.log" "emulator listening" addr "$EMU_PID")"
+
+"$BIN" proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --upstream "mongodb://$EMU_ADDR" \
+  --log-format json >"$LOG_DIR/proxy.log" 2>&1 &
+PROXY_PID=$!
+PIDS+=("$PROXY_PID")
+PROXY_ADDR="$(wait_for_field "$LOG_DIR/proxy.log" "proxy listening" listen "$PROXY_PID")"
+say "== emulator $EMU_ADDR (latency $LATENCY), proxy $PROXY_ADDR; logs in $LOG_DIR"
+
+# ---------------------------------------------------------------- scenarios
+# name|directory|command...   (name = the "scenario" field the program prints)
+SCENARIOS=(
+  "bad-connect-close-race|node|node scenarios/bad-connect-close-race.js"
+  "bad-endsession-not-awaited|node|node scenarios/bad-endsession-not-awaited.js"
+  "bad-global-session|node|node scenarios/bad-global-session.js"
+  "bad-global-session-txn|node|node scenarios/bad-global-session-txn.js"
+  "bad-swallowed-txn-error|node|node scenarios/bad-swallowed-txn-error.js"
+  "good-persistent-client|node|node scenarios/good-persistent-client.js"
+  "good-awaited-session|node|node scenarios/good-awaited-session.js"
+  "good-per-operation-session|node|node scenarios/good-per-operation-session.js"
+  "good-with-transaction|node|node scenarios/good-with-transaction.js"
+  "express-session-flow|node|node scenarios/express-session-flow.js"
+  "express-resurrection-bad|node|node scenarios/express-resurrection.js bad"
+  "express-resurrection-fixed-recheck|node|node scenarios/express-resurrection.js fixed-recheck"
+  "express-resurrection-fixed-touch-only|node|node scenarios/express-resurrection.js fixed-touch-only"
+  "py-explicit-sessions|python|PYTHON scenarios/explicit_sessions.py"
+  "py-transaction|python|PYTHON scenarios/transaction.py"
+  "py-shared-session-threads|python|PYTHON scenarios/shared_session_threads.py"
+  "py-clean-run|python|PYTHON scenarios/clean_run.py"
+  "node-protocol-probe|node|node scenarios/node-protocol-probe.js"
+  "py-protocol-probe|python|PYTHON scenarios/protocol_probe.py"
+)
+
+# check_summary FILE NAME: the last stdout line is NAME's JSON summary with ok: true.
+check_summary() {
+  python3 - "$1" "$2" <<'EOF'
+import json, sys
+path, name = sys.argv[1:]
+lines = [l for l in open(path).read().splitlines() if l.strip()]
+if not lines:
+    print("no JSON summary on stdout"); sys.exit(1)
+try:
+    summary = json.loads(lines[-1])
+except ValueError:
+    print("last stdout line is not JSON"); sys.exit(1)
+if summary.get("scenario") != name:
+    print(f"summary names scenario {summary.get('scenario')!r}, expected {name!r}"); sys.exit(1)
+errors = ",".join(e.get("codeName") or e.get("name", "?") for e in summary.get("errors", []))
+observed = json.dumps(summary.get("observed", {}), separators=(",", ":"))
+if len(observed) > 300:
+    observed = observed[:297] + "..."
+print(f"errors=[{errors}] observed={observed}")
+sys.exit(0 if summary.get("ok") is True else 1)
+EOF
+}
+
+passed=0
+failed=0
+failures=()
+for mode in $MODES; do
+  case "$mode" in
+    direct) target="$EMU_ADDR" ;;
+    proxy) target="$PROXY_ADDR" ;;
+    *) die "unknown mode '$mode' (direct or proxy)" ;;
+  esac
+  say "== $mode ($target)"
+  for entry in "${SCENARIOS[@]}"; do
+    IFS='|' read -r name dir command <<<"$entry"
+    if [[ -n "${INTEROP_ONLY:-}" ]] && ! grep -Eq -- "$INTEROP_ONLY" <<<"$name"; then
+      continue
+    fi
+    command="${command/PYTHON/$PYTHON}"
+    db="interop_${mode}_${name//-/_}"
+    # directConnection: a replica-set-aware driver would otherwise discover
+    # the emulator's own address from hello and bypass the proxy.
+    uri="mongodb://$target/$db?directConnection=true"
+    out="$LOG_DIR/$mode.$name.stdout"
+    err="$LOG_DIR/$mode.$name.stderr"
+    status=0
+    (cd "$INTEROP_DIR/$dir" && MONGODB_URI="$uri" INTEROP_MODE="$mode" PYTHONPATH="$PY_PATH_EXTRA" \
+      timeout --kill-after=5 "$SCENARIO_TIMEOUT" $command >"$out" 2>"$err") || status=$?
+    detail="$(check_summary "$out" "$name")" && summary_ok=1 || summary_ok=0
+    if [[ $status -eq 0 && $summary_ok -eq 1 ]]; then
+      passed=$((passed + 1))
+      say "PASS $mode/$name $detail"
+    else
+      failed=$((failed + 1))
+      failures+=("$mode/$name")
+      [[ $status -eq 124 || $status -eq 137 ]] && detail="timed out after ${SCENARIO_TIMEOUT}s; $detail"
+      say "FAIL $mode/$name exit=$status $detail"
+      sed 's/^/    | /' "$err" | tail -n 15
+    fi
+  done
+done
+
+# Anything the servers themselves complained about (malformed frames, ...).
+for log in emulator proxy; do
+  warnings="$(grep -c '"level":"\(WARN\|ERROR\)"' "$LOG_DIR/$log.log" || true)"
+  if [[ "$warnings" != "0" ]]; then
+    say "note: $log logged $warnings warning/error lines (see $LOG_DIR/$log.log):"
+    grep '"level":"\(WARN\|ERROR\)"' "$LOG_DIR/$log.log" | head -n 5 | sed 's/^/    | /'
+  fi
+done
+
+if [[ $failed -gt 0 ]]; then
+  say "failed: ${failures[*]}"
+fi
+say "$passed passed, $failed failed"
+[[ $failed -eq 0 ]]
