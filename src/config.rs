@@ -56,6 +56,11 @@ pub struct Config {
     pub sessions: SessionConfig,
     #[serde(default)]
     pub rules: RulesConfig,
+    /// `[[members]]`: the replica-set member mapping as written in the file;
+    /// `Config::parse` moves it into `proxy.members`, which is what the proxy
+    /// reads (so `[[proxy.members]]` works as well).
+    #[serde(default)]
+    pub members: Vec<MemberConfig>,
 }
 
 /// `[proxy]`: listening, upstream, limits and timeouts.
@@ -85,6 +90,47 @@ pub struct ProxyConfig {
     pub admin_token: Option<AdminToken>,
     #[serde(with = "humantime_serde")]
     pub upstream_probe_interval: Duration,
+    /// Replica-set mode: one listener per member (see `MemberConfig`).
+    /// Empty (the default): one listener on `listen`, dialing the first host
+    /// of `upstream`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberConfig>,
+    /// Replica-set mode without `[[members]]`: the hosts of `upstream`, in
+    /// order, get listeners on consecutive ports from this one (host from
+    /// `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_base_port: Option<u16>,
+    /// With `member_base_port`: the host drivers are told to dial (hello
+    /// `hosts` / `me` / `primary`); defaults to the host of `listen`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_host: Option<String>,
+}
+
+/// One replica-set member behind its own proxy listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// The member's `HOST:PORT` exactly as the replica set names it in
+    /// `hello` (`rs.conf()` host names); this listener dials it.
+    pub upstream: String,
+    /// `HOST:PORT` this member's listener binds.
+    pub listen: String,
+    /// `HOST:PORT` drivers are told instead of `upstream`; defaults to
+    /// `listen` (with the bound port when `listen` uses port 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+}
+
+/// A member listener to start, as resolved from `[[members]]` or
+/// `proxy.member_base_port` (validated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberPlan {
+    /// The member this listener dials (and whose address hello replies carry).
+    pub upstream: crate::proxy::upstream::HostPort,
+    /// What the listener binds.
+    pub listen: String,
+    /// What drivers are told; `None` = the bound listen address.
+    pub advertise: Option<String>,
 }
 
 /// A secret that never reaches logs or rendered configuration: `Debug` and
@@ -130,6 +176,9 @@ impl Default for ProxyConfig {
             inject_timeout: DEFAULT_INJECT_TIMEOUT,
             admin_token: None,
             upstream_probe_interval: DEFAULT_UPSTREAM_PROBE_INTERVAL,
+            members: Vec::new(),
+            member_base_port: None,
+            advertise_host: None,
         }
     }
 }
@@ -193,9 +242,180 @@ impl ProxyConfig {
                 ));
             }
         }
+        self.member_plan()?;
         Ok(())
     }
 
+    /// The member listeners to start: empty in single-upstream mode. Every
+    /// error names its key (`members[1].advertise: ...`).
+    pub fn member_plan(&self) -> Result<Vec<MemberPlan>, ConfigError> {
+        if let Some(host) = &self.advertise_host {
+            if self.member_base_port.is_none() {
+                return Err(ConfigError::key(
+                    "proxy.advertise_host",
+                    "is only used with proxy.member_base_port (give [[members]] an `advertise` instead)",
+                ));
+            }
+            validate_host_port("proxy.advertise_host", &format!("{host}:1"))?;
+            if is_wildcard_host(host) {
+                return Err(ConfigError::key(
+                    "proxy.advertise_host",
+                    format!("`{host}` is a wildcard address; drivers cannot dial it"),
+                ));
+            }
+        }
+        let plan = match self.member_base_port {
+            Some(_) if !self.members.is_empty() => {
+                return Err(ConfigError::key(
+                    "proxy.member_base_port",
+                    "cannot be combined with [[members]]; use one or the other",
+                ))
+            }
+            Some(base) => self.base_port_plan(base)?,
+            None => self
+                .members
+                .iter()
+                .enumerate()
+                .map(|(index, member)| member.plan(index))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        for (index, member) in plan.iter().enumerate() {
+            let key = |field: &str| member_key(self, index, field);
+            for earlier in &plan[..index] {
+                if earlier.upstream == member.upstream {
+                    return Err(ConfigError::key(
+                        key("upstream"),
+                        format!("`{}` is mapped twice", member.upstream),
+                    ));
+                }
+                if earlier.listen == member.listen && !member.listen.ends_with(":0") {
+                    return Err(ConfigError::key(
+                        key("listen"),
+                        format!("`{}` is used by two members", member.listen),
+                    ));
+                }
+                if earlier.advertise.is_some() && earlier.advertise == member.advertise {
+                    return Err(ConfigError::key(
+                        key("advertise"),
+                        "two members advertise the same address; drivers could not tell them apart",
+                    ));
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    fn base_port_plan(&self, base: u16) -> Result<Vec<MemberPlan>, ConfigError> {
+        let upstream = self.upstream_connection_string()?;
+        let key = "proxy.member_base_port";
+        if base == 0 {
+            return Err(ConfigError::key(key, "must be between 1 and 65535"));
+        }
+        let last = usize::from(base) + upstream.hosts.len() - 1;
+        if last > usize::from(u16::MAX) {
+            return Err(ConfigError::key(
+                key,
+                format!(
+                    "{base} + {} upstream hosts runs past port 65535",
+                    upstream.hosts.len()
+                ),
+            ));
+        }
+        let (listen_host, _) = self
+            .listen
+            .rsplit_once(':')
+            .ok_or_else(|| ConfigError::key("proxy.listen", "is not HOST:PORT"))?;
+        if self.advertise_host.is_none() && is_wildcard_host(listen_host) {
+            return Err(ConfigError::key(
+                "proxy.advertise_host",
+                format!(
+                    "required with proxy.member_base_port when proxy.listen binds the wildcard `{listen_host}`: \
+                     drivers must be told an address they can dial"
+                ),
+            ));
+        }
+        let advertise_host = self.advertise_host.as_deref().unwrap_or(listen_host);
+        Ok(upstream
+            .hosts
+            .iter()
+            .zip(base..)
+            .map(|(host, port)| MemberPlan {
+                upstream: host.clone(),
+                listen: format!("{listen_host}:{port}"),
+                advertise: Some(format!("{advertise_host}:{port}")),
+            })
+            .collect())
+    }
+}
+
+impl MemberConfig {
+    fn plan(&self, index: usize) -> Result<MemberPlan, ConfigError> {
+        let key = |field: &str| format!("members[{index}].{field}");
+        validate_host_port(&key("upstream"), &self.upstream)?;
+        let upstream = crate::proxy::upstream::ConnectionString::parse(&format!(
+            "mongodb://{}",
+            self.upstream
+        ))
+        .map_err(|e| ConfigError::key(key("upstream"), e))?
+        .hosts
+        .remove(0);
+        validate_host_port(&key("listen"), &self.listen)?;
+        match &self.advertise {
+            Some(advertise) => {
+                validate_host_port(&key("advertise"), advertise)?;
+                let (host, port) = advertise.rsplit_once(':').unwrap_or((advertise, ""));
+                if port == "0" {
+                    return Err(ConfigError::key(
+                        key("advertise"),
+                        "port 0 cannot be dialed; give the real port",
+                    ));
+                }
+                if is_wildcard_host(host) {
+                    return Err(ConfigError::key(
+                        key("advertise"),
+                        format!("`{host}` is a wildcard address; drivers cannot dial it"),
+                    ));
+                }
+            }
+            None => {
+                let (host, _) = self.listen.rsplit_once(':').unwrap_or((&self.listen, ""));
+                if is_wildcard_host(host) {
+                    return Err(ConfigError::key(
+                        key("advertise"),
+                        format!(
+                            "required when listen binds the wildcard `{host}`: drivers must be \
+                             told an address they can dial (e.g. proxy-host:27018)"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(MemberPlan {
+            upstream,
+            listen: self.listen.clone(),
+            advertise: self.advertise.clone(),
+        })
+    }
+}
+
+/// The key an error about member `index` names: the `[[members]]` entry,
+/// or `proxy.member_base_port` for generated members.
+fn member_key(config: &ProxyConfig, index: usize, field: &str) -> String {
+    if config.member_base_port.is_some() {
+        "proxy.member_base_port".to_string()
+    } else {
+        format!("members[{index}].{field}")
+    }
+}
+
+/// `0.0.0.0`, `::` and `[::]` bind every interface but name none.
+fn is_wildcard_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+}
+
+impl ProxyConfig {
     /// The parsed `upstream` connection string.
     pub fn upstream_connection_string(&self) -> Result<ConnectionString, ConfigError> {
         ConnectionString::parse(&self.upstream).map_err(|e| ConfigError::key("proxy.upstream", e))
@@ -322,7 +542,17 @@ impl Config {
 
     /// Parses TOML text (no validation beyond types and unknown keys).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str::<Config>(text).map_err(|e| toml_error(text, &e))
+        let mut config = toml::from_str::<Config>(text).map_err(|e| toml_error(text, &e))?;
+        if !config.members.is_empty() {
+            if !config.proxy.members.is_empty() {
+                return Err(ConfigError::key(
+                    "members",
+                    "given both as [[members]] and [[proxy.members]]; use one",
+                ));
+            }
+            config.proxy.members = std::mem::take(&mut config.members);
+        }
+        Ok(config)
     }
 
     /// Checks every table; the error names the key.
@@ -725,4 +955,106 @@ mod tests {
         let err = split_key_message("something odd happened".into());
         assert_eq!(err.to_string(), "something odd happened");
     }
+    // replset tests begin
+    #[test]
+    fn members_table_maps_each_member_to_a_listener() {
+        let config = Config::parse(
+            "[proxy]\nupstream = \"mongodb://a:27017,b:27017/?replicaSet=rs0\"\n\
+             [[members]]\nupstream = \"a:27017\"\nlisten = \"0.0.0.0:27018\"\nadvertise = \"proxy-host:27018\"\n\
+             [[members]]\nupstream = \"b:27017\"\nlisten = \"127.0.0.1:27019\"\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let plan = config.proxy.member_plan().unwrap();
+        assert_eq!(plan.len(), 2);
+        assert_eq!(plan[0].upstream.to_string(), "a:27017");
+        assert_eq!(plan[0].listen, "0.0.0.0:27018");
+        assert_eq!(plan[0].advertise.as_deref(), Some("proxy-host:27018"));
+        assert_eq!(plan[1].advertise, None, "defaults to listen");
+        // The effective config renders as [[proxy.members]], which parses back.
+        let rendered = toml::to_string(&config.proxy).unwrap();
+        let back: ProxyConfig = toml::from_str(&rendered).unwrap();
+        assert_eq!(back, config.proxy);
+    }
+
+    #[test]
+    fn member_base_port_assigns_consecutive_ports_in_host_order() {
+        let config = Config::parse(
+            "[proxy]\nlisten = \"10.0.0.5:27018\"\nmember_base_port = 28000\n\
+             upstream = \"mongodb://c:1,a:2,b:3/?replicaSet=rs0\"\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let plan = config.proxy.member_plan().unwrap();
+        let got: Vec<_> = plan
+            .iter()
+            .map(|m| {
+                (
+                    m.upstream.to_string(),
+                    m.listen.as_str(),
+                    m.advertise.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("c:1".to_string(), "10.0.0.5:28000", Some("10.0.0.5:28000")),
+                ("a:2".to_string(), "10.0.0.5:28001", Some("10.0.0.5:28001")),
+                ("b:3".to_string(), "10.0.0.5:28002", Some("10.0.0.5:28002")),
+            ]
+        );
+        let wildcard = Config::parse(
+            "[proxy]\nlisten = \"0.0.0.0:27018\"\nmember_base_port = 28000\n\
+             advertise_host = \"proxy.example\"\nupstream = \"mongodb://a,b\"\n",
+        )
+        .unwrap();
+        let plan = wildcard.proxy.member_plan().unwrap();
+        assert_eq!(plan[1].listen, "0.0.0.0:28001");
+        assert_eq!(plan[1].advertise.as_deref(), Some("proxy.example:28001"));
+    }
+
+    #[test]
+    fn member_errors_name_their_key() {
+        let member = |body: &str| format!("[[members]]\nupstream = \"a:27017\"\n{body}");
+        let cases = [
+            (member("listen = \"nonsense\"\n"), "members[0].listen: `nonsense` is not HOST:PORT"),
+            (member("listen = \"0.0.0.0:27018\"\n"), "members[0].advertise: required when listen binds the wildcard"),
+            (member("listen = \"127.0.0.1:27018\"\nadvertise = \"h:0\"\n"), "members[0].advertise: port 0"),
+            (member("listen = \"127.0.0.1:27018\"\nadvertise = \"0.0.0.0:1\"\n"), "members[0].advertise: `0.0.0.0` is a wildcard"),
+            ("[[members]]\nupstream = \"a\"\nlisten = \"127.0.0.1:1\"\n".to_string(), "members[0].upstream: `a` is not HOST:PORT"),
+            (format!("{}{}", member("listen = \"127.0.0.1:1\"\n"), member("listen = \"127.0.0.1:2\"\n")), "members[1].upstream: `a:27017` is mapped twice"),
+            (
+                "[[members]]\nupstream = \"a:1\"\nlisten = \"127.0.0.1:5\"\n[[members]]\nupstream = \"b:1\"\nlisten = \"127.0.0.1:5\"\n".to_string(),
+                "members[1].listen: `127.0.0.1:5` is used by two members",
+            ),
+            (member("lisen = \"x:1\"\n"), "members.lisen: unknown field"),
+            (
+                format!("[proxy]\nmember_base_port = 28000\n{}", member("listen = \"127.0.0.1:1\"\n")),
+                "proxy.member_base_port: cannot be combined with [[members]]",
+            ),
+            ("[proxy]\nmember_base_port = 0\n".to_string(), "proxy.member_base_port: must be between 1"),
+            (
+                "[proxy]\nmember_base_port = 65535\nupstream = \"mongodb://a,b\"\n".to_string(),
+                "proxy.member_base_port: 65535 + 2 upstream hosts runs past port 65535",
+            ),
+            (
+                "[proxy]\nmember_base_port = 28000\nlisten = \"0.0.0.0:1\"\n".to_string(),
+                "proxy.advertise_host: required with proxy.member_base_port",
+            ),
+            ("[proxy]\nadvertise_host = \"h\"\n".to_string(), "proxy.advertise_host: is only used with"),
+            (
+                "[proxy]\n[[proxy.members]]\nupstream = \"a:1\"\nlisten = \"127.0.0.1:1\"\n[[members]]\nupstream = \"b:1\"\nlisten = \"127.0.0.1:2\"\n".to_string(),
+                "members: given both as [[members]] and [[proxy.members]]",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse_err(&text).to_string();
+            assert!(
+                err.starts_with(expected),
+                "for {text:?}\n got: {err}\nwant: {expected}"
+            );
+        }
+    }
+    // replset tests end
 }

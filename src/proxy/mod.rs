@@ -11,6 +11,8 @@
 //! - `connection`: one client connection and its two pumps.
 //! - `inflight`: the per-connection map of requests awaiting replies.
 //! - `upstream`: connection-string parsing and dialing.
+//! - `topology`: replica-set mode's hello rewriting (member -> proxy
+//!   addresses), applied around the caller's inspector.
 //!
 //! Metrics: the connection and listener update pre-resolved handles of
 //! `crate::metrics::ProxyMetrics` (atomic adds, no allocation per frame).
@@ -19,6 +21,7 @@ mod connection;
 mod inflight;
 pub mod inspect;
 mod listener;
+pub mod topology;
 pub mod upstream;
 
 use std::io;
@@ -42,13 +45,16 @@ use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use connection::ConnSettings;
 use listener::{AcceptLoop, ListenerStats};
+use topology::TopologyInspector;
 
 /// Entry point of the data path.
 pub struct Proxy;
 
 impl Proxy {
-    /// Validates `cfg`, binds `cfg.listen` and starts accepting. Returns once
-    /// the listener is bound (so `local_addr` is known, e.g. for port 0).
+    /// Validates `cfg`, binds `cfg.listen` (or, in replica-set mode, one
+    /// listener per member, each dialing its member; all share `inspector`)
+    /// and starts accepting. Returns once every listener is bound (so
+    /// `local_addr` / `listeners` are known, e.g. for port 0).
     /// The proxy gets a registry of its own (see `ProxyHandle::metrics`).
     pub async fn start(
         cfg: Arc<ProxyConfig>,
@@ -66,49 +72,107 @@ impl Proxy {
     ) -> io::Result<ProxyHandle> {
         cfg.validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let upstream = cfg
-            .upstream_connection_string()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        if upstream.hosts.len() > 1 {
+        let invalid = |e: crate::config::ConfigError| {
+            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+        };
+        let upstream = cfg.upstream_connection_string().map_err(invalid)?;
+        let plan = cfg.member_plan().map_err(invalid)?;
+        let member_mode = !plan.is_empty();
+        if !member_mode && upstream.hosts.len() > 1 {
             info!(
                 upstream = %upstream.primary_target(),
                 hosts = upstream.hosts.len(),
-                "the upstream lists several hosts; only the first is used for now"
+                "the upstream lists several hosts; without a member mapping ([[members]] or \
+                 proxy.member_base_port) only the first is dialed"
             );
         }
-        let listener = TcpListener::bind(&cfg.listen).await?;
-        let local = listener.local_addr()?;
-        info!(listen = %local, upstream = %upstream.primary_target(), "proxy listening");
+        let targets: Vec<(upstream::HostPort, String, Option<String>)> = if member_mode {
+            plan.into_iter()
+                .map(|m| (m.upstream, m.listen, m.advertise))
+                .collect()
+        } else {
+            vec![(upstream.primary_target().clone(), cfg.listen.clone(), None)]
+        };
+        // Every listener is bound before any accepts, so a taken port fails
+        // the start as a whole.
+        let mut bound = Vec::with_capacity(targets.len());
+        for (member, listen, advertise) in targets {
+            let listener = TcpListener::bind(&listen).await?;
+            let local = listener.local_addr()?;
+            // Port 0 (tests) is advertised as the port actually bound.
+            let advertised = member_mode.then(|| {
+                advertise.unwrap_or_else(|| {
+                    if listen.ends_with(":0") {
+                        local.to_string()
+                    } else {
+                        listen.clone()
+                    }
+                })
+            });
+            bound.push((
+                listener,
+                ListenerInfo {
+                    upstream: member,
+                    local_addr: local,
+                    advertised,
+                },
+            ));
+        }
+        let map = topology::MemberMap::new(bound.iter().filter_map(|(_, info)| {
+            let advertised = info.advertised.clone()?;
+            Some((info.upstream.clone(), advertised))
+        }));
+        let inspector: Arc<dyn Inspector> = Arc::new(TopologyInspector::new(inspector, map));
 
-        let settings = Arc::new(ConnSettings {
-            upstream: upstream.primary_target().clone(),
-            max_message_size: cfg.max_message_size,
-            connect_timeout: cfg.connect_timeout,
-            frame_read_timeout: cfg.frame_read_timeout,
-            inject_timeout: cfg.inject_timeout,
-            metrics: metrics.proxy().clone(),
-        });
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();
         let active = Arc::new(watch::Sender::new(0usize));
         let stats = Arc::new(ListenerStats::default());
-        let accept_loop = AcceptLoop {
-            listener,
-            local,
-            settings,
-            inspector,
-            max_connections: cfg.max_connections,
-            drain_grace: cfg.drain_grace,
-            drain: drain.clone(),
-            kill: kill.clone(),
-            active: active.clone(),
-            stats: stats.clone(),
-            next_id: Arc::new(AtomicU64::new(1)),
-            metrics: metrics.proxy().clone(),
-        };
-        let task = tokio::spawn(accept_loop.run());
+        let next_id = Arc::new(AtomicU64::new(1));
+        let mut listeners = Vec::with_capacity(bound.len());
+        let mut loops = Vec::with_capacity(bound.len());
+        for (listener, info) in bound {
+            match &info.advertised {
+                Some(advertised) => info!(listen = %info.local_addr, upstream = %info.upstream,
+                    %advertised, "proxy listening for a replica-set member"),
+                None => {
+                    info!(listen = %info.local_addr, upstream = %info.upstream, "proxy listening")
+                }
+            }
+            let settings = Arc::new(ConnSettings {
+                upstream: info.upstream.clone(),
+                max_message_size: cfg.max_message_size,
+                connect_timeout: cfg.connect_timeout,
+                frame_read_timeout: cfg.frame_read_timeout,
+                inject_timeout: cfg.inject_timeout,
+                metrics: metrics.proxy().clone(),
+            });
+            let accept_loop = AcceptLoop {
+                listener,
+                local: info.local_addr,
+                settings,
+                inspector: inspector.clone(),
+                max_connections: cfg.max_connections,
+                drain_grace: cfg.drain_grace,
+                drain: drain.clone(),
+                kill: kill.clone(),
+                active: active.clone(),
+                stats: stats.clone(),
+                next_id: next_id.clone(),
+                metrics: metrics.proxy().clone(),
+            };
+            loops.push(tokio::spawn(accept_loop.run()));
+            listeners.push(info);
+        }
+        let local = listeners[0].local_addr;
+        let task = tokio::spawn(async move {
+            for accept_loop in loops {
+                let _ = accept_loop.await;
+            }
+        });
         Ok(ProxyHandle {
             local_addr: local,
+            listeners,
             drain,
             kill,
             active,
@@ -119,10 +183,21 @@ impl Proxy {
     }
 }
 
+/// One bound listener and the upstream it dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    pub upstream: upstream::HostPort,
+    pub local_addr: SocketAddr,
+    /// The address hello replies name instead of `upstream` (replica-set
+    /// mode only).
+    pub advertised: Option<String>,
+}
+
 /// Controls a running proxy listener.
 #[derive(Debug)]
 pub struct ProxyHandle {
     local_addr: SocketAddr,
+    listeners: Vec<ListenerInfo>,
     drain: CancellationToken,
     kill: CancellationToken,
     active: Arc<watch::Sender<usize>>,
@@ -132,9 +207,14 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    /// The bound listen address.
+    /// The bound listen address (the first member's in replica-set mode).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Every listener: one in single-upstream mode, one per member otherwise.
+    pub fn listeners(&self) -> &[ListenerInfo] {
+        &self.listeners
     }
 
     /// Stops accepting; each connection closes as soon as it has nothing in
