@@ -61,9 +61,16 @@ pub struct Request {
     pub db: String,
     pub body: Document,
     pub sequences: Vec<(String, Vec<Document>)>,
+    /// The connection's authenticated user (sessions belong to it).
+    pub user: Option<String>,
 }
 
 impl Request {
+    /// The session an lsid document names, for this request's user.
+    fn session_key(&self, lsid: &Document) -> Option<SessionKey> {
+        SessionKey::from_lsid(lsid).map(|key| key.owned_by(self.user.as_deref()))
+    }
+
     /// Documents given either as a kind-1 sequence or as an array in the body.
     fn documents(&self, field: &str) -> Result<Vec<Document>, CommandError> {
         if let Some((_, docs)) = self.sequences.iter().find(|(id, _)| id == field) {
@@ -176,7 +183,7 @@ pub fn execute(state: &EmulatorState, member: usize, req: &Request) -> Document 
         .body
         .get_document("lsid")
         .ok()
-        .and_then(SessionKey::from_lsid);
+        .and_then(|lsid| req.session_key(lsid));
     let txn_number = as_i64(req.body.get("txnNumber"));
     let autocommit = req.body.get_bool("autocommit").ok();
     let start_transaction = truthy(req.body.get("startTransaction"));
@@ -355,7 +362,7 @@ fn lsid_list(req: &Request) -> Result<Vec<SessionKey>, CommandError> {
     Ok(items
         .iter()
         .filter_map(|item| match item {
-            Bson::Document(d) => SessionKey::from_lsid(d),
+            Bson::Document(d) => req.session_key(d),
             _ => None,
         })
         .collect())
@@ -415,7 +422,11 @@ fn kill_all_sessions_by_pattern(ex: &mut Exec<'_>, req: &Request) -> CommandResu
     for pattern in patterns {
         match pattern {
             Bson::Document(p) => {
-                match p.get_document("lsid").ok().and_then(SessionKey::from_lsid) {
+                match p
+                    .get_document("lsid")
+                    .ok()
+                    .and_then(|lsid| req.session_key(lsid))
+                {
                     Some(key) => specific.push(key),
                     None => everything = true,
                 }

@@ -8,6 +8,8 @@ use bson::{doc, Bson, Document};
 pub const BAD_VALUE: i32 = 2;
 pub const FAILED_TO_PARSE: i32 = 9;
 pub const UNAUTHORIZED: i32 = 13;
+pub const PROTOCOL_ERROR: i32 = 17;
+pub const AUTHENTICATION_FAILED: i32 = 18;
 pub const TYPE_MISMATCH: i32 = 14;
 pub const ILLEGAL_OPERATION: i32 = 20;
 pub const NAMESPACE_NOT_FOUND: i32 = 26;
@@ -41,6 +43,8 @@ pub fn code_name(code: i32) -> String {
         BAD_VALUE => "BadValue",
         FAILED_TO_PARSE => "FailedToParse",
         UNAUTHORIZED => "Unauthorized",
+        PROTOCOL_ERROR => "ProtocolError",
+        AUTHENTICATION_FAILED => "AuthenticationFailed",
         TYPE_MISMATCH => "TypeMismatch",
         ILLEGAL_OPERATION => "IllegalOperation",
         NAMESPACE_NOT_FOUND => "NamespaceNotFound",

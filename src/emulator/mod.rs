@@ -28,6 +28,7 @@
 //! listeners (replica-set members) can serve one data set: see
 //! [`Emulator::start_member`].
 
+mod auth;
 mod commands;
 mod errors;
 mod hello;
@@ -79,6 +80,12 @@ pub struct EmulatorConfig {
     pub record_frames: bool,
     /// Largest accepted frame (and reported maxMessageSizeBytes bound).
     pub max_message_size: usize,
+    /// Serve TLS with this configuration instead of plain TCP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// SCRAM-SHA-256 users `(name, password)` in the `admin` database. When
+    /// non-empty, connections must authenticate before running commands
+    /// other than the handshake ones, and sessions belong to their user.
+    pub users: Vec<(String, String)>,
 }
 
 impl Default for EmulatorConfig {
@@ -94,6 +101,8 @@ impl Default for EmulatorConfig {
             cursor_timeout: Duration::from_secs(10 * 60),
             record_frames: false,
             max_message_size: crate::wire::DEFAULT_MAX_MESSAGE_SIZE,
+            tls: None,
+            users: Vec::new(),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! frames with [`crate::wire`], answers each request in order (handshake
 //! here, everything else via `commands`), applies the configured latency
 //! without holding any lock, and runs the streaming (exhaust) hello protocol.
+//! With `EmulatorConfig::tls` each connection's TLS handshake runs in its own
+//! task; with `users`, each connection carries its SCRAM state (`auth`).
 //! A malformed frame closes that one connection with a log line.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -17,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::codec::FramedRead;
 
+use super::auth::{self, ConnAuth};
 use super::commands::{self, Request};
 use super::errors::{self, CommandError};
 use super::hello::{self, AwaitParams, HelloContext};
@@ -154,7 +157,21 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     state.add_peer(peer);
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(serve_connection(stream, peer, state.clone(), member, shutdown.clone()));
+                    match state.config().tls.clone() {
+                        None => {
+                            connections.spawn(serve_connection(stream, peer, state.clone(), member, shutdown.clone()));
+                        }
+                        Some(tls) => {
+                            let state = state.clone();
+                            let shutdown = shutdown.clone();
+                            connections.spawn(async move {
+                                match tokio_rustls::TlsAcceptor::from(tls).accept(stream).await {
+                                    Ok(stream) => serve_connection(stream, peer, state, member, shutdown).await,
+                                    Err(e) => tracing::debug!(%peer, error = %e, "emulator TLS handshake failed"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "emulator accept failed; backing off");
@@ -175,6 +192,7 @@ struct Connection {
     connection_id: i32,
     peer: SocketAddr,
     compression: Option<Compressor>,
+    auth: ConnAuth,
 }
 
 /// What to do after handling one request.
@@ -223,6 +241,7 @@ pub(crate) async fn serve_connection<S>(
         connection_id,
         peer,
         compression: None,
+        auth: ConnAuth::default(),
     };
     tracing::debug!(%peer, connection_id, "emulator connection opened");
     let mut pending: Option<Frame> = None;
@@ -375,6 +394,19 @@ fn encode_msg(
     ))
 }
 
+/// hello's authentication fields: `saslSupportedMechs` and the first SCRAM
+/// step of `speculativeAuthenticate`, when the client asked for them.
+fn add_auth_to_hello(conn: &mut Connection, request: &Document, reply: &mut Document) {
+    let state = conn.state.clone();
+    let users = &state.config().users;
+    if let Some(mechs) = auth::supported_mechs(users, request) {
+        reply.insert("saslSupportedMechs", mechs);
+    }
+    if let Some(first_step) = conn.auth.speculative(users, request) {
+        reply.insert("speculativeAuthenticate", first_step);
+    }
+}
+
 fn latency(conn: &Connection, name: &str) -> Duration {
     let config = conn.state.config();
     match config.command_latency.get(name) {
@@ -452,15 +484,24 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                             member: conn.member,
                             connection_id: conn.connection_id,
                         };
-                        hello::hello_reply(&ctx, &name, &body, conn.compression)
+                        let mut reply = hello::hello_reply(&ctx, &name, &body, conn.compression);
+                        add_auth_to_hello(conn, &body, &mut reply);
+                        reply
                     } else {
-                        let request = Request {
-                            name: name.clone(),
-                            db: db.to_string(),
-                            body,
-                            sequences,
-                        };
-                        commands::execute(&conn.state, conn.member, &request)
+                        let users = &conn.state.config().users;
+                        match conn.auth.intercept(users, &name, db, &body) {
+                            Some(reply) => reply,
+                            None => {
+                                let request = Request {
+                                    name: name.clone(),
+                                    db: db.to_string(),
+                                    body,
+                                    sequences,
+                                    user: conn.auth.user().map(str::to_owned),
+                                };
+                                commands::execute(&conn.state, conn.member, &request)
+                            }
+                        }
                     }
                 }
             };
@@ -507,7 +548,9 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                     member: conn.member,
                     connection_id: conn.connection_id,
                 };
-                hello::hello_reply(&ctx, &name, &body, conn.compression)
+                let mut reply = hello::hello_reply(&ctx, &name, &body, conn.compression);
+                add_auth_to_hello(conn, &body, &mut reply);
+                reply
             } else {
                 CommandError::new(
                     errors::UNSUPPORTED_OP_QUERY_COMMAND,

@@ -65,6 +65,13 @@ impl SessionKey {
         }
     }
 
+    /// The same lsid as a session of `user` (the server keys sessions by
+    /// lsid and user: one user cannot touch another's sessions).
+    pub fn owned_by(mut self, user: Option<&str>) -> SessionKey {
+        self.owner = user.map(str::to_owned);
+        self
+    }
+
     /// The server's rendering of an lsid in error messages.
     pub fn display(&self) -> String {
         format!("{} - {} -  - ", self.uuid_string(), ANONYMOUS_UID)
