@@ -7,7 +7,7 @@
 //! config is reported before any side effect.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,8 @@ pub const DEFAULT_FRAME_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an injected request (e.g. refreshSessions) may wait for a quiet
 /// moment on its connection plus its reply.
 pub const DEFAULT_INJECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to complete the TLS handshake with the proxy.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default log verbosity (a `tracing` filter directive).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -90,6 +92,9 @@ pub struct ProxyConfig {
     pub admin_token: Option<AdminToken>,
     #[serde(with = "humantime_serde")]
     pub upstream_probe_interval: Duration,
+    /// `[proxy.tls]`: serve TLS to applications. Absent: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenTlsConfig>,
     /// Replica-set mode: one listener per member (see `MemberConfig`).
     /// Empty (the default): one listener on `listen`, dialing the first host
     /// of `upstream`.
@@ -131,6 +136,57 @@ pub struct MemberPlan {
     pub listen: String,
     /// What drivers are told; `None` = the bound listen address.
     pub advertise: Option<String>,
+}
+
+/// `[proxy.tls]`: the certificate the proxy presents to applications and,
+/// optionally, the CA their client certificates must chain to. Files are
+/// read when the proxy starts (errors name the key), not by `validate`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf certificate (unencrypted).
+    pub key_file: PathBuf,
+    /// PEM CA certificates that client certificates are checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (needs `client_ca_file`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    #[serde(default = "default_tls_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_tls_handshake_timeout() -> Duration {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT
+}
+
+impl ListenTlsConfig {
+    /// Shape checks only (files are read at startup).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("proxy.tls.cert_file", &self.cert_file),
+            ("proxy.tls.key_file", &self.key_file),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::key(key, "must name a PEM file"));
+            }
+        }
+        if self.require_client_cert && self.client_ca_file.is_none() {
+            return Err(ConfigError::key(
+                "proxy.tls.require_client_cert",
+                "needs proxy.tls.client_ca_file (the CA client certificates must chain to)",
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(ConfigError::key(
+                "proxy.tls.handshake_timeout",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A secret that never reaches logs or rendered configuration: `Debug` and
@@ -176,6 +232,7 @@ impl Default for ProxyConfig {
             inject_timeout: DEFAULT_INJECT_TIMEOUT,
             admin_token: None,
             upstream_probe_interval: DEFAULT_UPSTREAM_PROBE_INTERVAL,
+            tls: None,
             members: Vec::new(),
             member_base_port: None,
             advertise_host: None,
@@ -189,11 +246,10 @@ impl ProxyConfig {
         validate_host_port("proxy.listen", &self.listen)?;
         validate_host_port("proxy.admin", &self.admin)?;
         let upstream = self.upstream_connection_string()?;
-        if upstream.wants_tls() {
-            return Err(ConfigError::key(
-                "proxy.upstream",
-                "tls=true / ssl=true is not supported yet (upstream TLS comes later)",
-            ));
+        crate::proxy::tls::TlsOptions::parse(&upstream)
+            .map_err(|e| ConfigError::key("proxy.upstream", e))?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
         }
         if self.max_connections == 0 {
             return Err(ConfigError::key(
@@ -869,8 +925,20 @@ mod tests {
                 "proxy.upstream: must start with mongodb://",
             ),
             (
-                "[proxy]\nupstream = \"mongodb://h/?tls=true\"",
-                "proxy.upstream: tls=true",
+                "[proxy]\nupstream = \"mongodb://h/?tlsCAFile=ca.pem\"",
+                "proxy.upstream: TLS options are set but TLS is not enabled",
+            ),
+            (
+                "[proxy.tls]\ncert_file = \"c.pem\"",
+                "proxy.tls: missing field `key_file`",
+            ),
+            (
+                "[proxy.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nrequire_client_cert = true",
+                "proxy.tls.require_client_cert: needs proxy.tls.client_ca_file",
+            ),
+            (
+                "[proxy.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\nhandshake_timeout = \"0s\"",
+                "proxy.tls.handshake_timeout: must be greater than 0",
             ),
             ("[log]\nlevel = \"=[\"", "log.level: invalid filter"),
             // Parse-time errors: unknown keys and wrong types name the key too.
@@ -955,6 +1023,7 @@ mod tests {
         let err = split_key_message("something odd happened".into());
         assert_eq!(err.to_string(), "something odd happened");
     }
+
     // replset tests begin
     #[test]
     fn members_table_maps_each_member_to_a_listener() {

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +26,7 @@ use super::inspect::{
     intern_command, is_hello, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector,
     Inspector, ReplyVerdict, Verdict, INJECT_QUEUE,
 };
+use super::tls::{ClientStream, UpstreamTls};
 use super::upstream::{self, DialError, HostPort};
 use crate::metrics::{ConnectFailure, Direction, FrameSide, ProxyMetrics};
 use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, OpCode, WireError};
@@ -105,6 +105,8 @@ enum Outcome {
 #[derive(Debug)]
 pub(crate) struct ConnSettings {
     pub upstream: HostPort,
+    /// TLS to the upstream, when its connection string asks for it.
+    pub upstream_tls: Option<UpstreamTls>,
     pub max_message_size: usize,
     pub connect_timeout: Duration,
     pub frame_read_timeout: Duration,
@@ -131,7 +133,7 @@ impl Shared {
 /// A freshly accepted client connection.
 pub(crate) struct Accepted {
     pub id: u64,
-    pub client: TcpStream,
+    pub client: ClientStream,
     pub peer: SocketAddr,
     pub local: SocketAddr,
 }
@@ -163,7 +165,7 @@ pub(crate) async fn serve(
     debug!(conn = id, %peer, "connection opened");
 
     let dialed = tokio::select! {
-        dialed = upstream::dial(&settings.upstream, settings.connect_timeout) => dialed,
+        dialed = upstream::connect(&settings.upstream, settings.connect_timeout, settings.upstream_tls.as_ref()) => dialed,
         _ = kill.cancelled() => return,
     };
     let upstream = match dialed {
@@ -259,7 +261,7 @@ fn connect_failure(e: &DialError) -> ConnectFailure {
         DialError::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => {
             ConnectFailure::Refused
         }
-        DialError::Io { .. } => ConnectFailure::Other,
+        DialError::Io { .. } | DialError::Tls { .. } => ConnectFailure::Other,
     }
 }
 

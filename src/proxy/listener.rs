@@ -2,7 +2,11 @@
 //! connection over the cap is closed at once, counted and logged), backs off
 //! when accept fails for lack of resources (EMFILE and friends), and runs
 //! the drain: stop accepting, let connections finish, close the rest after
-//! the grace period. It does not look at frames; connections do.
+//! the grace period. With `[proxy.tls]` each connection's TLS handshake runs
+//! in that connection's task (a slow handshake never stalls accepting), under
+//! `handshake_timeout`; a failed handshake closes that connection with a log
+//! line naming the peer and rustls' reason. It does not look at frames;
+//! connections do.
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::connection::{self, Accepted, ConnSettings, Lifecycle};
 use super::inspect::Inspector;
+use super::tls::{ClientStream, ListenTls};
 use crate::metrics::ProxyMetrics;
 
 /// First and longest pause after a resource-exhaustion accept error.
@@ -48,6 +53,8 @@ pub(crate) struct AcceptLoop {
     pub stats: Arc<ListenerStats>,
     pub next_id: Arc<AtomicU64>,
     pub metrics: ProxyMetrics,
+    /// Serve TLS to clients (`[proxy.tls]`).
+    pub tls: Option<ListenTls>,
 }
 
 /// Decrements the active-connection count (and gauge) when a connection
@@ -123,15 +130,29 @@ impl AcceptLoop {
                 drain: self.drain.clone(),
                 kill: self.kill.clone(),
             };
-            let accepted = Accepted {
-                id,
-                client: stream,
-                peer,
-                local: self.local,
-            };
+            let local = self.local;
+            let tls = self.tls.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let _guard = guard;
+                let client = match tls {
+                    None => ClientStream::Plain(stream),
+                    Some(tls) => match accept_tls(&tls, stream, &lifecycle.kill).await {
+                        Ok(Some(client)) => client,
+                        Ok(None) => return,
+                        Err(reason) => {
+                            warn!(conn = id, %peer, side = "client",
+                                    "connection closed: {reason}");
+                            return;
+                        }
+                    },
+                };
+                let accepted = Accepted {
+                    id,
+                    client,
+                    peer,
+                    local,
+                };
                 connection::serve(accepted, settings, inspector, lifecycle).await;
             });
         }
@@ -160,6 +181,29 @@ impl AcceptLoop {
         // returning means every connection is gone.
         let _ = active.wait_for(|n| *n == 0).await;
         info!(listen = %self.local, "listener stopped");
+    }
+}
+
+/// Runs the server side of the TLS handshake. `Ok(None)`: the proxy is
+/// shutting down. `Err`: why the client was refused (bad certificate, no
+/// certificate when one is required, not TLS at all, too slow).
+async fn accept_tls(
+    tls: &ListenTls,
+    stream: tokio::net::TcpStream,
+    kill: &CancellationToken,
+) -> Result<Option<ClientStream>, String> {
+    let _ = stream.set_nodelay(true);
+    let handshake = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream));
+    tokio::select! {
+        _ = kill.cancelled() => Ok(None),
+        done = handshake => match done {
+            Err(_) => Err(format!(
+                "client TLS handshake not completed within {:?}",
+                tls.handshake_timeout
+            )),
+            Ok(Err(e)) => Err(format!("client TLS handshake failed: {e}")),
+            Ok(Ok(stream)) => Ok(Some(ClientStream::Tls(Box::new(stream)))),
+        },
     }
 }
 

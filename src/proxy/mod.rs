@@ -13,6 +13,7 @@
 //! - `upstream`: connection-string parsing and dialing.
 //! - `topology`: replica-set mode's hello rewriting (member -> proxy
 //!   addresses), applied around the caller's inspector.
+//! - `tls`: rustls on both sides (listener certificate, upstream options).
 //!
 //! Metrics: the connection and listener update pre-resolved handles of
 //! `crate::metrics::ProxyMetrics` (atomic adds, no allocation per frame).
@@ -21,6 +22,7 @@ mod connection;
 mod inflight;
 pub mod inspect;
 mod listener;
+pub mod tls;
 pub mod topology;
 pub mod upstream;
 
@@ -77,6 +79,7 @@ impl Proxy {
         };
         let upstream = cfg.upstream_connection_string().map_err(invalid)?;
         let plan = cfg.member_plan().map_err(invalid)?;
+        let (upstream_tls, listen_tls) = tls::from_config(&cfg, &upstream).map_err(invalid)?;
         let member_mode = !plan.is_empty();
         if !member_mode && upstream.hosts.len() > 1 {
             info!(
@@ -141,6 +144,7 @@ impl Proxy {
             }
             let settings = Arc::new(ConnSettings {
                 upstream: info.upstream.clone(),
+                upstream_tls: upstream_tls.clone(),
                 max_message_size: cfg.max_message_size,
                 connect_timeout: cfg.connect_timeout,
                 frame_read_timeout: cfg.frame_read_timeout,
@@ -160,6 +164,7 @@ impl Proxy {
                 stats: stats.clone(),
                 next_id: next_id.clone(),
                 metrics: metrics.proxy().clone(),
+                tls: listen_tls.clone(),
             };
             loops.push(tokio::spawn(accept_loop.run()));
             listeners.push(info);

@@ -2,9 +2,8 @@
 //! given as `--upstream`, and dialing the upstream member with a timeout.
 //! It owns nothing about frames or sessions, and it must never log
 //! credentials from the connection string (the password is redacted in
-//! `Debug`). TLS is not implemented yet: `dial` is the one place where a
-//! TLS handshake will be added, and callers only see an
-//! `AsyncRead + AsyncWrite` stream.
+//! `Debug`). `connect` adds the TLS handshake (see `tls`) when the
+//! connection string asks for it; callers only see an `UpstreamStream`.
 
 use std::fmt;
 use std::io;
@@ -12,6 +11,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+use super::tls::UpstreamTls;
 
 /// The port a host without an explicit port listens on.
 pub const DEFAULT_MONGODB_PORT: u16 = 27017;
@@ -274,16 +275,48 @@ pub enum DialError {
         #[source]
         source: io::Error,
     },
+    #[error("TLS handshake with upstream {target} failed: {source}")]
+    Tls {
+        target: HostPort,
+        #[source]
+        source: io::Error,
+    },
 }
 
-/// A connected upstream stream. Plain TCP today; TLS (issue 5) will wrap it
-/// here without changing the connection code, which is generic over the
-/// stream's halves.
-pub type UpstreamStream = TcpStream;
+pub use super::tls::UpstreamStream;
 
-/// Connects to `target` within `timeout`. Name resolution counts against
-/// the same timeout, so a black-holed DNS server cannot stall a client.
-pub async fn dial(target: &HostPort, timeout: Duration) -> Result<UpstreamStream, DialError> {
+/// Connects to `target` and, with `tls`, runs the TLS handshake, all within
+/// `timeout` (a server that accepts TCP but never answers the handshake
+/// must not hold a client forever).
+pub async fn connect(
+    target: &HostPort,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<UpstreamStream, DialError> {
+    let Some(tls) = tls else {
+        return dial(target, timeout).await.map(UpstreamStream::Plain);
+    };
+    let started = tokio::time::Instant::now();
+    let tcp = dial(target, timeout).await?;
+    let left = timeout.saturating_sub(started.elapsed());
+    match tokio::time::timeout(left, tls.connect(&target.host, tcp)).await {
+        Err(_) => Err(DialError::Timeout {
+            target: target.clone(),
+            timeout,
+        }),
+        Ok(Err(source)) => Err(DialError::Tls {
+            target: target.clone(),
+            source,
+        }),
+        Ok(Ok(stream)) => Ok(UpstreamStream::Tls(Box::new(stream))),
+    }
+}
+
+/// Opens a TCP connection to `target` within `timeout` (no TLS: the
+/// readiness probe only asks whether the member accepts connections). Name
+/// resolution counts against the same timeout, so a black-holed DNS server
+/// cannot stall a client.
+pub async fn dial(target: &HostPort, timeout: Duration) -> Result<TcpStream, DialError> {
     let connect = TcpStream::connect((target.host.as_str(), target.port));
     match tokio::time::timeout(timeout, connect).await {
         Err(_) => Err(DialError::Timeout {

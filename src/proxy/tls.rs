@@ -1,0 +1,602 @@
+//! TLS on both sides of the proxy, with rustls and its `ring` provider (the
+//! same rustls the MongoDB driver links): the client configuration for the
+//! upstream built from the connection string's `tls*` options, the server
+//! configuration for the listener built from `[proxy.tls]`, and the stream
+//! type that is either plain TCP or TLS over TCP. It owns certificate and key
+//! loading and certificate verification policy; it never looks at frames, and
+//! it never logs key material (paths and rustls' error names only).
+//!
+//! Verification is strict unless the connection string asks otherwise, as a
+//! driver's is: `tlsAllowInvalidCertificates=true` accepts any certificate,
+//! `tlsAllowInvalidHostnames=true` checks the chain but not the name, and
+//! `tlsInsecure=true` means both. Without `tlsCAFile` the Mozilla roots
+//! (`webpki-roots`) are trusted; with it, only that file's certificates.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::upstream::ConnectionString;
+use crate::config::{ConfigError, ListenTlsConfig};
+
+/// Connection-string options this module reads. Any other `tls*` / `ssl*`
+/// option is refused rather than silently ignored: a setting the operator
+/// believes is in force must be.
+const KNOWN_TLS_OPTIONS: &[&str] = &[
+    "tls",
+    "ssl",
+    "tlsCAFile",
+    "tlsCertificateKeyFile",
+    "tlsAllowInvalidCertificates",
+    "tlsAllowInvalidHostnames",
+    "tlsInsecure",
+];
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// How the proxy talks TLS to the upstream, from the connection string.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    connector: tokio_rustls::TlsConnector,
+    /// For the startup log line: which relaxations are in force.
+    pub allow_invalid_certificates: bool,
+    pub allow_invalid_hostnames: bool,
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field(
+                "allow_invalid_certificates",
+                &self.allow_invalid_certificates,
+            )
+            .field("allow_invalid_hostnames", &self.allow_invalid_hostnames)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `tls*` options of a connection string, checked but not yet loaded.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    pub enabled: bool,
+    pub ca_file: Option<String>,
+    pub certificate_key_file: Option<String>,
+    pub allow_invalid_certificates: bool,
+    pub allow_invalid_hostnames: bool,
+}
+
+fn bool_option(cs: &ConnectionString, name: &str) -> Result<Option<bool>, String> {
+    match cs.option(name) {
+        None => Ok(None),
+        Some(v) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
+        Some(v) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
+        Some(v) => Err(format!("option `{name}`: `{v}` is not true or false")),
+    }
+}
+
+impl TlsOptions {
+    /// Reads and cross-checks the options without touching any file.
+    pub fn parse(cs: &ConnectionString) -> Result<TlsOptions, String> {
+        for (key, _) in &cs.options {
+            let lower = key.to_ascii_lowercase();
+            if (lower.starts_with("tls") || lower.starts_with("ssl"))
+                && !KNOWN_TLS_OPTIONS
+                    .iter()
+                    .any(|known| known.eq_ignore_ascii_case(key))
+            {
+                return Err(format!(
+                    "option `{key}` is not supported (supported: {})",
+                    KNOWN_TLS_OPTIONS.join(", ")
+                ));
+            }
+        }
+        let tls = bool_option(cs, "tls")?;
+        let ssl = bool_option(cs, "ssl")?;
+        if let (Some(a), Some(b)) = (tls, ssl) {
+            if a != b {
+                return Err("options `tls` and `ssl` contradict each other".to_string());
+            }
+        }
+        let enabled = tls.or(ssl).unwrap_or(false);
+        let insecure = bool_option(cs, "tlsInsecure")?;
+        let invalid_certs = bool_option(cs, "tlsAllowInvalidCertificates")?;
+        let invalid_hosts = bool_option(cs, "tlsAllowInvalidHostnames")?;
+        if insecure.is_some() && (invalid_certs.is_some() || invalid_hosts.is_some()) {
+            // The URI options spec forbids combining them.
+            return Err("option `tlsInsecure` cannot be combined with \
+                        `tlsAllowInvalidCertificates` or `tlsAllowInvalidHostnames`"
+                .to_string());
+        }
+        let options = TlsOptions {
+            enabled,
+            ca_file: cs.option("tlsCAFile").map(str::to_owned),
+            certificate_key_file: cs.option("tlsCertificateKeyFile").map(str::to_owned),
+            allow_invalid_certificates: insecure.or(invalid_certs).unwrap_or(false),
+            allow_invalid_hostnames: insecure.or(invalid_hosts).unwrap_or(false),
+        };
+        let configured = options.ca_file.is_some()
+            || options.certificate_key_file.is_some()
+            || insecure.is_some()
+            || invalid_certs.is_some()
+            || invalid_hosts.is_some();
+        if configured && !enabled {
+            return Err("TLS options are set but TLS is not enabled: add tls=true".to_string());
+        }
+        Ok(options)
+    }
+}
+
+impl UpstreamTls {
+    /// `None` when the connection string does not ask for TLS. Reads the
+    /// CA and client certificate files; errors name the option and file.
+    pub fn from_connection_string(cs: &ConnectionString) -> Result<Option<UpstreamTls>, String> {
+        let options = TlsOptions::parse(cs)?;
+        if !options.enabled {
+            return Ok(None);
+        }
+        let provider = provider();
+        let mut roots = RootCertStore::empty();
+        match &options.ca_file {
+            Some(path) => {
+                let certs = load_certs(Path::new(path)).map_err(|e| format!("tlsCAFile: {e}"))?;
+                for cert in certs {
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("tlsCAFile: `{path}`: unusable certificate: {e}"))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?;
+        let builder = if options.allow_invalid_certificates {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+        } else {
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("tlsCAFile: {e}"))?;
+            if options.allow_invalid_hostnames {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(IgnoreHostname(webpki)))
+            } else {
+                builder.with_webpki_verifier(webpki)
+            }
+        };
+        let config = match &options.certificate_key_file {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let path = Path::new(path);
+                let certs = load_certs(path).map_err(|e| format!("tlsCertificateKeyFile: {e}"))?;
+                let key = load_key(path).map_err(|e| format!("tlsCertificateKeyFile: {e}"))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("tlsCertificateKeyFile: {e}"))?
+            }
+        };
+        Ok(Some(UpstreamTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            allow_invalid_certificates: options.allow_invalid_certificates,
+            allow_invalid_hostnames: options.allow_invalid_hostnames,
+        }))
+    }
+
+    /// Runs the TLS handshake over a connected socket. SNI and certificate
+    /// name checks use `host` as written in the connection string (an IP
+    /// address sends no SNI and is checked against the IP SANs).
+    pub async fn connect(
+        &self,
+        host: &str,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("`{host}` is not a valid TLS server name"),
+            )
+        })?;
+        self.connector.connect(name, tcp).await
+    }
+}
+
+/// `tlsAllowInvalidCertificates=true`: any certificate is accepted, but the
+/// handshake signatures are still checked (the peer must hold the key of
+/// the certificate it sent).
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `tlsAllowInvalidHostnames=true`: the chain must still lead to a trusted
+/// root; only a name mismatch is forgiven.
+#[derive(Debug)]
+struct IgnoreHostname(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for IgnoreHostname {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The listener's TLS acceptor, from `[proxy.tls]`. Errors name the key.
+pub fn listen_acceptor(config: &ListenTlsConfig) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
+    let provider = provider();
+    let certs =
+        load_certs(&config.cert_file).map_err(|e| ConfigError::key("proxy.tls.cert_file", e))?;
+    let key = load_key(&config.key_file).map_err(|e| ConfigError::key("proxy.tls.key_file", e))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::key("proxy.tls", e.to_string()))?;
+    let builder = match &config.client_ca_file {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in
+                load_certs(path).map_err(|e| ConfigError::key("proxy.tls.client_ca_file", e))?
+            {
+                roots.add(cert).map_err(|e| {
+                    ConfigError::key(
+                        "proxy.tls.client_ca_file",
+                        format!("`{}`: unusable certificate: {e}", path.display()),
+                    )
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if config.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| ConfigError::key("proxy.tls.client_ca_file", e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let server = builder.with_single_cert(certs, key).map_err(|e| {
+        ConfigError::key(
+            "proxy.tls.key_file",
+            format!("does not match proxy.tls.cert_file: {e}"),
+        )
+    })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+}
+
+/// The listener's TLS settings as the accept loop uses them.
+#[derive(Clone)]
+pub struct ListenTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub handshake_timeout: std::time::Duration,
+}
+
+/// Both sides' TLS from the proxy configuration (reads the files; errors
+/// name the key), with one log line saying what is in force.
+pub fn from_config(
+    cfg: &crate::config::ProxyConfig,
+    upstream: &ConnectionString,
+) -> Result<(Option<UpstreamTls>, Option<ListenTls>), ConfigError> {
+    let upstream_tls = UpstreamTls::from_connection_string(upstream)
+        .map_err(|e| ConfigError::key("proxy.upstream", e))?;
+    if let Some(tls) = &upstream_tls {
+        if tls.allow_invalid_certificates || tls.allow_invalid_hostnames {
+            tracing::warn!(
+                allow_invalid_certificates = tls.allow_invalid_certificates,
+                allow_invalid_hostnames = tls.allow_invalid_hostnames,
+                "upstream TLS certificate checks are relaxed by the connection string"
+            );
+        }
+    }
+    let listen_tls = match &cfg.tls {
+        None => None,
+        Some(listen) => Some(ListenTls {
+            acceptor: listen_acceptor(listen)?,
+            handshake_timeout: listen.handshake_timeout,
+        }),
+    };
+    tracing::info!(
+        upstream_tls = upstream_tls.is_some(),
+        client_tls = listen_tls.is_some(),
+        client_cert_required = cfg.tls.as_ref().is_some_and(|t| t.require_client_cert),
+        "TLS settings"
+    );
+    Ok((upstream_tls, listen_tls))
+}
+
+/// Every certificate in a PEM file, in order (leaf first for a chain).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`{}` is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("`{}` holds no CERTIFICATE block", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1); the file may
+/// also hold certificates (MongoDB's combined certificate-key files).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => format!(
+            "`{}` holds no unencrypted PRIVATE KEY block (encrypted keys are not supported)",
+            path.display()
+        ),
+        other => format!(
+            "cannot read a private key from `{}`: {other}",
+            path.display()
+        ),
+    })
+}
+
+/// A socket that is either plain TCP or TLS over TCP. `into_split` hands
+/// the connection pumps one reader and one writer, like
+/// `TcpStream::into_split`.
+pub enum Transport<T> {
+    Plain(TcpStream),
+    Tls(Box<T>),
+}
+
+/// A client connection as accepted by the listener.
+pub type ClientStream = Transport<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A connection to the upstream as dialed.
+pub type UpstreamStream = Transport<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Boxed halves: one reader and one writer per direction.
+pub type ReadPart = Box<dyn AsyncRead + Send + Unpin>;
+pub type WritePart = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// TLS stream types whose socket can be reached (for nodelay and addresses).
+pub trait OverTcp {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+impl<T> Transport<T>
+where
+    T: OverTcp + AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(tcp) => tcp,
+            Transport::Tls(tls) => tls.tcp(),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+
+    pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        self.tcp().set_nodelay(nodelay)
+    }
+
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().peer_addr()
+    }
+
+    /// Plain TCP keeps tokio's lock-free owned halves; TLS needs one state
+    /// machine for both directions, so it goes through `tokio::io::split`.
+    pub fn into_split(self) -> (ReadPart, WritePart) {
+        match self {
+            Transport::Plain(tcp) => {
+                let (read, write) = tcp.into_split();
+                (Box::new(read), Box::new(write))
+            }
+            Transport::Tls(tls) => {
+                let (read, write) = tokio::io::split(*tls);
+                (Box::new(read), Box::new(write))
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Transport<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Transport<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(uri: &str) -> Result<TlsOptions, String> {
+        TlsOptions::parse(&ConnectionString::parse(uri).unwrap())
+    }
+
+    #[test]
+    fn tls_and_ssl_enable_and_relaxations_need_asking() {
+        assert!(!options("mongodb://h").unwrap().enabled);
+        assert!(options("mongodb://h/?tls=true").unwrap().enabled);
+        assert!(options("mongodb://h/?ssl=TRUE").unwrap().enabled);
+        let strict = options("mongodb://h/?tls=true&tlsCAFile=/ca.pem").unwrap();
+        assert_eq!(strict.ca_file.as_deref(), Some("/ca.pem"));
+        assert!(!strict.allow_invalid_certificates && !strict.allow_invalid_hostnames);
+        let insecure = options("mongodb://h/?tls=true&tlsInsecure=true").unwrap();
+        assert!(insecure.allow_invalid_certificates && insecure.allow_invalid_hostnames);
+        let names = options("mongodb://h/?tls=true&tlsAllowInvalidHostnames=true").unwrap();
+        assert!(!names.allow_invalid_certificates && names.allow_invalid_hostnames);
+    }
+
+    #[test]
+    fn contradictions_and_unknown_options_are_refused() {
+        let cases = [
+            ("mongodb://h/?tls=true&ssl=false", "contradict"),
+            ("mongodb://h/?tls=yes", "not true or false"),
+            ("mongodb://h/?tlsCAFile=/ca.pem", "add tls=true"),
+            (
+                "mongodb://h/?tls=true&tlsInsecure=true&tlsAllowInvalidHostnames=true",
+                "cannot be combined",
+            ),
+            (
+                "mongodb://h/?tls=true&tlsCertificateKeyFilePassword=x",
+                "tlsCertificateKeyFilePassword` is not supported",
+            ),
+        ];
+        for (uri, expected) in cases {
+            let err = options(uri).expect_err(uri);
+            assert!(err.contains(expected), "{uri}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_files_name_the_option_and_path() {
+        let cs =
+            ConnectionString::parse("mongodb://h/?tls=true&tlsCAFile=/nonexistent/ca.pem").unwrap();
+        let err = UpstreamTls::from_connection_string(&cs).unwrap_err();
+        assert!(
+            err.starts_with("tlsCAFile: cannot read `/nonexistent/ca.pem`"),
+            "{err}"
+        );
+        let cs = ConnectionString::parse("mongodb://h/?tls=true").unwrap();
+        assert!(UpstreamTls::from_connection_string(&cs).unwrap().is_some());
+    }
+}
