@@ -1,0 +1,518 @@
+//! TLS on both sides, with certificates generated at test time: the official
+//! Rust driver connects to the proxy with `tls=true&tlsCAFile=...` (the proxy
+//! serves TLS), and the proxy connects to the emulator over TLS (the emulator
+//! serves TLS, the proxy verifies it against `tlsCAFile` and the host name).
+//! Failures must be loud and contained: a wrong CA closes the client with a
+//! log line naming the reason; a missing client certificate is refused.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bson::{doc, Document};
+use mongodb::Client;
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use sessionguard::config::{ListenTlsConfig, ProxyConfig};
+use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use sessionguard::proxy::{NoopInspector, Proxy, ProxyHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A certificate authority made for one test.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// A leaf certificate and its key, as rustls and as PEM.
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    fn der(&self) -> CertificateDer<'static> {
+        self.cert.der().clone()
+    }
+
+    fn issue(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("client"),
+        );
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+}
+
+impl Leaf {
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The emulator's TLS: `leaf` as its certificate; with `client_ca`, client
+/// certificates are required (x.509 to the upstream).
+fn emulator_tls(leaf: &Leaf, client_ca: Option<&Ca>) -> Arc<ServerConfig> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.der()).unwrap();
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    Arc::new(
+        builder
+            .with_single_cert(vec![leaf.der.clone()], leaf.key())
+            .unwrap(),
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Certificates and files for one test.
+struct Pki {
+    dir: tempfile::TempDir,
+    upstream_ca: Ca,
+    proxy_ca: Ca,
+    client_ca: Ca,
+    upstream_leaf: Leaf,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let upstream_ca = Ca::new("upstream test CA");
+        let upstream_leaf = upstream_ca.issue(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        Pki {
+            dir: tempfile::tempdir().unwrap(),
+            upstream_ca,
+            proxy_ca: Ca::new("proxy test CA"),
+            client_ca: Ca::new("client test CA"),
+            upstream_leaf,
+        }
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        write(self.dir.path(), name, text).display().to_string()
+    }
+
+    fn upstream_ca_file(&self) -> String {
+        self.file("upstream-ca.pem", &self.upstream_ca.pem())
+    }
+
+    fn proxy_ca_file(&self) -> String {
+        self.file("proxy-ca.pem", &self.proxy_ca.pem())
+    }
+
+    /// `[proxy.tls]` with a certificate from the proxy CA.
+    fn listen_tls(&self, client_ca: bool, require: bool) -> ListenTlsConfig {
+        let leaf = self.proxy_ca.issue(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        ListenTlsConfig {
+            cert_file: self.file("proxy-cert.pem", &leaf.cert_pem).into(),
+            key_file: self.file("proxy-key.pem", &leaf.key_pem).into(),
+            client_ca_file: client_ca
+                .then(|| self.file("client-ca.pem", &self.client_ca.pem()).into()),
+            require_client_cert: require,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A combined certificate + key PEM file, as MongoDB tools use.
+    fn client_cert_file(&self, name: &str) -> String {
+        let leaf = self
+            .client_ca
+            .issue(&["app-client"], ExtendedKeyUsagePurpose::ClientAuth);
+        self.file(name, &format!("{}{}", leaf.cert_pem, leaf.key_pem))
+    }
+}
+
+async fn emulator(tls: Arc<ServerConfig>) -> EmulatorHandle {
+    let config = EmulatorConfig {
+        tls: Some(tls),
+        ..EmulatorConfig::default()
+    };
+    Emulator::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
+
+async fn proxy(upstream: String, tls: Option<ListenTlsConfig>) -> ProxyHandle {
+    let config = ProxyConfig {
+        listen: "127.0.0.1:0".to_string(),
+        upstream,
+        connect_timeout: Duration::from_secs(3),
+        tls,
+        ..ProxyConfig::default()
+    };
+    Proxy::start(Arc::new(config), Arc::new(NoopInspector))
+        .await
+        .expect("proxy starts")
+}
+
+async fn client(uri: String) -> Client {
+    Client::with_uri_str(uri).await.expect("options parse")
+}
+
+async fn crud(client: &Client) -> mongodb::error::Result<Document> {
+    let people = client.database("app").collection::<Document>("people");
+    people.insert_one(doc! { "_id": 1, "name": "ada" }).await?;
+    let found = people.find_one(doc! { "_id": 1 }).await?;
+    Ok(found.expect("the document just inserted"))
+}
+
+/// Log output of the current thread (the tests run on a current-thread
+/// runtime, so the proxy's tasks log here too).
+#[derive(Clone, Default)]
+struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let capture = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || capture.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A plain TCP connection that sends a hello and reports whether the peer
+/// closed the connection without answering it (a TLS server may send an
+/// alert first; a wire-protocol reply would carry responseTo 7).
+async fn closed_without_reply(addr: SocketAddr) -> bool {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = bson::to_vec(&doc! { "hello": 1, "$db": "admin" }).unwrap();
+    let frame = sessionguard::wire::op_msg::encode(7, 0, sessionguard::wire::MsgFlags(0), &body);
+    let _ = stream.write_all(&frame).await;
+    let mut received = Vec::new();
+    let closed = matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received)).await,
+        Ok(_)
+    );
+    let answered = received.len() >= 16 && received[8..12] == 7i32.to_le_bytes();
+    closed && !answered
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_driver_speaks_tls_to_the_proxy_which_speaks_tls_to_the_upstream() {
+    let pki = Pki::new();
+    let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
+    // The host name, not the address: SNI and the name check use it.
+    let upstream = format!(
+        "mongodb://localhost:{}/?tls=true&tlsCAFile={}",
+        emulator.addr().port(),
+        pki.upstream_ca_file()
+    );
+    let proxy = proxy(upstream, Some(pki.listen_tls(false, false))).await;
+    let client = client(format!(
+        "mongodb://localhost:{}/?directConnection=true&tls=true&tlsCAFile={}",
+        proxy.local_addr().port(),
+        pki.proxy_ca_file()
+    ))
+    .await;
+    let found = crud(&client).await.expect("CRUD over TLS on both legs");
+    assert_eq!(found.get_str("name").unwrap(), "ada");
+    assert!(emulator.command_count("insert") >= 1);
+    assert!(emulator.command_count("find") >= 1);
+
+    // The proxy does not accept plain TCP when it serves TLS.
+    assert!(closed_without_reply(proxy.local_addr()).await);
+    // ...and the emulator only speaks TLS, so the proxy's leg was TLS too.
+    assert!(closed_without_reply(emulator.addr()).await);
+    client.shutdown().await;
+    proxy.shutdown_now();
+    proxy.wait().await;
+    emulator.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_upstream_certificate_from_another_ca_closes_the_client_with_a_clear_log_line() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let pki = Pki::new();
+    let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
+    // Trusts the proxy CA, which did not sign the emulator's certificate.
+    let upstream = format!(
+        "mongodb://localhost:{}/?tls=true&tlsCAFile={}",
+        emulator.addr().port(),
+        pki.proxy_ca_file()
+    );
+    let proxy = proxy(upstream, None).await;
+
+    assert!(
+        closed_without_reply(proxy.local_addr()).await,
+        "the client connection must be closed"
+    );
+    let client = client(format!(
+        "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS=1500",
+        proxy.local_addr()
+    ))
+    .await;
+    let err = crud(&client).await.expect_err("no upstream, no commands");
+    assert!(
+        matches!(*err.kind, mongodb::error::ErrorKind::ServerSelection { .. }),
+        "{err}"
+    );
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("TLS handshake with upstream localhost:"))
+        .unwrap_or_else(|| panic!("no TLS failure line in:\n{text}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("UnknownIssuer"), "{line}");
+    assert_eq!(emulator.command_count("find"), 0);
+    client.shutdown().await;
+    proxy.shutdown_now();
+    proxy.wait().await;
+    emulator.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn relaxed_checks_apply_only_when_the_connection_string_asks() {
+    let pki = Pki::new();
+    // A certificate for another name, from a CA the proxy is told about.
+    let other = pki.upstream_ca.issue(
+        &["db.internal.example"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let emulator = emulator(emulator_tls(&other, None)).await;
+    let base = format!(
+        "mongodb://localhost:{}/?tls=true&serverSelectionTimeoutMS=1500",
+        emulator.addr().port()
+    );
+    let ca = pki.upstream_ca_file();
+    let cases = [
+        (format!("{base}&tlsCAFile={ca}"), false),
+        (
+            format!("{base}&tlsCAFile={ca}&tlsAllowInvalidHostnames=true"),
+            true,
+        ),
+        // Unknown CA and wrong name: only tlsInsecure / AllowInvalidCertificates pass.
+        (format!("{base}&tlsAllowInvalidHostnames=true"), false),
+        (format!("{base}&tlsAllowInvalidCertificates=true"), true),
+        (format!("{base}&tlsInsecure=true"), true),
+    ];
+    for (upstream, works) in cases {
+        let proxy = proxy(upstream.clone(), None).await;
+        let client = client(format!(
+            "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS=1500",
+            proxy.local_addr()
+        ))
+        .await;
+        let ping = client
+            .database("admin")
+            .run_command(doc! { "ping": 1 })
+            .await;
+        assert_eq!(ping.is_ok(), works, "{upstream}: {ping:?}");
+        client.shutdown().await;
+        proxy.shutdown_now();
+        proxy.wait().await;
+    }
+    emulator.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_required_client_certificate_is_checked_and_a_missing_one_refused() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let pki = Pki::new();
+    let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
+    let upstream = format!(
+        "mongodb://127.0.0.1:{}/?tls=true&tlsCAFile={}",
+        emulator.addr().port(),
+        pki.upstream_ca_file()
+    );
+    let proxy = proxy(upstream, Some(pki.listen_tls(true, true))).await;
+    let base = format!(
+        "mongodb://127.0.0.1:{}/?directConnection=true&tls=true&tlsCAFile={}&serverSelectionTimeoutMS=1500",
+        proxy.local_addr().port(),
+        pki.proxy_ca_file()
+    );
+
+    let without = client(base.clone()).await;
+    let err = crud(&without).await.expect_err("no client certificate");
+    assert!(
+        matches!(*err.kind, mongodb::error::ErrorKind::ServerSelection { .. }),
+        "{err}"
+    );
+    let text = logs.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("client TLS handshake failed") && l.contains("WARN")),
+        "{text}"
+    );
+    assert_eq!(emulator.command_count("insert"), 0);
+    without.shutdown().await;
+
+    // A certificate from another CA is refused too.
+    let stranger = Ca::new("stranger CA").issue(&["intruder"], ExtendedKeyUsagePurpose::ClientAuth);
+    let stranger_file = pki.file(
+        "stranger.pem",
+        &format!("{}{}", stranger.cert_pem, stranger.key_pem),
+    );
+    let intruder = client(format!("{base}&tlsCertificateKeyFile={stranger_file}")).await;
+    assert!(crud(&intruder).await.is_err());
+    intruder.shutdown().await;
+
+    let with = client(format!(
+        "{base}&tlsCertificateKeyFile={}",
+        pki.client_cert_file("client.pem")
+    ))
+    .await;
+    let found = crud(&with).await.expect("client certificate accepted");
+    assert_eq!(found.get_i32("_id").unwrap(), 1);
+    with.shutdown().await;
+    proxy.shutdown_now();
+    proxy.wait().await;
+    emulator.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_proxy_presents_its_client_certificate_to_an_upstream_that_requires_one() {
+    let pki = Pki::new();
+    let emulator = emulator(emulator_tls(&pki.upstream_leaf, Some(&pki.client_ca))).await;
+    let base = format!(
+        "mongodb://localhost:{}/?tls=true&tlsCAFile={}",
+        emulator.addr().port(),
+        pki.upstream_ca_file()
+    );
+
+    let without = proxy(base.clone(), None).await;
+    assert!(closed_without_reply(without.local_addr()).await);
+    without.shutdown_now();
+    without.wait().await;
+
+    let upstream = format!(
+        "{base}&tlsCertificateKeyFile={}",
+        pki.client_cert_file("proxy-client.pem")
+    );
+    let proxy = proxy(upstream, None).await;
+    let client = client(format!(
+        "mongodb://{}/?directConnection=true",
+        proxy.local_addr()
+    ))
+    .await;
+    crud(&client)
+        .await
+        .expect("x.509 client certificate accepted");
+    client.shutdown().await;
+    proxy.shutdown_now();
+    proxy.wait().await;
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_tls_files_fail_the_start_naming_the_key() {
+    let pki = Pki::new();
+    let mut listen = pki.listen_tls(false, false);
+    listen.cert_file = pki.dir.path().join("missing.pem");
+    let config = ProxyConfig {
+        listen: "127.0.0.1:0".to_string(),
+        tls: Some(listen),
+        ..ProxyConfig::default()
+    };
+    let err = Proxy::start(Arc::new(config), Arc::new(NoopInspector))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("proxy.tls.cert_file: cannot read"), "{err}");
+
+    // A key that does not belong to the certificate.
+    let mut listen = pki.listen_tls(false, false);
+    let other = pki
+        .proxy_ca
+        .issue(&["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    listen.key_file = pki.file("other-key.pem", &other.key_pem).into();
+    let config = ProxyConfig {
+        listen: "127.0.0.1:0".to_string(),
+        tls: Some(listen),
+        ..ProxyConfig::default()
+    };
+    let err = Proxy::start(Arc::new(config), Arc::new(NoopInspector))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("proxy.tls.key_file: does not match"),
+        "{err}"
+    );
+
+    let config = ProxyConfig {
+        listen: "127.0.0.1:0".to_string(),
+        upstream: "mongodb://h/?tls=true&tlsCAFile=/nonexistent/ca.pem".to_string(),
+        ..ProxyConfig::default()
+    };
+    let err = Proxy::start(Arc::new(config), Arc::new(NoopInspector))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("proxy.upstream: tlsCAFile: cannot read `/nonexistent/ca.pem`"),
+        "{err}"
+    );
+}
