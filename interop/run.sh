@@ -229,7 +229,8 @@ for log in emulator proxy; do
   warnings="$(grep -c '"level":"\(WARN\|ERROR\)"' "$LOG_DIR/$log.log" || true)"
   if [[ "$warnings" != "0" ]]; then
     say "note: $log logged $warnings warning/error lines (see $LOG_DIR/$log.log):"
-    grep '"level":"\(WARN\|ERROR\)"' "$LOG_DIR/$log.log" | head -n 5 | sed 's/^/    | /'
+    # grep -m, not head: under pipefail an early-closing reader would fail the run (SIGPIPE).
+    grep -m 5 '"level":"\(WARN\|ERROR\)"' "$LOG_DIR/$log.log" | sed 's/^/    | /' || true
   fi
 done
 
