@@ -58,6 +58,9 @@ enum Stage {
 
 struct Conversation {
     user: String,
+    /// saslStart's `options.skipEmptyExchange`: finish with the server
+    /// signature instead of waiting for an empty last client step.
+    skip_empty_exchange: bool,
     stage: Stage,
 }
 
@@ -173,8 +176,14 @@ impl ConnAuth {
             "payload": binary(server_first.as_bytes()),
             "ok": 1.0,
         };
+        let skip_empty_exchange = body
+            .get_document("options")
+            .ok()
+            .and_then(|o| o.get_bool("skipEmptyExchange").ok())
+            .unwrap_or(false);
         self.conversation = Some(Conversation {
             user,
+            skip_empty_exchange,
             stage: Stage::AwaitingProof {
                 client_first_bare: bare.to_string(),
                 server_first,
@@ -258,17 +267,14 @@ impl ConnAuth {
                     auth_message.as_bytes(),
                 );
                 let server_final = format!("v={}", BASE64.encode(server_signature.as_ref()));
-                let skip_empty = body
-                    .get_document("options")
-                    .ok()
-                    .and_then(|o| o.get_bool("skipEmptyExchange").ok())
-                    .unwrap_or(false);
+                let skip_empty = conversation.skip_empty_exchange;
                 tracing::debug!(user = %conversation.user, "authenticated");
                 if skip_empty {
                     self.user = Some(conversation.user);
                 } else {
                     self.conversation = Some(Conversation {
                         user: conversation.user,
+                        skip_empty_exchange: false,
                         stage: Stage::AwaitingEmptyStep,
                     });
                 }
@@ -422,6 +428,7 @@ mod tests {
         let start = doc! {
             "saslStart": 1, "mechanism": MECHANISM,
             "payload": binary(format!("n,,{bare}").as_bytes()),
+            "options": { "skipEmptyExchange": skip_empty },
         };
         let first = auth.sasl_start(&users(), "admin", &start).unwrap();
         let server_first = match first.get("payload") {
@@ -435,7 +442,6 @@ mod tests {
         let cont = doc! {
             "saslContinue": 1, "conversationId": 1,
             "payload": binary(format!("{without_proof},p={proof}").as_bytes()),
-            "options": { "skipEmptyExchange": skip_empty },
         };
         let result = auth.sasl_continue(&cont);
         if let Ok(reply) = &result {

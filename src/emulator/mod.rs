@@ -86,6 +86,9 @@ pub struct EmulatorConfig {
     /// non-empty, connections must authenticate before running commands
     /// other than the handshake ones, and sessions belong to their user.
     pub users: Vec<(String, String)>,
+    /// Answer `speculativeAuthenticate` in hello (default true, as a 4.4+
+    /// server does); false makes drivers authenticate with saslStart.
+    pub speculative_auth: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -103,6 +106,7 @@ impl Default for EmulatorConfig {
             max_message_size: crate::wire::DEFAULT_MAX_MESSAGE_SIZE,
             tls: None,
             users: Vec::new(),
+            speculative_auth: true,
         }
     }
 }

@@ -402,6 +402,9 @@ fn add_auth_to_hello(conn: &mut Connection, request: &Document, reply: &mut Docu
     if let Some(mechs) = auth::supported_mechs(users, request) {
         reply.insert("saslSupportedMechs", mechs);
     }
+    if !state.config().speculative_auth {
+        return;
+    }
     if let Some(first_step) = conn.auth.speculative(users, request) {
         reply.insert("speculativeAuthenticate", first_step);
     }
