@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test suite sessionguard has. This is the test command named in
 # README.md, and the one .ci/run calls. It needs the Rust toolchain (and, for
-# the interop suites, Node.js and Python 3, whose packages it installs into
+# the interop suites, Node.js 20 and Python 3, whose packages it installs into
 # the project's own folders); .ci/run installs the system packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,3 +20,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --all-targets --locked
 fi
+
+echo "== interop: Node.js driver, Express + connect-mongo, PyMongo (direct and through the proxy)"
+cargo build --locked --quiet --bin sessionguard
+target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+SESSIONGUARD_BIN="$target_dir/debug/sessionguard" bash interop/run.sh
