@@ -1,0 +1,529 @@
+//! The metrics and the admin API with real parts: the emulator upstream, the
+//! proxy with the session engine as its inspector, the official Rust driver
+//! running a workload (and one deliberate misuse), and the admin server
+//! scraped over HTTP. The exposition must pass `promtool check metrics`
+//! (Debian package `prometheus`, binary `/usr/bin/promtool`; override the
+//! path with `PROMTOOL`); without promtool the test fails.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::{doc, Document};
+use mongodb::options::FindOptions;
+use mongodb::Client;
+use serde_json::Value;
+use sessionguard::admin::{self, AdminContext, AdminServer, UpstreamProbe};
+use sessionguard::config::{AdminToken, ProxyConfig};
+use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use sessionguard::metrics::Metrics;
+use sessionguard::proxy::upstream::HostPort;
+use sessionguard::proxy::{Proxy, ProxyHandle};
+use sessionguard::session::config::ResolvedRules;
+use sessionguard::session::{RuleId, RulesConfig, SessionConfig, SessionEngine};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Harness {
+    emulator: Option<EmulatorHandle>,
+    engine: Arc<SessionEngine>,
+    proxy: ProxyHandle,
+    admin: AdminServer,
+    admin_shutdown: CancellationToken,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let emulator = Emulator::start(loopback, EmulatorConfig::default())
+            .await
+            .expect("emulator starts");
+        let sessions = SessionConfig::default();
+        let rules = RulesConfig::default();
+        let engine = Arc::new(SessionEngine::new(&sessions, &rules));
+        let metrics = Arc::new(Metrics::new());
+        metrics
+            .register_session_engine(
+                engine.clone(),
+                ResolvedRules::resolve(sessions.mode, &rules),
+            )
+            .expect("engine collector registers");
+        let config = ProxyConfig {
+            listen: "127.0.0.1:0".to_string(),
+            upstream: format!("mongodb://{}", emulator.addr()),
+            ..ProxyConfig::default()
+        };
+        let proxy = Proxy::start_with_metrics(Arc::new(config), engine.clone(), metrics.clone())
+            .await
+            .expect("proxy starts");
+        let context = AdminContext {
+            metrics,
+            engine: Some(engine.clone()),
+            token: Some(AdminToken::new(TOKEN)),
+            probe: Some(UpstreamProbe {
+                target: HostPort {
+                    host: "127.0.0.1".to_string(),
+                    port: emulator.addr().port(),
+                },
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_secs(1),
+            }),
+        };
+        let admin_shutdown = CancellationToken::new();
+        let admin = admin::serve_with("127.0.0.1:0", context, admin_shutdown.clone())
+            .await
+            .expect("admin starts");
+        Harness {
+            emulator: Some(emulator),
+            engine,
+            proxy,
+            admin,
+            admin_shutdown,
+        }
+    }
+
+    async fn client(&self, app: &str) -> Client {
+        Client::with_uri_str(format!(
+            "mongodb://{}/?directConnection=true&appName={app}",
+            self.proxy.local_addr()
+        ))
+        .await
+        .expect("client options parse")
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        http_get(self.admin.local_addr, path, token).await
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let reply = self.get(path, Some(TOKEN)).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        assert_eq!(
+            reply.headers.get("content-type").map(String::as_str),
+            Some("application/json"),
+            "{path}"
+        );
+        serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("{path}: {e}: {}", reply.body))
+    }
+
+    async fn stop(mut self) {
+        self.proxy.shutdown_now();
+        self.proxy.wait().await;
+        self.admin_shutdown.cancel();
+        let _ = self.admin.task.await;
+        if let Some(emulator) = self.emulator.take() {
+            emulator.shutdown().await;
+        }
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// A plain HTTP/1.1 GET over TCP: enough for an admin API, no client crate.
+async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Reply {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut raw))
+        .await
+        .expect("admin answers in time")
+        .unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// The value of one series in a text exposition (`name{labels}` exactly as
+/// the encoder writes it, labels sorted by name).
+fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("series `{series}` missing from the exposition"))
+}
+
+fn promtool() -> String {
+    let path = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".to_string());
+    let found = Command::new(&path)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !found {
+        let context = if std::env::var_os("CI").is_some() {
+            "CI is set, so this is a failure"
+        } else {
+            "install it to run this test"
+        };
+        panic!(
+            "\n\n*** promtool not found ({path}); {context}: `apt-get install -y prometheus` \
+             (Debian package `prometheus` provides /usr/bin/promtool), or set PROMTOOL ***\n"
+        );
+    }
+    path
+}
+
+fn promtool_check(exposition: &str) {
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), exposition.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && report.trim().is_empty(),
+        "promtool check metrics complained:\n{report}"
+    );
+}
+
+async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    condition()
+}
+
+#[tokio::test]
+async fn a_driver_workload_shows_up_in_metrics_sessions_and_violations() {
+    let h = Harness::start().await;
+    let client = h.client("shop").await;
+    let items = client.database("app").collection::<Document>("items");
+
+    // Ordinary traffic: writes, a cursor that needs getMores, an update.
+    let docs: Vec<Document> = (0..30).map(|i| doc! { "_id": i, "n": i }).collect();
+    items.insert_many(docs).await.unwrap();
+    let options = FindOptions::builder().batch_size(7).build();
+    let mut cursor = items.find(doc! {}).with_options(options).await.unwrap();
+    let mut read = 0;
+    while cursor.advance().await.unwrap() {
+        read += 1;
+    }
+    assert_eq!(read, 30);
+    items
+        .update_one(doc! { "_id": 1 }, doc! { "$set": { "n": 100 } })
+        .await
+        .unwrap();
+
+    // A transaction, observed in /sessions while it is open, then committed.
+    let mut txn_session = client.start_session().await.unwrap();
+    txn_session.start_transaction().await.unwrap();
+    items
+        .insert_one(doc! { "_id": 1000 })
+        .session(&mut txn_session)
+        .await
+        .unwrap();
+    let txn_lsid = lsid_string(txn_session.id());
+    let open = h.get_json("/sessions?state=in_transaction").await;
+    let listed: Vec<&Value> = open["sessions"].as_array().unwrap().iter().collect();
+    assert!(
+        listed.iter().any(|s| s["lsid"] == txn_lsid.as_str()
+            && s["in_transaction"] == true
+            && s["transaction"]["phase"] == "open"),
+        "{open}"
+    );
+    txn_session.commit_transaction().await.unwrap();
+
+    // A session ended explicitly and never used again: a tombstone.
+    let ended_session = client.start_session().await.unwrap();
+    let ended_lsid = lsid_string(ended_session.id());
+    client
+        .database("admin")
+        .run_command(doc! { "endSessions": [ended_session.id().clone()] })
+        .await
+        .unwrap();
+
+    // The misuse: a session killed by someone else and then used again.
+    let mut killed = client.start_session().await.unwrap();
+    items
+        .find_one(doc! { "_id": 2 })
+        .session(&mut killed)
+        .await
+        .unwrap();
+    client
+        .database("admin")
+        .run_command(doc! { "killSessions": [killed.id().clone()] })
+        .await
+        .unwrap();
+    items
+        .find_one(doc! { "_id": 3 })
+        .session(&mut killed)
+        .await
+        .unwrap();
+    let killed_lsid = lsid_string(killed.id());
+    let engine = h.engine.clone();
+    assert!(
+        eventually(|| engine
+            .violations()
+            .iter()
+            .any(|v| v.rule == RuleId::UseAfterEnd))
+        .await,
+        "use-after-end never fired"
+    );
+
+    // /metrics needs no token and is the text format.
+    let scraped = h.get("/metrics", None).await;
+    assert_eq!(scraped.status, 200);
+    assert!(
+        scraped.headers["content-type"].starts_with("text/plain; version=0.0.4"),
+        "{:?}",
+        scraped.headers
+    );
+    let text = scraped.body;
+    let value = |series: &str| sample(&text, series);
+    assert!(value("sessionguard_commands_total{command=\"insert\"}") >= 2.0);
+    assert!(value("sessionguard_commands_total{command=\"find\"}") >= 3.0);
+    assert!(value("sessionguard_commands_total{command=\"getMore\"}") >= 4.0);
+    assert!(value("sessionguard_commands_total{command=\"update\"}") >= 1.0);
+    assert!(value("sessionguard_commands_total{command=\"commitTransaction\"}") >= 1.0);
+    assert_eq!(
+        value("sessionguard_commands_total{command=\"killSessions\"}"),
+        1.0
+    );
+    assert!(
+        value("sessionguard_bytes_total{direction=\"client_to_upstream\",opcode=\"msg\"}") > 1000.0
+    );
+    assert!(
+        value("sessionguard_bytes_total{direction=\"upstream_to_client\",opcode=\"msg\"}") > 1000.0
+    );
+    assert!(
+        value("sessionguard_frames_total{direction=\"upstream_to_client\",opcode=\"msg\"}") >= 10.0
+    );
+    assert!(value("sessionguard_command_duration_seconds_count{command=\"insert\"}") >= 2.0);
+    assert!(
+        value("sessionguard_command_duration_seconds_bucket{command=\"find\",le=\"+Inf\"}") >= 3.0
+    );
+    assert!(value("sessionguard_connections_accepted_total") >= 1.0);
+    assert!(value("sessionguard_connections_active") >= 1.0);
+    assert_eq!(value("sessionguard_connections_rejected_total"), 0.0);
+    assert_eq!(value("sessionguard_upstream_up"), 1.0);
+    assert_eq!(
+        value("sessionguard_violations_total{action=\"log\",rule=\"use-after-end\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("sessionguard_violations_total{action=\"log\",rule=\"concurrent-use\"}"),
+        0.0
+    );
+    assert!(value("sessionguard_sessions_tracked") >= 3.0);
+    assert!(value("sessionguard_requests_inspected_total") >= 10.0);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        // Never an lsid (or anything else a client chose) in a label.
+        assert!(!line.contains(&killed_lsid), "{line}");
+        assert!(!line.contains("app.items"), "{line}");
+    }
+    promtool_check(&text);
+
+    // /violations: oldest first, with rule, severity, action, lsid, at, evidence.
+    let violations = h.get_json("/violations").await;
+    let list = violations.as_array().expect("a JSON array");
+    let ids: Vec<u64> = list.iter().map(|v| v["id"].as_u64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "oldest first: {ids:?}");
+    let use_after_end = list
+        .iter()
+        .find(|v| v["rule"] == "use-after-end")
+        .unwrap_or_else(|| panic!("{violations}"));
+    assert_eq!(use_after_end["severity"], "error");
+    assert_eq!(use_after_end["action"], "log");
+    assert_eq!(use_after_end["lsid"], killed_lsid.as_str());
+    assert!(use_after_end["at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(use_after_end["evidence"]["current"]["command"], "find");
+    assert_eq!(
+        use_after_end["evidence"]["current"]["namespace"],
+        "app.items"
+    );
+    assert_eq!(use_after_end["evidence"]["current"]["app_name"], "shop");
+    assert_eq!(
+        use_after_end["evidence"]["earlier"]["command"],
+        "killSessions"
+    );
+
+    // /sessions: every tracked session, and each filter keeps only its kind.
+    let all = h.get_json("/sessions").await;
+    assert_eq!(
+        all["total"].as_u64().unwrap(),
+        all["sessions"].as_array().unwrap().len() as u64
+    );
+    assert!(all["total"].as_u64().unwrap() >= 3, "{all}");
+    let ended = h.get_json("/sessions?state=ended").await;
+    let ended_list = ended["sessions"].as_array().unwrap();
+    assert!(
+        ended_list
+            .iter()
+            .any(|s| s["lsid"] == ended_lsid.as_str() && s["state"] == "ended"),
+        "{ended}"
+    );
+    assert!(ended_list.iter().all(|s| s["state"] != "active"), "{ended}");
+    let active = h.get_json("/sessions?state=active").await;
+    let active_list = active["sessions"].as_array().unwrap();
+    assert!(
+        active_list.iter().all(|s| s["state"] == "active"),
+        "{active}"
+    );
+    // The killed session was used again: the server took it as a new one.
+    assert!(
+        active_list
+            .iter()
+            .any(|s| s["lsid"] == killed_lsid.as_str()),
+        "{active}"
+    );
+    assert!(
+        !active_list.iter().any(|s| s["lsid"] == ended_lsid.as_str()),
+        "{active}"
+    );
+    let limited = h.get_json("/sessions?limit=1").await;
+    assert_eq!(limited["returned"], 1, "{limited}");
+    assert_eq!(
+        h.get("/sessions?state=bogus", Some(TOKEN)).await.status,
+        400
+    );
+    assert_eq!(h.get("/sessions?limit=0", Some(TOKEN)).await.status, 400);
+
+    // The token: required, rejected when wrong, accepted when right.
+    for path in ["/violations", "/sessions", "/readyz"] {
+        let missing = h.get(path, None).await;
+        assert_eq!(missing.status, 401, "{path} without a token");
+        assert!(missing.headers["www-authenticate"].starts_with("Bearer"));
+        let wrong = h.get(path, Some("test-token-0123456789abcdeX")).await;
+        assert_eq!(wrong.status, 401, "{path} with a wrong token");
+        assert_eq!(h.get(path, Some(TOKEN)).await.status, 200, "{path}");
+    }
+    assert_eq!(h.get("/healthz", None).await.status, 200);
+
+    // Client::shutdown waits for every session and cursor to be dropped.
+    drop(cursor);
+    drop(ended_session);
+    drop(killed);
+    drop(txn_session);
+    client.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_draining() {
+    let h = Harness::start().await;
+    let ready = h.get("/readyz", Some(TOKEN)).await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    // A client keeps a connection (and the drain) open.
+    let client = h.client("drain").await;
+    client
+        .database("app")
+        .run_command(doc! { "ping": 1 })
+        .await
+        .unwrap();
+
+    h.proxy.drain();
+    let draining = h.get("/readyz", Some(TOKEN)).await;
+    assert_eq!(draining.status, 503, "{}", draining.body);
+    let body: Value = serde_json::from_str(&draining.body).unwrap();
+    assert_eq!(body["ready"], false);
+    assert_eq!(body["draining"], true);
+    assert_eq!(body["upstream_reachable"], true);
+    let metrics = h.get("/metrics", None).await.body;
+    assert_eq!(sample(&metrics, "sessionguard_draining"), 1.0);
+    // Liveness is unaffected.
+    assert_eq!(h.get("/healthz", None).await.status, 200);
+    client.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_the_upstream_is_unreachable() {
+    let mut h = Harness::start().await;
+    let addr = h.admin.local_addr;
+    let ready = h.get("/readyz", Some(TOKEN)).await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+
+    h.emulator.take().unwrap().shutdown().await;
+    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut flipped = false;
+    while tokio::time::Instant::now() < deadline {
+        let reply = http_get(addr, "/readyz", Some(TOKEN)).await;
+        if reply.status == 503 {
+            flipped = true;
+            last = reply.body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(flipped, "/readyz never became 503: {last}");
+    let body: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(body["upstream_reachable"], false);
+    assert_eq!(body["draining"], false);
+    let metrics = h.get("/metrics", None).await.body;
+    assert_eq!(sample(&metrics, "sessionguard_upstream_up"), 0.0);
+
+    // A client that connects now cannot reach the upstream: counted by reason.
+    let mut raw = tokio::net::TcpStream::connect(h.proxy.local_addr())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(WAIT, raw.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    let metrics = h.get("/metrics", None).await.body;
+    assert_eq!(
+        sample(
+            &metrics,
+            "sessionguard_upstream_connect_errors_total{reason=\"refused\"}"
+        ),
+        1.0
+    );
+    h.stop().await;
+}
+
+/// An lsid document's UUID in the 8-4-4-4-12 form the admin API uses.
+fn lsid_string(lsid: &Document) -> String {
+    let bytes = match lsid.get("id") {
+        Some(bson::Bson::Binary(binary)) => binary.bytes.clone(),
+        other => panic!("lsid without a binary id: {other:?}"),
+    };
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
