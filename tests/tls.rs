@@ -516,3 +516,24 @@ async fn bad_tls_files_fail_the_start_naming_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn the_example_config_documents_proxy_tls_with_its_defaults() {
+    let example = include_str!("../config/sessionguard.toml");
+    let block: String = example
+        .lines()
+        .skip_while(|l| l.trim() != "#     [proxy.tls]")
+        .take_while(|l| l.starts_with("#     "))
+        .map(|l| format!("{}\n", &l["#     ".len()..]))
+        .collect();
+    assert!(block.starts_with("[proxy.tls]"), "{block}");
+    let config = sessionguard::config::Config::parse(&block).unwrap();
+    config.validate().unwrap();
+    let tls = config.proxy.tls.expect("[proxy.tls] parsed");
+    assert!(!tls.require_client_cert);
+    assert!(tls.client_ca_file.is_some());
+    assert_eq!(
+        tls.handshake_timeout,
+        sessionguard::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    );
+}
