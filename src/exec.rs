@@ -138,6 +138,9 @@ fn plan(args: ExecArgs) -> Result<Plan, String> {
     let mut config =
         Config::resolve(args.config.as_deref(), &overrides).map_err(|e| e.to_string())?;
     config.proxy.drain_grace = config.proxy.drain_grace.min(SETTLE_GRACE);
+    // The child reaches the proxy on loopback in plain TCP; a shared config
+    // file's `[proxy.tls]` is for the long-running proxy.
+    config.proxy.tls = None;
     let proxy_uri = ProxyUri::from_upstream(&config.proxy.upstream)
         .map_err(|e| format!("proxy.upstream: {e}"))?;
 
@@ -362,6 +365,20 @@ impl std::fmt::Debug for ProxyUri {
 /// endpoint, so a replica-set name would make the driver wait for members
 /// it will never see, and `directConnection` is set by us.
 const DROPPED_OPTIONS: &[&str] = &["replicaSet", "directConnection"];
+/// Option prefixes dropped too: TLS to the upstream is the proxy's leg
+/// (it reads them from `--upstream`); the child reaches the proxy over
+/// plain TCP on loopback.
+const DROPPED_PREFIXES: &[&str] = &["tls", "ssl"];
+
+fn dropped_option(key: &str) -> bool {
+    DROPPED_OPTIONS
+        .iter()
+        .any(|dropped| dropped.eq_ignore_ascii_case(key))
+        || DROPPED_PREFIXES.iter().any(|prefix| {
+            key.get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        })
+}
 
 impl ProxyUri {
     /// Splits `upstream` (already validated by the configuration).
@@ -392,9 +409,7 @@ impl ProxyUri {
             .filter(|pair| !pair.is_empty())
             .filter(|pair| {
                 let key = pair.split_once('=').map_or(*pair, |(key, _)| key);
-                !DROPPED_OPTIONS
-                    .iter()
-                    .any(|dropped| dropped.eq_ignore_ascii_case(key))
+                !dropped_option(key)
             })
             .map(str::to_string)
             .collect();
@@ -468,6 +483,16 @@ mod tests {
         assert_eq!(
             rewrite("mongodb://[::1]:27017/db"),
             "mongodb://127.0.0.1:40000/db?directConnection=true"
+        );
+    }
+
+    #[test]
+    fn upstream_tls_options_stay_with_the_proxy() {
+        assert_eq!(
+            rewrite(
+                "mongodb://h/db?tls=true&tlsCAFile=%2Fca.pem&SSL=true&appName=x&tlsInsecure=false"
+            ),
+            "mongodb://127.0.0.1:40000/db?appName=x&directConnection=true"
         );
     }
 
