@@ -113,18 +113,6 @@ pub struct AdminServer {
     pub task: JoinHandle<()>,
 }
 
-/// `/healthz` and `/metrics` of a registry of its own only: kept for callers
-/// not yet wired to the proxy's metrics and session engine.
-pub async fn serve(addr: &str, shutdown: CancellationToken) -> io::Result<AdminServer> {
-    let context = AdminContext {
-        metrics: Arc::new(Metrics::new()),
-        engine: None,
-        token: None,
-        probe: None,
-    };
-    serve_with(addr, context, shutdown).await
-}
-
 /// Binds `addr` and serves the admin routes (and runs the upstream probe)
 /// until `shutdown` is cancelled.
 pub async fn serve_with(
