@@ -250,10 +250,9 @@ async fn closed_without_reply(addr: SocketAddr) -> bool {
     let frame = sessionguard::wire::op_msg::encode(7, 0, sessionguard::wire::MsgFlags(0), &body);
     let _ = stream.write_all(&frame).await;
     let mut received = Vec::new();
-    let closed = matches!(
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received)).await,
-        Ok(_)
-    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received))
+        .await
+        .is_ok();
     let answered = received.len() >= 16 && received[8..12] == 7i32.to_le_bytes();
     closed && !answered
 }

@@ -457,14 +457,14 @@ mod tests {
     #[test]
     fn right_password_authenticates_and_proves_the_server() {
         let (auth, result) = run("wonder land", true);
-        assert_eq!(result.unwrap().get_bool("done").unwrap(), true);
+        assert!(result.unwrap().get_bool("done").unwrap());
         assert_eq!(auth.user(), Some("alice"));
     }
 
     #[test]
     fn without_skip_empty_exchange_one_more_step_completes() {
         let (mut auth, result) = run("wonder land", false);
-        assert_eq!(result.unwrap().get_bool("done").unwrap(), false);
+        assert!(!result.unwrap().get_bool("done").unwrap());
         assert_eq!(auth.user(), None);
         let last = doc! { "saslContinue": 1, "conversationId": 1, "payload": binary(b"") };
         let reply = auth.sasl_continue(&last).unwrap();
