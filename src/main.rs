@@ -144,8 +144,8 @@ fn main() -> ExitCode {
 }
 
 fn check_config(file: &std::path::Path) -> ExitCode {
-    match Config::load(file) {
-        Ok(_) => {
+    match Config::load(file).and_then(|config| check_tls_files(&config)) {
+        Ok(()) => {
             println!("ok: {}", file.display());
             ExitCode::SUCCESS
         }
@@ -154,6 +154,14 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// Certificates and keys named by the configuration are read and checked
+/// here, so a bad file is a configuration error (exit 64) reported before any
+/// port is bound, by `check-config` as well as by `proxy`.
+fn check_tls_files(config: &Config) -> Result<(), sessionguard::config::ConfigError> {
+    let upstream = config.proxy.upstream_connection_string()?;
+    sessionguard::proxy::tls::from_config(&config.proxy, &upstream).map(|_| ())
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -181,6 +189,10 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
     if args.print_config {
         print!("{}", render_effective(&config));
         return ExitCode::SUCCESS;
+    }
+    if let Err(e) = check_tls_files(&config) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_CONFIG);
     }
     if let Some(path) = &args.report {
         if let Err(e) = sessionguard::report::check_output_path(path) {

@@ -536,3 +536,32 @@ fn the_example_config_documents_proxy_tls_with_its_defaults() {
         sessionguard::config::DEFAULT_TLS_HANDSHAKE_TIMEOUT
     );
 }
+
+#[test]
+fn the_binary_reports_a_bad_tls_file_as_a_config_error_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "sessionguard.toml",
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\n[proxy.tls]\ncert_file = \"/nonexistent/proxy.pem\"\nkey_file = \"/nonexistent/proxy-key.pem\"\n",
+    );
+    for args in [
+        vec!["check-config".to_string(), config.display().to_string()],
+        vec![
+            "proxy".to_string(),
+            "--config".to_string(),
+            config.display().to_string(),
+        ],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sessionguard"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("proxy.tls.cert_file"),
+            "{args:?} must name the key: {stderr}"
+        );
+    }
+}
