@@ -179,6 +179,7 @@ pub struct ProxyMetrics {
     latency: [Histogram; COMMAND_LABELS.len()],
     connect_errors: [IntCounter; CONNECT_FAILURE_LABELS.len()],
     malformed: [IntCounter; FRAME_SIDE_LABELS.len()],
+    frame_timeouts: [IntCounter; FRAME_SIDE_LABELS.len()],
     upstream_up: IntGauge,
     draining: IntGauge,
 }
@@ -239,6 +240,12 @@ impl ProxyMetrics {
     /// A connection was closed because one side sent a malformed frame.
     pub fn malformed_frame(&self, side: FrameSide) {
         self.malformed[side as usize].inc();
+    }
+
+    /// A connection was closed because a frame started but did not finish
+    /// within `frame_read_timeout` (a stalled or slowloris peer).
+    pub fn frame_timed_out(&self, side: FrameSide) {
+        self.frame_timeouts[side as usize].inc();
     }
 
     /// The proxy started draining (or shutting down): not ready any more.
@@ -419,6 +426,14 @@ fn build_proxy_metrics(registry: &Registry) -> prometheus::Result<ProxyMetrics> 
         &["side"],
     )?;
     let malformed = resolve(&malformed_vec, &[], FRAME_SIDE_LABELS)?;
+    let frame_timeouts_vec = counter_vec(
+        registry,
+        "sessionguard_frame_timeouts_total",
+        "Connections closed because a frame began but was not complete within \
+         frame_read_timeout, by the side that stalled.",
+        &["side"],
+    )?;
+    let frame_timeouts = resolve(&frame_timeouts_vec, &[], FRAME_SIDE_LABELS)?;
 
     let upstream_up = gauge(
         registry,
@@ -449,6 +464,7 @@ fn build_proxy_metrics(registry: &Registry) -> prometheus::Result<ProxyMetrics> 
         latency,
         connect_errors,
         malformed,
+        frame_timeouts,
         upstream_up,
         draining: gauge(
             registry,

@@ -231,11 +231,18 @@ pub(crate) async fn serve(
 
     let lifetime = opened_at.elapsed();
     let in_flight = still_in_flight.len();
-    if let Outcome::Failed(ConnError::Malformed { side, .. }) = &outcome {
-        settings.metrics.malformed_frame(match side {
-            Side::Client => FrameSide::Client,
-            Side::Upstream | Side::Internal => FrameSide::Upstream,
-        });
+    let frame_side = |side: &Side| match side {
+        Side::Client => FrameSide::Client,
+        Side::Upstream | Side::Internal => FrameSide::Upstream,
+    };
+    match &outcome {
+        Outcome::Failed(ConnError::Malformed { side, .. }) => {
+            settings.metrics.malformed_frame(frame_side(side))
+        }
+        Outcome::Failed(ConnError::FrameTimeout { side, .. }) => {
+            settings.metrics.frame_timed_out(frame_side(side))
+        }
+        _ => {}
     }
     match outcome {
         Outcome::Failed(e) => warn!(
