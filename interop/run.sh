@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Runs the interop suites: the official Node.js driver (mongodb v6, plus an
 # Express app with express-session + connect-mongo) and PyMongo, each
-# scenario (a) straight against `sessionguard emulator` and (b) through
-# `sessionguard proxy` in front of it. A scenario passes when it exits 0 and
-# its last stdout line is its JSON summary with "ok": true (see
-# interop/README.md). Ends with "N passed, N failed"; exits 1 on any failure.
+# scenario (a) straight against `sessionguard emulator`, (b) through
+# `sessionguard proxy` in front of it and (c) under `sessionguard exec` (CI
+# mode: a private proxy per scenario, its JSON and JUnit reports checked
+# against expected.json by check.py). A scenario passes when it exits 0 and
+# its last stdout line is its JSON summary with "ok": true, and in exec mode
+# when the report holds exactly the expected rules and exec's exit code
+# matches them (see interop/README.md). Ends with "N passed, N failed"
+# (scenarios waiting for a rule that does not exist yet are listed as
+# PENDING on the line before); exits 1 on any failure.
 #
 # Installs what is missing, from the package registries only: `npm ci` in
 # interop/node, and a virtualenv with requirements.txt in interop/python/.venv
@@ -12,7 +17,7 @@
 #
 # Environment:
 #   SESSIONGUARD_BIN   binary to use (default: `cargo build`, then the target dir's debug binary)
-#   INTEROP_MODES      "direct proxy" (default) or one of them
+#   INTEROP_MODES      "direct proxy exec" (default) or any of them, in any order
 #   INTEROP_ONLY       a grep -E pattern: run only the scenarios whose name matches
 #   INTEROP_LATENCY    emulator reply latency, default 20ms: concurrent requests
 #                      then really overlap on the wire, as over a network
@@ -24,11 +29,17 @@ INTEROP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$INTEROP_DIR/.." && pwd)"
 NODE_DIR="$INTEROP_DIR/node"
 PY_DIR="$INTEROP_DIR/python"
-MODES="${INTEROP_MODES:-direct proxy}"
+MODES="${INTEROP_MODES:-direct proxy exec}"
 LATENCY="${INTEROP_LATENCY:-20ms}"
 SCENARIO_TIMEOUT="${INTEROP_TIMEOUT:-120}"
 LOG_DIR="${INTEROP_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/sessionguard-interop.XXXXXX")}"
 mkdir -p "$LOG_DIR"
+for mode in $MODES; do
+  case "$mode" in
+    direct | proxy | exec) ;;
+    *) printf 'interop: unknown mode %s in INTEROP_MODES (direct, proxy or exec)\n' "$mode" >&2; exit 1 ;;
+  esac
+done
 
 say() { printf '%s\n' "$*"; }
 die() { printf 'interop: %s\n' "$*" >&2; exit 1; }
@@ -131,12 +142,17 @@ EMU_PID=$!
 PIDS+=("$EMU_PID")
 EMU_ADDR="$(wait_for_field "$LOG_DIR/emulator.log" "emulator listening" addr "$EMU_PID")"
 
-"$BIN" proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --upstream "mongodb://$EMU_ADDR" \
-  --log-format json >"$LOG_DIR/proxy.log" 2>&1 &
-PROXY_PID=$!
-PIDS+=("$PROXY_PID")
-PROXY_ADDR="$(wait_for_field "$LOG_DIR/proxy.log" "proxy listening" listen "$PROXY_PID")"
-say "== emulator $EMU_ADDR (latency $LATENCY), proxy $PROXY_ADDR; logs in $LOG_DIR"
+SERVER_LOGS=(emulator)
+PROXY_ADDR=""
+if [[ " $MODES " == *" proxy "* ]]; then
+  "$BIN" proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --upstream "mongodb://$EMU_ADDR" \
+    --log-format json >"$LOG_DIR/proxy.log" 2>&1 &
+  PROXY_PID=$!
+  PIDS+=("$PROXY_PID")
+  PROXY_ADDR="$(wait_for_field "$LOG_DIR/proxy.log" "proxy listening" listen "$PROXY_PID")"
+  SERVER_LOGS+=(proxy)
+fi
+say "== emulator $EMU_ADDR (latency $LATENCY)${PROXY_ADDR:+, proxy $PROXY_ADDR}; logs in $LOG_DIR"
 
 # ---------------------------------------------------------------- scenarios
 # name|directory|command...   (name = the "scenario" field the program prints)
@@ -162,39 +178,19 @@ SCENARIOS=(
   "py-protocol-probe|python|PYTHON scenarios/protocol_probe.py"
 )
 
-# check_summary FILE NAME: the last stdout line is NAME's JSON summary with ok: true.
-check_summary() {
-  python3 - "$1" "$2" <<'EOF'
-import json, sys
-path, name = sys.argv[1:]
-lines = [l for l in open(path).read().splitlines() if l.strip()]
-if not lines:
-    print("no JSON summary on stdout"); sys.exit(1)
-try:
-    summary = json.loads(lines[-1])
-except ValueError:
-    print("last stdout line is not JSON"); sys.exit(1)
-if summary.get("scenario") != name:
-    print(f"summary names scenario {summary.get('scenario')!r}, expected {name!r}"); sys.exit(1)
-errors = ",".join(e.get("codeName") or e.get("name", "?") for e in summary.get("errors", []))
-observed = json.dumps(summary.get("observed", {}), separators=(",", ":"))
-if len(observed) > 300:
-    observed = observed[:297] + "..."
-print(f"errors=[{errors}] observed={observed}")
-sys.exit(0 if summary.get("ok") is True else 1)
-EOF
-}
+CHECK="$INTEROP_DIR/check.py"
+EXPECTED="$INTEROP_DIR/expected.json"
 
 passed=0
 failed=0
 failures=()
+pending=()
 for mode in $MODES; do
   case "$mode" in
-    direct) target="$EMU_ADDR" ;;
-    proxy) target="$PROXY_ADDR" ;;
-    *) die "unknown mode '$mode' (direct or proxy)" ;;
+    direct) target="$EMU_ADDR"; say "== direct (emulator $target)" ;;
+    proxy) target="$PROXY_ADDR"; say "== proxy ($target)" ;;
+    exec) target="$EMU_ADDR"; say "== exec (sessionguard exec per scenario, upstream $target; reports checked against expected.json)" ;;
   esac
-  say "== $mode ($target)"
   for entry in "${SCENARIOS[@]}"; do
     IFS='|' read -r name dir command <<<"$entry"
     if [[ -n "${INTEROP_ONLY:-}" ]] && ! grep -Eq -- "$INTEROP_ONLY" <<<"$name"; then
@@ -208,24 +204,49 @@ for mode in $MODES; do
     out="$LOG_DIR/$mode.$name.stdout"
     err="$LOG_DIR/$mode.$name.stderr"
     status=0
-    (cd "$INTEROP_DIR/$dir" && MONGODB_URI="$uri" INTEROP_MODE="$mode" PYTHONPATH="$PY_PATH_EXTRA" \
-      timeout --kill-after=5 "$SCENARIO_TIMEOUT" $command >"$out" 2>"$err") || status=$?
-    detail="$(check_summary "$out" "$name")" && summary_ok=1 || summary_ok=0
-    if [[ $status -eq 0 && $summary_ok -eq 1 ]]; then
-      passed=$((passed + 1))
-      say "PASS $mode/$name $detail"
+    if [[ "$mode" == exec ]]; then
+      # exec hands the child this URI with its own address instead of the
+      # emulator's (database and options kept, directConnection=true added).
+      report="$LOG_DIR/exec.$name.report.json"
+      junit="$LOG_DIR/exec.$name.junit.xml"
+      rm -f "$report" "$junit"
+      (cd "$INTEROP_DIR/$dir" && INTEROP_MODE="$mode" PYTHONPATH="$PY_PATH_EXTRA" \
+        timeout --kill-after=5 "$SCENARIO_TIMEOUT" "$BIN" exec --upstream "$uri" --log-format json \
+        --report "$report" --junit "$junit" -- $command >"$out" 2>"$err") || status=$?
+      verdict=0
+      detail="$(python3 "$CHECK" exec "$EXPECTED" "$name" "$status" "$out" "$report" "$junit")" || verdict=$?
     else
-      failed=$((failed + 1))
-      failures+=("$mode/$name")
-      [[ $status -eq 124 || $status -eq 137 ]] && detail="timed out after ${SCENARIO_TIMEOUT}s; $detail"
-      say "FAIL $mode/$name exit=$status $detail"
-      sed 's/^/    | /' "$err" | tail -n 15
+      (cd "$INTEROP_DIR/$dir" && MONGODB_URI="$uri" INTEROP_MODE="$mode" PYTHONPATH="$PY_PATH_EXTRA" \
+        timeout --kill-after=5 "$SCENARIO_TIMEOUT" $command >"$out" 2>"$err") || status=$?
+      verdict=0
+      detail="$(python3 "$CHECK" summary "$out" "$name")" || verdict=$?
+      [[ $status -eq 0 ]] || verdict=1
+      detail="exit=$status $detail"
     fi
+    [[ $status -eq 124 || $status -eq 137 ]] && detail="timed out after ${SCENARIO_TIMEOUT}s; $detail"
+    case "$verdict" in
+      0)
+        passed=$((passed + 1))
+        say "PASS $mode/$name $detail"
+        ;;
+      2)
+        # Waits for a rule that does not exist yet: neither passed nor failed.
+        pending+=("$mode/$name")
+        say "PENDING $mode/$name $detail"
+        ;;
+      *)
+        failed=$((failed + 1))
+        failures+=("$mode/$name")
+        say "FAIL $mode/$name $detail"
+        say "    stderr ($err):"
+        sed 's/^/    | /' "$err" | tail -n 15
+        ;;
+    esac
   done
 done
 
 # Anything the servers themselves complained about (malformed frames, ...).
-for log in emulator proxy; do
+for log in "${SERVER_LOGS[@]}"; do
   warnings="$(grep -c '"level":"\(WARN\|ERROR\)"' "$LOG_DIR/$log.log" || true)"
   if [[ "$warnings" != "0" ]]; then
     say "note: $log logged $warnings warning/error lines (see $LOG_DIR/$log.log):"
@@ -234,6 +255,9 @@ for log in emulator proxy; do
   fi
 done
 
+if [[ ${#pending[@]} -gt 0 ]]; then
+  say "pending (not counted as passed or failed): ${pending[*]} — see the PENDING lines above"
+fi
 if [[ $failed -gt 0 ]]; then
   say "failed: ${failures[*]}"
 fi

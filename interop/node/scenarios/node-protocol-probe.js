@@ -147,8 +147,9 @@ runScenario('node-protocol-probe', async (ctx) => {
     return r.ok === 1;
   });
   // Replica-set discovery without directConnection (only meaningful straight
-  // to the emulator: through a proxy the driver would discover the upstream).
-  if (process.env.INTEROP_MODE !== 'proxy') {
+  // to the emulator: through a proxy, `proxy` or `exec` mode, the driver
+  // would discover the upstream's own address and bypass the proxy).
+  if (!['proxy', 'exec'].includes(process.env.INTEROP_MODE)) {
     await probe('replicaSet=rs0 discovery', async () => {
       const { client: rsClient } = ctx.client({ directConnection: false, replicaSet: 'rs0' });
       await rsClient.connect();
