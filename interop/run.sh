@@ -55,6 +55,12 @@ else
   BIN="$target_dir/debug/sessionguard"
 fi
 [[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
+# The suites pass every setting as a flag; a SESSIONGUARD_* variable left in
+# the caller's environment (a config file, --fail-on, an emulator topology)
+# would change what the scenarios and the exec reports are checked against.
+while read -r var; do
+  unset "$var"
+done < <(compgen -e | grep '^SESSIONGUARD_' || true)
 
 # ---------------------------------------------------------------- installs
 command -v node >/dev/null || die "node is required (Node.js 20.8 or newer)"
