@@ -433,8 +433,9 @@ impl SessionEngine {
                         .iter()
                         .any(|v| self.rules.get(v.rule).action == Action::Reject);
                 if !reject {
-                    if state.is_ended() && found.iter().any(|v| v.rule == RuleId::UseAfterEnd) {
-                        // The server treats the id as a brand-new session.
+                    if state.is_ended() && !event.facts.class.is_session_cleanup() {
+                        // The server treats the id as a brand-new session
+                        // (whether or not use-after-end is enabled).
                         state.restart(now);
                     }
                     if let Some(shared) =
@@ -1753,6 +1754,9 @@ pub(crate) mod tests {
             .with_max_level(tracing::Level::TRACE)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
+            // Other tests' threads may have cached "nobody listens" for these
+            // callsites before this scoped subscriber existed.
+            tracing::callsite::rebuild_interest_cache();
             let engine = engine();
             connect(&engine, 1, PEER, "web");
             let sasl = rawdoc! {

@@ -139,15 +139,7 @@ pub fn use_after_end(
     let ended = state.ended.as_deref()?;
     // Cleanup of what the session left behind is harmless: the server has
     // already killed the cursor / aborted the transaction.
-    if matches!(
-        ev.facts.class,
-        CommandClass::KillCursors
-            | CommandClass::Abort
-            | CommandClass::EndSessions
-            | CommandClass::KillSessions
-            | CommandClass::KillAllSessions
-            | CommandClass::RefreshSessions
-    ) {
+    if ev.facts.class.is_session_cleanup() {
         return None;
     }
     let command = ctx.names.symbol(ev.facts.request.command);

@@ -102,6 +102,20 @@ impl CommandClass {
         }
     }
 
+    /// Commands that only clean up after a session (or name sessions in a
+    /// list rather than run in one): harmless after the session ended.
+    pub fn is_session_cleanup(self) -> bool {
+        matches!(
+            self,
+            CommandClass::KillCursors
+                | CommandClass::Abort
+                | CommandClass::EndSessions
+                | CommandClass::KillSessions
+                | CommandClass::KillAllSessions
+                | CommandClass::RefreshSessions
+        )
+    }
+
     /// Commands drivers fire and forget while shutting down.
     pub fn is_fire_and_forget_at_close(self) -> bool {
         matches!(self, CommandClass::EndSessions | CommandClass::KillCursors)
