@@ -9,17 +9,31 @@
 //! aggregate ($match $sort $skip $limit $project $count $group), createIndexes,
 //! listIndexes, dropIndexes, listCollections, listDatabases, create, drop,
 //! dropDatabase, commitTransaction, abortTransaction.
+//!
+//! Read concern: `afterClusterTime` / `atClusterTime` are checked against
+//! the cluster time (a later one than the server has seen is InvalidOptions,
+//! as on the server); a client's gossiped `$clusterTime` moves the clock
+//! forward first. Snapshot reads outside a transaction report
+//! `atClusterTime` on their first batch (distinct: at the top level). The
+//! data is not versioned: a snapshot read returns the current committed
+//! data, not the data as of `atClusterTime` (a documented simplification).
+//!
+//! A write outside any transaction that reaches a document locked by an open
+//! transaction stops before that statement and reports [`Outcome::Blocked`];
+//! the connection waits for the transaction to end and calls [`execute`]
+//! again with the same [`Resume`], which continues at that statement.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use bson::{doc, oid::ObjectId, Bson, Document};
+use bson::{doc, oid::ObjectId, Bson, Document, Timestamp};
 
+use super::clock::packed;
 use super::errors::{self, CommandError, CommandResult};
 use super::query;
-use super::sessions::{Cursor, Inner, SessionKey, StmtOutcome, TxnContext, TxnState};
+use super::sessions::{Cursor, Inner, SessionKey, StmtOutcome, TxnContext, TxnState, WriteRefused};
 use super::state::{lock, EmulatorState};
-use super::store::DuplicateId;
+use super::store::id_key;
 use super::Topology;
 
 /// Default number of documents in a first batch (the server's).
@@ -163,6 +177,37 @@ fn as_count(value: Option<&Bson>, field: &str) -> Result<Option<usize>, CommandE
     }
 }
 
+/// Internal code (never sent): a write outside a transaction must wait for
+/// a transaction's document lock.
+const BLOCKED_BY_TRANSACTION: i32 = -1;
+
+/// Where a multi-statement write stopped when it had to wait, and what it
+/// had done so far: [`execute`] continues from here.
+#[derive(Debug, Default)]
+pub struct Resume {
+    next_statement: usize,
+    n: i64,
+    n_modified: i64,
+    upserted: Vec<Document>,
+    write_errors: Vec<Document>,
+}
+
+/// What [`execute`] produced.
+#[derive(Debug)]
+pub enum Outcome {
+    Reply(Document),
+    /// A write outside any transaction reached a document an open
+    /// transaction has locked: call again (same `Resume`) once a
+    /// transaction has ended.
+    Blocked,
+}
+
+/// A command's `readConcern`, as far as the emulator acts on it.
+struct ReadConcern {
+    /// Set for a snapshot read outside a transaction: reported on its first batch.
+    at_cluster_time: Option<Timestamp>,
+}
+
 /// One command's execution context.
 struct Exec<'a> {
     state: &'a EmulatorState,
@@ -170,10 +215,17 @@ struct Exec<'a> {
     lsid: Option<SessionKey>,
     txn: TxnContext,
     writable: bool,
+    read_concern: ReadConcern,
+    resume: &'a mut Resume,
 }
 
-/// Executes one (non-hello) command and returns its reply document.
-pub fn execute(state: &EmulatorState, member: usize, req: &Request) -> Document {
+/// Executes one (non-hello) command.
+pub fn execute(
+    state: &EmulatorState,
+    member: usize,
+    req: &Request,
+    resume: &mut Resume,
+) -> Outcome {
     let now = Instant::now();
     let config = state.config();
     let topology = state.topology();
@@ -187,12 +239,16 @@ pub fn execute(state: &EmulatorState, member: usize, req: &Request) -> Document 
     let txn_number = as_i64(req.body.get("txnNumber"));
     let autocommit = req.body.get_bool("autocommit").ok();
     let start_transaction = truthy(req.body.get("startTransaction"));
+    if config.topology != Topology::Standalone {
+        gossip_in(state, &req.body);
+    }
 
     let mut inner = lock(&state.inner);
+    let endings_before = inner.txn_endings;
     if let Some(key) = &lsid {
         inner.touch(key, now, config.session_timeout);
     }
-    let txn = match transaction_context(
+    let prepared = transaction_context(
         &mut inner,
         config,
         req,
@@ -200,29 +256,142 @@ pub fn execute(state: &EmulatorState, member: usize, req: &Request) -> Document 
         txn_number,
         autocommit,
         start_transaction,
-    ) {
-        Ok(txn) => txn,
-        Err(e) => return e.to_document(),
-    };
-    let mut exec = Exec {
-        state,
-        inner: &mut inner,
-        lsid,
-        txn,
-        writable,
-    };
-    match run(&mut exec, req) {
-        Ok(reply) => reply,
-        Err(err) => {
-            // The server aborts a transaction when any of its commands fails.
-            if exec.inner.txn_state(&exec.txn) == Some(TxnState::InProgress) {
-                exec.inner.abort(&exec.txn);
+        now,
+    )
+    .and_then(|txn| {
+        let read_concern = read_concern(state, req, &txn, start_transaction)?;
+        Ok((txn, read_concern))
+    });
+    let outcome = match prepared {
+        Err(e) => Outcome::Reply(e.to_document()),
+        Ok((txn, read_concern)) => {
+            let mut exec = Exec {
+                state,
+                inner: &mut inner,
+                lsid,
+                txn,
+                writable,
+                read_concern,
+                resume,
+            };
+            match run(&mut exec, req) {
+                Ok(reply) => Outcome::Reply(reply),
+                Err(err) if err.code == BLOCKED_BY_TRANSACTION => Outcome::Blocked,
+                Err(err) => {
+                    // The server aborts a transaction when any of its commands fails.
+                    if exec.inner.txn_state(&exec.txn) == Some(TxnState::InProgress) {
+                        exec.inner.abort(&exec.txn);
+                    }
+                    Outcome::Reply(err.to_document())
+                }
             }
-            err.to_document()
         }
+    };
+    let ended = inner.txn_endings != endings_before;
+    std::mem::drop(inner);
+    if ended {
+        state.notify_transaction_ended();
+    }
+    outcome
+}
+
+/// A client's `$clusterTime` moves the clock forward (no keys: not verified).
+fn gossip_in(state: &EmulatorState, body: &Document) {
+    if let Ok(Bson::Timestamp(ts)) = body
+        .get_document("$clusterTime")
+        .map(|c| c.get("clusterTime").cloned().unwrap_or(Bson::Null))
+    {
+        state.clock().advance_to(ts);
     }
 }
 
+fn read_concern(
+    state: &EmulatorState,
+    req: &Request,
+    txn: &TxnContext,
+    start_transaction: bool,
+) -> Result<ReadConcern, CommandError> {
+    let none = ReadConcern {
+        at_cluster_time: None,
+    };
+    let rc = match req.body.get("readConcern") {
+        None => return Ok(none),
+        Some(Bson::Document(rc)) => rc,
+        Some(_) => {
+            return Err(CommandError::new(
+                errors::TYPE_MISMATCH,
+                "BSON field 'readConcern' is the wrong type, expected object",
+            ))
+        }
+    };
+    if matches!(txn, TxnContext::Transaction { .. }) && !start_transaction {
+        return Err(CommandError::new(
+            errors::INVALID_OPTIONS,
+            "Only the first command in a transaction may specify a readConcern",
+        ));
+    }
+    let level = rc.get_str("level").unwrap_or("local");
+    let time = |field: &str| match rc.get(field) {
+        None => Ok(None),
+        Some(Bson::Timestamp(ts)) => Ok(Some(*ts)),
+        Some(_) => Err(CommandError::new(
+            errors::TYPE_MISMATCH,
+            format!(
+                "BSON field 'readConcern.{field}' is the wrong type, expected type 'timestamp'"
+            ),
+        )),
+    };
+    let after = time("afterClusterTime")?;
+    let at = time("atClusterTime")?;
+    if after.is_some() && at.is_some() {
+        return Err(CommandError::new(
+            errors::INVALID_OPTIONS,
+            "Can not specify both afterClusterTime and atClusterTime",
+        ));
+    }
+    if at.is_some() && level != "snapshot" {
+        return Err(CommandError::new(
+            errors::INVALID_OPTIONS,
+            "atClusterTime is only valid for readConcern level snapshot",
+        ));
+    }
+    if let Some((name, ts)) = after
+        .map(|t| ("afterClusterTime", t))
+        .or(at.map(|t| ("atClusterTime", t)))
+    {
+        if state.config().topology == Topology::Standalone {
+            return Err(CommandError::new(
+                errors::ILLEGAL_OPERATION,
+                format!("Cannot specify {name} readConcern without replication enabled"),
+            ));
+        }
+        let current = state.clock().current();
+        if packed(ts) > packed(current) {
+            return Err(CommandError::new(
+                errors::INVALID_OPTIONS,
+                format!(
+                    "readConcern {name} value must not be greater than the current clusterTime. Requested clusterTime: {}; current clusterTime: {}",
+                    show_ts(ts),
+                    show_ts(current)
+                ),
+            ));
+        }
+    }
+    let snapshot = level == "snapshot" && !matches!(txn, TxnContext::Transaction { .. });
+    Ok(ReadConcern {
+        at_cluster_time: if snapshot {
+            Some(at.unwrap_or_else(|| state.clock().current()))
+        } else {
+            None
+        },
+    })
+}
+
+fn show_ts(ts: Timestamp) -> String {
+    format!("Timestamp({}, {})", ts.time, ts.increment)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn transaction_context(
     inner: &mut Inner,
     config: &super::EmulatorConfig,
@@ -231,6 +400,7 @@ fn transaction_context(
     txn_number: Option<i64>,
     autocommit: Option<bool>,
     start_transaction: bool,
+    now: Instant,
 ) -> Result<TxnContext, CommandError> {
     let Some(txn_number) = txn_number else {
         if autocommit.is_some() || start_transaction {
@@ -266,7 +436,7 @@ fn transaction_context(
             format!("Cannot run '{name}' in a multi-document transaction."),
         ));
     }
-    inner.begin_or_continue(key, txn_number, autocommit, start_transaction, name)
+    inner.begin_or_continue(key, txn_number, autocommit, start_transaction, name, now)
 }
 
 fn run(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
@@ -328,7 +498,7 @@ fn get_parameter(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let known = doc! {
         "featureCompatibilityVersion": { "version": "7.0" },
         "logicalSessionTimeoutMinutes": config.logical_session_timeout_minutes,
-        "transactionLifetimeLimitSeconds": 60,
+        "transactionLifetimeLimitSeconds": i64::try_from(config.transaction_lifetime_limit.as_secs()).unwrap_or(i64::MAX),
         "maxBSONDepth": 200,
         "authenticationMechanisms": ["SCRAM-SHA-1", "SCRAM-SHA-256"],
     };
@@ -504,6 +674,47 @@ fn duplicate_key_error(ns: &str, id: &Bson) -> CommandError {
     CommandError::new(errors::DUPLICATE_KEY, duplicate_key_message(ns, id))
 }
 
+fn write_conflict() -> CommandError {
+    CommandError::new(
+        errors::WRITE_CONFLICT,
+        "Caused by :: Write conflict during plan execution and yielding is disabled. :: Please retry your operation or multi-document transaction.",
+    )
+    .with_label(errors::TRANSIENT_TRANSACTION_ERROR)
+}
+
+fn blocked() -> CommandError {
+    CommandError::new(
+        BLOCKED_BY_TRANSACTION,
+        "waiting for a transaction's document lock",
+    )
+}
+
+/// A refused write as the command's error (`id` names the document).
+fn refused(why: WriteRefused, ns: &str, id: &Bson) -> CommandError {
+    match why {
+        WriteRefused::Duplicate => duplicate_key_error(ns, id),
+        WriteRefused::Conflict => write_conflict(),
+        WriteRefused::Blocked => blocked(),
+    }
+}
+
+/// Whether `ex` may write every one of `docs` now (checked before a
+/// statement writes anything, so a blocked statement can run again whole).
+fn check_all(
+    ex: &Exec<'_>,
+    db: &str,
+    coll: &str,
+    docs: &[(u64, Document)],
+) -> Result<(), CommandError> {
+    for (_, doc) in docs {
+        let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+        ex.inner
+            .check_write(&ex.txn, db, coll, &id_key(&id))
+            .map_err(|why| refused(why, &format!("{db}.{coll}"), &id))?;
+    }
+    Ok(())
+}
+
 fn insert(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     require_writable(ex)?;
     let coll = req.collection()?;
@@ -511,10 +722,11 @@ fn insert(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let docs = req.documents("documents")?;
     let ordered = req.body.get_bool("ordered").unwrap_or(true);
     let ids = stmt_ids(req, docs.len());
-    let mut n: i64 = 0;
-    let mut write_errors = Vec::new();
+    let mut n: i64 = ex.resume.n;
+    let mut write_errors = std::mem::take(&mut ex.resume.write_errors);
     let mut retried = 0usize;
-    for (index, doc) in docs.into_iter().enumerate() {
+    let first = ex.resume.next_statement;
+    for (index, doc) in docs.into_iter().enumerate().skip(first) {
         let stmt = ids[index];
         if ex.inner.recorded(&ex.txn, stmt).is_some() {
             // A retry of a statement already executed: not executed again.
@@ -524,8 +736,7 @@ fn insert(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         }
         let doc = with_id_first(doc);
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
-        let (store, undo) = ex.inner.store_and_undo(&ex.txn);
-        match store.insert(&req.db, &coll, doc, undo) {
+        match ex.inner.insert_doc(&ex.txn, &req.db, &coll, doc) {
             Ok(_) => {
                 n += 1;
                 ex.inner.record(
@@ -538,8 +749,17 @@ fn insert(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
                     },
                 );
             }
-            Err(DuplicateId) => {
-                let err = duplicate_key_error(&ns, &id);
+            Err(WriteRefused::Blocked) => {
+                *ex.resume = Resume {
+                    next_statement: index,
+                    n,
+                    write_errors,
+                    ..Resume::default()
+                };
+                return Err(blocked());
+            }
+            Err(why) => {
+                let err = refused(why, &ns, &id);
                 if in_transaction(ex) {
                     return Err(err);
                 }
@@ -572,7 +792,13 @@ fn matching(
     filter: &Document,
 ) -> Result<Vec<(u64, Document)>, CommandError> {
     let mut out = Vec::new();
-    if let Some(c) = ex.inner.store.collection(db, coll) {
+    if ex.inner.has_foreign_locks(db, coll, &ex.txn) {
+        for (seq, doc) in ex.inner.visible(db, coll, &ex.txn) {
+            if query::matches(&doc, filter)? {
+                out.push((seq, doc));
+            }
+        }
+    } else if let Some(c) = ex.inner.store.collection(db, coll) {
         for (seq, doc) in c.iter() {
             if query::matches(doc, filter)? {
                 out.push((seq, doc.clone()));
@@ -624,6 +850,7 @@ fn update_one_statement(
     if !multi {
         targets.truncate(1);
     }
+    check_all(ex, db, coll, &targets)?;
     let mut outcome = UpdateOutcome {
         n: 0,
         n_modified: 0,
@@ -637,8 +864,10 @@ fn update_one_statement(
         outcome.n += 1;
         if !query::values_equal(&Bson::Document(old.clone()), &Bson::Document(new.clone())) {
             outcome.n_modified += 1;
-            let (store, undo) = ex.inner.store_and_undo(&ex.txn);
-            store.replace(db, coll, seq, new.clone(), undo);
+            let id = new.get("_id").cloned().unwrap_or(Bson::Null);
+            ex.inner
+                .replace_doc(&ex.txn, db, coll, seq, new.clone())
+                .map_err(|why| refused(why, &format!("{db}.{coll}"), &id))?;
         }
         outcome.old = Some(old);
         outcome.new = Some(new);
@@ -659,10 +888,9 @@ fn update_one_statement(
         query::apply_update(&mut doc, update, true)?;
         let doc = with_id_first(doc);
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
-        let (store, undo) = ex.inner.store_and_undo(&ex.txn);
-        store
-            .insert(db, coll, doc.clone(), undo)
-            .map_err(|DuplicateId| duplicate_key_error(&format!("{db}.{coll}"), &id))?;
+        ex.inner
+            .insert_doc(&ex.txn, db, coll, doc.clone())
+            .map_err(|why| refused(why, &format!("{db}.{coll}"), &id))?;
         outcome.upserted = Some(id);
         outcome.new = Some(doc);
     }
@@ -675,10 +903,11 @@ fn update(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let statements = req.documents("updates")?;
     let ordered = req.body.get_bool("ordered").unwrap_or(true);
     let ids = stmt_ids(req, statements.len());
-    let (mut n, mut n_modified) = (0i64, 0i64);
-    let mut upserted = Vec::new();
-    let mut write_errors = Vec::new();
-    for (index, statement) in statements.iter().enumerate() {
+    let (mut n, mut n_modified) = (ex.resume.n, ex.resume.n_modified);
+    let mut upserted = std::mem::take(&mut ex.resume.upserted);
+    let mut write_errors = std::mem::take(&mut ex.resume.write_errors);
+    let first = ex.resume.next_statement;
+    for (index, statement) in statements.iter().enumerate().skip(first) {
         let stmt = ids[index];
         if let Some(StmtOutcome::Write {
             n: rn,
@@ -730,6 +959,16 @@ fn update(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
                     },
                 );
             }
+            Err(err) if err.code == BLOCKED_BY_TRANSACTION => {
+                *ex.resume = Resume {
+                    next_statement: index,
+                    n,
+                    n_modified,
+                    upserted,
+                    write_errors,
+                };
+                return Err(err);
+            }
             Err(err) => {
                 if in_transaction(ex) {
                     return Err(err);
@@ -757,8 +996,9 @@ fn delete(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let coll = req.collection()?;
     let statements = req.documents("deletes")?;
     let ids = stmt_ids(req, statements.len());
-    let mut n = 0i64;
-    for (index, statement) in statements.iter().enumerate() {
+    let mut n = ex.resume.n;
+    let first = ex.resume.next_statement;
+    for (index, statement) in statements.iter().enumerate().skip(first) {
         let stmt = ids[index];
         if let Some(StmtOutcome::Write { n: rn, .. }) = ex.inner.recorded(&ex.txn, stmt) {
             n += rn;
@@ -773,10 +1013,25 @@ fn delete(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         if limit == 1 {
             targets.truncate(1);
         }
+        if let Err(err) = check_all(ex, &req.db, &coll, &targets) {
+            if err.code == BLOCKED_BY_TRANSACTION {
+                *ex.resume = Resume {
+                    next_statement: index,
+                    n,
+                    ..Resume::default()
+                };
+            }
+            return Err(err);
+        }
         let mut deleted = 0i64;
-        for (seq, _) in targets {
-            let (store, undo) = ex.inner.store_and_undo(&ex.txn);
-            if store.delete(&req.db, &coll, seq, undo).is_some() {
+        for (seq, doc) in targets {
+            let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+            if ex
+                .inner
+                .delete_doc(&ex.txn, &req.db, &coll, seq)
+                .map_err(|why| refused(why, &req.ns(&coll), &id))?
+                .is_some()
+            {
                 deleted += 1;
             }
         }
@@ -825,13 +1080,19 @@ fn find_and_modify(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         query::sort_documents(&mut targets, &sort);
         let victim = targets.into_iter().next();
         if let Some(doc) = &victim {
-            let c = ex.inner.store.collection(&req.db, &coll);
-            let seq = doc
-                .get("_id")
-                .and_then(|id| c.and_then(|c| c.seq_of_id(id)));
+            let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+            ex.inner
+                .check_write(&ex.txn, &req.db, &coll, &id_key(&id))
+                .map_err(|why| refused(why, &req.ns(&coll), &id))?;
+            let seq = ex
+                .inner
+                .store
+                .collection(&req.db, &coll)
+                .and_then(|c| c.seq_of_id(&id));
             if let Some(seq) = seq {
-                let (store, undo) = ex.inner.store_and_undo(&ex.txn);
-                store.delete(&req.db, &coll, seq, undo);
+                ex.inner
+                    .delete_doc(&ex.txn, &req.db, &coll, seq)
+                    .map_err(|why| refused(why, &req.ns(&coll), &id))?;
             }
         }
         doc! {
@@ -926,7 +1187,11 @@ fn cursor_reply(
     } else {
         0
     };
-    doc! { "cursor": { "firstBatch": first_batch, "id": id, "ns": ns }, "ok": 1.0 }
+    let mut cursor = doc! { "firstBatch": first_batch, "id": id, "ns": ns };
+    if let Some(at) = ex.read_concern.at_cluster_time {
+        cursor.insert("atClusterTime", at);
+    }
+    doc! { "cursor": cursor, "ok": 1.0 }
 }
 
 fn find(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
@@ -1091,7 +1356,12 @@ fn distinct(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         }
     }
     values.sort_by(query::compare);
-    Ok(doc! { "values": values, "ok": 1.0 })
+    let mut reply = doc! { "values": values };
+    if let Some(at) = ex.read_concern.at_cluster_time {
+        reply.insert("atClusterTime", at);
+    }
+    reply.insert("ok", 1.0);
+    Ok(reply)
 }
 
 fn aggregate(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
@@ -1117,8 +1387,7 @@ fn aggregate(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let batch_size = as_count(cursor_opts.get("batchSize"), "batchSize")?;
     let mut docs: Vec<Document> = ex
         .inner
-        .store
-        .scan(&req.db, &coll)
+        .visible(&req.db, &coll, &ex.txn)
         .into_iter()
         .map(|(_, d)| d)
         .collect();

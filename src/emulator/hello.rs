@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use bson::{doc, oid::ObjectId, Bson, DateTime, Document, Timestamp};
+use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 
 use super::state::{EmulatorState, TopologyState};
 use super::Topology;
@@ -137,8 +137,7 @@ pub fn hello_reply(
                 reply.insert("electionId", election_id(topology.term));
             }
             let now = DateTime::now();
-            let secs = u32::try_from(now.timestamp_millis() / 1000).unwrap_or(u32::MAX);
-            let op_time = doc! { "ts": Timestamp { time: secs, increment: 1 }, "t": topology.term };
+            let op_time = doc! { "ts": ctx.state.cluster_time(), "t": topology.term };
             reply.insert(
                 "lastWrite",
                 doc! {

@@ -10,10 +10,17 @@
 //! namespaces, ids and counts only).
 //!
 //! Faithfulness: replies follow a MongoDB 7.0 server for the commands the
-//! official drivers send (see `commands.rs` for the list). Known
-//! simplifications, chosen on purpose:
-//! - Transactions write straight into the shared data set and keep an undo
-//!   log; other sessions can see uncommitted writes (no snapshot isolation).
+//! official drivers send (see `commands.rs` for the list). Replica-set and
+//! mongos replies carry `$clusterTime` / `operationTime` from a cluster
+//! clock that writes advance; a transaction's writes lock their documents
+//! (WriteConflict for a second transaction, a wait for a plain write, see
+//! `sessions.rs`); exhaust getMores are streamed. Known simplifications,
+//! chosen on purpose:
+//! - Transactions write straight into the shared data set; the documents
+//!   they lock keep their committed version, which every other reader sees
+//!   (read committed). A transaction itself reads the latest committed data
+//!   plus its own writes, not a point-in-time snapshot, and snapshot reads
+//!   (`atClusterTime`) return current data.
 //! - Cursors hold a snapshot of their remaining result set taken when they
 //!   were opened.
 //! - Only the `_id` index is enforced (unique); other index specs are stored
@@ -29,6 +36,7 @@
 //! [`Emulator::start_member`].
 
 mod auth;
+mod clock;
 mod commands;
 mod errors;
 mod hello;
@@ -89,6 +97,9 @@ pub struct EmulatorConfig {
     /// Answer `speculativeAuthenticate` in hello (default true, as a 4.4+
     /// server does); false makes drivers authenticate with saslStart.
     pub speculative_auth: bool,
+    /// Transactions open longer than this are aborted
+    /// (transactionLifetimeLimitSeconds). Default 60 s, the server's.
+    pub transaction_lifetime_limit: Duration,
 }
 
 impl Default for EmulatorConfig {
@@ -107,6 +118,7 @@ impl Default for EmulatorConfig {
             tls: None,
             users: Vec::new(),
             speculative_auth: true,
+            transaction_lifetime_limit: Duration::from_secs(60),
         }
     }
 }

@@ -4,11 +4,16 @@
 //! without holding any lock, and runs the streaming (exhaust) hello protocol.
 //! With `EmulatorConfig::tls` each connection's TLS handshake runs in its own
 //! task; with `users`, each connection carries its SCRAM state (`auth`).
-//! A malformed frame closes that one connection with a log line.
+//! Every reply of a replica-set member or mongos is stamped with
+//! `$clusterTime` / `operationTime` here. A write blocked by a transaction's
+//! document lock waits here (no lock held) until a transaction ends or its
+//! `maxTimeMS` runs out; a getMore with `exhaustAllowed` is streamed here.
+//! A malformed frame closes that one connection with a WARN line; a peer
+//! that resets or closes mid-frame is ordinary and logged at debug.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bson::Document;
 use bytes::Bytes;
@@ -20,12 +25,12 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::codec::FramedRead;
 
 use super::auth::{self, ConnAuth};
-use super::commands::{self, Request};
+use super::commands::{self, Outcome, Request, Resume};
 use super::errors::{self, CommandError};
 use super::hello::{self, AwaitParams, HelloContext};
 use super::state::EmulatorState;
 use crate::wire::{
-    self, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, MsgHeader, OpCode,
+    self, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, MsgHeader, OpCode, WireError,
 };
 
 /// Commands whose replies are never compressed (OP_COMPRESSED spec).
@@ -200,7 +205,51 @@ enum Action {
     Reply { bytes: Bytes, delay: Duration },
     NoReply,
     AwaitHello(AwaitingHello),
+    Blocked(BlockedWrite),
+    Exhaust(ExhaustGetMore),
 }
+
+/// How a reply to one request is framed.
+#[derive(Clone)]
+struct ReplyTo {
+    request_id: i32,
+    name: String,
+    compressor: Option<Compressor>,
+    /// The request had `moreToCome`: it gets no reply.
+    silent: bool,
+}
+
+/// A write outside any transaction waiting for a transaction's document
+/// lock (the server retries such write conflicts until the lock is gone).
+struct BlockedWrite {
+    request: Request,
+    resume: Resume,
+    transaction_ended: watch::Receiver<u64>,
+    deadline: Option<Instant>,
+    reply_to: ReplyTo,
+}
+
+/// A getMore with `exhaustAllowed` whose first reply (with `moreToCome`)
+/// is ready: the rest of the cursor follows without further requests.
+struct ExhaustGetMore {
+    request: Request,
+    first: Bytes,
+    first_id: i32,
+    reply_to: ReplyTo,
+    delay: Duration,
+}
+
+/// How often a blocked write looks again even without a signal.
+const BLOCKED_RECHECK: Duration = Duration::from_millis(100);
+
+/// Write commands that may have to wait for a transaction's lock.
+const WRITE_COMMANDS: &[&str] = &[
+    "insert",
+    "update",
+    "delete",
+    "findAndModify",
+    "findandmodify",
+];
 
 struct AwaitingHello {
     request_id: i32,
@@ -256,7 +305,7 @@ pub(crate) async fn serve_connection<S>(
                         frame
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(%peer, connection_id, error = %e, "malformed frame; closing emulator connection");
+                        log_read_error(peer, connection_id, &e);
                         break;
                     }
                 },
@@ -284,9 +333,174 @@ pub(crate) async fn serve_connection<S>(
                     StreamEnd::Interrupted(frame) => pending = Some(frame),
                 }
             }
+            Ok(Action::Blocked(blocked)) => {
+                let Some(reply) = finish_blocked(&conn, blocked, &mut shutdown).await else {
+                    break;
+                };
+                if let Some((bytes, delay)) = reply {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if write.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(Action::Exhaust(exhaust)) => {
+                if stream_get_more(&conn, &mut write, exhaust).await.is_err() {
+                    break;
+                }
+            }
         }
     }
     tracing::debug!(%peer, connection_id, "emulator connection closed");
+}
+
+/// A peer resetting or closing its socket (even mid-frame) is ordinary:
+/// drivers destroy sockets on close. Only a frame that is really malformed
+/// earns a warning.
+fn log_read_error(peer: SocketAddr, connection_id: i32, error: &WireError) {
+    use std::io::ErrorKind;
+    match error {
+        WireError::Io(io)
+            if matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+                    | ErrorKind::NotConnected
+            ) =>
+        {
+            tracing::debug!(%peer, connection_id, error = %error, "peer closed the connection; closing emulator connection");
+        }
+        _ => {
+            tracing::warn!(%peer, connection_id, error = %error, "malformed frame; closing emulator connection");
+        }
+    }
+}
+
+/// Waits until the blocked write can run (a transaction ended) and runs it.
+/// `None`: the listener is shutting down. `Some(None)`: the request wanted
+/// no reply.
+async fn finish_blocked(
+    conn: &Connection,
+    mut blocked: BlockedWrite,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Option<(Bytes, Duration)>> {
+    tracing::debug!(peer = %conn.peer, connection_id = conn.connection_id, command = %blocked.reply_to.name, "write waits for a transaction's document lock");
+    let mut reply = loop {
+        let wait = match blocked.deadline {
+            Some(deadline) => {
+                BLOCKED_RECHECK.min(deadline.saturating_duration_since(Instant::now()))
+            }
+            None => BLOCKED_RECHECK,
+        };
+        tokio::select! {
+            _ = blocked.transaction_ended.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return None,
+        }
+        match commands::execute(
+            &conn.state,
+            conn.member,
+            &blocked.request,
+            &mut blocked.resume,
+        ) {
+            Outcome::Reply(reply) => break reply,
+            Outcome::Blocked => {
+                if blocked.deadline.is_some_and(|d| Instant::now() >= d) {
+                    break CommandError::new(
+                        errors::MAX_TIME_MS_EXPIRED,
+                        "operation exceeded time limit",
+                    )
+                    .to_document();
+                }
+            }
+        }
+    };
+    if blocked.reply_to.silent {
+        return Some(None);
+    }
+    conn.state.stamp(&mut reply);
+    let reply_id = conn.state.next_request_id();
+    let bytes = encode_reply(reply_id, &blocked.reply_to, MsgFlags(0), &reply)?;
+    Some(Some((bytes, latency(conn, &blocked.reply_to.name))))
+}
+
+/// Sends the first exhaust reply, then every further batch of the cursor
+/// unasked, each with `moreToCome` but the last, each answering the
+/// previous reply (OP_MSG spec, exhaustAllowed). `Err`: the client is gone.
+async fn stream_get_more<W: AsyncWrite + Unpin>(
+    conn: &Connection,
+    write: &mut W,
+    exhaust: ExhaustGetMore,
+) -> Result<(), ()> {
+    let ExhaustGetMore {
+        request,
+        first,
+        first_id,
+        reply_to,
+        delay,
+    } = exhaust;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    write.write_all(&first).await.map_err(|_| ())?;
+    let mut previous = first_id;
+    loop {
+        let mut reply =
+            match commands::execute(&conn.state, conn.member, &request, &mut Resume::default()) {
+                Outcome::Reply(reply) => reply,
+                Outcome::Blocked => {
+                    CommandError::new(errors::COMMAND_NOT_FOUND, "getMore cannot block")
+                        .to_document()
+                }
+            };
+        let more = cursor_continues(&reply);
+        conn.state.stamp(&mut reply);
+        let reply_id = conn.state.next_request_id();
+        let flags = MsgFlags(if more { MsgFlags::MORE_TO_COME } else { 0 });
+        let to = ReplyTo {
+            request_id: previous,
+            ..reply_to.clone()
+        };
+        let bytes = encode_reply(reply_id, &to, flags, &reply).ok_or(())?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        write.write_all(&bytes).await.map_err(|_| ())?;
+        if !more {
+            return Ok(());
+        }
+        previous = reply_id;
+    }
+}
+
+/// An ok cursor reply whose cursor is still open.
+fn cursor_continues(reply: &Document) -> bool {
+    reply.get_f64("ok") == Ok(1.0)
+        && reply
+            .get_document("cursor")
+            .is_ok_and(|c| c.get_i64("id").is_ok_and(|id| id != 0))
+}
+
+/// Encodes an OP_MSG reply, compressed like the request unless the
+/// command's replies are never compressed.
+fn encode_reply(reply_id: i32, to: &ReplyTo, flags: MsgFlags, reply: &Document) -> Option<Bytes> {
+    let encoded = encode_msg(reply_id, to.request_id, flags, reply)?;
+    Some(match to.compressor {
+        Some(compressor) if !NEVER_COMPRESSED.contains(&to.name.as_str()) => {
+            wire::op_compressed::compress(
+                reply_id,
+                to.request_id,
+                OpCode::Msg,
+                compressor,
+                encoded.get(wire::HEADER_LEN..).unwrap_or_default(),
+            )
+        }
+        _ => encoded,
+    })
 }
 
 /// Answers awaitable hellos: waits while the client's topologyVersion is
@@ -326,7 +540,7 @@ async fn stream_hello<S: AsyncRead + AsyncWrite>(
                     }
                     None => StreamEnd::Closed,
                     Some(Err(e)) => {
-                        tracing::warn!(peer = %conn.peer, connection_id = conn.connection_id, error = %e, "malformed frame; closing emulator connection");
+                        log_read_error(conn.peer, conn.connection_id, &e);
                         StreamEnd::Closed
                     }
                 },
@@ -338,7 +552,8 @@ async fn stream_hello<S: AsyncRead + AsyncWrite>(
             member: conn.member,
             connection_id: conn.connection_id,
         };
-        let reply = hello::hello_reply(&ctx, &command_name, &body, None);
+        let mut reply = hello::hello_reply(&ctx, &command_name, &body, None);
+        conn.state.stamp(&mut reply);
         if let Some(sent) = hello::await_params(&with_await(&reply, params.max_await)) {
             params = sent;
         }
@@ -410,6 +625,20 @@ fn add_auth_to_hello(conn: &mut Connection, request: &Document, reply: &mut Docu
     }
 }
 
+/// A command's `maxTimeMS`, when positive.
+fn max_time(body: &Document) -> Option<Duration> {
+    let ms = match body.get("maxTimeMS")? {
+        bson::Bson::Int32(v) => i64::from(*v),
+        bson::Bson::Int64(v) => *v,
+        bson::Bson::Double(v) => *v as i64,
+        _ => return None,
+    };
+    u64::try_from(ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+}
+
 fn latency(conn: &Connection, name: &str) -> Duration {
     let config = conn.state.config();
     match config.command_latency.get(name) {
@@ -460,7 +689,13 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
             let name = body.keys().next().cloned().unwrap_or_default();
             conn.state.count_command(&name);
             let request_id = frame.header.request_id;
-            let reply = match body.get_str("$db") {
+            let reply_to = ReplyTo {
+                request_id,
+                name: name.clone(),
+                compressor: opened.compressor,
+                silent: msg.flags.more_to_come(),
+            };
+            let mut reply = match body.get_str("$db") {
                 Err(_) => {
                     CommandError::new(errors::MISSING_DB, "OP_MSG requests require a $db argument")
                         .to_document()
@@ -502,7 +737,60 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                                     sequences,
                                     user: conn.auth.user().map(str::to_owned),
                                 };
-                                commands::execute(&conn.state, conn.member, &request)
+                                // Subscribed before trying, so a transaction
+                                // ending right after the try still wakes us.
+                                let transaction_ended = WRITE_COMMANDS
+                                    .contains(&name.as_str())
+                                    .then(|| conn.state.subscribe_transaction_ended());
+                                let mut resume = Resume::default();
+                                match commands::execute(
+                                    &conn.state,
+                                    conn.member,
+                                    &request,
+                                    &mut resume,
+                                ) {
+                                    Outcome::Reply(reply) => {
+                                        let exhaust = name == "getMore"
+                                            && msg.flags.exhaust_allowed()
+                                            && !msg.flags.more_to_come()
+                                            && cursor_continues(&reply);
+                                        if exhaust {
+                                            let mut reply = reply;
+                                            conn.state.stamp(&mut reply);
+                                            let first_id = conn.state.next_request_id();
+                                            let first = encode_reply(
+                                                first_id,
+                                                &reply_to,
+                                                MsgFlags(MsgFlags::MORE_TO_COME),
+                                                &reply,
+                                            )
+                                            .ok_or_else(|| {
+                                                "reply could not be encoded".to_string()
+                                            })?;
+                                            return Ok(Action::Exhaust(ExhaustGetMore {
+                                                request,
+                                                first,
+                                                first_id,
+                                                reply_to,
+                                                delay: latency(conn, &name),
+                                            }));
+                                        }
+                                        reply
+                                    }
+                                    Outcome::Blocked => {
+                                        let deadline =
+                                            max_time(&request.body).map(|d| Instant::now() + d);
+                                        return Ok(Action::Blocked(BlockedWrite {
+                                            request,
+                                            resume,
+                                            transaction_ended: transaction_ended.unwrap_or_else(
+                                                || conn.state.subscribe_transaction_ended(),
+                                            ),
+                                            deadline,
+                                            reply_to,
+                                        }));
+                                    }
+                                }
                             }
                         }
                     }
@@ -511,22 +799,10 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
             if msg.flags.more_to_come() {
                 return Ok(Action::NoReply);
             }
+            conn.state.stamp(&mut reply);
             let reply_id = conn.state.next_request_id();
-            let reply_bytes =
-                to_bytes(&reply).ok_or_else(|| "reply could not be encoded".to_string())?;
-            let encoded = op_msg::encode(reply_id, request_id, MsgFlags(0), &reply_bytes);
-            let bytes = match opened.compressor {
-                Some(compressor) if !NEVER_COMPRESSED.contains(&name.as_str()) => {
-                    wire::op_compressed::compress(
-                        reply_id,
-                        request_id,
-                        OpCode::Msg,
-                        compressor,
-                        encoded.get(wire::HEADER_LEN..).unwrap_or_default(),
-                    )
-                }
-                _ => encoded,
-            };
+            let bytes = encode_reply(reply_id, &reply_to, MsgFlags(0), &reply)
+                .ok_or_else(|| "reply could not be encoded".to_string())?;
             Ok(Action::Reply {
                 bytes,
                 delay: latency(conn, &name),
@@ -542,7 +818,7 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                 Err(_) => raw,
             };
             let is_command = query.full_collection_name.ends_with(".$cmd");
-            let reply = if is_command && hello::is_hello(&name) {
+            let mut reply = if is_command && hello::is_hello(&name) {
                 if body.contains_key("compression") {
                     conn.compression = hello::negotiate_compression(&body);
                 }
@@ -561,6 +837,7 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                 )
                 .to_document()
             };
+            conn.state.stamp(&mut reply);
             let reply_bytes =
                 to_bytes(&reply).ok_or_else(|| "reply could not be encoded".to_string())?;
             let reply_id = conn.state.next_request_id();

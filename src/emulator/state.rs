@@ -1,7 +1,8 @@
 //! The state one emulated deployment shares across its listeners: the data
-//! lock (`Inner`: data, sessions, cursors), the replica-set topology and its
-//! change signal, and the counters tests read. Locks are std mutexes held
-//! only for synchronous work, never across `.await`.
+//! lock (`Inner`: data, sessions, cursors), the cluster clock, the
+//! replica-set topology and its change signal, the "a transaction ended"
+//! signal blocked writers wait on, and the counters tests read. Locks are
+//! std mutexes held only for synchronous work, never across `.await`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,12 +10,13 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use bson::oid::ObjectId;
+use bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Document};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::clock::ClusterClock;
 use super::sessions::Inner;
-use super::EmulatorConfig;
+use super::{EmulatorConfig, Topology};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it
 /// (the emulator never panics while holding one, but must not cascade).
@@ -41,6 +43,8 @@ pub(crate) struct TopologyState {
 pub struct EmulatorState {
     pub(crate) config: EmulatorConfig,
     pub(crate) inner: Mutex<Inner>,
+    clock: Arc<ClusterClock>,
+    transaction_ended: watch::Sender<u64>,
     topology: Mutex<TopologyState>,
     topology_changed: watch::Sender<i64>,
     command_counts: Mutex<HashMap<String, u64>>,
@@ -57,9 +61,13 @@ impl EmulatorState {
     /// a tokio runtime (expiry is also checked lazily on every use).
     pub fn new(config: EmulatorConfig) -> Arc<EmulatorState> {
         let (topology_changed, _) = watch::channel(0);
+        let (transaction_ended, _) = watch::channel(0);
+        let clock = Arc::new(ClusterClock::default());
         let state = Arc::new(EmulatorState {
             config,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner::with_clock(clock.clone())),
+            clock,
+            transaction_ended,
             topology: Mutex::new(TopologyState {
                 process_id: ObjectId::new(),
                 counter: 0,
@@ -86,6 +94,53 @@ impl EmulatorState {
         &self.config
     }
 
+    pub(crate) fn clock(&self) -> &ClusterClock {
+        &self.clock
+    }
+
+    /// The cluster time now (what replies report as `operationTime`).
+    pub fn cluster_time(&self) -> bson::Timestamp {
+        self.clock.current()
+    }
+
+    /// Adds `$clusterTime` and `operationTime` to a reply, as every
+    /// replica-set member and mongos does (never a standalone). No signing
+    /// keys exist, so the signature is the all-zero one a server without
+    /// keys sends.
+    pub(crate) fn stamp(&self, reply: &mut Document) {
+        if self.config.topology == Topology::Standalone {
+            return;
+        }
+        let now = self.clock.current();
+        reply.insert(
+            "$clusterTime",
+            doc! {
+                "clusterTime": now,
+                "signature": {
+                    "hash": Binary { subtype: BinarySubtype::Generic, bytes: vec![0; 20] },
+                    "keyId": 0_i64,
+                },
+            },
+        );
+        reply.insert("operationTime", now);
+    }
+
+    /// Wakes writers waiting for a transaction's document locks.
+    pub(crate) fn notify_transaction_ended(&self) {
+        self.transaction_ended
+            .send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Subscribe before trying a write, so an ending that happens between
+    /// the try and the wait is not missed.
+    pub(crate) fn subscribe_transaction_ended(&self) -> watch::Receiver<u64> {
+        self.transaction_ended.subscribe()
+    }
+
+    /// Number of transactions in progress.
+    pub fn open_transaction_count(&self) -> usize {
+        lock(&self.inner).open_transactions()
+    }
     pub(crate) fn next_request_id(&self) -> i32 {
         // Wraps at i32::MAX back to 1: request ids only need to be unique among recent messages.
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -188,20 +243,38 @@ impl EmulatorState {
 
     /// Number of live sessions (for tests and logs).
     pub fn session_count(&self) -> usize {
-        lock(&self.inner).sessions.len()
+        lock(&self.inner).live_session_count()
     }
 
     pub(crate) fn reap_now(&self) {
         let now = Instant::now();
-        lock(&self.inner).reap(now, self.config.session_timeout, self.config.cursor_timeout);
+        let ended = {
+            let mut inner = lock(&self.inner);
+            let before = inner.txn_endings;
+            inner.reap(
+                now,
+                self.config.session_timeout,
+                self.config.cursor_timeout,
+                self.config.transaction_lifetime_limit,
+            );
+            inner.txn_endings != before
+        };
+        if ended {
+            self.notify_transaction_ended();
+        }
     }
 }
 
 /// Periodically expires idle sessions and cursors until the state is dropped.
 async fn reaper(state: Weak<EmulatorState>) {
     let period = match state.upgrade() {
-        Some(s) => (s.config.session_timeout.min(s.config.cursor_timeout) / 4)
-            .clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        Some(s) => (s
+            .config
+            .session_timeout
+            .min(s.config.cursor_timeout)
+            .min(s.config.transaction_lifetime_limit)
+            / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         None => return,
     };
     let mut ticker = tokio::time::interval(period);

@@ -1,7 +1,8 @@
 //! The in-memory data set: databases -> collections -> documents (kept in
-//! insertion order) with a unique `_id` index, stored index specs, and the
-//! undo log that lets a transaction's writes be rolled back. No sessions,
-//! no wire protocol here.
+//! insertion order) with a unique `_id` index and stored index specs, plus
+//! the primitives a transaction's per-document undo needs (take a document by
+//! `_id`, put one back at its old position). No sessions, no locks, no wire
+//! protocol here: who may write what is decided in `sessions.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -58,28 +59,6 @@ impl Collection {
         }
         Some(doc)
     }
-}
-
-/// One write, recorded so an aborted transaction can be undone (newest first).
-#[derive(Debug, Clone)]
-pub enum Undo {
-    Inserted {
-        db: String,
-        coll: String,
-        seq: Seq,
-    },
-    Replaced {
-        db: String,
-        coll: String,
-        seq: Seq,
-        old: Document,
-    },
-    Deleted {
-        db: String,
-        coll: String,
-        seq: Seq,
-        old: Document,
-    },
 }
 
 /// Why an insert was refused.
@@ -148,14 +127,8 @@ impl Store {
             .unwrap_or_default()
     }
 
-    /// Inserts `doc` (which must carry `_id`), recording undo if asked.
-    pub fn insert(
-        &mut self,
-        db: &str,
-        coll: &str,
-        doc: Document,
-        undo: Option<&mut Vec<Undo>>,
-    ) -> Result<Seq, DuplicateId> {
+    /// Inserts `doc` (which must carry `_id`).
+    pub fn insert(&mut self, db: &str, coll: &str, doc: Document) -> Result<Seq, DuplicateId> {
         self.ensure_collection(db, coll);
         let Some(c) = self.collection_mut(db, coll) else {
             return Err(DuplicateId);
@@ -168,79 +141,40 @@ impl Store {
         let seq = c.next_seq;
         c.next_seq += 1;
         c.put(seq, doc);
-        if let Some(undo) = undo {
-            undo.push(Undo::Inserted {
-                db: db.to_string(),
-                coll: coll.to_string(),
-                seq,
-            });
-        }
         Ok(seq)
     }
 
-    /// Replaces the document at `seq` (same `_id`), recording undo if asked.
-    pub fn replace(
-        &mut self,
-        db: &str,
-        coll: &str,
-        seq: Seq,
-        doc: Document,
-        undo: Option<&mut Vec<Undo>>,
-    ) {
-        let Some(c) = self.collection_mut(db, coll) else {
-            return;
-        };
-        let Some(old) = c.take(seq) else {
-            return;
-        };
+    /// Replaces the document at `seq` (same `_id`); returns the old one.
+    pub fn replace(&mut self, db: &str, coll: &str, seq: Seq, doc: Document) -> Option<Document> {
+        let c = self.collection_mut(db, coll)?;
+        let old = c.take(seq)?;
         c.put(seq, doc);
-        if let Some(undo) = undo {
-            undo.push(Undo::Replaced {
-                db: db.to_string(),
-                coll: coll.to_string(),
-                seq,
-                old,
-            });
-        }
-    }
-
-    pub fn delete(
-        &mut self,
-        db: &str,
-        coll: &str,
-        seq: Seq,
-        undo: Option<&mut Vec<Undo>>,
-    ) -> Option<Document> {
-        let old = self.collection_mut(db, coll)?.take(seq)?;
-        if let Some(undo) = undo {
-            undo.push(Undo::Deleted {
-                db: db.to_string(),
-                coll: coll.to_string(),
-                seq,
-                old: old.clone(),
-            });
-        }
         Some(old)
     }
 
-    /// Rolls back a transaction's writes, newest first. A collection dropped
-    /// meanwhile is recreated for restored documents.
-    pub fn rollback(&mut self, undo: Vec<Undo>) {
-        for entry in undo.into_iter().rev() {
-            match entry {
-                Undo::Inserted { db, coll, seq } => {
-                    if let Some(c) = self.collection_mut(&db, &coll) {
-                        c.take(seq);
-                    }
-                }
-                Undo::Replaced { db, coll, seq, old } | Undo::Deleted { db, coll, seq, old } => {
-                    self.ensure_collection(&db, &coll);
-                    if let Some(c) = self.collection_mut(&db, &coll) {
-                        c.take(seq);
-                        c.put(seq, old);
-                    }
-                }
-            }
+    pub fn delete(&mut self, db: &str, coll: &str, seq: Seq) -> Option<Document> {
+        self.collection_mut(db, coll)?.take(seq)
+    }
+
+    /// The document at `seq`, if any.
+    pub fn get(&self, db: &str, coll: &str, seq: Seq) -> Option<&Document> {
+        self.collection(db, coll)?.docs.get(&seq)
+    }
+
+    /// Removes whatever document currently has this `_id`.
+    pub fn remove_id(&mut self, db: &str, coll: &str, id: &IdKey) -> Option<(Seq, Document)> {
+        let c = self.collection_mut(db, coll)?;
+        let seq = c.by_id.get(id).copied()?;
+        c.take(seq).map(|doc| (seq, doc))
+    }
+
+    /// Puts a document back at its old position (undo of a transaction's
+    /// write). A collection dropped meanwhile is recreated.
+    pub fn restore(&mut self, db: &str, coll: &str, seq: Seq, doc: Document) {
+        self.ensure_collection(db, coll);
+        if let Some(c) = self.collection_mut(db, coll) {
+            c.take(seq);
+            c.put(seq, doc);
         }
     }
 }
@@ -250,26 +184,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rollback_restores_every_kind_of_write() {
+    fn remove_and_restore_keep_positions() {
         let mut store = Store::default();
-        store
-            .insert("d", "c", doc! { "_id": 1, "v": 1 }, None)
-            .unwrap();
-        store
-            .insert("d", "c", doc! { "_id": 2, "v": 2 }, None)
-            .unwrap();
-        let mut undo = Vec::new();
-        store
-            .insert("d", "c", doc! { "_id": 3 }, Some(&mut undo))
-            .unwrap();
-        store.replace("d", "c", 0, doc! { "_id": 1, "v": 10 }, Some(&mut undo));
-        store.delete("d", "c", 1, Some(&mut undo));
-        assert!(store.insert("d", "c", doc! { "_id": 3 }, None).is_err());
-        store.rollback(undo);
+        store.insert("d", "c", doc! { "_id": 1, "v": 1 }).unwrap();
+        store.insert("d", "c", doc! { "_id": 2, "v": 2 }).unwrap();
+        let old = store.replace("d", "c", 0, doc! { "_id": 1, "v": 10 });
+        assert_eq!(old, Some(doc! { "_id": 1, "v": 1 }));
+        assert!(store.insert("d", "c", doc! { "_id": 2 }).is_err());
+        let (seq, removed) = store.remove_id("d", "c", &id_key(&Bson::Int32(1))).unwrap();
+        assert_eq!((seq, removed), (0, doc! { "_id": 1, "v": 10 }));
+        store.restore("d", "c", 0, doc! { "_id": 1, "v": 1 });
         let docs: Vec<Document> = store.scan("d", "c").into_iter().map(|(_, d)| d).collect();
         assert_eq!(
             docs,
             vec![doc! { "_id": 1, "v": 1 }, doc! { "_id": 2, "v": 2 }]
         );
+        assert_eq!(store.get("d", "c", 1), Some(&doc! { "_id": 2, "v": 2 }));
     }
 }
