@@ -3,6 +3,8 @@
 //! by a `tracing` directive string. It owns nothing else; what gets logged
 //! is decided at the call sites (which never log document contents).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -16,7 +18,12 @@ pub fn init(log: &LogConfig) -> Result<(), String> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let result = match log.format {
-        LogFormat::Pretty => builder.with_target(false).try_init(),
+        // Colour codes only help a person at a terminal; in a CI log or a
+        // file they are noise that breaks grep.
+        LogFormat::Pretty => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
     result.map_err(|e| format!("cannot install the log subscriber: {e}"))

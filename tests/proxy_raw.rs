@@ -1234,3 +1234,23 @@ async fn binary_exits_fast_on_sigint() {
         started.elapsed()
     );
 }
+
+#[test]
+fn pretty_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sessionguard"))
+        .args(["emulator", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first_line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first_line.contains("emulator listening"), "{first_line:?}");
+    assert!(
+        !first_line.contains('\u{1b}'),
+        "ANSI escape in a piped log line: {first_line:?}"
+    );
+}
