@@ -1,0 +1,159 @@
+//! The violation log line: one structured event per violation with the
+//! evidence of both requests, and never any document contents or
+//! authentication payloads. Its own test binary with a single test, because
+//! `tracing`'s per-callsite interest cache is process-global: a scoped
+//! subscriber in a multi-threaded test run can miss events.
+
+use std::sync::{Arc, Mutex};
+
+use bson::spec::BinarySubtype;
+use bson::{rawdoc, Binary, RawDocumentBuf};
+use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard::wire::op_msg::encode;
+use sessionguard::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
+
+#[derive(Clone, Default)]
+struct SharedLog(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn send(engine: &SessionEngine, conn: u64, id: i32, doc: &RawDocumentBuf, now: u64) {
+    let frame = encode(id, 0, MsgFlags(0), doc.as_bytes());
+    let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+    engine.request_at(conn, id, &Message::Msg(msg), now);
+}
+
+fn reply(engine: &SessionEngine, conn: u64, to: i32, doc: &RawDocumentBuf, now: u64) {
+    let frame = encode(1000 + to, to, MsgFlags(0), doc.as_bytes());
+    let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+    engine.reply_at(conn, to, &Message::Msg(msg), now);
+}
+
+fn lsid(n: u8) -> RawDocumentBuf {
+    rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: vec![n; 16] } }
+}
+
+fn connect_and_authenticate(engine: &SessionEngine, conn: u64) {
+    engine.connect(
+        conn,
+        "10.1.1.1:50000".parse().unwrap(),
+        "127.0.0.1:27018".parse().unwrap(),
+        None,
+    );
+    let hello = rawdoc! {
+        "hello": 1,
+        "client": { "driver": { "name": "mongo-rust-driver", "version": "3.3.0" }, "application": { "name": "web" } },
+        "$db": "admin",
+    };
+    send(engine, conn, 1, &hello, 0);
+    reply(
+        engine,
+        conn,
+        1,
+        &rawdoc! { "isWritablePrimary": true, "ok": 1.0 },
+        0,
+    );
+    let sasl = rawdoc! {
+        "saslStart": 1, "mechanism": "SCRAM-SHA-256",
+        "payload": Binary { subtype: BinarySubtype::Generic, bytes: b"n,,n=alice,r=NONCE-SECRET-123".to_vec() },
+        "$db": "admin",
+    };
+    send(engine, conn, 2, &sasl, 0);
+    reply(
+        engine,
+        conn,
+        2,
+        &rawdoc! { "done": true, "conversationId": 1, "ok": 1.0 },
+        0,
+    );
+}
+
+#[test]
+fn violation_log_lines_carry_evidence_but_never_document_contents() {
+    let log = SharedLog::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .init();
+
+    let engine = SessionEngine::new(&SessionConfig::default(), &RulesConfig::default());
+    connect_and_authenticate(&engine, 1);
+    connect_and_authenticate(&engine, 2);
+    let secret = rawdoc! {
+        "insert": "users", "documents": [{ "password": "hunter2-do-not-log" }],
+        "lsid": lsid(5), "txnNumber": 1_i64, "$db": "app",
+    };
+    send(&engine, 1, 10, &secret, 1);
+    send(
+        &engine,
+        2,
+        11,
+        &rawdoc! { "find": "orders", "filter": { "card": "4111-SECRET" }, "lsid": lsid(5), "$db": "shop" },
+        2,
+    );
+    engine.close_at(1, 3);
+    assert_eq!(engine.violations().len(), 2);
+
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sessionguard::violation"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let concurrent = lines[0];
+    assert!(concurrent.contains("ERROR"), "{concurrent}");
+    assert!(
+        concurrent.contains("rule=\"concurrent-use\""),
+        "{concurrent}"
+    );
+    assert!(concurrent.contains("lsid=05050505"), "{concurrent}");
+    assert!(concurrent.contains("owner=\"alice@admin\""), "{concurrent}");
+    assert!(concurrent.contains("conn=2 request_id=11"), "{concurrent}");
+    assert!(
+        concurrent.contains("peer=\"10.1.1.1:50000\""),
+        "{concurrent}"
+    );
+    assert!(concurrent.contains("app=\"web\""), "{concurrent}");
+    assert!(
+        concurrent.contains("driver=\"mongo-rust-driver\""),
+        "{concurrent}"
+    );
+    assert!(
+        concurrent.contains("command=\"find\" ns=\"shop.orders\""),
+        "{concurrent}"
+    );
+    assert!(
+        concurrent.contains("other_conn=1 other_request_id=10"),
+        "{concurrent}"
+    );
+    assert!(
+        concurrent.contains("other_command=\"insert\" other_ns=\"app.users\" other_txn_number=1"),
+        "{concurrent}"
+    );
+    let closed = lines[1];
+    assert!(closed.contains("WARN"), "{closed}");
+    assert!(
+        closed.contains("rule=\"closed-with-requests-in-flight\""),
+        "{closed}"
+    );
+    assert!(
+        !closed.contains(" app="),
+        "absent evidence is omitted: {closed}"
+    );
+    for secret in ["hunter2", "NONCE-SECRET", "4111"] {
+        assert!(
+            !text.contains(secret),
+            "{secret} leaked into the log: {text}"
+        );
+    }
+}
