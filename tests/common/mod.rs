@@ -81,3 +81,270 @@ impl Stack {
         self.emulator.shutdown().await;
     }
 }
+
+// ------------------------------------------------------------ reliability
+// Shared by the reliability suites (hostile clients, upstream faults,
+// bounded memory, admin security).
+
+/// A proxy in front of a running emulator, with the session engine as its
+/// inspector and `tweak` applied to the test defaults (loopback, port 0).
+pub async fn guarded_proxy(
+    upstream: SocketAddr,
+    engine: Arc<sessionguard::session::SessionEngine>,
+    tweak: impl FnOnce(&mut ProxyConfig),
+) -> ProxyHandle {
+    let mut config = ProxyConfig {
+        listen: "127.0.0.1:0".to_string(),
+        upstream: format!("mongodb://{upstream}"),
+        admin: "127.0.0.1:0".to_string(),
+        ..ProxyConfig::default()
+    };
+    tweak(&mut config);
+    let metrics = Arc::new(sessionguard::metrics::Metrics::new());
+    let sessions = sessionguard::session::SessionConfig::default();
+    let rules = sessionguard::session::RulesConfig::default();
+    metrics
+        .register_session_engine(
+            engine.clone(),
+            sessionguard::session::config::ResolvedRules::resolve(sessions.mode, &rules),
+        )
+        .expect("engine collector registers");
+    Proxy::start_with_metrics(Arc::new(config), engine, metrics)
+        .await
+        .expect("proxy starts")
+}
+
+/// The value of one series in a Prometheus text exposition (`name{labels}`
+/// exactly as the encoder writes it); `None` when absent.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+/// Every log line of this test process, captured by a global `tracing`
+/// subscriber (installed once, DEBUG and up). Tests running in parallel
+/// share it, so each one picks its lines by something only it has (a peer
+/// address, a marker).
+pub mod logs {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    static SINK: OnceLock<Sink> = OnceLock::new();
+
+    /// Installs the capture at DEBUG (idempotent).
+    pub fn install() {
+        install_at(tracing::Level::DEBUG);
+    }
+
+    /// Installs the capture at `level` (the first call in a test binary
+    /// decides; later calls change nothing).
+    pub fn install_at(level: tracing::Level) {
+        SINK.get_or_init(|| {
+            let sink = Sink::default();
+            let writer = sink.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(level)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in this test binary");
+            sink
+        });
+    }
+
+    /// Every captured line so far.
+    pub fn lines() -> Vec<String> {
+        let Some(sink) = SINK.get() else {
+            return Vec::new();
+        };
+        let bytes = sink.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Captured lines containing `needle`.
+    pub fn containing(needle: &str) -> Vec<String> {
+        lines().into_iter().filter(|l| l.contains(needle)).collect()
+    }
+}
+
+/// A well-behaved Rust driver workload (insert, find by _id, update,
+/// count) looping on `workers` tasks until stopped; every error is kept.
+pub struct Workload {
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
+}
+
+/// What a workload did.
+#[derive(Debug)]
+pub struct WorkloadResult {
+    pub operations: u64,
+    pub errors: Vec<String>,
+}
+
+impl Workload {
+    pub fn start(client: &Client, database: &str, workers: usize) -> Workload {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let tasks = (0..workers)
+            .map(|worker| {
+                let items = client
+                    .database(database)
+                    .collection::<bson::Document>("items");
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut operations = 0u64;
+                    let mut errors = Vec::new();
+                    let mut n = 0i64;
+                    while !stop.is_cancelled() {
+                        let id = format!("w{worker}-{n}");
+                        n += 1;
+                        let result: Result<(), String> = async {
+                            let failed = |op: &str| {
+                                let op = op.to_string();
+                                move |e: mongodb::error::Error| format!("{op}: {e}")
+                            };
+                            items
+                                .insert_one(bson::doc! { "_id": &id, "n": n })
+                                .await
+                                .map_err(failed("insert"))?;
+                            let found = items
+                                .find_one(bson::doc! { "_id": &id })
+                                .await
+                                .map_err(failed("find"))?;
+                            if found.is_none() {
+                                return Err(format!("{id} not found after its insert"));
+                            }
+                            items
+                                .update_one(
+                                    bson::doc! { "_id": &id },
+                                    bson::doc! { "$inc": { "n": 1 } },
+                                )
+                                .await
+                                .map_err(failed("update"))?;
+                            items
+                                .count_documents(bson::doc! { "_id": &id })
+                                .await
+                                .map(|_| ())
+                                .map_err(failed("count"))
+                        }
+                        .await;
+                        match result {
+                            Ok(()) => operations += 4,
+                            Err(e) => errors.push(e),
+                        }
+                    }
+                    (operations, errors)
+                })
+            })
+            .collect();
+        Workload { stop, tasks }
+    }
+
+    pub async fn stop(self) -> WorkloadResult {
+        self.stop.cancel();
+        let mut result = WorkloadResult {
+            operations: 0,
+            errors: Vec::new(),
+        };
+        for task in self.tasks {
+            let (operations, errors) = task.await.expect("workload task");
+            result.operations += operations;
+            result.errors.extend(errors);
+        }
+        result
+    }
+}
+
+/// One admin HTTP response.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: String,
+}
+
+/// A plain HTTP/1.1 GET (an admin API needs no client crate).
+pub async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> HttpReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin accepts");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut raw))
+        .await
+        .expect("admin answers in time")
+        .unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    HttpReply {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// Serves the admin API for `proxy` (its metrics), probing `upstream`
+/// every 100 ms so `/readyz` follows the upstream quickly.
+pub async fn admin_for(
+    proxy: &ProxyHandle,
+    engine: Option<Arc<sessionguard::session::SessionEngine>>,
+    upstream: SocketAddr,
+    token: Option<&str>,
+) -> (
+    sessionguard::admin::AdminServer,
+    tokio_util::sync::CancellationToken,
+) {
+    let context = sessionguard::admin::AdminContext {
+        metrics: proxy.metrics().clone(),
+        engine,
+        token: token.map(sessionguard::config::AdminToken::new),
+        probe: Some(sessionguard::admin::UpstreamProbe {
+            target: sessionguard::proxy::upstream::HostPort {
+                host: upstream.ip().to_string(),
+                port: upstream.port(),
+            },
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_secs(1),
+        }),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let admin = sessionguard::admin::serve_with("127.0.0.1:0", context, shutdown.clone())
+        .await
+        .expect("admin starts");
+    (admin, shutdown)
+}
