@@ -92,6 +92,10 @@ pub struct ProxyConfig {
     pub admin_token: Option<AdminToken>,
     #[serde(with = "humantime_serde")]
     pub upstream_probe_interval: Duration,
+    /// Show every frame to the session engine (the default). `false` makes
+    /// `sessionguard proxy` a plain forwarder (no ledger, no rules, no
+    /// refreshes): the baseline of the performance benchmark.
+    pub inspect: bool,
     /// `[proxy.tls]`: serve TLS to applications. Absent: plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenTlsConfig>,
@@ -232,6 +236,7 @@ impl Default for ProxyConfig {
             inject_timeout: DEFAULT_INJECT_TIMEOUT,
             admin_token: None,
             upstream_probe_interval: DEFAULT_UPSTREAM_PROBE_INTERVAL,
+            inspect: true,
             tls: None,
             members: Vec::new(),
             member_base_port: None,

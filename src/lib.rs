@@ -23,9 +23,12 @@
 //!   policy of CI mode.
 //! - [`exec`]: `sessionguard exec -- CMD`: a private proxy around one child
 //!   process (CI mode).
+//! - [`bench`]: `sessionguard bench-load`: the load generator and the memory
+//!   measurements behind bench/compare.sh and docs/performance.md.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bench;
 pub mod command;
 pub mod config;
 pub mod demo;

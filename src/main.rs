@@ -50,6 +50,8 @@ enum Command {
     Emulator(EmulatorArgs),
     /// CI mode: run CMD against a private proxy, report session misuse, exit 3 on violations.
     Exec(sessionguard::exec::ExecArgs),
+    /// Benchmark load generator and memory probes (see docs/performance.md).
+    BenchLoad(sessionguard::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -107,6 +109,10 @@ struct EmulatorArgs {
     /// Fixed delay added to replies (humantime: "0ms", "50ms", "1s").
     #[arg(long, env = "SESSIONGUARD_EMULATOR_LATENCY", default_value = "0ms", value_parser = parse_duration)]
     latency: Duration,
+    /// Benchmark upstream: answer find/insert/getMore with canned replies,
+    /// storing nothing.
+    #[arg(long)]
+    fast: bool,
     /// Log format.
     #[arg(
         long,
@@ -140,6 +146,7 @@ fn main() -> ExitCode {
         Command::Demo => run_demo(),
         Command::Emulator(args) => run_emulator(args),
         Command::Exec(args) => sessionguard::exec::main(args),
+        Command::BenchLoad(args) => sessionguard::bench::main(args),
     }
 }
 
@@ -289,7 +296,14 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
         }
     };
     let proxy_config = Arc::new(config.proxy.clone());
-    let proxy = match Proxy::start_with_metrics(proxy_config, engine.clone(), metrics).await {
+    // `proxy.inspect = false`: a plain forwarder (the benchmark's baseline).
+    let inspector: Arc<dyn sessionguard::proxy::Inspector> = if config.proxy.inspect {
+        engine.clone()
+    } else {
+        tracing::warn!("proxy.inspect = false: frames are forwarded without session tracking");
+        Arc::new(sessionguard::proxy::NoopInspector)
+    };
+    let proxy = match Proxy::start_with_metrics(proxy_config, inspector, metrics).await {
         Ok(proxy) => proxy,
         Err(e) => {
             tracing::error!(listen = %config.proxy.listen, error = %e, "cannot start the proxy");
@@ -373,6 +387,7 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
     let config = EmulatorConfig {
         topology,
         reply_latency: args.latency,
+        fast: args.fast,
         ..EmulatorConfig::default()
     };
     let runtime = match runtime() {

@@ -39,6 +39,7 @@ mod auth;
 mod clock;
 mod commands;
 mod errors;
+mod fast;
 mod hello;
 mod query;
 mod server;
@@ -100,6 +101,9 @@ pub struct EmulatorConfig {
     /// Transactions open longer than this are aborted
     /// (transactionLifetimeLimitSeconds). Default 60 s, the server's.
     pub transaction_lifetime_limit: Duration,
+    /// Benchmark upstream: answer `find` / `insert` / `getMore` with canned
+    /// replies, storing nothing (see `fast.rs`). Default false.
+    pub fast: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -119,6 +123,7 @@ impl Default for EmulatorConfig {
             users: Vec::new(),
             speculative_auth: true,
             transaction_lifetime_limit: Duration::from_secs(60),
+            fast: false,
         }
     }
 }

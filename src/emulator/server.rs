@@ -668,6 +668,18 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
     };
     let message =
         wire::parse(opened.op_code, &header_bytes, &opened.body).map_err(|e| e.to_string())?;
+    if let (true, None, Message::Msg(msg)) = (conn.state.config().fast, opened.compressor, &message)
+    {
+        let state = &conn.state;
+        if let Some(bytes) =
+            super::fast::answer(frame.header.request_id, || state.next_request_id(), msg)
+        {
+            return Ok(Action::Reply {
+                bytes,
+                delay: Duration::ZERO,
+            });
+        }
+    }
     match message {
         Message::Msg(msg) => {
             let body =

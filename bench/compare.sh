@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# Throughput and latency of sessionguard against the two baselines, in ONE run
+# on this machine (see docs/performance.md):
+#   direct     load generator -> emulator (fast mode)
+#   haproxy    load generator -> HAProxy (TCP mode) -> emulator
+#   sg-observe load generator -> sessionguard (observe, every rule on) -> emulator
+#   sg-off     load generator -> sessionguard (proxy.inspect = false) -> emulator
+# at 1, 16 and 256 connections, then the memory probes (10,000 idle
+# connections through sessionguard; 1,000,000 sessions in a ledger).
+#
+# Prints a table, the ratios sessionguard/direct and sessionguard/haproxy, and
+# as its last line: ratio_vs_direct=<x> ratio_vs_haproxy=<y> (throughput, 16
+# connections). Exits non-zero only when it could not measure, never because
+# a target was missed.
+#
+# Environment:
+#   BENCH_SECONDS=5            measured seconds per point (after BENCH_WARMUP=1)
+#   BENCH_CONNECTIONS="1 16 256"
+#   BENCH_MEMORY=1             0 skips the memory probes
+#   BENCH_IDLE_CONNECTIONS=10000   BENCH_SESSIONS=1000000
+#   BENCH_PIN=1                0: no taskset pinning
+#   SESSIONGUARD_BIN=path      use this binary instead of building (cargo build --release)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+SECONDS_PER_POINT=${BENCH_SECONDS:-5}
+WARMUP=${BENCH_WARMUP:-1}
+CONNECTIONS=${BENCH_CONNECTIONS:-"1 16 256"}
+MEMORY=${BENCH_MEMORY:-1}
+IDLE=${BENCH_IDLE_CONNECTIONS:-10000}
+SESSIONS=${BENCH_SESSIONS:-1000000}
+PIN=${BENCH_PIN:-1}
+
+die() { echo "compare.sh: $*" >&2; exit 1; }
+
+# ---- binary -----------------------------------------------------------------
+if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
+    BIN=$SESSIONGUARD_BIN
+else
+    cargo build --release --quiet || die "cargo build --release failed"
+    BIN=${CARGO_TARGET_DIR:-target}/release/sessionguard
+fi
+[[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
+
+# ---- HAProxy ----------------------------------------------------------------
+if ! command -v haproxy >/dev/null; then
+    echo "# haproxy not found; installing the Debian package" >&2
+    if [[ $(id -u) -eq 0 ]]; then
+        apt-cache policy haproxy | grep -q 'Candidate: [0-9]' || apt-get update -qq || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null ||
+            die "apt-get install haproxy failed"
+    else
+        die "haproxy is missing and this is not root: apt-get install haproxy"
+    fi
+fi
+
+# ---- file descriptors: the idle probe holds 2 per connection in the proxy ---
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
+if [[ "$FD_LIMIT" != unlimited ]] && ((IDLE * 2 + 500 > FD_LIMIT)); then
+    echo "# ulimit -n is $FD_LIMIT: idle probe reduced from $IDLE connections" >&2
+    IDLE=$(((FD_LIMIT - 500) / 2))
+fi
+
+# ---- CPU placement ----------------------------------------------------------
+CPUS=$(nproc)
+if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null && ((CPUS >= 2)); then
+    if ((CPUS >= 3)); then
+        CPU_CLIENT=0 CPU_MIDDLE=1 CPU_UPSTREAM=2
+    else
+        # Two cores: the upstream gets one to itself (as a database server
+        # would); the load generator and the proxy in the middle share the
+        # other, so the proxy's CPU competes with the application's.
+        CPU_CLIENT=0 CPU_MIDDLE=0 CPU_UPSTREAM=1
+    fi
+    on() { local cpu=$1; shift; taskset -c "$cpu" "$@"; }
+    PLACEMENT="client=cpu$CPU_CLIENT middle=cpu$CPU_MIDDLE upstream=cpu$CPU_UPSTREAM"
+else
+    CPU_CLIENT=x CPU_MIDDLE=x CPU_UPSTREAM=x
+    on() { shift; "$@"; }
+    PLACEMENT="not pinned"
+fi
+
+# ---- ports and processes ----------------------------------------------------
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 40000))
+        port_open "$port" || { echo "$port"; return; }
+    done
+}
+wait_port() {
+    local port=$1 name=$2 pid=$3
+    for _ in $(seq 200); do
+        port_open "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || die "$name exited at startup (log: $(tail -3 "$WORK/$name.log" 2>/dev/null))"
+        sleep 0.05
+    done
+    die "$name did not listen on $port"
+}
+
+P_EMU=$(free_port)
+on "$CPU_UPSTREAM" "$BIN" emulator --fast --listen "127.0.0.1:$P_EMU" --log-level warn >"$WORK/emulator.log" 2>&1 &
+PID_EMU=$!; PIDS+=("$PID_EMU")
+wait_port "$P_EMU" emulator "$PID_EMU"
+
+P_HA=$(free_port)
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    maxconn 40000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend bench
+    bind 127.0.0.1:$P_HA
+    default_backend emulator
+backend emulator
+    server emulator 127.0.0.1:$P_EMU
+EOF
+on "$CPU_MIDDLE" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+PID_HA=$!; PIDS+=("$PID_HA")
+wait_port "$P_HA" haproxy "$PID_HA"
+
+RULES="concurrent-use use-after-end end-while-in-flight closed-with-requests-in-flight txn-regression
+txn-number-reuse txn-superseded txn-after-abort txn-left-open cursor-session-mismatch
+unacknowledged-with-session idle-expired-reuse cross-client-sharing"
+start_sessionguard() { # name inspect -> sets SG_PORT SG_PID
+    local name=$1 inspect=$2
+    SG_PORT=$(free_port)
+    {
+        echo "[proxy]"
+        echo "listen = \"127.0.0.1:$SG_PORT\""
+        echo "upstream = \"mongodb://127.0.0.1:$P_EMU\""
+        echo "admin = \"127.0.0.1:$(free_port)\""
+        echo "max_connections = 40000"
+        echo "inspect = $inspect"
+        echo "[log]"
+        echo "level = \"warn\""
+        echo "[sessions]"
+        echo "mode = \"observe\""
+        for rule in $RULES; do printf '[rules.%s]\nenabled = true\n' "$rule"; done
+    } >"$WORK/$name.toml"
+    on "$CPU_MIDDLE" "$BIN" proxy --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
+    SG_PID=$!; PIDS+=("$SG_PID")
+    wait_port "$SG_PORT" "$name" "$SG_PID"
+}
+start_sessionguard sg-observe true
+P_SG=$SG_PORT PID_SG=$SG_PID
+start_sessionguard sg-off false
+P_OFF=$SG_PORT
+
+declare -A PORT=([direct]=$P_EMU [haproxy]=$P_HA [sg-observe]=$P_SG [sg-off]=$P_OFF)
+CONFIGS="direct haproxy sg-observe sg-off"
+
+load_average() { cut -d' ' -f1-3 /proc/loadavg; }
+echo "# sessionguard bench/compare.sh — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "# machine: $CPUS cpu ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))," \
+    "$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
+echo "# haproxy: $(haproxy -v 2>/dev/null | head -1)"
+echo "# placement: $PLACEMENT; ${SECONDS_PER_POINT}s per point after ${WARMUP}s warm-up"
+echo "# load average at start: $(load_average)"
+
+field() { grep -o "$2=[0-9.]*" <<<"$1" | cut -d= -f2; }
+declare -A OPS P50 P99 P999 ERR
+for conns in $CONNECTIONS; do
+    for config in $CONFIGS; do
+        line=$(on "$CPU_CLIENT" "$BIN" bench-load --target "127.0.0.1:${PORT[$config]}" \
+            --connections "$conns" --duration "${SECONDS_PER_POINT}s" --warmup "${WARMUP}s") ||
+            die "bench-load failed for $config at $conns connections"
+        OPS[$config,$conns]=$(field "$line" ops_per_sec)
+        P50[$config,$conns]=$(field "$line" p50_us)
+        P99[$config,$conns]=$(field "$line" p99_us)
+        P999[$config,$conns]=$(field "$line" p999_us)
+        ERR[$config,$conns]=$(field "$line" errors)
+    done
+done
+echo "# load average after the load runs: $(load_average)"
+echo
+printf '%-6s %-11s %10s %9s %9s %9s %7s\n' conns config ops/s p50_us p99_us p999_us errors
+for conns in $CONNECTIONS; do
+    for config in $CONFIGS; do
+        printf '%-6s %-11s %10s %9s %9s %9s %7s\n' "$conns" "$config" "${OPS[$config,$conns]}" \
+            "${P50[$config,$conns]}" "${P99[$config,$conns]}" "${P999[$config,$conns]}" "${ERR[$config,$conns]}"
+    done
+done
+echo
+div() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }'; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
+printf '%-6s %-26s %-26s %-24s %-24s %-18s\n' conns "thru sg/direct (off)" "thru sg/haproxy (off)" \
+    "p99 sg/direct (off)" "p99 sg/haproxy (off)" "added p99 us (sg)"
+for conns in $CONNECTIONS; do
+    printf '%-6s %-26s %-26s %-24s %-24s %-18s\n' "$conns" \
+        "$(div "${OPS[sg-observe,$conns]}" "${OPS[direct,$conns]}") ($(div "${OPS[sg-off,$conns]}" "${OPS[direct,$conns]}"))" \
+        "$(div "${OPS[sg-observe,$conns]}" "${OPS[haproxy,$conns]}") ($(div "${OPS[sg-off,$conns]}" "${OPS[haproxy,$conns]}"))" \
+        "$(div "${P99[sg-observe,$conns]}" "${P99[direct,$conns]}") ($(div "${P99[sg-off,$conns]}" "${P99[direct,$conns]}"))" \
+        "$(div "${P99[sg-observe,$conns]}" "${P99[haproxy,$conns]}") ($(div "${P99[sg-off,$conns]}" "${P99[haproxy,$conns]}"))" \
+        "$(sub "${P99[sg-observe,$conns]}" "${P99[direct,$conns]}")"
+done
+
+if [[ "$MEMORY" == 1 ]]; then
+    echo
+    line=$(on "$CPU_CLIENT" "$BIN" bench-load --target "127.0.0.1:$P_SG" \
+        --idle-connections "$IDLE" --pid "$PID_SG") || die "idle-connections probe failed"
+    echo "idle connections through sg-observe: $line"
+    line=$(on "$CPU_CLIENT" "$BIN" bench-load --sessions "$SESSIONS") || die "sessions probe failed"
+    echo "ledger: $line"
+fi
+
+REF=16
+[[ " $CONNECTIONS " == *" $REF "* ]] || REF=$(awk '{print $NF}' <<<"$CONNECTIONS")
+echo "ratio_vs_direct=$(div "${OPS[sg-observe,$REF]}" "${OPS[direct,$REF]}") ratio_vs_haproxy=$(div "${OPS[sg-observe,$REF]}" "${OPS[haproxy,$REF]}")"
