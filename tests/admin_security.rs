@@ -11,8 +11,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use bson::{doc, Document};
 use mongodb::options::FindOptions;
@@ -181,59 +181,6 @@ async fn raw_get(addr: SocketAddr, path: &str, header: &str) -> String {
 
 // ------------------------------------------------------------ the binary
 
-struct Binary {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Binary {
-    /// The `field` of the first JSON log line whose message is `message`.
-    fn wait_for_field(&mut self, message: &str, field: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            for line in text.lines() {
-                let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
-                if entry["message"] == message {
-                    if let Some(value) = entry[field].as_str() {
-                        return value.to_string();
-                    }
-                }
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the proxy exited ({status}) before logging `{message}`:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("no `{message}` log line within {WAIT:?}");
-    }
-
-    fn terminate(&mut self) {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap())
-            .expect("a child pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(status.success(), "the proxy exited with {status}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        panic!("the proxy did not exit after SIGTERM");
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Every text form a byte string could take in a log line.
 fn forms(secret: &[u8]) -> Vec<String> {
     use base64::Engine;
@@ -294,43 +241,18 @@ async fn an_authenticated_run_leaves_no_secret_or_content_in_logs_report_or_admi
     )
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sessionguard.toml");
-    let report = dir.path().join("report.json");
-    let log = dir.path().join("proxy.log");
-    std::fs::write(
-        &config,
-        format!(
+    let mut proxy = common::ProxyProcess::start(
+        &format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              upstream = \"mongodb://svc:{UPSTREAM_PASSWORD}@{}/?authSource=admin\"\n\
              admin_token = \"{TOKEN}\"\n\
              [log]\nformat = \"json\"\nlevel = \"trace\"\n",
             emulator.addr()
         ),
-    )
-    .unwrap();
-    let log_file = std::fs::File::create(&log).unwrap();
-    let child = binary()
-        .args(["proxy", "--config"])
-        .arg(&config)
-        .arg("--report")
-        .arg(&report)
-        .stdout(Stdio::from(log_file.try_clone().unwrap()))
-        .stderr(Stdio::from(log_file))
-        .spawn()
-        .expect("the binary starts");
-    let mut proxy = Binary {
-        child,
-        log: log.clone(),
-    };
-    let listen: SocketAddr = proxy
-        .wait_for_field("proxy listening", "listen")
-        .parse()
-        .unwrap();
-    let admin: SocketAddr = proxy
-        .wait_for_field("admin server listening", "admin")
-        .parse()
-        .unwrap();
+        &["--report", "{dir}/report.json"],
+    );
+    let report = proxy.dir.path().join("report.json");
+    let (listen, admin) = (proxy.listen, proxy.admin);
     assert!(admin.ip().is_loopback());
 
     // A wrong password first: refused upstream, passed back.
@@ -450,7 +372,7 @@ async fn an_authenticated_run_leaves_no_secret_or_content_in_logs_report_or_admi
     client.shutdown().await;
     proxy.terminate();
 
-    let logs = std::fs::read_to_string(&log).unwrap();
+    let logs = proxy.log_text();
     let report_text = std::fs::read_to_string(&report).expect("the report was written");
     // The run really was logged and reported (so the checks below mean something).
     assert!(logs.lines().count() > 20, "{logs}");

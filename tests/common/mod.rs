@@ -348,3 +348,126 @@ pub async fn admin_for(
         .expect("admin starts");
     (admin, shutdown)
 }
+
+/// The `sessionguard proxy` binary as a child process, configured by a TOML
+/// text, logging JSON to a file (the tests read bound addresses from it).
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+    pub dir: tempfile::TempDir,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl ProxyProcess {
+    /// Starts `sessionguard proxy --config <config_toml> [extra args]` with no
+    /// `SESSIONGUARD_*` variables inherited; waits until it listens. `{dir}`
+    /// in an extra argument is the process's temporary directory.
+    pub fn start(config_toml: &str, extra_args: &[&str]) -> ProxyProcess {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let config = dir.path().join("sessionguard.toml");
+        std::fs::write(&config, config_toml).expect("config written");
+        let log = dir.path().join("proxy.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sessionguard"));
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SESSIONGUARD_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .env_remove("RUST_LOG")
+            .args(["proxy", "--config"])
+            .arg(&config)
+            .args(
+                extra_args
+                    .iter()
+                    .map(|arg| arg.replace("{dir}", &dir.path().to_string_lossy())),
+            )
+            .stdout(std::process::Stdio::from(
+                log_file.try_clone().expect("log file"),
+            ))
+            .stderr(std::process::Stdio::from(log_file))
+            .spawn()
+            .expect("the sessionguard binary starts");
+        let mut process = ProxyProcess {
+            child,
+            log,
+            dir,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+        };
+        process.listen = process
+            .wait_for_field("proxy listening", "listen")
+            .parse()
+            .expect("a listen address");
+        process.admin = process
+            .wait_for_field("admin server listening", "admin")
+            .parse()
+            .expect("an admin address");
+        process
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The `field` of the first JSON log line whose message is `message`.
+    pub fn wait_for_field(&mut self, message: &str, field: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            let text = self.log_text();
+            for line in text.lines() {
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                if entry["message"] == message {
+                    if let Some(value) = entry[field].as_str() {
+                        return value.to_string();
+                    }
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the proxy exited ({status}) before logging `{message}`:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no `{message}` log line within 15s");
+    }
+
+    /// Resident memory of the process in KiB (`VmRSS` in /proc/PID/status).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc/PID/status is readable");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a VmRSS line")
+    }
+
+    /// SIGTERM, then waits (up to 15 s) for a clean exit.
+    pub fn terminate(&mut self) {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap())
+            .expect("a child pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("signal sent");
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "the proxy exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("the proxy did not exit within 15s of SIGTERM");
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
