@@ -320,6 +320,11 @@ impl TopologyInspector {
     }
 
     fn rewrite(&self, conn: &ConnContext, frame: &Frame, msg: &Message<'_>) -> ReplyVerdict {
+        // Single-upstream mode has nothing to map; once the bypass warning
+        // has been given there is nothing left to learn from a hello.
+        if self.map.is_empty() && self.warned_bypass.load(Ordering::Relaxed) {
+            return ReplyVerdict::Forward;
+        }
         let found = match rewrite_hello_reply(frame, msg, &self.map) {
             Ok(found) => found,
             Err(e) => {
