@@ -30,6 +30,11 @@ const OP_MSG: i32 = 2013;
 const OP_COMPRESSED: i32 = 2012;
 const FRAME_READ_TIMEOUT: Duration = Duration::from_millis(400);
 
+/// The tests of this file run one at a time: the connection churn reuses
+/// thousands of ports and logs a line for each reset, which must not be
+/// mistaken for another test's close line (lines are matched by peer).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 struct Guarded {
     emulator: EmulatorHandle,
     engine: Arc<SessionEngine>,
@@ -257,12 +262,17 @@ fn malformed_cases() -> Vec<Case> {
 
 /// Connects, sends `bytes`, and expects the proxy to close the connection
 /// within `within`. Returns the client's address (what the log names).
-async fn send_and_expect_close(proxy: SocketAddr, bytes: &[u8], within: Duration) -> SocketAddr {
+async fn send_and_expect_close(
+    proxy: SocketAddr,
+    bytes: &[u8],
+    within: Duration,
+) -> (SocketAddr, usize) {
+    let mark = logs::mark();
     let mut stream = TcpStream::connect(proxy).await.expect("connect");
     let local = stream.local_addr().unwrap();
     stream.write_all(bytes).await.expect("write");
     expect_closed(&mut stream, within).await;
-    local
+    (local, mark)
 }
 
 /// Reads until EOF or a reset; a frame (or silence) is a failure.
@@ -276,11 +286,11 @@ async fn expect_closed(stream: &mut TcpStream, within: Duration) {
 }
 
 /// The proxy's close line for the connection from `peer`, once it is logged.
-async fn close_line(peer: SocketAddr) -> String {
+async fn close_line((peer, mark): (SocketAddr, usize)) -> String {
     let needle = format!("peer={peer}");
     let mut found = Vec::new();
     let appeared = common::Stack::eventually(WAIT, || {
-        found = logs::containing(&needle)
+        found = logs::containing_since(mark, &needle)
             .into_iter()
             .filter(|l| l.contains("connection closed") && l.contains("sessionguard::proxy"))
             .collect();
@@ -294,6 +304,7 @@ async fn close_line(peer: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
+    let _serial = SERIAL.lock().await;
     let g = Guarded::start().await;
     let client = g.client().await;
     client
@@ -364,8 +375,9 @@ async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
 
     // Slowloris: a valid frame one byte at a time, slower than the timeout
     // allows for the whole frame.
+    let mark = logs::mark();
     let mut slow = TcpStream::connect(g.proxy.local_addr()).await.unwrap();
-    let slow_peer = slow.local_addr().unwrap();
+    let slow_peer = (slow.local_addr().unwrap(), mark);
     let started = Instant::now();
     let mut cut_off = false;
     for byte in &good {
@@ -429,6 +441,7 @@ async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
 async fn ten_thousand_connections_opened_and_dropped() {
     const CONNECTIONS: usize = 10_000;
     const AT_ONCE: usize = 200;
+    let _serial = SERIAL.lock().await;
     let g = Guarded::start().await;
     let client = g.client().await;
     client

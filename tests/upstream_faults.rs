@@ -545,6 +545,7 @@ async fn connection_resets_close_the_affected_clients_and_drivers_carry_on() {
     let (admin, admin_stop) = common::admin_for(&proxy, None, relay.addr, None).await;
 
     // A request in flight when its upstream connection is reset.
+    let mark = common::logs::mark();
     let mut raw = raw_request(
         proxy.local_addr(),
         &doc! { "distinct": "items", "key": "k", "$db": "faults" },
@@ -562,7 +563,7 @@ async fn connection_resets_close_the_affected_clients_and_drivers_carry_on() {
     );
     let needle = format!("peer={raw_peer}");
     assert!(
-        common::Stack::eventually(WAIT, || common::logs::containing(&needle)
+        common::Stack::eventually(WAIT, || common::logs::containing_since(mark, &needle)
             .iter()
             .any(|l| l.contains("connection closed") && l.contains("side=upstream")))
         .await,

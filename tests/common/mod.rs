@@ -187,6 +187,21 @@ pub mod logs {
     pub fn containing(needle: &str) -> Vec<String> {
         lines().into_iter().filter(|l| l.contains(needle)).collect()
     }
+
+    /// How many lines have been captured so far (see `containing_since`).
+    pub fn mark() -> usize {
+        lines().len()
+    }
+
+    /// Lines captured after `mark` containing `needle` (a peer address
+    /// can recur in older lines once the kernel reuses its port).
+    pub fn containing_since(mark: usize, needle: &str) -> Vec<String> {
+        lines()
+            .into_iter()
+            .skip(mark)
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
 }
 
 /// A well-behaved Rust driver workload (insert, find by _id, update,
