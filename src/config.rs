@@ -113,6 +113,12 @@ pub struct ProxyConfig {
     /// `hosts` / `me` / `primary`); defaults to the host of `listen`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_host: Option<String>,
+    /// Set by `exec`, never by a config file: every client is handed a
+    /// connection string with `directConnection=true`, so a replica-set
+    /// `hello` without a member mapping is expected and no driver will
+    /// bypass the proxy — the bypass warning would be a false alarm.
+    #[serde(skip)]
+    pub clients_connect_directly: bool,
 }
 
 /// One replica-set member behind its own proxy listener.
@@ -237,6 +243,7 @@ impl Default for ProxyConfig {
             admin_token: None,
             upstream_probe_interval: DEFAULT_UPSTREAM_PROBE_INTERVAL,
             inspect: true,
+            clients_connect_directly: false,
             tls: None,
             members: Vec::new(),
             member_base_port: None,

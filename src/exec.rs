@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::config::{Config, LogFormat, Overrides};
+use crate::config::{Config, LogFormat, Overrides, ProxyConfig};
 use crate::proxy::upstream::ConnectionString;
 use crate::proxy::Proxy;
 use crate::report::{self, ChildOutcome, FailOn, Report, RunInfo};
@@ -201,7 +201,11 @@ async fn run(plan: Plan) -> u8 {
         &plan.config.rules,
     ));
     let refresher = spawn_refresher(&engine);
-    let proxy = match Proxy::start(Arc::new(plan.config.proxy.clone()), engine.clone()).await {
+    let proxy_config = ProxyConfig {
+        clients_connect_directly: true,
+        ..plan.config.proxy.clone()
+    };
+    let proxy = match Proxy::start(Arc::new(proxy_config), engine.clone()).await {
         Ok(proxy) => proxy,
         Err(e) => {
             eprintln!("sessionguard exec: error: cannot start the proxy: {e}");

@@ -195,6 +195,13 @@ async fn clean_child_exits_0_with_an_empty_report() {
         "{}",
         stderr(&output)
     );
+    // The upstream is a replica-set primary, but exec hands the child
+    // directConnection=true: no driver can bypass the proxy, so no warning.
+    assert!(
+        !stderr(&output).contains("bypassing sessionguard"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,7 +125,13 @@ impl Proxy {
             let advertised = info.advertised.clone()?;
             Some((info.upstream.clone(), advertised))
         }));
-        let inspector: Arc<dyn Inspector> = Arc::new(TopologyInspector::new(inspector, map));
+        // Without a map the decorator only warns about drivers bypassing the
+        // proxy, which cannot happen when every client connects directly.
+        let inspector: Arc<dyn Inspector> = if map.is_empty() && cfg.clients_connect_directly {
+            inspector
+        } else {
+            Arc::new(TopologyInspector::new(inspector, map))
+        };
 
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();

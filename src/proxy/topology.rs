@@ -337,7 +337,9 @@ impl TopologyInspector {
         };
         if found.replica_set && self.map.is_empty() {
             if self.first_bypass_report() {
-                error!(
+                // Only a warning: clients with directConnection=true (what
+                // the README tells applications to use) are not affected.
+                warn!(
                     listen = %conn.local,
                     "the upstream is a replica-set member, and no member mapping is configured \
                      ([[members]] or proxy.member_base_port): drivers that connect without \
