@@ -384,6 +384,33 @@ impl<'a> RequestView<'a> {
         }
         hasher.finish()
     }
+
+    /// The statement documents of a write or its argument list — `documents`
+    /// of insert, `updates` of update, `deletes` of delete — whether the
+    /// driver sent them as an OP_MSG kind-1 document sequence named `field`
+    /// or as an array in the command body. Entries that are not documents
+    /// are skipped.
+    pub fn statements(&self, field: &str) -> impl Iterator<Item = &'a RawDocument> + 'a {
+        let sequence = self
+            .sequences
+            .iter()
+            .find(|sequence| sequence.identifier == field)
+            .map(DocumentSequence::iter);
+        let array = if sequence.is_none() {
+            self.body
+                .get(field)
+                .ok()
+                .flatten()
+                .and_then(RawBsonRef::as_array)
+        } else {
+            None
+        };
+        let from_array = array
+            .into_iter()
+            .flat_map(|array| array.into_iter())
+            .filter_map(|value| value.ok().and_then(RawBsonRef::as_document));
+        sequence.into_iter().flatten().chain(from_array)
+    }
 }
 
 /// `db` and optional collection of a request, kept apart to avoid joining.
@@ -1118,6 +1145,34 @@ mod tests {
         };
         assert_eq!(hash_with(&doc1), hash_with(&doc1));
         assert_ne!(hash_with(&doc1), hash_with(&doc2));
+    }
+
+    #[test]
+    fn statements_come_from_a_document_sequence_or_the_body_array() {
+        let ids = |view: &RequestView<'_>, field: &str| -> Vec<i32> {
+            view.statements(field)
+                .map(|doc| doc.get_i32("_id").unwrap())
+                .collect()
+        };
+        let in_body = rawdoc! { "insert": "c", "documents": [{ "_id": 1 }, 7, { "_id": 2 }], "$db": "d" };
+        with_request(&in_body, |view| {
+            assert_eq!(ids(view, "documents"), [1, 2]);
+            assert!(ids(view, "updates").is_empty());
+        });
+        let body = rawdoc! { "insert": "c", "$db": "d" };
+        let (doc1, doc2) = (rawdoc! { "_id": 3 }, rawdoc! { "_id": 4 });
+        let frame = encode_with_sequences(
+            1,
+            0,
+            MsgFlags(0),
+            body.as_bytes(),
+            &[("documents", &[doc1.as_bytes(), doc2.as_bytes()])],
+        );
+        let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+        let message = Message::Msg(msg);
+        let view = RequestView::from_message(&message).unwrap();
+        assert_eq!(ids(&view, "documents"), [3, 4]);
+        assert!(ids(&view, "deletes").is_empty());
     }
 
     #[test]
