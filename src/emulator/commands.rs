@@ -498,7 +498,8 @@ fn get_parameter(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let known = doc! {
         "featureCompatibilityVersion": { "version": "7.0" },
         "logicalSessionTimeoutMinutes": config.logical_session_timeout_minutes,
-        "transactionLifetimeLimitSeconds": i64::try_from(config.transaction_lifetime_limit.as_secs()).unwrap_or(i64::MAX),
+        // Whole seconds, as the server's parameter is (a shorter test limit rounds up).
+        "transactionLifetimeLimitSeconds": i64::try_from(config.transaction_lifetime_limit.as_millis().div_ceil(1000)).unwrap_or(i64::MAX),
         "maxBSONDepth": 200,
         "authenticationMechanisms": ["SCRAM-SHA-1", "SCRAM-SHA-256"],
     };
