@@ -572,6 +572,8 @@ fn violations(engine: &SessionEngine) -> HttpResponse {
     struct Evidence<'a> {
         current: Option<&'a RequestEvidence>,
         earlier: Option<&'a RequestEvidence>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        store: Option<&'a crate::session::StoreEvidence>,
     }
     #[derive(Serialize)]
     struct ViolationJson<'a> {
@@ -604,6 +606,7 @@ fn violations(engine: &SessionEngine) -> HttpResponse {
             evidence: Evidence {
                 current: record.current.as_ref(),
                 earlier: record.earlier.as_ref(),
+                store: record.store.as_ref(),
             },
         })
         .collect();

@@ -58,6 +58,9 @@ pub struct Config {
     pub sessions: SessionConfig,
     #[serde(default)]
     pub rules: RulesConfig,
+    /// `[stores]`: web-session store collections (`store-session-resurrected`).
+    #[serde(default)]
+    pub stores: crate::session::StoreConfig,
     /// `[[members]]`: the replica-set member mapping as written in the file;
     /// `Config::parse` moves it into `proxy.members`, which is what the proxy
     /// reads (so `[[proxy.members]]` works as well).
@@ -629,6 +632,7 @@ impl Config {
         self.log.validate()?;
         self.sessions.validate().map_err(split_key_message)?;
         self.rules.validate().map_err(split_key_message)?;
+        self.stores.validate().map_err(split_key_message)?;
         Ok(())
     }
 

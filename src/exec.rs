@@ -196,10 +196,10 @@ async fn run(plan: Plan) -> u8 {
 
     let started = SystemTime::now();
     let rules = ResolvedRules::resolve(plan.config.sessions.mode, &plan.config.rules);
-    let engine = Arc::new(SessionEngine::new(
-        &plan.config.sessions,
-        &plan.config.rules,
-    ));
+    let engine = Arc::new(
+        SessionEngine::new(&plan.config.sessions, &plan.config.rules)
+            .with_stores(&plan.config.stores),
+    );
     let refresher = spawn_refresher(&engine);
     let proxy_config = ProxyConfig {
         clients_connect_directly: true,

@@ -254,10 +254,10 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
 
     // The session engine inspects every frame; its refresher/sweep task ends
     // when the engine is dropped.
-    let engine = Arc::new(sessionguard::session::SessionEngine::new(
-        &config.sessions,
-        &config.rules,
-    ));
+    let engine = Arc::new(
+        sessionguard::session::SessionEngine::new(&config.sessions, &config.rules)
+            .with_stores(&config.stores),
+    );
     let _refresher = sessionguard::session::spawn_refresher(&engine);
     // One registry for the data path and the engine (read at scrape time).
     let metrics = Arc::new(sessionguard::metrics::Metrics::new());

@@ -492,12 +492,18 @@ impl std::fmt::Debug for SessionCollector {
 struct EngineSnapshot {
     stats: crate::session::EngineStats,
     violations: Vec<(RuleId, u64)>,
+    /// Every store label (fixed by `[stores]`) with its counters.
+    stores: crate::session::store::StoreStats,
 }
 
 impl SessionCollector {
     pub fn new(engine: Arc<SessionEngine>, rules: ResolvedRules) -> SessionCollector {
-        let template = session_families(&EngineSnapshot::default(), &rules)
-            .expect("session metric definitions are consistent");
+        let template = EngineSnapshot {
+            stores: engine.store_stats(),
+            ..EngineSnapshot::default()
+        };
+        let template =
+            session_families(&template, &rules).expect("session metric definitions are consistent");
         let descs = template
             .iter()
             .flat_map(|c| c.desc().into_iter().cloned())
@@ -519,6 +525,7 @@ impl Collector for SessionCollector {
         let snapshot = EngineSnapshot {
             stats: self.engine.stats(),
             violations: self.engine.violation_counts(),
+            stores: self.engine.store_stats(),
         };
         match session_families(&snapshot, &self.rules) {
             Ok(collectors) => collectors.iter().flat_map(|c| c.collect()).collect(),
@@ -651,6 +658,41 @@ fn session_families(
             .set(i64::from(rules.enabled(rule)));
     }
     out.push(Box::new(rules_enabled));
+
+    let store_sessions = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_store_sessions_total",
+            "Web-session store documents ([stores]) by store and event: created (a new id saved), destroyed \
+             (deleted by _id), touched (expiry-only update), resurrected (saved back after a destroy by a \
+             client that read it before).",
+        ),
+        &["store", "event"],
+    )?;
+    for (store, counts) in &snapshot.stores.stores {
+        for (event, value) in [
+            ("created", counts.created),
+            ("destroyed", counts.destroyed),
+            ("touched", counts.touched),
+            ("resurrected", counts.resurrected),
+        ] {
+            store_sessions
+                .with_label_values(&[store.as_str(), event])
+                .inc_by(value);
+        }
+    }
+    out.push(Box::new(store_sessions));
+    let store_documents = IntGauge::new(
+        "sessionguard_store_documents_tracked",
+        "Web-session store documents followed now (active within stores.resurrection_window).",
+    )?;
+    store_documents.set(as_i64(snapshot.stores.documents));
+    out.push(Box::new(store_documents));
+    let store_evicted = IntCounter::new(
+        "sessionguard_store_documents_evicted_total",
+        "Store document records dropped because stores.max_documents was reached.",
+    )?;
+    store_evicted.inc_by(snapshot.stores.evicted);
+    out.push(Box::new(store_evicted));
     Ok(out)
 }
 
@@ -779,5 +821,62 @@ mod tests {
         assert!(metrics
             .register_session_engine(other, ResolvedRules::resolve(sessions.mode, &rules))
             .is_err());
+    }
+
+    #[test]
+    fn store_series_exist_for_every_configured_store_and_auto_and_count_events() {
+        use crate::wire::op_msg::encode;
+        use crate::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
+        let metrics = Metrics::new();
+        let sessions = SessionConfig::default();
+        let rules = RulesConfig::default();
+        let stores = crate::session::StoreConfig {
+            collections: vec!["app.sessions".into(), "web_sessions".into()],
+            ..Default::default()
+        };
+        let engine = Arc::new(SessionEngine::new(&sessions, &rules).with_stores(&stores));
+        metrics
+            .register_session_engine(
+                engine.clone(),
+                ResolvedRules::resolve(sessions.mode, &rules),
+            )
+            .unwrap();
+        let text = metrics.render();
+        for store in ["app.sessions", "web_sessions", "auto"] {
+            for event in ["created", "destroyed", "touched", "resurrected"] {
+                let series = format!(
+                    "sessionguard_store_sessions_total{{event=\"{event}\",store=\"{store}\"}}"
+                );
+                assert_eq!(value_of(&text, &series), Some(0.0), "{series}\n{text}");
+            }
+        }
+        engine.connect(
+            1,
+            "10.0.0.1:4000".parse().unwrap(),
+            "127.0.0.1:27018".parse().unwrap(),
+            None,
+        );
+        let delete = bson::rawdoc! {
+            "delete": "web_sessions", "deletes": [{ "q": { "_id": "s" }, "limit": 1 }], "$db": "x",
+        };
+        let frame = encode(5, 0, MsgFlags(0), delete.as_bytes());
+        let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+        engine.request(1, 5, &Message::Msg(msg));
+        let text = metrics.render();
+        assert_eq!(
+            value_of(
+                &text,
+                "sessionguard_store_sessions_total{event=\"destroyed\",store=\"web_sessions\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value_of(&text, "sessionguard_store_documents_tracked"),
+            Some(0.0)
+        );
+        assert_eq!(
+            value_of(&text, "sessionguard_store_documents_evicted_total"),
+            Some(0.0)
+        );
     }
 }

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::proxy::upstream::ConnectionString;
 use crate::session::config::ResolvedRules;
 use crate::session::violation::RequestEvidence;
-use crate::session::{RuleId, SessionEngine, Severity, ViolationRecord};
+use crate::session::{RuleId, SessionEngine, Severity, StoreEvidence, ViolationRecord};
 
 /// The JSON schema version; bumped only when a field changes meaning or
 /// disappears (adding fields keeps it).
@@ -134,6 +134,10 @@ pub struct Evidence {
     pub current: Option<RequestSeen>,
     /// The earlier request it conflicts with.
     pub earlier: Option<RequestSeen>,
+    /// `store-session-resurrected`: the read, destroy and write of the store
+    /// document (by fingerprint, never its id or contents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreEvidence>,
 }
 
 /// One request, by ids and names only.
@@ -185,6 +189,7 @@ impl From<&ViolationRecord> for ReportedViolation {
                 message: v.message.clone(),
                 current: v.current.as_ref().map(RequestSeen::from),
                 earlier: v.earlier.as_ref().map(RequestSeen::from),
+                store: v.store.clone(),
             },
         }
     }
@@ -604,6 +609,7 @@ mod tests {
             message: message.into(),
             current: Some(evidence("insert")),
             earlier: Some(evidence("endSessions")),
+            store: None,
         })
     }
 

@@ -9,6 +9,8 @@
 //!   enforce error code.
 //! - [`ledger`]: the bounded, shared map of sessions, cursors and held sessions.
 //! - [`intern`]: small ids for names and client identities.
+//! - [`store`]: web-session stores (`[stores]`): store documents by `_id`
+//!   and `store-session-resurrected`.
 //! - [`engine`]: `SessionEngine`, the synchronous API the connection tasks call.
 //! - [`inspector`]: `SessionEngine` as the proxy's `Inspector`.
 //! - [`refresher`]: the background task that refreshes held sessions and
@@ -25,12 +27,14 @@ pub mod ledger;
 pub mod refresher;
 pub mod rules;
 pub mod state;
+pub mod store;
 pub mod violation;
 
 pub use config::{Mode, RefreshPolicy, RulesConfig, SessionConfig};
 pub use engine::{Decision, EngineStats, SessionEngine};
 pub use refresher::spawn_refresher;
+pub use store::StoreConfig;
 pub use violation::{
-    Action, RuleId, Severity, ViolationRecord, SESSIONGUARD_VIOLATION_CODE,
+    Action, RuleId, Severity, StoreEvidence, ViolationRecord, SESSIONGUARD_VIOLATION_CODE,
     SESSIONGUARD_VIOLATION_CODE_NAME,
 };

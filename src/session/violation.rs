@@ -13,6 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::state::{Millis, RequestRef, SessionKey};
+use super::store::StoreFinding;
 
 /// The code of every reply sessionguard writes when it rejects a request.
 ///
@@ -57,10 +58,12 @@ pub enum RuleId {
     IdleExpiredReuse,
     #[serde(rename = "cross-client-sharing")]
     CrossClientSharing,
+    #[serde(rename = "store-session-resurrected")]
+    StoreSessionResurrected,
 }
 
 impl RuleId {
-    pub const ALL: [RuleId; 13] = [
+    pub const ALL: [RuleId; 14] = [
         RuleId::ConcurrentUse,
         RuleId::UseAfterEnd,
         RuleId::EndWhileInFlight,
@@ -74,6 +77,7 @@ impl RuleId {
         RuleId::UnacknowledgedWithSession,
         RuleId::IdleExpiredReuse,
         RuleId::CrossClientSharing,
+        RuleId::StoreSessionResurrected,
     ];
     pub const COUNT: usize = RuleId::ALL.len();
 
@@ -93,6 +97,7 @@ impl RuleId {
             RuleId::UnacknowledgedWithSession => "unacknowledged-with-session",
             RuleId::IdleExpiredReuse => "idle-expired-reuse",
             RuleId::CrossClientSharing => "cross-client-sharing",
+            RuleId::StoreSessionResurrected => "store-session-resurrected",
         }
     }
 
@@ -188,6 +193,9 @@ pub struct Violation {
     pub current: Option<RequestRef>,
     /// The earlier request it conflicts with, when there is one.
     pub earlier: Option<RequestRef>,
+    /// Web-session store rules: the store, the document's fingerprint and
+    /// the read and destroy around the write in `current`.
+    pub store: Option<Box<StoreFinding>>,
 }
 
 impl Violation {
@@ -199,6 +207,7 @@ impl Violation {
             message,
             current: None,
             earlier: None,
+            store: None,
         }
     }
     pub fn current(mut self, request: RequestRef) -> Violation {
@@ -212,7 +221,7 @@ impl Violation {
 }
 
 /// One request of a violation's evidence, with every id resolved to names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestEvidence {
     pub connection_id: u64,
     pub request_id: i32,
@@ -248,6 +257,22 @@ pub struct ViolationRecord {
     pub message: String,
     pub current: Option<RequestEvidence>,
     pub earlier: Option<RequestEvidence>,
+    /// `store-session-resurrected`: the three operations on the store document.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreEvidence>,
+}
+
+/// The store operations behind a `store-session-resurrected` violation: who
+/// read the document, who destroyed it, who wrote it back. Never the
+/// document's id or contents: the fingerprint is a per-process keyed hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreEvidence {
+    /// The store's label: the `[stores] collections` entry, or `auto`.
+    pub store: String,
+    pub document: String,
+    pub read: RequestEvidence,
+    pub destroy: RequestEvidence,
+    pub write: RequestEvidence,
 }
 
 impl ViolationRecord {
