@@ -29,11 +29,10 @@ use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
 use super::rules::{self, CursorEvent, EndEvent, Names, RequestEvent, RuleContext};
 use super::state::{
     ClientId, CommandClass, EndKind, InFlight, Millis, OwnerId, ReplyFacts, RequestFacts,
-    RequestRef, SessionKey, Sym,
+    RequestRef, SessionKey, Sym, TxnEvents,
 };
-use super::store::{StoreConfig, StoreStats, StoreTracker};
 use super::violation::{
-    Action, RequestEvidence, RuleId, Severity, StoreEvidence, Violation, ViolationRecord,
+    Action, RequestEvidence, RuleId, Severity, Violation, ViolationRecord,
     SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
 };
 
@@ -65,6 +64,63 @@ pub struct EngineStats {
     pub sessions_refreshed: u64,
     pub refresh_failures: u64,
     pub violations: u64,
+    /// Sessions the proxy saw start: the first request under an lsid it
+    /// does not track (new, or forgotten after eviction), or a reuse after
+    /// the session ended or expired (the server starts a new one).
+    pub sessions_started: u64,
+    /// Live sessions ended by `endSessions`.
+    pub sessions_ended: u64,
+    /// Live sessions killed by `killSessions` / `killAllSessions` /
+    /// `killAllSessionsByPattern`.
+    pub sessions_killed: u64,
+    /// Sessions the server expired (idle past its timeout): seen when one
+    /// is used again, or when the ledger purges it unused.
+    pub sessions_expired: u64,
+    pub transactions_started: u64,
+    pub transactions_committed: u64,
+    /// By the client's abortTransaction, or by the server: an error reply
+    /// saying so, a higher txnNumber, the session ending.
+    pub transactions_aborted: u64,
+    /// Transactions still open past `transaction_max_open` (counted once,
+    /// whether or not the txn-left-open rule is enabled).
+    pub transactions_left_open: u64,
+}
+
+/// Session and transaction lifecycle counters, bumped where the state
+/// machine records each transition.
+#[derive(Debug, Default)]
+struct Lifecycle {
+    sessions_started: AtomicU64,
+    sessions_ended: AtomicU64,
+    sessions_killed: AtomicU64,
+    sessions_expired: AtomicU64,
+    transactions_started: AtomicU64,
+    transactions_committed: AtomicU64,
+    transactions_aborted: AtomicU64,
+    transactions_left_open: AtomicU64,
+}
+
+impl Lifecycle {
+    fn transactions(&self, events: TxnEvents) {
+        for (counter, n) in [
+            (&self.transactions_started, events.started),
+            (&self.transactions_committed, events.committed),
+            (&self.transactions_aborted, events.aborted),
+        ] {
+            if n > 0 {
+                counter.fetch_add(u64::from(n), Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn ended(&self, kind: EndKind, events: TxnEvents) {
+        let counter = match kind {
+            EndKind::Ended => &self.sessions_ended,
+            EndKind::Killed | EndKind::KilledByPattern => &self.sessions_killed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.transactions(events);
+    }
 }
 
 /// A request of one connection that awaits its reply.
@@ -144,8 +200,7 @@ pub struct SessionEngine {
     pub(crate) refreshes_sent: AtomicU64,
     pub(crate) sessions_refreshed: AtomicU64,
     pub(crate) refresh_failures: AtomicU64,
-    /// Web-session store documents (`[stores]`).
-    stores: StoreTracker,
+    lifecycle: Lifecycle,
 }
 
 impl std::fmt::Debug for SessionEngine {
@@ -201,15 +256,8 @@ impl SessionEngine {
             refreshes_sent: AtomicU64::new(0),
             sessions_refreshed: AtomicU64::new(0),
             refresh_failures: AtomicU64::new(0),
-            stores: StoreTracker::default(),
+            lifecycle: Lifecycle::default(),
         }
-    }
-
-    /// The engine with web-session stores configured (`[stores]`, validated);
-    /// without it the defaults apply.
-    pub fn with_stores(mut self, stores: &StoreConfig) -> SessionEngine {
-        self.stores = StoreTracker::new(stores);
-        self
     }
 
     /// Milliseconds since the engine started (its clock for all state).
@@ -430,20 +478,6 @@ impl SessionEngine {
             }
         }
 
-        // Web-session stores: a resurrecting write is judged before anything
-        // changes, like every rule (enforce rejects it).
-        let store_ops = self.stores.classify(&inspected.view);
-        if !store_ops.is_empty() && self.rules.enabled(RuleId::StoreSessionResurrected) {
-            if let Some(resurrection) = self.stores.check(&store_ops, &inspected.facts.request) {
-                let key = inspected.key.unwrap_or(SessionKey {
-                    lsid: Default::default(),
-                    owner: inspected.owner,
-                });
-                let label = self.stores.label(resurrection.store);
-                found.push(resurrection.violation(key, label, self));
-            }
-        }
-
         let can_reply = inspected.facts.expects_reply;
         let mut rejected = false;
         if let Some(key) = inspected.key {
@@ -451,27 +485,19 @@ impl SessionEngine {
                 key,
                 facts: inspected.facts,
             };
-            rejected = self.ledger.with_session(key, now, |state| {
-                self.session_rules(&event, state, &ctx, &mut found);
-                let reject = can_reply
-                    && found
-                        .iter()
-                        .any(|v| self.rules.get(v.rule).action == Action::Reject);
-                if !reject {
-                    if state.is_ended() && !event.facts.class.is_session_cleanup() {
-                        // The server treats the id as a brand-new session
-                        // (whether or not use-after-end is enabled).
-                        state.restart(now);
+            rejected = self
+                .ledger
+                .with_session_created(key, now, |state, created| {
+                    self.session_rules(&event, state, &ctx, &mut found);
+                    let reject = can_reply
+                        && found
+                            .iter()
+                            .any(|v| self.rules.get(v.rule).action == Action::Reject);
+                    if !reject {
+                        self.record_request(state, &event, created, &found, &ctx);
                     }
-                    if let Some(shared) =
-                        found.iter().find(|v| v.rule == RuleId::CrossClientSharing)
-                    {
-                        state.shared_with = shared.current.map_or(ClientId::UNKNOWN, |r| r.client);
-                    }
-                    state.apply_request(&event.facts, now);
-                }
-                reject
-            });
+                    reject
+                });
         } else if can_reply {
             rejected = found
                 .iter()
@@ -479,7 +505,6 @@ impl SessionEngine {
         }
 
         if !rejected {
-            self.stores.apply(&store_ops, &inspected.facts.request);
             self.apply_request_effects(&inspected, cursor_event.as_ref(), end_kind, now);
         }
 
@@ -501,6 +526,42 @@ impl SessionEngine {
             Some(reply) => Decision::Reject { reply },
             None => Decision::Forward,
         }
+    }
+
+    /// Records a forwarded session request in its session (`created`: the
+    /// ledger had no entry for it) and counts the session lifecycle.
+    fn record_request(
+        &self,
+        state: &mut super::state::SessionState,
+        event: &RequestEvent,
+        created: bool,
+        found: &[Violation],
+        ctx: &RuleContext<'_>,
+    ) {
+        let now = ctx.now;
+        let cleanup = event.facts.class.is_session_cleanup();
+        let restarted = state.is_ended() && !cleanup;
+        if restarted {
+            // The server treats the id as a brand-new session
+            // (whether or not use-after-end is enabled).
+            state.restart(now);
+        }
+        let expired = !created && !cleanup && state.expired_on_server(now, ctx.session_timeout);
+        if expired {
+            self.lifecycle
+                .sessions_expired
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if created || restarted || expired {
+            self.lifecycle
+                .sessions_started
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(shared) = found.iter().find(|v| v.rule == RuleId::CrossClientSharing) {
+            state.shared_with = shared.current.map_or(ClientId::UNKNOWN, |r| r.client);
+        }
+        let events = state.apply_request(&event.facts, now);
+        self.lifecycle.transactions(events);
     }
 
     fn inspect<'a>(
@@ -613,15 +674,13 @@ impl SessionEngine {
         let facts = &inspected.facts;
         if let Some(kind) = end_kind {
             for lsid in inspected.view.session_list() {
-                self.ledger.end(
-                    SessionKey {
-                        lsid,
-                        owner: inspected.owner,
-                    },
-                    kind,
-                    facts.request,
-                    now,
-                );
+                let key = SessionKey {
+                    lsid,
+                    owner: inspected.owner,
+                };
+                if let Some(events) = self.ledger.end(key, kind, facts.request, now) {
+                    self.lifecycle.ended(kind, events);
+                }
             }
         }
         match facts.class {
@@ -722,8 +781,10 @@ impl SessionEngine {
         }
         for key in self.ledger.all_keys() {
             if matches(&key) {
-                self.ledger
-                    .end(key, EndKind::KilledByPattern, inspected.facts.request, now);
+                let kind = EndKind::KilledByPattern;
+                if let Some(events) = self.ledger.end(key, kind, inspected.facts.request, now) {
+                    self.lifecycle.ended(kind, events);
+                }
             }
         }
         if unmatchable {
@@ -802,7 +863,8 @@ impl SessionEngine {
             if self.rules.enabled(RuleId::TxnAfterAbort) {
                 found = rules::txn_after_abort_on_reply(&key, &pending.entry, &facts, state, &ctx);
             }
-            state.apply_reply(&pending.entry, &facts, final_reply, now);
+            let events = state.apply_reply(&pending.entry, &facts, final_reply, now);
+            self.lifecycle.transactions(events);
         });
         self.cursor_reply(&key, &pending, &reply);
         if let Some(violation) = found {
@@ -909,18 +971,23 @@ impl SessionEngine {
 
     pub fn sweep_at(&self, now: Millis) {
         let ctx = self.context(now);
-        if self.rules.enabled(RuleId::TxnLeftOpen) {
-            for key in self.ledger.held_keys() {
-                let found = self.ledger.with_existing(&key, |state| {
-                    let violation = rules::txn_left_open(&key, state, &ctx);
-                    if violation.is_some() {
-                        if let Some(txn) = state.txn.as_deref_mut() {
-                            txn.left_open_reported = true;
-                        }
+        // Walked even with txn-left-open disabled: the count is a metric.
+        let report_left_open = self.rules.enabled(RuleId::TxnLeftOpen);
+        for key in self.ledger.held_keys() {
+            let found = self.ledger.with_existing(&key, |state| {
+                let violation = rules::txn_left_open(&key, state, &ctx);
+                if violation.is_some() {
+                    if let Some(txn) = state.txn.as_deref_mut() {
+                        txn.left_open_reported = true;
                     }
-                    violation
-                });
-                if let Some(Some(violation)) = found {
+                }
+                violation
+            });
+            if let Some(Some(violation)) = found {
+                self.lifecycle
+                    .transactions_left_open
+                    .fetch_add(1, Ordering::Relaxed);
+                if report_left_open {
                     self.emit(violation, false);
                 }
             }
@@ -1029,15 +1096,6 @@ impl SessionEngine {
             message: violation.message.clone(),
             current: violation.current.as_ref().map(|r| self.evidence(r)),
             earlier: violation.earlier.as_ref().map(|r| self.evidence(r)),
-            store: violation.store.as_ref().and_then(|store| {
-                Some(StoreEvidence {
-                    store: store.store.clone(),
-                    document: store.document.clone(),
-                    read: self.evidence(&store.read),
-                    destroy: self.evidence(&store.destroy),
-                    write: self.evidence(violation.current.as_ref()?),
-                })
-            }),
         }
     }
 
@@ -1064,14 +1122,12 @@ impl SessionEngine {
             .collect()
     }
 
-    /// Web-session store counters, by store label (for metrics).
-    pub fn store_stats(&self) -> StoreStats {
-        self.stores.stats()
-    }
-
     pub fn stats(&self) -> EngineStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let lifecycle = &self.lifecycle;
+        let ledger = self.ledger.counts();
         EngineStats {
-            ledger: self.ledger.counts(),
+            ledger,
             connections: self.conns.len(),
             requests_inspected: self.requests_inspected.load(Ordering::Relaxed),
             requests_rejected: self.requests_rejected.load(Ordering::Relaxed),
@@ -1084,6 +1140,15 @@ impl SessionEngine {
                 .iter()
                 .map(|c| c.load(Ordering::Relaxed))
                 .sum(),
+            sessions_started: load(&lifecycle.sessions_started),
+            sessions_ended: load(&lifecycle.sessions_ended),
+            sessions_killed: load(&lifecycle.sessions_killed),
+            sessions_expired: load(&lifecycle.sessions_expired)
+                .saturating_add(ledger.purged_expired),
+            transactions_started: load(&lifecycle.transactions_started),
+            transactions_committed: load(&lifecycle.transactions_committed),
+            transactions_aborted: load(&lifecycle.transactions_aborted),
+            transactions_left_open: load(&lifecycle.transactions_left_open),
         }
     }
 }
@@ -1718,6 +1783,159 @@ pub(crate) mod tests {
         engine.sweep_at(61_000);
         engine.sweep_at(62_000);
         assert_eq!(rules_fired(&engine), vec![RuleId::TxnLeftOpen]);
+    }
+
+    /// (started, committed, aborted, left open)
+    fn txn_counts(engine: &SessionEngine) -> (u64, u64, u64, u64) {
+        let stats = engine.stats();
+        (
+            stats.transactions_started,
+            stats.transactions_committed,
+            stats.transactions_aborted,
+            stats.transactions_left_open,
+        )
+    }
+
+    #[test]
+    fn each_transaction_is_counted_started_once_and_settled_once() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        let transient = rawdoc! {
+            "ok": 0.0, "code": 112, "codeName": "WriteConflict", "errmsg": "x",
+            "errorLabels": ["TransientTransactionError"],
+        };
+        let no_such =
+            rawdoc! { "ok": 0.0, "code": 251, "errorLabels": ["TransientTransactionError"] };
+        let mut id = 0;
+        let mut exchange = |doc: &RawDocumentBuf, answer: &RawDocumentBuf| {
+            id += 1;
+            send(&engine, 1, id, doc, 0, u64::try_from(id).unwrap());
+            reply(&engine, 1, id, answer, u64::try_from(id).unwrap());
+        };
+        // 1: the server aborts it (a statement's error); the driver's abort
+        // afterwards is not a second outcome.
+        exchange(&txn_insert(4, 1, true), &transient);
+        exchange(&txn_command("abortTransaction", 4, 1), &no_such);
+        // 2: two statements, a commit with an unknown result, its retry, and
+        // the application committing once more: one commit.
+        exchange(&txn_insert(4, 2, true), &ok());
+        exchange(&txn_insert(4, 2, false), &ok());
+        exchange(
+            &txn_command("commitTransaction", 4, 2),
+            &rawdoc! { "ok": 0.0, "code": 50, "errorLabels": ["UnknownTransactionCommitResult"] },
+        );
+        exchange(&txn_command("commitTransaction", 4, 2), &ok());
+        exchange(&txn_command("commitTransaction", 4, 2), &ok());
+        // A regressed number changes nothing.
+        exchange(&txn_insert(4, 1, false), &no_such);
+        // 3: the commit says the transaction is gone, twice.
+        exchange(&txn_insert(4, 3, true), &ok());
+        exchange(&txn_command("commitTransaction", 4, 3), &no_such);
+        exchange(&txn_command("commitTransaction", 4, 3), &no_such);
+        // 4: the client aborts, and retries the abort.
+        exchange(&txn_insert(4, 4, true), &ok());
+        exchange(&txn_command("abortTransaction", 4, 4), &ok());
+        exchange(&txn_command("abortTransaction", 4, 4), &ok());
+        assert_eq!(txn_counts(&engine), (4, 1, 3, 0));
+        // 5 superseded by 6, 6 by a retryable write numbered 7, 8 ended by a
+        // kill: the server aborts each.
+        exchange(&txn_insert(4, 5, true), &ok());
+        exchange(&txn_insert(4, 6, true), &ok());
+        exchange(&insert(4, 7, 1), &ok());
+        exchange(&txn_insert(4, 8, true), &ok());
+        assert_eq!(txn_counts(&engine), (7, 1, 5, 0));
+        exchange(
+            &rawdoc! { "killSessions": [lsid(4)], "$db": "admin" },
+            &ok(),
+        );
+        assert_eq!(txn_counts(&engine), (7, 1, 6, 0));
+        // A transaction left open is counted once, and still settles later.
+        exchange(&txn_insert(5, 1, true), &ok());
+        engine.sweep_at(200_000);
+        engine.sweep_at(300_000);
+        assert_eq!(txn_counts(&engine), (8, 1, 6, 1));
+        send(
+            &engine,
+            1,
+            100,
+            &txn_command("commitTransaction", 5, 1),
+            0,
+            300_001,
+        );
+        reply(&engine, 1, 100, &ok(), 300_002);
+        assert_eq!(txn_counts(&engine), (8, 2, 6, 1));
+    }
+
+    #[test]
+    fn transactions_left_open_are_counted_with_the_rule_disabled() {
+        let mut rules = RulesConfig::default();
+        rules.rules.insert(
+            "txn-left-open".into(),
+            crate::session::config::RuleOverride {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        );
+        let engine = engine_with(SessionConfig::default(), rules);
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 1, &txn_insert(2, 1, true), 0, 0);
+        reply(&engine, 1, 1, &ok(), 1);
+        engine.sweep_at(61_000);
+        engine.sweep_at(62_000);
+        assert_eq!(rules_fired(&engine), vec![]);
+        assert_eq!(txn_counts(&engine), (1, 0, 0, 1));
+    }
+
+    #[test]
+    fn sessions_are_counted_started_ended_killed_expired_and_tombstoned() {
+        const MINUTE: Millis = 60_000;
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        let sessions = |engine: &SessionEngine| {
+            let stats = engine.stats();
+            (
+                stats.sessions_started,
+                stats.sessions_ended,
+                stats.sessions_killed,
+                stats.sessions_expired,
+                stats.ledger.tombstones,
+            )
+        };
+        let mut id = 0;
+        let mut exchange = |doc: &RawDocumentBuf, now: Millis| {
+            id += 1;
+            send(&engine, 1, id, doc, 0, now);
+            reply(&engine, 1, id, &ok(), now);
+        };
+        exchange(&find(1), 0);
+        exchange(&find(1), 1);
+        exchange(&find(2), 1);
+        assert_eq!(sessions(&engine), (2, 0, 0, 0, 0));
+        // Ending an lsid never seen leaves a tombstone but ends no session;
+        // ending one twice ends it once.
+        exchange(
+            &rawdoc! { "endSessions": [lsid(1), lsid(9)], "$db": "admin" },
+            2,
+        );
+        exchange(&rawdoc! { "endSessions": [lsid(1)], "$db": "admin" }, 2);
+        assert_eq!(sessions(&engine), (2, 1, 0, 0, 2));
+        // Reuse after the end: the server starts a new session.
+        exchange(&find(1), 3);
+        assert_eq!(sessions(&engine), (3, 1, 0, 0, 1));
+        exchange(&rawdoc! { "killSessions": [lsid(2)], "$db": "admin" }, 4);
+        // Kills 1; 2 and 9 are already tombstones.
+        exchange(&rawdoc! { "killAllSessions": [], "$db": "admin" }, 4);
+        assert_eq!(sessions(&engine), (3, 1, 2, 0, 3));
+        // Used again after idling past the server's timeout: expired, and a
+        // new session on the server.
+        exchange(&find(3), 5);
+        exchange(&find(3), 5 + 31 * MINUTE);
+        assert_eq!(sessions(&engine), (5, 1, 2, 1, 3));
+        // Long after: the tombstones go, and so does session 3, which
+        // expired on the server unused.
+        engine.sweep_at(5 + 31 * MINUTE + 61 * MINUTE);
+        assert_eq!(sessions(&engine), (5, 1, 2, 2, 0));
+        assert_eq!(engine.stats().ledger.sessions, 0);
     }
 
     #[test]

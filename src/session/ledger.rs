@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-use super::state::{EndKind, Millis, RequestRef, SessionKey, SessionState};
+use super::state::{EndKind, Millis, RequestRef, SessionKey, SessionState, TxnEvents};
 
 /// A cursor as the server names it: cursor ids are per server, so the
 /// listener (member) the client reached is part of the key.
@@ -45,6 +45,11 @@ pub struct LedgerCounts {
     pub evicted_idle: u64,
     pub evicted_busy: u64,
     pub purged: u64,
+    /// Ended or killed sessions kept now (a subset of `sessions`).
+    pub tombstones: usize,
+    /// Of `purged`: live sessions dropped because the server expired them
+    /// (idle past its timeout) — each an expiry nobody saw otherwise.
+    pub purged_expired: u64,
 }
 
 /// Eviction preference: lower goes first.
@@ -63,6 +68,10 @@ pub struct SessionLedger {
     max_sessions: usize,
     evicted: [AtomicU64; 3],
     purged: AtomicU64,
+    /// Kept in step by every path that changes or removes an entry, so a
+    /// scrape never walks the map.
+    tombstones: AtomicU64,
+    purged_expired: AtomicU64,
 }
 
 impl SessionLedger {
@@ -74,6 +83,8 @@ impl SessionLedger {
             max_sessions: max_sessions.max(1),
             evicted: Default::default(),
             purged: AtomicU64::new(0),
+            tombstones: AtomicU64::new(0),
+            purged_expired: AtomicU64::new(0),
         }
     }
 
@@ -97,15 +108,30 @@ impl SessionLedger {
         now: Millis,
         f: impl FnOnce(&mut SessionState) -> R,
     ) -> R {
+        self.with_session_created(key, now, |state, _| f(state))
+    }
+
+    /// `with_session`, also telling `f` whether the entry was created by
+    /// this call (decided under the entry's lock, so two racing first uses
+    /// of one lsid see exactly one creation).
+    pub fn with_session_created<R>(
+        &self,
+        key: SessionKey,
+        now: Millis,
+        f: impl FnOnce(&mut SessionState, bool) -> R,
+    ) -> R {
         if !self.sessions.contains_key(&key) && self.sessions.len() >= self.max_sessions {
             self.evict();
         }
-        let mut entry = self
-            .sessions
-            .entry(key)
-            .or_insert_with(|| SessionState::new(now));
-        let result = f(entry.value_mut());
+        let mut created = false;
+        let mut entry = self.sessions.entry(key).or_insert_with(|| {
+            created = true;
+            SessionState::new(now)
+        });
+        let was_ended = entry.value().is_ended();
+        let result = f(entry.value_mut(), created);
         self.sync_held(&key, entry.value());
+        self.sync_tombstones(was_ended, entry.value());
         result
     }
 
@@ -116,8 +142,10 @@ impl SessionLedger {
         f: impl FnOnce(&mut SessionState) -> R,
     ) -> Option<R> {
         let mut entry = self.sessions.get_mut(key)?;
+        let was_ended = entry.value().is_ended();
         let result = f(entry.value_mut());
         self.sync_held(key, entry.value());
+        self.sync_tombstones(was_ended, entry.value());
         Some(result)
     }
 
@@ -134,6 +162,24 @@ impl SessionLedger {
         } else if self.held.contains_key(key) {
             self.held.remove(key);
         }
+    }
+
+    fn sync_tombstones(&self, was_ended: bool, state: &SessionState) {
+        match (was_ended, state.is_ended()) {
+            (false, true) => {
+                self.tombstones.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => self.tombstone_gone(),
+            _ => {}
+        }
+    }
+
+    fn tombstone_gone(&self) {
+        // Every decrement follows its increment under the entry's lock; the
+        // saturation only guards the gauge against a future bug.
+        let _ = self
+            .tombstones
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// The sessions currently held (copied out, so callers can visit each
@@ -181,15 +227,25 @@ impl SessionLedger {
     // ---- ending ----
 
     /// Marks a session ended (creating a tombstone if it was never seen).
-    pub fn end(&self, key: SessionKey, kind: EndKind, by: RequestRef, now: Millis) {
-        let had_cursors = self.with_session(key, now, |state| {
+    /// `Some` (with what the end did to its transaction) when this ended a
+    /// live session; `None` when the lsid was unknown or already ended.
+    pub fn end(
+        &self,
+        key: SessionKey,
+        kind: EndKind,
+        by: RequestRef,
+        now: Millis,
+    ) -> Option<TxnEvents> {
+        let (had_cursors, ended_live) = self.with_session_created(key, now, |state, created| {
+            let live = !created && !state.is_ended();
             let had = state.open_cursors > 0;
-            state.end(kind, by);
-            had
+            let events = state.end(kind, by);
+            (had, live.then_some(events))
         });
         if had_cursors {
             self.remove_cursors_of(&key);
         }
+        ended_live
     }
 
     // ---- bounds ----
@@ -221,6 +277,9 @@ impl SessionLedger {
         for (class, _, key) in heap {
             if let Some((key, state)) = self.sessions.remove(&key) {
                 self.evicted[class as usize].fetch_add(1, Ordering::Relaxed);
+                if state.is_ended() {
+                    self.tombstone_gone();
+                }
                 self.forget_side_tables(&key, &state);
             }
         }
@@ -249,6 +308,11 @@ impl SessionLedger {
             };
             if !keep {
                 removed.push((*key, state.open_cursors > 0));
+                if state.is_ended() {
+                    self.tombstone_gone();
+                } else {
+                    self.purged_expired.fetch_add(1, Ordering::Relaxed);
+                }
             }
             keep
         });
@@ -272,6 +336,9 @@ impl SessionLedger {
             evicted_idle: self.evicted[EvictionClass::Idle as usize].load(Ordering::Relaxed),
             evicted_busy: self.evicted[EvictionClass::Busy as usize].load(Ordering::Relaxed),
             purged: self.purged.load(Ordering::Relaxed),
+            tombstones: usize::try_from(self.tombstones.load(Ordering::Relaxed))
+                .unwrap_or(usize::MAX),
+            purged_expired: self.purged_expired.load(Ordering::Relaxed),
         }
     }
 }
@@ -419,5 +486,37 @@ mod tests {
         assert!(ledger.contains(&key(4)));
         assert!(ledger.contains(&key(5)));
         assert_eq!(ledger.counts().purged, 2);
+        assert_eq!(ledger.counts().purged_expired, 1);
+    }
+
+    #[test]
+    fn tombstones_are_counted_through_end_reuse_eviction_and_purge() {
+        let ledger = SessionLedger::new(3);
+        let by = |at| request(1, 1, at, None);
+        let created = ledger.with_session_created(key(1), 0, |_, created| created);
+        assert!(created);
+        assert!(!ledger.with_session_created(key(1), 0, |_, created| created));
+        // A live session ended: reported, once.
+        assert_eq!(
+            ledger.end(key(1), EndKind::Ended, by(1), 1),
+            Some(TxnEvents::default())
+        );
+        assert_eq!(ledger.end(key(1), EndKind::Killed, by(2), 2), None);
+        // An lsid never seen: a tombstone, but no session ended.
+        assert_eq!(ledger.end(key(2), EndKind::Killed, by(3), 3), None);
+        assert_eq!(ledger.counts().tombstones, 2);
+        // Reuse restarts the session: no longer a tombstone.
+        ledger.with_session(key(1), 4, |state| state.restart(4));
+        assert_eq!(ledger.counts().tombstones, 1);
+        // Eviction takes the remaining tombstone first.
+        ledger.with_session(key(3), 5, |_| ());
+        ledger.with_session(key(4), 6, |_| ());
+        assert!(!ledger.contains(&key(2)));
+        assert_eq!(ledger.counts().tombstones, 0);
+        ledger.end(key(4), EndKind::Ended, by(7), 7);
+        assert_eq!(ledger.counts().tombstones, 1);
+        assert_eq!(ledger.purge(10_000, 100, 100), 3);
+        assert_eq!(ledger.counts().tombstones, 0);
+        assert_eq!(ledger.counts().purged_expired, 2);
     }
 }

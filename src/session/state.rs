@@ -290,6 +290,44 @@ pub struct Transaction {
     /// The reply that showed the abort (for txn-after-abort's evidence).
     pub aborted_by: Option<RequestRef>,
     pub left_open_reported: bool,
+    /// Its outcome (committed or aborted) has been counted: retried
+    /// commits and the driver's abort after a server abort change the
+    /// phase again, but a transaction has one outcome.
+    pub outcome_counted: bool,
+}
+
+impl Transaction {
+    /// Claims the transaction's one outcome: 1 the first time, then 0.
+    fn settle(&mut self) -> u8 {
+        u8::from(!std::mem::replace(&mut self.outcome_counted, true))
+    }
+
+    /// The transaction is being dropped from the session (a higher
+    /// txnNumber, or the session ended): the server aborts whatever is still
+    /// in progress: 1 if that is its outcome. A commit whose reply never
+    /// came (`Committing`) may have committed, so it is not counted either way.
+    fn settle_as_dropped(&mut self) -> u8 {
+        if matches!(
+            self.phase,
+            TxnPhase::Open | TxnPhase::LikelyAborted | TxnPhase::Uncertain
+        ) {
+            self.settle()
+        } else {
+            0
+        }
+    }
+}
+
+/// How many transactions one transition started, committed and aborted, for
+/// the engine's counters. A transaction counts as started once (at the first
+/// request carrying its txnNumber) and then at most once as committed or
+/// aborted, whatever the retries. One request can abort one transaction and
+/// start the next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxnEvents {
+    pub started: u8,
+    pub committed: u8,
+    pub aborted: u8,
 }
 
 /// Identity of the last retryable write (outside transactions).
@@ -384,16 +422,32 @@ impl SessionState {
         self.first_client = first_client;
     }
 
+    /// The server has most likely expired this session: idle (nothing in
+    /// flight, no use or refresh) for longer than its session timeout.
+    pub fn expired_on_server(&self, now: Millis, session_timeout: Millis) -> bool {
+        self.ended.is_none()
+            && self.in_flight.is_empty()
+            && now.saturating_sub(self.last_activity()) > session_timeout
+    }
+
     /// Marks the session ended by `by`. The server aborts its transaction and
     /// kills its cursors; in-flight requests keep running until they answer.
-    pub fn end(&mut self, kind: EndKind, by: RequestRef) {
+    pub fn end(&mut self, kind: EndKind, by: RequestRef) -> TxnEvents {
+        let aborted = self
+            .txn
+            .as_deref_mut()
+            .map_or(0, Transaction::settle_as_dropped);
         self.ended = Some(Box::new(Ended { kind, by }));
         self.txn = None;
         self.open_cursors = 0;
+        TxnEvents {
+            aborted,
+            ..TxnEvents::default()
+        }
     }
 
     /// Records a request that is being forwarded.
-    pub fn apply_request(&mut self, request: &RequestFacts, now: Millis) {
+    pub fn apply_request(&mut self, request: &RequestFacts, now: Millis) -> TxnEvents {
         self.last_used = now;
         self.idle_reported = false;
         self.last_conn = request.request.conn;
@@ -410,18 +464,20 @@ impl SessionState {
             });
         }
         let Some(number) = request.request.txn_number else {
-            return;
+            return TxnEvents::default();
         };
         if self.highest_txn.is_none_or(|highest| number > highest) {
             self.highest_txn = Some(number);
         }
+        let mut events = TxnEvents::default();
         if request.in_transaction {
-            self.apply_transaction_request(request, number, now);
+            events = self.apply_transaction_request(request, number, now);
         } else if request.retryable_write {
-            if let Some(txn) = &self.txn {
+            if let Some(txn) = self.txn.as_deref_mut() {
                 // A higher txnNumber on the session aborts the transaction
                 // in progress, retryable write or not.
                 if number > txn.number {
+                    events.aborted = txn.settle_as_dropped();
                     self.txn = None;
                 }
             }
@@ -438,15 +494,29 @@ impl SessionState {
                 None => self.last_retryable = Some(Box::new(write)),
             }
         }
+        events
     }
 
-    fn apply_transaction_request(&mut self, request: &RequestFacts, number: i64, now: Millis) {
+    fn apply_transaction_request(
+        &mut self,
+        request: &RequestFacts,
+        number: i64,
+        now: Millis,
+    ) -> TxnEvents {
+        let mut events = TxnEvents::default();
         let same = self.txn.as_ref().is_some_and(|txn| txn.number == number);
         if !same {
             if self.txn.as_ref().is_some_and(|txn| txn.number > number) {
-                // A regression: the server refuses it; nothing changes.
-                return;
+                // A regression: the server refuses it if it arrives after
+                // the higher number; either way nothing changes here.
+                return events;
             }
+            // A higher txnNumber aborts the transaction in progress.
+            events.aborted = self
+                .txn
+                .as_deref_mut()
+                .map_or(0, Transaction::settle_as_dropped);
+            events.started = 1;
             let fresh = Transaction {
                 number,
                 started_at: now,
@@ -456,6 +526,7 @@ impl SessionState {
                 phase: TxnPhase::Open,
                 aborted_by: None,
                 left_open_reported: false,
+                outcome_counted: false,
             };
             match &mut self.txn {
                 Some(txn) => **txn = fresh,
@@ -463,7 +534,7 @@ impl SessionState {
             }
         }
         let Some(txn) = self.txn.as_deref_mut() else {
-            return;
+            return events;
         };
         match request.class {
             CommandClass::Commit => {
@@ -474,7 +545,10 @@ impl SessionState {
                     txn.phase = TxnPhase::Committing;
                 }
             }
-            CommandClass::Abort => txn.phase = TxnPhase::Aborted,
+            CommandClass::Abort => {
+                txn.phase = TxnPhase::Aborted;
+                events.aborted += txn.settle();
+            }
             _ => {
                 txn.statements = txn.statements.saturating_add(1);
                 if request.start_transaction && !txn.start_seen {
@@ -484,6 +558,7 @@ impl SessionState {
                 }
             }
         }
+        events
     }
 
     /// Records the reply to `request` (which was in flight on this session).
@@ -494,46 +569,51 @@ impl SessionState {
         reply: &ReplyFacts,
         final_reply: bool,
         now: Millis,
-    ) {
+    ) -> TxnEvents {
+        let mut events = TxnEvents::default();
         self.last_used = now;
         if final_reply {
             self.in_flight
                 .remove(request.request.conn, request.request.request_id);
         }
         let Some(number) = request.request.txn_number else {
-            return;
+            return events;
         };
         let Some(txn) = self.txn.as_deref_mut() else {
-            return;
+            return events;
         };
         if txn.number != number || !reply.in_transaction {
-            return;
+            return events;
         }
         match request.class {
             CommandClass::Abort => txn.phase = TxnPhase::Aborted,
             CommandClass::Commit => {
                 if reply.clean_success || reply.ok {
                     txn.phase = TxnPhase::Committed;
+                    events.committed = txn.settle();
                 } else if reply.unknown_commit_result || reply.retryable {
                     txn.phase = TxnPhase::Committing;
                 } else {
                     txn.phase = TxnPhase::ServerAborted { by_commit: true };
                     txn.aborted_by = Some(request.request);
+                    events.aborted = txn.settle();
                 }
             }
             _ => {
                 if reply.clean_success || reply.overloaded {
-                    return;
+                    return events;
                 }
                 if reply.transient || reply.no_such_transaction {
                     txn.phase = TxnPhase::ServerAborted { by_commit: false };
                     txn.aborted_by = Some(request.request);
+                    events.aborted = txn.settle();
                 } else if matches!(txn.phase, TxnPhase::Open) {
                     txn.phase = TxnPhase::LikelyAborted;
                     txn.aborted_by = Some(request.request);
                 }
             }
         }
+        events
     }
 
     /// The connection of an in-flight request closed before its reply.
