@@ -31,8 +31,9 @@ use super::state::{
     ClientId, CommandClass, EndKind, InFlight, Millis, OwnerId, ReplyFacts, RequestFacts,
     RequestRef, SessionKey, Sym, TxnEvents,
 };
+use super::store::{StoreConfig, StoreStats, StoreTracker};
 use super::violation::{
-    Action, RequestEvidence, RuleId, Severity, Violation, ViolationRecord,
+    Action, RequestEvidence, RuleId, Severity, StoreEvidence, Violation, ViolationRecord,
     SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
 };
 
@@ -200,6 +201,8 @@ pub struct SessionEngine {
     pub(crate) refreshes_sent: AtomicU64,
     pub(crate) sessions_refreshed: AtomicU64,
     pub(crate) refresh_failures: AtomicU64,
+    /// Web-session store documents (`[stores]`).
+    stores: StoreTracker,
     lifecycle: Lifecycle,
 }
 
@@ -256,8 +259,16 @@ impl SessionEngine {
             refreshes_sent: AtomicU64::new(0),
             sessions_refreshed: AtomicU64::new(0),
             refresh_failures: AtomicU64::new(0),
+            stores: StoreTracker::default(),
             lifecycle: Lifecycle::default(),
         }
+    }
+
+    /// The engine with web-session stores configured (`[stores]`, validated);
+    /// without it the defaults apply.
+    pub fn with_stores(mut self, stores: &StoreConfig) -> SessionEngine {
+        self.stores = StoreTracker::new(stores);
+        self
     }
 
     /// Milliseconds since the engine started (its clock for all state).
@@ -478,6 +489,20 @@ impl SessionEngine {
             }
         }
 
+        // Web-session stores: a resurrecting write is judged before anything
+        // changes, like every rule (enforce rejects it).
+        let store_ops = self.stores.classify(&inspected.view);
+        if !store_ops.is_empty() && self.rules.enabled(RuleId::StoreSessionResurrected) {
+            if let Some(resurrection) = self.stores.check(&store_ops, &inspected.facts.request) {
+                let key = inspected.key.unwrap_or(SessionKey {
+                    lsid: Default::default(),
+                    owner: inspected.owner,
+                });
+                let label = self.stores.label(resurrection.store);
+                found.push(resurrection.violation(key, label, self));
+            }
+        }
+
         let can_reply = inspected.facts.expects_reply;
         let mut rejected = false;
         if let Some(key) = inspected.key {
@@ -505,6 +530,7 @@ impl SessionEngine {
         }
 
         if !rejected {
+            self.stores.apply(&store_ops, &inspected.facts.request);
             self.apply_request_effects(&inspected, cursor_event.as_ref(), end_kind, now);
         }
 
@@ -1096,6 +1122,15 @@ impl SessionEngine {
             message: violation.message.clone(),
             current: violation.current.as_ref().map(|r| self.evidence(r)),
             earlier: violation.earlier.as_ref().map(|r| self.evidence(r)),
+            store: violation.store.as_ref().and_then(|store| {
+                Some(StoreEvidence {
+                    store: store.store.clone(),
+                    document: store.document.clone(),
+                    read: self.evidence(&store.read),
+                    destroy: self.evidence(&store.destroy),
+                    write: self.evidence(violation.current.as_ref()?),
+                })
+            }),
         }
     }
 
@@ -1120,6 +1155,11 @@ impl SessionEngine {
                 )
             })
             .collect()
+    }
+
+    /// Web-session store counters, by store label (for metrics).
+    pub fn store_stats(&self) -> StoreStats {
+        self.stores.stats()
     }
 
     pub fn stats(&self) -> EngineStats {
