@@ -570,6 +570,12 @@ fn session_families(
         "Cursors opened under a session that the proxy still follows.",
         as_i64(ledger.cursors),
     )?;
+    gauge(
+        "sessionguard_sessions_tombstoned",
+        "Ended or killed sessions kept in the ledger now (tombstones, so a reuse is caught; \
+         part of sessionguard_sessions_tracked).",
+        as_i64(ledger.tombstones),
+    )?;
 
     let mut counter = |name: &str, help: &str, value: u64| -> prometheus::Result<()> {
         let counter = IntCounter::new(name, help)?;
@@ -607,6 +613,54 @@ fn session_families(
         "Injected refreshSessions that failed (error reply, timeout, closed connection).",
         stats.refresh_failures,
     )?;
+    counter(
+        "sessionguard_sessions_started_total",
+        "Sessions seen starting: the first request under an lsid the ledger does not track, or a \
+         reuse after the session ended or expired (the server starts a new one).",
+        stats.sessions_started,
+    )?;
+    counter(
+        "sessionguard_transactions_left_open_total",
+        "Transactions still open (no commit or abort) past sessions.transaction_max_open, counted \
+         once each whether or not the txn-left-open rule is enabled.",
+        stats.transactions_left_open,
+    )?;
+
+    let ended = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_sessions_ended_total",
+            "Live sessions that ended, by how: ended (endSessions), killed (killSessions, \
+             killAllSessions, killAllSessionsByPattern), expired (idle past the server's session \
+             timeout: seen when reused, or when the ledger purges it unused).",
+        ),
+        &["how"],
+    )?;
+    for (how, count) in [
+        ("ended", stats.sessions_ended),
+        ("killed", stats.sessions_killed),
+        ("expired", stats.sessions_expired),
+    ] {
+        ended.with_label_values(&[how]).inc_by(count);
+    }
+    out.push(Box::new(ended));
+
+    let transactions = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_transactions_total",
+            "Transactions by outcome: started (first request with its txnNumber), committed, aborted \
+             (by abortTransaction, or by the server: an error reply saying so, a higher txnNumber, \
+             the session ending). Each transaction is counted once per outcome, retries included.",
+        ),
+        &["outcome"],
+    )?;
+    for (outcome, count) in [
+        ("started", stats.transactions_started),
+        ("committed", stats.transactions_committed),
+        ("aborted", stats.transactions_aborted),
+    ] {
+        transactions.with_label_values(&[outcome]).inc_by(count);
+    }
+    out.push(Box::new(transactions));
 
     let evicted = IntCounterVec::new(
         Opts::new(
@@ -809,6 +863,19 @@ mod tests {
             assert_eq!(value_of(&text, &series), Some(0.0), "{series}\n{text}");
         }
         assert_eq!(value_of(&text, "sessionguard_sessions_tracked"), Some(0.0));
+        for series in [
+            "sessionguard_sessions_started_total",
+            "sessionguard_sessions_tombstoned",
+            "sessionguard_sessions_ended_total{how=\"ended\"}",
+            "sessionguard_sessions_ended_total{how=\"killed\"}",
+            "sessionguard_sessions_ended_total{how=\"expired\"}",
+            "sessionguard_transactions_total{outcome=\"started\"}",
+            "sessionguard_transactions_total{outcome=\"committed\"}",
+            "sessionguard_transactions_total{outcome=\"aborted\"}",
+            "sessionguard_transactions_left_open_total",
+        ] {
+            assert_eq!(value_of(&text, series), Some(0.0), "{series}");
+        }
         assert_eq!(
             value_of(
                 &text,

@@ -39,11 +39,14 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Harness::start_with(SessionConfig::default()).await
+    }
+
+    async fn start_with(sessions: SessionConfig) -> Harness {
         let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let emulator = Emulator::start(loopback, EmulatorConfig::default())
             .await
             .expect("emulator starts");
-        let sessions = SessionConfig::default();
         let rules = RulesConfig::default();
         let engine = Arc::new(SessionEngine::new(&sessions, &rules));
         let metrics = Arc::new(Metrics::new());
@@ -435,6 +438,122 @@ async fn a_driver_workload_shows_up_in_metrics_sessions_and_violations() {
     drop(killed);
     drop(txn_session);
     client.shutdown().await;
+    h.stop().await;
+}
+
+/// The session and transaction lifecycle series, in a fixed order.
+const LIFECYCLE: [&str; 10] = [
+    "sessionguard_sessions_started_total",
+    "sessionguard_sessions_ended_total{how=\"ended\"}",
+    "sessionguard_sessions_ended_total{how=\"killed\"}",
+    "sessionguard_sessions_ended_total{how=\"expired\"}",
+    "sessionguard_sessions_tombstoned",
+    "sessionguard_transactions_total{outcome=\"started\"}",
+    "sessionguard_transactions_total{outcome=\"committed\"}",
+    "sessionguard_transactions_total{outcome=\"aborted\"}",
+    "sessionguard_transactions_left_open_total",
+    "sessionguard_commands_total{command=\"commitTransaction\"}",
+];
+
+impl Harness {
+    /// The LIFECYCLE series as scraped from /metrics.
+    async fn lifecycle(&self) -> [f64; LIFECYCLE.len()] {
+        let text = self.get("/metrics", None).await.body;
+        LIFECYCLE.map(|series| sample(&text, series))
+    }
+}
+
+#[tokio::test]
+async fn session_and_transaction_counters_move_by_exactly_what_a_driver_did() {
+    // Short enough for the test to leave a transaction open past it.
+    let sessions = SessionConfig {
+        transaction_max_open: Duration::from_millis(300),
+        ..SessionConfig::default()
+    };
+    let h = Harness::start_with(sessions).await;
+    // Every operation runs on an explicit session, so the driver's implicit
+    // session pool cannot add sessions the test does not know about.
+    let client = h.client("lifecycle").await;
+    let items = client.database("app").collection::<Document>("items");
+    assert_eq!(h.lifecycle().await, [0.0; LIFECYCLE.len()]);
+
+    // Session A: a committed transaction, its commit run twice (the driver
+    // re-sends commitTransaction when asked to commit again): one commit.
+    let mut a = client.start_session().await.unwrap();
+    a.start_transaction().await.unwrap();
+    items
+        .insert_one(doc! { "_id": 1 })
+        .session(&mut a)
+        .await
+        .unwrap();
+    a.commit_transaction().await.unwrap();
+    a.commit_transaction().await.unwrap();
+    assert_eq!(
+        h.lifecycle().await,
+        [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 2.0]
+    );
+
+    // An aborted transaction on A.
+    a.start_transaction().await.unwrap();
+    items
+        .insert_one(doc! { "_id": 2 })
+        .session(&mut a)
+        .await
+        .unwrap();
+    a.abort_transaction().await.unwrap();
+    assert_eq!(
+        h.lifecycle().await,
+        [1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1.0, 1.0, 0.0, 2.0]
+    );
+
+    // A transaction left open past transaction_max_open, noticed by the
+    // sweep (once, however often it runs), then aborted.
+    a.start_transaction().await.unwrap();
+    items
+        .insert_one(doc! { "_id": 3 })
+        .session(&mut a)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    h.engine.sweep();
+    h.engine.sweep();
+    assert_eq!(
+        h.lifecycle().await,
+        [1.0, 0.0, 0.0, 0.0, 0.0, 3.0, 1.0, 1.0, 1.0, 2.0]
+    );
+    a.abort_transaction().await.unwrap();
+
+    // Session B, used once, then killed (killSessions sent on session A).
+    let mut b = client.start_session().await.unwrap();
+    items
+        .find_one(doc! { "_id": 1 })
+        .session(&mut b)
+        .await
+        .unwrap();
+    client
+        .database("admin")
+        .run_command(doc! { "killSessions": [b.id().clone()] })
+        .session(&mut a)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.lifecycle().await,
+        [2.0, 0.0, 1.0, 0.0, 1.0, 3.0, 1.0, 2.0, 1.0, 2.0]
+    );
+
+    // Shutdown ends the pooled sessions, A and B, in one endSessions: A
+    // ends; B was already killed, so it is not ended twice.
+    drop(a);
+    drop(b);
+    client.shutdown().await;
+    assert_eq!(
+        h.lifecycle().await,
+        [2.0, 1.0, 1.0, 0.0, 2.0, 3.0, 1.0, 2.0, 1.0, 2.0]
+    );
+    // The left-open transaction is the only misuse in this workload.
+    let fired: Vec<RuleId> = h.engine.violations().iter().map(|v| v.rule).collect();
+    assert_eq!(fired, vec![RuleId::TxnLeftOpen]);
+    promtool_check(&h.get("/metrics", None).await.body);
     h.stop().await;
 }
 
