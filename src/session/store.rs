@@ -231,8 +231,10 @@ pub struct StoreCounts {
     /// Deletes by `_id` (logouts, kills, regenerates).
     pub destroyed: u64,
     pub touched: u64,
-    /// Resurrections seen (whether the rule is enabled, and whether enforce
-    /// rejected the write, or not).
+    /// Destroyed documents brought back by a client that read them before
+    /// the destroy (counted whether or not the rule is enabled; a write that
+    /// enforce rejected brought nothing back and is counted only as a
+    /// violation).
     pub resurrected: u64,
 }
 
