@@ -169,7 +169,26 @@ fn it_covers_traffic_latency_sessions_transactions_refreshes_and_violations() {
         "latency quantiles"
     );
     assert!(uses("sessionguard_sessions_tracked"), "sessions");
-    assert!(uses("commitTransaction"), "transactions");
+    assert!(
+        uses("sessionguard_sessions_started_total"),
+        "sessions started"
+    );
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("sessionguard_sessions_ended_total") && e.contains("by (how)")),
+        "sessions ended by how"
+    );
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("sessionguard_transactions_total") && e.contains("by (outcome)")),
+        "transactions by outcome"
+    );
+    assert!(
+        uses("sessionguard_transactions_left_open_total"),
+        "transactions left open"
+    );
     assert!(uses("sessionguard_refreshes_sent_total"), "refreshes");
     assert!(
         exprs
