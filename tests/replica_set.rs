@@ -380,9 +380,14 @@ async fn a_primary_change_is_streamed_through_the_proxy_and_writes_follow_it() {
 #[tokio::test]
 async fn one_ledger_sees_a_session_misused_across_two_member_listeners() {
     let mut config = EmulatorConfig::default();
-    config
-        .command_latency
-        .insert("find".to_string(), Duration::from_millis(400));
+    // Both overlapping commands are slow: requests on two connections can
+    // reach the proxy in either order under load, and whichever comes first
+    // must still be in flight when the other arrives.
+    for command in ["find", "count"] {
+        config
+            .command_latency
+            .insert(command.to_string(), Duration::from_millis(400));
+    }
     let rs = ReplicaSet::start(3, config).await;
     let session = lsid(7);
     let on_primary: SocketAddr = rs.proxy_addr(0).parse().unwrap();
