@@ -73,11 +73,12 @@ if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null && ((CPUS >= 2)); then
         # other, so the proxy's CPU competes with the application's.
         CPU_CLIENT=0 CPU_MIDDLE=0 CPU_UPSTREAM=1
     fi
-    on() { local cpu=$1; shift; taskset -c "$cpu" "$@"; }
+    # exec: a background `on ... &` then has the program's own pid in $!.
+    on() { local cpu=$1; shift; exec taskset -c "$cpu" "$@"; }
     PLACEMENT="client=cpu$CPU_CLIENT middle=cpu$CPU_MIDDLE upstream=cpu$CPU_UPSTREAM"
 else
     CPU_CLIENT=x CPU_MIDDLE=x CPU_UPSTREAM=x
-    on() { shift; "$@"; }
+    on() { shift; exec "$@"; }
     PLACEMENT="not pinned"
 fi
 
@@ -115,9 +116,12 @@ PID_EMU=$!; PIDS+=("$PID_EMU")
 wait_port "$P_EMU" emulator "$PID_EMU"
 
 P_HA=$(free_port)
+# HAProxy refuses to start when maxconn needs more descriptors than allowed.
+HA_MAXCONN=20000
+[[ "$FD_LIMIT" != unlimited ]] && HA_MAXCONN=$(((FD_LIMIT - 200) / 2))
 cat >"$WORK/haproxy.cfg" <<EOF
 global
-    maxconn 40000
+    maxconn $HA_MAXCONN
 defaults
     mode tcp
     timeout connect 5s
@@ -162,6 +166,9 @@ start_sessionguard sg-off false
 P_OFF=$SG_PORT
 
 declare -A PORT=([direct]=$P_EMU [haproxy]=$P_HA [sg-observe]=$P_SG [sg-off]=$P_OFF)
+# The process in the middle of each path, whose CPU time per operation is
+# reported: a figure the other tenants of a shared machine disturb little.
+declare -A MIDDLE=([direct]="" [haproxy]=$PID_HA [sg-observe]=$PID_SG [sg-off]=$SG_PID)
 CONFIGS="direct haproxy sg-observe sg-off"
 
 load_average() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -173,12 +180,22 @@ echo "# placement: $PLACEMENT; ${SECONDS_PER_POINT}s per point after ${WARMUP}s 
 echo "# load average at start: $(load_average)"
 
 field() { grep -o "$2=[0-9.]*" <<<"$1" | cut -d= -f2; }
-declare -A OPS P50 P99 P999 ERR
+# utime + stime of a process, in clock ticks (the comm field may hold spaces).
+cpu_ticks() { [[ -n "$1" ]] && awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" || echo 0; }
+TICKS=$(getconf CLK_TCK)
+declare -A OPS P50 P99 P999 ERR CPU
 for conns in $CONNECTIONS; do
     for config in $CONFIGS; do
+        ticks_before=$(cpu_ticks "${MIDDLE[$config]}")
         line=$(on "$CPU_CLIENT" "$BIN" bench-load --target "127.0.0.1:${PORT[$config]}" \
             --connections "$conns" --duration "${SECONDS_PER_POINT}s" --warmup "${WARMUP}s") ||
             die "bench-load failed for $config at $conns connections"
+        ticks=$(($(cpu_ticks "${MIDDLE[$config]}") - ticks_before))
+        ops_total=$(field "$line" "ops")
+        # Warm-up operations are not counted in ops but did use CPU: scale.
+        CPU[$config,$conns]=$(awk -v t="$ticks" -v hz="$TICKS" -v ops="$ops_total" \
+            -v w="$WARMUP" -v d="$SECONDS_PER_POINT" -v mid="${MIDDLE[$config]}" \
+            'BEGIN { if (mid == "" || ops == 0) print "-"; else printf "%.1f", t / hz * 1e6 / (ops * (w + d) / d) }')
         OPS[$config,$conns]=$(field "$line" ops_per_sec)
         P50[$config,$conns]=$(field "$line" p50_us)
         P99[$config,$conns]=$(field "$line" p99_us)
@@ -188,11 +205,12 @@ for conns in $CONNECTIONS; do
 done
 echo "# load average after the load runs: $(load_average)"
 echo
-printf '%-6s %-11s %10s %9s %9s %9s %7s\n' conns config ops/s p50_us p99_us p999_us errors
+printf '%-6s %-11s %10s %9s %9s %9s %7s %14s\n' conns config ops/s p50_us p99_us p999_us errors middle_cpu_us/op
 for conns in $CONNECTIONS; do
     for config in $CONFIGS; do
-        printf '%-6s %-11s %10s %9s %9s %9s %7s\n' "$conns" "$config" "${OPS[$config,$conns]}" \
-            "${P50[$config,$conns]}" "${P99[$config,$conns]}" "${P999[$config,$conns]}" "${ERR[$config,$conns]}"
+        printf '%-6s %-11s %10s %9s %9s %9s %7s %14s\n' "$conns" "$config" "${OPS[$config,$conns]}" \
+            "${P50[$config,$conns]}" "${P99[$config,$conns]}" "${P999[$config,$conns]}" "${ERR[$config,$conns]}" \
+            "${CPU[$config,$conns]}"
     done
 done
 echo
