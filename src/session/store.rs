@@ -195,8 +195,9 @@ impl Resurrection {
         let destroy_command = names.symbol(self.destroy.command);
         let message = format!(
             "{command} on {namespace} (store \"{label}\") brings back store document {} that {destroy_command} on \
-             connection {} destroyed {} ago; this client read it on connection {} {} before the destroy and is \
-             saving the copy it loaded then (a logout or kill that does not stick)",
+             connection {} destroyed {} ago; this client last read it on connection {} {} before the destroy, \
+             so one of its requests is saving a copy loaded before the destroy (a logout or kill that does \
+             not stick)",
             self.document.fingerprint(),
             self.destroy.conn,
             ms(self.write.at.saturating_sub(self.destroy.at)),
