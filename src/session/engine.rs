@@ -510,19 +510,17 @@ impl SessionEngine {
                 key,
                 facts: inspected.facts,
             };
-            rejected = self
-                .ledger
-                .with_session_created(key, now, |state, created| {
-                    self.session_rules(&event, state, &ctx, &mut found);
-                    let reject = can_reply
-                        && found
-                            .iter()
-                            .any(|v| self.rules.get(v.rule).action == Action::Reject);
-                    if !reject {
-                        self.record_request(state, &event, created, &found, &ctx);
-                    }
-                    reject
-                });
+            rejected = self.ledger.with_session(key, now, |state| {
+                self.session_rules(&event, state, &ctx, &mut found);
+                let reject = can_reply
+                    && found
+                        .iter()
+                        .any(|v| self.rules.get(v.rule).action == Action::Reject);
+                if !reject {
+                    self.record_request(state, &event, &found, &ctx);
+                }
+                reject
+            });
         } else if can_reply {
             rejected = found
                 .iter()
@@ -554,13 +552,12 @@ impl SessionEngine {
         }
     }
 
-    /// Records a forwarded session request in its session (`created`: the
-    /// ledger had no entry for it) and counts the session lifecycle.
+    /// Records a forwarded session request in its session and counts the
+    /// session lifecycle.
     fn record_request(
         &self,
         state: &mut super::state::SessionState,
         event: &RequestEvent,
-        created: bool,
         found: &[Violation],
         ctx: &RuleContext<'_>,
     ) {
@@ -572,13 +569,15 @@ impl SessionEngine {
             // (whether or not use-after-end is enabled).
             state.restart(now);
         }
-        let expired = !created && !cleanup && state.expired_on_server(now, ctx.session_timeout);
+        let expired =
+            state.started && !cleanup && state.expired_on_server(now, ctx.session_timeout);
         if expired {
             self.lifecycle
                 .sessions_expired
                 .fetch_add(1, Ordering::Relaxed);
         }
-        if created || restarted || expired {
+        // A cleanup command on a tombstone does not revive it.
+        if (!state.started && !state.is_ended()) || expired {
             self.lifecycle
                 .sessions_started
                 .fetch_add(1, Ordering::Relaxed);
@@ -1924,6 +1923,43 @@ pub(crate) mod tests {
         engine.sweep_at(62_000);
         assert_eq!(rules_fired(&engine), vec![]);
         assert_eq!(txn_counts(&engine), (1, 0, 0, 1));
+    }
+
+    #[test]
+    fn a_session_starts_with_its_first_forwarded_request_not_a_rejected_one() {
+        let config = SessionConfig {
+            mode: Mode::Enforce,
+            ..SessionConfig::default()
+        };
+        let engine = engine_with(config, RulesConfig::default());
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 10, &find(1), 0, 0);
+        let opened = rawdoc! { "cursor": { "id": 77_i64, "ns": "shop.orders", "firstBatch": [] }, "ok": 1.0 };
+        reply(&engine, 1, 10, &opened, 0);
+        // getMore on session 1's cursor from sessions 2 and 3, never used
+        // before: rejected, so the server never sees them.
+        for (id, session) in [(11, 2), (12, 3)] {
+            let get_more = rawdoc! { "getMore": 77_i64, "collection": "orders", "lsid": lsid(session), "$db": "shop" };
+            assert!(matches!(
+                send(&engine, 1, id, &get_more, 0, 1),
+                Decision::Reject { .. }
+            ));
+        }
+        assert_eq!(engine.stats().sessions_started, 1);
+        send(&engine, 1, 13, &find(2), 0, 2);
+        reply(&engine, 1, 13, &ok(), 2);
+        assert_eq!(engine.stats().sessions_started, 2);
+        // Only session 2 had started: ending both ends one.
+        send(
+            &engine,
+            1,
+            14,
+            &rawdoc! { "endSessions": [lsid(2), lsid(3)], "$db": "admin" },
+            0,
+            3,
+        );
+        let stats = engine.stats();
+        assert_eq!((stats.sessions_ended, stats.ledger.tombstones), (1, 2));
     }
 
     #[test]

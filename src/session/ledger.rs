@@ -108,28 +108,15 @@ impl SessionLedger {
         now: Millis,
         f: impl FnOnce(&mut SessionState) -> R,
     ) -> R {
-        self.with_session_created(key, now, |state, _| f(state))
-    }
-
-    /// `with_session`, also telling `f` whether the entry was created by
-    /// this call (decided under the entry's lock, so two racing first uses
-    /// of one lsid see exactly one creation).
-    pub fn with_session_created<R>(
-        &self,
-        key: SessionKey,
-        now: Millis,
-        f: impl FnOnce(&mut SessionState, bool) -> R,
-    ) -> R {
         if !self.sessions.contains_key(&key) && self.sessions.len() >= self.max_sessions {
             self.evict();
         }
-        let mut created = false;
-        let mut entry = self.sessions.entry(key).or_insert_with(|| {
-            created = true;
-            SessionState::new(now)
-        });
+        let mut entry = self
+            .sessions
+            .entry(key)
+            .or_insert_with(|| SessionState::new(now));
         let was_ended = entry.value().is_ended();
-        let result = f(entry.value_mut(), created);
+        let result = f(entry.value_mut());
         self.sync_held(&key, entry.value());
         self.sync_tombstones(was_ended, entry.value());
         result
@@ -228,7 +215,8 @@ impl SessionLedger {
 
     /// Marks a session ended (creating a tombstone if it was never seen).
     /// `Some` (with what the end did to its transaction) when this ended a
-    /// live session; `None` when the lsid was unknown or already ended.
+    /// live session; `None` when the lsid was unknown, never started or
+    /// already ended.
     pub fn end(
         &self,
         key: SessionKey,
@@ -236,8 +224,8 @@ impl SessionLedger {
         by: RequestRef,
         now: Millis,
     ) -> Option<TxnEvents> {
-        let (had_cursors, ended_live) = self.with_session_created(key, now, |state, created| {
-            let live = !created && !state.is_ended();
+        let (had_cursors, ended_live) = self.with_session(key, now, |state| {
+            let live = state.started && !state.is_ended();
             let had = state.open_cursors > 0;
             let events = state.end(kind, by);
             (had, live.then_some(events))
@@ -310,7 +298,7 @@ impl SessionLedger {
                 removed.push((*key, state.open_cursors > 0));
                 if state.is_ended() {
                     self.tombstone_gone();
-                } else {
+                } else if state.started {
                     self.purged_expired.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -472,7 +460,8 @@ mod tests {
         let ledger = SessionLedger::new(10);
         ledger.end(key(1), EndKind::Ended, request(1, 1, 0, None), 0);
         ledger.end(key(2), EndKind::Ended, request(1, 1, 900, None), 900);
-        ledger.with_session(key(3), 0, |_| ());
+        // Used once (a forwarded request), long ago.
+        ledger.with_session(key(3), 0, |state| state.started = true);
         ledger.with_session(key(4), 0, |state| {
             state.apply_request(&facts(request(1, 1, 0, None), CommandClass::Write), 0)
         });
@@ -493,9 +482,14 @@ mod tests {
     fn tombstones_are_counted_through_end_reuse_eviction_and_purge() {
         let ledger = SessionLedger::new(3);
         let by = |at| request(1, 1, at, None);
-        let created = ledger.with_session_created(key(1), 0, |_, created| created);
-        assert!(created);
-        assert!(!ledger.with_session_created(key(1), 0, |_, created| created));
+        // An entry that never carried a request (its first one was
+        // rejected) has not started: ending it ends nothing.
+        let unstarted = SessionLedger::new(3);
+        unstarted.with_session(key(5), 0, |_| ());
+        assert_eq!(unstarted.end(key(5), EndKind::Ended, by(0), 0), None);
+        assert_eq!(unstarted.counts().tombstones, 1);
+        // `started`: a request under it was forwarded (and answered).
+        ledger.with_session(key(1), 0, |state| state.started = true);
         // A live session ended: reported, once.
         assert_eq!(
             ledger.end(key(1), EndKind::Ended, by(1), 1),
@@ -506,11 +500,14 @@ mod tests {
         assert_eq!(ledger.end(key(2), EndKind::Killed, by(3), 3), None);
         assert_eq!(ledger.counts().tombstones, 2);
         // Reuse restarts the session: no longer a tombstone.
-        ledger.with_session(key(1), 4, |state| state.restart(4));
+        ledger.with_session(key(1), 4, |state| {
+            state.restart(4);
+            state.started = true;
+        });
         assert_eq!(ledger.counts().tombstones, 1);
         // Eviction takes the remaining tombstone first.
-        ledger.with_session(key(3), 5, |_| ());
-        ledger.with_session(key(4), 6, |_| ());
+        ledger.with_session(key(3), 5, |state| state.started = true);
+        ledger.with_session(key(4), 6, |state| state.started = true);
         assert!(!ledger.contains(&key(2)));
         assert_eq!(ledger.counts().tombstones, 0);
         ledger.end(key(4), EndKind::Ended, by(7), 7);

@@ -364,6 +364,10 @@ pub struct SessionState {
     pub idle_reported: bool,
     /// A refresher `refreshSessions` naming it has not answered yet.
     pub refresh_pending: bool,
+    /// A request under it was forwarded since it was created or restarted:
+    /// the server knows it. An entry made for a rejected request, or the
+    /// tombstone of an lsid ended before any use, has not started.
+    pub started: bool,
 }
 
 impl SessionState {
@@ -385,6 +389,7 @@ impl SessionState {
             open_cursors: 0,
             idle_reported: false,
             refresh_pending: false,
+            started: false,
         }
     }
 
@@ -448,6 +453,7 @@ impl SessionState {
 
     /// Records a request that is being forwarded.
     pub fn apply_request(&mut self, request: &RequestFacts, now: Millis) -> TxnEvents {
+        self.started = true;
         self.last_used = now;
         self.idle_reported = false;
         self.last_conn = request.request.conn;
