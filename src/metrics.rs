@@ -615,8 +615,8 @@ fn session_families(
     )?;
     counter(
         "sessionguard_sessions_started_total",
-        "Sessions seen starting: the first request under an lsid the ledger does not track, or a \
-         reuse after the session ended or expired (the server starts a new one).",
+        "Sessions seen starting: the first forwarded request under an lsid the ledger does not \
+         track, or a reuse after the session ended or expired (the server starts a new one).",
         stats.sessions_started,
     )?;
     counter(

@@ -65,9 +65,9 @@ pub struct EngineStats {
     pub sessions_refreshed: u64,
     pub refresh_failures: u64,
     pub violations: u64,
-    /// Sessions the proxy saw start: the first request under an lsid it
-    /// does not track (new, or forgotten after eviction), or a reuse after
-    /// the session ended or expired (the server starts a new one).
+    /// Sessions the proxy saw start: the first forwarded request under an
+    /// lsid it does not track (new, or forgotten after eviction), or a reuse
+    /// after the session ended or expired (the server starts a new one).
     pub sessions_started: u64,
     /// Live sessions ended by `endSessions`.
     pub sessions_ended: u64,
