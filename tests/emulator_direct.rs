@@ -1046,3 +1046,53 @@ async fn three_members_share_one_data_set_and_fail_over() {
         member.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn exhaust_get_more_over_zlib_streams_compressed_replies() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut raw = Raw::connect(&emu).await;
+    raw.command(doc! { "insert": "z", "documents": (0..9).map(|i| doc! { "_id": i }).collect::<Vec<_>>(), "$db": "app" })
+        .await;
+    let opened = raw
+        .command(doc! { "find": "z", "batchSize": 2, "$db": "app" })
+        .await;
+    let cursor = opened
+        .get_document("cursor")
+        .unwrap()
+        .get_i64("id")
+        .unwrap();
+    // The getMore goes out zlib-compressed with exhaustAllowed.
+    let (id, plain) = raw.encode(
+        MsgFlags::EXHAUST_ALLOWED,
+        &doc! { "getMore": cursor, "collection": "z", "batchSize": 2, "$db": "app" },
+    );
+    let compressed = wire::op_compressed::compress(
+        id,
+        0,
+        OpCode::Msg,
+        wire::Compressor::Zlib,
+        &plain[wire::HEADER_LEN..],
+    );
+    raw.writer.write_all(&compressed).await.unwrap();
+    let (mut answering, mut seen, mut replies) = (id, 2, 0);
+    loop {
+        let reply = raw.recv().await.expect("a streamed reply");
+        replies += 1;
+        assert_eq!(
+            reply.op_code,
+            OpCode::Compressed,
+            "compressed like the request"
+        );
+        assert_eq!(reply.response_to, answering);
+        let batch = reply.doc.get_document("cursor").unwrap();
+        seen += batch.get_array("nextBatch").unwrap().len();
+        let open = batch.get_i64("id").unwrap() != 0;
+        assert_eq!(reply.flags.more_to_come(), open);
+        if !open {
+            break;
+        }
+        answering = reply.request_id;
+    }
+    assert_eq!((seen, replies), (9, 4));
+    emu.shutdown().await;
+}
