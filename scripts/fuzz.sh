@@ -40,18 +40,32 @@ else
 fi
 
 cd "$ROOT/fuzz"
+# Build every target once, then run the binaries: the run is of one fixed
+# build, and later targets do not wait for a rebuild of a tree that moved.
+echo "== cargo fuzz build (sanitizer $SANITIZER)"
+cargo "${TOOLCHAIN[@]}" fuzz build --sanitizer "$SANITIZER" --debug-assertions
+triple="$(rustc "${TOOLCHAIN[@]}" -vV | sed -n 's/^host: //p')"
+bin_dir="target/$triple/release"
+
 failed=()
 for target in $TARGETS; do
   # Bombs need room: a few KiB of compressed input is what makes a
   # many-MiB payload.
   max_len=4096
   [[ "$target" == op_compressed ]] && max_len=65536
-  mkdir -p "corpus/$target"
-  echo "== $target: ${SECONDS_PER_TARGET}s (max_len $max_len, sanitizer $SANITIZER)"
-  if ! cargo "${TOOLCHAIN[@]}" fuzz run --sanitizer "$SANITIZER" --debug-assertions \
-      "$target" "corpus/$target" -- \
-      -max_total_time="$SECONDS_PER_TARGET" -max_len="$max_len" \
-      -rss_limit_mb=1024 -timeout=10 -print_final_stats=1; then
+  mkdir -p "corpus/$target" "artifacts/$target"
+  echo "== $target: ${SECONDS_PER_TARGET}s (max_len $max_len)"
+  log="artifacts/$target/last-run.log"
+  status=0
+  "$bin_dir/$target" "corpus/$target" \
+    -artifact_prefix="artifacts/$target/" \
+    -max_total_time="$SECONDS_PER_TARGET" -max_len="$max_len" \
+    -rss_limit_mb=1024 -timeout=10 -print_final_stats=1 >"$log" 2>&1 || status=$?
+  # The seed count, the final coverage line, the stats, and any failure.
+  grep -E '^(INFO: seed corpus|#[0-9]+[[:space:]]+DONE|Done [0-9]+ runs|stat::|==[0-9]+==|SUMMARY|thread .* panicked)' "$log" || true
+  if [[ "$status" != 0 ]]; then
+    echo "== $target FAILED (exit $status); full log: fuzz/$log" >&2
+    grep -A20 -E 'panicked|ERROR: libFuzzer|==[0-9]+==ERROR' "$log" | head -40 >&2 || true
     failed+=("$target")
   fi
 done

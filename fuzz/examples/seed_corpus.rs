@@ -1,7 +1,7 @@
 //! Writes the checked-in seed corpora (`corpus/<target>/seed-*`): real
 //! driver-shaped messages for every target, plus hostile ones (decompression
 //! bombs, lying lengths, bad checksums). Run from `fuzz/`:
-//! `cargo run --bin seed_corpus`. Deterministic, so re-running it changes
+//! `cargo run --example seed_corpus`. Deterministic, so re-running it changes
 //! nothing unless the seeds below change.
 
 use std::io::Write;
