@@ -5,6 +5,9 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo.toml declares the criterion bench target, so cargo needs its source
+# present even for a plain build.
+COPY benches ./benches
 RUN cargo build --release --locked --bin sessionguard
 
 FROM debian:bookworm-slim
