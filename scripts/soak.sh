@@ -6,7 +6,7 @@
 #            bad-global-session-txn, bad-swallowed-txn-error
 #   python — interop/python scenarios (PyMongo): py-clean-run, py-transaction,
 #            py-explicit-sessions, and the bad py-shared-session-threads
-#   rust   — examples/misuse.rs (the Rust driver): good and use-after-end
+#   rust   — sessionguard demo-app (the Rust driver): good and use-after-end
 # Every run uses a database of its own (soak_<lane>_<scenario>_<n>), so each
 # violation can be traced back to the run that caused it. The proxy's
 # resident memory (VmRSS) is sampled every SOAK_SAMPLE_SECONDS.
@@ -56,10 +56,9 @@ if [[ -z "${SESSIONGUARD_BIN:-}" ]]; then
 else
   BIN="$SESSIONGUARD_BIN"
 fi
-say "== cargo build ($PROFILE): examples/misuse (the Rust driver lane)"
-(cd "$ROOT" && cargo build "${cargo_flags[@]}" --example misuse)
-MISUSE="$target_dir/$PROFILE/examples/misuse"
-[[ -x "$BIN" && -x "$MISUSE" ]] || die "missing $BIN or $MISUSE"
+# The Rust driver lane is the binary's own demo-app subcommand.
+MISUSE="$BIN demo-app"
+[[ -x "$BIN" ]] || die "missing $BIN"
 
 # The interop installs (npm ci, the PyMongo virtualenv) are run.sh's job:
 # with a filter that matches no scenario it installs and runs nothing.

@@ -147,3 +147,73 @@ pub async fn run_workload(client: &Client) -> Result<(), DemoError> {
 fn step(what: &str, outcome: String) {
     println!("  ok  {what:<20} {outcome}");
 }
+
+/// `sessionguard demo-app PATTERN [EXIT_CODE]`: a tiny application for trying
+/// `sessionguard exec` (and the child process of its tests). It connects to
+/// `MONGODB_URI` with the official Rust driver and runs one pattern:
+/// - `good`: an explicit session for an insert and a find, then a committed
+///   transaction; nothing to report;
+/// - `use-after-end`: ends a session with `endSessions` and keeps using it
+///   (a serverless handler reusing a closed client's session);
+/// - `abandon`: exits while an insert still awaits its reply (a process that
+///   quits without awaiting its work), with `exit_code`.
+///
+/// It writes to the URI's database (default `test`) and prints the database
+/// name, never a document.
+pub async fn run_app(pattern: &str, exit_code: u8) -> Result<(), DemoError> {
+    let uri = std::env::var("MONGODB_URI").map_err(|_| "MONGODB_URI is not set")?;
+    let client = Client::with_uri_str(&uri).await?;
+    let db = client
+        .default_database()
+        .unwrap_or_else(|| client.database("test"));
+    println!("demo-app: pattern {pattern} on database {}", db.name());
+    let orders = db.collection::<Document>("orders");
+
+    match pattern {
+        "good" => {
+            let mut session = client.start_session().await?;
+            orders
+                .insert_one(doc! { "item": "book" })
+                .session(&mut session)
+                .await?;
+            let mut cursor = orders.find(doc! {}).session(&mut session).await?;
+            while cursor.advance(&mut session).await? {}
+            drop(cursor);
+            session.start_transaction().await?;
+            orders
+                .insert_one(doc! { "item": "pen" })
+                .session(&mut session)
+                .await?;
+            session.commit_transaction().await?;
+        }
+        "use-after-end" => {
+            let mut session = client.start_session().await?;
+            orders
+                .insert_one(doc! { "item": "book" })
+                .session(&mut session)
+                .await?;
+            let lsid = session.id().clone();
+            db.run_command(doc! { "endSessions": [lsid] }).await?;
+            // The server accepts this as a brand-new session: nothing but
+            // sessionguard notices.
+            orders
+                .insert_one(doc! { "item": "ghost" })
+                .session(&mut session)
+                .await?;
+        }
+        "abandon" => {
+            // Opens a pooled connection so the insert below is sent at once.
+            db.run_command(doc! { "ping": 1 }).await?;
+            let pending = orders.clone();
+            tokio::spawn(async move {
+                let _ = pending.insert_one(doc! { "item": "never-awaited" }).await;
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            // Exit without waiting: the insert's connection closes mid-request.
+            std::process::exit(i32::from(exit_code));
+        }
+        other => return Err(format!("unknown pattern `{other}`").into()),
+    }
+    client.shutdown().await;
+    Ok(())
+}

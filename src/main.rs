@@ -41,6 +41,16 @@ enum Command {
     Proxy(ProxyArgs),
     /// Start the built-in emulator and the proxy, run a short workload through them, exit.
     Demo,
+    /// A tiny application for trying `exec`: connects to $MONGODB_URI with the
+    /// official Rust driver and runs one pattern (good, use-after-end, abandon).
+    DemoApp {
+        /// good | use-after-end | abandon
+        #[arg(default_value = "good")]
+        pattern: String,
+        /// Exit code to end with (imitates a failing test suite).
+        #[arg(default_value_t = 0)]
+        exit_code: u8,
+    },
     /// Validate a configuration file: prints "ok: FILE" or the error (exit 64).
     CheckConfig {
         /// The TOML file to check.
@@ -144,6 +154,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Proxy(args) => run_proxy(args),
         Command::Demo => run_demo(),
+        Command::DemoApp { pattern, exit_code } => run_demo_app(&pattern, exit_code),
         Command::Emulator(args) => run_emulator(args),
         Command::Exec(args) => sessionguard::exec::main(args),
         Command::BenchLoad(args) => sessionguard::bench::main(args),
@@ -349,6 +360,23 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
     admin_shutdown.cancel();
     tracing::info!("sessionguard stopped");
     code
+}
+
+fn run_demo_app(pattern: &str, exit_code: u8) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(sessionguard::demo::run_app(pattern, exit_code)) {
+        Ok(()) => ExitCode::from(exit_code),
+        Err(e) => {
+            eprintln!("demo-app: error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 fn run_demo() -> ExitCode {

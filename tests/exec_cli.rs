@@ -1,6 +1,6 @@
 //! CI mode end to end: the built `sessionguard` binary runs `exec` (and
 //! `proxy --report`) in front of the emulator started here, with real child
-//! processes: `examples/misuse.rs` (the official Rust driver reading
+//! processes: `sessionguard demo-app` (the official Rust driver reading
 //! `MONGODB_URI`) for traffic, `sh` for exit codes and the environment.
 //! Each test checks the exit code, the JSON report, the JUnit report and
 //! the summary the binary prints.
@@ -8,7 +8,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
@@ -41,38 +40,11 @@ fn sessionguard() -> Command {
 /// binary under test. `cargo test --test exec_cli` builds only the binary,
 /// so it is built here (a no-op when `cargo test` or `--all-targets`
 /// already did, and it keeps a stale example from being used).
-fn misuse_example() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let binary = Path::new(env!("CARGO_BIN_EXE_sessionguard"));
-        let profile_dir = binary.parent().expect("the binary is in a profile dir");
-        let target_dir = profile_dir
-            .parent()
-            .expect("the profile dir is in a target dir");
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") => "dev",
-            Some(other) => other,
-            None => panic!("unexpected binary path {}", binary.display()),
-        };
-        let status = std::process::Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "--example",
-                "misuse",
-                "--profile",
-                profile,
-            ])
-            .arg("--target-dir")
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building examples/misuse.rs failed");
-        let example = profile_dir.join("examples").join("misuse");
-        assert!(example.is_file(), "{} missing", example.display());
-        example
-    })
+/// The child program: `sessionguard demo-app PATTERN [EXIT_CODE]`, a real
+/// application on the official Rust driver. Being a subcommand of the binary
+/// under test, it needs no build of its own inside a test.
+fn misuse_app() -> [&'static str; 2] {
+    [env!("CARGO_BIN_EXE_sessionguard"), "demo-app"]
 }
 
 async fn run(command: &mut Command) -> Output {
@@ -153,7 +125,8 @@ async fn exec_misuse(
     let mut flags = reports.flags();
     flags.extend(extra.iter().map(|s| s.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let child: Vec<&str> = std::iter::once(misuse_example().to_str().unwrap())
+    let child: Vec<&str> = misuse_app()
+        .into_iter()
         .chain(pattern.iter().copied())
         .collect();
     exec(&upstream, &flags, &child).await
@@ -538,10 +511,12 @@ async fn proxy_report_is_written_at_sigterm() {
     // Keep reading so the proxy never blocks on a full pipe.
     let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
-    let output = run(Command::new(misuse_example()).arg("use-after-end").env(
-        "MONGODB_URI",
-        format!("mongodb://{listen}/shop?directConnection=true"),
-    ))
+    let output = run(Command::new(misuse_app()[0])
+        .args([misuse_app()[1], "use-after-end"])
+        .env(
+            "MONGODB_URI",
+            format!("mongodb://{listen}/shop?directConnection=true"),
+        ))
     .await;
     assert!(output.status.success(), "{output:?}");
     assert!(!report.exists(), "written only at shutdown");
