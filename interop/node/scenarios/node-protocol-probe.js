@@ -43,7 +43,7 @@ runScenario('node-protocol-probe', async (ctx) => {
     const reply = await db.command({ ping: 1 });
     const insert = await db.command({ insert: 'probe', documents: [{ a: 1 }] });
     return reply.$clusterTime && insert.operationTime ? true : { pingKeys: Object.keys(reply), insertKeys: Object.keys(insert) };
-  }, 'G1');
+  });
   await probe('zlib compression negotiated in the handshake', async () => {
     // The driver keeps what the handshake agreed on each pooled connection (internal API).
     const server = client.topology.s.servers.values().next().value;
@@ -117,7 +117,7 @@ runScenario('node-protocol-probe', async (ctx) => {
       await a.endSession();
       await b.endSession();
     }
-  }, 'G2');
+  });
   await probe('cursor with session: getMore on the same lsid, killCursors on close', async () => {
     await db.collection('many').insertMany(Array.from({ length: 20 }, (_, i) => ({ i })));
     const session = client.startSession();

@@ -95,9 +95,9 @@ def body(ctx):
         return (first["n"] == 1 and second["n"] == 1 and stored == 1) or {"first": first["n"], "second": second["n"], "stored": stored}
 
     probe("exhaust cursor returns every document", exhaust_cursor)
-    probe("exhaust getMore is streamed (moreToCome)", exhaust_streams, "G3")
-    probe("causal consistency: operationTime then afterClusterTime", causal_consistency, "G1")
-    probe("snapshot session: atClusterTime reused", snapshot_reads, "G1")
+    probe("exhaust getMore is streamed (moreToCome)", exhaust_streams)
+    probe("causal consistency: operationTime then afterClusterTime", causal_consistency)
+    probe("snapshot session: atClusterTime reused", snapshot_reads)
     probe("commitTransaction retried with the same txnNumber", commit_retry)
     probe("retryable write resent: executed once", retry_same_statement)
 
