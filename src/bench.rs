@@ -546,6 +546,8 @@ pub struct LedgerReport {
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
     pub bytes_per_session: f64,
+    /// `size_of` one ledger entry (key + state), before the map's own overhead.
+    pub entry_bytes: usize,
     pub ns_per_request: f64,
 }
 
@@ -553,12 +555,13 @@ impl std::fmt::Display for LedgerReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "mode=sessions sessions={} tracked={} rss_before_kib={} rss_after_kib={} bytes_per_session={:.0} ns_per_request={:.0}",
+            "mode=sessions sessions={} tracked={} rss_before_kib={} rss_after_kib={} bytes_per_session={:.0} entry_bytes={} ns_per_request={:.0}",
             self.sessions,
             self.tracked,
             self.rss_before_kib,
             self.rss_after_kib,
             self.bytes_per_session,
+            self.entry_bytes,
             self.ns_per_request
         )
     }
@@ -607,6 +610,10 @@ pub fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
         rss_before_kib: before,
         rss_after_kib: after,
         bytes_per_session: (after.saturating_sub(before) * 1024) as f64 / count.max(1) as f64,
+        entry_bytes: std::mem::size_of::<(
+            crate::session::state::SessionKey,
+            crate::session::state::SessionState,
+        )>(),
         ns_per_request: elapsed.as_nanos() as f64 / count.max(1) as f64,
     })
 }

@@ -1,0 +1,89 @@
+//! Smoke test of the benchmark harness (about a second): `bench-load`'s load
+//! mode through the proxy with the session engine in front of the fast
+//! emulator reports sane numbers, and its workload is a clean session
+//! pattern (the engine raises nothing); the idle-connections probe keeps
+//! every connection usable. The real measurements are bench/compare.sh.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sessionguard::bench::{idle_memory, run_load, LoadPlan};
+use sessionguard::config::ProxyConfig;
+use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use sessionguard::proxy::{Proxy, ProxyHandle};
+use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+
+async fn stack() -> (EmulatorHandle, ProxyHandle, Arc<SessionEngine>) {
+    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let emulator = Emulator::start(
+        loopback,
+        EmulatorConfig {
+            fast: true,
+            ..EmulatorConfig::default()
+        },
+    )
+    .await
+    .expect("emulator starts");
+    let engine = Arc::new(SessionEngine::new(
+        &SessionConfig::default(),
+        &RulesConfig::default(),
+    ));
+    let config = ProxyConfig {
+        listen: "127.0.0.1:0".to_string(),
+        upstream: format!("mongodb://{}", emulator.addr()),
+        ..ProxyConfig::default()
+    };
+    let proxy = Proxy::start(Arc::new(config), engine.clone())
+        .await
+        .expect("proxy starts");
+    (emulator, proxy, engine)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
+    let (_emulator, proxy, engine) = stack().await;
+    let report = run_load(&LoadPlan {
+        target: proxy.local_addr(),
+        connections: 4,
+        warmup: Duration::from_millis(200),
+        duration: Duration::from_millis(800),
+    })
+    .await
+    .expect("load runs");
+
+    assert_eq!(report.errors, 0, "{report}");
+    assert!(report.ops >= 100, "too few operations: {report}");
+    assert!(report.ops_per_sec > 0.0, "{report}");
+    assert!(
+        0.0 < report.p50_us && report.p50_us <= report.p99_us && report.p99_us <= report.p999_us,
+        "{report}"
+    );
+    assert!(report.p999_us <= report.max_us, "{report}");
+    // Every operation went through the engine (plus the hellos and warm-up).
+    let stats = engine.stats();
+    assert!(
+        stats.requests_inspected >= report.ops,
+        "{} inspected < {} ops",
+        stats.requests_inspected,
+        report.ops
+    );
+    // Four lsids per connection, like a driver's implicit sessions.
+    assert_eq!(stats.ledger.sessions, 16, "{stats:?}");
+    // find -> getMore on its own cursor -> retryable insert with a fresh
+    // txnNumber: nothing a rule may object to.
+    assert_eq!(stats.violations, 0, "{:?}", engine.violations());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_probe_keeps_every_connection_usable() {
+    let (_emulator, proxy, _engine) = stack().await;
+    let report = idle_memory(proxy.local_addr(), 50, Some(std::process::id()))
+        .await
+        .expect("idle probe runs");
+    assert_eq!(report.connections, 50);
+    assert_eq!(report.errors, 0, "{report}");
+    assert!(report.rss_after_kib > 0, "{report}");
+    // The warm-up connections plus the measured ones all reached the proxy.
+    assert_eq!(proxy.accepted_connections(), 150, "{report}");
+}
