@@ -9,6 +9,9 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::task::Poll;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -17,6 +20,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
+use tokio::time::Sleep;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -323,6 +327,10 @@ impl Pumps<'_> {
     {
         let mut requests = 0u64;
         let mut pending: VecDeque<InjectRequest> = VecDeque::new();
+        // Created once: a fresh cancellation future per frame would register
+        // and unregister a waiter on the token every time.
+        let drain_started = self.drain.cancelled();
+        tokio::pin!(drain_started);
         loop {
             let draining = self.drain.is_cancelled();
             expire(&mut pending, self.settings.inject_timeout);
@@ -350,10 +358,14 @@ impl Pumps<'_> {
                 continue;
             }
             let next_deadline = pending.iter().map(|p| p.deadline).min();
+            // Idleness only matters to a queued injection or a drain; the
+            // reply pump signals it after every reply, and waking for that
+            // on the hot path would cost a second pass per request.
+            let awaiting_idle = draining || !pending.is_empty();
 
             let frame = tokio::select! {
-                _ = self.drain.cancelled(), if !draining => continue,
-                _ = self.shared.became_idle.notified() => continue,
+                _ = &mut drain_started, if !draining => continue,
+                _ = self.shared.became_idle.notified(), if awaiting_idle => continue,
                 injected = inject_rx.recv(), if !draining => {
                     if let Some(request) = injected {
                         pending.push_back(request);
@@ -632,36 +644,53 @@ impl Pumps<'_> {
 /// Reads the next frame. An idle connection waits forever; once part of a
 /// frame has arrived, the rest must come within `frame_timeout`. Cancel-safe
 /// (the partial frame stays in the reader's buffer).
+///
+/// The timer is armed only while a partial frame is buffered: most frames
+/// arrive whole in one read, and registering and cancelling a timer around
+/// every read would cost two timer-wheel operations per frame.
 async fn next_frame<R: AsyncRead + Unpin>(
     reader: &mut FramedRead<R, FrameCodec>,
     frame_timeout: Duration,
     side: Side,
 ) -> Option<Result<Frame, ConnError>> {
-    loop {
-        match tokio::time::timeout(frame_timeout, reader.next()).await {
-            Ok(None) => return None,
-            Ok(Some(Ok(frame))) => return Some(Ok(frame)),
-            Ok(Some(Err(WireError::Io(source)))) => {
-                return Some(Err(ConnError::Io {
-                    side,
-                    action: "reading",
-                    source,
-                }))
-            }
-            Ok(Some(Err(source))) => return Some(Err(ConnError::Malformed { side, source })),
-            Err(_) if !reader.read_buffer().is_empty() => {
-                return Some(Err(ConnError::FrameTimeout {
-                    side,
-                    timeout: frame_timeout,
-                }))
-            }
-            Err(_) => continue,
+    let mut partial_deadline: Option<Pin<Box<Sleep>>> = None;
+    let next = poll_fn(|cx| {
+        if let Poll::Ready(item) = reader.poll_next_unpin(cx) {
+            return Poll::Ready(item.map(|result| result.map_err(|e| read_error(side, e))));
         }
+        if reader.read_buffer().is_empty() {
+            partial_deadline = None;
+            return Poll::Pending;
+        }
+        let deadline =
+            partial_deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(frame_timeout)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(ConnError::FrameTimeout {
+                side,
+                timeout: frame_timeout,
+            }))),
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    next.await
+}
+
+fn read_error(side: Side, error: WireError) -> ConnError {
+    match error {
+        WireError::Io(source) => ConnError::Io {
+            side,
+            action: "reading",
+            source,
+        },
+        source => ConnError::Malformed { side, source },
     }
 }
 
 /// Fails queued injections whose deadline passed.
 fn expire(pending: &mut VecDeque<InjectRequest>, timeout: Duration) {
+    if pending.is_empty() {
+        return;
+    }
     let now = tokio::time::Instant::now();
     let mut index = 0;
     while index < pending.len() {
