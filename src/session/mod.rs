@@ -26,6 +26,7 @@ pub mod intern;
 pub mod ledger;
 pub mod refresher;
 pub mod rules;
+pub mod slab_map;
 pub mod state;
 pub mod store;
 pub mod violation;
