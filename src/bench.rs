@@ -546,7 +546,8 @@ pub struct LedgerReport {
     pub rss_before_kib: u64,
     pub rss_after_kib: u64,
     pub bytes_per_session: f64,
-    /// `size_of` one ledger entry (key + state), before the map's own overhead.
+    /// Bytes one session's slot in the ledger takes (key + state), before
+    /// the index's few bytes per session.
     pub entry_bytes: usize,
     pub ns_per_request: f64,
 }
@@ -610,10 +611,7 @@ pub fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
         rss_before_kib: before,
         rss_after_kib: after,
         bytes_per_session: (after.saturating_sub(before) * 1024) as f64 / count.max(1) as f64,
-        entry_bytes: std::mem::size_of::<(
-            crate::session::state::SessionKey,
-            crate::session::state::SessionState,
-        )>(),
+        entry_bytes: crate::session::ledger::SESSION_SLOT_BYTES,
         ns_per_request: elapsed.as_nanos() as f64 / count.max(1) as f64,
     })
 }

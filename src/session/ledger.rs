@@ -1,23 +1,28 @@
-//! The session ledger: every session the proxy follows (`DashMap` keyed by
-//! lsid + owner), the cursors opened under sessions, and the small set of
-//! sessions the application currently holds (open transaction or cursor),
-//! which the refresher and the transaction-age sweep walk instead of the
-//! whole ledger.
+//! The session ledger: every session the proxy follows (a [`SlabMap`] keyed
+//! by lsid + owner, so a session costs its slot plus a few bytes of index),
+//! the cursors opened under sessions, and the small set of sessions the
+//! application currently holds (open transaction or cursor), which the
+//! refresher and the transaction-age sweep walk instead of the whole ledger.
 //!
 //! Bounded: at `max_sessions` the oldest ended sessions go first, then the
 //! oldest idle ones, and only then (never in practice) busy ones — every
 //! eviction counted. Ended sessions stay as tombstones for `ended_retention`
 //! so their reuse is caught; sessions long expired on the server are purged.
 //!
-//! Lock discipline (DashMap shards are locks): a closure given a session
-//! never touches another session, and the only nesting allowed is a session
-//! guard briefly touching the held set. Nothing here is async.
+//! Lock discipline (map shards are locks): a closure given a session never
+//! touches another session, and the only nesting allowed is a session's
+//! shard lock briefly touching the held set, which changes only under the
+//! session's lock (when its held-ness changes or it is removed), so the set
+//! stays exactly the held sessions without being checked on every call.
+//! Nothing here is async.
 
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
 
+use super::slab_map::{SlabMap, Slot};
 use super::state::{EndKind, Millis, RequestRef, SessionKey, SessionState, TxnEvents};
 
 /// A cursor as the server names it: cursor ids are per server, so the
@@ -60,11 +65,28 @@ enum EvictionClass {
     Busy = 2,
 }
 
+impl EvictionClass {
+    fn of(state: &SessionState) -> EvictionClass {
+        if state.is_ended() {
+            EvictionClass::Ended
+        } else if state.is_idle() {
+            EvictionClass::Idle
+        } else {
+            EvictionClass::Busy
+        }
+    }
+}
+
+/// Bytes one tracked session occupies in the ledger's slab (key + state),
+/// before the index's few bytes.
+pub const SESSION_SLOT_BYTES: usize = std::mem::size_of::<Slot<SessionKey, SessionState>>();
+
 #[derive(Debug)]
 pub struct SessionLedger {
-    sessions: DashMap<SessionKey, SessionState>,
-    cursors: DashMap<CursorKey, CursorEntry>,
-    held: DashMap<SessionKey, ()>,
+    sessions: SlabMap<SessionKey, SessionState>,
+    // lsids are client-chosen: a per-process random seed.
+    cursors: DashMap<CursorKey, CursorEntry, RandomState>,
+    held: DashMap<SessionKey, (), RandomState>,
     max_sessions: usize,
     evicted: [AtomicU64; 3],
     purged: AtomicU64,
@@ -77,9 +99,9 @@ pub struct SessionLedger {
 impl SessionLedger {
     pub fn new(max_sessions: usize) -> SessionLedger {
         SessionLedger {
-            sessions: DashMap::new(),
-            cursors: DashMap::new(),
-            held: DashMap::new(),
+            sessions: SlabMap::new(),
+            cursors: DashMap::with_hasher(RandomState::default()),
+            held: DashMap::with_hasher(RandomState::default()),
             max_sessions: max_sessions.max(1),
             evicted: Default::default(),
             purged: AtomicU64::new(0),
@@ -101,25 +123,24 @@ impl SessionLedger {
     }
 
     /// Runs `f` on the session, creating it (evicting first if the ledger is
-    /// full) when it is not tracked yet.
+    /// full) when it is not tracked yet. One map lookup unless the ledger is
+    /// full.
     pub fn with_session<R>(
         &self,
         key: SessionKey,
         now: Millis,
         f: impl FnOnce(&mut SessionState) -> R,
     ) -> R {
-        if !self.sessions.contains_key(&key) && self.sessions.len() >= self.max_sessions {
+        let mut update = |state: &mut SessionState| self.update(&key, state, f);
+        if self.sessions.len() >= self.max_sessions {
+            match self.sessions.try_with_mut(&key, update) {
+                Ok(result) => return result,
+                Err(unused) => update = unused,
+            }
             self.evict();
         }
-        let mut entry = self
-            .sessions
-            .entry(key)
-            .or_insert_with(|| SessionState::new(now));
-        let was_ended = entry.value().is_ended();
-        let result = f(entry.value_mut());
-        self.sync_held(&key, entry.value());
-        self.sync_tombstones(was_ended, entry.value());
-        result
+        self.sessions
+            .with_or_insert(key, || SessionState::new(now), update)
     }
 
     /// Runs `f` on the session if it is tracked.
@@ -128,27 +149,37 @@ impl SessionLedger {
         key: &SessionKey,
         f: impl FnOnce(&mut SessionState) -> R,
     ) -> Option<R> {
-        let mut entry = self.sessions.get_mut(key)?;
-        let was_ended = entry.value().is_ended();
-        let result = f(entry.value_mut());
-        self.sync_held(key, entry.value());
-        self.sync_tombstones(was_ended, entry.value());
-        Some(result)
+        self.sessions
+            .with_mut(key, |state| self.update(key, state, f))
     }
 
     /// Reads the session if it is tracked.
     pub fn read<R>(&self, key: &SessionKey, f: impl FnOnce(&SessionState) -> R) -> Option<R> {
-        self.sessions.get(key).map(|entry| f(entry.value()))
+        self.sessions.with(key, f)
     }
 
-    fn sync_held(&self, key: &SessionKey, state: &SessionState) {
-        if state.is_held() {
-            if !self.held.contains_key(key) {
+    /// Runs `f` under the session's lock and keeps the held set and the
+    /// tombstone count in step with what it changed.
+    fn update<R>(
+        &self,
+        key: &SessionKey,
+        state: &mut SessionState,
+        f: impl FnOnce(&mut SessionState) -> R,
+    ) -> R {
+        let was_ended = state.is_ended();
+        let was_held = state.is_held();
+        let result = f(state);
+        match (was_held, state.is_held()) {
+            (false, true) => {
                 self.held.insert(*key, ());
             }
-        } else if self.held.contains_key(key) {
-            self.held.remove(key);
+            (true, false) => {
+                self.held.remove(key);
+            }
+            _ => {}
         }
+        self.sync_tombstones(was_ended, state);
+        result
     }
 
     fn sync_tombstones(&self, was_ended: bool, state: &SessionState) {
@@ -177,7 +208,7 @@ impl SessionLedger {
 
     /// Every tracked session key (for `refresh = "all"` and killAllSessions).
     pub fn all_keys(&self) -> Vec<SessionKey> {
-        self.sessions.iter().map(|entry| *entry.key()).collect()
+        self.sessions.keys()
     }
 
     // ---- cursors ----
@@ -245,38 +276,44 @@ impl SessionLedger {
         // A max-heap of the `batch` best candidates: its top is the worst kept.
         let mut heap: BinaryHeap<(EvictionClass, Millis, SessionKey)> =
             BinaryHeap::with_capacity(batch + 1);
-        for entry in self.sessions.iter() {
-            let state = entry.value();
-            let class = if state.is_ended() {
-                EvictionClass::Ended
-            } else if state.is_idle() {
-                EvictionClass::Idle
-            } else {
-                EvictionClass::Busy
-            };
-            let candidate = (class, state.last_activity(), *entry.key());
+        self.sessions.for_each(|key, state| {
+            let candidate = (EvictionClass::of(state), state.last_activity(), *key);
             if heap.len() < batch {
                 heap.push(candidate);
             } else if heap.peek().is_some_and(|worst| candidate < *worst) {
                 heap.pop();
                 heap.push(candidate);
             }
-        }
-        for (class, _, key) in heap {
-            if let Some((key, state)) = self.sessions.remove(&key) {
-                self.evicted[class as usize].fetch_add(1, Ordering::Relaxed);
-                if state.is_ended() {
-                    self.tombstone_gone();
+        });
+        for (chosen_as, _, key) in heap {
+            // Chosen from a walk without the lock: a session that has since
+            // become busier (reused, a request now in flight) stays.
+            let removed = self.sessions.remove_if(&key, |key, state| {
+                let class = EvictionClass::of(state);
+                if class > chosen_as {
+                    return false;
                 }
-                self.forget_side_tables(&key, &state);
+                self.evicted[class as usize].fetch_add(1, Ordering::Relaxed);
+                self.forget_under_lock(key, state);
+                true
+            });
+            if let Some((key, state)) = removed {
+                if state.open_cursors > 0 {
+                    self.remove_cursors_of(&key);
+                }
             }
         }
     }
 
-    fn forget_side_tables(&self, key: &SessionKey, state: &SessionState) {
-        self.held.remove(key);
-        if state.open_cursors > 0 {
-            self.remove_cursors_of(key);
+    /// What goes with a session leaving the ledger, done under its lock so
+    /// a session re-created under the same key right after cannot be
+    /// confused with it.
+    fn forget_under_lock(&self, key: &SessionKey, state: &SessionState) {
+        if state.is_held() {
+            self.held.remove(key);
+        }
+        if state.is_ended() {
+            self.tombstone_gone();
         }
     }
 
@@ -296,16 +333,14 @@ impl SessionLedger {
             };
             if !keep {
                 removed.push((*key, state.open_cursors > 0));
-                if state.is_ended() {
-                    self.tombstone_gone();
-                } else if state.started {
+                if !state.is_ended() && state.started {
                     self.purged_expired.fetch_add(1, Ordering::Relaxed);
                 }
+                self.forget_under_lock(key, state);
             }
             keep
         });
         for (key, had_cursors) in &removed {
-            self.held.remove(key);
             if *had_cursors {
                 self.remove_cursors_of(key);
             }
@@ -476,6 +511,74 @@ mod tests {
         assert!(ledger.contains(&key(5)));
         assert_eq!(ledger.counts().purged, 2);
         assert_eq!(ledger.counts().purged_expired, 1);
+    }
+
+    #[test]
+    fn a_slot_is_the_entry_itself() {
+        // The slab's `Option` costs nothing (the state has a niche), so
+        // `SESSION_SLOT_BYTES` is the key and the state and no more.
+        assert_eq!(
+            SESSION_SLOT_BYTES,
+            std::mem::size_of::<(SessionKey, SessionState)>()
+        );
+    }
+
+    #[test]
+    fn a_full_ledger_updates_known_sessions_without_evicting() {
+        let ledger = SessionLedger::new(2);
+        ledger.with_session(key(1), 1, |_| ());
+        ledger.with_session(key(2), 2, |_| ());
+        for now in 3..10 {
+            ledger.with_session(key(1), now, |state| state.refreshes += 1);
+            ledger.with_session(key(2), now, |state| state.refreshes += 1);
+        }
+        let counts = ledger.counts();
+        assert_eq!(
+            (counts.sessions, counts.evicted_idle, counts.evicted_ended),
+            (2, 0, 0)
+        );
+        assert_eq!(ledger.read(&key(1), |state| state.refreshes), Some(7));
+        // A new one still makes room.
+        ledger.with_session(key(3), 10, |_| ());
+        assert_eq!(ledger.len(), 2);
+        assert_eq!(ledger.counts().evicted_idle, 1);
+    }
+
+    #[test]
+    fn held_sessions_leave_the_held_set_when_evicted_or_purged() {
+        let cursor_of = |owner| CursorEntry {
+            owner,
+            opened_by: request(1, 1, 0, None),
+        };
+        // Everything busy or held: the oldest held one is evicted.
+        let ledger = SessionLedger::new(2);
+        ledger.with_session(key(1), 0, |_| ());
+        ledger.register_cursor(CursorKey { upstream: 0, id: 1 }, cursor_of(key(1)));
+        ledger.with_session(key(2), 5, |_| ());
+        ledger.register_cursor(CursorKey { upstream: 0, id: 2 }, cursor_of(key(2)));
+        let mut held = ledger.held_keys();
+        held.sort_by_key(|key| key.lsid.0);
+        assert_eq!(held, vec![key(1), key(2)]);
+        ledger.with_session(key(3), 6, |_| ());
+        assert!(!ledger.contains(&key(1)));
+        assert_eq!(ledger.held_keys(), vec![key(2)]);
+        assert_eq!(
+            ledger.counts().cursors,
+            1,
+            "the evicted session's cursor went"
+        );
+        assert_eq!(ledger.counts().evicted_busy, 1);
+        // Re-created under the same key: a new, unheld session.
+        ledger.with_session(key(1), 7, |_| ());
+        assert_eq!(ledger.read(&key(1), |state| state.open_cursors), Some(0));
+        assert_eq!(ledger.held_keys(), vec![key(2)]);
+        // A held session the server expired long ago is purged with its
+        // cursor and leaves the held set.
+        ledger.with_session(key(2), 7, |state| state.started = true);
+        assert_eq!(ledger.purge(10_000, 100, 100), 2);
+        assert!(ledger.held_keys().is_empty());
+        assert_eq!(ledger.counts().cursors, 0);
+        assert_eq!(ledger.counts().held, 0);
     }
 
     #[test]
