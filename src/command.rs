@@ -19,6 +19,7 @@ use std::hash::{Hash, Hasher};
 
 use bson::raw::{RawArray, RawBsonRef, RawDocument};
 
+use crate::bson_scan;
 use crate::wire::{DocumentSequence, Message, MsgFlags, OpQuery};
 
 /// The fields drivers attach to every command, or change between a first
@@ -53,9 +54,10 @@ impl Lsid {
     /// Reads `{id: <16-byte binary>, ...}`. Other fields (`uid` in
     /// `killSessions` lists) are ignored; anything else is `None`.
     pub fn from_document(doc: &RawDocument) -> Option<Lsid> {
-        let binary = doc.get("id").ok().flatten()?.as_binary()?;
-        let bytes: [u8; 16] = binary.bytes.try_into().ok()?;
-        Some(Lsid(bytes))
+        let (_subtype, bytes) = bson_scan::elements(doc)
+            .find(|element| element.key == b"id")?
+            .as_binary()?;
+        Some(Lsid(bytes.try_into().ok()?))
     }
 
     /// The short form for log lines: the first 8 hex digits of the UUID.
@@ -180,46 +182,28 @@ impl<'a> RequestView<'a> {
         };
         let mut first = true;
         // One pass over the top-level keys; values are decoded only for the
-        // keys that matter (the iterator itself is lazy and borrows).
-        for element in body.iter_elements() {
-            let Ok(element) = element else { break };
-            let key = element.key();
+        // keys that matter, and keys are compared as bytes.
+        for element in bson_scan::elements(body) {
             if first {
                 first = false;
-                view.name = key;
-                view.first_str = element.value().ok().and_then(RawBsonRef::as_str);
+                view.name = element.key_str().unwrap_or("");
+                view.first_str = element.as_str();
                 continue;
             }
-            match key {
+            match element.key {
                 // OP_QUERY's database comes from the namespace; it wins.
-                "$db" if view.db.is_none() => {
-                    view.db = element.value().ok().and_then(RawBsonRef::as_str);
-                }
-                "lsid" => match element.value().ok().and_then(RawBsonRef::as_document) {
-                    Some(doc) => match Lsid::from_document(doc) {
-                        Some(lsid) => view.lsid = Some(lsid),
-                        None => view.lsid_malformed = true,
-                    },
+                b"$db" if view.db.is_none() => view.db = element.as_str(),
+                b"lsid" => match element.as_document().and_then(Lsid::from_document) {
+                    Some(lsid) => view.lsid = Some(lsid),
                     None => view.lsid_malformed = true,
                 },
-                "txnNumber" => view.txn_number = element.value().ok().and_then(as_integer),
-                "startTransaction" => {
-                    view.start_transaction =
-                        element.value().ok().and_then(RawBsonRef::as_bool) == Some(true)
-                }
-                "autocommit" => {
-                    view.autocommit = element.value().ok().and_then(RawBsonRef::as_bool)
-                }
-                "stmtId" | "stmtIds" => view.has_stmt_ids = true,
-                "collection" => {
-                    view.collection_field = element.value().ok().and_then(RawBsonRef::as_str)
-                }
-                "writeConcern" => {
-                    if let Some(doc) = element.value().ok().and_then(RawBsonRef::as_document) {
-                        if is_unacknowledged(doc) {
-                            view.unacknowledged = true;
-                        }
-                    }
+                b"txnNumber" => view.txn_number = element.as_integer(),
+                b"startTransaction" => view.start_transaction = element.as_bool() == Some(true),
+                b"autocommit" => view.autocommit = element.as_bool(),
+                b"stmtId" | b"stmtIds" => view.has_stmt_ids = true,
+                b"collection" => view.collection_field = element.as_str(),
+                b"writeConcern" if element.as_document().is_some_and(is_unacknowledged) => {
+                    view.unacknowledged = true
                 }
                 _ => {}
             }
@@ -364,22 +348,23 @@ impl<'a> RequestView<'a> {
             &foldhash::fast::FixedState::with_seed(0x5e55_1046),
         );
         self.name.hash(&mut hasher);
-        for element in self.body.iter_elements() {
-            let Ok(element) = element else {
-                // The framing was validated by the codec; a value that will
-                // not decode still has to count, so mark the spot.
-                0xFFu8.hash(&mut hasher);
-                break;
-            };
-            let key = element.key();
-            if ENVELOPE_FIELDS.contains(&key) {
+        let mut elements = bson_scan::elements(self.body);
+        for element in elements.by_ref() {
+            if ENVELOPE_FIELDS
+                .iter()
+                .any(|field| field.as_bytes() == element.key)
+            {
                 continue;
             }
-            key.hash(&mut hasher);
-            match element.value() {
-                Ok(value) => hash_value(value, &mut hasher),
-                Err(_) => 0xFEu8.hash(&mut hasher),
-            }
+            // The element as sent (type byte, key, value): equal bytes are
+            // the same statement, and the type byte keeps `1` and `1.0`
+            // apart.
+            hasher.write(element.raw);
+        }
+        if elements.malformed() {
+            // The framing was validated by the codec; a value that cannot
+            // be measured still has to count, so mark the spot.
+            0xFFu8.hash(&mut hasher);
         }
         for sequence in self.sequences {
             sequence.identifier.hash(&mut hasher);
@@ -525,27 +510,27 @@ impl<'a> ReplyView<'a> {
             write_concern_error_code: None,
             more_to_come,
         };
-        for element in doc.iter_elements() {
-            let Ok(element) = element else { break };
-            let Ok(value) = element.value() else { continue };
-            match element.key() {
+        for element in bson_scan::elements(doc) {
+            match element.key {
                 // Servers send ok as a double; some compatible servers as int or bool.
-                "ok" => view.ok = is_truthy(value),
-                "code" => view.code = as_integer(value).and_then(|code| i32::try_from(code).ok()),
-                "codeName" => view.code_name = value.as_str(),
-                "errorLabels" => view.labels = value.as_array(),
-                "writeErrors" => view.write_errors = value.as_array(),
-                "cursor" => {
-                    view.cursor_id = value
-                        .as_document()
-                        .and_then(|cursor| cursor.get("id").ok().flatten())
-                        .and_then(as_integer)
+                b"ok" => view.ok = element.is_truthy(),
+                b"code" => {
+                    view.code = element
+                        .as_integer()
+                        .and_then(|code| i32::try_from(code).ok())
                 }
-                "writeConcernError" => {
-                    view.write_concern_error_code = value
+                b"codeName" => view.code_name = element.as_str(),
+                // Arrays only come with errors: decoded through the bson
+                // crate, which has the array type.
+                b"errorLabels" => view.labels = array_field(doc, "errorLabels"),
+                b"writeErrors" => view.write_errors = array_field(doc, "writeErrors"),
+                b"cursor" => {
+                    view.cursor_id = element.as_document().and_then(|c| integer_field(c, b"id"))
+                }
+                b"writeConcernError" => {
+                    view.write_concern_error_code = element
                         .as_document()
-                        .and_then(|wce| wce.get("code").ok().flatten())
-                        .and_then(as_integer)
+                        .and_then(|wce| integer_field(wce, b"code"))
                         .and_then(|code| i32::try_from(code).ok())
                 }
                 _ => {}
@@ -810,16 +795,6 @@ pub fn as_integer(value: RawBsonRef<'_>) -> Option<i64> {
     }
 }
 
-fn is_truthy(value: RawBsonRef<'_>) -> bool {
-    match value {
-        RawBsonRef::Double(v) => v != 0.0,
-        RawBsonRef::Int32(v) => v != 0,
-        RawBsonRef::Int64(v) => v != 0,
-        RawBsonRef::Boolean(v) => v,
-        _ => false,
-    }
-}
-
 /// `{w: 0}` without `j: true` (the write concern spec treats `w:0, j:true`
 /// as acknowledged).
 fn is_unacknowledged(write_concern: &RawDocument) -> bool {
@@ -838,50 +813,21 @@ fn is_unacknowledged(write_concern: &RawDocument) -> bool {
     w_is_zero && !journaled
 }
 
+fn array_field<'a>(doc: &'a RawDocument, key: &str) -> Option<&'a RawArray> {
+    doc.get(key).ok().flatten().and_then(RawBsonRef::as_array)
+}
+
+fn integer_field(doc: &RawDocument, key: &[u8]) -> Option<i64> {
+    bson_scan::elements(doc)
+        .find(|element| element.key == key)?
+        .as_integer()
+}
+
 fn first_element_key(doc: &RawDocument) -> Option<&str> {
     doc.iter_elements()
         .next()?
         .ok()
         .map(|element| element.key())
-}
-
-fn hash_value<H: Hasher>(value: RawBsonRef<'_>, hasher: &mut H) {
-    // The type tag keeps `1` (int) and `1.0` (double) apart; then the bytes.
-    (value.element_type() as u8).hash(hasher);
-    match value {
-        RawBsonRef::Double(v) => v.to_bits().hash(hasher),
-        RawBsonRef::String(v) | RawBsonRef::JavaScriptCode(v) | RawBsonRef::Symbol(v) => {
-            v.hash(hasher)
-        }
-        RawBsonRef::Array(v) => hasher.write(v.as_bytes()),
-        RawBsonRef::Document(v) => hasher.write(v.as_bytes()),
-        RawBsonRef::Boolean(v) => v.hash(hasher),
-        RawBsonRef::Null | RawBsonRef::Undefined | RawBsonRef::MaxKey | RawBsonRef::MinKey => {}
-        RawBsonRef::RegularExpression(v) => {
-            v.pattern.hash(hasher);
-            v.options.hash(hasher);
-        }
-        RawBsonRef::JavaScriptCodeWithScope(v) => {
-            v.code.hash(hasher);
-            hasher.write(v.scope.as_bytes());
-        }
-        RawBsonRef::Int32(v) => v.hash(hasher),
-        RawBsonRef::Int64(v) => v.hash(hasher),
-        RawBsonRef::Timestamp(v) => {
-            v.time.hash(hasher);
-            v.increment.hash(hasher);
-        }
-        RawBsonRef::Binary(v) => {
-            u8::from(v.subtype).hash(hasher);
-            hasher.write(v.bytes);
-        }
-        RawBsonRef::ObjectId(v) => hasher.write(&v.bytes()),
-        RawBsonRef::DateTime(v) => v.timestamp_millis().hash(hasher),
-        RawBsonRef::Decimal128(v) => hasher.write(&v.bytes()),
-        // Deprecated and never sent by drivers in writes; its debug form is
-        // still a faithful identity.
-        RawBsonRef::DbPointer(v) => format!("{v:?}").hash(hasher),
-    }
 }
 
 #[cfg(test)]

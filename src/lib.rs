@@ -15,6 +15,8 @@
 //! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
 //!   `/sessions`, `/violations`).
 //! - [`telemetry`]: `tracing` subscriber setup (pretty or JSON logs).
+//! - [`bson_scan`]: a bounds-checked walk over a document's top-level
+//!   elements for the hot path (type, key, value bytes; nothing decoded).
 //! - [`command`]: zero-copy views of requests, replies and handshakes (lsid,
 //!   txnNumber, cursor ids, session lists, statement identity, user).
 //! - [`session`]: the session ledger, the hygiene rules, violations,
@@ -29,6 +31,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod bson_scan;
 pub mod command;
 pub mod config;
 pub mod demo;
