@@ -17,14 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use dashmap::DashMap;
-
 use crate::command::{auth_user, AuthUser, Handshake, KillPattern, ReplyView, RequestView};
 use crate::wire::Message;
 
 use super::config::{RefreshPolicy, RulesConfig};
 use super::config::{ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
-use super::intern::{normalize_ip, ClientIdentity, Tables, DEFAULT_INTERN_LIMIT};
+use super::intern::{normalize_ip, ClientIdentity, FastDashMap, Tables, DEFAULT_INTERN_LIMIT};
 use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
 use super::rules::{self, CursorEvent, EndEvent, Names, RequestEvent, RuleContext};
 use super::state::{
@@ -186,10 +184,10 @@ pub struct SessionEngine {
     rules: ResolvedRules,
     pub(crate) ledger: SessionLedger,
     pub(crate) tables: Tables,
-    pub(crate) conns: DashMap<u64, ConnState>,
-    upstream_ids: DashMap<SocketAddr, u32>,
+    pub(crate) conns: FastDashMap<u64, ConnState>,
+    upstream_ids: FastDashMap<SocketAddr, u32>,
     next_upstream: AtomicU32,
-    pub(crate) upstreams: DashMap<u32, UpstreamState>,
+    pub(crate) upstreams: FastDashMap<u32, UpstreamState>,
     /// logicalSessionTimeoutMinutes from hello replies, in ms (0: not seen).
     learned_timeout: AtomicU64,
     origin: Instant,
@@ -240,10 +238,10 @@ impl SessionEngine {
             rules: ResolvedRules::resolve(config.mode, rules),
             ledger: SessionLedger::new(config.max_sessions),
             tables: Tables::new(DEFAULT_INTERN_LIMIT),
-            conns: DashMap::new(),
-            upstream_ids: DashMap::new(),
+            conns: FastDashMap::default(),
+            upstream_ids: FastDashMap::default(),
             next_upstream: AtomicU32::new(0),
-            upstreams: DashMap::new(),
+            upstreams: FastDashMap::default(),
             learned_timeout: AtomicU64::new(0),
             origin: Instant::now(),
             origin_wall: SystemTime::now(),
