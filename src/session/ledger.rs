@@ -272,7 +272,10 @@ impl SessionLedger {
     /// Frees about 1% of the capacity, oldest ended first, then oldest idle,
     /// then (only if everything is busy) oldest busy.
     fn evict(&self) {
-        let batch = (self.max_sessions / 100).clamp(1, 10_000);
+        // Plus any overshoot: threads evicting at once can pick the same
+        // victim and each still insert, and that must not accumulate.
+        let batch = (self.max_sessions / 100).clamp(1, 10_000)
+            + self.sessions.len().saturating_sub(self.max_sessions);
         // A max-heap of the `batch` best candidates: its top is the worst kept.
         let mut heap: BinaryHeap<(EvictionClass, Millis, SessionKey)> =
             BinaryHeap::with_capacity(batch + 1);
@@ -579,6 +582,89 @@ mod tests {
         assert!(ledger.held_keys().is_empty());
         assert_eq!(ledger.counts().cursors, 0);
         assert_eq!(ledger.counts().held, 0);
+    }
+
+    #[test]
+    fn concurrent_use_keeps_the_held_set_and_tombstone_count_exact() {
+        use std::sync::atomic::AtomicU64;
+        use std::sync::Arc;
+
+        // Fewer slots than keys, so eviction runs alongside everything else.
+        let ledger = Arc::new(SessionLedger::new(16));
+        let clock = Arc::new(AtomicU64::new(1));
+        let workers: Vec<_> = (0..4u64)
+            .map(|worker| {
+                let ledger = Arc::clone(&ledger);
+                let clock = Arc::clone(&clock);
+                std::thread::spawn(move || {
+                    let mut rng = 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(worker + 1);
+                    for _ in 0..20_000 {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        let now = clock.fetch_add(1, Ordering::Relaxed);
+                        let n = (rng >> 8) as u8 % 24;
+                        let cursor = CursorKey {
+                            upstream: 0,
+                            id: i64::from(n) * 4 + (rng >> 16) as i64 % 4,
+                        };
+                        match rng % 7 {
+                            0 | 1 => ledger.with_session(key(n), now, |s| s.started = true),
+                            2 => {
+                                ledger.register_cursor(
+                                    cursor,
+                                    CursorEntry {
+                                        owner: key(n),
+                                        opened_by: request(worker, 1, now, None),
+                                    },
+                                );
+                            }
+                            3 => {
+                                ledger.remove_cursor(&cursor);
+                            }
+                            4 => {
+                                ledger.end(
+                                    key(n),
+                                    EndKind::Ended,
+                                    request(worker, 2, now, None),
+                                    now,
+                                );
+                            }
+                            5 => ledger.with_session(key(n), now, |s| {
+                                if s.is_ended() {
+                                    s.restart(now);
+                                }
+                            }),
+                            _ => {
+                                if rng % 64 == 6 {
+                                    ledger.purge(now, 200, 100);
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("worker");
+        }
+        let mut held = ledger.held_keys();
+        held.sort_by_key(|key| key.lsid.0);
+        let mut expected_held = Vec::new();
+        let mut ended = 0;
+        for key in ledger.all_keys() {
+            let (is_held, is_ended) = ledger
+                .read(&key, |state| (state.is_held(), state.is_ended()))
+                .expect("tracked");
+            if is_held {
+                expected_held.push(key);
+            }
+            ended += usize::from(is_ended);
+        }
+        expected_held.sort_by_key(|key| key.lsid.0);
+        assert_eq!(held, expected_held);
+        assert_eq!(ledger.counts().tombstones, ended);
+        assert!(ledger.len() <= 16 + 4, "{} sessions", ledger.len());
     }
 
     #[test]
