@@ -53,6 +53,9 @@ impl StringTable {
     /// joined first: on the stack for any real name (namespaces are at
     /// most 255 bytes), on the heap past that.
     fn hash_joined(&self, parts: &[&str]) -> u64 {
+        if let [whole] = parts {
+            return self.seed.hash_one(whole.as_bytes());
+        }
         let mut buffer = [0u8; 256];
         let mut used = 0usize;
         for part in parts {
