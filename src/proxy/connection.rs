@@ -17,6 +17,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
@@ -223,10 +224,12 @@ pub(crate) async fn serve(
             local_rx,
         );
         tokio::pin!(requests, replies);
+        let mut killed = polled_when_woken(kill.cancelled());
         tokio::select! {
+            biased;
+            _ = killed.next() => Outcome::Killed,
             (outcome, n) = &mut requests => { counters.requests = n; outcome }
             (outcome, n) = &mut replies => { counters.replies = n; outcome }
-            _ = kill.cancelled() => Outcome::Killed,
         }
     };
 
@@ -329,8 +332,7 @@ impl Pumps<'_> {
         let mut pending: VecDeque<InjectRequest> = VecDeque::new();
         // Created once: a fresh cancellation future per frame would register
         // and unregister a waiter on the token every time.
-        let drain_started = self.drain.cancelled();
-        tokio::pin!(drain_started);
+        let mut drain_started = polled_when_woken(self.drain.cancelled());
         loop {
             let draining = self.drain.is_cancelled();
             expire(&mut pending, self.settings.inject_timeout);
@@ -364,7 +366,8 @@ impl Pumps<'_> {
             let awaiting_idle = draining || !pending.is_empty();
 
             let frame = tokio::select! {
-                _ = &mut drain_started, if !draining => continue,
+                biased;
+                _ = drain_started.next(), if !draining => continue,
                 _ = self.shared.became_idle.notified(), if awaiting_idle => continue,
                 injected = inject_rx.recv(), if !draining => {
                     if let Some(request) = injected {
@@ -684,6 +687,15 @@ fn read_error(side: Side, error: WireError) -> ConnError {
         },
         source => ConnError::Malformed { side, source },
     }
+}
+
+/// Wraps a rarely-ready future (shutdown, drain) so the task polls it only
+/// after its own waker fired. Every wake-up of a connection task polls
+/// every branch of its `select!`, and polling a cancellation future takes
+/// the token's locks each time: once per frame, for a signal that comes
+/// once per process.
+fn polled_when_woken<F: Future>(future: F) -> FuturesUnordered<F> {
+    std::iter::once(future).collect()
 }
 
 /// Fails queued injections whose deadline passed.
