@@ -333,8 +333,11 @@ impl Pumps<'_> {
         // Created once: a fresh cancellation future per frame would register
         // and unregister a waiter on the token every time.
         let mut drain_started = polled_when_woken(self.drain.cancelled());
+        // Set when `drain_started` fires (its first poll sees a drain that
+        // began before this connection). Not `drain.is_cancelled()` per
+        // frame: that locks the token, which every connection shares.
+        let mut draining = false;
         loop {
-            let draining = self.drain.is_cancelled();
             expire(&mut pending, self.settings.inject_timeout);
             if draining {
                 for request in pending.drain(..) {
@@ -367,7 +370,10 @@ impl Pumps<'_> {
 
             let frame = tokio::select! {
                 biased;
-                _ = drain_started.next(), if !draining => continue,
+                _ = drain_started.next(), if !draining => {
+                    draining = true;
+                    continue;
+                }
                 _ = self.shared.became_idle.notified(), if awaiting_idle => continue,
                 injected = inject_rx.recv(), if !draining => {
                     if let Some(request) = injected {
