@@ -31,7 +31,8 @@
 //!
 //! With `proxy.admin_token` set, every route but `/healthz` and `/metrics`
 //! needs `Authorization: Bearer <token>` (compared in constant time):
-//! `401` without it or with a wrong one.
+//! `401` without it or with a wrong one. Bound beyond loopback without a
+//! token, the server says so in a warning at start.
 
 use std::convert::Infallible;
 use std::io;
@@ -123,6 +124,14 @@ pub async fn serve_with(
     let listener = TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
     info!(admin = %local_addr, token = context.token.is_some(), "admin server listening");
+    if context.token.is_none() && !local_addr.ip().is_loopback() {
+        warn!(
+            admin = %local_addr,
+            "the admin API listens beyond loopback without proxy.admin_token: /sessions and \
+             /violations (session ids, peers, users, command names) are open to anyone who \
+             can reach it; set proxy.admin_token or bind it to 127.0.0.1"
+        );
+    }
     if let Some(probe) = context.probe.clone() {
         tokio::spawn(run_probe(probe, context.metrics.clone(), shutdown.clone()));
     }

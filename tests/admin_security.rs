@@ -73,6 +73,74 @@ fn admin_binds_loopback_by_default() {
     );
 }
 
+/// Starts the proxy with its admin API on `admin` and returns its log up to
+/// the "admin server listening" line (the warning, if any, comes right after
+/// it, so the next line is included).
+fn admin_start_log(admin: &str, token: Option<&str>) -> String {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut command = binary();
+    command
+        .args(["proxy", "--listen", "127.0.0.1:0", "--admin", admin])
+        .args(["--upstream", "mongodb://127.0.0.1:9"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+    // The token has no flag: it only comes from the configuration file.
+    let config = tempfile::NamedTempFile::new().expect("a temporary file");
+    if let Some(token) = token {
+        std::fs::write(
+            config.path(),
+            format!("[proxy]\nadmin_token = \"{token}\"\n"),
+        )
+        .expect("the config is written");
+        command.arg("--config").arg(config.path());
+    }
+    let mut child = command.spawn().expect("the binary runs");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = String::new();
+    let mut listening = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        // After the listening line, a short wait for the warning that follows it.
+        let wait = if listening {
+            left.min(Duration::from_millis(500))
+        } else {
+            left
+        };
+        let Ok(line) = lines_rx.recv_timeout(wait) else {
+            break;
+        };
+        log.push_str(&line);
+        log.push('\n');
+        listening |= line.contains("admin server listening");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening, "the admin server never started:\n{log}");
+    log
+}
+
+#[test]
+fn an_admin_api_beyond_loopback_without_a_token_is_warned_about() {
+    let open = admin_start_log("0.0.0.0:0", None);
+    assert!(
+        open.contains("without proxy.admin_token"),
+        "no warning for an open admin API:\n{open}"
+    );
+    let guarded = admin_start_log("0.0.0.0:0", Some("a-long-enough-admin-token-123"));
+    assert!(!guarded.contains("without proxy.admin_token"), "{guarded}");
+    let local = admin_start_log("127.0.0.1:0", None);
+    assert!(!local.contains("without proxy.admin_token"), "{local}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_guards_sessions_violations_and_readyz_and_nothing_else_gets_in() {
     let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
