@@ -19,6 +19,8 @@ COPY --from=build /src/target/release/sessionguard /usr/local/bin/sessionguard
 COPY config/sessionguard.toml /etc/sessionguard/sessionguard.toml
 # Inside a container the proxy and admin API must listen on all interfaces;
 # every other setting comes from the mounted config file or SESSIONGUARD_* env.
+# Set proxy.admin_token in that file to guard /sessions and /violations (the
+# proxy warns at start while the admin API is open beyond loopback).
 ENV SESSIONGUARD_LISTEN=0.0.0.0:27018 \
     SESSIONGUARD_ADMIN=0.0.0.0:9216 \
     SESSIONGUARD_LOG_FORMAT=json
