@@ -454,6 +454,13 @@ impl LogCapture {
             .finish();
         tracing::subscriber::set_default(subscriber)
     }
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains("sessionguard::proxy"))
+            .map(str::to_string)
+            .collect()
+    }
     fn warn_lines(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.0.lock().unwrap())
             .lines()
@@ -462,6 +469,41 @@ impl LogCapture {
             .map(str::to_string)
             .collect()
     }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_reset_is_logged_at_info_not_as_a_warning() {
+    let logs = LogCapture::default();
+    let _guard = logs.install();
+    let emu = emulator(EmulatorConfig::default()).await;
+    let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
+
+    // Half a frame, then a reset (SO_LINGER 0 turns the close into a RST).
+    let stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let peer = stream.local_addr().unwrap().to_string();
+    let mut stream = stream;
+    stream.write_all(&[100, 0, 0, 0, 1, 0]).await.unwrap();
+    // Deprecated because a lingering close blocks the thread; a zero
+    // linger does not block, it resets.
+    #[allow(deprecated)]
+    stream.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(stream);
+
+    let close_line = || {
+        logs.lines()
+            .into_iter()
+            .find(|l| l.contains("connection closed") && l.contains(&peer))
+    };
+    assert!(
+        eventually(WAIT, || close_line().is_some()).await,
+        "{:#?}",
+        logs.lines()
+    );
+    let line = close_line().unwrap();
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains("the client reset the connection"), "{line}");
+    assert!(line.contains("side=client"), "{line}");
+    assert!(logs.warn_lines().is_empty(), "{:#?}", logs.warn_lines());
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Sleep;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::inflight::{InFlight, ReplyOwner};
 use super::inspect::{
@@ -252,6 +252,18 @@ pub(crate) async fn serve(
         _ => {}
     }
     match outcome {
+        // A client that resets its connection (killed, crashed, or a
+        // driver closing a socket it gave up on) is its own business and
+        // common in production: not a warning. Upstream resets, malformed
+        // frames and stalls still warn.
+        Outcome::Failed(ConnError::Io {
+            side: Side::Client,
+            action,
+            source,
+        }) if is_peer_gone(&source) => info!(
+            conn = id, %peer, side = %Side::Client, in_flight, lifetime = ?lifetime,
+            "connection closed: the client reset the connection while {action}"
+        ),
         Outcome::Failed(e) => warn!(
             conn = id, %peer, side = %e.side(), in_flight, lifetime = ?lifetime,
             "connection closed: {e}"
@@ -266,6 +278,15 @@ pub(crate) async fn serve(
             reason = other.reason(), "connection closed"
         ),
     }
+}
+
+/// The peer closed abruptly (a TCP reset, or writing after its close).
+fn is_peer_gone(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+    )
 }
 
 /// The `reason` label of a failed dial.
