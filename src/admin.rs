@@ -9,11 +9,14 @@
 //!   the token.
 //! - `GET /readyz` -> `200` when the proxy should get traffic, `503` while it
 //!   drains (or shuts down) or while the upstream is unreachable. Body:
-//!   `{"ready":bool,"draining":bool,"upstream_reachable":bool}`. The upstream
+//!   `{"ready":bool,"draining":bool,"upstream_reachable":bool}`. An upstream
 //!   counts as reachable when the most recent dial of it succeeded: every
 //!   client connection's dial and a TCP-connect probe every
 //!   `proxy.upstream_probe_interval` (connect, then close at once; no bytes
-//!   sent) update the same flag (`sessionguard_upstream_up`).
+//!   sent) update it. With replica-set members mapped (one listener per
+//!   member), every member is probed and the proxy is reachable while any
+//!   member is: one member down must not take the proxy out of service
+//!   (`sessionguard_upstream_up`).
 //! - `GET /metrics` -> Prometheus text exposition (see `crate::metrics`).
 //!   Never needs the token.
 //! - `GET /sessions[?state=active|ended|in_transaction|held][&limit=N]` ->
@@ -66,11 +69,13 @@ pub const DEFAULT_SESSIONS_LIMIT: usize = 1000;
 /// The largest `limit` `/sessions` accepts.
 pub const MAX_SESSIONS_LIMIT: usize = 100_000;
 
-/// Dials the upstream now and then so `/readyz` notices an outage even
+/// Dials the upstreams now and then so `/readyz` notices an outage even
 /// when no client connects.
 #[derive(Debug, Clone)]
 pub struct UpstreamProbe {
-    pub target: HostPort,
+    /// Every upstream a listener dials: the first host of the connection
+    /// string, or each mapped replica-set member.
+    pub targets: Vec<HostPort>,
     pub interval: Duration,
     pub timeout: Duration,
 }
@@ -94,12 +99,18 @@ impl AdminContext {
         engine: Option<Arc<SessionEngine>>,
     ) -> Result<AdminContext, crate::config::ConfigError> {
         let upstream = config.upstream_connection_string()?;
+        let members = config.member_plan()?;
+        let targets = if members.is_empty() {
+            vec![upstream.primary_target().clone()]
+        } else {
+            members.into_iter().map(|member| member.upstream).collect()
+        };
         Ok(AdminContext {
             metrics,
             engine,
             token: config.admin_token.clone(),
             probe: Some(UpstreamProbe {
-                target: upstream.primary_target().clone(),
+                targets,
                 interval: config.upstream_probe_interval,
                 timeout: config.connect_timeout,
             }),
@@ -174,27 +185,41 @@ pub async fn serve_with(
 }
 
 async fn run_probe(probe: UpstreamProbe, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let mut was_up = true;
+    let mut was_up = vec![true; probe.targets.len()];
     loop {
+        // Concurrently: a dead member's connect timeout must not delay
+        // noticing the others.
+        let dials = futures_util::future::join_all(
+            probe
+                .targets
+                .iter()
+                .map(|target| upstream::dial(target, probe.timeout)),
+        );
         let dialed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            dialed = upstream::dial(&probe.target, probe.timeout) => dialed,
+            dialed = dials => dialed,
         };
-        match dialed {
-            Ok(stream) => {
-                drop(stream);
-                metrics.proxy().upstream_reached();
-                if !was_up {
-                    info!(upstream = %probe.target, "upstream reachable again");
+        for ((target, result), was_up) in probe.targets.iter().zip(dialed).zip(&mut was_up) {
+            match result {
+                Ok(stream) => {
+                    drop(stream);
+                    metrics.proxy().upstream_reached(target);
+                    if !*was_up {
+                        info!(upstream = %target, "upstream reachable again");
+                    }
+                    *was_up = true;
                 }
-                was_up = true;
-            }
-            Err(e) => {
-                metrics.proxy().upstream_unreachable();
-                if was_up {
-                    warn!(upstream = %probe.target, error = %e, "upstream unreachable: /readyz answers 503");
+                Err(e) => {
+                    metrics.proxy().upstream_unreachable(target);
+                    if *was_up {
+                        let ready = metrics.proxy().upstream_is_up();
+                        warn!(
+                            upstream = %target, error = %e, readyz = if ready { 200 } else { 503 },
+                            "upstream unreachable"
+                        );
+                    }
+                    *was_up = false;
                 }
-                was_up = false;
             }
         }
         tokio::select! {

@@ -181,6 +181,11 @@ pub struct ProxyMetrics {
     malformed: [IntCounter; FRAME_SIDE_LABELS.len()],
     frame_timeouts: [IntCounter; FRAME_SIDE_LABELS.len()],
     upstream_up: IntGauge,
+    /// The last dial's outcome per upstream (one per listener: several in
+    /// replica-set member mode). `upstream_up` is 1 while any is reachable:
+    /// one member down must not take the whole proxy out of service. Locked
+    /// once per connection open and per probe, never per frame.
+    reachability: Arc<std::sync::Mutex<Vec<(String, bool)>>>,
     draining: IntGauge,
 }
 
@@ -221,20 +226,34 @@ impl ProxyMetrics {
         self.latency[command_index(name)].observe(elapsed.as_secs_f64());
     }
 
-    /// Dialing the upstream failed.
-    pub fn connect_failed(&self, failure: ConnectFailure) {
+    /// Dialing `upstream` for a client failed.
+    pub fn connect_failed(&self, failure: ConnectFailure, upstream: &dyn std::fmt::Display) {
         self.connect_errors[failure as usize].inc();
-        self.upstream_up.set(0);
+        self.set_reachable(upstream, false);
     }
 
-    /// The upstream accepted a connection (a client's, or the readiness probe's).
-    pub fn upstream_reached(&self) {
-        self.upstream_up.set(1);
+    /// `upstream` accepted a connection (a client's, or the readiness probe's).
+    pub fn upstream_reached(&self, upstream: &dyn std::fmt::Display) {
+        self.set_reachable(upstream, true);
     }
 
-    /// The upstream refused or timed out a readiness probe.
-    pub fn upstream_unreachable(&self) {
-        self.upstream_up.set(0);
+    /// `upstream` refused or timed out a readiness probe.
+    pub fn upstream_unreachable(&self, upstream: &dyn std::fmt::Display) {
+        self.set_reachable(upstream, false);
+    }
+
+    fn set_reachable(&self, upstream: &dyn std::fmt::Display, reachable: bool) {
+        let name = upstream.to_string();
+        let mut known = self
+            .reachability
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match known.iter_mut().find(|(known_name, _)| *known_name == name) {
+            Some((_, state)) => *state = reachable,
+            None => known.push((name, reachable)),
+        }
+        let any_up = known.iter().any(|(_, state)| *state);
+        self.upstream_up.set(i64::from(any_up));
     }
 
     /// A connection was closed because one side sent a malformed frame.
@@ -258,8 +277,8 @@ impl ProxyMetrics {
         self.draining.get() != 0
     }
 
-    /// Whether the last dial of the upstream (client connection or probe)
-    /// succeeded. True until the first dial says otherwise.
+    /// Whether the last dial of at least one upstream (client connection or
+    /// probe) succeeded. True until the first dial says otherwise.
     pub fn upstream_is_up(&self) -> bool {
         self.upstream_up.get() != 0
     }
@@ -438,7 +457,8 @@ fn build_proxy_metrics(registry: &Registry) -> prometheus::Result<ProxyMetrics> 
     let upstream_up = gauge(
         registry,
         "sessionguard_upstream_up",
-        "1 if the last dial of the upstream (a client's or the readiness probe's) succeeded, else 0.",
+        "1 if the last dial of the upstream (a client's or the readiness probe's) succeeded, else 0; \
+         with several upstreams (replica-set members), 1 while any of them is reachable.",
     )?;
     upstream_up.set(1);
 
@@ -466,6 +486,7 @@ fn build_proxy_metrics(registry: &Registry) -> prometheus::Result<ProxyMetrics> 
         malformed,
         frame_timeouts,
         upstream_up,
+        reachability: Arc::default(),
         draining: gauge(
             registry,
             "sessionguard_draining",
@@ -792,6 +813,24 @@ mod tests {
     }
 
     #[test]
+    fn upstream_is_up_while_any_upstream_answered_its_last_dial() {
+        let metrics = Metrics::new();
+        let proxy = metrics.proxy();
+        assert!(proxy.upstream_is_up(), "up until a dial says otherwise");
+        proxy.upstream_reached(&"a:27017");
+        proxy.connect_failed(ConnectFailure::Refused, &"b:27017");
+        assert!(proxy.upstream_is_up(), "a is still reachable");
+        proxy.upstream_unreachable(&"a:27017");
+        assert!(!proxy.upstream_is_up(), "neither is");
+        proxy.upstream_reached(&"b:27017");
+        assert!(proxy.upstream_is_up());
+        assert_eq!(
+            value_of(&metrics.render(), "sessionguard_upstream_up"),
+            Some(1.0)
+        );
+    }
+
+    #[test]
     fn hot_path_handles_update_the_right_series() {
         let metrics = Metrics::new();
         let proxy = metrics.proxy();
@@ -805,7 +844,7 @@ mod tests {
         proxy.command("insert");
         proxy.command("someCustomThing");
         proxy.round_trip("insert", Duration::from_millis(3));
-        proxy.connect_failed(ConnectFailure::Refused);
+        proxy.connect_failed(ConnectFailure::Refused, &"db:27017");
         proxy.malformed_frame(FrameSide::Upstream);
         proxy.set_draining();
         let text = metrics.render();

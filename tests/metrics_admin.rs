@@ -69,10 +69,10 @@ impl Harness {
             engine: Some(engine.clone()),
             token: Some(AdminToken::new(TOKEN)),
             probe: Some(UpstreamProbe {
-                target: HostPort {
+                targets: vec![HostPort {
                     host: "127.0.0.1".to_string(),
                     port: emulator.addr().port(),
-                },
+                }],
                 interval: Duration::from_millis(100),
                 timeout: Duration::from_secs(1),
             }),
@@ -645,4 +645,74 @@ fn lsid_string(lsid: &Document) -> String {
         &hex[16..20],
         &hex[20..32]
     )
+}
+
+/// With replica-set members mapped, every member is probed and the proxy
+/// stays ready while any member is reachable: one member down (listed
+/// first here, where a single-target probe would look) must not take the
+/// proxy out of service, nor may a client's failed dial of that member.
+#[tokio::test]
+async fn one_replica_set_member_down_keeps_readyz_ready_and_all_down_does_not() {
+    let live = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
+        .await
+        .expect("emulator starts");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap(); // closed when the listener drops: connecting is refused
+    let member = |upstream: SocketAddr| sessionguard::config::MemberConfig {
+        upstream: upstream.to_string(),
+        listen: "127.0.0.1:0".to_string(),
+        advertise: None,
+    };
+    let config = ProxyConfig {
+        listen: "127.0.0.1:0".to_string(),
+        upstream: format!("mongodb://{dead},{}/?replicaSet=rs0", live.addr()),
+        members: vec![member(dead), member(live.addr())],
+        upstream_probe_interval: Duration::from_millis(100),
+        ..ProxyConfig::default()
+    };
+    let metrics = Arc::new(Metrics::new());
+    let proxy = Proxy::start_with_metrics(
+        Arc::new(config.clone()),
+        Arc::new(sessionguard::proxy::NoopInspector),
+        metrics.clone(),
+    )
+    .await
+    .expect("proxy starts");
+    let context = AdminContext::for_proxy(&config, metrics, None).expect("admin context");
+    assert_eq!(context.probe.as_ref().map(|p| p.targets.len()), Some(2));
+    let shutdown = CancellationToken::new();
+    let admin = admin::serve_with("127.0.0.1:0", context, shutdown.clone())
+        .await
+        .expect("admin starts");
+
+    // Several probe rounds, and a client dialing the dead member's listener.
+    let dead_listener = proxy
+        .listeners()
+        .iter()
+        .find(|l| l.upstream.port == dead.port())
+        .expect("a listener for the dead member")
+        .local_addr;
+    let mut client = tokio::net::TcpStream::connect(dead_listener).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(WAIT, client.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    for _ in 0..5 {
+        let reply = http_get(admin.local_addr, "/readyz", None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The last member goes too: now the proxy cannot serve.
+    live.shutdown().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = http_get(admin.local_addr, "/readyz", None).await;
+    while last.status != 503 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = http_get(admin.local_addr, "/readyz", None).await;
+    }
+    assert_eq!(last.status, 503, "{}", last.body);
+    shutdown.cancel();
+    proxy.shutdown_now();
 }

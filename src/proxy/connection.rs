@@ -175,11 +175,13 @@ pub(crate) async fn serve(
     };
     let upstream = match dialed {
         Ok(stream) => {
-            settings.metrics.upstream_reached();
+            settings.metrics.upstream_reached(&settings.upstream);
             stream
         }
         Err(e) => {
-            settings.metrics.connect_failed(connect_failure(&e));
+            settings
+                .metrics
+                .connect_failed(connect_failure(&e), &settings.upstream);
             let e = ConnError::from(e);
             warn!(conn = id, %peer, side = %e.side(), error = %e, "connection closed: {e}");
             return;

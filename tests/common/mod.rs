@@ -349,10 +349,10 @@ pub async fn admin_for(
         engine,
         token: token.map(sessionguard::config::AdminToken::new),
         probe: Some(sessionguard::admin::UpstreamProbe {
-            target: sessionguard::proxy::upstream::HostPort {
+            targets: vec![sessionguard::proxy::upstream::HostPort {
                 host: upstream.ip().to_string(),
                 port: upstream.port(),
-            },
+            }],
             interval: Duration::from_millis(100),
             timeout: Duration::from_secs(1),
         }),
