@@ -12,7 +12,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,37 +50,6 @@ fn uri(addr: SocketAddr, (user, password): (&str, &str), extra: &str) -> String 
         "mongodb://{user}:{}@{addr}/?directConnection=true{extra}",
         percent(password)
     )
-}
-
-/// Log output of the current thread (the tests run on a current-thread
-/// runtime, so the proxy's, engine's and emulator's tasks log here).
-#[derive(Clone, Default)]
-struct LogCapture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogCapture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogCapture {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let capture = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || capture.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::TRACE)
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 /// A TCP relay in front of the proxy that keeps every byte clients send,
@@ -239,8 +207,8 @@ async fn session_owners(engine: Arc<SessionEngine>) -> Vec<Option<String>> {
 }
 
 async fn authenticated_run(speculative: bool) {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+    let logs = common::ThreadLogs::default();
+    let _guard = logs.install_at(tracing::Level::TRACE);
     let emulator = EmulatorConfig {
         users: users(),
         speculative_auth: speculative,

@@ -9,7 +9,6 @@
 
 mod rules_common;
 
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bson::{doc, spec::BinarySubtype, Binary, Bson, Document, Timestamp};
@@ -27,52 +26,6 @@ use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, FramedRead};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Every log line of this test binary at DEBUG and up (one global
-/// subscriber; tests pick their lines by peer address).
-#[derive(Clone, Default)]
-struct LogSink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn captured_logs() -> &'static LogSink {
-    static SINK: OnceLock<LogSink> = OnceLock::new();
-    SINK.get_or_init(|| {
-        let sink = LogSink::default();
-        let writer = sink.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        sink
-    })
-}
-
-fn log_lines_containing(needle: &str) -> Vec<String> {
-    let bytes = captured_logs()
-        .0
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    String::from_utf8_lossy(&bytes)
-        .lines()
-        .filter(|l| l.contains(needle))
-        .map(str::to_string)
-        .collect()
-}
 
 async fn start(config: EmulatorConfig) -> EmulatorHandle {
     Emulator::start("127.0.0.1:0".parse().unwrap(), config)
@@ -852,7 +805,7 @@ async fn ended_and_killed_sessions_keep_their_txn_number_history() {
 
 #[tokio::test]
 async fn a_peer_reset_is_logged_at_debug_and_a_malformed_frame_warns() {
-    captured_logs();
+    rules_common::logs::install();
     let emu = start(EmulatorConfig::default()).await;
     // Half a frame, then a reset (linger 0).
     let reset = TcpStream::connect(emu.addr()).await.unwrap();
@@ -870,7 +823,8 @@ async fn a_peer_reset_is_logged_at_debug_and_a_malformed_frame_warns() {
     bad.write_all(&[4, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xdd, 7, 0, 0])
         .await
         .unwrap();
-    let lines_of = |peer: std::net::SocketAddr| log_lines_containing(&format!("peer={peer}"));
+    let lines_of =
+        |peer: std::net::SocketAddr| rules_common::logs::containing(&format!("peer={peer}"));
     let seen = rules_common::Stack::eventually(WAIT, || {
         lines_of(reset_peer)
             .iter()

@@ -6,6 +6,8 @@
 //! precedence, signals). A hand-written upstream is used only where the
 //! emulator cannot misbehave (a malformed upstream frame).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -431,50 +433,10 @@ async fn exhaust_hello_stream_forwards_every_reply() {
 
 /// Collects formatted log output of the current thread (the tests below run
 /// on a current-thread runtime, so the proxy's tasks log here too).
-#[derive(Clone, Default)]
-struct LogCapture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogCapture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogCapture {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let capture = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || capture.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains("sessionguard::proxy"))
-            .map(str::to_string)
-            .collect()
-    }
-    fn warn_lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            // Only the proxy's lines: the emulator may log on its own.
-            .filter(|l| l.contains(" WARN ") && l.contains("sessionguard::proxy"))
-            .map(str::to_string)
-            .collect()
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn a_client_reset_is_logged_at_info_not_as_a_warning() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+    let logs = common::ThreadLogs::default();
+    let _guard = logs.install_at(tracing::Level::DEBUG);
     let emu = emulator(EmulatorConfig::default()).await;
     let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
 
@@ -490,26 +452,30 @@ async fn a_client_reset_is_logged_at_info_not_as_a_warning() {
     drop(stream);
 
     let close_line = || {
-        logs.lines()
+        logs.proxy_lines()
             .into_iter()
             .find(|l| l.contains("connection closed") && l.contains(&peer))
     };
     assert!(
         eventually(WAIT, || close_line().is_some()).await,
         "{:#?}",
-        logs.lines()
+        logs.proxy_lines()
     );
     let line = close_line().unwrap();
     assert!(line.contains(" INFO "), "{line}");
     assert!(line.contains("the client reset the connection"), "{line}");
     assert!(line.contains("side=client"), "{line}");
-    assert!(logs.warn_lines().is_empty(), "{:#?}", logs.warn_lines());
+    assert!(
+        logs.proxy_warn_lines().is_empty(),
+        "{:#?}",
+        logs.proxy_warn_lines()
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn malformed_client_frames_close_only_that_client_with_one_log_line() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+    let logs = common::ThreadLogs::default();
+    let _guard = logs.install_at(tracing::Level::DEBUG);
     let emu = emulator(EmulatorConfig::default()).await;
     let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
 
@@ -543,9 +509,9 @@ async fn malformed_client_frames_close_only_that_client_with_one_log_line() {
         .await;
     assert!(ok(&n));
 
-    assert!(eventually(WAIT, || logs.warn_lines().len() >= 2).await);
+    assert!(eventually(WAIT, || logs.proxy_warn_lines().len() >= 2).await);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let warns = logs.warn_lines();
+    let warns = logs.proxy_warn_lines();
     assert_eq!(warns.len(), 2, "one line per bad client: {warns:#?}");
     let short_line = warns
         .iter()
@@ -605,8 +571,8 @@ async fn oversized_and_stalled_frames_close_the_client() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn malformed_upstream_frame_closes_that_pair_as_an_upstream_error() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+    let logs = common::ThreadLogs::default();
+    let _guard = logs.install_at(tracing::Level::DEBUG);
     // The emulator never sends garbage, so a hand-written upstream does.
     let fake = TcpListener::bind(loopback()).await.unwrap();
     let fake_addr = fake.local_addr().unwrap();
@@ -630,8 +596,8 @@ async fn malformed_upstream_frame_closes_that_pair_as_an_upstream_error() {
     client.send(0, &doc! { "ping": 1, "$db": "admin" }).await;
     client.expect_closed(WAIT).await;
 
-    assert!(eventually(WAIT, || !logs.warn_lines().is_empty()).await);
-    let warns = logs.warn_lines();
+    assert!(eventually(WAIT, || !logs.proxy_warn_lines().is_empty()).await);
+    let warns = logs.proxy_warn_lines();
     assert_eq!(warns.len(), 1, "{warns:#?}");
     assert!(
         warns[0].contains("upstream sent a malformed frame"),

@@ -5,10 +5,11 @@
 //! Failures must be loud and contained: a wrong CA closes the client with a
 //! log line naming the reason; a missing client certificate is refused.
 
-use std::io::Write;
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, Document};
@@ -210,37 +211,6 @@ async fn crud(client: &Client) -> mongodb::error::Result<Document> {
     Ok(found.expect("the document just inserted"))
 }
 
-/// Log output of the current thread (the tests run on a current-thread
-/// runtime, so the proxy's tasks log here too).
-#[derive(Clone, Default)]
-struct LogCapture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogCapture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogCapture {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let capture = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || capture.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
 /// A plain TCP connection that sends a hello and reports whether the peer
 /// closed the connection without answering it (a TLS server may send an
 /// alert first; a wire-protocol reply would carry responseTo 7).
@@ -291,8 +261,8 @@ async fn the_driver_speaks_tls_to_the_proxy_which_speaks_tls_to_the_upstream() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_upstream_certificate_from_another_ca_closes_the_client_with_a_clear_log_line() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+    let logs = common::ThreadLogs::default();
+    let _guard = logs.install_at(tracing::Level::DEBUG);
     let pki = Pki::new();
     let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
     // Trusts the proxy CA, which did not sign the emulator's certificate.
@@ -377,8 +347,8 @@ async fn relaxed_checks_apply_only_when_the_connection_string_asks() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_required_client_certificate_is_checked_and_a_missing_one_refused() {
-    let logs = LogCapture::default();
-    let _guard = logs.install();
+    let logs = common::ThreadLogs::default();
+    let _guard = logs.install_at(tracing::Level::DEBUG);
     let pki = Pki::new();
     let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
     let upstream = format!(

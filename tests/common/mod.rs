@@ -128,24 +128,9 @@ pub fn metric(exposition: &str, series: &str) -> Option<f64> {
 /// share it, so each one picks its lines by something only it has (a peer
 /// address, a marker).
 pub mod logs {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::sync::OnceLock;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use super::ThreadLogs as Sink;
 
     static SINK: OnceLock<Sink> = OnceLock::new();
 
@@ -159,13 +144,7 @@ pub mod logs {
     pub fn install_at(level: tracing::Level) {
         SINK.get_or_init(|| {
             let sink = Sink::default();
-            let writer = sink.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .with_ansi(false)
-                .with_max_level(level)
-                .finish();
-            tracing::subscriber::set_global_default(subscriber)
+            tracing::subscriber::set_global_default(sink.subscriber(level))
                 .expect("no other global subscriber in this test binary");
             sink
         });
@@ -176,11 +155,7 @@ pub mod logs {
         let Some(sink) = SINK.get() else {
             return Vec::new();
         };
-        let bytes = sink.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        String::from_utf8_lossy(&bytes)
-            .lines()
-            .map(str::to_string)
-            .collect()
+        sink.text().lines().map(str::to_string).collect()
     }
 
     /// Captured lines containing `needle`.
@@ -484,5 +459,63 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Log output of the current thread, for tests on a current-thread runtime
+/// (the proxy's, engine's and emulator's tasks then log on the test's
+/// thread). Unlike `logs`, which installs one global subscriber per test
+/// binary, each test gets its own capture at its own level.
+#[derive(Clone, Default)]
+pub struct ThreadLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for ThreadLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ThreadLogs {
+    /// Captures this thread's events at `level` and above until the guard drops.
+    pub fn install_at(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
+        tracing::subscriber::set_default(self.subscriber(level))
+    }
+
+    /// A plain-text subscriber writing here, at `level` and above.
+    pub fn subscriber(&self, level: tracing::Level) -> impl tracing::Subscriber + Send + Sync {
+        let capture = self.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || capture.clone())
+            .with_ansi(false)
+            .with_max_level(level)
+            .finish()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// The proxy's lines (the emulator may log on the same thread).
+    pub fn proxy_lines(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains("sessionguard::proxy"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The proxy's WARN lines.
+    pub fn proxy_warn_lines(&self) -> Vec<String> {
+        self.proxy_lines()
+            .into_iter()
+            .filter(|l| l.contains(" WARN "))
+            .collect()
     }
 }

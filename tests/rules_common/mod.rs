@@ -24,6 +24,9 @@ use tokio::task::JoinHandle;
 #[path = "../common/mod.rs"]
 mod common;
 pub use common::Stack;
+// Re-exported for the test binaries that use it; the others do not.
+#[allow(unused_imports)]
+pub use common::logs;
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
