@@ -8,6 +8,8 @@
 //! - [`violation`]: rule ids, severities, actions, violation records, the
 //!   enforce error code.
 //! - [`ledger`]: the bounded, shared map of sessions, cursors and held sessions.
+//! - [`slab_map`]: the sharded map under the ledger (entries in fixed slab
+//!   chunks, a small index), so a session costs its slot at every size.
 //! - [`intern`]: small ids for names and client identities.
 //! - [`store`]: web-session stores (`[stores]`): store documents by `_id`
 //!   and `store-session-resurrected`.
