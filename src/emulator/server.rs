@@ -30,7 +30,7 @@ use super::errors::{self, CommandError};
 use super::hello::{self, AwaitParams, HelloContext};
 use super::state::EmulatorState;
 use crate::wire::{
-    self, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, MsgHeader, OpCode, WireError,
+    self, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode, WireError,
 };
 
 /// Commands whose replies are never compressed (OP_COMPRESSED spec).
@@ -652,22 +652,7 @@ fn latency(conn: &Connection, name: &str) -> Duration {
 fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> {
     let max = conn.state.config().max_message_size;
     let opened = wire::open(frame, max).map_err(|e| e.to_string())?;
-    let header_bytes: Vec<u8> = if opened.compressor.is_some() {
-        let length = i32::try_from(opened.body.len().saturating_add(wire::HEADER_LEN))
-            .map_err(|_| "decompressed message too large".to_string())?;
-        MsgHeader {
-            message_length: length,
-            request_id: frame.header.request_id,
-            response_to: frame.header.response_to,
-            op_code: opened.op_code,
-        }
-        .to_bytes()
-        .to_vec()
-    } else {
-        frame.header_bytes().to_vec()
-    };
-    let message =
-        wire::parse(opened.op_code, &header_bytes, &opened.body).map_err(|e| e.to_string())?;
+    let message = opened.parse(frame).map_err(|e| e.to_string())?;
     if let (true, None, Message::Msg(msg)) = (conn.state.config().fast, opened.compressor, &message)
     {
         let state = &conn.state;
