@@ -12,7 +12,7 @@ use std::time::Duration;
 use bson::{doc, Document};
 use mongodb::error::ErrorKind;
 use mongodb::options::FindOptions;
-use rules_common::Guarded;
+use rules_common::{find_cmd, lsid, Guarded, RawClient, Stack, WAIT};
 use sessionguard::emulator::EmulatorConfig;
 use sessionguard::session::{RefreshPolicy, RuleId, SessionConfig};
 
@@ -128,11 +128,49 @@ async fn ended_and_unheld_sessions_are_never_refreshed() {
     let client = g.client("web").await;
     let rows = client.database("app").collection::<Document>("rows");
     // Plain operations on implicit sessions: nothing is held afterwards.
-    rows.insert_one(doc! { "_id": 1 }).await.unwrap();
+    rows.insert_many((0..10).map(|i| doc! { "_id": i }).collect::<Vec<_>>())
+        .await
+        .unwrap();
     rows.find_one(doc! {}).await.unwrap();
+
+    // A session that was held (a cursor left open after its first batch)
+    // and then ended by endSessions. Were the end ignored, the session would
+    // stay held and be due for a refresh after `refresh_after` (400 ms).
+    let mut raw = RawClient::connect(g.proxy_addr(), "ended").await;
+    let ended = lsid(7);
+    let reply = raw.command(find_cmd("app", "rows", &ended, Some(2))).await;
+    let cursor_id = reply
+        .get_document("cursor")
+        .and_then(|cursor| cursor.get_i64("id"))
+        .unwrap_or_else(|e| panic!("a cursor in {reply}: {e}"));
+    assert_ne!(cursor_id, 0, "the cursor stays open after its first batch");
+    let engine = g.engine.clone();
+    assert!(
+        Stack::eventually(WAIT, || engine.stats().ledger.held >= 1).await,
+        "the session with an open cursor is held: {:?}",
+        g.engine.stats()
+    );
+    let reply = raw
+        .command(doc! { "endSessions": [ended.clone()], "$db": "admin" })
+        .await;
+    assert_eq!(reply.get_f64("ok").ok(), Some(1.0), "{reply}");
+    assert!(
+        Stack::eventually(WAIT, || {
+            let stats = engine.stats();
+            stats.sessions_ended >= 1 && stats.ledger.tombstones >= 1 && stats.ledger.held == 0
+        })
+        .await,
+        "the engine saw the session end: {:?}",
+        g.engine.stats()
+    );
+
+    // The raw connection stays open, so the refresher would have somewhere
+    // to send a refresh for the ended session.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     assert_eq!(g.stack.emulator.refreshed_session_count(), 0);
     assert_eq!(g.engine.stats().refreshes_sent, 0);
+    assert_eq!(g.engine.stats().sessions_refreshed, 0);
+    raw.close().await;
     client.shutdown().await;
     g.stop().await;
 }
