@@ -46,7 +46,8 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 #[derive(Debug, clap::Args)]
 pub struct ExecArgs {
     /// TOML configuration file ([sessions], [rules], [proxy] limits); its
-    /// listen address is ignored: exec always uses 127.0.0.1 on a free port.
+    /// listen address, TLS and member mapping are ignored: exec always uses
+    /// 127.0.0.1 on a free port.
     #[arg(long, env = "SESSIONGUARD_CONFIG")]
     pub config: Option<PathBuf>,
     /// MongoDB connection string of the deployment the command should reach
@@ -138,9 +139,15 @@ fn plan(args: ExecArgs) -> Result<Plan, String> {
     let mut config =
         Config::resolve(args.config.as_deref(), &overrides).map_err(|e| e.to_string())?;
     config.proxy.drain_grace = config.proxy.drain_grace.min(SETTLE_GRACE);
-    // The child reaches the proxy on loopback in plain TCP; a shared config
-    // file's `[proxy.tls]` is for the long-running proxy.
+    // The child reaches the proxy on loopback in plain TCP through the one
+    // listener above; a shared config file's `[proxy.tls]` and member
+    // mapping (`[[members]]`, `member_base_port`, `advertise_host`) are for
+    // the long-running proxy and would otherwise bind its (possibly public)
+    // ports. The child connects directly, so it needs no member mapping.
     config.proxy.tls = None;
+    config.proxy.members.clear();
+    config.proxy.member_base_port = None;
+    config.proxy.advertise_host = None;
     let proxy_uri = ProxyUri::from_upstream(&config.proxy.upstream)
         .map_err(|e| format!("proxy.upstream: {e}"))?;
 

@@ -431,6 +431,58 @@ async fn bad_flags_and_config_exit_64_before_the_command_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_configs_member_mapping_is_not_bound() {
+    let emu = emulator(EmulatorConfig::default()).await;
+    // The port the long-running proxy's `[[members]]` entry names, held
+    // here: were exec to bind the mapping, its start would fail on it.
+    let member_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let member_listen = member_port.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("shared.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[members]]\nupstream = \"{}\"\nlisten = \"{member_listen}\"\n",
+            emu.addr()
+        ),
+    )
+    .unwrap();
+    let reports = Reports::new();
+    let config_flag = config.display().to_string();
+    let output = exec_misuse(&emu, &reports, &["--config", &config_flag], &["good"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("pattern good on database shop"),
+        "{}",
+        stdout(&output)
+    );
+    let report = read_json(&reports.json);
+    assert!(
+        report["counts"]["requests_inspected"].as_u64().unwrap() >= 4,
+        "the traffic went through exec's private proxy: {report:#}"
+    );
+
+    // The child is handed exec's own loopback listener, not the member's.
+    let upstream = format!("mongodb://{}/shop", emu.addr());
+    let output = exec(
+        &upstream,
+        &["--config", &config_flag],
+        &["sh", "-c", "printf '%s' \"$MONGODB_URI\""],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let uri = stdout(&output);
+    let port: u16 = uri
+        .strip_prefix("mongodb://127.0.0.1:")
+        .and_then(|rest| rest.split_once('/'))
+        .and_then(|(port, _)| port.parse().ok())
+        .unwrap_or_else(|| panic!("{uri}"));
+    assert_ne!(port, member_listen.port(), "{uri}");
+    assert_ne!(port, emu.addr().port(), "{uri}");
+    drop(member_port);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_is_forwarded_to_the_child() {
     let emu = emulator(EmulatorConfig::default()).await;
     let upstream = format!("mongodb://{}", emu.addr());
