@@ -256,6 +256,12 @@ async fn pooled_implicit_sessions_reused_sequentially_raise_nothing() {
         "{:?}",
         g.engine.stats()
     );
+    // The engine really saw the workload (8 x 15 inserts and finds, the
+    // count) under the pooled sessions, so "nothing fired" means something.
+    let stats = g.engine.stats();
+    assert!(stats.requests_inspected >= 241, "{stats:?}");
+    assert!(stats.ledger.sessions >= 1, "{stats:?}");
+    assert!(stats.sessions_started >= 1, "{stats:?}");
     assert_eq!(g.settle().await, vec![]);
     g.stop().await;
 }
@@ -317,6 +323,15 @@ async fn with_transaction_retrying_real_write_conflicts_raises_nothing() {
         "the workload never hit a write conflict, so the retry path was not exercised"
     );
     client.shutdown().await;
+    // The engine followed the transactions it must stay silent about: every
+    // commit (at least one per increment) and the aborted attempts.
+    let stats = g.engine.stats();
+    let increments = u64::try_from(WORKERS * INCREMENTS).unwrap();
+    assert!(stats.requests_inspected >= 2 * increments, "{stats:?}");
+    assert!(stats.ledger.sessions >= 1, "{stats:?}");
+    assert!(stats.transactions_started > increments, "{stats:?}");
+    assert!(stats.transactions_committed >= increments, "{stats:?}");
+    assert!(stats.transactions_aborted >= 1, "{stats:?}");
     let fired = g.settle().await;
     assert!(
         fired.is_empty(),
