@@ -137,9 +137,6 @@ on "$CPU_MIDDLE" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PID_HA=$!; PIDS+=("$PID_HA")
 wait_port "$P_HA" haproxy "$PID_HA"
 
-RULES="concurrent-use use-after-end end-while-in-flight closed-with-requests-in-flight txn-regression
-txn-number-reuse txn-superseded txn-after-abort txn-left-open cursor-session-mismatch
-unacknowledged-with-session idle-expired-reuse cross-client-sharing"
 start_sessionguard() { # name inspect -> sets SG_PORT SG_PID
     local name=$1 inspect=$2
     SG_PORT=$(free_port)
@@ -154,7 +151,8 @@ start_sessionguard() { # name inspect -> sets SG_PORT SG_PID
         echo "level = \"warn\""
         echo "[sessions]"
         echo "mode = \"observe\""
-        for rule in $RULES; do printf '[rules.%s]\nenabled = true\n' "$rule"; done
+        # No [rules] section: every rule is enabled by default, so the
+        # observe path runs all of them.
     } >"$WORK/$name.toml"
     on "$CPU_MIDDLE" "$BIN" proxy --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
     SG_PID=$!; PIDS+=("$SG_PID")
