@@ -16,11 +16,6 @@ pub const MAX_MESSAGE_SIZE_BYTES: i32 = 48_000_000;
 pub const MAX_WRITE_BATCH_SIZE: i32 = 100_000;
 pub const MAX_WIRE_VERSION: i32 = 21;
 
-/// Is this command name one of the handshake commands?
-pub fn is_hello(name: &str) -> bool {
-    matches!(name, "hello" | "isMaster" | "ismaster")
-}
-
 /// What one connection knows about itself when answering hello.
 pub struct HelloContext<'a> {
     pub state: &'a EmulatorState,

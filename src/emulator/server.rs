@@ -29,6 +29,7 @@ use super::commands::{self, Outcome, Request, Resume};
 use super::errors::{self, CommandError};
 use super::hello::{self, AwaitParams, HelloContext};
 use super::state::EmulatorState;
+use crate::command::is_hello;
 use crate::wire::{
     self, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode, WireError,
 };
@@ -699,7 +700,7 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                 }
                 Ok(db) => {
                     tracing::debug!(peer = %conn.peer, connection_id = conn.connection_id, command = %name, db, "emulator command");
-                    if hello::is_hello(&name) {
+                    if is_hello(&name) {
                         if body.contains_key("compression") {
                             conn.compression = hello::negotiate_compression(&body);
                         }
@@ -815,7 +816,7 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                 Err(_) => raw,
             };
             let is_command = query.full_collection_name.ends_with(".$cmd");
-            let mut reply = if is_command && hello::is_hello(&name) {
+            let mut reply = if is_command && is_hello(&name) {
                 if body.contains_key("compression") {
                     conn.compression = hello::negotiate_compression(&body);
                 }
