@@ -413,10 +413,7 @@ impl SessionEngine {
         (state.client, state.owner, state.upstream)
     }
 
-    fn confirm_owner(&self, conn: u64) {
-        let Some(mut state) = self.conns.get_mut(&conn) else {
-            return;
-        };
+    fn confirm_owner(&self, state: &mut ConnState) {
         let Some(pending) = state.pending_auth.take() else {
             return;
         };
@@ -847,7 +844,10 @@ impl SessionEngine {
             return;
         };
         let final_reply = !reply.more_to_come;
-        let pending = {
+        // One connection lookup per reply: the pending request, the upstream
+        // its cursors live on and the handshake / auth outcome all come from
+        // (or go to) the same entry.
+        let (pending, upstream) = {
             let Some(mut state) = self.conns.get_mut(&conn) else {
                 return;
             };
@@ -858,31 +858,26 @@ impl SessionEngine {
             else {
                 return;
             };
-            if final_reply {
+            let pending = if final_reply {
                 state.pending.swap_remove(position)
             } else {
                 state.pending[position]
-            }
-        };
-        match pending.entry.class {
-            CommandClass::Hello => self.hello_reply(conn, &reply),
-            CommandClass::Auth => {
-                let done = reply.boolean("done") == Some(true);
-                let single_step = self
-                    .conns
-                    .get(&conn)
-                    .and_then(|c| c.pending_auth)
-                    .is_some_and(|p| p.single_step);
-                if !reply.ok {
-                    if let Some(mut state) = self.conns.get_mut(&conn) {
+            };
+            match pending.entry.class {
+                CommandClass::Hello => self.hello_reply(&mut state, &reply),
+                CommandClass::Auth => {
+                    let done = reply.boolean("done") == Some(true);
+                    let single_step = state.pending_auth.is_some_and(|p| p.single_step);
+                    if !reply.ok {
                         state.pending_auth = None;
+                    } else if done || single_step {
+                        self.confirm_owner(&mut state);
                     }
-                } else if done || single_step {
-                    self.confirm_owner(conn);
                 }
+                _ => {}
             }
-            _ => {}
-        }
+            (pending, state.upstream)
+        };
         let Some(key) = pending.key else { return };
         let facts = reply_facts(&reply, pending.in_transaction);
         let ctx = self.context(now);
@@ -894,13 +889,13 @@ impl SessionEngine {
             let events = state.apply_reply(&pending.entry, &facts, final_reply, now);
             self.lifecycle.transactions(events);
         });
-        self.cursor_reply(&key, &pending, &reply);
+        self.cursor_reply(&key, &pending, upstream, &reply);
         if let Some(violation) = found {
             self.emit(violation, false);
         }
     }
 
-    fn hello_reply(&self, conn: u64, reply: &ReplyView<'_>) {
+    fn hello_reply(&self, state: &mut ConnState, reply: &ReplyView<'_>) {
         if let Some(minutes) = reply
             .integer("logicalSessionTimeoutMinutes")
             .filter(|m| *m > 0)
@@ -922,16 +917,18 @@ impl SessionEngine {
             let in_conversation = speculative.get("conversationId").ok().flatten().is_some();
             // x.509 answers with {dbname, user}; SCRAM continues with saslContinue.
             if conversation_done == Some(true) || (!in_conversation && reply.ok) {
-                self.confirm_owner(conn);
+                self.confirm_owner(state);
             }
         }
     }
 
-    fn cursor_reply(&self, key: &SessionKey, pending: &Pending, reply: &ReplyView<'_>) {
-        let upstream = self
-            .conns
-            .get(&pending.entry.request.conn)
-            .map_or(0, |c| c.upstream);
+    fn cursor_reply(
+        &self,
+        key: &SessionKey,
+        pending: &Pending,
+        upstream: u32,
+        reply: &ReplyView<'_>,
+    ) {
         match pending.entry.class {
             CommandClass::GetMore => {
                 let Some(id) = pending.cursor else { return };
