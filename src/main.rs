@@ -1,6 +1,7 @@
-//! The `sessionguard` command line: `proxy`, `exec`, `demo`, `check-config`
-//! and `emulator`. It parses flags (each also settable by a `SESSIONGUARD_*`
-//! environment variable), resolves the configuration before anything is
+//! The `sessionguard` command line: `proxy`, `exec`, `demo`, `demo-app`,
+//! `check-config`, `emulator` and `bench-load`. It parses flags (many also
+//! settable by a `SESSIONGUARD_*` environment variable; the README lists
+//! which), resolves the configuration before anything is
 //! bound (bad config: exit 64 naming the key), installs logging and signal
 //! handling, and hands over to the library. No proxy logic lives here.
 
