@@ -155,8 +155,10 @@ fn step(what: &str, outcome: String) {
 ///   transaction; nothing to report;
 /// - `use-after-end`: ends a session with `endSessions` and keeps using it
 ///   (a serverless handler reusing a closed client's session);
-/// - `abandon`: exits while an insert still awaits its reply (a process that
-///   quits without awaiting its work), with `exit_code`.
+/// - `abandon`: exits with `exit_code` 500 ms after sending an insert (a
+///   process that quits without awaiting its work). It abandons the insert
+///   only when replies take longer than that, e.g. `sessionguard emulator
+///   --latency 1s`; against a fast server the insert has already completed.
 ///
 /// It writes to the URI's database (default `test`) and prints the database
 /// name, never a document.
