@@ -147,9 +147,9 @@ impl<'a> RequestView<'a> {
     pub fn from_query(query: &'a OpQuery<'a>) -> Option<RequestView<'a>> {
         let db = query.full_collection_name.strip_suffix(".$cmd")?;
         let mut command = query.query;
-        if let Some(first) = first_element_key(command) {
-            if first == "$query" {
-                command = command.get("$query").ok().flatten()?.as_document()?;
+        if let Some(first) = bson_scan::elements(command).next() {
+            if first.key == b"$query" {
+                command = first.as_document()?;
             }
         }
         Self::from_parts(command, &[], MsgFlags::default(), Some(db), true)
@@ -821,13 +821,6 @@ fn integer_field(doc: &RawDocument, key: &[u8]) -> Option<i64> {
     bson_scan::elements(doc)
         .find(|element| element.key == key)?
         .as_integer()
-}
-
-fn first_element_key(doc: &RawDocument) -> Option<&str> {
-    doc.iter_elements()
-        .next()?
-        .ok()
-        .map(|element| element.key())
 }
 
 #[cfg(test)]

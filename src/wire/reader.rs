@@ -144,12 +144,11 @@ impl<'a> Iterator for Documents<'a> {
     }
 }
 
-/// The first key of a document, if it has one and it is readable.
+/// The first key of a document, if it has one and it is readable. Measured
+/// by `bson_scan` rather than the bson crate's iterator, which validates and
+/// builds error context for an element only its key is wanted from.
 pub(crate) fn first_key(doc: &RawDocument) -> Option<&str> {
-    doc.iter_elements()
-        .next()?
-        .ok()
-        .map(|element| element.key())
+    crate::bson_scan::elements(doc).next()?.key_str()
 }
 
 /// Appends a header and body parts as one frame. The length saturates at
