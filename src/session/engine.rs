@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::command::{auth_user, AuthUser, Handshake, KillPattern, ReplyView, RequestView};
+use crate::command::{auth_user, AuthUser, Handshake, KillPattern, Lsid, ReplyView, RequestView};
 use crate::wire::Message;
 
 use super::config::{RefreshPolicy, RulesConfig};
@@ -228,6 +228,40 @@ struct Inspected<'a> {
     facts: RequestFacts,
     key: Option<SessionKey>,
     owner: OwnerId,
+    /// The arrays a request names, parsed once: both the rules and the
+    /// effects walk them. Empty (no allocation) for every other command.
+    targets: Targets,
+}
+
+/// The cursors and sessions a getMore, killCursors or session command names.
+#[derive(Default)]
+struct Targets {
+    get_more_cursor: Option<i64>,
+    killed_cursors: Vec<i64>,
+    /// endSessions / killSessions / refreshSessions.
+    sessions: Vec<Lsid>,
+}
+
+impl Targets {
+    fn of(view: &RequestView<'_>, class: CommandClass) -> Targets {
+        match class {
+            CommandClass::GetMore => Targets {
+                get_more_cursor: view.get_more_cursor_id(),
+                ..Targets::default()
+            },
+            CommandClass::KillCursors => Targets {
+                killed_cursors: view.killed_cursor_ids().collect(),
+                ..Targets::default()
+            },
+            CommandClass::EndSessions
+            | CommandClass::KillSessions
+            | CommandClass::RefreshSessions => Targets {
+                sessions: view.session_list().collect(),
+                ..Targets::default()
+            },
+            _ => Targets::default(),
+        }
+    }
 }
 
 impl SessionEngine {
@@ -466,7 +500,7 @@ impl SessionEngine {
         };
         if let Some(kind) = end_kind {
             if self.rules.enabled(RuleId::EndWhileInFlight) {
-                for lsid in inspected.view.session_list() {
+                for &lsid in &inspected.targets.sessions {
                     let event = EndEvent {
                         key: SessionKey {
                             lsid,
@@ -524,7 +558,7 @@ impl SessionEngine {
 
         if !rejected {
             self.stores.apply(&store_ops, &inspected.facts.request);
-            self.apply_request_effects(&inspected, cursor_event.as_ref(), end_kind, now);
+            self.apply_request_effects(&inspected, end_kind, now);
         }
 
         let reply = if rejected {
@@ -621,6 +655,7 @@ impl SessionEngine {
             expects_reply: !view.more_to_come,
         };
         Inspected {
+            targets: Targets::of(&view, class),
             view,
             facts,
             key,
@@ -676,11 +711,11 @@ impl SessionEngine {
         };
         match inspected.facts.class {
             CommandClass::GetMore => {
-                let id = inspected.view.get_more_cursor_id()?;
+                let id = inspected.targets.get_more_cursor?;
                 let entry = self.ledger.cursor(&CursorKey { upstream, id })?;
                 Some(make(id, entry))
             }
-            CommandClass::KillCursors => inspected.view.killed_cursor_ids().find_map(|id| {
+            CommandClass::KillCursors => inspected.targets.killed_cursors.iter().find_map(|&id| {
                 let entry = self.ledger.cursor(&CursorKey { upstream, id })?;
                 (Some(entry.owner) != inspected.key).then(|| make(id, entry))
             }),
@@ -692,13 +727,12 @@ impl SessionEngine {
     fn apply_request_effects(
         &self,
         inspected: &Inspected<'_>,
-        _cursor_event: Option<&CursorEvent>,
         end_kind: Option<EndKind>,
         now: Millis,
     ) {
         let facts = &inspected.facts;
         if let Some(kind) = end_kind {
-            for lsid in inspected.view.session_list() {
+            for &lsid in &inspected.targets.sessions {
                 let key = SessionKey {
                     lsid,
                     owner: inspected.owner,
@@ -711,7 +745,7 @@ impl SessionEngine {
         match facts.class {
             CommandClass::KillAllSessions => self.kill_all(inspected, now),
             CommandClass::RefreshSessions => {
-                for lsid in inspected.view.session_list() {
+                for &lsid in &inspected.targets.sessions {
                     self.ledger.with_existing(
                         &SessionKey {
                             lsid,
@@ -730,7 +764,7 @@ impl SessionEngine {
                 // or tailable cursor closed mid-await) no longer holds its
                 // session: the driver may hand the session on right away.
                 let mut owners: Vec<SessionKey> = inspected.key.into_iter().collect();
-                for id in inspected.view.killed_cursor_ids() {
+                for &id in &inspected.targets.killed_cursors {
                     let key = CursorKey {
                         upstream: facts.upstream,
                         id,
@@ -760,11 +794,7 @@ impl SessionEngine {
                     abandoned: false,
                 },
                 in_transaction: facts.in_transaction,
-                cursor: if facts.class == CommandClass::GetMore {
-                    inspected.view.get_more_cursor_id()
-                } else {
-                    None
-                },
+                cursor: inspected.targets.get_more_cursor,
             };
             if let Some(mut conn) = self.conns.get_mut(&facts.request.conn) {
                 conn.pending.push(pending);
