@@ -597,18 +597,7 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads, parses and validates a TOML file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError {
-                source: None,
-                key: None,
-                problem: format!("cannot read config file: {e}"),
-            }
-            .in_file(path)
-        })?;
-        let config = Config::parse(&text).map_err(|e| e.in_file(path))?;
-        config.validate().map_err(|e| e.in_file(path))?;
-        Ok(config)
+        Config::resolve(Some(path.as_ref()), &Overrides::default())
     }
 
     /// Parses TOML text (no validation beyond types and unknown keys).
