@@ -143,15 +143,10 @@ impl<'a> RequestView<'a> {
         }
     }
 
-    /// A view of an OP_QUERY command (`<db>.$cmd`), unwrapping `$query`.
+    /// A view of an OP_QUERY command (`<db>.$cmd`), unwrapping `$query`
+    /// exactly as [`OpQuery::command_name`] does (the proxy's label).
     pub fn from_query(query: &'a OpQuery<'a>) -> Option<RequestView<'a>> {
-        let db = query.full_collection_name.strip_suffix(".$cmd")?;
-        let mut command = query.query;
-        if let Some(first) = bson_scan::elements(command).next() {
-            if first.key == b"$query" {
-                command = first.as_document()?;
-            }
-        }
+        let (db, command) = query.command()?;
         Self::from_parts(command, &[], MsgFlags::default(), Some(db), true)
     }
 
@@ -1148,6 +1143,30 @@ mod tests {
             return_fields_selector: None,
         };
         assert!(RequestView::from_query(&not_command).is_none());
+    }
+
+    #[test]
+    fn legacy_query_wrapper_after_read_preference_names_the_command() {
+        // Drivers may put `$readPreference` first; the engine must see the
+        // command the proxy labels, not `$readPreference`.
+        let doc = rawdoc! {
+            "$readPreference": { "mode": "secondaryPreferred" },
+            "$query": { "isMaster": 1, "client": { "driver": { "name": "legacy", "version": "1.0" } } },
+        };
+        let query = OpQuery {
+            flags: 0,
+            full_collection_name: "admin.$cmd",
+            number_to_skip: 0,
+            number_to_return: -1,
+            query: &doc,
+            return_fields_selector: None,
+        };
+        let view = RequestView::from_query(&query).expect("a command");
+        assert_eq!(view.name, "isMaster");
+        assert_eq!(query.command_name(), Some(view.name));
+        assert_eq!(view.db, Some("admin"));
+        let handshake = Handshake::from_request(&view).expect("handshake");
+        assert_eq!(handshake.driver_name, Some("legacy"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use super::reader::{first_key, frame_bytes, len_i32, validate_documents, Documents, Reader};
 use super::{OpCode, WireError};
+use crate::bson_scan;
 
 /// Legacy commands travel as queries on the pseudo-collection `<db>.$cmd`.
 const COMMAND_COLLECTION_SUFFIX: &str = ".$cmd";
@@ -46,22 +47,24 @@ impl<'a> OpQuery<'a> {
             return_fields_selector,
         })
     }
-    /// The command name when this is a command (`<db>.$cmd`): the first key of
-    /// the query document, unwrapping a `$query` wrapper if present.
+    /// The database and command document when this is a command
+    /// (`<db>.$cmd`). Drivers that attach a read preference wrap the command
+    /// as `{$query: {<command>...}, $readPreference: ...}`, in either order,
+    /// so a `$query` document is unwrapped wherever it sits. Every reader of
+    /// a legacy command goes through here, so the name the proxy logs and
+    /// the document the session engine reads cannot disagree.
+    pub fn command(&self) -> Option<(&'a str, &'a RawDocument)> {
+        let db = self.database()?;
+        let wrapped = bson_scan::elements(self.query)
+            .find(|element| element.key == b"$query")
+            .and_then(|element| element.as_document());
+        Some((db, wrapped.unwrap_or(self.query)))
+    }
+
+    /// The command name when this is a command: the first key of
+    /// [`OpQuery::command`]'s document.
     pub fn command_name(&self) -> Option<&'a str> {
-        if !self
-            .full_collection_name
-            .ends_with(COMMAND_COLLECTION_SUFFIX)
-        {
-            return None;
-        }
-        // Drivers that attach a read preference wrap the command as
-        // {$query: {<command>...}, $readPreference: ...}.
-        let command = match self.query.get_document("$query") {
-            Ok(inner) => inner,
-            Err(_) => self.query,
-        };
-        first_key(command)
+        first_key(self.command()?.1)
     }
 
     /// The database a command targets (the part of `<db>.$cmd` before the suffix).
@@ -186,6 +189,24 @@ mod tests {
         let parsed = OpQuery::parse(&frame[HEADER_LEN..]).unwrap();
         assert_eq!(parsed.command_name(), None);
         assert_eq!(parsed.database(), None);
+    }
+
+    #[test]
+    fn query_wrapper_is_unwrapped_in_either_position() {
+        let query = to_bytes(&doc! {
+            "$readPreference": { "mode": "secondaryPreferred" },
+            "$query": { "isMaster": 1 },
+        });
+        let frame = encode_query(1, 0, "admin.$cmd", 0, -1, &query);
+        let parsed = OpQuery::parse(&frame[HEADER_LEN..]).unwrap();
+        let (db, command) = parsed.command().unwrap();
+        assert_eq!(db, "admin");
+        assert_eq!(command.as_bytes(), &to_bytes(&doc! { "isMaster": 1 })[..]);
+        assert_eq!(parsed.command_name(), Some("isMaster"));
+        // A `$query` that is not a document wraps nothing.
+        let frame = encode_query(1, 0, "admin.$cmd", 0, -1, &to_bytes(&doc! { "$query": 1 }));
+        let parsed = OpQuery::parse(&frame[HEADER_LEN..]).unwrap();
+        assert_eq!(parsed.command_name(), Some("$query"));
     }
 
     #[test]
