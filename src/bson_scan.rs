@@ -59,6 +59,12 @@ impl<'a> Element<'a> {
         RawDocument::from_bytes(self.value).ok()
     }
 
+    /// An array value's elements. An array is a document whose keys are
+    /// "0", "1", ...; the keys are not checked, only walked past.
+    pub fn as_array(&self) -> Option<Elements<'a>> {
+        (self.kind == kind::ARRAY).then(|| elements_of(self.value))
+    }
+
     pub fn as_bool(&self) -> Option<bool> {
         match (self.kind, self.value) {
             (kind::BOOLEAN, [byte]) => Some(*byte != 0),
@@ -293,6 +299,11 @@ mod tests {
         let inner = find("document").as_document().unwrap();
         assert_eq!(inner.get("a").unwrap(), Some(RawBsonRef::Int32(1)));
         assert_eq!(find("string").as_document(), None);
+        let array: Vec<_> = find("array").as_array().unwrap().collect();
+        assert_eq!(array.len(), 2);
+        assert_eq!((array[0].key, array[0].as_integer()), (&b"0"[..], Some(1)));
+        assert_eq!((array[1].key, array[1].as_str()), (&b"1"[..], Some("two")));
+        assert!(find("document").as_array().is_none());
         assert_eq!(find("int32").as_str(), None);
     }
 

@@ -108,9 +108,10 @@ pub struct RequestView<'a> {
     pub name: &'a str,
     /// `$db` (OP_MSG) or the database of `<db>.$cmd` (OP_QUERY).
     pub db: Option<&'a str>,
-    /// The value of the first key when it is a string (the collection for
-    /// CRUD commands).
-    first_str: Option<&'a str>,
+    /// The first element: the command name and its value (the collection
+    /// of CRUD commands, getMore's cursor id, the list of the session
+    /// commands), kept so no reader has to walk the body again for it.
+    first: bson_scan::Element<'a>,
     /// `collection` (getMore names its collection there).
     collection_field: Option<&'a str>,
     pub lsid: Option<Lsid>,
@@ -157,12 +158,17 @@ impl<'a> RequestView<'a> {
         legacy_db: Option<&'a str>,
         legacy: bool,
     ) -> Option<RequestView<'a>> {
+        // One pass over the top-level keys; values are decoded only for the
+        // keys that matter, and keys are compared as bytes.
+        let mut elements = bson_scan::elements(body);
+        let first = elements.next()?;
+        let name = first.key_str().filter(|name| !name.is_empty())?;
         let mut view = RequestView {
             body,
             sequences,
-            name: "",
+            name,
             db: legacy_db,
-            first_str: None,
+            first,
             collection_field: None,
             lsid: None,
             lsid_malformed: false,
@@ -175,16 +181,7 @@ impl<'a> RequestView<'a> {
             exhaust_allowed: flags.exhaust_allowed(),
             legacy,
         };
-        let mut first = true;
-        // One pass over the top-level keys; values are decoded only for the
-        // keys that matter, and keys are compared as bytes.
-        for element in bson_scan::elements(body) {
-            if first {
-                first = false;
-                view.name = element.key_str().unwrap_or("");
-                view.first_str = element.as_str();
-                continue;
-            }
+        for element in elements {
             match element.key {
                 // OP_QUERY's database comes from the namespace; it wins.
                 b"$db" if view.db.is_none() => view.db = element.as_str(),
@@ -203,9 +200,6 @@ impl<'a> RequestView<'a> {
                 _ => {}
             }
         }
-        if view.name.is_empty() {
-            return None;
-        }
         Some(view)
     }
 
@@ -221,7 +215,7 @@ impl<'a> RequestView<'a> {
         if self.name == "getMore" {
             return self.collection_field;
         }
-        self.first_str
+        self.first.as_str()
     }
 
     /// `db.collection`, or just `db`, as parts (not joined: no allocation).
@@ -249,24 +243,22 @@ impl<'a> RequestView<'a> {
         if self.name != "getMore" {
             return None;
         }
-        self.body.get(self.name).ok().flatten().and_then(as_integer)
+        self.first.as_integer()
     }
 
     /// killCursors' cursor ids (empty for other commands).
     pub fn killed_cursor_ids(&self) -> impl Iterator<Item = i64> + 'a {
         let array = if self.name == "killCursors" {
-            self.body
-                .get("cursors")
-                .ok()
-                .flatten()
-                .and_then(RawBsonRef::as_array)
+            bson_scan::elements(self.body)
+                .find(|element| element.key == b"cursors")
+                .and_then(|element| element.as_array())
         } else {
             None
         };
         array
             .into_iter()
-            .flat_map(|array| array.into_iter())
-            .filter_map(|value| value.ok().and_then(as_integer))
+            .flatten()
+            .filter_map(|element| element.as_integer())
     }
 
     /// The lsids named by `endSessions`, `refreshSessions` or `killSessions`
@@ -274,23 +266,13 @@ impl<'a> RequestView<'a> {
     /// are skipped.
     pub fn session_list(&self) -> impl Iterator<Item = Lsid> + 'a {
         let array = match self.name {
-            "endSessions" | "refreshSessions" | "killSessions" => self
-                .body
-                .get(self.name)
-                .ok()
-                .flatten()
-                .and_then(RawBsonRef::as_array),
+            "endSessions" | "refreshSessions" | "killSessions" => self.first.as_array(),
             _ => None,
         };
         array
             .into_iter()
-            .flat_map(|array| array.into_iter())
-            .filter_map(|value| {
-                value
-                    .ok()
-                    .and_then(RawBsonRef::as_document)
-                    .and_then(Lsid::from_document)
-            })
+            .flatten()
+            .filter_map(|element| element.as_document().and_then(Lsid::from_document))
     }
 
     /// The patterns of `killAllSessions` / `killAllSessionsByPattern`. An
@@ -301,18 +283,12 @@ impl<'a> RequestView<'a> {
             "killAllSessionsByPattern" => true,
             _ => return Vec::new(),
         };
-        let Some(array) = self
-            .body
-            .get(self.name)
-            .ok()
-            .flatten()
-            .and_then(RawBsonRef::as_array)
-        else {
+        let Some(mut array) = self.first.as_array() else {
             return vec![KillPattern::Unmatchable];
         };
         let mut patterns = Vec::new();
-        for value in array {
-            let Some(doc) = value.ok().and_then(RawBsonRef::as_document) else {
+        for element in array.by_ref() {
+            let Some(doc) = element.as_document() else {
                 patterns.push(KillPattern::Unmatchable);
                 continue;
             };
@@ -321,6 +297,11 @@ impl<'a> RequestView<'a> {
             } else {
                 patterns.push(user_pattern(doc));
             }
+        }
+        if array.malformed() {
+            // An entry that cannot be measured must not leave the list
+            // empty, which would read as "every session".
+            patterns.push(KillPattern::Unmatchable);
         }
         if patterns.is_empty() {
             patterns.push(KillPattern::All);
@@ -1007,6 +988,18 @@ mod tests {
                     KillPattern::All,
                 ]
             )
+        });
+        // An entry that cannot even be measured is not "every session".
+        let mut broken = rawdoc! { "killAllSessions": [1_i32], "$db": "admin" }
+            .as_bytes()
+            .to_vec();
+        // length, 0x04, "killAllSessions\0", the array's length: its first type byte.
+        let entry_type = 4 + 1 + "killAllSessions".len() + 1 + 4;
+        assert_eq!(broken[entry_type], bson_scan::kind::INT32);
+        broken[entry_type] = 0x42;
+        let broken = RawDocumentBuf::from_bytes(broken).unwrap();
+        with_request(&broken, |view| {
+            assert_eq!(view.kill_patterns(), vec![KillPattern::Unmatchable])
         });
         let empty = rawdoc! { "killAllSessionsByPattern": [], "$db": "admin" };
         with_request(&empty, |view| {
