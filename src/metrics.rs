@@ -126,7 +126,8 @@ pub const COMMAND_LABELS: [&str; 42] = [
     "other",
 ];
 
-const OTHER_COMMAND: usize = COMMAND_LABELS.len() - 1;
+/// The index of the `other` label.
+pub const OTHER_COMMAND: usize = COMMAND_LABELS.len() - 1;
 
 /// The index of `name` in [`COMMAND_LABELS`] (legacy lowercase spellings
 /// fold into their camel-case names; unknown names are `other`).
@@ -214,16 +215,18 @@ impl ProxyMetrics {
         self.bytes[d][o].inc_by(u64::try_from(len).unwrap_or(u64::MAX));
     }
 
-    /// A client sent a command named `name`.
+    /// A client sent the command whose [`command_index`] is `index` (found
+    /// once per request by the caller, which also needs it for the latency).
     #[inline]
-    pub fn command(&self, name: &str) {
-        self.commands[command_index(name)].inc();
+    pub fn command(&self, index: usize) {
+        self.commands[index.min(OTHER_COMMAND)].inc();
     }
 
-    /// The first reply to a `name` request arrived `elapsed` after the request.
+    /// The first reply to the command with [`command_index`] `index` arrived
+    /// `elapsed` after the request.
     #[inline]
-    pub fn round_trip(&self, name: &str, elapsed: Duration) {
-        self.latency[command_index(name)].observe(elapsed.as_secs_f64());
+    pub fn round_trip(&self, index: usize, elapsed: Duration) {
+        self.latency[index.min(OTHER_COMMAND)].observe(elapsed.as_secs_f64());
     }
 
     /// Dialing `upstream` for a client failed.
@@ -841,9 +844,9 @@ mod tests {
         proxy.frame(Direction::ClientToUpstream, OpCode::Msg, 100);
         proxy.frame(Direction::ClientToUpstream, OpCode::Msg, 50);
         proxy.frame(Direction::UpstreamToClient, OpCode::Unknown(77), 20);
-        proxy.command("insert");
-        proxy.command("someCustomThing");
-        proxy.round_trip("insert", Duration::from_millis(3));
+        proxy.command(command_index("insert"));
+        proxy.command(command_index("someCustomThing"));
+        proxy.round_trip(command_index("insert"), Duration::from_millis(3));
         proxy.connect_failed(ConnectFailure::Refused, &"db:27017");
         proxy.malformed_frame(FrameSide::Upstream);
         proxy.set_draining();

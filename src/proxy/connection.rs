@@ -12,6 +12,7 @@ use std::fmt;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -28,13 +29,15 @@ use tracing::{debug, info, warn};
 
 use super::inflight::{InFlight, ReplyOwner};
 use super::inspect::{
-    intern_command, is_hello, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector,
-    Inspector, ReplyVerdict, Verdict, INJECT_QUEUE,
+    intern_command, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector, Inspector,
+    ReplyVerdict, Verdict, INJECT_QUEUE,
 };
 use super::tls::{ClientStream, UpstreamTls};
 use super::upstream::{self, DialError, HostPort};
-use crate::metrics::{ConnectFailure, Direction, FrameSide, ProxyMetrics};
-use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, OpCode, WireError};
+use crate::metrics::{
+    command_index, ConnectFailure, Direction, FrameSide, ProxyMetrics, OTHER_COMMAND,
+};
+use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, WireError};
 
 /// Which side of a connection pair failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +128,11 @@ struct Shared {
     /// Signalled when the in-flight map may have become idle (for pending
     /// injections and for drain).
     became_idle: Notify,
+    /// Frames each pump read, for the close line. Shared rather than
+    /// returned: when one pump ends, the other is dropped mid-loop and its
+    /// count would be lost.
+    requests: AtomicU64,
+    replies: AtomicU64,
 }
 
 impl Shared {
@@ -200,11 +208,12 @@ pub(crate) async fn serve(
     let shared = Shared {
         in_flight: Mutex::new(InFlight::default()),
         became_idle: Notify::new(),
+        requests: AtomicU64::new(0),
+        replies: AtomicU64::new(0),
     };
     let (client_read, client_write) = client.into_split();
     let (upstream_read, upstream_write) = upstream.into_split();
     let (local_tx, local_rx) = mpsc::channel::<Bytes>(4);
-    let mut counters = Counters::default();
 
     let pumps = Pumps {
         ctx: &ctx,
@@ -230,8 +239,8 @@ pub(crate) async fn serve(
         tokio::select! {
             biased;
             _ = killed.next() => Outcome::Killed,
-            (outcome, n) = &mut requests => { counters.requests = n; outcome }
-            (outcome, n) = &mut replies => { counters.replies = n; outcome }
+            outcome = &mut requests => outcome,
+            outcome = &mut replies => outcome,
         }
     };
 
@@ -276,7 +285,8 @@ pub(crate) async fn serve(
         ),
         other => debug!(
             conn = id, %peer, in_flight, lifetime = ?lifetime,
-            requests = counters.requests, replies = counters.replies,
+            requests = shared.requests.load(Ordering::Relaxed),
+            replies = shared.replies.load(Ordering::Relaxed),
             reason = other.reason(), "connection closed"
         ),
     }
@@ -314,12 +324,6 @@ impl Outcome {
     }
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    requests: u64,
-    replies: u64,
-}
-
 /// What the request pump learned from one client frame.
 struct RequestInfo {
     record: Option<InFlightRequest>,
@@ -346,12 +350,11 @@ impl Pumps<'_> {
         mut upstream: W,
         local_tx: mpsc::Sender<Bytes>,
         mut inject_rx: mpsc::Receiver<InjectRequest>,
-    ) -> (Outcome, u64)
+    ) -> Outcome
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut requests = 0u64;
         let mut pending: VecDeque<InjectRequest> = VecDeque::new();
         // Created once: a fresh cancellation future per frame would register
         // and unregister a waiter on the token every time.
@@ -370,18 +373,15 @@ impl Pumps<'_> {
                     let _ = request.reply.send(Err(InjectError::Draining));
                 }
                 if self.shared.lock().idle_for_drain() {
-                    return (Outcome::Drained, requests);
+                    return Outcome::Drained;
                 }
             } else if let Some(frame) = self.take_injection(&mut pending) {
                 if let Err(source) = upstream.write_all(&frame).await {
-                    return (
-                        Outcome::Failed(ConnError::Io {
-                            side: Side::Upstream,
-                            action: "writing",
-                            source,
-                        }),
-                        requests,
-                    );
+                    return Outcome::Failed(ConnError::Io {
+                        side: Side::Upstream,
+                        action: "writing",
+                        source,
+                    });
                 }
                 continue;
             }
@@ -408,11 +408,11 @@ impl Pumps<'_> {
                 frame = next_frame(&mut reader, self.settings.frame_read_timeout, Side::Client), if !draining => frame,
             };
             let frame = match frame {
-                None => return (Outcome::ClientClosed, requests),
-                Some(Err(e)) => return (Outcome::Failed(e), requests),
+                None => return Outcome::ClientClosed,
+                Some(Err(e)) => return Outcome::Failed(e),
                 Some(Ok(frame)) => frame,
             };
-            requests += 1;
+            self.shared.requests.fetch_add(1, Ordering::Relaxed);
             self.settings.metrics.frame(
                 Direction::ClientToUpstream,
                 frame.header.op_code,
@@ -421,7 +421,7 @@ impl Pumps<'_> {
 
             let info = match self.inspect_request(&frame) {
                 Ok(info) => info,
-                Err(e) => return (Outcome::Failed(e), requests),
+                Err(e) => return Outcome::Failed(e),
             };
             match info.verdict {
                 Verdict::Forward => {
@@ -437,14 +437,11 @@ impl Pumps<'_> {
                         }
                     }
                     if let Err(source) = upstream.write_all(&frame.bytes).await {
-                        return (
-                            Outcome::Failed(ConnError::Io {
-                                side: Side::Upstream,
-                                action: "writing",
-                                source,
-                            }),
-                            requests,
-                        );
+                        return Outcome::Failed(ConnError::Io {
+                            side: Side::Upstream,
+                            action: "writing",
+                            source,
+                        });
                     }
                 }
                 Verdict::Reject { reply } => {
@@ -460,10 +457,7 @@ impl Pumps<'_> {
                         wire::op_msg::encode(reply_id, request_id, MsgFlags::default(), &reply)
                     };
                     if local_tx.send(bytes).await.is_err() {
-                        return (
-                            Outcome::Failed(ConnError::Internal("reply pump stopped")),
-                            requests,
-                        );
+                        return Outcome::Failed(ConnError::Internal("reply pump stopped"));
                     }
                 }
             }
@@ -484,8 +478,8 @@ impl Pumps<'_> {
         let id = map.next_proxy_id();
         let record = InFlightRequest {
             request_id: id,
-            op_code: OpCode::Msg,
             command: None,
+            command_metric: OTHER_COMMAND,
             started: Instant::now(),
             exhaust_allowed: false,
             awaitable_hello: false,
@@ -512,7 +506,7 @@ impl Pumps<'_> {
         let (command, expects_reply, exhaust_allowed, awaitable_hello) = match &msg {
             Message::Msg(m) => {
                 let name = m.command_name();
-                let awaitable = name.is_some_and(is_hello)
+                let awaitable = name.is_some_and(crate::command::is_hello)
                     && (m.flags.exhaust_allowed()
                         || m.body.get("maxAwaitTimeMS").ok().flatten().is_some());
                 (
@@ -527,13 +521,14 @@ impl Pumps<'_> {
             // through without expecting anything back.
             Message::Reply(_) | Message::Other(_) => (None, false, false, false),
         };
-        if let Some(name) = command {
-            self.settings.metrics.command(name);
+        let command_metric = command.map_or(OTHER_COMMAND, command_index);
+        if command.is_some() {
+            self.settings.metrics.command(command_metric);
         }
         let record = expects_reply.then(|| InFlightRequest {
             request_id: frame.header.request_id,
-            op_code: opened.op_code,
-            command: command.map(intern_command),
+            command: command.map(|name| intern_command(name, command_metric)),
+            command_metric,
             started: Instant::now(),
             exhaust_allowed,
             awaitable_hello,
@@ -554,12 +549,11 @@ impl Pumps<'_> {
         mut reader: FramedRead<R, FrameCodec>,
         mut client: W,
         mut local_rx: mpsc::Receiver<Bytes>,
-    ) -> (Outcome, u64)
+    ) -> Outcome
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut replies = 0u64;
         let client_write_error = |source| ConnError::Io {
             side: Side::Client,
             action: "writing",
@@ -571,7 +565,7 @@ impl Pumps<'_> {
                 local = local_rx.recv() => {
                     if let Some(bytes) = local {
                         if let Err(e) = client.write_all(&bytes).await {
-                            return (Outcome::Failed(client_write_error(e)), replies);
+                            return Outcome::Failed(client_write_error(e));
                         }
                     }
                     continue;
@@ -579,11 +573,11 @@ impl Pumps<'_> {
                 frame = next_frame(&mut reader, self.settings.frame_read_timeout, Side::Upstream) => frame,
             };
             let frame = match frame {
-                None => return (Outcome::UpstreamClosed, replies),
-                Some(Err(e)) => return (Outcome::Failed(e), replies),
+                None => return Outcome::UpstreamClosed,
+                Some(Err(e)) => return Outcome::Failed(e),
                 Some(Ok(frame)) => frame,
             };
-            replies += 1;
+            self.shared.replies.fetch_add(1, Ordering::Relaxed);
             self.settings.metrics.frame(
                 Direction::UpstreamToClient,
                 frame.header.op_code,
@@ -592,11 +586,11 @@ impl Pumps<'_> {
 
             let (to_client, became_idle) = match self.inspect_reply(&frame) {
                 Ok(r) => r,
-                Err(e) => return (Outcome::Failed(e), replies),
+                Err(e) => return Outcome::Failed(e),
             };
             if let Some(bytes) = to_client {
                 if let Err(e) = client.write_all(&bytes).await {
-                    return (Outcome::Failed(client_write_error(e)), replies);
+                    return Outcome::Failed(client_write_error(e));
                 }
             }
             // Only after the reply reached the client: a draining
@@ -615,10 +609,10 @@ impl Pumps<'_> {
         if request.awaitable_hello || !first_reply {
             return;
         }
-        if let Some(name) = request.command.as_deref() {
+        if request.command.is_some() {
             self.settings
                 .metrics
-                .round_trip(name, request.started.elapsed());
+                .round_trip(request.command_metric, request.started.elapsed());
         }
     }
 

@@ -166,13 +166,12 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::wire::OpCode;
 
     fn request(id: i32, command: &'static str) -> InFlightRequest {
         InFlightRequest {
             request_id: id,
-            op_code: OpCode::Msg,
             command: Some(command.into()),
+            command_metric: crate::metrics::command_index(command),
             started: Instant::now(),
             exhaust_allowed: false,
             awaitable_hello: false,

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::wire::{Frame, Message, OpCode};
+use crate::metrics::{COMMAND_LABELS, OTHER_COMMAND};
+use crate::wire::{Frame, Message};
 
 /// Policy hooks called by every proxied connection. All methods have
 /// no-op defaults, so an implementation overrides only what it needs.
@@ -85,10 +86,11 @@ pub enum ReplyVerdict {
 pub struct InFlightRequest {
     /// The client's requestID (for injected requests: the proxy's negative id).
     pub request_id: i32,
-    /// The opcode of the request (inside any OP_COMPRESSED wrapper).
-    pub op_code: OpCode,
     /// The command name, when the request is a command.
     pub command: Option<Cow<'static, str>>,
+    /// `command`'s index in `metrics::COMMAND_LABELS`, found once per
+    /// request for both the command counter and the latency histogram.
+    pub command_metric: usize,
     pub started: Instant,
     /// The request set `exhaustAllowed`: the reply may be a stream.
     pub exhaust_allowed: bool,
@@ -219,74 +221,30 @@ impl Injector {
     }
 }
 
-/// Command names interned so the hot path does not allocate a String per
-/// request; anything else is copied.
-pub(crate) fn intern_command(name: &str) -> Cow<'static, str> {
-    const KNOWN: &[&str] = &[
-        "find",
-        "insert",
-        "update",
-        "delete",
-        "getMore",
-        "aggregate",
-        "findAndModify",
-        "hello",
-        "isMaster",
-        "ismaster",
-        "ping",
-        "killCursors",
-        "count",
-        "distinct",
-        "endSessions",
-        "refreshSessions",
-        "killSessions",
-        "killAllSessions",
-        "killAllSessionsByPattern",
-        "startSession",
-        "commitTransaction",
-        "abortTransaction",
-        "saslStart",
-        "saslContinue",
-        "authenticate",
-        "buildInfo",
-        "buildinfo",
-        "getParameter",
-        "listCollections",
-        "listIndexes",
-        "listDatabases",
-        "createIndexes",
-        "dropIndexes",
-        "create",
-        "drop",
-        "dropDatabase",
-        "explain",
-        "serverStatus",
-        "getLastError",
-        "logout",
-        "bulkWrite",
-        "collMod",
-        "renameCollection",
-    ];
-    match KNOWN.iter().find(|known| **known == name) {
-        Some(known) => Cow::Borrowed(known),
-        None => Cow::Owned(name.to_owned()),
+/// The name to keep for a command whose metric label index is `index`:
+/// the label itself for the commands drivers send routinely (no String per
+/// request on the hot path), a copy for anything else.
+pub(crate) fn intern_command(name: &str, index: usize) -> Cow<'static, str> {
+    match COMMAND_LABELS.get(index) {
+        Some(label) if index != OTHER_COMMAND => Cow::Borrowed(label),
+        _ => Cow::Owned(name.to_owned()),
     }
-}
-
-/// Whether `name` is one of the handshake / monitoring hello commands.
-pub(crate) fn is_hello(name: &str) -> bool {
-    matches!(name, "hello" | "isMaster" | "ismaster")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::command_index;
 
     #[test]
     fn known_commands_are_borrowed_unknown_owned() {
-        assert!(matches!(intern_command("find"), Cow::Borrowed("find")));
+        let find = command_index("find");
+        assert!(matches!(
+            intern_command("find", find),
+            Cow::Borrowed("find")
+        ));
         assert!(
-            matches!(intern_command("myCustomCommand"), Cow::Owned(ref s) if s == "myCustomCommand")
+            matches!(intern_command("myCustomCommand", command_index("myCustomCommand")), Cow::Owned(ref s) if s == "myCustomCommand")
         );
     }
 

@@ -30,7 +30,7 @@ use bson::{RawArrayBuf, RawBsonRef, RawDocument, RawDocumentBuf};
 use bytes::Bytes;
 use tracing::{error, warn};
 
-use super::inspect::{is_hello, ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict};
+use super::inspect::{ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict};
 use super::upstream::{HostPort, DEFAULT_MONGODB_PORT};
 use crate::wire::{self, op_compressed, Compressor, Frame, Message, MsgFlags, OpCode, HEADER_LEN};
 
@@ -39,7 +39,6 @@ const LIST_FIELDS: [&str; 3] = ["hosts", "passives", "arbiters"];
 /// Hello fields that hold one member address.
 const SINGLE_FIELDS: [&str; 2] = ["primary", "me"];
 /// OP_MSG flag bit 0: a CRC-32C follows the sections.
-const CHECKSUM_PRESENT: u32 = 1;
 /// How many distinct unknown addresses are remembered (each is logged once);
 /// beyond this they are still left alone, just no longer logged.
 const MAX_REMEMBERED_UNKNOWN: usize = 1024;
@@ -188,7 +187,7 @@ pub fn rewrite_hello_reply(
         Message::Msg(m) => {
             let found = rewrite_hello_document(m.body, map)?;
             let body = found.document.as_ref().map(|document| {
-                let flags = MsgFlags(m.flags.0 & !CHECKSUM_PRESENT);
+                let flags = MsgFlags(m.flags.0 & !MsgFlags::CHECKSUM_PRESENT);
                 let sequences: Vec<(&str, Vec<&[u8]>)> = m
                     .sequences
                     .iter()
@@ -268,7 +267,10 @@ fn compressor_of(frame: &Frame) -> Option<Compressor> {
 /// reply no request claims, a body shaped like one.
 fn is_hello_reply(request: Option<&InFlightRequest>, msg: &Message<'_>) -> bool {
     match request {
-        Some(request) => request.command.as_deref().is_some_and(is_hello),
+        Some(request) => request
+            .command
+            .as_deref()
+            .is_some_and(crate::command::is_hello),
         None => {
             let body = match msg {
                 Message::Msg(m) => Some(m.body),
@@ -390,23 +392,9 @@ impl Inspector for TopologyInspector {
         }
         match verdict {
             ReplyVerdict::Forward => self.rewrite(conn, frame, msg),
-            // Nothing replaces hello replies today; if something ever does,
-            // its bytes are what the client would get, so map those.
-            ReplyVerdict::Replace(bytes) => {
-                let Some(replaced) = reopen(bytes.clone()) else {
-                    return ReplyVerdict::Replace(bytes);
-                };
-                let Ok(opened) = wire::open(&replaced, usize::MAX) else {
-                    return ReplyVerdict::Replace(bytes);
-                };
-                let Ok(replaced_msg) = opened.parse(&replaced) else {
-                    return ReplyVerdict::Replace(bytes);
-                };
-                match self.rewrite(conn, &replaced, &replaced_msg) {
-                    ReplyVerdict::Forward => ReplyVerdict::Replace(bytes),
-                    rewritten => rewritten,
-                }
-            }
+            // No inspector replaces hello replies; a replacement would be
+            // the inner inspector's own answer, passed on as it is.
+            replaced @ ReplyVerdict::Replace(_) => replaced,
         }
     }
 
@@ -415,18 +403,18 @@ impl Inspector for TopologyInspector {
     }
 }
 
-/// A frame view of complete frame bytes (header included).
-fn reopen(bytes: Bytes) -> Option<Frame> {
-    let header = wire::MsgHeader::parse(&bytes)?;
-    Some(Frame { header, bytes })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use bson::{doc, Document};
     use std::borrow::Cow;
     use std::time::Instant;
+
+    /// A frame view of complete frame bytes (header included).
+    fn reopen(bytes: Bytes) -> Option<Frame> {
+        let header = wire::MsgHeader::parse(&bytes)?;
+        Some(Frame { header, bytes })
+    }
 
     fn host(s: &str) -> HostPort {
         let (h, p) = s.rsplit_once(':').unwrap();
@@ -478,8 +466,8 @@ mod tests {
     fn hello_request(streamed: u32) -> InFlightRequest {
         InFlightRequest {
             request_id: 7,
-            op_code: OpCode::Msg,
             command: Some(Cow::Borrowed("hello")),
+            command_metric: crate::metrics::command_index("hello"),
             started: Instant::now(),
             exhaust_allowed: true,
             awaitable_hello: true,
@@ -560,7 +548,7 @@ mod tests {
         let original = hello();
         let body = raw(&original);
         // moreToCome (bit 1) as in a streamed reply, plus a checksum flag.
-        let flags = MsgFlags((1 << 1) | CHECKSUM_PRESENT);
+        let flags = MsgFlags(MsgFlags::MORE_TO_COME | MsgFlags::CHECKSUM_PRESENT);
         let mut bytes = wire::op_msg::encode(41, 40, flags, body.as_bytes()).to_vec();
         let len = i32::try_from(bytes.len() + 4).unwrap();
         bytes[..4].copy_from_slice(&len.to_le_bytes());
@@ -680,7 +668,7 @@ mod tests {
         let inspector = TopologyInspector::new(seen.clone(), map());
         let original = hello();
         for streamed in 0..3 {
-            let frame = msg_frame(&original, MsgFlags(1 << 1));
+            let frame = msg_frame(&original, MsgFlags(MsgFlags::MORE_TO_COME));
             let opened = wire::open(&frame, usize::MAX).unwrap();
             let msg = opened.parse(&frame).unwrap();
             let verdict = inspector.on_reply(&ctx(), Some(&hello_request(streamed)), &frame, &msg);
