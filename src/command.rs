@@ -774,18 +774,17 @@ pub fn as_integer(value: RawBsonRef<'_>) -> Option<i64> {
 /// `{w: 0}` without `j: true` (the write concern spec treats `w:0, j:true`
 /// as acknowledged).
 fn is_unacknowledged(write_concern: &RawDocument) -> bool {
-    let w_is_zero = write_concern
-        .get("w")
-        .ok()
-        .flatten()
-        .and_then(as_integer)
-        .is_some_and(|w| w == 0);
-    let journaled = write_concern
-        .get("j")
-        .ok()
-        .flatten()
-        .and_then(RawBsonRef::as_bool)
-        == Some(true);
+    // One walk; the first `w` / `j` counts, as a keyed lookup would find it.
+    let (mut w, mut j) = (None, None);
+    for element in bson_scan::elements(write_concern) {
+        match element.key {
+            b"w" if w.is_none() => w = Some(element),
+            b"j" if j.is_none() => j = Some(element),
+            _ => {}
+        }
+    }
+    let w_is_zero = w.is_some_and(|w| w.as_integer() == Some(0));
+    let journaled = j.is_some_and(|j| j.as_bool() == Some(true));
     w_is_zero && !journaled
 }
 
