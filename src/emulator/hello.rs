@@ -12,7 +12,6 @@ use super::Topology;
 use crate::wire::Compressor;
 
 pub const MAX_BSON_OBJECT_SIZE: i32 = 16 * 1024 * 1024;
-pub const MAX_MESSAGE_SIZE_BYTES: i32 = 48_000_000;
 pub const MAX_WRITE_BATCH_SIZE: i32 = 100_000;
 pub const MAX_WIRE_VERSION: i32 = 21;
 
@@ -145,7 +144,10 @@ pub fn hello_reply(
         }
     }
     reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE);
-    reply.insert("maxMessageSizeBytes", MAX_MESSAGE_SIZE_BYTES);
+    reply.insert(
+        "maxMessageSizeBytes",
+        i32::try_from(config.max_message_size).unwrap_or(i32::MAX),
+    );
     reply.insert("maxWriteBatchSize", MAX_WRITE_BATCH_SIZE);
     reply.insert("localTime", DateTime::now());
     reply.insert(
@@ -161,4 +163,40 @@ pub fn hello_reply(
     }
     reply.insert("ok", 1.0);
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::EmulatorConfig;
+
+    fn reported_max_message_size(config: EmulatorConfig) -> Option<i32> {
+        let state = EmulatorState::new(config);
+        let ctx = HelloContext {
+            state: &state,
+            member: 0,
+            connection_id: 1,
+        };
+        hello_reply(&ctx, "hello", &Document::new(), None)
+            .get_i32("maxMessageSizeBytes")
+            .ok()
+    }
+
+    #[test]
+    fn hello_reports_the_configured_message_size_bound() {
+        assert_eq!(
+            reported_max_message_size(EmulatorConfig::default()),
+            Some(48_000_000)
+        );
+        let small = EmulatorConfig {
+            max_message_size: 1_000_000,
+            ..EmulatorConfig::default()
+        };
+        assert_eq!(reported_max_message_size(small), Some(1_000_000));
+        let huge = EmulatorConfig {
+            max_message_size: usize::MAX,
+            ..EmulatorConfig::default()
+        };
+        assert_eq!(reported_max_message_size(huge), Some(i32::MAX));
+    }
 }

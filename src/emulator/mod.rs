@@ -87,7 +87,7 @@ pub struct EmulatorConfig {
     /// Keep the exact bytes of every received frame (see
     /// [`EmulatorHandle::received_frames`]).
     pub record_frames: bool,
-    /// Largest accepted frame (and reported maxMessageSizeBytes bound).
+    /// Largest accepted frame, reported in hello as maxMessageSizeBytes.
     pub max_message_size: usize,
     /// Serve TLS with this configuration instead of plain TCP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
