@@ -243,15 +243,6 @@ struct ExhaustGetMore {
 /// How often a blocked write looks again even without a signal.
 const BLOCKED_RECHECK: Duration = Duration::from_millis(100);
 
-/// Write commands that may have to wait for a transaction's lock.
-const WRITE_COMMANDS: &[&str] = &[
-    "insert",
-    "update",
-    "delete",
-    "findAndModify",
-    "findandmodify",
-];
-
 struct AwaitingHello {
     request_id: i32,
     command_name: String,
@@ -735,11 +726,11 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                                     sequences,
                                     user: conn.auth.user().map(str::to_owned),
                                 };
-                                // Subscribed before trying, so a transaction
-                                // ending right after the try still wakes us.
-                                let transaction_ended = WRITE_COMMANDS
-                                    .contains(&name.as_str())
-                                    .then(|| conn.state.subscribe_transaction_ended());
+                                // Subscribed before trying (whatever the
+                                // command: a watch subscribe is cheap), so a
+                                // transaction ending right after the try
+                                // still wakes a blocked write.
+                                let transaction_ended = conn.state.subscribe_transaction_ended();
                                 let mut resume = Resume::default();
                                 match commands::execute(
                                     &conn.state,
@@ -781,9 +772,7 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                                         return Ok(Action::Blocked(BlockedWrite {
                                             request,
                                             resume,
-                                            transaction_ended: transaction_ended.unwrap_or_else(
-                                                || conn.state.subscribe_transaction_ended(),
-                                            ),
+                                            transaction_ended,
                                             deadline,
                                             reply_to,
                                         }));
