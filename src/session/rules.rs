@@ -555,7 +555,7 @@ pub fn idle_expired_reuse(
     state: &SessionState,
     ctx: &RuleContext<'_>,
 ) -> Option<Violation> {
-    if state.ended.is_some() || state.idle_reported || !state.in_flight.is_empty() {
+    if state.ended.is_some() || !state.in_flight.is_empty() {
         return None;
     }
     if matches!(
@@ -1228,11 +1228,6 @@ mod tests {
         state.last_refreshed = 10 * MINUTE;
         assert_eq!(
             idle_expired_reuse(&event(find), &state, &ctx(&names, 31 * MINUTE)),
-            None
-        );
-        state.idle_reported = true;
-        assert_eq!(
-            idle_expired_reuse(&event(find), &state, &ctx(&names, 50 * MINUTE)),
             None
         );
     }

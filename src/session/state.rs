@@ -369,8 +369,6 @@ pub struct SessionState {
     pub upstream: u32,
     pub refreshes: u32,
     pub open_cursors: u16,
-    /// idle-expired-reuse already reported for the current idle period.
-    pub idle_reported: bool,
     /// A refresher `refreshSessions` naming it has not answered yet.
     pub refresh_pending: bool,
     /// A request under it was forwarded since it was created or restarted:
@@ -396,7 +394,6 @@ impl SessionState {
             upstream: 0,
             refreshes: 0,
             open_cursors: 0,
-            idle_reported: false,
             refresh_pending: false,
             started: false,
         }
@@ -464,7 +461,6 @@ impl SessionState {
     pub fn apply_request(&mut self, request: &RequestFacts, now: Millis) -> TxnEvents {
         self.started = true;
         self.last_used = now;
-        self.idle_reported = false;
         self.last_conn = request.request.conn;
         self.upstream = request.upstream;
         if self.first_client == ClientId::UNKNOWN {
