@@ -184,6 +184,18 @@ SCENARIOS=(
   "py-protocol-probe|python|PYTHON scenarios/protocol_probe.py"
 )
 
+# A pattern matching no scenario (a typo, an invalid regex) would otherwise
+# run nothing and report "0 passed, 0 failed" as success.
+if [[ -n "${INTEROP_ONLY:-}" ]]; then
+  matched=0
+  for entry in "${SCENARIOS[@]}"; do
+    if grep -Eq -- "$INTEROP_ONLY" <<<"${entry%%|*}" 2>/dev/null; then
+      matched=$((matched + 1))
+    fi
+  done
+  [[ $matched -gt 0 ]] || die "INTEROP_ONLY='$INTEROP_ONLY' matches no scenario (or is not a valid grep -E pattern)"
+fi
+
 CHECK="$INTEROP_DIR/check.py"
 EXPECTED="$INTEROP_DIR/expected.json"
 
@@ -268,4 +280,5 @@ if [[ $failed -gt 0 ]]; then
   say "failed: ${failures[*]}"
 fi
 say "$passed passed, $failed failed"
+[[ $((passed + failed + ${#pending[@]})) -gt 0 ]] || die "no scenario ran"
 [[ $failed -eq 0 ]]
