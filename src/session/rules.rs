@@ -555,19 +555,13 @@ pub fn idle_expired_reuse(
     state: &SessionState,
     ctx: &RuleContext<'_>,
 ) -> Option<Violation> {
-    if state.ended.is_some() || !state.in_flight.is_empty() {
-        return None;
-    }
-    if matches!(
-        ev.facts.class,
-        CommandClass::KillCursors | CommandClass::Abort | CommandClass::EndSessions
-    ) {
+    // The same judgement (and the same exempt commands) as the
+    // `sessions_expired` counter in the engine, so the rule and the counter agree.
+    if ev.facts.class.is_session_cleanup() || !state.expired_on_server(ctx.now, ctx.session_timeout)
+    {
         return None;
     }
     let idle = ctx.now.saturating_sub(state.last_activity());
-    if idle <= ctx.session_timeout {
-        return None;
-    }
     let command = ctx.names.symbol(ev.facts.request.command);
     Some(
         Violation::new(
