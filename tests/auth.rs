@@ -187,20 +187,14 @@ async fn session_owners(engine: Arc<SessionEngine>) -> Vec<Option<String>> {
     let server = admin::serve_with("127.0.0.1:0", context, shutdown.clone())
         .await
         .unwrap();
-    let mut stream = TcpStream::connect(server.local_addr).await.unwrap();
-    stream
-        .write_all(b"GET /sessions HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
+    let reply = common::http_get(server.local_addr, "/sessions", None).await;
     shutdown.cancel();
-    let text = String::from_utf8(response).unwrap();
-    let body = &text[text.find('{').unwrap()..=text.rfind('}').unwrap()];
-    let listing: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(reply.status, 200, "GET /sessions: {reply:?}");
+    let listing: serde_json::Value = serde_json::from_str(&reply.body)
+        .unwrap_or_else(|e| panic!("/sessions is JSON ({e}): {}", reply.body));
     listing["sessions"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("a sessions array in {listing}"))
         .iter()
         .map(|s| s["owner"].as_str().map(str::to_owned))
         .collect()
