@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 use bytes::Bytes;
+use common::Stack;
 use futures_util::StreamExt;
 use sessionguard::config::ProxyConfig;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
@@ -237,17 +238,6 @@ impl Inspector for Recorder {
     }
 }
 
-async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    condition()
-}
-
 // ---------------------------------------------------------------- forwarding
 
 #[tokio::test]
@@ -377,7 +367,7 @@ async fn more_to_come_request_gets_no_reply_and_leaves_nothing_in_flight() {
     client.expect_silence(Duration::from_millis(200)).await;
 
     drop(client);
-    assert!(eventually(WAIT, || !recorder.closes.lock().unwrap().is_empty()).await);
+    assert!(Stack::eventually(WAIT, || !recorder.closes.lock().unwrap().is_empty()).await);
     let closes = recorder.closes.lock().unwrap();
     assert!(
         closes[0].1.is_empty(),
@@ -457,7 +447,7 @@ async fn a_client_reset_is_logged_at_info_not_as_a_warning() {
             .find(|l| l.contains("connection closed") && l.contains(&peer))
     };
     assert!(
-        eventually(WAIT, || close_line().is_some()).await,
+        Stack::eventually(WAIT, || close_line().is_some()).await,
         "{:#?}",
         logs.proxy_lines()
     );
@@ -509,7 +499,7 @@ async fn malformed_client_frames_close_only_that_client_with_one_log_line() {
         .await;
     assert!(ok(&n));
 
-    assert!(eventually(WAIT, || logs.proxy_warn_lines().len() >= 2).await);
+    assert!(Stack::eventually(WAIT, || logs.proxy_warn_lines().len() >= 2).await);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let warns = logs.proxy_warn_lines();
     assert_eq!(warns.len(), 2, "one line per bad client: {warns:#?}");
@@ -596,7 +586,7 @@ async fn malformed_upstream_frame_closes_that_pair_as_an_upstream_error() {
     client.send(0, &doc! { "ping": 1, "$db": "admin" }).await;
     client.expect_closed(WAIT).await;
 
-    assert!(eventually(WAIT, || !logs.proxy_warn_lines().is_empty()).await);
+    assert!(Stack::eventually(WAIT, || !logs.proxy_warn_lines().is_empty()).await);
     let warns = logs.proxy_warn_lines();
     assert_eq!(warns.len(), 1, "{warns:#?}");
     assert!(
@@ -625,7 +615,7 @@ async fn unreachable_upstream_closes_the_client_promptly() {
     // The listener keeps serving (and failing fast) for the next client.
     let mut again = Raw::connect(proxy.local_addr()).await;
     again.expect_closed(WAIT).await;
-    assert!(eventually(WAIT, || proxy.active_connections() == 0).await);
+    assert!(Stack::eventually(WAIT, || proxy.active_connections() == 0).await);
 }
 
 // ---------------------------------------------------------------- lifecycle
@@ -652,7 +642,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
     assert!(ok(&first.command(doc! { "ping": 1, "$db": "admin" }).await));
 
     drop(first);
-    assert!(eventually(WAIT, || proxy.active_connections() == 1).await);
+    assert!(Stack::eventually(WAIT, || proxy.active_connections() == 1).await);
     let mut fourth = Raw::connect(proxy.local_addr()).await;
     assert!(ok(&fourth
         .command(doc! { "ping": 1, "$db": "admin" })
@@ -936,7 +926,7 @@ async fn injection_gives_up_when_the_connection_never_idles() {
     assert_eq!(negatives, 0, "a request given up is never sent");
 
     drop(client);
-    assert!(eventually(WAIT, || proxy.active_connections() == 0).await);
+    assert!(Stack::eventually(WAIT, || proxy.active_connections() == 0).await);
     assert_eq!(
         injector
             .inject(bson_bytes(&doc! { "ping": 1, "$db": "admin" }))
