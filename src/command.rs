@@ -120,16 +120,10 @@ pub struct RequestView<'a> {
     pub txn_number: Option<i64>,
     pub start_transaction: bool,
     pub autocommit: Option<bool>,
-    /// `stmtId` / `stmtIds` were sent explicitly.
-    pub has_stmt_ids: bool,
     /// `writeConcern: {w: 0}` (and not `j: true`), or `moreToCome` set.
     pub unacknowledged: bool,
     /// OP_MSG `moreToCome`: the client expects no reply.
     pub more_to_come: bool,
-    /// OP_MSG `exhaustAllowed`: the reply may be a stream.
-    pub exhaust_allowed: bool,
-    /// The request came as OP_QUERY (legacy handshake).
-    pub legacy: bool,
 }
 
 impl<'a> RequestView<'a> {
@@ -138,7 +132,7 @@ impl<'a> RequestView<'a> {
     /// unknown opcode, or a body without keys).
     pub fn from_message(message: &'a Message<'a>) -> Option<RequestView<'a>> {
         match message {
-            Message::Msg(msg) => Self::from_parts(msg.body, &msg.sequences, msg.flags, None, false),
+            Message::Msg(msg) => Self::from_parts(msg.body, &msg.sequences, msg.flags, None),
             Message::Query(query) => Self::from_query(query),
             Message::Reply(_) | Message::Other(_) => None,
         }
@@ -148,7 +142,7 @@ impl<'a> RequestView<'a> {
     /// exactly as [`OpQuery::command_name`] does (the proxy's label).
     pub fn from_query(query: &'a OpQuery<'a>) -> Option<RequestView<'a>> {
         let (db, command) = query.command()?;
-        Self::from_parts(command, &[], MsgFlags::default(), Some(db), true)
+        Self::from_parts(command, &[], MsgFlags::default(), Some(db))
     }
 
     fn from_parts(
@@ -156,7 +150,6 @@ impl<'a> RequestView<'a> {
         sequences: &'a [DocumentSequence<'a>],
         flags: MsgFlags,
         legacy_db: Option<&'a str>,
-        legacy: bool,
     ) -> Option<RequestView<'a>> {
         // One pass over the top-level keys; values are decoded only for the
         // keys that matter, and keys are compared as bytes.
@@ -175,11 +168,8 @@ impl<'a> RequestView<'a> {
             txn_number: None,
             start_transaction: false,
             autocommit: None,
-            has_stmt_ids: false,
             unacknowledged: flags.more_to_come(),
             more_to_come: flags.more_to_come(),
-            exhaust_allowed: flags.exhaust_allowed(),
-            legacy,
         };
         for element in elements {
             match element.key {
@@ -192,7 +182,6 @@ impl<'a> RequestView<'a> {
                 b"txnNumber" => view.txn_number = element.as_integer(),
                 b"startTransaction" => view.start_transaction = element.as_bool() == Some(true),
                 b"autocommit" => view.autocommit = element.as_bool(),
-                b"stmtId" | b"stmtIds" => view.has_stmt_ids = true,
                 b"collection" => view.collection_field = element.as_str(),
                 b"writeConcern" if element.as_document().is_some_and(is_unacknowledged) => {
                     view.unacknowledged = true
@@ -905,9 +894,6 @@ mod tests {
             assert!(view.more_to_come);
             assert!(view.unacknowledged);
         });
-        with_msg(&plain, MsgFlags::EXHAUST_ALLOWED, |message| {
-            assert!(RequestView::from_message(message).unwrap().exhaust_allowed);
-        });
     }
 
     #[test]
@@ -1122,7 +1108,6 @@ mod tests {
             let view = RequestView::from_query(&query).expect("a command");
             assert_eq!(view.name, "isMaster");
             assert_eq!(view.db, Some("admin"));
-            assert!(view.legacy);
             let handshake = Handshake::from_request(&view).expect("handshake");
             assert_eq!(handshake.driver_name, Some("legacy"));
         }

@@ -57,9 +57,6 @@ impl FrameCodec {
     pub fn new(max_message_size: usize) -> FrameCodec {
         FrameCodec { max_message_size }
     }
-    pub fn max_message_size(&self) -> usize {
-        self.max_message_size
-    }
 }
 
 impl Default for FrameCodec {
