@@ -121,18 +121,19 @@ pub fn elements(doc: &RawDocument) -> Elements<'_> {
 }
 
 /// Walks the top-level elements of raw document bytes (length prefix
-/// included). Bytes that are not a document yield nothing and are
-/// `malformed`.
+/// included). Bytes that are not a document (a declared length that does
+/// not fit, no terminating 0x00 there) yield nothing and are `malformed`.
 pub fn elements_of(bytes: &[u8]) -> Elements<'_> {
-    // The declared length bounds the walk; the terminating 0x00 ends it.
+    // The declared length bounds the walk and its last byte must be the
+    // terminator; the elements lie strictly between the two.
     let declared = bytes
         .get(..4)
         .and_then(|prefix| prefix.try_into().ok())
         .map(i32::from_le_bytes)
         .and_then(|length| usize::try_from(length).ok());
     match declared {
-        Some(length) if length >= 5 && length <= bytes.len() => Elements {
-            rest: &bytes[4..length],
+        Some(length) if length >= 5 && bytes.get(length - 1) == Some(&0) => Elements {
+            rest: &bytes[4..length - 1],
             malformed: false,
         },
         _ => Elements {
@@ -156,7 +157,10 @@ impl<'a> Iterator for Elements<'a> {
         let rest = self.rest;
         let (&element_kind, after_kind) = rest.split_first()?;
         if element_kind == 0 {
+            // A terminator before the declared end: the bytes after it are
+            // unaccounted for, so the walk did not see the whole document.
             self.rest = &[];
+            self.malformed = true;
             return None;
         }
         let parsed = (|| {
@@ -334,6 +338,26 @@ mod tests {
         assert_eq!(walk.next().map(|e| e.key), Some(&b"a"[..]));
         assert_eq!(walk.next(), None);
         assert!(walk.malformed());
+        // A terminator where the second element's type byte should be:
+        // the walk ends there, but bytes remain, so it is malformed.
+        let mut early = bytes.to_vec();
+        early[4 + 1 + 2 + 4] = 0; // length, "a" element (type, "a\0", int32)
+        let mut walk = elements_of(&early);
+        assert_eq!(walk.next().map(|e| e.key), Some(&b"a"[..]));
+        assert_eq!(walk.next(), None);
+        assert!(walk.malformed());
+        // No terminator at the declared end.
+        let mut unterminated = bytes.to_vec();
+        let last = unterminated.len() - 1;
+        unterminated[last] = 1;
+        let walk = elements_of(&unterminated);
+        assert!(walk.malformed());
+        assert_eq!(walk.count(), 0);
+        // A complete walk is not malformed, even when asked again.
+        let mut walk = elements_of(bytes);
+        assert_eq!(walk.by_ref().count(), 2);
+        assert_eq!(walk.next(), None);
+        assert!(!walk.malformed());
         // An unknown type byte.
         let mut unknown = bytes.to_vec();
         unknown[4] = 0x42;
