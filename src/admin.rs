@@ -44,6 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
@@ -98,13 +99,10 @@ impl AdminContext {
         metrics: Arc<Metrics>,
         engine: Option<Arc<SessionEngine>>,
     ) -> Result<AdminContext, crate::config::ConfigError> {
-        let upstream = config.upstream_connection_string()?;
-        let members = config.member_plan()?;
-        let targets = if members.is_empty() {
-            vec![upstream.primary_target().clone()]
-        } else {
-            members.into_iter().map(|member| member.upstream).collect()
-        };
+        let targets = crate::proxy::listener_plan(config)?
+            .into_iter()
+            .map(|(upstream, _, _)| upstream)
+            .collect();
         Ok(AdminContext {
             metrics,
             engine,
@@ -185,40 +183,39 @@ pub async fn serve_with(
 }
 
 async fn run_probe(probe: UpstreamProbe, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let mut was_up = vec![true; probe.targets.len()];
     loop {
-        // Concurrently: a dead member's connect timeout must not delay
-        // noticing the others.
-        let dials = futures_util::future::join_all(
-            probe
-                .targets
-                .iter()
-                .map(|target| upstream::dial(target, probe.timeout)),
-        );
-        let dialed = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            dialed = dials => dialed,
-        };
-        for ((target, result), was_up) in probe.targets.iter().zip(dialed).zip(&mut was_up) {
+        // Every member at once, each result recorded as it comes: a dead
+        // member's connect timeout must not delay noticing the others.
+        let mut dials: FuturesUnordered<_> = probe
+            .targets
+            .iter()
+            .map(|target| async move { (target, upstream::dial(target, probe.timeout).await) })
+            .collect();
+        loop {
+            let dialed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                dialed = dials.next() => dialed,
+            };
+            let Some((target, result)) = dialed else {
+                break;
+            };
+            // Transitions are logged from the state /readyz serves, which
+            // client dials update too.
             match result {
                 Ok(stream) => {
                     drop(stream);
-                    metrics.proxy().upstream_reached(target);
-                    if !*was_up {
+                    if metrics.proxy().upstream_reached(target) {
                         info!(upstream = %target, "upstream reachable again");
                     }
-                    *was_up = true;
                 }
                 Err(e) => {
-                    metrics.proxy().upstream_unreachable(target);
-                    if *was_up {
+                    if metrics.proxy().upstream_unreachable(target) {
                         let ready = metrics.proxy().upstream_is_up();
                         warn!(
                             upstream = %target, error = %e, readyz = if ready { 200 } else { 503 },
                             "upstream unreachable"
                         );
                     }
-                    *was_up = false;
                 }
             }
         }

@@ -14,6 +14,7 @@
 //! The session engine has no metrics dependency: [`SessionCollector`] reads
 //! `SessionEngine::stats()` and `violation_counts()` when Prometheus scrapes.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -229,34 +230,65 @@ impl ProxyMetrics {
         self.latency[index.min(OTHER_COMMAND)].observe(elapsed.as_secs_f64());
     }
 
-    /// Dialing `upstream` for a client failed.
-    pub fn connect_failed(&self, failure: ConnectFailure, upstream: &dyn std::fmt::Display) {
+    /// Dialing the upstream for a client failed. `unreachable`: the
+    /// upstream that could not be reached, when the failure says so (a
+    /// refused or timed-out connect, not a TLS handshake the probe's plain
+    /// TCP connect would contradict at its next round).
+    pub fn connect_failed(&self, failure: ConnectFailure, unreachable: Option<&dyn fmt::Display>) {
         self.connect_errors[failure as usize].inc();
-        self.set_reachable(upstream, false);
-    }
-
-    /// `upstream` accepted a connection (a client's, or the readiness probe's).
-    pub fn upstream_reached(&self, upstream: &dyn std::fmt::Display) {
-        self.set_reachable(upstream, true);
-    }
-
-    /// `upstream` refused or timed out a readiness probe.
-    pub fn upstream_unreachable(&self, upstream: &dyn std::fmt::Display) {
-        self.set_reachable(upstream, false);
-    }
-
-    fn set_reachable(&self, upstream: &dyn std::fmt::Display, reachable: bool) {
-        let name = upstream.to_string();
-        let mut known = self
-            .reachability
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match known.iter_mut().find(|(known_name, _)| *known_name == name) {
-            Some((_, state)) => *state = reachable,
-            None => known.push((name, reachable)),
+        if let Some(upstream) = unreachable {
+            self.set_reachable(upstream, false);
         }
+    }
+
+    /// `upstream` accepted a connection (a client's, or the readiness
+    /// probe's). True when that changed what was known of it.
+    pub fn upstream_reached(&self, upstream: &dyn fmt::Display) -> bool {
+        self.set_reachable(upstream, true)
+    }
+
+    /// `upstream` refused or timed out a readiness probe. True when that
+    /// changed what was known of it.
+    pub fn upstream_unreachable(&self, upstream: &dyn fmt::Display) -> bool {
+        self.set_reachable(upstream, false)
+    }
+
+    /// Registers the upstreams the listeners dial, as reachable until a
+    /// dial says otherwise: one member failing before any other was dialed
+    /// must not make the whole proxy unready.
+    pub fn register_upstreams<'a>(
+        &self,
+        upstreams: impl IntoIterator<Item = &'a dyn fmt::Display>,
+    ) {
+        let mut known = self.reachability();
+        for upstream in upstreams {
+            let name = upstream.to_string();
+            if !known.iter().any(|(known_name, _)| *known_name == name) {
+                known.push((name, true));
+            }
+        }
+    }
+
+    fn reachability(&self) -> std::sync::MutexGuard<'_, Vec<(String, bool)>> {
+        self.reachability
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the outcome of a dial; true when it changed what was known.
+    fn set_reachable(&self, upstream: &dyn fmt::Display, reachable: bool) -> bool {
+        let name = upstream.to_string();
+        let mut known = self.reachability();
+        let changed = match known.iter_mut().find(|(known_name, _)| *known_name == name) {
+            Some((_, state)) => std::mem::replace(state, reachable) != reachable,
+            None => {
+                known.push((name, reachable));
+                !reachable
+            }
+        };
         let any_up = known.iter().any(|(_, state)| *state);
         self.upstream_up.set(i64::from(any_up));
+        changed
     }
 
     /// A connection was closed because one side sent a malformed frame.
@@ -820,10 +852,15 @@ mod tests {
         let metrics = Metrics::new();
         let proxy = metrics.proxy();
         assert!(proxy.upstream_is_up(), "up until a dial says otherwise");
-        proxy.upstream_reached(&"a:27017");
-        proxy.connect_failed(ConnectFailure::Refused, &"b:27017");
+        proxy.register_upstreams([&"a:27017" as &dyn fmt::Display, &"b:27017"]);
+        assert!(
+            !proxy.upstream_reached(&"a:27017"),
+            "registered as reachable"
+        );
+        proxy.connect_failed(ConnectFailure::Refused, Some(&"b:27017"));
         assert!(proxy.upstream_is_up(), "a is still reachable");
-        proxy.upstream_unreachable(&"a:27017");
+        assert!(proxy.upstream_unreachable(&"a:27017"), "a change");
+        assert!(!proxy.upstream_unreachable(&"a:27017"), "no change");
         assert!(!proxy.upstream_is_up(), "neither is");
         proxy.upstream_reached(&"b:27017");
         assert!(proxy.upstream_is_up());
@@ -847,7 +884,7 @@ mod tests {
         proxy.command(command_index("insert"));
         proxy.command(command_index("someCustomThing"));
         proxy.round_trip(command_index("insert"), Duration::from_millis(3));
-        proxy.connect_failed(ConnectFailure::Refused, &"db:27017");
+        proxy.connect_failed(ConnectFailure::Refused, Some(&"db:27017"));
         proxy.malformed_frame(FrameSide::Upstream);
         proxy.set_draining();
         let text = metrics.render();

@@ -187,9 +187,13 @@ pub(crate) async fn serve(
             stream
         }
         Err(e) => {
-            settings
-                .metrics
-                .connect_failed(connect_failure(&e), &settings.upstream);
+            // A failed TLS handshake reached the upstream: the readiness
+            // probe (a plain TCP connect) would undo the mark each round.
+            let unreachable = !matches!(e, DialError::Tls { .. });
+            settings.metrics.connect_failed(
+                connect_failure(&e),
+                unreachable.then_some(&settings.upstream as &dyn std::fmt::Display),
+            );
             let e = ConnError::from(e);
             warn!(conn = id, %peer, side = %e.side(), error = %e, "connection closed: {e}");
             return;

@@ -89,13 +89,12 @@ impl Proxy {
                  proxy.member_base_port) only the first is dialed"
             );
         }
-        let targets: Vec<(upstream::HostPort, String, Option<String>)> = if member_mode {
-            plan.into_iter()
-                .map(|m| (m.upstream, m.listen, m.advertise))
-                .collect()
-        } else {
-            vec![(upstream.primary_target().clone(), cfg.listen.clone(), None)]
-        };
+        let targets = listener_targets(&cfg, &upstream, plan);
+        metrics.proxy().register_upstreams(
+            targets
+                .iter()
+                .map(|(member, _, _)| member as &dyn std::fmt::Display),
+        );
         // Every listener is bound before any accepts, so a taken port fails
         // the start as a whole.
         let mut bound = Vec::with_capacity(targets.len());
@@ -192,6 +191,32 @@ impl Proxy {
             task,
         })
     }
+}
+
+/// What each listener dials, binds and advertises: one listener for the
+/// first upstream host, or one per replica-set member when members are
+/// mapped. The readiness probe dials the same upstreams.
+pub fn listener_plan(
+    cfg: &ProxyConfig,
+) -> Result<Vec<(upstream::HostPort, String, Option<String>)>, crate::config::ConfigError> {
+    Ok(listener_targets(
+        cfg,
+        &cfg.upstream_connection_string()?,
+        cfg.member_plan()?,
+    ))
+}
+
+fn listener_targets(
+    cfg: &ProxyConfig,
+    upstream: &upstream::ConnectionString,
+    plan: Vec<crate::config::MemberPlan>,
+) -> Vec<(upstream::HostPort, String, Option<String>)> {
+    if plan.is_empty() {
+        return vec![(upstream.primary_target().clone(), cfg.listen.clone(), None)];
+    }
+    plan.into_iter()
+        .map(|m| (m.upstream, m.listen, m.advertise))
+        .collect()
 }
 
 /// One bound listener and the upstream it dials.
