@@ -5,25 +5,25 @@
 //! (Debian package `prometheus`, binary `/usr/bin/promtool`; override the
 //! path with `PROMTOOL`); without promtool the test fails.
 
-use std::collections::HashMap;
+mod common;
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, Document};
+use common::{http_get, HttpReply, Stack};
 use mongodb::options::FindOptions;
 use mongodb::Client;
 use serde_json::Value;
-use sessionguard::admin::{self, AdminContext, AdminServer, UpstreamProbe};
-use sessionguard::config::{AdminToken, ProxyConfig};
+use sessionguard::admin::{self, AdminContext, AdminServer};
+use sessionguard::config::ProxyConfig;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard::metrics::Metrics;
-use sessionguard::proxy::upstream::HostPort;
 use sessionguard::proxy::{Proxy, ProxyHandle};
-use sessionguard::session::config::ResolvedRules;
 use sessionguard::session::{RuleId, RulesConfig, SessionConfig, SessionEngine};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
@@ -47,40 +47,12 @@ impl Harness {
         let emulator = Emulator::start(loopback, EmulatorConfig::default())
             .await
             .expect("emulator starts");
-        let rules = RulesConfig::default();
-        let engine = Arc::new(SessionEngine::new(&sessions, &rules));
-        let metrics = Arc::new(Metrics::new());
-        metrics
-            .register_session_engine(
-                engine.clone(),
-                ResolvedRules::resolve(sessions.mode, &rules),
-            )
-            .expect("engine collector registers");
-        let config = ProxyConfig {
-            listen: "127.0.0.1:0".to_string(),
-            upstream: format!("mongodb://{}", emulator.addr()),
-            ..ProxyConfig::default()
-        };
-        let proxy = Proxy::start_with_metrics(Arc::new(config), engine.clone(), metrics.clone())
-            .await
-            .expect("proxy starts");
-        let context = AdminContext {
-            metrics,
-            engine: Some(engine.clone()),
-            token: Some(AdminToken::new(TOKEN)),
-            probe: Some(UpstreamProbe {
-                targets: vec![HostPort {
-                    host: "127.0.0.1".to_string(),
-                    port: emulator.addr().port(),
-                }],
-                interval: Duration::from_millis(100),
-                timeout: Duration::from_secs(1),
-            }),
-        };
-        let admin_shutdown = CancellationToken::new();
-        let admin = admin::serve_with("127.0.0.1:0", context, admin_shutdown.clone())
-            .await
-            .expect("admin starts");
+        // guarded_proxy resolves the rules for the default mode.
+        assert_eq!(sessions.mode, SessionConfig::default().mode);
+        let engine = Arc::new(SessionEngine::new(&sessions, &RulesConfig::default()));
+        let proxy = common::guarded_proxy(emulator.addr(), engine.clone(), |_| {}).await;
+        let (admin, admin_shutdown) =
+            common::admin_for(&proxy, Some(engine.clone()), emulator.addr(), Some(TOKEN)).await;
         Harness {
             emulator: Some(emulator),
             engine,
@@ -99,7 +71,7 @@ impl Harness {
         .expect("client options parse")
     }
 
-    async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+    async fn get(&self, path: &str, token: Option<&str>) -> HttpReply {
         http_get(self.admin.local_addr, path, token).await
     }
 
@@ -125,50 +97,10 @@ impl Harness {
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-/// A plain HTTP/1.1 GET over TCP: enough for an admin API, no client crate.
-async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Reply {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = String::new();
-    tokio::time::timeout(WAIT, stream.read_to_string(&mut raw))
-        .await
-        .expect("admin answers in time")
-        .unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a complete response");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Reply {
-        status,
-        headers,
-        body: body.to_string(),
-    }
-}
-
 /// The value of one series in a text exposition (`name{labels}` exactly as
-/// the encoder writes it, labels sorted by name).
+/// the encoder writes it, labels sorted by name); missing fails the test.
 fn sample(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.parse().ok())
+    common::metric(exposition, series)
         .unwrap_or_else(|| panic!("series `{series}` missing from the exposition"))
 }
 
@@ -213,17 +145,6 @@ fn promtool_check(exposition: &str) {
         output.status.success() && report.trim().is_empty(),
         "promtool check metrics complained:\n{report}"
     );
-}
-
-async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    condition()
 }
 
 #[tokio::test]
@@ -295,7 +216,7 @@ async fn a_driver_workload_shows_up_in_metrics_sessions_and_violations() {
     let killed_lsid = lsid_string(killed.id());
     let engine = h.engine.clone();
     assert!(
-        eventually(|| engine
+        Stack::eventually(WAIT, || engine
             .violations()
             .iter()
             .any(|v| v.rule == RuleId::UseAfterEnd))
