@@ -110,15 +110,13 @@ impl SessionLedger {
         }
     }
 
-    pub fn len(&self) -> usize {
+    /// Crate-internal (engine diagnostics and tests), so no `is_empty` twin.
+    pub(crate) fn len(&self) -> usize {
         self.sessions.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.sessions.is_empty()
-    }
-
-    pub fn contains(&self, key: &SessionKey) -> bool {
+    #[cfg(test)]
+    fn contains(&self, key: &SessionKey) -> bool {
         self.sessions.contains_key(key)
     }
 
@@ -238,7 +236,7 @@ impl SessionLedger {
     }
 
     /// Forgets every cursor of a session (it ended; the server killed them).
-    pub fn remove_cursors_of(&self, owner: &SessionKey) {
+    fn remove_cursors_of(&self, owner: &SessionKey) {
         self.cursors.retain(|_, entry| entry.owner != *owner);
     }
 

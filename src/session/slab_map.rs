@@ -32,7 +32,7 @@ use hashbrown::HashTable;
 
 /// Slots per slab chunk. Large enough that the outer vector of chunks stays
 /// small, small enough that a shard's last, partly used chunk is noise.
-pub const CHUNK_SLOTS: usize = 1024;
+const CHUNK_SLOTS: usize = 1024;
 
 /// What one slab slot stores: `size_of::<Slot<K, V>>()` is the real cost of
 /// an entry, before the index.
@@ -132,6 +132,7 @@ impl<K, V> Slab<K, V> {
         Some(pair)
     }
 
+    #[cfg(test)]
     fn slots(&self) -> usize {
         self.chunks.iter().map(Vec::len).sum()
     }
@@ -159,6 +160,8 @@ impl<K: Hash + Eq, V> Shard<K, V> {
     }
 }
 
+// Not used by the crate, but `clippy::new_without_default` asks for it next
+// to a public argument-less `new`.
 impl<K: Hash + Eq, V> Default for SlabMap<K, V> {
     fn default() -> Self {
         SlabMap::new()
@@ -182,7 +185,7 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
     }
 
     /// `shards` is rounded up to a power of two (at least 1).
-    pub fn with_shards(shards: usize) -> SlabMap<K, V> {
+    fn with_shards(shards: usize) -> SlabMap<K, V> {
         let shards = shards.clamp(1, 1 << 16).next_power_of_two();
         SlabMap {
             shards: (0..shards)
@@ -199,10 +202,6 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
         }
     }
 
-    pub fn shard_count(&self) -> usize {
-        self.shards.len()
-    }
-
     /// Entries now; exact when no call is in progress.
     pub fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
@@ -212,9 +211,10 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
         self.len() == 0
     }
 
-    /// Slab slots in use or vacant (the high-water mark of entries), for
-    /// tests and diagnostics.
-    pub fn slots(&self) -> usize {
+    /// Slab slots in use or vacant (the high-water mark of entries): tests
+    /// check that churn reuses slots instead of growing the slab.
+    #[cfg(test)]
+    fn slots(&self) -> usize {
         self.shards
             .iter()
             .map(|shard| read(shard).slab.slots())
@@ -290,7 +290,8 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
         }
     }
 
-    pub fn remove(&self, key: &K) -> Option<(K, V)> {
+    #[cfg(test)]
+    fn remove(&self, key: &K) -> Option<(K, V)> {
         self.remove_if(key, |_, _| true)
     }
 

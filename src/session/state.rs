@@ -206,7 +206,8 @@ impl InFlightSet {
         removed
     }
     /// Removes everything in flight on `conn` (the connection closed).
-    pub fn remove_connection(&mut self, conn: u64) {
+    #[cfg(test)]
+    fn remove_connection(&mut self, conn: u64) {
         loop {
             let next = self
                 .iter()

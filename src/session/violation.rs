@@ -275,13 +275,6 @@ pub struct StoreEvidence {
     pub write: RequestEvidence,
 }
 
-impl ViolationRecord {
-    /// The `errmsg` of a rejected request's reply.
-    pub fn errmsg(&self) -> String {
-        format!("sessionguard: {}: {}", self.rule, self.message)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
