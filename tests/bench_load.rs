@@ -4,47 +4,34 @@
 //! pattern (the engine raises nothing); the idle-connections probe keeps
 //! every connection usable. The real measurements are bench/compare.sh.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::Stack;
 use sessionguard::bench::{idle_memory, run_load, LoadPlan};
-use sessionguard::config::ProxyConfig;
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
-use sessionguard::proxy::{Proxy, ProxyHandle};
+use sessionguard::emulator::EmulatorConfig;
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
 
-async fn stack() -> (EmulatorHandle, ProxyHandle, Arc<SessionEngine>) {
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let emulator = Emulator::start(
-        loopback,
-        EmulatorConfig {
-            fast: true,
-            ..EmulatorConfig::default()
-        },
-    )
-    .await
-    .expect("emulator starts");
+/// The fast emulator behind the proxy, with the session engine inspecting.
+async fn stack() -> (Stack, Arc<SessionEngine>) {
     let engine = Arc::new(SessionEngine::new(
         &SessionConfig::default(),
         &RulesConfig::default(),
     ));
-    let config = ProxyConfig {
-        listen: "127.0.0.1:0".to_string(),
-        upstream: format!("mongodb://{}", emulator.addr()),
-        ..ProxyConfig::default()
+    let emulator = EmulatorConfig {
+        fast: true,
+        ..EmulatorConfig::default()
     };
-    let proxy = Proxy::start(Arc::new(config), engine.clone())
-        .await
-        .expect("proxy starts");
-    (emulator, proxy, engine)
+    (Stack::start_with(emulator, engine.clone()).await, engine)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
-    let (_emulator, proxy, engine) = stack().await;
+    let (stack, engine) = stack().await;
     let report = run_load(&LoadPlan {
-        target: proxy.local_addr(),
+        target: stack.proxy.local_addr(),
         connections: 4,
         warmup: Duration::from_millis(200),
         duration: Duration::from_millis(800),
@@ -77,13 +64,13 @@ async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_probe_keeps_every_connection_usable() {
-    let (_emulator, proxy, _engine) = stack().await;
-    let report = idle_memory(proxy.local_addr(), 50, Some(std::process::id()))
+    let (stack, _engine) = stack().await;
+    let report = idle_memory(stack.proxy.local_addr(), 50, Some(std::process::id()))
         .await
         .expect("idle probe runs");
     assert_eq!(report.connections, 50);
     assert_eq!(report.errors, 0, "{report}");
     assert!(report.rss_after_kib > 0, "{report}");
     // The warm-up connections plus the measured ones all reached the proxy.
-    assert_eq!(proxy.accepted_connections(), 150, "{report}");
+    assert_eq!(stack.proxy.accepted_connections(), 150, "{report}");
 }
