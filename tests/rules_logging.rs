@@ -4,26 +4,13 @@
 //! `tracing`'s per-callsite interest cache is process-global: a scoped
 //! subscriber in a multi-threaded test run can miss events.
 
-use std::sync::{Arc, Mutex};
+mod common;
 
 use bson::spec::BinarySubtype;
 use bson::{rawdoc, Binary, RawDocumentBuf};
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard::wire::op_msg::encode;
 use sessionguard::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
-
-#[derive(Clone, Default)]
-struct SharedLog(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedLog {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn send(engine: &SessionEngine, conn: u64, id: i32, doc: &RawDocumentBuf, now: u64) {
     let frame = encode(id, 0, MsgFlags(0), doc.as_bytes());
@@ -78,13 +65,10 @@ fn connect_and_authenticate(engine: &SessionEngine, conn: u64) {
 
 #[test]
 fn violation_log_lines_carry_evidence_but_never_document_contents() {
-    let log = SharedLog::default();
-    let writer = log.clone();
-    tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::TRACE)
-        .init();
+    // Global, not per thread: see the module comment.
+    let log = common::ThreadLogs::default();
+    tracing::subscriber::set_global_default(log.subscriber(tracing::Level::TRACE))
+        .expect("the only subscriber in this test binary");
 
     let engine = SessionEngine::new(&SessionConfig::default(), &RulesConfig::default());
     connect_and_authenticate(&engine, 1);
@@ -104,7 +88,7 @@ fn violation_log_lines_carry_evidence_but_never_document_contents() {
     engine.close_at(1, 3);
     assert_eq!(engine.violations().len(), 2);
 
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let text = log.text();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("sessionguard::violation"))
