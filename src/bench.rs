@@ -30,6 +30,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
+use crate::config::parse_duration;
 use crate::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 
 /// Sessions each load connection rotates over (a driver's pool of implicit
@@ -70,10 +71,6 @@ pub struct BenchArgs {
     /// and report resident bytes per session.
     #[arg(long, value_name = "N", conflicts_with = "idle_connections")]
     pub sessions: Option<usize>,
-}
-
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("`{value}`: {e}"))
 }
 
 /// Runs the selected mode; prints one result line. Exit 1 when the

@@ -542,6 +542,12 @@ pub struct Overrides {
     pub log_level: Option<String>,
 }
 
+/// A humantime duration given on the command line ("500ms", "5s"), as the
+/// config file's durations are written; the error quotes the value.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value).map_err(|e| format!("`{value}`: {e}"))
+}
+
 impl Overrides {
     /// Whether this override replaces the value of dotted `key`.
     pub fn sets(&self, key: &str) -> bool {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use sessionguard::config::{Config, LogConfig, LogFormat, Overrides};
+use sessionguard::config::{parse_duration, Config, LogConfig, LogFormat, Overrides};
 use sessionguard::emulator::{EmulatorConfig, Topology};
 use sessionguard::proxy::Proxy;
 
@@ -137,10 +137,6 @@ struct EmulatorArgs {
     log_level: String,
 }
 
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("`{value}`: {e}"))
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -183,10 +179,16 @@ fn check_tls_files(config: &Config) -> Result<(), sessionguard::config::ConfigEr
     sessionguard::proxy::tls::from_config(&config.proxy, &upstream).map(|_| ())
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// The runtime every async subcommand runs on; when it cannot be built,
+/// the reason is printed and the exit code to return is handed back.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        })
 }
 
 fn run_proxy(args: ProxyArgs) -> ExitCode {
@@ -224,11 +226,8 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     let runtime = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     let code = runtime.block_on(serve_proxy(config, args.report));
     // Connections still winding down after a fast exit must not delay it.
@@ -365,11 +364,8 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
 
 fn run_demo_app(pattern: &str, exit_code: u8) -> ExitCode {
     let runtime = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     match runtime.block_on(sessionguard::demo::run_app(pattern, exit_code)) {
         Ok(()) => ExitCode::from(exit_code),
@@ -382,11 +378,8 @@ fn run_demo_app(pattern: &str, exit_code: u8) -> ExitCode {
 
 fn run_demo() -> ExitCode {
     let runtime = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     match runtime.block_on(sessionguard::demo::run()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -420,11 +413,8 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
         ..EmulatorConfig::default()
     };
     let runtime = match runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
     match runtime.block_on(sessionguard::emulator::run(args.listen, config)) {
         Ok(()) => ExitCode::SUCCESS,
