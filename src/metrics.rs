@@ -40,8 +40,6 @@ pub enum Direction {
 }
 
 impl Direction {
-    pub const ALL: [Direction; 2] = [Direction::ClientToUpstream, Direction::UpstreamToClient];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Direction::ClientToUpstream => "client_to_upstream",
@@ -317,11 +315,6 @@ impl ProxyMetrics {
     pub fn upstream_is_up(&self) -> bool {
         self.upstream_up.get() != 0
     }
-
-    /// Client connections open now.
-    pub fn active_connections(&self) -> i64 {
-        self.connections_active.get()
-    }
 }
 
 /// The process's metrics: one registry, the data path's handles, and (once
@@ -351,10 +344,6 @@ impl Metrics {
     /// The data path's handles.
     pub fn proxy(&self) -> &ProxyMetrics {
         &self.proxy
-    }
-
-    pub fn registry(&self) -> &Registry {
-        &self.registry
     }
 
     /// Adds the session engine's counters (read at scrape time). `rules`

@@ -31,12 +31,12 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// flood cannot flood the log too.
 const REJECT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Counters a listener keeps (read by the handle, later by metrics).
+/// Counters the listener keeps for its handle (`ProxyHandle`); metrics keep
+/// their own.
 #[derive(Debug, Default)]
 pub(crate) struct ListenerStats {
     pub accepted: AtomicU64,
     pub rejected_over_cap: AtomicU64,
-    pub accept_errors: AtomicU64,
 }
 
 /// Everything the accept loop needs.
@@ -91,7 +91,6 @@ impl AcceptLoop {
                     continue;
                 }
                 Err(e) => {
-                    self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
                     warn!(listen = %self.local, error = %e, backoff = ?backoff,
                         "accept failed; pausing before accepting again");
                     tokio::select! {

@@ -7,7 +7,6 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -156,14 +155,6 @@ impl ConnectionString {
             .rev()
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
             .map(|(_, value)| value.as_str())
-    }
-
-    /// Whether the string asks for TLS (`tls=true` or the legacy `ssl=true`).
-    pub fn wants_tls(&self) -> bool {
-        ["tls", "ssl"].iter().any(|name| {
-            self.option(name)
-                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-        })
     }
 
     /// The host the proxy connects to today: the first of the seed list.
@@ -335,11 +326,6 @@ pub async fn dial(target: &HostPort, timeout: Duration) -> Result<TcpStream, Dia
     }
 }
 
-/// The address a dialed stream ended up connected to, for logs.
-pub fn peer_of(stream: &UpstreamStream) -> Option<SocketAddr> {
-    stream.peer_addr().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,7 +359,6 @@ mod tests {
         assert_eq!(cs.default_database.as_deref(), Some("app"));
         assert_eq!(cs.option("REPLICASET"), Some("rs0"));
         assert_eq!(cs.option("compressors"), Some("zstd,snappy"));
-        assert!(cs.wants_tls());
     }
 
     #[test]
@@ -401,7 +386,6 @@ mod tests {
         let cs = ConnectionString::parse("mongodb://h?directConnection=true").unwrap();
         assert_eq!(cs.hosts, vec![hp("h", 27017)]);
         assert_eq!(cs.option("directconnection"), Some("true"));
-        assert!(!cs.wants_tls());
     }
 
     #[test]
