@@ -69,7 +69,7 @@ const TRANSACTION_COMMANDS: &[&str] = &[
 ];
 
 /// A command as received: its name, database, body and kind-1 sequences.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Request {
     pub name: String,
     pub db: String,
@@ -555,8 +555,7 @@ fn refresh_sessions(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let keys = lsid_list(req)?;
     let now = Instant::now();
     for key in &keys {
-        ex.inner
-            .refresh(key, now, ex.state.config().session_timeout);
+        ex.inner.touch(key, now, ex.state.config().session_timeout);
     }
     ex.state.add_refreshed_sessions(keys.len() as u64);
     Ok(doc! { "ok": 1.0 })

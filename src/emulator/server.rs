@@ -81,10 +81,6 @@ impl EmulatorHandle {
     pub fn state(&self) -> Arc<EmulatorState> {
         self.state.clone()
     }
-    /// This listener's index among the state's members.
-    pub fn member(&self) -> usize {
-        self.member
-    }
     /// Exact bytes of every received frame (requires `record_frames`).
     pub fn received_frames(&self) -> Vec<Bytes> {
         self.state.received_frames()

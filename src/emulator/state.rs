@@ -236,16 +236,6 @@ impl EmulatorState {
         lock(&self.peers).clone()
     }
 
-    /// Number of open cursors (for tests and logs).
-    pub fn open_cursor_count(&self) -> usize {
-        lock(&self.inner).cursors.len()
-    }
-
-    /// Number of live sessions (for tests and logs).
-    pub fn session_count(&self) -> usize {
-        lock(&self.inner).live_session_count()
-    }
-
     pub(crate) fn reap_now(&self) {
         let now = Instant::now();
         let ended = {

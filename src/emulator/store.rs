@@ -89,6 +89,15 @@ impl Store {
         self.dbs.get_mut(db)?.get_mut(coll)
     }
 
+    /// The collection, created first if it does not exist.
+    fn collection_or_create(&mut self, db: &str, coll: &str) -> &mut Collection {
+        self.dbs
+            .entry(db.to_string())
+            .or_default()
+            .entry(coll.to_string())
+            .or_default()
+    }
+
     pub fn collection_names(&self, db: &str) -> Vec<String> {
         self.dbs
             .get(db)
@@ -129,10 +138,7 @@ impl Store {
 
     /// Inserts `doc` (which must carry `_id`).
     pub fn insert(&mut self, db: &str, coll: &str, doc: Document) -> Result<Seq, DuplicateId> {
-        self.ensure_collection(db, coll);
-        let Some(c) = self.collection_mut(db, coll) else {
-            return Err(DuplicateId);
-        };
+        let c = self.collection_or_create(db, coll);
         if let Some(id) = doc.get("_id") {
             if c.by_id.contains_key(&id_key(id)) {
                 return Err(DuplicateId);
@@ -171,11 +177,9 @@ impl Store {
     /// Puts a document back at its old position (undo of a transaction's
     /// write). A collection dropped meanwhile is recreated.
     pub fn restore(&mut self, db: &str, coll: &str, seq: Seq, doc: Document) {
-        self.ensure_collection(db, coll);
-        if let Some(c) = self.collection_mut(db, coll) {
-            c.take(seq);
-            c.put(seq, doc);
-        }
+        let c = self.collection_or_create(db, coll);
+        c.take(seq);
+        c.put(seq, doc);
     }
 }
 
