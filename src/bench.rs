@@ -6,7 +6,13 @@
 //!   repeats `find` (small first batch, opens a cursor) -> `getMore` on that
 //!   cursor -> `insert` of one 1 KiB document as a retryable write, rotating
 //!   over its own few lsids like a driver's implicit sessions. One line of
-//!   `key=value` results: ops/s and p50/p99/p999 round-trip latency.
+//!   `key=value` results: ops/s and p50/p99/p999 round-trip latency. The op
+//!   mix assumes `sessionguard emulator --fast` upstream (every `find`
+//!   returns a cursor to `getMore`); against a storing server the filter
+//!   matches none of the inserted documents, so no cursor is opened and the
+//!   mix is find -> insert.
+//!   Inserted `_id`s are distinct across connections and runs (see
+//!   `insert_id_base`), so a storing server answers no duplicate key error.
 //! - `--idle-connections N --pid PID`: opens N connections that stay idle and
 //!   reports the resident memory they cost process PID (the proxy).
 //! - `--sessions N`: builds a session engine in this process, feeds it N
@@ -169,6 +175,35 @@ impl std::fmt::Display for LoadReport {
     }
 }
 
+/// Bits of an inserted `_id` counting one connection's inserts; above them
+/// the connection index, above that the run id.
+const INSERT_COUNTER_BITS: u32 = 28;
+/// Bits of an inserted `_id` naming the connection (1,048,576 connections).
+const INSERT_CONNECTION_BITS: u32 = 20;
+/// Bits of an inserted `_id` naming the run; with the two above, 63 bits:
+/// the `_id` stays a positive i64.
+const INSERT_RUN_BITS: u32 = 63 - INSERT_COUNTER_BITS - INSERT_CONNECTION_BITS;
+
+/// A value telling this run from earlier ones against the same collection
+/// (time and process id mixed; one chance in 32,768 of meeting a given
+/// earlier run).
+fn run_id() -> i64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let mixed = nanos ^ (nanos >> 17) ^ (nanos >> 34) ^ u128::from(std::process::id());
+    (mixed & ((1 << INSERT_RUN_BITS) - 1)) as i64
+}
+
+/// The first `_id` connection `index` inserts (the next ones count up from
+/// it): against a storing server, two connections or two runs inserting the
+/// same `_id` would get duplicate key errors that the load counts as
+/// successful round trips.
+fn insert_id_base(run_id: i64, index: usize) -> i64 {
+    let connection = (index as i64) & ((1 << INSERT_CONNECTION_BITS) - 1);
+    (run_id << (INSERT_COUNTER_BITS + INSERT_CONNECTION_BITS)) | (connection << INSERT_COUNTER_BITS)
+}
+
 /// Runs the closed loop on the current runtime.
 pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
     if plan.connections == 0 {
@@ -185,10 +220,12 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
     let started = Instant::now();
     let measure_from = started + plan.warmup;
     let stop_at = measure_from + plan.duration;
+    let run_id = run_id();
     let mut tasks = tokio::task::JoinSet::new();
-    for client in clients {
+    for (index, client) in clients.into_iter().enumerate() {
         let payload = payload.clone();
-        tasks.spawn(client.run(payload, measure_from, stop_at));
+        let id_base = insert_id_base(run_id, index);
+        tasks.spawn(client.run(payload, id_base, measure_from, stop_at));
     }
     let mut latencies: Vec<u32> = Vec::new();
     let mut errors = 0u64;
@@ -324,13 +361,19 @@ impl Client {
         }
     }
 
-    async fn run(mut self, payload: String, measure_from: Instant, stop_at: Instant) -> Outcome {
+    async fn run(
+        mut self,
+        payload: String,
+        id_base: i64,
+        measure_from: Instant,
+        stop_at: Instant,
+    ) -> Outcome {
         let mut outcome = Outcome {
             latencies_ns: Vec::new(),
             errors: 0,
             failure: None,
         };
-        let mut next_id = 0_i64;
+        let mut inserted = 0_i64;
         let mut session = 0usize;
         loop {
             let lsid = self.lsids[session].clone();
@@ -358,7 +401,9 @@ impl Client {
                     .await;
             }
             self.txn_numbers[session] += 1;
-            next_id += 1;
+            // Wraps inside the counter bits rather than into the next
+            // connection's ids (2^28 inserts: hours at any rate seen).
+            inserted = (inserted + 1) & ((1 << INSERT_COUNTER_BITS) - 1);
             let insert = rawdoc! {
                 "insert": COLLECTION,
                 "ordered": true,
@@ -366,7 +411,7 @@ impl Client {
                 "txnNumber": self.txn_numbers[session],
                 "$db": DB,
             };
-            let doc = rawdoc! { "_id": next_id, "payload": payload.as_str() };
+            let doc = rawdoc! { "_id": id_base | inserted, "payload": payload.as_str() };
             self.timed(&insert, Some(doc.as_bytes()), measure_from, &mut outcome)
                 .await;
             session = (session + 1) % self.lsids.len();
@@ -637,6 +682,23 @@ mod tests {
     fn inserted_documents_are_one_kib() {
         let doc = rawdoc! { "_id": 123_456_i64, "payload": insert_payload() };
         assert_eq!(doc.as_bytes().len(), INSERT_DOC_BYTES);
+    }
+
+    #[test]
+    fn insert_ids_of_connections_and_runs_do_not_meet() {
+        let run = run_id();
+        assert!((0..1 << INSERT_RUN_BITS).contains(&run));
+        let last_count = (1_i64 << INSERT_COUNTER_BITS) - 1;
+        let first = insert_id_base(run, 0);
+        let second = insert_id_base(run, 1);
+        assert!(first | last_count < second, "{first} {second}");
+        let other_run = insert_id_base((run + 1) % (1 << INSERT_RUN_BITS), 0);
+        assert_ne!(first, other_run);
+        let highest = insert_id_base(
+            (1 << INSERT_RUN_BITS) - 1,
+            (1 << INSERT_CONNECTION_BITS) - 1,
+        );
+        assert!(highest | last_count > 0, "the _id stays a positive i64");
     }
 
     #[test]
