@@ -10,7 +10,7 @@
 //! the wrong user refreshes nothing of the owner's, and the cursor dies).
 //! Nothing secret reaches the log.
 
-mod common;
+mod rules_common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -18,15 +18,13 @@ use std::time::Duration;
 
 use bson::{doc, Document};
 use bytes::Bytes;
-use common::Stack;
 use mongodb::options::FindOptions;
 use mongodb::Client;
+use rules_common::{hold_a_cursor_idle, Guarded, SERVER_TIMEOUT};
 use sessionguard::admin::{self, AdminContext};
 use sessionguard::emulator::EmulatorConfig;
 use sessionguard::metrics::Metrics;
-use sessionguard::session::{
-    spawn_refresher, RefreshPolicy, RulesConfig, SessionConfig, SessionEngine,
-};
+use sessionguard::session::{RefreshPolicy, RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -50,6 +48,13 @@ fn uri(addr: SocketAddr, (user, password): (&str, &str), extra: &str) -> String 
         "mongodb://{user}:{}@{addr}/?directConnection=true{extra}",
         percent(password)
     )
+}
+
+/// A driver client authenticating as `user`, named after it.
+async fn user_client(proxy: SocketAddr, user: (&str, &str)) -> Client {
+    Client::with_uri_str(uri(proxy, user, &format!("&appName={}", user.0)))
+        .await
+        .unwrap()
 }
 
 /// A TCP relay in front of the proxy that keeps every byte clients send,
@@ -148,33 +153,6 @@ fn client_nonces(frames: &[Vec<u8>]) -> Vec<String> {
     nonces
 }
 
-struct Guarded {
-    stack: Stack,
-    engine: Arc<SessionEngine>,
-    refresher: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Guarded {
-    async fn start(emulator: EmulatorConfig, sessions: SessionConfig, refresher: bool) -> Guarded {
-        sessions.validate().unwrap();
-        let engine = Arc::new(SessionEngine::new(&sessions, &RulesConfig::default()));
-        let stack = Stack::start_with(emulator, engine.clone()).await;
-        let refresher = refresher.then(|| spawn_refresher(&engine));
-        Guarded {
-            stack,
-            engine,
-            refresher,
-        }
-    }
-
-    async fn stop(self) {
-        if let Some(task) = self.refresher {
-            task.abort();
-        }
-        self.stack.stop().await;
-    }
-}
-
 /// The owners `/sessions` of the admin API reports.
 async fn session_owners(engine: Arc<SessionEngine>) -> Vec<Option<String>> {
     let shutdown = CancellationToken::new();
@@ -187,7 +165,7 @@ async fn session_owners(engine: Arc<SessionEngine>) -> Vec<Option<String>> {
     let server = admin::serve_with("127.0.0.1:0", context, shutdown.clone())
         .await
         .unwrap();
-    let reply = common::http_get(server.local_addr, "/sessions", None).await;
+    let reply = rules_common::http_get(server.local_addr, "/sessions", None).await;
     shutdown.cancel();
     assert_eq!(reply.status, 200, "GET /sessions: {reply:?}");
     let listing: serde_json::Value = serde_json::from_str(&reply.body)
@@ -201,7 +179,7 @@ async fn session_owners(engine: Arc<SessionEngine>) -> Vec<Option<String>> {
 }
 
 async fn authenticated_run(speculative: bool) {
-    let logs = common::ThreadLogs::default();
+    let logs = rules_common::ThreadLogs::default();
     let _guard = logs.install_at(tracing::Level::TRACE);
     let emulator = EmulatorConfig {
         users: users(),
@@ -209,7 +187,7 @@ async fn authenticated_run(speculative: bool) {
         record_frames: true,
         ..EmulatorConfig::default()
     };
-    let g = Guarded::start(emulator, SessionConfig::default(), false).await;
+    let g = Guarded::start(emulator, SessionConfig::default()).await;
     let tap = Tap::start(g.stack.proxy.local_addr()).await;
 
     // Wrong password: refused, as it would be directly.
@@ -316,7 +294,6 @@ async fn unauthenticated_commands_are_refused_by_the_upstream_and_passed_back() 
             ..EmulatorConfig::default()
         },
         SessionConfig::default(),
-        false,
     )
     .await;
     let client = g.stack.client_with("&serverSelectionTimeoutMS=2000").await;
@@ -337,46 +314,6 @@ async fn unauthenticated_commands_are_refused_by_the_upstream_and_passed_back() 
     g.stop().await;
 }
 
-const SERVER_TIMEOUT: Duration = Duration::from_millis(1_500);
-const IDLE: Duration = Duration::from_millis(3_500);
-
-/// Opens a cursor as `user`, reads a batch, idles past the session timeout,
-/// reads the rest.
-async fn hold_a_cursor_idle(
-    proxy: SocketAddr,
-    user: (&str, &str),
-) -> mongodb::error::Result<usize> {
-    let client = Client::with_uri_str(uri(proxy, user, &format!("&appName={}", user.0)))
-        .await
-        .unwrap();
-    let rows = client
-        .database("app")
-        .collection::<Document>(&format!("rows_{}", user.0));
-    rows.insert_many((0..20).map(|i| doc! { "_id": i }).collect::<Vec<_>>())
-        .await?;
-    let options = FindOptions::builder()
-        .batch_size(4)
-        .sort(doc! { "_id": 1 })
-        .build();
-    let mut cursor = rows.find(doc! {}).with_options(options).await?;
-    let mut seen = 0;
-    for _ in 0..4 {
-        assert!(cursor.advance().await?);
-        seen += 1;
-    }
-    tokio::time::sleep(IDLE).await;
-    let result = async {
-        while cursor.advance().await? {
-            seen += 1;
-        }
-        Ok(seen)
-    }
-    .await;
-    drop(cursor);
-    client.shutdown().await;
-    result
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn refreshes_travel_as_each_owner_so_both_users_idle_cursors_survive() {
     let emulator = EmulatorConfig {
@@ -391,11 +328,11 @@ async fn refreshes_travel_as_each_owner_so_both_users_idle_cursors_survive() {
         refresh_interval: Duration::from_millis(150),
         ..SessionConfig::default()
     };
-    let g = Guarded::start(emulator, sessions, true).await;
+    let g = Guarded::start_with(emulator, sessions, RulesConfig::default(), true).await;
     let proxy = g.stack.proxy.local_addr();
     let (alice, bob) = tokio::join!(
-        hold_a_cursor_idle(proxy, ALICE),
-        hold_a_cursor_idle(proxy, BOB)
+        hold_a_cursor_idle(user_client(proxy, ALICE).await, "rows_alice"),
+        hold_a_cursor_idle(user_client(proxy, BOB).await, "rows_bob")
     );
     assert_eq!(alice.expect("alice's cursor survived"), 20);
     assert_eq!(bob.expect("bob's cursor survived"), 20);
@@ -418,7 +355,7 @@ async fn a_refresh_sent_as_another_user_does_not_keep_the_owners_cursor_alive() 
         session_timeout: SERVER_TIMEOUT,
         ..EmulatorConfig::default()
     };
-    let g = Guarded::start(emulator, SessionConfig::default(), false).await;
+    let g = Guarded::start(emulator, SessionConfig::default()).await;
     let proxy = g.stack.proxy.local_addr();
     let alice = Client::with_uri_str(uri(proxy, ALICE, "")).await.unwrap();
     let bob = Client::with_uri_str(uri(proxy, BOB, "")).await.unwrap();

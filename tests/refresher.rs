@@ -11,13 +11,11 @@ use std::time::Duration;
 
 use bson::{doc, Document};
 use mongodb::error::ErrorKind;
-use mongodb::options::FindOptions;
-use rules_common::{find_cmd, lsid, Guarded, RawClient, Stack, WAIT};
+use rules_common::{
+    find_cmd, hold_a_cursor_idle, lsid, Guarded, RawClient, Stack, SERVER_TIMEOUT, WAIT,
+};
 use sessionguard::emulator::EmulatorConfig;
 use sessionguard::session::{RefreshPolicy, RuleId, SessionConfig};
-
-const SERVER_TIMEOUT: Duration = Duration::from_millis(1_500);
-const IDLE: Duration = Duration::from_millis(3_500);
 
 fn emulator() -> EmulatorConfig {
     EmulatorConfig {
@@ -37,36 +35,6 @@ fn sessions(refresh: RefreshPolicy) -> SessionConfig {
     }
 }
 
-/// Opens a cursor, reads its first batch, sits idle, then reads the rest.
-async fn hold_a_cursor_idle(g: &Guarded) -> mongodb::error::Result<usize> {
-    let client = g.client("reports").await;
-    let rows = client.database("app").collection::<Document>("rows");
-    rows.insert_many((0..20).map(|i| doc! { "_id": i }).collect::<Vec<_>>())
-        .await?;
-    let options = FindOptions::builder()
-        .batch_size(4)
-        .sort(doc! { "_id": 1 })
-        .build();
-    let mut cursor = rows.find(doc! {}).with_options(options).await?;
-    let mut seen = 0;
-    for _ in 0..4 {
-        assert!(cursor.advance().await?);
-        seen += 1;
-    }
-    // The report pauses (a slow consumer, a user reading a page).
-    tokio::time::sleep(IDLE).await;
-    let result = async {
-        while cursor.advance().await? {
-            seen += 1;
-        }
-        Ok(seen)
-    }
-    .await;
-    drop(cursor);
-    client.shutdown().await;
-    result
-}
-
 #[tokio::test]
 async fn a_held_cursor_survives_an_idle_period_longer_than_the_session_timeout() {
     let g = Guarded::start_with(
@@ -76,7 +44,7 @@ async fn a_held_cursor_survives_an_idle_period_longer_than_the_session_timeout()
         true,
     )
     .await;
-    let seen = hold_a_cursor_idle(&g)
+    let seen = hold_a_cursor_idle(g.client("reports").await, "rows")
         .await
         .expect("the cursor is still alive");
     assert_eq!(seen, 20);
@@ -102,7 +70,7 @@ async fn without_the_refresher_the_same_cursor_is_lost() {
         true,
     )
     .await;
-    let error = hold_a_cursor_idle(&g)
+    let error = hold_a_cursor_idle(g.client("reports").await, "rows")
         .await
         .expect_err("the server expired the session and its cursor");
     match error.kind.as_ref() {
