@@ -25,21 +25,30 @@ pub type FastDashMap<K, V> = DashMap<K, V, RandomState>;
 /// How many distinct names / identities each table keeps.
 pub const DEFAULT_INTERN_LIMIT: usize = 100_000;
 
-/// A bounded string table. Id 0 is "unknown".
+/// A bounded table of interned values keyed by a seeded hash. Id 0 is
+/// "unknown": what every value past the bound gets.
 #[derive(Debug)]
-pub struct StringTable {
+pub struct InternTable<V: ?Sized> {
     ids: FastDashMap<u64, u32>,
-    values: FastDashMap<u32, Arc<str>>,
-    /// Seeds the name hash that keys `ids`: random per process, so names
-    /// that collide (and would share an id) cannot be chosen by a client.
+    values: FastDashMap<u32, Arc<V>>,
+    /// Seeds the hash that keys `ids`: random per process, so values that
+    /// collide (and would share an id) cannot be chosen by a client.
     seed: RandomState,
+    /// The next id; also the bound check (`next - 1` ids were handed out),
+    /// because `DashMap::len` locks every shard on every miss.
     next: AtomicU32,
     limit: usize,
 }
 
-impl StringTable {
-    pub fn new(limit: usize) -> StringTable {
-        StringTable {
+/// Command names, namespaces and owners.
+pub type StringTable = InternTable<str>;
+
+/// Interned client identities.
+pub type IdentityTable = InternTable<ClientIdentity>;
+
+impl<V: ?Sized> InternTable<V> {
+    pub fn new(limit: usize) -> InternTable<V> {
+        InternTable {
             ids: FastDashMap::default(),
             values: FastDashMap::default(),
             seed: RandomState::default(),
@@ -48,6 +57,31 @@ impl StringTable {
         }
     }
 
+    /// The id of the value hashing to `hash`, interning `make()` when new
+    /// and the table has room.
+    fn intern_hashed(&self, hash: u64, make: impl FnOnce() -> Arc<V>) -> u32 {
+        if let Some(id) = self.ids.get(&hash) {
+            return *id;
+        }
+        let handed_out = usize::try_from(self.next.load(Ordering::Relaxed))
+            .unwrap_or(usize::MAX)
+            .saturating_sub(1);
+        if handed_out >= self.limit {
+            return 0;
+        }
+        *self.ids.entry(hash).or_insert_with(|| {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            self.values.insert(id, make());
+            id
+        })
+    }
+
+    fn value(&self, id: u32) -> Option<Arc<V>> {
+        self.values.get(&id).map(|v| v.clone())
+    }
+}
+
+impl InternTable<str> {
     /// The hash of `parts` joined. foldhash is not a streaming hash (two
     /// writes differ from one write of the same bytes), so the parts are
     /// joined first: on the stack for any real name (namespaces are at
@@ -74,18 +108,7 @@ impl StringTable {
     /// The id of `parts` joined (so `db` + `.` + `collection` needs no
     /// temporary String when already known).
     pub fn intern_parts(&self, parts: &[&str]) -> u32 {
-        let hash = self.hash_joined(parts);
-        if let Some(id) = self.ids.get(&hash) {
-            return *id;
-        }
-        if self.ids.len() >= self.limit {
-            return 0;
-        }
-        *self.ids.entry(hash).or_insert_with(|| {
-            let id = self.next.fetch_add(1, Ordering::Relaxed);
-            self.values.insert(id, Arc::from(parts.concat()));
-            id
-        })
+        self.intern_hashed(self.hash_joined(parts), || Arc::from(parts.concat()))
     }
 
     pub fn intern(&self, value: &str) -> u32 {
@@ -94,14 +117,11 @@ impl StringTable {
 
     /// The string of `id`; "?" for unknown.
     pub fn resolve(&self, id: u32) -> Arc<str> {
-        self.values
-            .get(&id)
-            .map(|v| v.clone())
-            .unwrap_or_else(|| Arc::from("?"))
+        self.value(id).unwrap_or_else(|| Arc::from("?"))
     }
 
     pub fn get(&self, id: u32) -> Option<Arc<str>> {
-        self.values.get(&id).map(|v| v.clone())
+        self.value(id)
     }
 
     /// The id of `value` if it was interned (no insertion).
@@ -194,46 +214,14 @@ pub fn normalize_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Interned client identities. Id 0 is "unknown".
-#[derive(Debug)]
-pub struct IdentityTable {
-    ids: FastDashMap<u64, u32>,
-    values: FastDashMap<u32, Arc<ClientIdentity>>,
-    /// Seeds the name hash that keys `ids`: random per process, so names
-    /// that collide (and would share an id) cannot be chosen by a client.
-    seed: RandomState,
-    next: AtomicU32,
-    limit: usize,
-}
-
-impl IdentityTable {
-    pub fn new(limit: usize) -> IdentityTable {
-        IdentityTable {
-            ids: FastDashMap::default(),
-            values: FastDashMap::default(),
-            seed: RandomState::default(),
-            next: AtomicU32::new(1),
-            limit,
-        }
-    }
-
+impl InternTable<ClientIdentity> {
     pub fn intern(&self, identity: &ClientIdentity) -> ClientId {
         let hash = self.seed.hash_one(identity);
-        if let Some(id) = self.ids.get(&hash) {
-            return ClientId(*id);
-        }
-        if self.ids.len() >= self.limit {
-            return ClientId::UNKNOWN;
-        }
-        ClientId(*self.ids.entry(hash).or_insert_with(|| {
-            let id = self.next.fetch_add(1, Ordering::Relaxed);
-            self.values.insert(id, Arc::new(identity.clone()));
-            id
-        }))
+        ClientId(self.intern_hashed(hash, || Arc::new(identity.clone())))
     }
 
     pub fn get(&self, id: ClientId) -> Option<Arc<ClientIdentity>> {
-        self.values.get(&id.0).map(|v| v.clone())
+        self.value(id.0)
     }
 }
 
