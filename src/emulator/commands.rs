@@ -30,7 +30,7 @@ use bson::{doc, oid::ObjectId, Bson, Document, Timestamp};
 
 use super::clock::packed;
 use super::errors::{self, CommandError, CommandResult};
-use super::query;
+use super::query::{self, as_f64, as_i64};
 use super::sessions::{Cursor, Inner, SessionKey, StmtOutcome, TxnContext, TxnState, WriteRefused};
 use super::state::{lock, EmulatorState};
 use super::store::id_key;
@@ -147,15 +147,6 @@ impl Request {
                 ),
             )),
         }
-    }
-}
-
-fn as_i64(value: Option<&Bson>) -> Option<i64> {
-    match value? {
-        Bson::Int32(v) => Some(i64::from(*v)),
-        Bson::Int64(v) => Some(*v),
-        Bson::Double(v) => Some(*v as i64),
-        _ => None,
     }
 }
 
@@ -1493,15 +1484,6 @@ fn add(a: &Bson, b: &Bson) -> Bson {
             (None, Some(_)) => b.clone(),
             _ => Bson::Int32(0),
         },
-    }
-}
-
-fn as_f64(v: &Bson) -> Option<f64> {
-    match v {
-        Bson::Int32(x) => Some(f64::from(*x)),
-        Bson::Int64(x) => Some(*x as f64),
-        Bson::Double(x) => Some(*x),
-        _ => None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 
+use super::query::as_i64;
 use super::state::{EmulatorState, TopologyState};
 use super::Topology;
 use crate::wire::Compressor;
@@ -37,12 +38,7 @@ pub fn await_params(request: &Document) -> Option<AwaitParams> {
         Bson::Int32(c) => i64::from(*c),
         _ => return None,
     };
-    let max_await_ms = match request.get("maxAwaitTimeMS")? {
-        Bson::Int64(v) => *v,
-        Bson::Int32(v) => i64::from(*v),
-        Bson::Double(v) => *v as i64,
-        _ => return None,
-    };
+    let max_await_ms = as_i64(request.get("maxAwaitTimeMS"))?;
     Some(AwaitParams {
         process_id,
         counter,

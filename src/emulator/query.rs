@@ -35,12 +35,24 @@ fn type_rank(value: &Bson) -> u8 {
     }
 }
 
-fn as_f64(value: &Bson) -> Option<f64> {
+/// A BSON number as f64, for comparisons and arithmetic across number types.
+pub(super) fn as_f64(value: &Bson) -> Option<f64> {
     match value {
         Bson::Int32(v) => Some(f64::from(*v)),
         // Precision loss above 2^53 is acceptable for an emulator.
         Bson::Int64(v) => Some(*v as f64),
         Bson::Double(v) => Some(*v),
+        _ => None,
+    }
+}
+
+/// A BSON number as i64, for integral command arguments (limit, batchSize,
+/// txnNumber, maxTimeMS...), which shells may send as doubles (truncated).
+pub(super) fn as_i64(value: Option<&Bson>) -> Option<i64> {
+    match value? {
+        Bson::Int32(v) => Some(i64::from(*v)),
+        Bson::Int64(v) => Some(*v),
+        Bson::Double(v) => Some(*v as i64),
         _ => None,
     }
 }

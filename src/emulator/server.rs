@@ -28,6 +28,7 @@ use super::auth::{self, ConnAuth};
 use super::commands::{self, Outcome, Request, Resume};
 use super::errors::{self, CommandError};
 use super::hello::{self, AwaitParams, HelloContext};
+use super::query::as_i64;
 use super::state::EmulatorState;
 use crate::command::is_hello;
 use crate::wire::{
@@ -615,12 +616,7 @@ fn add_auth_to_hello(conn: &mut Connection, request: &Document, reply: &mut Docu
 
 /// A command's `maxTimeMS`, when positive.
 fn max_time(body: &Document) -> Option<Duration> {
-    let ms = match body.get("maxTimeMS")? {
-        bson::Bson::Int32(v) => i64::from(*v),
-        bson::Bson::Int64(v) => *v,
-        bson::Bson::Double(v) => *v as i64,
-        _ => return None,
-    };
+    let ms = as_i64(body.get("maxTimeMS"))?;
     u64::try_from(ms)
         .ok()
         .filter(|ms| *ms > 0)
