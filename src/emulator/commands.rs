@@ -853,7 +853,7 @@ fn update_one_statement(
         let mut new = old.clone();
         query::apply_update(&mut new, update, false)?;
         outcome.n += 1;
-        if !query::values_equal(&Bson::Document(old.clone()), &Bson::Document(new.clone())) {
+        if !query::documents_equal(&old, &new) {
             outcome.n_modified += 1;
             let id = new.get("_id").cloned().unwrap_or(Bson::Null);
             ex.inner
@@ -1670,9 +1670,8 @@ fn drop_indexes(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         }
         Some(Bson::Document(key)) => {
             let Some(pos) = c.indexes.iter().position(|i| {
-                i.get_document("key").is_ok_and(|k| {
-                    query::values_equal(&Bson::Document(k.clone()), &Bson::Document(key.clone()))
-                })
+                i.get_document("key")
+                    .is_ok_and(|k| query::documents_equal(k, key))
             }) else {
                 return Err(CommandError::new(
                     errors::INDEX_NOT_FOUND,

@@ -112,17 +112,20 @@ fn compare_documents(x: &Document, y: &Document) -> Ordering {
 /// Server equality: numeric across types, documents field-order sensitive.
 pub fn values_equal(a: &Bson, b: &Bson) -> bool {
     match (a, b) {
-        (Bson::Document(x), Bson::Document(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .zip(y.iter())
-                    .all(|((kx, vx), (ky, vy))| kx == ky && values_equal(vx, vy))
-        }
+        (Bson::Document(x), Bson::Document(y)) => documents_equal(x, y),
         (Bson::Array(x), Bson::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y.iter()).all(|(vx, vy)| values_equal(vx, vy))
         }
         _ => type_rank(a) == type_rank(b) && compare(a, b) == Ordering::Equal && same_leaf(a, b),
     }
+}
+
+/// `values_equal` for two documents: same keys in the same order, equal values.
+pub fn documents_equal(a: &Document, b: &Document) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b.iter())
+            .all(|((ka, va), (kb, vb))| ka == kb && values_equal(va, vb))
 }
 
 /// Guards `compare`'s catch-all `Equal` for types it does not order.
