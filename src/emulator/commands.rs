@@ -558,8 +558,9 @@ fn end_all_sessions(ex: &mut Exec<'_>) {
     }
 }
 
-/// Without authentication every session belongs to the same (absent) user,
-/// so any user pattern matches them all.
+/// A simplification: ends every user's sessions whatever users the array
+/// names (the server kills only the named users' sessions, or everyone's for
+/// an empty array).
 fn kill_all_sessions(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     if !matches!(req.body.get(&req.name), Some(Bson::Array(_))) {
         return Err(CommandError::new(

@@ -258,8 +258,8 @@ enum StreamEnd {
 /// maxAwaitTimeMS 0 with exhaustAllowed is not flooded.
 const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Serves one client over any byte stream (plain TCP today, TLS later)
-/// until it closes, sends a malformed frame, or the listener stops.
+/// Serves one client over any byte stream (plain TCP or TLS) until it
+/// closes, sends a malformed frame, or the listener stops.
 pub(crate) async fn serve_connection<S>(
     stream: S,
     peer: SocketAddr,

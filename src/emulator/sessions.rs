@@ -44,9 +44,10 @@ use super::store::{id_key, DuplicateId, IdKey, Seq, Store};
 /// `uid` when no one is authenticated.
 const ANONYMOUS_UID: &str = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
 
-/// A session's identity: `lsid.id`, plus the owning user once
-/// authentication exists (always `None` today; the server keys sessions by
-/// both, so two users' sessions with the same id are different sessions).
+/// A session's identity: `lsid.id` plus the owning user (the connection's
+/// authenticated user, `None` without authentication). The server keys
+/// sessions by both, so two users' sessions with the same id are different
+/// sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
     pub id: Vec<u8>,
