@@ -1281,8 +1281,8 @@ fn get_more(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     })
 }
 
-/// killCursors does not check the cursor's session (the server checks only
-/// the authenticated user, and there is no authentication here).
+/// killCursors checks neither the cursor's session nor its user (the server
+/// checks only the authenticated user; skipping that too is a simplification).
 fn kill_cursors(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     let Ok(ids) = req.body.get_array("cursors") else {
         return Err(CommandError::new(
