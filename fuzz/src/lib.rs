@@ -265,6 +265,12 @@ fn touch_request(view: &RequestView<'_>) {
     let _ = view.session_list().count();
     let _ = view.kill_patterns();
     let _ = view.statement_hash();
+    // The session store reads every write's statements (sequence or body
+    // array) and the body itself on each request.
+    let _ = view.body();
+    for field in ["documents", "updates", "deletes"] {
+        let _ = view.statements(field).count();
+    }
     if let Some(lsid) = view.lsid {
         let _ = (lsid.to_string(), lsid.short().to_string());
     }
