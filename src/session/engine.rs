@@ -26,7 +26,7 @@ use super::intern::{normalize_ip, ClientIdentity, FastDashMap, Tables, DEFAULT_I
 use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
 use super::rules::{self, CursorEvent, EndEvent, Names, RequestEvent, RuleContext};
 use super::state::{
-    ClientId, CommandClass, EndKind, InFlight, Millis, OwnerId, ReplyFacts, RequestFacts,
+    millis, ClientId, CommandClass, EndKind, InFlight, Millis, OwnerId, ReplyFacts, RequestFacts,
     RequestRef, SessionKey, Sym, TxnEvents,
 };
 use super::store::{StoreConfig, StoreStats, StoreTracker};
@@ -305,7 +305,7 @@ impl SessionEngine {
 
     /// Milliseconds since the engine started (its clock for all state).
     pub fn now(&self) -> Millis {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+        millis(self.origin.elapsed())
     }
 
     /// The server's session timeout: configured, else learned from hello,
@@ -331,15 +331,11 @@ impl SessionEngine {
         self.config.refresh
     }
 
-    fn millis(duration: Duration) -> Millis {
-        u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-    }
-
     fn context(&self, now: Millis) -> RuleContext<'_> {
         RuleContext {
             now,
-            session_timeout: Self::millis(self.session_timeout()),
-            transaction_max_open: Self::millis(self.config.transaction_max_open),
+            session_timeout: millis(self.session_timeout()),
+            transaction_max_open: millis(self.config.transaction_max_open),
             names: self,
         }
     }
@@ -1056,8 +1052,8 @@ impl SessionEngine {
         {
             let purged = self.ledger.purge(
                 now,
-                Self::millis(self.config.ended_retention),
-                Self::millis(self.session_timeout()),
+                millis(self.config.ended_retention),
+                millis(self.session_timeout()),
             );
             if purged > 0 {
                 tracing::debug!(

@@ -31,7 +31,7 @@ use crate::wire;
 
 use super::config::RefreshPolicy;
 use super::engine::SessionEngine;
-use super::state::{Millis, OwnerId, SessionKey};
+use super::state::{millis, Millis, OwnerId, SessionKey};
 
 /// Drivers end sessions in batches of this size; refreshes follow suit.
 const MAX_SESSIONS_PER_REFRESH: usize = 10_000;
@@ -275,10 +275,6 @@ fn reply_outcome(bytes: &Bytes) -> RefreshOutcome {
             reply.code_name.unwrap_or("no codeName")
         )),
     }
-}
-
-fn millis(duration: Duration) -> Millis {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs the refresher and the sweep until the engine is dropped.

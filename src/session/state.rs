@@ -15,6 +15,12 @@ use crate::command::Lsid;
 /// Milliseconds since the engine's clock origin.
 pub type Millis = u64;
 
+/// `duration` in the engine's unit, saturating (a configured duration past
+/// `u64::MAX` milliseconds means "never").
+pub(crate) fn millis(duration: std::time::Duration) -> Millis {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The authenticated user (`user@db`) a session belongs to, interned.
 /// `OwnerId::UNKNOWN` when the connection did not authenticate or used a
 /// mechanism the proxy cannot read.

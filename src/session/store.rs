@@ -24,7 +24,7 @@ use std::time::Duration;
 use bson::raw::{RawBsonRef, RawDocument};
 use serde::{Deserialize, Serialize};
 
-use super::state::{ClientId, Millis, RequestRef, SessionKey};
+use super::state::{millis, ClientId, Millis, RequestRef, SessionKey};
 use super::violation::{RuleId, Violation};
 use crate::command::RequestView;
 
@@ -351,7 +351,7 @@ impl StoreTracker {
             hasher: RandomState::new(),
             documents: Mutex::new(Documents::default()),
             evicted: AtomicU64::new(0),
-            window: u64::try_from(config.resurrection_window.as_millis()).unwrap_or(u64::MAX),
+            window: millis(config.resurrection_window),
         }
     }
 
