@@ -159,6 +159,20 @@ pub fn rewrite_hello_document(
     Ok(result)
 }
 
+/// Whether a hello reply (OP_MSG body or OP_REPLY's first document) comes
+/// from a replica-set member: it names `setName` or `hosts`.
+fn is_replica_set_hello(msg: &Message<'_>) -> bool {
+    let document = match msg {
+        Message::Msg(m) => m.body,
+        Message::Reply(r) => match r.first() {
+            Some(first) => first,
+            None => return false,
+        },
+        Message::Query(_) | Message::Other(_) => return false,
+    };
+    crate::bson_scan::elements(document).any(|e| e.key == b"setName" || e.key == b"hosts")
+}
+
 /// What rewriting one reply frame found.
 #[derive(Debug, Default, PartialEq)]
 pub struct ReplyRewrite {
@@ -316,15 +330,30 @@ impl TopologyInspector {
         seen.insert(address.to_string())
     }
 
-    /// True the first time a replica-set hello is seen without a map.
-    fn first_bypass_report(&self) -> bool {
-        !self.warned_bypass.swap(true, Ordering::Relaxed)
+    /// Warns, once, that a replica-set hello came back without a map.
+    fn warn_bypass(&self, conn: &ConnContext) {
+        if self.warned_bypass.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        // Only a warning: clients with directConnection=true (what the
+        // README tells applications to use) are not affected.
+        warn!(
+            listen = %conn.local,
+            "the upstream is a replica-set member, and no member mapping is configured \
+             ([[members]] or proxy.member_base_port): drivers that connect without \
+             directConnection=true will discover the members from hello and connect to \
+             them directly, bypassing sessionguard"
+        );
     }
 
     fn rewrite(&self, conn: &ConnContext, frame: &Frame, msg: &Message<'_>) -> ReplyVerdict {
-        // Single-upstream mode has nothing to map; once the bypass warning
-        // has been given there is nothing left to learn from a hello.
-        if self.map.is_empty() && self.warned_bypass.load(Ordering::Relaxed) {
+        // Single-upstream mode has nothing to map: it only looks for a
+        // replica-set hello (to warn once about drivers bypassing the
+        // proxy), without rebuilding the reply.
+        if self.map.is_empty() {
+            if !self.warned_bypass.load(Ordering::Relaxed) && is_replica_set_hello(msg) {
+                self.warn_bypass(conn);
+            }
             return ReplyVerdict::Forward;
         }
         let found = match rewrite_hello_reply(frame, msg, &self.map) {
@@ -337,20 +366,6 @@ impl TopologyInspector {
                 return ReplyVerdict::Forward;
             }
         };
-        if found.replica_set && self.map.is_empty() {
-            if self.first_bypass_report() {
-                // Only a warning: clients with directConnection=true (what
-                // the README tells applications to use) are not affected.
-                warn!(
-                    listen = %conn.local,
-                    "the upstream is a replica-set member, and no member mapping is configured \
-                     ([[members]] or proxy.member_base_port): drivers that connect without \
-                     directConnection=true will discover the members from hello and connect to \
-                     them directly, bypassing sessionguard"
-                );
-            }
-            return ReplyVerdict::Forward;
-        }
         for address in &found.unknown {
             if self.first_report_of_unknown(address) {
                 error!(
@@ -726,6 +741,6 @@ mod tests {
             single.on_reply(&ctx(), Some(&hello_request(0)), &frame, &msg),
             ReplyVerdict::Forward
         );
-        assert!(!single.first_bypass_report());
+        assert!(single.warned_bypass.load(Ordering::Relaxed));
     }
 }
