@@ -11,7 +11,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use bson::{doc, Document};
@@ -32,17 +31,6 @@ const UPSTREAM_PASSWORD: &str = "Upstream-cred-never-logged-9182";
 /// Put into document values, field names, filters and an error message.
 const MARKER: &str = "ZQX-confidential-marker-5530";
 
-fn binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sessionguard"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SESSIONGUARD_") {
-            command.env_remove(key);
-        }
-    }
-    command.env_remove("RUST_LOG");
-    command
-}
-
 #[test]
 fn admin_binds_loopback_by_default() {
     let default: SocketAddr = DEFAULT_ADMIN.parse().expect("a socket address");
@@ -60,7 +48,7 @@ fn admin_binds_loopback_by_default() {
     let admin: SocketAddr = example.proxy.admin.parse().unwrap();
     assert!(admin.ip().is_loopback(), "{}", example.proxy.admin);
     // What the binary would bind with no flag, no env, no file.
-    let printed = binary()
+    let printed = common::sessionguard_command()
         .args(["proxy", "--print-config"])
         .output()
         .expect("the binary runs");
@@ -79,7 +67,7 @@ fn admin_binds_loopback_by_default() {
 fn admin_start_log(admin: &str, token: Option<&str>) -> String {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let mut command = binary();
+    let mut command = common::sessionguard_command();
     command
         .args(["proxy", "--listen", "127.0.0.1:0", "--admin", admin])
         .args(["--upstream", "mongodb://127.0.0.1:9"])

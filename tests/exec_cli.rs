@@ -5,6 +5,8 @@
 //! Each test checks the exit code, the JSON report, the JUnit report and
 //! the summary the binary prints.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -23,15 +25,10 @@ async fn emulator(config: EmulatorConfig) -> EmulatorHandle {
         .expect("emulator starts")
 }
 
-/// The binary with no `SESSIONGUARD_*` or `MONGODB_URI` inherited from the
-/// environment running the tests.
+/// The binary with nothing inherited from the environment running the tests
+/// (see `common::sessionguard_command`), killed if a test drops it.
 fn sessionguard() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sessionguard"));
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SESSIONGUARD_") || key == "MONGODB_URI" {
-            command.env_remove(key);
-        }
-    }
+    let mut command = Command::from(common::sessionguard_command());
     command.kill_on_drop(true);
     command
 }

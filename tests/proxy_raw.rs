@@ -938,26 +938,13 @@ async fn injection_gives_up_when_the_connection_never_idles() {
 
 // ---------------------------------------------------------------- the binary
 
-fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sessionguard"))
-}
-
-fn clean_env(command: &mut Command) -> &mut Command {
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SESSIONGUARD_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
 fn example_config() -> String {
     format!("{}/config/sessionguard.toml", env!("CARGO_MANIFEST_DIR"))
 }
 
 #[test]
 fn check_config_accepts_the_example_file() {
-    let output = clean_env(&mut binary())
+    let output = common::sessionguard_command()
         .args(["check-config", &example_config()])
         .output()
         .unwrap();
@@ -993,7 +980,7 @@ fn bad_config_exits_64_naming_the_key() {
     for (i, (text, expected)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let output = clean_env(&mut binary())
+        let output = common::sessionguard_command()
             .arg("check-config")
             .arg(&path)
             .output()
@@ -1002,7 +989,7 @@ fn bad_config_exits_64_naming_the_key() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{text}: {stderr}");
     }
-    let output = clean_env(&mut binary())
+    let output = common::sessionguard_command()
         .args(["check-config", "/nonexistent/sessionguard.toml"])
         .output()
         .unwrap();
@@ -1022,7 +1009,7 @@ fn proxy_with_bad_config_exits_64_before_binding() {
         format!("[proxy]\nlisten = \"{listen}\"\nmax_connections = 0\n"),
     )
     .unwrap();
-    let output = clean_env(&mut binary())
+    let output = common::sessionguard_command()
         .arg("proxy")
         .arg("--config")
         .arg(&path)
@@ -1031,7 +1018,7 @@ fn proxy_with_bad_config_exits_64_before_binding() {
     assert_eq!(output.status.code(), Some(64), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("proxy.max_connections"));
 
-    let output = clean_env(&mut binary())
+    let output = common::sessionguard_command()
         .args(["proxy", "--upstream", "mongodb+srv://cluster0.example.net"])
         .output()
         .unwrap();
@@ -1039,7 +1026,7 @@ fn proxy_with_bad_config_exits_64_before_binding() {
     assert!(String::from_utf8_lossy(&output.stderr)
         .contains("proxy.upstream: mongodb+srv:// connection strings are not supported yet"));
 
-    let output = clean_env(&mut binary())
+    let output = common::sessionguard_command()
         .args(["proxy", "--log-level", "=["])
         .output()
         .unwrap();
@@ -1056,7 +1043,7 @@ fn cli_beats_env_beats_file_beats_defaults() {
         "[proxy]\nlisten = \"127.0.0.1:1111\"\nadmin = \"127.0.0.1:2222\"\nupstream = \"mongodb://file-host:1\"\n",
     )
     .unwrap();
-    let output = clean_env(&mut binary())
+    let output = common::sessionguard_command()
         .args(["proxy", "--print-config", "--listen", "127.0.0.1:3333"])
         .arg("--config")
         .arg(&path)
@@ -1091,7 +1078,7 @@ fn cli_beats_env_beats_file_beats_defaults() {
     assert_eq!(printed["log"]["format"].as_str(), Some("json"));
 
     // The config file itself can come from the environment.
-    let output = clean_env(&mut binary())
+    let output = common::sessionguard_command()
         .args(["proxy", "--print-config"])
         .env("SESSIONGUARD_CONFIG", &path)
         .output()
@@ -1105,7 +1092,7 @@ fn cli_beats_env_beats_file_beats_defaults() {
 fn spawn_proxy(
     upstream: SocketAddr,
 ) -> (Child, SocketAddr, SocketAddr, std::thread::JoinHandle<()>) {
-    let mut child = clean_env(&mut binary())
+    let mut child = common::sessionguard_command()
         .args([
             "proxy",
             "--listen",
@@ -1235,7 +1222,7 @@ async fn binary_exits_fast_on_sigint() {
 
 #[test]
 fn pretty_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sessionguard"))
+    let mut child = common::sessionguard_command()
         .args(["emulator", "--listen", "127.0.0.1:0"])
         .stderr(Stdio::piped())
         .spawn()

@@ -523,10 +523,7 @@ fn the_binary_reports_a_bad_tls_file_as_a_config_error_before_binding() {
             config.display().to_string(),
         ],
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sessionguard"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let out = common::sessionguard_command().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
         assert!(

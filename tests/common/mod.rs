@@ -339,6 +339,26 @@ pub async fn admin_for(
     (admin, shutdown)
 }
 
+/// The built `sessionguard` binary, with nothing inherited from the test
+/// runner's environment that would configure it: no `SESSIONGUARD_*`
+/// variables (every setting has one), no `RUST_LOG` (tests read its logs),
+/// no `MONGODB_URI` (what `exec` hands its child, and what `demo-app` reads).
+/// A test sets what it needs on the returned command. For tokio, use
+/// `tokio::process::Command::from(sessionguard_command())`.
+pub fn sessionguard_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sessionguard"));
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|key| key.starts_with("SESSIONGUARD_"))
+        {
+            command.env_remove(key);
+        }
+    }
+    command.env_remove("RUST_LOG").env_remove("MONGODB_URI");
+    command
+}
+
 /// The `sessionguard proxy` binary as a child process, configured by a TOML
 /// text, logging JSON to a file (the tests read bound addresses from it).
 pub struct ProxyProcess {
@@ -359,14 +379,7 @@ impl ProxyProcess {
         std::fs::write(&config, config_toml).expect("config written");
         let log = dir.path().join("proxy.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sessionguard"));
-        for (key, _) in std::env::vars() {
-            if key.starts_with("SESSIONGUARD_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .env_remove("RUST_LOG")
+        let child = sessionguard_command()
             .args(["proxy", "--config"])
             .arg(&config)
             .args(
