@@ -804,15 +804,10 @@ impl SessionEngine {
         if patterns.is_empty() {
             return;
         }
-        let mut unmatchable = false;
         let owners: Vec<Option<OwnerId>> = patterns
             .iter()
             .map(|pattern| match pattern {
-                KillPattern::User { user, db } => self
-                    .tables
-                    .owners
-                    .lookup(&format!("{user}@{db}"))
-                    .map(OwnerId),
+                KillPattern::User { user, db } => self.tables.known_owner(user, db),
                 _ => None,
             })
             .collect();
@@ -827,9 +822,6 @@ impl SessionEngine {
                     KillPattern::Unmatchable => false,
                 })
         };
-        for pattern in &patterns {
-            unmatchable |= *pattern == KillPattern::Unmatchable;
-        }
         for key in self.ledger.all_keys() {
             if matches(&key) {
                 let kind = EndKind::KilledByPattern;
@@ -838,7 +830,7 @@ impl SessionEngine {
                 }
             }
         }
-        if unmatchable {
+        if patterns.contains(&KillPattern::Unmatchable) {
             tracing::debug!(
                 conn = inspected.facts.request.conn,
                 command = inspected.view.name,

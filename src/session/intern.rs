@@ -126,7 +126,13 @@ impl InternTable<str> {
 
     /// The id of `value` if it was interned (no insertion).
     pub fn lookup(&self, value: &str) -> Option<u32> {
-        self.ids.get(&self.hash_joined(&[value])).map(|id| *id)
+        self.lookup_parts(&[value])
+    }
+
+    /// The id of `parts` joined if it was interned (no insertion, and no
+    /// temporary String).
+    pub fn lookup_parts(&self, parts: &[&str]) -> Option<u32> {
+        self.ids.get(&self.hash_joined(parts)).map(|id| *id)
     }
 }
 
@@ -257,6 +263,12 @@ impl Tables {
         OwnerId(self.owners.intern_parts(&[user, "@", db]))
     }
 
+    /// The owner `user@db` if one was interned (kill patterns name users
+    /// the proxy may never have seen; no insertion, no allocation).
+    pub fn known_owner(&self, user: &str, db: &str) -> Option<OwnerId> {
+        self.owners.lookup_parts(&[user, "@", db]).map(OwnerId)
+    }
+
     pub fn owner_name(&self, owner: OwnerId) -> Option<Arc<str>> {
         if owner == OwnerId::UNKNOWN {
             return None;
@@ -285,6 +297,8 @@ mod tests {
         assert_eq!(&*table.resolve(0), "?");
         assert_eq!(table.lookup("find"), Some(find));
         assert_eq!(table.lookup("nope"), None);
+        assert_eq!(table.lookup_parts(&["fi", "nd"]), Some(find));
+        assert_eq!(table.lookup_parts(&["no", "pe"]), None);
     }
 
     #[test]
