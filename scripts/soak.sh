@@ -164,17 +164,13 @@ run_one() {
   (cd "$dir" && MONGODB_URI="$uri" INTEROP_MODE=proxy PYTHONPATH="$PY_PATH_EXTRA" \
     timeout --kill-after=5 120 "$@" >"$out" 2>"$err") || status=$?
   if [[ "$lane" != rust ]]; then
-    ok="$(python3 - "$out" "$name" <<'PY'
-import json, sys
-path, name = sys.argv[1:]
-lines = [l for l in open(path).read().splitlines() if l.strip()]
-try:
-    summary = json.loads(lines[-1])
-    print("yes" if summary.get("scenario") == name and summary.get("ok") is True else "no")
-except Exception:
-    print("no")
-PY
-)"
+    # The verdict interop/run.sh uses; its detail line goes with the run's
+    # stderr, which is kept when the run failed.
+    if python3 "$ROOT/interop/check.py" summary "$out" "$name" >>"$err" 2>&1; then
+      ok=yes
+    else
+      ok=no
+    fi
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$lane" "$name" "$db" "$status" "$ok" "$(($(date +%s) - began))" \
     >>"$LOG_DIR/runs/$lane.tsv"
