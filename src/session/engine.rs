@@ -1606,6 +1606,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn kill_all_sessions_by_user_kills_only_that_owners_sessions() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        let sasl = rawdoc! {
+            "saslStart": 1, "mechanism": "SCRAM-SHA-256",
+            "payload": Binary { subtype: BinarySubtype::Generic, bytes: b"n,,n=alice,r=abc".to_vec() },
+            "$db": "admin",
+        };
+        send(&engine, 1, 2, &sasl, 0, 0);
+        reply(
+            &engine,
+            1,
+            2,
+            &rawdoc! { "conversationId": 1, "done": true, "ok": 1.0 },
+            0,
+        );
+        // An unauthenticated connection: same lsid, another server session.
+        connect(&engine, 2, PEER, "web");
+        for (conn, id) in [(1, 10), (2, 10)] {
+            send(&engine, conn, id, &find(1), 0, 1);
+            reply(&engine, conn, id, &ok(), 1);
+        }
+        let kill = |user: &str, id: i32, at: Millis| {
+            send(
+                &engine,
+                2,
+                id,
+                &rawdoc! { "killAllSessions": [{ "user": user, "db": "admin" }], "$db": "admin" },
+                0,
+                at,
+            );
+            reply(&engine, 2, id, &ok(), at);
+        };
+        // A user the proxy never saw matches nothing.
+        kill("mallory", 11, 2);
+        send(&engine, 1, 12, &find(1), 0, 3);
+        reply(&engine, 1, 12, &ok(), 3);
+        assert_eq!(rules_fired(&engine), vec![]);
+        kill("alice", 13, 4);
+        send(&engine, 2, 14, &find(1), 0, 5);
+        reply(&engine, 2, 14, &ok(), 5);
+        assert_eq!(rules_fired(&engine), vec![]);
+        send(&engine, 1, 15, &find(1), 0, 6);
+        assert_eq!(rules_fired(&engine), vec![RuleId::UseAfterEnd]);
+    }
+
+    #[test]
     fn retryable_write_retry_on_a_new_connection_raises_nothing() {
         let engine = engine();
         connect(&engine, 1, PEER, "web");
