@@ -19,9 +19,7 @@
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dashmap::DashMap;
-use foldhash::fast::RandomState;
-
+use super::intern::FastDashMap;
 use super::slab_map::{SlabMap, Slot};
 use super::state::{EndKind, Millis, RequestRef, SessionKey, SessionState, TxnEvents};
 
@@ -40,7 +38,9 @@ pub struct CursorEntry {
     pub opened_by: RequestRef,
 }
 
-/// Counts of what the ledger let go of, for metrics.
+/// The ledger's gauges (what it holds now: sessions, held sessions, cursors,
+/// tombstones) and counters (what it let go of: evictions, purges), for
+/// metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LedgerCounts {
     pub sessions: usize,
@@ -85,8 +85,8 @@ pub const SESSION_SLOT_BYTES: usize = std::mem::size_of::<Slot<SessionKey, Sessi
 pub struct SessionLedger {
     sessions: SlabMap<SessionKey, SessionState>,
     // lsids are client-chosen: a per-process random seed.
-    cursors: DashMap<CursorKey, CursorEntry, RandomState>,
-    held: DashMap<SessionKey, (), RandomState>,
+    cursors: FastDashMap<CursorKey, CursorEntry>,
+    held: FastDashMap<SessionKey, ()>,
     max_sessions: usize,
     evicted: [AtomicU64; 3],
     purged: AtomicU64,
@@ -100,8 +100,8 @@ impl SessionLedger {
     pub fn new(max_sessions: usize) -> SessionLedger {
         SessionLedger {
             sessions: SlabMap::new(),
-            cursors: DashMap::with_hasher(RandomState::default()),
-            held: DashMap::with_hasher(RandomState::default()),
+            cursors: FastDashMap::default(),
+            held: FastDashMap::default(),
             max_sessions: max_sessions.max(1),
             evicted: Default::default(),
             purged: AtomicU64::new(0),

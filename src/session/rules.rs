@@ -266,11 +266,9 @@ pub fn txn_regression(
             short(&ev.key),
         ),
     )
-    .current(ev.facts.request);
-    Some(match earlier {
-        Some(earlier) => violation.earlier(earlier),
-        None => violation,
-    })
+    .current(ev.facts.request)
+    .earlier(earlier);
+    Some(violation)
 }
 
 /// `txn-number-reuse`: a retryable write reusing the lsid + txnNumber of a
@@ -400,11 +398,9 @@ pub fn txn_after_abort(
             short(&ev.key),
         ),
     )
-    .current(ev.facts.request);
-    Some(match txn.aborted_by {
-        Some(earlier) => violation.earlier(earlier),
-        None => violation,
-    })
+    .current(ev.facts.request)
+    .earlier(txn.aborted_by);
+    Some(violation)
 }
 
 /// `txn-after-abort`, proven late: after a statement error that did not say

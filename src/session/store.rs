@@ -14,7 +14,6 @@
 //! by a keyed 64-bit hash of its namespace and `_id` (a session id is a bearer
 //! credential), shown in evidence only as that hash.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +21,7 @@ use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use bson::raw::{RawBsonRef, RawDocument};
+use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
 use super::state::{millis, ClientId, Millis, RequestRef, SessionKey};
@@ -295,7 +295,8 @@ fn remember(readers: &mut [Option<RequestRef>; READERS_PER_DOCUMENT], read: Requ
 
 #[derive(Debug, Default)]
 struct Documents {
-    records: HashMap<DocKey, DocRecord>,
+    // Keys are already seeded hashes: foldhash, like the engine's other maps.
+    records: HashMap<DocKey, DocRecord, RandomState>,
     /// (document, seq) in order of activity, oldest first.
     activity: VecDeque<(DocKey, u64)>,
     next_seq: u64,
@@ -348,7 +349,7 @@ impl StoreTracker {
             labels,
             learned: RwLock::new(Vec::new()),
             any_learned: AtomicBool::new(false),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             documents: Mutex::new(Documents::default()),
             evicted: AtomicU64::new(0),
             window: millis(config.resurrection_window),

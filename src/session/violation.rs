@@ -214,8 +214,10 @@ impl Violation {
         self.current = Some(request);
         self
     }
-    pub fn earlier(mut self, request: RequestRef) -> Violation {
-        self.earlier = Some(request);
+    /// The earlier request of the evidence; takes an `Option` too, for
+    /// rules whose earlier request may be unknown.
+    pub fn earlier(mut self, request: impl Into<Option<RequestRef>>) -> Violation {
+        self.earlier = request.into();
         self
     }
 }
