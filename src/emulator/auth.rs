@@ -357,19 +357,9 @@ fn attribute(message: &str, key: char) -> Option<&str> {
 
 /// RFC 5802 saslname: `=2C` is `,` and `=3D` is `=`.
 fn unescape_name(name: &str) -> Result<String, CommandError> {
-    let mut out = String::with_capacity(name.len());
-    let mut rest = name;
-    while let Some(at) = rest.find('=') {
-        out.push_str(&rest[..at]);
-        match rest.get(at..at + 3) {
-            Some("=2C") => out.push(','),
-            Some("=3D") => out.push('='),
-            _ => return Err(protocol("bad escape in user name")),
-        }
-        rest = &rest[at + 3..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    crate::command::unescape_saslname(name)
+        .map(std::borrow::Cow::into_owned)
+        .ok_or_else(|| protocol("bad escape in user name"))
 }
 
 #[cfg(test)]
