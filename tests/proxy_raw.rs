@@ -463,6 +463,38 @@ async fn a_client_reset_is_logged_at_info_not_as_a_warning() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn the_close_line_counts_both_directions() {
+    let logs = common::ThreadLogs::default();
+    let _guard = logs.install_at(tracing::Level::DEBUG);
+    let emu = emulator(EmulatorConfig::default()).await;
+    let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
+
+    let mut client = Raw::connect(proxy.local_addr()).await;
+    let peer = client.local.to_string();
+    for _ in 0..3 {
+        assert!(ok(&client
+            .command(doc! { "ping": 1, "$db": "admin" })
+            .await));
+    }
+    drop(client);
+
+    let close_line = || {
+        logs.proxy_lines()
+            .into_iter()
+            .find(|l| l.contains("connection closed") && l.contains(&peer))
+    };
+    assert!(
+        Stack::eventually(WAIT, || close_line().is_some()).await,
+        "{:#?}",
+        logs.proxy_lines()
+    );
+    // Whichever pump ends first, both counts are kept.
+    let line = close_line().unwrap();
+    assert!(line.contains("requests=3"), "{line}");
+    assert!(line.contains("replies=3"), "{line}");
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn malformed_client_frames_close_only_that_client_with_one_log_line() {
     let logs = common::ThreadLogs::default();
     let _guard = logs.install_at(tracing::Level::DEBUG);
