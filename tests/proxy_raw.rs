@@ -423,6 +423,21 @@ async fn exhaust_hello_stream_forwards_every_reply() {
 
 /// Collects formatted log output of the current thread (the tests below run
 /// on a current-thread runtime, so the proxy's tasks log here too).
+/// The proxy's close line for the client at `peer`, once it is logged.
+async fn close_line(logs: &common::ThreadLogs, peer: &str) -> String {
+    let find = || {
+        logs.proxy_lines()
+            .into_iter()
+            .find(|l| l.contains("connection closed") && l.contains(peer))
+    };
+    assert!(
+        Stack::eventually(WAIT, || find().is_some()).await,
+        "no close line for {peer}: {:#?}",
+        logs.proxy_lines()
+    );
+    find().expect("seen above")
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_client_reset_is_logged_at_info_not_as_a_warning() {
     let logs = common::ThreadLogs::default();
@@ -441,17 +456,7 @@ async fn a_client_reset_is_logged_at_info_not_as_a_warning() {
     stream.set_linger(Some(Duration::ZERO)).unwrap();
     drop(stream);
 
-    let close_line = || {
-        logs.proxy_lines()
-            .into_iter()
-            .find(|l| l.contains("connection closed") && l.contains(&peer))
-    };
-    assert!(
-        Stack::eventually(WAIT, || close_line().is_some()).await,
-        "{:#?}",
-        logs.proxy_lines()
-    );
-    let line = close_line().unwrap();
+    let line = close_line(&logs, &peer).await;
     assert!(line.contains(" INFO "), "{line}");
     assert!(line.contains("the client reset the connection"), "{line}");
     assert!(line.contains("side=client"), "{line}");
@@ -478,18 +483,8 @@ async fn the_close_line_counts_both_directions() {
     }
     drop(client);
 
-    let close_line = || {
-        logs.proxy_lines()
-            .into_iter()
-            .find(|l| l.contains("connection closed") && l.contains(&peer))
-    };
-    assert!(
-        Stack::eventually(WAIT, || close_line().is_some()).await,
-        "{:#?}",
-        logs.proxy_lines()
-    );
     // Whichever pump ends first, both counts are kept.
-    let line = close_line().unwrap();
+    let line = close_line(&logs, &peer).await;
     assert!(line.contains("requests=3"), "{line}");
     assert!(line.contains("replies=3"), "{line}");
 }

@@ -1605,16 +1605,20 @@ pub(crate) mod tests {
         assert!(fired[1].message.contains("killAllSessions"));
     }
 
+    /// The first SCRAM step of user `alice`, as drivers send it.
+    fn sasl_start_as_alice() -> RawDocumentBuf {
+        rawdoc! {
+            "saslStart": 1, "mechanism": "SCRAM-SHA-256",
+            "payload": Binary { subtype: BinarySubtype::Generic, bytes: b"n,,n=alice,r=abc".to_vec() },
+            "$db": "admin",
+        }
+    }
+
     #[test]
     fn kill_all_sessions_by_user_kills_only_that_owners_sessions() {
         let engine = engine();
         connect(&engine, 1, PEER, "web");
-        let sasl = rawdoc! {
-            "saslStart": 1, "mechanism": "SCRAM-SHA-256",
-            "payload": Binary { subtype: BinarySubtype::Generic, bytes: b"n,,n=alice,r=abc".to_vec() },
-            "$db": "admin",
-        };
-        send(&engine, 1, 2, &sasl, 0, 0);
+        send(&engine, 1, 2, &sasl_start_as_alice(), 0, 0);
         reply(
             &engine,
             1,
@@ -2216,12 +2220,7 @@ pub(crate) mod tests {
     fn scram_owner_separates_sessions_and_is_reported() {
         let engine = engine();
         connect(&engine, 1, PEER, "web");
-        let sasl = rawdoc! {
-            "saslStart": 1, "mechanism": "SCRAM-SHA-256",
-            "payload": Binary { subtype: BinarySubtype::Generic, bytes: b"n,,n=alice,r=abc".to_vec() },
-            "$db": "admin",
-        };
-        send(&engine, 1, 2, &sasl, 0, 0);
+        send(&engine, 1, 2, &sasl_start_as_alice(), 0, 0);
         reply(
             &engine,
             1,
@@ -2246,7 +2245,7 @@ pub(crate) mod tests {
         );
         // A second connection whose authentication fails stays unknown.
         connect(&engine, 2, PEER, "web");
-        send(&engine, 2, 2, &sasl, 0, 0);
+        send(&engine, 2, 2, &sasl_start_as_alice(), 0, 0);
         reply(
             &engine,
             2,
