@@ -194,6 +194,8 @@ SCENARIO_TABLE=(
   "good-awaited-session@NODE|node|node scenarios/good-awaited-session.js"
   "good-per-operation-session@NODE|node|node scenarios/good-per-operation-session.js"
   "good-with-transaction@NODE|node|node scenarios/good-with-transaction.js"
+  "mongoose-bad-txn-promise-all@node7|node|node scenarios/mongoose-transaction.js bad-promise-all"
+  "mongoose-good-txn-sequential@node7|node|node scenarios/mongoose-transaction.js good-sequential"
   "express-session-flow@NODE|node|node scenarios/express-session-flow.js"
   "express-resurrection-bad@NODE|node|node scenarios/express-resurrection.js bad"
   "express-resurrection-fixed-recheck@NODE|node|node scenarios/express-resurrection.js fixed-recheck"

@@ -4,7 +4,8 @@
 # lanes, each cycling through good and bad patterns:
 #   node   — interop/node scenarios, each with mongodb 7 and with mongodb 6
 #            (NAME@node7, NAME@node6): good-* and bad-global-session,
-#            bad-global-session-txn, bad-swallowed-txn-error
+#            bad-global-session-txn, bad-swallowed-txn-error; and the Mongoose
+#            transactions (mongoose-good-txn-sequential, mongoose-bad-txn-promise-all)
 #   python — interop/python scenarios (PyMongo): py-clean-run, py-transaction,
 #            py-explicit-sessions, and the bad py-shared-session-threads
 #   rust   — sessionguard demo-app (the Rust driver): good and use-after-end
@@ -207,6 +208,10 @@ for major in 7 6; do
     "good-with-transaction@node$major|$NODE|node scenarios/good-with-transaction.js"
   )
 done
+NODE_ENTRIES+=(
+  "mongoose-good-txn-sequential@node7|$NODE|node scenarios/mongoose-transaction.js good-sequential"
+  "mongoose-bad-txn-promise-all@node7|$NODE|node scenarios/mongoose-transaction.js bad-promise-all"
+)
 lane node "${NODE_ENTRIES[@]}" &
 NODE_LANE=$!
 lane python \
