@@ -204,6 +204,9 @@ SCENARIO_TABLE=(
   "py-transaction|python|PYTHON scenarios/transaction.py"
   "py-shared-session-threads|python|PYTHON scenarios/shared_session_threads.py"
   "py-clean-run|python|PYTHON scenarios/clean_run.py"
+  "py-async-shared-session|python|PYTHON scenarios/async_shared_session.py"
+  "py-async-sessions|python|PYTHON scenarios/async_sessions.py"
+  "py-async-transaction|python|PYTHON scenarios/async_transaction.py"
   "node-protocol-probe@NODE|node|node scenarios/node-protocol-probe.js"
   "py-protocol-probe|python|PYTHON scenarios/protocol_probe.py"
 )

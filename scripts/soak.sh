@@ -7,7 +7,9 @@
 #            bad-global-session-txn, bad-swallowed-txn-error; and the Mongoose
 #            transactions (mongoose-good-txn-sequential, mongoose-bad-txn-promise-all)
 #   python — interop/python scenarios (PyMongo): py-clean-run, py-transaction,
-#            py-explicit-sessions, and the bad py-shared-session-threads
+#            py-explicit-sessions, the bad py-shared-session-threads, and the
+#            asyncio ones (py-async-sessions, py-async-transaction, the bad
+#            py-async-shared-session)
 #   rust   — sessionguard demo-app (the Rust driver): good and use-after-end
 # Every run uses a database of its own (soak_<lane>_<scenario>_<n>, '-' and '@' as '_'), so each
 # violation can be traced back to the run that caused it. The proxy's
@@ -218,7 +220,10 @@ lane python \
   "py-clean-run|$PYDIR|PYTHON scenarios/clean_run.py" \
   "py-transaction|$PYDIR|PYTHON scenarios/transaction.py" \
   "py-shared-session-threads|$PYDIR|PYTHON scenarios/shared_session_threads.py" \
-  "py-explicit-sessions|$PYDIR|PYTHON scenarios/explicit_sessions.py" &
+  "py-explicit-sessions|$PYDIR|PYTHON scenarios/explicit_sessions.py" \
+  "py-async-sessions|$PYDIR|PYTHON scenarios/async_sessions.py" \
+  "py-async-shared-session|$PYDIR|PYTHON scenarios/async_shared_session.py" \
+  "py-async-transaction|$PYDIR|PYTHON scenarios/async_transaction.py" &
 PY_LANE=$!
 lane rust \
   "rust-good|$ROOT|$MISUSE good" \
