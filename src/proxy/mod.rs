@@ -14,10 +14,13 @@
 //! - `topology`: replica-set mode's hello rewriting (member -> proxy
 //!   addresses), applied around the caller's inspector.
 //! - `tls`: rustls on both sides (listener certificate, upstream options).
+//! - `anchor_leaf`: the upstream verifier accepting a self-signed CA
+//!   certificate given as `tlsCAFile`, as OpenSSL-based drivers do.
 //!
 //! Metrics: the connection and listener update pre-resolved handles of
 //! `crate::metrics::ProxyMetrics` (atomic adds, no allocation per frame).
 
+mod anchor_leaf;
 mod connection;
 mod inflight;
 pub mod inspect;
