@@ -16,6 +16,8 @@
 //! - `tls`: rustls on both sides (listener certificate, upstream options).
 //! - `anchor_leaf`: the upstream verifier accepting a self-signed CA
 //!   certificate given as `tlsCAFile`, as OpenSSL-based drivers do.
+//! - `unreachable`: the error reply that answers a client's handshake when
+//!   its upstream cannot be dialed (cause and fix in `errmsg`).
 //!
 //! Metrics: the connection and listener update pre-resolved handles of
 //! `crate::metrics::ProxyMetrics` (atomic adds, no allocation per frame).
@@ -27,6 +29,7 @@ pub mod inspect;
 mod listener;
 pub mod tls;
 pub mod topology;
+pub mod unreachable;
 pub mod upstream;
 
 use std::io;
