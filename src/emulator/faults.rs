@@ -36,7 +36,7 @@
 //!   closes the connection without a reply — the "write applied, reply lost"
 //!   case behind every retryable-write retry.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -136,6 +136,9 @@ impl AfterExecution {
 /// The deployment's fail points.
 #[derive(Debug, Default)]
 pub struct FailPoints {
+    /// Whether a fail point may be on: commands skip the lock while it is
+    /// not (the common case, and the only one a benchmark sees).
+    armed: AtomicBool,
     active: Mutex<Option<Active>>,
     entered: AtomicU64,
 }
@@ -176,7 +179,9 @@ impl FailPoints {
         };
         let count = self.entered.load(Ordering::Relaxed);
         tracing::info!(fail_point = name, mode = ?mode, commands = ?data.commands, "emulator fail point configured");
-        *lock(&self.active) = mode.map(|mode| Active { mode, data });
+        let mut active = lock(&self.active);
+        *active = mode.map(|mode| Active { mode, data });
+        self.armed.store(active.is_some(), Ordering::Release);
         Ok(doc! { "count": i64::try_from(count).unwrap_or(i64::MAX), "ok": 1.0 })
     }
 
@@ -188,6 +193,9 @@ impl FailPoints {
     /// Whether the fail point fires for `command` on a connection whose
     /// handshake named `app_name`; counts it down when it does.
     pub fn activate(&self, command: &str, app_name: Option<&str>) -> Option<Fault> {
+        if !self.armed.load(Ordering::Acquire) {
+            return None;
+        }
         let mut guard = lock(&self.active);
         let active = guard.as_mut()?;
         let data = &active.data;
@@ -213,6 +221,7 @@ impl FailPoints {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     *guard = None;
+                    self.armed.store(false, Ordering::Release);
                 }
             }
         }

@@ -145,17 +145,7 @@ pub fn hello_reply(
             );
         }
     }
-    reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE);
-    reply.insert(
-        "maxMessageSizeBytes",
-        i32::try_from(config.max_message_size).unwrap_or(i32::MAX),
-    );
-    reply.insert("maxWriteBatchSize", MAX_WRITE_BATCH_SIZE);
-    reply.insert("localTime", DateTime::now());
-    reply.insert(
-        "logicalSessionTimeoutMinutes",
-        config.logical_session_timeout_minutes,
-    );
+    insert_limits(&mut reply, config, MAX_WRITE_BATCH_SIZE);
     reply.insert("connectionId", ctx.connection_id);
     reply.insert("minWireVersion", 0);
     reply.insert("maxWireVersion", MAX_WIRE_VERSION);
@@ -165,6 +155,21 @@ pub fn hello_reply(
     }
     reply.insert("ok", 1.0);
     reply
+}
+
+/// The size limits, clock and session timeout every hello reports.
+fn insert_limits(reply: &mut Document, config: &super::EmulatorConfig, max_write_batch: i32) {
+    reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE);
+    reply.insert(
+        "maxMessageSizeBytes",
+        i32::try_from(config.max_message_size).unwrap_or(i32::MAX),
+    );
+    reply.insert("maxWriteBatchSize", max_write_batch);
+    reply.insert("localTime", DateTime::now());
+    reply.insert(
+        "logicalSessionTimeoutMinutes",
+        config.logical_session_timeout_minutes,
+    );
 }
 
 /// DocumentDB's hello, field for field as a real one answered (a mongos-like
@@ -178,17 +183,7 @@ fn documentdb_hello(ctx: &HelloContext<'_>, writable_field: &str, request: &Docu
     }
     reply.insert(writable_field, true);
     reply.insert("msg", "isdbgrid");
-    reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE);
-    reply.insert(
-        "maxMessageSizeBytes",
-        i32::try_from(config.max_message_size).unwrap_or(i32::MAX),
-    );
-    reply.insert("maxWriteBatchSize", DOCUMENTDB_MAX_WRITE_BATCH_SIZE);
-    reply.insert("localTime", DateTime::now());
-    reply.insert(
-        "logicalSessionTimeoutMinutes",
-        config.logical_session_timeout_minutes,
-    );
+    insert_limits(&mut reply, config, DOCUMENTDB_MAX_WRITE_BATCH_SIZE);
     reply.insert("minWireVersion", 0);
     reply.insert("maxWireVersion", MAX_WIRE_VERSION);
     reply.insert("readOnly", false);

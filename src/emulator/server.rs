@@ -742,6 +742,18 @@ fn encode_msg(
     ))
 }
 
+/// This connection's hello reply, with its authentication fields.
+fn hello_for(conn: &mut Connection, name: &str, body: &Document) -> Document {
+    let ctx = HelloContext {
+        state: &conn.state,
+        member: conn.member,
+        connection_id: conn.connection_id,
+    };
+    let mut reply = hello::hello_reply(&ctx, name, body, conn.compression);
+    add_auth_to_hello(conn, body, &mut reply);
+    reply
+}
+
 /// hello's authentication fields: `saslSupportedMechs` and the first SCRAM
 /// step of `speculativeAuthenticate`, when the client asked for them.
 fn add_auth_to_hello(conn: &mut Connection, request: &Document, reply: &mut Document) {
@@ -830,14 +842,7 @@ fn answer_msg(conn: &mut Connection, request: MsgRequest, fault: Fault) -> Resul
                         }));
                     }
                 }
-                let ctx = HelloContext {
-                    state: &conn.state,
-                    member: conn.member,
-                    connection_id: conn.connection_id,
-                };
-                let mut reply = hello::hello_reply(&ctx, &name, &body, conn.compression);
-                add_auth_to_hello(conn, &body, &mut reply);
-                reply
+                hello_for(conn, &name, &body)
             } else {
                 let users = &conn.state.config().users;
                 match conn.auth.intercept(users, &name, &db, &body) {
@@ -1025,14 +1030,7 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                 if body.contains_key("compression") {
                     conn.compression = hello::negotiate_compression(&body);
                 }
-                let ctx = HelloContext {
-                    state: &conn.state,
-                    member: conn.member,
-                    connection_id: conn.connection_id,
-                };
-                let mut reply = hello::hello_reply(&ctx, &name, &body, conn.compression);
-                add_auth_to_hello(conn, &body, &mut reply);
-                reply
+                hello_for(conn, &name, &body)
             } else {
                 CommandError::new(
                     errors::UNSUPPORTED_OP_QUERY_COMMAND,
