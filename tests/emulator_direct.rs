@@ -1326,3 +1326,73 @@ async fn a_user_without_kill_any_session_is_refused_but_kills_its_own_sessions()
     ops.shutdown().await;
     emu.shutdown().await;
 }
+
+/// `failCommand` fails the handshake too, over legacy OP_QUERY as over
+/// OP_MSG, for the application it names; the driver gets past a failed
+/// handshake as it would with a server.
+#[tokio::test]
+async fn a_fail_point_fails_the_handshake_over_op_query_too() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut admin = Raw::connect(&emu).await;
+    let configure = |mode: Bson, data: Document| {
+        doc! { "configureFailPoint": "failCommand", "mode": mode, "data": data, "$db": "admin" }
+    };
+    admin
+        .command(configure(
+            Bson::Document(doc! { "times": 1 }),
+            doc! { "failCommands": ["isMaster"], "errorCode": 2, "appName": "legacy" },
+        ))
+        .await;
+    let legacy_hello = |id: i32| {
+        let mut query = Vec::new();
+        doc! { "isMaster": 1, "client": { "application": { "name": "legacy" } } }
+            .to_writer(&mut query)
+            .unwrap();
+        legacy::encode_query(id, 0, "admin.$cmd", 0, -1, &query)
+    };
+    let mut raw = Raw::connect(&emu).await;
+    raw.writer.write_all(&legacy_hello(1)).await.unwrap();
+    let failed = raw.recv().await.unwrap();
+    assert_eq!(failed.op_code, OpCode::Reply);
+    assert_eq!(code_of(&failed.doc), 2);
+    raw.writer.write_all(&legacy_hello(2)).await.unwrap();
+    let ok = raw.recv().await.unwrap();
+    assert!(ok.doc.get_bool("ismaster").unwrap(), "{:?}", ok.doc);
+
+    admin
+        .command(configure(
+            Bson::Document(doc! { "times": 1 }),
+            doc! { "failCommands": ["isMaster"], "closeConnection": true,
+            "blockConnection": true, "blockTimeMS": 10 },
+        ))
+        .await;
+    let mut closed = Raw::connect(&emu).await;
+    closed.writer.write_all(&legacy_hello(3)).await.unwrap();
+    assert!(closed.recv().await.is_none(), "closed without a reply");
+
+    admin
+        .command(configure(
+            Bson::Document(doc! { "times": 1 }),
+            doc! { "failCommands": ["hello", "isMaster"], "closeConnection": true, "appName": "shy" },
+        ))
+        .await;
+    let client = Client::with_uri_str(format!(
+        "mongodb://{}/?directConnection=true&appName=shy&serverSelectionTimeoutMS=10000",
+        emu.addr()
+    ))
+    .await
+    .unwrap();
+    client
+        .database("app")
+        .collection::<Document>("h")
+        .find_one(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(
+        emu.fail_point_entered(),
+        3,
+        "the driver's handshake met the fault"
+    );
+    client.shutdown().await;
+    emu.shutdown().await;
+}

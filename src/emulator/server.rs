@@ -20,7 +20,8 @@
 //! the reply it is writing; a wait (latency, blocked write, awaitable hello,
 //! fail point block) ends at once. An unacknowledged (`moreToCome`) write
 //! refused as not primary closes its connection, as a 4.2+ server does so
-//! the client notices. Legacy OP_QUERY hellos are never failed.
+//! the client notices. Legacy OP_QUERY hellos (the handshake most drivers
+//! open with) are failed like OP_MSG ones.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -284,7 +285,7 @@ enum Action {
     /// A fail point's `blockConnection`: wait, then answer the request.
     Pause {
         wait: Duration,
-        request: Box<MsgRequest>,
+        request: Box<Deferred>,
         fault: Fault,
     },
     /// Close the connection without a reply.
@@ -301,6 +302,28 @@ struct ReplyTo {
     silent: bool,
     /// What a fail point does once the command has run.
     after: AfterExecution,
+}
+
+/// A request whose answer waits for a fail point's block.
+enum Deferred {
+    Msg(MsgRequest),
+    Query(QueryHello),
+}
+
+impl Deferred {
+    fn name(&self) -> &str {
+        match self {
+            Deferred::Msg(m) => &m.name,
+            Deferred::Query(q) => &q.name,
+        }
+    }
+}
+
+/// A legacy OP_QUERY hello (the handshake most drivers open with).
+struct QueryHello {
+    request_id: i32,
+    name: String,
+    body: Document,
 }
 
 /// One OP_MSG request, parsed.
@@ -430,11 +453,14 @@ pub(crate) async fn serve_connection<S>(
                     request,
                     fault,
                 }) => {
-                    tracing::debug!(%peer, connection_id, command = %request.name, wait_ms = wait.as_millis() as u64, "fail point blocks the connection");
+                    tracing::debug!(%peer, connection_id, command = %request.name(), wait_ms = wait.as_millis() as u64, "fail point blocks the connection");
                     if !stop.pause(wait).await {
                         break 'connection;
                     }
-                    action = answer_msg(&mut conn, *request, fault);
+                    action = match *request {
+                        Deferred::Msg(request) => answer_msg(&mut conn, request, fault),
+                        Deferred::Query(hello) => answer_query_hello(&mut conn, hello, fault),
+                    };
                     continue;
                 }
                 Ok(Action::Close) => {
@@ -930,6 +956,51 @@ fn answer_msg(conn: &mut Connection, request: MsgRequest, fault: Fault) -> Resul
     })
 }
 
+/// Answers a legacy OP_QUERY hello, carrying out what the fail point says.
+fn answer_query_hello(
+    conn: &mut Connection,
+    hello: QueryHello,
+    fault: Fault,
+) -> Result<Action, String> {
+    let QueryHello {
+        request_id,
+        name,
+        body,
+    } = hello;
+    if fault.close {
+        return Ok(Action::Close);
+    }
+    let reply = match fault.error {
+        Some(injected) => {
+            commands::injected_error(&conn.state, &name, &body, conn.auth.user(), &injected)
+        }
+        None => {
+            if body.contains_key("compression") {
+                conn.compression = hello::negotiate_compression(&body);
+            }
+            hello_for(conn, &name, &body)
+        }
+    };
+    legacy_reply(conn, request_id, &name, reply)
+}
+
+/// An OP_REPLY answering `request_id`.
+fn legacy_reply(
+    conn: &Connection,
+    request_id: i32,
+    name: &str,
+    mut reply: Document,
+) -> Result<Action, String> {
+    conn.state.stamp(&mut reply);
+    let reply_bytes = to_bytes(&reply).ok_or_else(|| "reply could not be encoded".to_string())?;
+    let reply_id = conn.state.next_request_id();
+    let bytes = wire::legacy::encode_reply(reply_id, request_id, AWAIT_CAPABLE, 0, &[&reply_bytes]);
+    Ok(Action::Reply {
+        bytes,
+        delay: latency(conn, name),
+    })
+}
+
 fn refused_as_not_primary(reply: &Document) -> bool {
     reply.get_f64("ok") != Ok(1.0) && reply.get_i32("code") == Ok(errors::NOT_WRITABLE_PRIMARY)
 }
@@ -1004,7 +1075,7 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
             if let Some(wait) = fault.block {
                 return Ok(Action::Pause {
                     wait,
-                    request: Box::new(request),
+                    request: Box::new(Deferred::Msg(request)),
                     fault: Fault {
                         block: None,
                         ..fault
@@ -1022,37 +1093,37 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                 Ok(inner) => inner.clone(),
                 Err(_) => raw,
             };
-            let is_command = query.full_collection_name.ends_with(".$cmd");
-            if is_command && is_hello(&name) {
-                remember_app_name(conn, &body);
-            }
-            let mut reply = if is_command && is_hello(&name) {
-                if body.contains_key("compression") {
-                    conn.compression = hello::negotiate_compression(&body);
-                }
-                hello_for(conn, &name, &body)
-            } else {
-                CommandError::new(
+            let request_id = frame.header.request_id;
+            if !(query.full_collection_name.ends_with(".$cmd") && is_hello(&name)) {
+                let reply = CommandError::new(
                     errors::UNSUPPORTED_OP_QUERY_COMMAND,
                     format!("Unsupported OP_QUERY command: {name}. The client driver may require an upgrade. For more details see https://dochub.mongodb.org/core/legacy-opcode-removal"),
                 )
-                .to_document()
+                .to_document();
+                return legacy_reply(conn, request_id, &name, reply);
+            }
+            remember_app_name(conn, &body);
+            let fault = conn
+                .state
+                .fail_points
+                .activate(&name, conn.app_name.as_deref())
+                .unwrap_or_default();
+            let hello = QueryHello {
+                request_id,
+                name,
+                body,
             };
-            conn.state.stamp(&mut reply);
-            let reply_bytes =
-                to_bytes(&reply).ok_or_else(|| "reply could not be encoded".to_string())?;
-            let reply_id = conn.state.next_request_id();
-            let bytes = wire::legacy::encode_reply(
-                reply_id,
-                frame.header.request_id,
-                AWAIT_CAPABLE,
-                0,
-                &[&reply_bytes],
-            );
-            Ok(Action::Reply {
-                bytes,
-                delay: latency(conn, &name),
-            })
+            match fault.block {
+                Some(wait) => Ok(Action::Pause {
+                    wait,
+                    request: Box::new(Deferred::Query(hello)),
+                    fault: Fault {
+                        block: None,
+                        ..fault
+                    },
+                }),
+                None => answer_query_hello(conn, hello, fault),
+            }
         }
         Message::Reply(_) => Err("a client sent OP_REPLY".to_string()),
         Message::Other(op) => Err(format!("unsupported opcode {}", op.name())),
