@@ -1567,7 +1567,7 @@ async fn a_forced_step_down_of_a_lone_primary_is_reelected_after_its_period() {
     let emu = start(EmulatorConfig::default()).await;
     let mut raw = Raw::connect(&emu).await;
     let stepped = raw
-        .command(doc! { "replSetStepDown": 1, "force": true, "$db": "admin" })
+        .command(doc! { "replSetStepDown": 2, "force": true, "$db": "admin" })
         .await;
     assert_eq!(stepped.get_f64("ok").unwrap(), 1.0);
     let hello = hello_of(&emu).await;

@@ -25,6 +25,8 @@
 //! - `configureFailPoint` runs on `admin` only and answers
 //!   `{count: <times the fail point fired before>, ok: 1}`.
 //!
+//! Not consulted by `EmulatorConfig::fast`'s canned answers (benchmarks).
+//!
 //! Differences, on purpose:
 //! - one fail point per emulated deployment, shared by every member and
 //!   connection (a real deployment has one per `mongod` process);
