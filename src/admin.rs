@@ -25,11 +25,21 @@
 //!   `active`: not ended; `ended`: ended or killed (a tombstone);
 //!   `in_transaction`: a transaction that still holds the session;
 //!   `held`: an open transaction or an open cursor.
-//! - `GET /violations` -> JSON array, oldest first (the engine keeps the
-//!   last `sessions.max_violations`), each with `id`, `rule`, `severity`,
-//!   `action`, `rejected`, `lsid`, `owner`, `at`, `message` and `evidence`
-//!   (`current` / `earlier` request: connection, request id, peer, app,
-//!   driver, user, command, namespace, txnNumber, time).
+//! - `GET /violations` -> JSON array, oldest first: at most
+//!   `sessions.max_violations`, chosen fairly (the newest of every finding
+//!   first, at most 5 per finding), each with `id`, `finding`, `rule`,
+//!   `severity`, `action`, `rejected`, `lsid`, `owner`, `at`, `message` and
+//!   `evidence` (`current` / `earlier` request: connection, request id, peer,
+//!   app, driver, user, command, namespace, txnNumber, time).
+//! - `GET /findings` -> JSON array of findings (violations grouped by bug),
+//!   the most recently seen first: `fingerprint` (12 hex digits, stable),
+//!   `rule`, `severity`, `action`, `current` / `earlier` (command,
+//!   namespace, app, driver), `count`, `first_seen`, `last_seen`,
+//!   `sessions` / `connections` (`count`, `exact`), `overflow` on the
+//!   overflow finding.
+//! - `GET /findings/<fingerprint>` -> one finding with `examples.first` and
+//!   `examples.latest` (a `/violations` entry and its session's `timeline`);
+//!   `404` for an unknown or malformed fingerprint.
 //! - anything else -> `404`; another method on a known path -> `405`.
 //!
 //! With `proxy.admin_token` set, every route but `/healthz` and `/metrics`
@@ -62,7 +72,6 @@ use crate::config::{AdminToken, ProxyConfig};
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 use crate::proxy::upstream::{self, HostPort};
 use crate::session::state::{EndKind, Millis, SessionKey, SessionState, TxnPhase};
-use crate::session::violation::RequestEvidence;
 use crate::session::{SessionEngine, ViolationRecord};
 
 /// `/sessions` returns at most this many sessions unless `limit` says fewer.
@@ -230,10 +239,12 @@ type HttpResponse = Response<Full<Bytes>>;
 
 fn route(context: &AdminContext, request: &Request<Incoming>) -> HttpResponse {
     let path = request.uri().path();
-    let known = matches!(
-        path,
-        "/healthz" | "/readyz" | "/metrics" | "/sessions" | "/violations"
-    );
+    let finding = path.strip_prefix("/findings/");
+    let known = finding.is_some()
+        || matches!(
+            path,
+            "/healthz" | "/readyz" | "/metrics" | "/sessions" | "/violations" | "/findings"
+        );
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -271,7 +282,18 @@ fn route(context: &AdminContext, request: &Request<Incoming>) -> HttpResponse {
             Some(engine) => violations(engine),
             None => no_engine(),
         },
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        "/findings" => match &context.engine {
+            Some(engine) => json(StatusCode::OK, &engine.findings()),
+            None => no_engine(),
+        },
+        _ => match (finding, &context.engine) {
+            (Some(_), None) => no_engine(),
+            (Some(id), Some(engine)) => match id.parse().ok().and_then(|id| engine.finding(id)) {
+                Some(detail) => json(StatusCode::OK, &detail),
+                None => text(StatusCode::NOT_FOUND, "no such finding\n"),
+            },
+            (None, _) => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
     }
 }
 
@@ -599,48 +621,8 @@ struct SessionJson {
 }
 
 fn violations(engine: &SessionEngine) -> HttpResponse {
-    #[derive(Serialize)]
-    struct Evidence<'a> {
-        current: Option<&'a RequestEvidence>,
-        earlier: Option<&'a RequestEvidence>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        store: Option<&'a crate::session::StoreEvidence>,
-    }
-    #[derive(Serialize)]
-    struct ViolationJson<'a> {
-        id: u64,
-        rule: &'static str,
-        severity: &'static str,
-        action: &'static str,
-        rejected: bool,
-        lsid: &'a str,
-        lsid_short: &'a str,
-        owner: Option<&'a str>,
-        at: &'a str,
-        message: &'a str,
-        evidence: Evidence<'a>,
-    }
     let records: Vec<Arc<ViolationRecord>> = engine.violations();
-    let body: Vec<ViolationJson<'_>> = records
-        .iter()
-        .map(|record| ViolationJson {
-            id: record.id,
-            rule: record.rule.as_str(),
-            severity: record.severity.as_str(),
-            action: record.action.as_str(),
-            rejected: record.rejected,
-            lsid: &record.lsid,
-            lsid_short: &record.lsid_short,
-            owner: record.owner.as_deref(),
-            at: &record.at,
-            message: &record.message,
-            evidence: Evidence {
-                current: record.current.as_ref(),
-                earlier: record.earlier.as_ref(),
-                store: record.store.as_ref(),
-            },
-        })
-        .collect();
+    let body: Vec<_> = records.iter().map(|record| record.json()).collect();
     json(StatusCode::OK, &body)
 }
 

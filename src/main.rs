@@ -285,7 +285,8 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
     // when the engine is dropped.
     let engine = Arc::new(
         sessionguard::session::SessionEngine::new(&config.sessions, &config.rules)
-            .with_stores(&config.stores),
+            .with_stores(&config.stores)
+            .with_finding_interval(config.log.finding_interval),
     );
     let _refresher = sessionguard::session::spawn_refresher(&engine);
     // One registry for the data path and the engine (read at scrape time).
@@ -412,6 +413,7 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
     let log = LogConfig {
         format: args.log_format,
         level: args.log_level,
+        ..LogConfig::default()
     };
     if let Err(e) = sessionguard::telemetry::init(&log) {
         eprintln!("error: {e}");
