@@ -94,7 +94,7 @@ pub struct UpstreamProbe {
 #[derive(Debug, Clone)]
 pub struct AdminContext {
     pub metrics: Arc<Metrics>,
-    /// `None`: `/sessions` and `/violations` answer 503.
+    /// `None`: `/sessions`, `/violations` and `/findings` answer 503.
     pub engine: Option<Arc<SessionEngine>>,
     pub token: Option<AdminToken>,
     pub probe: Option<UpstreamProbe>,
@@ -145,9 +145,9 @@ pub async fn serve_with(
     if context.token.is_none() && !local_addr.ip().is_loopback() {
         warn!(
             admin = %local_addr,
-            "the admin API listens beyond loopback without proxy.admin_token: /sessions and \
-             /violations (session ids, peers, users, command names) are open to anyone who \
-             can reach it; set proxy.admin_token or bind it to 127.0.0.1"
+            "the admin API listens beyond loopback without proxy.admin_token: /sessions, \
+             /violations and /findings (session ids, peers, users, command names) are open to \
+             anyone who can reach it; set proxy.admin_token or bind it to 127.0.0.1"
         );
     }
     if let Some(probe) = context.probe.clone() {
@@ -702,8 +702,12 @@ mod tests {
         assert!(ok.ends_with("ok\n"), "{ok}");
         let missing = get(server.local_addr, "/nope", None).await;
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
-        let no_engine = get(server.local_addr, "/violations", None).await;
-        assert!(no_engine.starts_with("HTTP/1.1 503"), "{no_engine}");
+        for path in ["/violations", "/findings", "/findings/0ddf2e84286a"] {
+            let no_engine = get(server.local_addr, path, None).await;
+            assert!(no_engine.starts_with("HTTP/1.1 503"), "{path}: {no_engine}");
+        }
+        let nested = get(server.local_addr, "/findingsx", None).await;
+        assert!(nested.starts_with("HTTP/1.1 404"), "{nested}");
 
         let mut stream = tokio::net::TcpStream::connect(server.local_addr)
             .await
@@ -736,6 +740,10 @@ mod tests {
             .starts_with("HTTP/1.1 200"));
         let missing = get(addr, "/readyz", None).await;
         assert!(missing.starts_with("HTTP/1.1 401"), "{missing}");
+        for path in ["/findings", "/findings/0ddf2e84286a"] {
+            let missing = get(addr, path, None).await;
+            assert!(missing.starts_with("HTTP/1.1 401"), "{path}: {missing}");
+        }
         let wrong = get(addr, "/readyz", Some("Bearer 0123456789abcdef-tokeX")).await;
         assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
         assert!(wrong.contains("invalid_token"), "{wrong}");

@@ -20,7 +20,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
 /// The deployment the proxy forwards to.
 pub const DEFAULT_UPSTREAM: &str = "mongodb://127.0.0.1:27017";
 /// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
-/// `/sessions`, `/violations`).
+/// `/sessions`, `/violations`, `/findings`).
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9216";
 /// How often `/readyz` dials the upstream to see whether it is reachable.
 pub const DEFAULT_UPSTREAM_PROBE_INTERVAL: Duration = Duration::from_secs(5);

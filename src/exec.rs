@@ -277,6 +277,7 @@ async fn run(plan: Plan) -> u8 {
     }
     refresher.abort();
     engine.sweep();
+    engine.flush_finding_summaries();
 
     let report = Report::from_engine(
         RunInfo {

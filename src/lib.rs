@@ -13,7 +13,7 @@
 //! - [`metrics`]: the Prometheus registry and the data path's pre-resolved
 //!   metric handles; the session engine's counters are read at scrape time.
 //! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
-//!   `/sessions`, `/violations`).
+//!   `/sessions`, `/violations`, `/findings`).
 //! - [`telemetry`]: `tracing` subscriber setup (pretty or JSON logs).
 //! - [`bson_scan`]: a bounds-checked walk over a document's top-level
 //!   elements for the hot path (type, key, value bytes; nothing decoded).

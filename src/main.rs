@@ -366,6 +366,8 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
             code = ExitCode::from(EXIT_INTERRUPTED);
         }
     }
+    // The last counts of every finding still summarised later.
+    engine.flush_finding_summaries();
     if let Some(path) = &report {
         match sessionguard::report::write_proxy_report(path, started, &config, &engine) {
             Ok(()) => tracing::info!(report = %path.display(), "report written"),

@@ -107,9 +107,19 @@ fn a_findings_log_lines_are_its_first_violation_then_one_summary_per_interval() 
     let all = lines();
     assert_eq!(all.len(), 3, "{all:#?}");
     assert!(all[2].contains("count=5 total=1006"), "{}", all[2]);
+    // At shutdown, the violations in no line yet get theirs at once.
+    flood(&engine, 21_000);
+    flood(&engine, 21_001);
+    engine.sweep_at(21_002);
+    assert_eq!(lines().len(), 3);
+    engine.flush_finding_summaries();
+    engine.flush_finding_summaries();
+    let all = lines();
+    assert_eq!(all.len(), 4, "{all:#?}");
+    assert!(all[3].contains("count=2 total=1008"), "{}", all[3]);
     // Every violation was counted, whatever was logged.
-    assert_eq!(engine.stats().violations, 1006);
-    assert_eq!(engine.findings()[0].count, 1006);
+    assert_eq!(engine.stats().violations, 1008);
+    assert_eq!(engine.findings()[0].count, 1008);
     assert!(logs::containing("do-not-log-me").is_empty());
 }
 

@@ -1271,6 +1271,16 @@ impl SessionEngine {
         }
     }
 
+    /// Logs a summary line for every finding whose latest violations are
+    /// in no line yet, whatever `log.finding_interval` says: call it at
+    /// shutdown, so the log accounts for every violation.
+    pub fn flush_finding_summaries(&self) {
+        let unlogged = self.findings_table().unlogged_summaries(self.now());
+        for summary in &unlogged {
+            log_summary(summary);
+        }
+    }
+
     /// Recent violations, oldest first: at most `sessions.max_violations`,
     /// and fair — the newest of every finding first, then the second newest
     /// of each, and so on (each finding keeps its `RECENT_PER_FINDING`

@@ -551,6 +551,15 @@ impl FindingTable {
             .collect()
     }
 
+    /// A summary for every finding with violations not yet in a line,
+    /// interval or not (at shutdown, so the log's counts add up).
+    pub(crate) fn unlogged_summaries(&mut self, now: Millis) -> Vec<Summary> {
+        self.findings
+            .iter_mut()
+            .filter_map(|finding| finding.summary_due(now, 0))
+            .collect()
+    }
+
     /// Every finding, the most recently seen first.
     pub(crate) fn list(&self) -> Vec<FindingData> {
         let mut all: Vec<FindingData> = self.findings.iter().map(Finding::data).collect();
@@ -947,6 +956,16 @@ mod tests {
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].since, due[0].total), (1, 1002));
         assert!(table.due_summaries(500_000).is_empty());
+        // At shutdown, what is unlogged is logged whatever the interval.
+        assert!(matches!(
+            record(&mut table, 5, v(), 130_000),
+            LogNow::Nothing
+        ));
+        assert!(table.due_summaries(130_001).is_empty());
+        let flushed = table.unlogged_summaries(130_001);
+        assert_eq!(flushed.len(), 1);
+        assert_eq!((flushed[0].since, flushed[0].total), (1, 1003));
+        assert!(table.unlogged_summaries(130_002).is_empty());
     }
 
     #[test]

@@ -306,6 +306,8 @@ mod tests {
             slots.push(ring.record(Some(key(1)), request(1, id, u64::try_from(id).unwrap()), 0));
         }
         assert_eq!(ring.ops.capacity(), OPS_PER_CONNECTION);
+        // docs/performance.md: 704 bytes per connection carrying sessions.
+        assert!(std::mem::size_of::<Op>() * OPS_PER_CONNECTION <= 704);
         let kept: Vec<i32> = ring.in_order().map(|op| op.request.request_id).collect();
         assert_eq!(kept, (3..OPS_PER_CONNECTION as i32 + 3).collect::<Vec<_>>());
         // The newest request's reply lands; a reply for an overwritten slot
