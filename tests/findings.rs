@@ -12,27 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bson::spec::BinarySubtype;
-use bson::{doc, rawdoc, Binary, Document, RawDocumentBuf};
-use common::{http_get, logs, Stack};
+use bson::{doc, rawdoc, Binary, Document};
+use common::{engine_reply as reply, engine_request as send, http_get, logs, Stack};
 use serde_json::Value;
 use sessionguard::emulator::{Emulator, EmulatorConfig};
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
-use sessionguard::wire::op_msg::encode;
-use sessionguard::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
+use sessionguard::wire::MsgFlags;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn send(engine: &SessionEngine, conn: u64, id: i32, doc: &RawDocumentBuf, flags: u32, now: u64) {
-    let frame = encode(id, 0, MsgFlags(flags), doc.as_bytes());
-    let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
-    engine.request_at(conn, id, &Message::Msg(msg), now);
-}
-
-fn reply(engine: &SessionEngine, conn: u64, to: i32, doc: &RawDocumentBuf, now: u64) {
-    let frame = encode(1000 + to, to, MsgFlags(0), doc.as_bytes());
-    let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
-    engine.reply_at(conn, to, &Message::Msg(msg), now);
-}
 
 #[test]
 fn a_findings_log_lines_are_its_first_violation_then_one_summary_per_interval() {
