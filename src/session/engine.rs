@@ -324,8 +324,14 @@ impl SessionEngine {
     /// Summary lines about a finding at most this often (`log.finding_interval`;
     /// default `DEFAULT_FINDING_INTERVAL`, validated by the caller).
     pub fn with_finding_interval(self, interval: Duration) -> SessionEngine {
-        self.findings_table().set_interval(millis(interval));
+        self.set_finding_interval(interval);
         self
+    }
+
+    /// `with_finding_interval` on a running engine (a configuration reload):
+    /// applies from each finding's next line on.
+    pub fn set_finding_interval(&self, interval: Duration) {
+        self.findings_table().set_interval(millis(interval));
     }
 
     /// Milliseconds since the engine started (its clock for all state).
@@ -1126,7 +1132,14 @@ impl SessionEngine {
         let settings = self.rules.get(violation.rule);
         self.violations.per_rule[violation.rule.index()].fetch_add(1, Ordering::Relaxed);
         let key = IdKey::of(&violation, settings.severity, settings.action);
-        let (timeline, peers) = self.timeline(&violation, closing);
+        let (timeline, mut peers) = self.timeline(&violation, closing);
+        if let Some(store) = &violation.store {
+            // store-session-resurrected: the read may be on a third connection.
+            peers[2] = match closing {
+                Some((id, state)) if id == store.read.conn => Some(state.peer),
+                _ => self.conns.get(&store.read.conn).map(|state| state.peer),
+            };
+        }
         let now = violation.at;
         let kept = Kept {
             id: self.violations.next_id.fetch_add(1, Ordering::Relaxed),
@@ -1160,14 +1173,14 @@ impl SessionEngine {
     }
 
     /// The violation's session timeline from the rings of the connections
-    /// of both requests, and those connections' peers.
+    /// of both requests, and those connections' peers (the third: see `Kept`).
     fn timeline(
         &self,
         violation: &Violation,
         closing: Option<(u64, &ConnState)>,
-    ) -> (Timeline, [Option<SocketAddr>; 2]) {
+    ) -> (Timeline, [Option<SocketAddr>; 3]) {
         let mut gather = Gather::new(violation.key, violation.current, violation.earlier);
-        let mut peers = [None, None];
+        let mut peers = [None; 3];
         let conns = [violation.current, violation.earlier].map(|r| r.map(|r| r.conn));
         for (index, conn) in conns.iter().enumerate() {
             let Some(conn) = *conn else { continue };
@@ -1226,7 +1239,7 @@ impl SessionEngine {
     /// A kept violation with every id resolved to names.
     fn resolve(&self, kept: &Kept, finding: FindingId) -> ViolationRecord {
         let violation = &kept.violation;
-        let [current_peer, earlier_peer] = kept.peers;
+        let [current_peer, earlier_peer, read_peer] = kept.peers;
         ViolationRecord {
             id: kept.id,
             finding,
@@ -1250,21 +1263,13 @@ impl SessionEngine {
                 .earlier
                 .as_ref()
                 .map(|r| self.evidence(r, earlier_peer)),
+            // The write is `current`, the destroy `earlier`.
             store: violation.store.as_ref().and_then(|store| {
-                let peer_of = |request: &RequestRef| {
-                    if Some(request.conn) == violation.current.map(|r| r.conn) {
-                        current_peer
-                    } else if Some(request.conn) == violation.earlier.map(|r| r.conn) {
-                        earlier_peer
-                    } else {
-                        None
-                    }
-                };
                 Some(StoreEvidence {
                     store: store.store.clone(),
                     document: store.document.clone(),
-                    read: self.evidence(&store.read, peer_of(&store.read)),
-                    destroy: self.evidence(&store.destroy, peer_of(&store.destroy)),
+                    read: self.evidence(&store.read, read_peer),
+                    destroy: self.evidence(&store.destroy, earlier_peer),
                     write: self.evidence(violation.current.as_ref()?, current_peer),
                 })
             }),

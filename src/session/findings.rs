@@ -238,9 +238,10 @@ pub(crate) struct Kept {
     pub(crate) severity: Severity,
     pub(crate) action: Action,
     pub(crate) rejected: bool,
-    /// The peers of the current and earlier requests' connections when it
-    /// was raised (a connection may be gone when it is read).
-    pub(crate) peers: [Option<SocketAddr>; 2],
+    /// The peers of the current and earlier requests' connections (and of
+    /// a web-session store violation's read) when it was raised: a
+    /// connection may be gone when the violation is read.
+    pub(crate) peers: [Option<SocketAddr>; 3],
 }
 
 /// How many distinct sessions or connections a finding involved.
@@ -506,7 +507,8 @@ impl FindingTable {
         };
         let first = finding.count == 0;
         finding.count += 1;
-        finding.last_seen = now;
+        // Threads may file violations a millisecond out of order.
+        finding.last_seen = finding.last_seen.max(now);
         let violation = &kept.violation;
         finding.sessions.add(session_hash(&violation.key));
         for request in [&violation.current, &violation.earlier]
@@ -810,7 +812,7 @@ mod tests {
             severity: Severity::Error,
             action: Action::Log,
             rejected: false,
-            peers: [None, None],
+            peers: [None; 3],
         }
     }
 
