@@ -26,11 +26,12 @@
 //!   `in_transaction`: a transaction that still holds the session;
 //!   `held`: an open transaction or an open cursor.
 //! - `GET /violations` -> JSON array, oldest first: at most
-//!   `sessions.max_violations`, chosen fairly (the newest of every finding
-//!   first, at most 5 per finding), each with `id`, `finding`, `rule`,
-//!   `severity`, `action`, `rejected`, `lsid`, `owner`, `at`, `message` and
-//!   `evidence` (`current` / `earlier` request: connection, request id, peer,
-//!   app, driver, user, command, namespace, txnNumber, time).
+//!   `sessions.max_violations`, chosen fairly (each finding's 5 newest stay
+//!   whatever other findings do; see `SessionEngine::violations`), each
+//!   with `id`, `finding`, `rule`, `severity`, `action`, `rejected`, `lsid`,
+//!   `owner`, `at`, `message` and `evidence` (`current` / `earlier` request:
+//!   connection, request id, peer, app, driver, user, command, namespace,
+//!   txnNumber, time).
 //! - `GET /findings` -> JSON array of findings (violations grouped by bug),
 //!   the most recently seen first: `fingerprint` (12 hex digits, stable),
 //!   `rule`, `severity`, `action`, `current` / `earlier` (command,

@@ -186,8 +186,6 @@ pub(crate) struct UpstreamState {
 #[derive(Debug)]
 struct ViolationLog {
     findings: Mutex<FindingTable>,
-    /// `sessions.max_violations`: how many `violations()` lists.
-    capacity: usize,
     next_id: AtomicU64,
     per_rule: [AtomicU64; RuleId::COUNT],
 }
@@ -298,8 +296,8 @@ impl SessionEngine {
                 findings: Mutex::new(FindingTable::new(
                     config.max_findings,
                     millis(DEFAULT_FINDING_INTERVAL),
+                    config.max_violations,
                 )),
-                capacity: config.max_violations,
                 next_id: AtomicU64::new(1),
                 per_rule: Default::default(),
             },
@@ -1287,12 +1285,13 @@ impl SessionEngine {
     }
 
     /// Recent violations, oldest first: at most `sessions.max_violations`,
-    /// and fair — the newest of every finding first, then the second newest
-    /// of each, and so on (each finding keeps its `RECENT_PER_FINDING`
-    /// newest), so a flood of one bug never hides another.
+    /// and fair — each finding's `RECENT_PER_FINDING` newest are kept
+    /// whatever other findings do, and when there is not room for all, the
+    /// newest of every finding comes first, then the second newest of each,
+    /// and so on — so a flood of one bug never hides another.
     pub fn violations(&self) -> Vec<Arc<ViolationRecord>> {
         // Copied out under the lock, resolved after it.
-        let kept = self.findings_table().recent(self.violations.capacity);
+        let kept = self.findings_table().recent();
         kept.iter()
             .map(|(finding, kept)| Arc::new(self.resolve(kept, *finding)))
             .collect()

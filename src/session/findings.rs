@@ -6,9 +6,13 @@
 //! request ids, ports or times. A finding keeps its count, first and last
 //! seen, its first example with full evidence (resolved once, when it is
 //! also logged in full) and its latest example (kept compact, resolved when
-//! read), the distinct sessions and connections involved (exact up to
-//! `DISTINCT_CAP`, then "at least"), and the few newest violations that
-//! `/violations` shows.
+//! read), and the distinct sessions and connections involved (exact up to
+//! `DISTINCT_CAP`, then "at least").
+//!
+//! It keeps the recent violations `/violations` lists, fairly: at most
+//! `sessions.max_violations` in all, and each finding's `RECENT_PER_FINDING`
+//! newest are kept whatever comes after, so a flood of one finding gives up
+//! its own older violations and never evicts another finding's only one.
 //!
 //! It also decides what is logged: a finding's first violation in full, then
 //! at most one summary line per `log.finding_interval` with the count since
@@ -38,7 +42,7 @@ use super::state::{ClientId, Millis, SessionKey, Sym};
 use super::timeline::{Role, Timeline};
 use super::violation::{Action, RuleId, Severity, Violation, ViolationRecord};
 
-/// Violations of each finding that `/violations` keeps (the newest).
+/// Violations of each finding kept whatever other findings do (its newest).
 pub const RECENT_PER_FINDING: usize = 5;
 /// Distinct sessions / connections counted exactly per finding; past it a
 /// finding says "at least".
@@ -306,7 +310,8 @@ struct Finding {
     sessions: Distinct,
     connections: Distinct,
     first: Option<(Arc<ViolationRecord>, Timeline)>,
-    /// The newest last; the newest is the latest example.
+    /// Its `RECENT_PER_FINDING` newest violations, the newest last (the
+    /// latest example).
     recent: VecDeque<Kept>,
     latest_timeline: Timeline,
     /// `count` when the last line about it was logged, and when.
@@ -408,7 +413,15 @@ pub(crate) struct FindingCopy {
 pub(crate) struct FindingTable {
     max_findings: usize,
     interval: Millis,
+    /// How many violations are kept in all (`sessions.max_violations`),
+    /// unless the findings' own newest alone are more.
+    max_kept: usize,
     findings: Vec<Finding>,
+    /// Violations no longer among their finding's newest, oldest first,
+    /// with their finding's slot: the first to go when room runs out.
+    older: VecDeque<(u32, Kept)>,
+    /// Violations in the findings' `recent`, all together.
+    in_recent: usize,
     by_id: HashMap<FindingId, u32>,
     cache: HashMap<IdKey, u32, foldhash::fast::RandomState>,
     overflow: Option<u32>,
@@ -425,12 +438,16 @@ impl fmt::Debug for FindingTable {
 
 impl FindingTable {
     /// At most `max_findings` findings (plus the overflow finding); summary
-    /// lines at most every `interval` per finding.
-    pub(crate) fn new(max_findings: usize, interval: Millis) -> FindingTable {
+    /// lines at most every `interval` per finding; `max_kept` violations
+    /// kept for `recent` (see the module doc).
+    pub(crate) fn new(max_findings: usize, interval: Millis, max_kept: usize) -> FindingTable {
         FindingTable {
             max_findings,
             interval,
+            max_kept,
             findings: Vec::new(),
+            older: VecDeque::new(),
+            in_recent: 0,
             by_id: HashMap::new(),
             cache: HashMap::default(),
             overflow: None,
@@ -535,12 +552,26 @@ impl FindingTable {
         } else if let Some(summary) = finding.summary_due(now, interval) {
             log = LogNow::Summary(summary);
         }
-        if finding.recent.len() >= RECENT_PER_FINDING {
-            finding.recent.pop_front();
-        }
         finding.recent.push_back(kept);
         finding.latest_timeline = timeline;
-        (finding.id, log)
+        let id = finding.id;
+        if finding.recent.len() > RECENT_PER_FINDING {
+            if let Some(oldest) = finding.recent.pop_front() {
+                self.older.push_back((slot, oldest));
+            }
+        } else {
+            self.in_recent += 1;
+        }
+        while self.in_recent + self.older.len() > self.max_kept && self.older.pop_front().is_some()
+        {
+        }
+        (id, log)
+    }
+
+    /// How many violations are kept.
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> usize {
+        self.in_recent + self.older.len()
     }
 
     /// Summary lines due at `now` (violations since the last line, and the
@@ -582,11 +613,17 @@ impl FindingTable {
         })
     }
 
-    /// At most `limit` kept violations, oldest first, chosen fairly: every
+    /// At most `max_kept` kept violations, oldest first, chosen fairly: every
     /// finding's newest first, then every finding's second newest, and so
-    /// on (newer before older within a round), so a flood of one finding
-    /// never pushes out the only example of another.
-    pub(crate) fn recent(&self, limit: usize) -> Vec<(FindingId, Kept)> {
+    /// on up to its `RECENT_PER_FINDING` newest, then the older ones, newer
+    /// before older within a round. So a flood of one finding never pushes
+    /// out the only example of another.
+    pub(crate) fn recent(&self) -> Vec<(FindingId, Kept)> {
+        let limit = self.max_kept;
+        let older = self.older.iter().filter_map(|(slot, kept)| {
+            let finding = self.findings.get(*slot as usize)?;
+            Some((RECENT_PER_FINDING, kept.id, finding.id, kept))
+        });
         let mut ranked: Vec<(usize, u64, FindingId, &Kept)> = self
             .findings
             .iter()
@@ -598,6 +635,7 @@ impl FindingTable {
                     .enumerate()
                     .map(move |(rank, kept)| (rank, kept.id, finding.id, kept))
             })
+            .chain(older)
             .collect();
         ranked.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
         ranked.truncate(limit);
@@ -904,7 +942,7 @@ mod tests {
 
     #[test]
     fn a_finding_counts_every_violation_and_the_distinct_sessions_and_connections() {
-        let mut table = FindingTable::new(10, 60_000);
+        let mut table = FindingTable::new(10, 60_000, 10_000);
         for i in 0..250u64 {
             let lsid = u8::try_from(i % 3).unwrap();
             let v = violation(lsid, request(i, 1, 2, 3, 1), request(1000, 1, 1, 3, 1));
@@ -936,7 +974,7 @@ mod tests {
 
     #[test]
     fn the_first_violation_is_logged_in_full_then_one_summary_per_interval() {
-        let mut table = FindingTable::new(10, 60_000);
+        let mut table = FindingTable::new(10, 60_000, 10_000);
         let v = || violation(1, request(1, 1, 2, 3, 1), request(2, 1, 1, 3, 1));
         assert!(matches!(record(&mut table, 1, v(), 0), LogNow::Full(_)));
         for at in 1..1000 {
@@ -972,7 +1010,7 @@ mod tests {
 
     #[test]
     fn past_max_findings_new_fingerprints_share_one_overflow_finding_announced_once() {
-        let mut table = FindingTable::new(2, 60_000);
+        let mut table = FindingTable::new(2, 60_000, 10_000);
         // Four bugs: (insert|find) x (items|orders).
         let bug = |command: u32, namespace: u32| {
             violation(
@@ -1022,25 +1060,44 @@ mod tests {
     }
 
     #[test]
-    fn the_kept_violations_are_fair_to_rare_findings() {
-        let mut table = FindingTable::new(10, 60_000);
+    fn the_kept_violations_are_all_kept_within_the_bound() {
+        let mut table = FindingTable::new(10, 60_000, 10_000);
         let flood = || violation(1, request(1, 1, 2, 3, 1), request(2, 1, 1, 3, 1));
-        let rare = violation(5, request(3, 1, 2, 4, 3), request(4, 1, 1, 4, 3));
-        record(&mut table, 1, flood(), 0);
-        record(&mut table, 2, rare, 1);
-        for id in 3..=1000 {
+        for id in 1..=1000 {
             record(&mut table, id, flood(), id);
         }
-        // Five newest of the flood, and the rare one.
-        let ids: Vec<u64> = table.recent(10_000).iter().map(|(_, k)| k.id).collect();
-        assert_eq!(ids, vec![2, 996, 997, 998, 999, 1000]);
-        // A tight bound still keeps one of each: the newest of every
-        // finding first.
-        let ids: Vec<u64> = table.recent(3).iter().map(|(_, k)| k.id).collect();
-        assert_eq!(ids, vec![2, 999, 1000]);
-        let ids: Vec<u64> = table.recent(1).iter().map(|(_, k)| k.id).collect();
-        assert_eq!(ids, vec![1000]);
-        assert!(table.recent(0).is_empty());
+        let ids: Vec<u64> = table.recent().iter().map(|(_, k)| k.id).collect();
+        assert_eq!(ids, (1..=1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_kept_violations_are_fair_to_rare_findings() {
+        let flood = || violation(1, request(1, 1, 2, 3, 1), request(2, 1, 1, 3, 1));
+        let rare = || violation(5, request(3, 1, 2, 4, 3), request(4, 1, 1, 4, 3));
+        // The rare finding's one violation, then a flood of another.
+        let run = |room: usize| {
+            let mut table = FindingTable::new(10, 60_000, room);
+            record(&mut table, 1, flood(), 0);
+            record(&mut table, 2, rare(), 1);
+            for id in 3..=1000 {
+                record(&mut table, id, flood(), id);
+            }
+            let ids: Vec<u64> = table.recent().iter().map(|(_, k)| k.id).collect();
+            (table, ids)
+        };
+        // Room for 10: the flood's older violations give way first.
+        let (table, ids) = run(10);
+        assert_eq!(table.kept(), 10, "memory stays within the bound");
+        assert_eq!(ids, vec![2, 992, 993, 994, 995, 996, 997, 998, 999, 1000]);
+        // Less room than the findings' newest: the newest of every finding
+        // first, then the second newest of each, ...
+        assert_eq!(run(3).1, vec![2, 999, 1000]);
+        assert_eq!(run(1).1, vec![1000]);
+        // No room at all: nothing listed, and the latest example stays.
+        let (table, ids) = run(0);
+        assert!(ids.is_empty());
+        let flood_id = table.list()[0].id;
+        assert_eq!(table.get(flood_id).unwrap().latest.unwrap().0.id, 1000);
     }
 }
 
