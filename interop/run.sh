@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs the interop suites: the official Node.js driver (mongodb v6, plus an
-# Express app with express-session + connect-mongo) and PyMongo, each
+# Runs the interop suites: the official Node.js driver (every Node scenario
+# once with mongodb 6 and once with mongodb 7, plus an Express app with
+# express-session + connect-mongo, and Mongoose transactions) and PyMongo
+# (threads and its asyncio API), each
 # scenario (a) straight against `sessionguard emulator`, (b) through
 # `sessionguard proxy` in front of it and (c) under `sessionguard exec` (CI
 # mode: a private proxy per scenario, its JSON and JUnit reports checked
@@ -19,6 +21,10 @@
 #   SESSIONGUARD_BIN   binary to use (default: `cargo build`, then the target dir's debug binary)
 #   INTEROP_MODES      "direct proxy exec" (default) or any of them, in any order
 #   INTEROP_ONLY       a grep -E pattern: run only the scenarios whose name matches
+#                      (Node scenarios are named NAME@node6 / NAME@node7)
+#   INTEROP_NODE_DRIVERS  the Node.js driver majors every `@NODE` scenario runs
+#                      with, default "6 7" (see node/lib/driver.js)
+#   INTEROP_INSTALL_ONLY  1: install what is missing (npm ci, the virtualenv), then exit
 #   INTEROP_LATENCY    emulator reply latency, default 20ms: concurrent requests
 #                      then really overlap on the wire, as over a network
 #   INTEROP_TIMEOUT    seconds per scenario, default 120
@@ -30,6 +36,7 @@ REPO_ROOT="$(cd "$INTEROP_DIR/.." && pwd)"
 NODE_DIR="$INTEROP_DIR/node"
 PY_DIR="$INTEROP_DIR/python"
 MODES="${INTEROP_MODES:-direct proxy exec}"
+NODE_DRIVERS="${INTEROP_NODE_DRIVERS:-6 7}"
 LATENCY="${INTEROP_LATENCY:-20ms}"
 SCENARIO_TIMEOUT="${INTEROP_TIMEOUT:-120}"
 LOG_DIR="${INTEROP_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/sessionguard-interop.XXXXXX")}"
@@ -38,6 +45,12 @@ for mode in $MODES; do
   case "$mode" in
     direct | proxy | exec) ;;
     *) printf 'interop: unknown mode %s in INTEROP_MODES (direct, proxy or exec)\n' "$mode" >&2; exit 1 ;;
+  esac
+done
+for major in $NODE_DRIVERS; do
+  case "$major" in
+    6 | 7) ;;
+    *) printf 'interop: unknown Node.js driver major %s in INTEROP_NODE_DRIVERS (6 or 7)\n' "$major" >&2; exit 1 ;;
   esac
 done
 
@@ -63,9 +76,10 @@ while read -r var; do
 done < <(compgen -e | grep '^SESSIONGUARD_' || true)
 
 # ---------------------------------------------------------------- installs
-command -v node >/dev/null || die "node is required (Node.js 20.8 or newer)"
-node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=8)?0:1)' ||
-  die "Node.js 20.8 or newer is required (found $(node --version))"
+# 20.19: what mongodb 7 and Mongoose 9 declare in their engines field.
+command -v node >/dev/null || die "node is required (Node.js 20.19 or newer)"
+node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=19)?0:1)' ||
+  die "Node.js 20.19 or newer is required (found $(node --version))"
 command -v python3 >/dev/null || die "python3 is required"
 
 lock_hash="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
@@ -95,6 +109,10 @@ fi
 if [[ ! -x "$PYTHON" ]]; then
   PYTHON="$(command -v python3)"
   PY_PATH_EXTRA="$PY_DIR/.venv/site"
+fi
+if [[ "${INTEROP_INSTALL_ONLY:-}" == 1 ]]; then
+  say "interop: installs are up to date"
+  exit 0
 fi
 
 # ---------------------------------------------------------------- servers
@@ -162,27 +180,47 @@ say "== emulator $EMU_ADDR (latency $LATENCY)${PROXY_ADDR:+, proxy $PROXY_ADDR};
 
 # ---------------------------------------------------------------- scenarios
 # name|directory|command...   (name = the "scenario" field the program prints)
-SCENARIOS=(
-  "bad-connect-close-race|node|node scenarios/bad-connect-close-race.js"
-  "bad-endsession-not-awaited|node|node scenarios/bad-endsession-not-awaited.js"
-  "bad-global-session|node|node scenarios/bad-global-session.js"
-  "bad-global-session-txn|node|node scenarios/bad-global-session-txn.js"
-  "bad-swallowed-txn-error|node|node scenarios/bad-swallowed-txn-error.js"
-  "good-persistent-client|node|node scenarios/good-persistent-client.js"
-  "good-awaited-session|node|node scenarios/good-awaited-session.js"
-  "good-per-operation-session|node|node scenarios/good-per-operation-session.js"
-  "good-with-transaction|node|node scenarios/good-with-transaction.js"
-  "express-session-flow|node|node scenarios/express-session-flow.js"
-  "express-resurrection-bad|node|node scenarios/express-resurrection.js bad"
-  "express-resurrection-fixed-recheck|node|node scenarios/express-resurrection.js fixed-recheck"
-  "express-resurrection-fixed-touch-only|node|node scenarios/express-resurrection.js fixed-touch-only"
+# A name ending in @NODE runs once per major of INTEROP_NODE_DRIVERS, as
+# NAME@node6 and NAME@node7; a name ending in @nodeN runs with that major
+# only (Mongoose 9 brings mongodb 7). The runner passes the major in
+# INTEROP_NODE_DRIVER, and node/lib/harness.js names the scenario after it.
+SCENARIO_TABLE=(
+  "bad-connect-close-race@NODE|node|node scenarios/bad-connect-close-race.js"
+  "bad-endsession-not-awaited@NODE|node|node scenarios/bad-endsession-not-awaited.js"
+  "bad-global-session@NODE|node|node scenarios/bad-global-session.js"
+  "bad-global-session-txn@NODE|node|node scenarios/bad-global-session-txn.js"
+  "bad-swallowed-txn-error@NODE|node|node scenarios/bad-swallowed-txn-error.js"
+  "good-persistent-client@NODE|node|node scenarios/good-persistent-client.js"
+  "good-awaited-session@NODE|node|node scenarios/good-awaited-session.js"
+  "good-per-operation-session@NODE|node|node scenarios/good-per-operation-session.js"
+  "good-with-transaction@NODE|node|node scenarios/good-with-transaction.js"
+  "mongoose-bad-txn-promise-all@node7|node|node scenarios/mongoose-transaction.js bad-promise-all"
+  "mongoose-good-txn-sequential@node7|node|node scenarios/mongoose-transaction.js good-sequential"
+  "express-session-flow@NODE|node|node scenarios/express-session-flow.js"
+  "express-resurrection-bad@NODE|node|node scenarios/express-resurrection.js bad"
+  "express-resurrection-fixed-recheck@NODE|node|node scenarios/express-resurrection.js fixed-recheck"
+  "express-resurrection-fixed-touch-only@NODE|node|node scenarios/express-resurrection.js fixed-touch-only"
   "py-explicit-sessions|python|PYTHON scenarios/explicit_sessions.py"
   "py-transaction|python|PYTHON scenarios/transaction.py"
   "py-shared-session-threads|python|PYTHON scenarios/shared_session_threads.py"
   "py-clean-run|python|PYTHON scenarios/clean_run.py"
-  "node-protocol-probe|node|node scenarios/node-protocol-probe.js"
+  "py-async-shared-session|python|PYTHON scenarios/async_shared_session.py"
+  "py-async-sessions|python|PYTHON scenarios/async_sessions.py"
+  "py-async-transaction|python|PYTHON scenarios/async_transaction.py"
+  "node-protocol-probe@NODE|node|node scenarios/node-protocol-probe.js"
   "py-protocol-probe|python|PYTHON scenarios/protocol_probe.py"
 )
+SCENARIOS=()
+for entry in "${SCENARIO_TABLE[@]}"; do
+  name="${entry%%|*}"
+  if [[ "$name" == *@NODE ]]; then
+    for major in $NODE_DRIVERS; do
+      SCENARIOS+=("${name%@NODE}@node$major|${entry#*|}")
+    done
+  elif [[ "$name" != *@node* || " $NODE_DRIVERS " == *" ${name##*@node} "* ]]; then
+    SCENARIOS+=("$entry")
+  fi
+done
 
 # A pattern matching no scenario (a typo, an invalid regex) would otherwise
 # run nothing and report "0 passed, 0 failed" as success.
@@ -195,6 +233,17 @@ if [[ -n "${INTEROP_ONLY:-}" ]]; then
   done
   [[ $matched -gt 0 ]] || die "INTEROP_ONLY='$INTEROP_ONLY' matches no scenario (or is not a valid grep -E pattern)"
 fi
+
+# scenario_uri TARGET DB: the connection string a scenario gets (exec gets
+# it as --upstream and hands its child the same one with its own address).
+# Every mode talks to one member today: directConnection, because a
+# replica-set-aware driver would otherwise discover the emulator's own
+# address from hello and bypass the proxy. A replica-set mode (several
+# members, the proxy's per-member listeners) would pass a host list and
+# replicaSet=rs0 here instead; nothing else in the loop depends on it.
+scenario_uri() {
+  printf 'mongodb://%s/%s?directConnection=true' "$1" "$2"
+}
 
 CHECK="$INTEROP_DIR/check.py"
 EXPECTED="$INTEROP_DIR/expected.json"
@@ -215,10 +264,12 @@ for mode in $MODES; do
       continue
     fi
     command="${command/PYTHON/$PYTHON}"
-    db="interop_${mode}_${name//-/_}"
-    # directConnection: a replica-set-aware driver would otherwise discover
-    # the emulator's own address from hello and bypass the proxy.
-    uri="mongodb://$target/$db?directConnection=true"
+    # The driver major of a NAME@nodeN scenario (empty for Python).
+    node_driver=""
+    [[ "$name" == *@node* ]] && node_driver="${name##*@node}"
+    # '@' has no place in a database name or a URI path.
+    db="interop_${mode}_${name//[-@]/_}"
+    uri="$(scenario_uri "$target" "$db")"
     out="$LOG_DIR/$mode.$name.stdout"
     err="$LOG_DIR/$mode.$name.stderr"
     status=0
@@ -228,14 +279,14 @@ for mode in $MODES; do
       report="$LOG_DIR/exec.$name.report.json"
       junit="$LOG_DIR/exec.$name.junit.xml"
       rm -f "$report" "$junit"
-      (cd "$INTEROP_DIR/$dir" && INTEROP_MODE="$mode" PYTHONPATH="$PY_PATH_EXTRA" \
+      (cd "$INTEROP_DIR/$dir" && INTEROP_MODE="$mode" INTEROP_NODE_DRIVER="$node_driver" PYTHONPATH="$PY_PATH_EXTRA" \
         timeout --kill-after=5 "$SCENARIO_TIMEOUT" "$BIN" exec --upstream "$uri" --log-format json \
         --report "$report" --junit "$junit" -- $command >"$out" 2>"$err") || status=$?
       verdict=0
       detail="$(python3 "$CHECK" exec "$EXPECTED" "$name" "$status" "$out" "$report" "$junit")" || verdict=$?
     else
-      (cd "$INTEROP_DIR/$dir" && MONGODB_URI="$uri" INTEROP_MODE="$mode" PYTHONPATH="$PY_PATH_EXTRA" \
-        timeout --kill-after=5 "$SCENARIO_TIMEOUT" $command >"$out" 2>"$err") || status=$?
+      (cd "$INTEROP_DIR/$dir" && MONGODB_URI="$uri" INTEROP_MODE="$mode" INTEROP_NODE_DRIVER="$node_driver" \
+        PYTHONPATH="$PY_PATH_EXTRA" timeout --kill-after=5 "$SCENARIO_TIMEOUT" $command >"$out" 2>"$err") || status=$?
       verdict=0
       detail="$(python3 "$CHECK" summary "$out" "$name")" || verdict=$?
       [[ $status -eq 0 ]] || verdict=1

@@ -2,12 +2,16 @@
 # Soak test: a mixed workload through `sessionguard proxy` (in front of
 # `sessionguard emulator`) for SOAK_SECONDS, with three drivers in parallel
 # lanes, each cycling through good and bad patterns:
-#   node   — interop/node scenarios (mongodb 6): good-* and bad-global-session,
-#            bad-global-session-txn, bad-swallowed-txn-error
+#   node   — interop/node scenarios, each with mongodb 7 and with mongodb 6
+#            (NAME@node7, NAME@node6): good-* and bad-global-session,
+#            bad-global-session-txn, bad-swallowed-txn-error; and the Mongoose
+#            transactions (mongoose-good-txn-sequential, mongoose-bad-txn-promise-all)
 #   python — interop/python scenarios (PyMongo): py-clean-run, py-transaction,
-#            py-explicit-sessions, and the bad py-shared-session-threads
+#            py-explicit-sessions, the bad py-shared-session-threads, and the
+#            asyncio ones (py-async-sessions, py-async-transaction, the bad
+#            py-async-shared-session)
 #   rust   — sessionguard demo-app (the Rust driver): good and use-after-end
-# Every run uses a database of its own (soak_<lane>_<scenario>_<n>), so each
+# Every run uses a database of its own (soak_<lane>_<scenario>_<n>, '-' and '@' as '_'), so each
 # violation can be traced back to the run that caused it. The proxy's
 # resident memory (VmRSS) is sampled every SOAK_SAMPLE_SECONDS.
 #
@@ -60,13 +64,12 @@ fi
 MISUSE="$BIN demo-app"
 [[ -x "$BIN" ]] || die "missing $BIN"
 
-# The interop installs (npm ci, the PyMongo virtualenv) are run.sh's job:
-# with a filter that matches no scenario it installs and runs nothing.
-if [[ ! -d "$ROOT/interop/node/node_modules/mongodb" || ! -e "$ROOT/interop/python/.venv/.interop-req-hash" ]]; then
-  say "== installing the interop drivers (interop/run.sh)"
-  SESSIONGUARD_BIN="$BIN" INTEROP_ONLY='^$' INTEROP_LOG_DIR="$LOG_DIR/interop-install" \
-    "$ROOT/interop/run.sh" >/dev/null
-fi
+# The interop installs (npm ci, the PyMongo virtualenv) are run.sh's job; it
+# compares the lock file and requirements.txt with what is installed and
+# does nothing when they match.
+say "== interop drivers (interop/run.sh installs what is missing)"
+SESSIONGUARD_BIN="$BIN" INTEROP_INSTALL_ONLY=1 INTEROP_LOG_DIR="$LOG_DIR/interop-install" \
+  "$ROOT/interop/run.sh" >/dev/null
 PYTHON="$ROOT/interop/python/.venv/bin/python"
 PY_PATH_EXTRA=""
 if [[ ! -x "$PYTHON" ]]; then
@@ -156,12 +159,14 @@ SAMPLER_PID=$!
 run_one() {
   local lane="$1" name="$2" n="$3" dir="$4"
   shift 4
-  local db="soak_${lane}_${name//-/_}_$n"
+  local db="soak_${lane}_${name//[-@]/_}_$n"
   local uri="mongodb://$PROXY_ADDR/$db?directConnection=true"
   local out="$LOG_DIR/runs/$lane.$name.$n.out" err="$LOG_DIR/runs/$lane.$name.$n.err"
-  local status=0 began ok="-"
+  local status=0 began ok="-" node_driver=""
+  # NAME@nodeN: the Node.js driver major, as interop/run.sh passes it.
+  [[ "$name" == *@node* ]] && node_driver="${name##*@node}"
   began=$(date +%s)
-  (cd "$dir" && MONGODB_URI="$uri" INTEROP_MODE=proxy PYTHONPATH="$PY_PATH_EXTRA" \
+  (cd "$dir" && MONGODB_URI="$uri" INTEROP_MODE=proxy INTEROP_NODE_DRIVER="$node_driver" PYTHONPATH="$PY_PATH_EXTRA" \
     timeout --kill-after=5 120 "$@" >"$out" 2>"$err") || status=$?
   if [[ "$lane" != rust ]]; then
     # The verdict interop/run.sh uses; its detail line goes with the run's
@@ -193,20 +198,32 @@ lane() {
 
 NODE="$ROOT/interop/node"
 PYDIR="$ROOT/interop/python"
-lane node \
-  "good-persistent-client|$NODE|node scenarios/good-persistent-client.js" \
-  "bad-global-session|$NODE|node scenarios/bad-global-session.js" \
-  "good-awaited-session|$NODE|node scenarios/good-awaited-session.js" \
-  "bad-swallowed-txn-error|$NODE|node scenarios/bad-swallowed-txn-error.js" \
-  "good-per-operation-session|$NODE|node scenarios/good-per-operation-session.js" \
-  "bad-global-session-txn|$NODE|node scenarios/bad-global-session-txn.js" \
-  "good-with-transaction|$NODE|node scenarios/good-with-transaction.js" &
+NODE_ENTRIES=()
+for major in 7 6; do
+  NODE_ENTRIES+=(
+    "good-persistent-client@node$major|$NODE|node scenarios/good-persistent-client.js"
+    "bad-global-session@node$major|$NODE|node scenarios/bad-global-session.js"
+    "good-awaited-session@node$major|$NODE|node scenarios/good-awaited-session.js"
+    "bad-swallowed-txn-error@node$major|$NODE|node scenarios/bad-swallowed-txn-error.js"
+    "good-per-operation-session@node$major|$NODE|node scenarios/good-per-operation-session.js"
+    "bad-global-session-txn@node$major|$NODE|node scenarios/bad-global-session-txn.js"
+    "good-with-transaction@node$major|$NODE|node scenarios/good-with-transaction.js"
+  )
+done
+NODE_ENTRIES+=(
+  "mongoose-good-txn-sequential@node7|$NODE|node scenarios/mongoose-transaction.js good-sequential"
+  "mongoose-bad-txn-promise-all@node7|$NODE|node scenarios/mongoose-transaction.js bad-promise-all"
+)
+lane node "${NODE_ENTRIES[@]}" &
 NODE_LANE=$!
 lane python \
   "py-clean-run|$PYDIR|PYTHON scenarios/clean_run.py" \
   "py-transaction|$PYDIR|PYTHON scenarios/transaction.py" \
   "py-shared-session-threads|$PYDIR|PYTHON scenarios/shared_session_threads.py" \
-  "py-explicit-sessions|$PYDIR|PYTHON scenarios/explicit_sessions.py" &
+  "py-explicit-sessions|$PYDIR|PYTHON scenarios/explicit_sessions.py" \
+  "py-async-sessions|$PYDIR|PYTHON scenarios/async_sessions.py" \
+  "py-async-shared-session|$PYDIR|PYTHON scenarios/async_shared_session.py" \
+  "py-async-transaction|$PYDIR|PYTHON scenarios/async_transaction.py" &
 PY_LANE=$!
 lane rust \
   "rust-good|$ROOT|$MISUSE good" \

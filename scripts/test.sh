@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test suite sessionguard has. This is the test command named in
 # README.md, and the one .ci/run calls. It needs the Rust toolchain (and, for
-# the interop suites, Node.js 20 and Python 3, whose packages it installs into
+# the interop suites, Node.js 20.19+ and Python 3, whose packages it installs into
 # the project's own folders); .ci/run installs the system packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ else
   cargo test --all-targets --locked
 fi
 
-echo "== interop: Node.js driver, Express + connect-mongo, PyMongo (direct, through the proxy, and under sessionguard exec)"
+echo "== interop: Node.js driver 6 and 7, Express + connect-mongo, Mongoose, PyMongo sync and asyncio (direct, through the proxy, and under sessionguard exec)"
 cargo build --locked --quiet --bin sessionguard
 target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 SESSIONGUARD_BIN="$target_dir/debug/sessionguard" bash interop/run.sh

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use sessionguard::config::{parse_duration, Config, LogConfig, LogFormat, Overrides};
-use sessionguard::emulator::{EmulatorConfig, Topology};
+use sessionguard::emulator::{EmulatorConfig, Profile, Topology};
 use sessionguard::proxy::Proxy;
 
 /// Exit code for a configuration error (sysexits EX_USAGE).
@@ -124,6 +124,24 @@ struct EmulatorArgs {
     /// storing nothing.
     #[arg(long)]
     fast: bool,
+    /// Which server to behave like: mongodb (MongoDB 7.0), documentdb
+    /// (Microsoft DocumentDB / FerretDB 2 / Azure Cosmos DB vCore: a
+    /// mongos-like hello, session-management commands refused with 115) or
+    /// atlas-shared (Atlas M0/Flex: kill commands refused with AtlasError).
+    #[arg(
+        long,
+        env = "SESSIONGUARD_EMULATOR_PROFILE",
+        default_value = "mongodb",
+        value_parser = clap::builder::TypedValueParser::map(
+            clap::builder::PossibleValuesParser::new(Profile::NAMES),
+            |name| name.parse::<Profile>().expect("a listed profile")
+        )
+    )]
+    profile: Profile,
+    /// Replica-set members to start over one data set (member 0 is primary;
+    /// each listens on the next port, or on its own ephemeral port with port 0).
+    #[arg(long, env = "SESSIONGUARD_EMULATOR_MEMBERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
+    members: u16,
     /// Log format.
     #[arg(
         long,
@@ -406,17 +424,23 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
         },
         TopologyArg::Mongos => Topology::Mongos,
     };
+    if args.members > 1 && !matches!(topology, Topology::ReplicaSetPrimary { .. }) {
+        eprintln!("error: --members needs --topology replicaset");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let config = EmulatorConfig {
         topology,
         reply_latency: args.latency,
         fast: args.fast,
+        profile: args.profile,
         ..EmulatorConfig::default()
     };
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    match runtime.block_on(sessionguard::emulator::run(args.listen, config)) {
+    let members = usize::from(args.members);
+    match runtime.block_on(sessionguard::emulator::run(args.listen, config, members)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("emulator failed: {e}");

@@ -156,9 +156,13 @@ pub enum ConnectFailure {
     Timeout = 0,
     Refused = 1,
     Other = 2,
+    /// The host name did not resolve.
+    Dns = 3,
+    /// The TLS handshake failed or did not finish in time.
+    Tls = 4,
 }
 
-const CONNECT_FAILURE_LABELS: [&str; 3] = ["timeout", "refused", "other"];
+const CONNECT_FAILURE_LABELS: [&str; 5] = ["timeout", "refused", "other", "dns", "tls"];
 
 /// Which side sent a malformed frame (`side` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

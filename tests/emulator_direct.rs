@@ -13,7 +13,9 @@ use mongodb::event::sdam::SdamEvent;
 use mongodb::event::EventHandler;
 use mongodb::options::{ClientOptions, ReturnDocument};
 use mongodb::{Client, IndexModel, ServerType};
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
+use sessionguard::emulator::{
+    Emulator, EmulatorConfig, EmulatorHandle, Profile, Topology, UserRole,
+};
 use sessionguard::wire::{self, legacy, op_msg, Frame, FrameCodec, Message, MsgFlags, OpCode};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -1094,5 +1096,303 @@ async fn exhaust_get_more_over_zlib_streams_compressed_replies() {
         answering = reply.request_id;
     }
     assert_eq!((seen, replies), (9, 4));
+    emu.shutdown().await;
+}
+
+// ------------------------------------------------------------- profiles
+// Servers that refuse the session-management commands, and a user without
+// the killAnySession privilege: each refusal is answered as that server
+// answers it, and changes nothing (the session's cursor still getMores).
+
+/// Ten documents, a cursor over them in an explicit session, first batch
+/// (two) read.
+async fn session_cursor(
+    client: &Client,
+    coll: &str,
+) -> (mongodb::ClientSession, mongodb::SessionCursor<Document>) {
+    let items = client.database("app").collection::<Document>(coll);
+    items
+        .insert_many((0..10).map(|i| doc! { "_id": i }))
+        .await
+        .unwrap();
+    let mut session = client.start_session().await.unwrap();
+    let mut cursor = items
+        .find(doc! {})
+        .batch_size(2)
+        .session(&mut session)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        cursor.next(&mut session).await.unwrap().unwrap();
+    }
+    (session, cursor)
+}
+
+/// Reads two more documents: at least one getMore under the session.
+async fn still_usable(
+    session: &mut mongodb::ClientSession,
+    cursor: &mut mongodb::SessionCursor<Document>,
+) {
+    for _ in 0..2 {
+        let next = cursor
+            .next(session)
+            .await
+            .expect("a document")
+            .expect("getMore works");
+        assert!(next.contains_key("_id"));
+    }
+}
+
+fn kill_commands(lsid: &Document) -> [Document; 3] {
+    [
+        doc! { "killSessions": [lsid.clone()] },
+        doc! { "killAllSessions": [] },
+        doc! { "killAllSessionsByPattern": [] },
+    ]
+}
+
+#[tokio::test]
+async fn documentdb_profile_answers_and_refuses_like_documentdb() {
+    let emu = start(EmulatorConfig {
+        profile: Profile::DocumentDb,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let mut raw = Raw::connect(&emu).await;
+    let hello = raw.command(doc! { "hello": 1, "$db": "admin" }).await;
+    assert_eq!(hello.get_str("msg").unwrap(), "isdbgrid");
+    assert_eq!(hello.get_i32("maxWireVersion").unwrap(), 21);
+    assert_eq!(hello.get_i32("logicalSessionTimeoutMinutes").unwrap(), 30);
+    assert_eq!(hello.get_i32("maxWriteBatchSize").unwrap(), 25_000);
+    assert_eq!(hello.get_document("internal").unwrap(), &doc! {});
+    for absent in [
+        "setName",
+        "hosts",
+        "topologyVersion",
+        "$clusterTime",
+        "operationTime",
+    ] {
+        assert!(!hello.contains_key(absent), "{absent} in {hello:?}");
+    }
+    for command in [
+        "refreshSessions",
+        "killSessions",
+        "killAllSessions",
+        "killAllSessionsByPattern",
+        "startSession",
+    ] {
+        let reply = raw
+            .command(doc! { command: [lsid(1)], "$db": "admin" })
+            .await;
+        let keys: Vec<&str> = reply.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["ok", "errmsg", "code", "codeName"], "{reply:?}");
+        assert_eq!(code_of(&reply), 115);
+        assert_eq!(reply.get_str("codeName").unwrap(), "CommandNotSupported");
+        assert_eq!(
+            reply.get_str("errmsg").unwrap(),
+            format!("Unknown request received: {command}")
+        );
+    }
+    let ended = raw
+        .command(doc! { "endSessions": [lsid(1)], "$db": "admin" })
+        .await;
+    assert_eq!(ended, doc! { "ok": 1.0 });
+
+    // Through the driver (a mongos-like deployment): sessions, cursors and
+    // transactions work, and refused kills change nothing.
+    let client = Client::with_uri_str(format!("mongodb://{}/", emu.addr()))
+        .await
+        .unwrap();
+    let (mut session, mut cursor) = session_cursor(&client, "ddb").await;
+    let admin = client.database("admin");
+    for kill in kill_commands(session.id()) {
+        let err = admin.run_command(kill).await.unwrap_err();
+        assert_eq!(error_code(&err), Some(115), "{err}");
+    }
+    still_usable(&mut session, &mut cursor).await;
+    let items = client.database("app").collection::<Document>("ddb");
+    let mut txn = client.start_session().await.unwrap();
+    txn.start_transaction().await.unwrap();
+    items
+        .insert_one(doc! { "_id": "in-txn" })
+        .session(&mut txn)
+        .await
+        .unwrap();
+    txn.commit_transaction().await.unwrap();
+    assert!(items
+        .find_one(doc! { "_id": "in-txn" })
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(emu.ended_session_count(), 1, "only the raw endSessions");
+    drop((cursor, session, txn));
+    client.shutdown().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn atlas_shared_profile_refuses_kills_with_atlas_error() {
+    let emu = start(EmulatorConfig {
+        profile: Profile::AtlasShared,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let client = direct_client(&emu).await;
+    let (mut session, mut cursor) = session_cursor(&client, "atlas").await;
+    let mut raw = Raw::connect(&emu).await;
+    for mut kill in kill_commands(session.id()) {
+        let name = kill.keys().next().unwrap().clone();
+        kill.insert("$db", "admin");
+        let reply = raw.command(kill).await;
+        assert_eq!(code_of(&reply), 8000);
+        assert_eq!(reply.get_str("codeName").unwrap(), "AtlasError");
+        assert_eq!(
+            reply.get_str("errmsg").unwrap(),
+            format!("command {name} is not allowed in this Atlas tier")
+        );
+    }
+    still_usable(&mut session, &mut cursor).await;
+    // refreshSessions and endSessions work there.
+    let refreshed = client
+        .database("admin")
+        .run_command(doc! { "refreshSessions": [session.id().clone()] })
+        .await
+        .unwrap();
+    assert_eq!(refreshed.get_f64("ok").unwrap(), 1.0);
+    still_usable(&mut session, &mut cursor).await;
+    drop((cursor, session));
+    client.shutdown().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_user_without_kill_any_session_is_refused_but_kills_its_own_sessions() {
+    let emu = start(EmulatorConfig {
+        users: vec![
+            ("app".to_string(), "app-pw".to_string()),
+            ("ops".to_string(), "ops-pw".to_string()),
+        ],
+        user_roles: [("app".to_string(), UserRole::ReadWriteAnyDatabase)].into(),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let as_user = |user: &str, password: &str| {
+        Client::with_uri_str(format!(
+            "mongodb://{user}:{password}@{}/?directConnection=true",
+            emu.addr()
+        ))
+    };
+    let app = as_user("app", "app-pw").await.unwrap();
+    let (mut session, mut cursor) = session_cursor(&app, "priv").await;
+    let admin = app.database("admin");
+    for refused in [
+        doc! { "killAllSessions": [] },
+        doc! { "killAllSessionsByPattern": [] },
+        doc! { "killAllSessions": [ { "user": "app", "db": "admin" } ] },
+        doc! { "replSetStepDown": 60 },
+    ] {
+        let err = admin.run_command(refused.clone()).await.unwrap_err();
+        assert_eq!(error_code(&err), Some(13), "{refused}: {err}");
+        let ErrorKind::Command(e) = err.kind.as_ref() else {
+            panic!("{err}")
+        };
+        assert!(
+            e.message
+                .starts_with("not authorized on admin to execute command {"),
+            "{}",
+            e.message
+        );
+    }
+    still_usable(&mut session, &mut cursor).await;
+    // killSessions needs no privilege: it kills the caller's own session.
+    admin
+        .run_command(doc! { "killSessions": [session.id().clone()] })
+        .await
+        .unwrap();
+    let gone = cursor.next(&mut session).await.unwrap().unwrap_err();
+    assert_eq!(error_code(&gone), Some(43), "{gone}");
+
+    // A root user may kill everyone's sessions.
+    let (mut session2, mut cursor2) = session_cursor(&app, "priv2").await;
+    let ops = as_user("ops", "ops-pw").await.unwrap();
+    ops.database("admin")
+        .run_command(doc! { "killAllSessions": [] })
+        .await
+        .unwrap();
+    let killed = cursor2.next(&mut session2).await.unwrap().unwrap_err();
+    assert_eq!(error_code(&killed), Some(43), "{killed}");
+    drop((cursor, session, cursor2, session2));
+    app.shutdown().await;
+    ops.shutdown().await;
+    emu.shutdown().await;
+}
+
+/// `failCommand` fails the handshake too, over legacy OP_QUERY as over
+/// OP_MSG, for the application it names; the driver gets past a failed
+/// handshake as it would with a server.
+#[tokio::test]
+async fn a_fail_point_fails_the_handshake_over_op_query_too() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut admin = Raw::connect(&emu).await;
+    let configure = |mode: Bson, data: Document| {
+        doc! { "configureFailPoint": "failCommand", "mode": mode, "data": data, "$db": "admin" }
+    };
+    admin
+        .command(configure(
+            Bson::Document(doc! { "times": 1 }),
+            doc! { "failCommands": ["isMaster"], "errorCode": 2, "appName": "legacy" },
+        ))
+        .await;
+    let legacy_hello = |id: i32| {
+        let mut query = Vec::new();
+        doc! { "isMaster": 1, "client": { "application": { "name": "legacy" } } }
+            .to_writer(&mut query)
+            .unwrap();
+        legacy::encode_query(id, 0, "admin.$cmd", 0, -1, &query)
+    };
+    let mut raw = Raw::connect(&emu).await;
+    raw.writer.write_all(&legacy_hello(1)).await.unwrap();
+    let failed = raw.recv().await.unwrap();
+    assert_eq!(failed.op_code, OpCode::Reply);
+    assert_eq!(code_of(&failed.doc), 2);
+    raw.writer.write_all(&legacy_hello(2)).await.unwrap();
+    let ok = raw.recv().await.unwrap();
+    assert!(ok.doc.get_bool("ismaster").unwrap(), "{:?}", ok.doc);
+
+    admin
+        .command(configure(
+            Bson::Document(doc! { "times": 1 }),
+            doc! { "failCommands": ["isMaster"], "closeConnection": true,
+            "blockConnection": true, "blockTimeMS": 10 },
+        ))
+        .await;
+    let mut closed = Raw::connect(&emu).await;
+    closed.writer.write_all(&legacy_hello(3)).await.unwrap();
+    assert!(closed.recv().await.is_none(), "closed without a reply");
+
+    admin
+        .command(configure(
+            Bson::Document(doc! { "times": 1 }),
+            doc! { "failCommands": ["hello", "isMaster"], "closeConnection": true, "appName": "shy" },
+        ))
+        .await;
+    let client = Client::with_uri_str(format!(
+        "mongodb://{}/?directConnection=true&appName=shy&serverSelectionTimeoutMS=10000",
+        emu.addr()
+    ))
+    .await
+    .unwrap();
+    client
+        .database("app")
+        .collection::<Document>("h")
+        .find_one(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(
+        emu.fail_point_entered(),
+        3,
+        "the driver's handshake met the fault"
+    );
+    client.shutdown().await;
     emu.shutdown().await;
 }

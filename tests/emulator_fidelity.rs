@@ -9,6 +9,8 @@
 
 mod rules_common;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::{doc, spec::BinarySubtype, Binary, Bson, Document, Timestamp};
@@ -878,4 +880,737 @@ async fn driver_cursors_still_work_with_stamped_replies() {
     assert_eq!(docs.len(), 20);
     client.shutdown().await;
     emu.shutdown().await;
+}
+
+// ------------------------------------------------------------ fail points
+// `configureFailPoint` / `failCommand` as the drivers' spec tests use it,
+// driven by the Rust driver where a user would meet the fault and by raw
+// frames where the exact reply matters.
+
+/// The server error code carried by a driver error.
+fn driver_code(err: &DriverError) -> Option<i32> {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match err.kind.as_ref() {
+        ErrorKind::Command(e) => Some(e.code),
+        ErrorKind::Write(WriteFailure::WriteError(e)) => Some(e.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn fail_point(mode: Bson, data: Document) -> Document {
+    doc! { "configureFailPoint": "failCommand", "mode": mode, "data": data, "$db": "admin" }
+}
+
+fn times(n: i32) -> Bson {
+    Bson::Document(doc! { "times": n })
+}
+
+fn labels_of(reply: &Document) -> Vec<String> {
+    reply
+        .get_array("errorLabels")
+        .map(|a| {
+            a.iter()
+                .filter_map(Bson::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Raw {
+    /// Whether the emulator closes this connection (without sending
+    /// anything) within `wait`.
+    async fn closed_within(&mut self, wait: Duration) -> bool {
+        match tokio::time::timeout(wait, self.reader.next()).await {
+            Ok(None) | Ok(Some(Err(_))) => true,
+            Ok(Some(Ok(frame))) => panic!("expected a close, got a frame {:?}", frame.header),
+            Err(_) => false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn fail_command_error_code_answers_before_the_command_runs() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut raw = Raw::connect(&emu).await;
+    let armed = raw
+        .command(fail_point(
+            times(1),
+            doc! { "failCommands": ["insert"], "errorCode": 91 },
+        ))
+        .await;
+    assert_eq!(armed.get_i64("count").unwrap(), 0);
+    let retryable_insert = |id: i32, txn: i64| {
+        doc! { "insert": "f", "documents": [ { "_id": id } ], "lsid": lsid(1),
+        "txnNumber": txn, "$db": "app" }
+    };
+    let failed = raw.command(retryable_insert(1, 1)).await;
+    assert_eq!(code_of(&failed), 91);
+    assert_eq!(failed.get_str("codeName").unwrap(), "ShutdownInProgress");
+    assert_eq!(
+        failed.get_str("errmsg").unwrap(),
+        "Failing command via 'failCommand' failpoint"
+    );
+    assert_eq!(labels_of(&failed), vec!["RetryableWriteError"]);
+    let none = raw
+        .command(doc! { "find": "f", "filter": {}, "$db": "app" })
+        .await;
+    assert!(
+        first_batch(&none).is_empty(),
+        "the failed insert did not run"
+    );
+    // {times: 1} is spent: the same write now runs.
+    assert_eq!(
+        raw.command(retryable_insert(1, 1))
+            .await
+            .get_i32("n")
+            .unwrap(),
+        1
+    );
+
+    // Labels given replace the computed ones, even by none; a not-primary
+    // code carries the member's topologyVersion; an error inside a
+    // transaction aborts it, as any error there does.
+    raw.command(fail_point(
+        Bson::String("alwaysOn".into()),
+        doc! { "failCommands": ["insert"], "errorCode": 10107, "errorLabels": [] },
+    ))
+    .await;
+    let unlabelled = raw.command(retryable_insert(2, 2)).await;
+    assert_eq!(code_of(&unlabelled), 10107);
+    assert!(labels_of(&unlabelled).is_empty(), "{unlabelled:?}");
+    assert!(unlabelled.get_document("topologyVersion").is_ok());
+    raw.command(fail_point(
+        Bson::String("alwaysOn".into()),
+        doc! { "failCommands": ["update"], "errorCode": 10107 },
+    ))
+    .await;
+    let started = raw.command(txn_update(2, 1, true, 1, 1)).await;
+    assert_eq!(code_of(&started), 10107);
+    assert_eq!(labels_of(&started), vec!["TransientTransactionError"]);
+    raw.command(fail_point(Bson::String("off".into()), doc! {}))
+        .await;
+    let txn = raw
+        .command(
+            doc! { "insert": "f", "documents": [ { "_id": 3 } ], "lsid": lsid(3),
+            "txnNumber": 1_i64, "startTransaction": true, "autocommit": false, "$db": "app" },
+        )
+        .await;
+    assert_eq!(txn.get_i32("n").unwrap(), 1);
+    raw.command(fail_point(
+        times(1),
+        doc! { "failCommands": ["insert"], "errorCode": 2 },
+    ))
+    .await;
+    let second = raw
+        .command(
+            doc! { "insert": "f", "documents": [ { "_id": 4 } ], "lsid": lsid(3),
+            "txnNumber": 1_i64, "autocommit": false, "$db": "app" },
+        )
+        .await;
+    assert_eq!(code_of(&second), 2);
+    let commit = raw.command(end_txn("commitTransaction", 3, 1)).await;
+    assert_eq!(
+        code_of(&commit),
+        251,
+        "the transaction was aborted: {commit:?}"
+    );
+    let ids: Vec<Document> = first_batch(
+        &raw.command(doc! { "find": "f", "filter": {}, "$db": "app" })
+            .await,
+    );
+    assert_eq!(ids, vec![doc! { "_id": 1 }]);
+    let off = raw
+        .command(fail_point(Bson::String("off".into()), doc! {}))
+        .await;
+    assert_eq!(off.get_i64("count").unwrap(), 4);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn times_and_skip_count_only_the_commands_they_match() {
+    let emu = start(EmulatorConfig::default()).await;
+    let client = direct_client(&emu).await;
+    let admin = client.database("admin");
+    let items = client.database("fp").collection::<Document>("items");
+    items.insert_one(doc! { "_id": 1 }).await.unwrap();
+    admin
+        .run_command(fail_point(
+            Bson::Document(doc! { "skip": 2 }),
+            doc! { "failCommands": ["distinct"], "errorCode": 2 },
+        ))
+        .await
+        .unwrap();
+    // Other commands do not count towards the skip.
+    for _ in 0..3 {
+        items.find_one(doc! {}).await.unwrap();
+    }
+    for _ in 0..2 {
+        items.distinct("_id", doc! {}).await.unwrap();
+    }
+    for _ in 0..2 {
+        let err = items.distinct("_id", doc! {}).await.unwrap_err();
+        assert_eq!(driver_code(&err), Some(2), "{err}");
+    }
+    admin
+        .run_command(fail_point(
+            times(2),
+            doc! { "failCommands": ["find"], "errorCode": 2 },
+        ))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let err = items.find_one(doc! {}).await.unwrap_err();
+        assert_eq!(driver_code(&err), Some(2), "{err}");
+    }
+    assert_eq!(
+        items.find_one(doc! {}).await.unwrap(),
+        Some(doc! { "_id": 1 })
+    );
+    assert_eq!(emu.fail_point_entered(), 4);
+    client.shutdown().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_connection_closes_without_a_reply_and_the_driver_retries() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut raw = Raw::connect(&emu).await;
+    raw.command(fail_point(
+        times(1),
+        doc! { "failCommands": ["insert"], "closeConnection": true },
+    ))
+    .await;
+    raw.send(
+        0,
+        &doc! { "insert": "c", "documents": [ { "_id": 1 } ], "$db": "app" },
+    )
+    .await;
+    assert!(raw.closed_within(WAIT).await, "closed without a reply");
+    let mut other = Raw::connect(&emu).await;
+    assert!(
+        first_batch(&other.command(doc! { "find": "c", "$db": "app" }).await).is_empty(),
+        "the command did not run"
+    );
+
+    // A retryable read meets the same fault and retries on a new connection.
+    let client = direct_client(&emu).await;
+    let items = client.database("app").collection::<Document>("c");
+    items.insert_one(doc! { "_id": 7 }).await.unwrap();
+    client
+        .database("admin")
+        .run_command(fail_point(
+            times(1),
+            doc! { "failCommands": ["find"], "closeConnection": true },
+        ))
+        .await
+        .unwrap();
+    let found = items.find_one(doc! { "_id": 7 }).await.unwrap();
+    assert_eq!(found, Some(doc! { "_id": 7 }));
+    assert_eq!(emu.fail_point_entered(), 2);
+    assert!(
+        emu.command_count("find") >= 3,
+        "the driver retried the find"
+    );
+    client.shutdown().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn block_connection_holds_only_that_connection_then_answers() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut blocked = Raw::connect(&emu).await;
+    let mut bystander = Raw::connect(&emu).await;
+    blocked
+        .command(fail_point(
+            times(1),
+            doc! { "failCommands": ["insert"], "blockConnection": true, "blockTimeMS": 400,
+            "errorCode": 50 },
+        ))
+        .await;
+    let started = Instant::now();
+    let id = blocked
+        .send(
+            0,
+            &doc! { "insert": "b", "documents": [ { "_id": 1 } ], "$db": "app" },
+        )
+        .await;
+    // The wait holds no lock: another connection is answered meanwhile.
+    let pong = bystander.command(doc! { "ping": 1, "$db": "admin" }).await;
+    assert_eq!(pong.get_f64("ok").unwrap(), 1.0);
+    let reply = blocked.recv().await;
+    assert_eq!(reply.response_to, id);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(code_of(&reply.doc), 50, "the error follows the wait");
+    // Block alone: the command then runs normally.
+    blocked
+        .command(fail_point(
+            times(1),
+            doc! { "failCommands": ["insert"], "blockConnection": true, "blockTimeMS": 50 },
+        ))
+        .await;
+    let ran = blocked
+        .command(doc! { "insert": "b", "documents": [ { "_id": 2 } ], "$db": "app" })
+        .await;
+    assert_eq!(ran.get_i32("n").unwrap(), 1);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn app_name_limits_the_fail_point_to_that_applications_connections() {
+    let emu = start(EmulatorConfig::default()).await;
+    let client_named = |app: &str| {
+        Client::with_uri_str(format!(
+            "mongodb://{}/?directConnection=true&appName={app}&retryReads=false",
+            emu.addr()
+        ))
+    };
+    let victim = client_named("victim").await.unwrap();
+    let bystander = client_named("bystander").await.unwrap();
+    victim
+        .database("admin")
+        .run_command(fail_point(
+            Bson::String("alwaysOn".into()),
+            doc! { "failCommands": ["find"], "errorCode": 11600, "appName": "victim" },
+        ))
+        .await
+        .unwrap();
+    let err = victim
+        .database("app")
+        .collection::<Document>("a")
+        .find_one(doc! {})
+        .await
+        .unwrap_err();
+    assert_eq!(driver_code(&err), Some(11600), "{err}");
+    bystander
+        .database("app")
+        .collection::<Document>("a")
+        .find_one(doc! {})
+        .await
+        .unwrap();
+    // hello is failed too when named (the handshake's own appName counts).
+    let mut raw = Raw::connect(&emu).await;
+    raw.command(fail_point(
+        Bson::String("alwaysOn".into()),
+        doc! { "failCommands": ["hello"], "errorCode": 2, "appName": "probe" },
+    ))
+    .await;
+    let refused = raw
+        .command(
+            doc! { "hello": 1, "client": { "application": { "name": "probe" } }, "$db": "admin" },
+        )
+        .await;
+    assert_eq!(code_of(&refused), 2);
+    let mut plain = Raw::connect(&emu).await;
+    let hello = plain.command(doc! { "hello": 1, "$db": "admin" }).await;
+    assert!(hello.get_bool("isWritablePrimary").unwrap());
+    raw.command(fail_point(Bson::String("off".into()), doc! {}))
+        .await;
+    victim.shutdown().await;
+    bystander.shutdown().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_write_concern_error_comes_after_the_write_applied_and_the_retry_is_deduplicated() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut raw = Raw::connect(&emu).await;
+    let wce = doc! { "code": 91, "codeName": "ShutdownInProgress", "errmsg": "Replication is being shut down" };
+    raw.command(fail_point(
+        times(1),
+        doc! { "failCommands": ["insert"], "writeConcernError": wce.clone() },
+    ))
+    .await;
+    let applied = raw
+        .command(doc! { "insert": "w", "documents": [ { "_id": 1 } ], "$db": "app" })
+        .await;
+    assert_eq!(applied.get_f64("ok").unwrap(), 1.0);
+    assert_eq!(applied.get_i32("n").unwrap(), 1);
+    assert_eq!(applied.get_document("writeConcernError").unwrap(), &wce);
+    assert!(labels_of(&applied).is_empty(), "not a retryable write");
+    raw.command(fail_point(
+        times(1),
+        doc! { "failCommands": ["insert"], "writeConcernError": wce.clone() },
+    ))
+    .await;
+    let retryable = raw
+        .command(
+            doc! { "insert": "w", "documents": [ { "_id": 2 } ], "lsid": lsid(1),
+            "txnNumber": 1_i64, "$db": "app" },
+        )
+        .await;
+    assert_eq!(retryable.get_i32("n").unwrap(), 1);
+    assert_eq!(labels_of(&retryable), vec!["RetryableWriteError"]);
+    let retried = raw
+        .command(
+            doc! { "insert": "w", "documents": [ { "_id": 2 } ], "lsid": lsid(1),
+            "txnNumber": 1_i64, "$db": "app" },
+        )
+        .await;
+    assert_eq!(
+        retried.get_i32("n").unwrap(),
+        1,
+        "the retry answers from history"
+    );
+    assert!(
+        retried.get("writeErrors").is_none(),
+        "no duplicate key: not run again"
+    );
+
+    // The driver retries a retryable write on RetryableWriteError; the
+    // retry is answered from the session's history, not applied again.
+    // (A write concern timeout labelled by the fail point, as the
+    // retryable-writes spec tests do: a shutdown code would also make the
+    // driver wait for its monitor to see the server again.)
+    let client = direct_client(&emu).await;
+    let items = client.database("app").collection::<Document>("w");
+    client
+        .database("admin")
+        .run_command(fail_point(
+            times(1),
+            doc! { "failCommands": ["update"],
+            "writeConcernError": { "code": 64, "codeName": "WriteConcernFailed",
+                "errmsg": "waiting for replication timed out", "errInfo": { "wtimeout": true } },
+            "errorLabels": ["RetryableWriteError"] },
+        ))
+        .await
+        .unwrap();
+    let updates_before = emu.command_count("update");
+    let updated = items
+        .update_one(doc! { "_id": 1 }, doc! { "$inc": { "n": 1 } })
+        .await
+        .unwrap();
+    assert_eq!(updated.modified_count, 1);
+    assert_eq!(
+        emu.command_count("update") - updates_before,
+        2,
+        "retried once"
+    );
+    let doc = items.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    assert_eq!(doc.get_i32("n").unwrap(), 1, "applied exactly once");
+    assert_eq!(items.count_documents(doc! {}).await.unwrap(), 2);
+    client.shutdown().await;
+    emu.shutdown().await;
+}
+
+/// The emulator-only `closeConnectionAfterExecution`: the write applies,
+/// the reply is lost, the driver retries on a new connection with the same
+/// lsid / txnNumber / stmtId, and the retry returns the first outcome
+/// without applying the write again.
+#[tokio::test]
+async fn a_reply_lost_after_execution_is_retried_and_applied_once() {
+    let emu = start(EmulatorConfig::default()).await;
+    let client = direct_client(&emu).await;
+    let admin = client.database("admin");
+    let items = client.database("app").collection::<Document>("lost");
+    items
+        .insert_one(doc! { "_id": "counter", "n": 0 })
+        .await
+        .unwrap();
+    for command in ["insert", "update", "findAndModify", "delete"] {
+        admin
+            .run_command(fail_point(
+                times(1),
+                doc! { "failCommands": [command], "closeConnectionAfterExecution": true },
+            ))
+            .await
+            .unwrap();
+        let before = emu.command_count(command);
+        match command {
+            "insert" => {
+                items.insert_one(doc! { "_id": "new" }).await.unwrap();
+            }
+            "update" => {
+                let r = items
+                    .update_one(doc! { "_id": "counter" }, doc! { "$inc": { "n": 1 } })
+                    .await
+                    .unwrap();
+                assert_eq!(r.modified_count, 1);
+            }
+            "findAndModify" => {
+                let old = items
+                    .find_one_and_update(doc! { "_id": "counter" }, doc! { "$inc": { "n": 10 } })
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(old.get_i32("n").unwrap(), 1, "the first outcome, replayed");
+            }
+            _ => {
+                let r = items.delete_one(doc! { "_id": "new" }).await.unwrap();
+                assert_eq!(r.deleted_count, 1, "the first outcome, replayed");
+            }
+        }
+        assert_eq!(
+            emu.command_count(command) - before,
+            2,
+            "{command} was retried"
+        );
+    }
+    let counter = items
+        .find_one(doc! { "_id": "counter" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(counter.get_i32("n").unwrap(), 11, "each write applied once");
+    assert_eq!(items.count_documents(doc! {}).await.unwrap(), 1);
+
+    // A commit whose reply is lost: the driver retries commitTransaction,
+    // and the transaction is committed once.
+    admin
+        .run_command(fail_point(
+            times(1),
+            doc! { "failCommands": ["commitTransaction"], "closeConnectionAfterExecution": true },
+        ))
+        .await
+        .unwrap();
+    let mut session = client.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    items
+        .update_one(doc! { "_id": "counter" }, doc! { "$inc": { "n": 100 } })
+        .session(&mut session)
+        .await
+        .unwrap();
+    session.commit_transaction().await.unwrap();
+    assert_eq!(emu.command_count("commitTransaction"), 2);
+    let counter = items
+        .find_one(doc! { "_id": "counter" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(counter.get_i32("n").unwrap(), 111);
+    drop(session);
+    client.shutdown().await;
+    emu.shutdown().await;
+}
+
+// ------------------------------------------------------------- step-down
+
+#[allow(non_snake_case)]
+fn STEP_DOWN(secs: i32) -> Document {
+    doc! { "replSetStepDown": secs, "secondaryCatchUpPeriodSecs": 0, "$db": "admin" }
+}
+
+fn replica_set_uri(seed: &EmulatorHandle) -> String {
+    format!(
+        "mongodb://{}/?replicaSet=rs0&serverSelectionTimeoutMS=10000",
+        seed.addr()
+    )
+}
+
+async fn hello_of(member: &EmulatorHandle) -> Document {
+    Raw::connect(member)
+        .await
+        .command(doc! { "hello": 1, "$db": "admin" })
+        .await
+}
+
+#[tokio::test]
+async fn step_down_elects_the_next_member_and_the_driver_follows() {
+    let members =
+        Emulator::start_replica_set("127.0.0.1:0".parse().unwrap(), 3, EmulatorConfig::default())
+            .await
+            .unwrap();
+    let client = Client::with_uri_str(replica_set_uri(&members[0]))
+        .await
+        .unwrap();
+    let items = client.database("app").collection::<Document>("sd");
+    // A steady stream of retryable writes across the step-down.
+    let written = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (items, written, stop) = (items.clone(), written.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                items.insert_one(doc! { "_id": i }).await?;
+                written.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            Ok::<_, DriverError>(i)
+        })
+    };
+    let counter_before = hello_of(&members[1])
+        .await
+        .get_document("topologyVersion")
+        .unwrap()
+        .get_i64("counter")
+        .unwrap();
+    let mut on_old_primary = Raw::connect(&members[0]).await;
+    let mut on_member_1 = Raw::connect(&members[1]).await;
+    let mut stepper = Raw::connect(&members[0]).await;
+    assert!(rules_common::Stack::eventually(WAIT, || written.load(Ordering::Relaxed) >= 20).await);
+    let stepped = stepper.command(STEP_DOWN(60)).await;
+    assert_eq!(stepped.get_f64("ok").unwrap(), 1.0, "{stepped:?}");
+    assert!(
+        stepper.closed_within(WAIT).await,
+        "its own connection closes after the reply"
+    );
+    assert!(
+        on_old_primary.closed_within(WAIT).await,
+        "the old primary closes its connections"
+    );
+    assert!(members[1].is_primary() && !members[0].is_primary());
+    let pong = on_member_1
+        .command(doc! { "ping": 1, "$db": "admin" })
+        .await;
+    assert_eq!(
+        pong.get_f64("ok").unwrap(),
+        1.0,
+        "other members keep theirs"
+    );
+    for member in &members {
+        let hello = hello_of(member).await;
+        assert_eq!(
+            hello.get_str("primary").unwrap(),
+            members[1].addr().to_string()
+        );
+        assert_eq!(
+            hello.get_bool("isWritablePrimary").unwrap(),
+            member.member() == 1
+        );
+        assert!(
+            hello
+                .get_document("topologyVersion")
+                .unwrap()
+                .get_i64("counter")
+                .unwrap()
+                > counter_before
+        );
+    }
+    // Stepped down, member 0 is not primary and not electable for 60 s.
+    let again = Raw::connect(&members[0]).await.command(STEP_DOWN(60)).await;
+    assert_eq!(code_of(&again), 10107);
+    assert_eq!(
+        again.get_str("errmsg").unwrap(),
+        "not primary so can't step down"
+    );
+
+    // The writes go on, on the new primary.
+    let after = written.load(Ordering::Relaxed);
+    assert!(
+        rules_common::Stack::eventually(WAIT, || written.load(Ordering::Relaxed) >= after + 50)
+            .await
+    );
+    stop.store(true, Ordering::Relaxed);
+    let total = writer
+        .await
+        .unwrap()
+        .expect("every write succeeded across the step-down");
+    assert_eq!(
+        items.count_documents(doc! {}).await.unwrap(),
+        total as u64,
+        "none lost or doubled"
+    );
+    client.shutdown().await;
+    for member in members {
+        member.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn writes_on_a_secondary_and_bad_step_downs_are_refused_like_the_server() {
+    let members =
+        Emulator::start_replica_set("127.0.0.1:0".parse().unwrap(), 2, EmulatorConfig::default())
+            .await
+            .unwrap();
+    let mut secondary = Raw::connect(&members[1]).await;
+    let refused = secondary
+        .command(
+            doc! { "insert": "s", "documents": [ { "_id": 1 } ], "lsid": lsid(1),
+            "txnNumber": 1_i64, "$db": "app" },
+        )
+        .await;
+    assert_eq!(code_of(&refused), 10107);
+    assert_eq!(refused.get_str("codeName").unwrap(), "NotWritablePrimary");
+    assert_eq!(labels_of(&refused), vec!["RetryableWriteError"]);
+    assert!(refused.get_document("topologyVersion").is_ok());
+    let not_primary = secondary.command(STEP_DOWN(60)).await;
+    assert_eq!(code_of(&not_primary), 10107);
+    // An unacknowledged write to a secondary makes it hang up.
+    secondary
+        .send(
+            MsgFlags::MORE_TO_COME,
+            &doc! { "insert": "s", "documents": [ { "_id": 2 } ], "writeConcern": { "w": 0 }, "$db": "app" },
+        )
+        .await;
+    assert!(secondary.closed_within(WAIT).await);
+
+    let mut primary = Raw::connect(&members[0]).await;
+    let short = primary
+        .command(doc! { "replSetStepDown": 5, "$db": "admin" })
+        .await;
+    assert_eq!(
+        code_of(&short),
+        2,
+        "5 s is shorter than the 10 s catch-up: {short:?}"
+    );
+    let elsewhere = primary
+        .command(doc! { "replSetStepDown": 60, "$db": "app" })
+        .await;
+    assert_eq!(code_of(&elsewhere), 13);
+    assert!(members[0].is_primary(), "nothing changed");
+    primary.command(STEP_DOWN(60)).await;
+    assert!(members[1].is_primary());
+    // Member 0 is in its step-down period: nobody is electable, so without
+    // force the new primary cannot step down.
+    let alone = Raw::connect(&members[1]).await.command(STEP_DOWN(60)).await;
+    assert_eq!(code_of(&alone), 262, "{alone:?}");
+    assert!(members[1].is_primary());
+    for member in members {
+        member.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_forced_step_down_of_a_lone_primary_is_reelected_after_its_period() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut raw = Raw::connect(&emu).await;
+    let stepped = raw
+        .command(doc! { "replSetStepDown": 2, "force": true, "$db": "admin" })
+        .await;
+    assert_eq!(stepped.get_f64("ok").unwrap(), 1.0);
+    let hello = hello_of(&emu).await;
+    assert!(!hello.get_bool("isWritablePrimary").unwrap());
+    assert!(hello.get_str("primary").is_err(), "no primary meanwhile");
+    let back = rules_common::Stack::eventually(WAIT, || emu.is_primary()).await;
+    assert!(back, "re-elected once its period ended");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn step_down_aborts_transactions_and_may_keep_connections_and_delay_the_election() {
+    let config = EmulatorConfig {
+        close_connections_on_step_down: false,
+        election_delay: Duration::from_secs(2),
+        ..EmulatorConfig::default()
+    };
+    let members = Emulator::start_replica_set("127.0.0.1:0".parse().unwrap(), 2, config)
+        .await
+        .unwrap();
+    let mut old = Raw::connect(&members[0]).await;
+    let started = old.command(txn_update(1, 1, true, 1, 1)).await;
+    assert_eq!(started.get_f64("ok").unwrap(), 1.0);
+    old.command(STEP_DOWN(60)).await;
+    let hello = old.command(doc! { "hello": 1, "$db": "admin" }).await;
+    assert!(
+        hello.get_bool("secondary").unwrap(),
+        "the connection stays open"
+    );
+    assert!(
+        hello.get_str("primary").is_err(),
+        "no primary during the election delay"
+    );
+    assert!(rules_common::Stack::eventually(WAIT, || members[1].is_primary()).await);
+    let mut new = Raw::connect(&members[1]).await;
+    let commit = new.command(end_txn("commitTransaction", 1, 1)).await;
+    assert_eq!(
+        code_of(&commit),
+        251,
+        "the step-down aborted it: {commit:?}"
+    );
+    assert_eq!(labels_of(&commit), vec!["TransientTransactionError"]);
+    for member in members {
+        member.shutdown().await;
+    }
 }

@@ -2,8 +2,11 @@
 //! Rust driver connects to the proxy with `tls=true&tlsCAFile=...` (the proxy
 //! serves TLS), and the proxy connects to the emulator over TLS (the emulator
 //! serves TLS, the proxy verifies it against `tlsCAFile` and the host name).
-//! Failures must be loud and contained: a wrong CA closes the client with a
-//! log line naming the reason; a missing client certificate is refused.
+//! Failures must be loud and contained: a wrong CA, an expired certificate
+//! or a wrong name answers the client's handshake with an error naming the
+//! cause and the fix (the driver's error carries it) and a log line; a
+//! missing client certificate is refused. A self-signed certificate that is
+//! its own CA, given as `tlsCAFile`, is accepted as the drivers accept it.
 
 mod common;
 
@@ -76,6 +79,27 @@ impl Ca {
 }
 
 impl Leaf {
+    /// A self-signed certificate that is its own CA (basicConstraints
+    /// CA:TRUE) used directly as the server's certificate: what
+    /// `openssl req -x509 -newkey ... -subj /CN=host` makes by default, and
+    /// what PyMongo and the Node driver accept as their own `tlsCAFile`.
+    fn self_signed_ca(names: &[&str], tweak: impl FnOnce(&mut CertificateParams)) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        tweak(&mut params);
+        let cert = params.self_signed(&key).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+
     fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
@@ -204,6 +228,19 @@ async fn client(uri: String) -> Client {
     Client::with_uri_str(uri).await.expect("options parse")
 }
 
+/// A proxy in front of `upstream` (plain TCP to clients) and a driver
+/// connected directly to it.
+async fn proxied(upstream: String, server_selection: Duration) -> (ProxyHandle, Client) {
+    let proxy = proxy(upstream, None).await;
+    let client = client(format!(
+        "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS={}",
+        proxy.local_addr(),
+        server_selection.as_millis()
+    ))
+    .await;
+    (proxy, client)
+}
+
 async fn crud(client: &Client) -> mongodb::error::Result<Document> {
     let people = client.database("app").collection::<Document>("people");
     people.insert_one(doc! { "_id": 1, "name": "ada" }).await?;
@@ -260,7 +297,7 @@ async fn the_driver_speaks_tls_to_the_proxy_which_speaks_tls_to_the_upstream() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn an_upstream_certificate_from_another_ca_closes_the_client_with_a_clear_log_line() {
+async fn an_upstream_certificate_from_another_ca_is_explained_to_the_client_and_logged() {
     let logs = common::ThreadLogs::default();
     let _guard = logs.install_at(tracing::Level::DEBUG);
     let pki = Pki::new();
@@ -273,10 +310,25 @@ async fn an_upstream_certificate_from_another_ca_closes_the_client_with_a_clear_
     );
     let proxy = proxy(upstream, None).await;
 
+    // The handshake is answered with the cause, then the connection closed.
+    let outcome = common::handshake_once(proxy.local_addr(), false).await;
+    let (_, response_to, reply) = outcome.reply.expect("an error reply, not a reset");
+    assert_eq!(response_to, 7);
+    assert_eq!(reply.get_f64("ok").ok(), Some(0.0), "{reply}");
+    let errmsg = reply.get_str("errmsg").unwrap();
     assert!(
-        closed_without_reply(proxy.local_addr()).await,
-        "the client connection must be closed"
+        errmsg.contains(&format!(
+            "sessionguard could not reach upstream localhost:{}: TLS handshake failed",
+            emulator.addr().port()
+        )) && errmsg.contains("UnknownIssuer")
+            && errmsg.contains("tlsCAFile"),
+        "{errmsg}"
     );
+    assert!(
+        outcome.closed,
+        "the connection must be closed after the reply"
+    );
+
     let client = client(format!(
         "mongodb://{}/?directConnection=true&serverSelectionTimeoutMS=1500",
         proxy.local_addr()
@@ -284,8 +336,8 @@ async fn an_upstream_certificate_from_another_ca_closes_the_client_with_a_clear_
     .await;
     let err = crud(&client).await.expect_err("no upstream, no commands");
     assert!(
-        matches!(*err.kind, mongodb::error::ErrorKind::ServerSelection { .. }),
-        "{err}"
+        err.to_string().contains("UnknownIssuer"),
+        "the driver's error must carry the cause: {err}"
     );
     let text = logs.text();
     let line = text
@@ -299,6 +351,104 @@ async fn an_upstream_certificate_from_another_ca_closes_the_client_with_a_clear_
     proxy.shutdown_now();
     proxy.wait().await;
     emulator.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_self_signed_certificate_that_is_its_own_ca_is_accepted_as_tls_ca_file() {
+    let pki = Pki::new();
+    let own_ca = Leaf::self_signed_ca(&["localhost", "127.0.0.1"], |_| {});
+    let emulator = emulator(emulator_tls(&own_ca, None)).await;
+    let ca_file = pki.file("self-signed.pem", &own_ca.cert_pem);
+    // By name (SNI and a DNS SAN) and by address (an IP SAN).
+    for host in ["localhost", "127.0.0.1"] {
+        let upstream = format!(
+            "mongodb://{host}:{}/?tls=true&tlsCAFile={ca_file}",
+            emulator.addr().port()
+        );
+        let (proxy, client) = proxied(upstream, Duration::from_secs(5)).await;
+        let found = if host == "localhost" {
+            crud(&client).await.map(Some)
+        } else {
+            let people = client.database("app").collection::<Document>("people");
+            people.find_one(doc! { "_id": 1 }).await
+        };
+        let found = found
+            .unwrap_or_else(|e| panic!("{host}: the self-signed CA certificate is trusted: {e}"))
+            .expect("the document inserted through the first proxy");
+        assert_eq!(found.get_str("name").unwrap(), "ada");
+        client.shutdown().await;
+        proxy.shutdown_now();
+        proxy.wait().await;
+    }
+    emulator.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn upstream_certificate_failures_reach_the_driver_with_the_cause_and_the_fix() {
+    let pki = Pki::new();
+    let own_ca = Leaf::self_signed_ca(&["localhost"], |_| {});
+    let expired = Leaf::self_signed_ca(&["localhost"], |params| {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
+    let other_name = Leaf::self_signed_ca(&["db.internal.example"], |_| {});
+    let stranger = Leaf::self_signed_ca(&["localhost"], |_| {});
+    let cases: [(&str, &Leaf, String, &[&str]); 4] = [
+        (
+            "a CA certificate as the leaf, another one in tlsCAFile",
+            &own_ca,
+            pki.file("stranger.pem", &stranger.cert_pem),
+            &["CaUsedAsEndEntity", "tlsCAFile"],
+        ),
+        (
+            "an expired self-signed certificate",
+            &expired,
+            pki.file("expired.pem", &expired.cert_pem),
+            &["expired", "renew"],
+        ),
+        (
+            "a certificate for another name",
+            &other_name,
+            pki.file("other-name.pem", &other_name.cert_pem),
+            &["not valid for `localhost`", "db.internal.example"],
+        ),
+        (
+            "a leaf from a CA not in tlsCAFile",
+            &pki.upstream_leaf,
+            pki.proxy_ca_file(),
+            &["UnknownIssuer", "tlsCAFile"],
+        ),
+    ];
+    for (case, leaf, ca_file, expected) in cases {
+        let emulator = emulator(emulator_tls(leaf, None)).await;
+        let upstream = format!(
+            "mongodb://localhost:{}/?tls=true&tlsCAFile={ca_file}",
+            emulator.addr().port()
+        );
+        let (proxy, client) = proxied(upstream, Duration::from_millis(1500)).await;
+        let err = client
+            .database("admin")
+            .run_command(doc! { "ping": 1 })
+            .await
+            .expect_err(case)
+            .to_string();
+        let prefix = format!(
+            "sessionguard could not reach upstream localhost:{}: TLS handshake failed",
+            emulator.addr().port()
+        );
+        assert!(err.contains(&prefix), "{case}: {err}");
+        for needle in expected {
+            assert!(
+                err.contains(needle),
+                "{case}: `{needle}` missing from {err}"
+            );
+        }
+        assert_eq!(emulator.command_count("ping"), 0, "{case}");
+        client.shutdown().await;
+        proxy.shutdown_now();
+        proxy.wait().await;
+        emulator.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -5,7 +5,10 @@
 //! connections. The proxy must never crash, close the affected clients
 //! promptly (so drivers retry), recover when the upstream returns, and say
 //! so on `/readyz`; a retryable-write workload of the Rust driver must
-//! complete across restarts with every write stored exactly once.
+//! complete across restarts with every write stored exactly once. A client
+//! whose upstream cannot be dialed gets its handshake answered with an error
+//! naming the upstream, the cause and the fix (OP_MSG and legacy OP_QUERY),
+//! so the driver's error says why.
 
 mod common;
 
@@ -191,6 +194,41 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> Result<Durat
     }
 }
 
+/// A handshake on a fresh connection is answered with the documented error
+/// reply in the handshake's own opcode (OP_MSG, or OP_REPLY for a legacy
+/// OP_QUERY), naming `upstream` and the refused connection, and the
+/// connection is then closed.
+async fn assert_refused_with_explanation(proxy: SocketAddr, upstream: SocketAddr, legacy: bool) {
+    let outcome = common::handshake_once(proxy, legacy).await;
+    let (op, response_to, reply) = outcome
+        .reply
+        .unwrap_or_else(|| panic!("legacy={legacy}: a bare close, not an explanation"));
+    let expected_op = if legacy {
+        sessionguard::wire::OpCode::Reply
+    } else {
+        sessionguard::wire::OpCode::Msg
+    };
+    assert_eq!((op, response_to), (expected_op, 7), "{reply}");
+    assert_eq!(reply.get_f64("ok").ok(), Some(0.0), "{reply}");
+    assert_eq!(reply.get_i32("code").ok(), Some(6), "{reply}");
+    assert_eq!(reply.get_str("codeName").ok(), Some("HostUnreachable"));
+    let labels: Vec<&str> = reply
+        .get_array("errorLabels")
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .collect();
+    assert_eq!(labels, ["RetryableWriteError"], "{reply}");
+    let errmsg = reply.get_str("errmsg").unwrap();
+    assert!(
+        errmsg.starts_with(&format!(
+            "sessionguard could not reach upstream {upstream}: connection refused"
+        )) && errmsg.contains("Fix:"),
+        "{errmsg}"
+    );
+    assert!(outcome.closed, "closed after the reply");
+}
+
 /// Polls `/readyz` until it answers `status`.
 async fn readyz_becomes(admin: SocketAddr, status: u16) -> bool {
     let deadline = Instant::now() + WAIT;
@@ -209,10 +247,9 @@ async fn upstream_down_at_start_closes_clients_then_recovers() {
     let proxy = common::guarded_proxy(dead, engine(), |_| {}).await;
     let (admin, admin_stop) = common::admin_for(&proxy, None, dead, None).await;
 
-    // Nobody listens upstream: the client is closed at once, not left hanging.
-    let mut raw = raw_request(proxy.local_addr(), &doc! { "hello": 1, "$db": "admin" }).await;
-    let took = closed_within(&mut raw, WAIT).await.expect("closed");
-    assert!(took < PROMPTLY, "closed after {took:?}");
+    // Nobody listens upstream: the client's hello is answered with the
+    // reason, then the connection is closed, not left hanging.
+    assert_refused_with_explanation(proxy.local_addr(), dead, false).await;
     assert!(
         readyz_becomes(admin.local_addr, 503).await,
         "/readyz stays 200"
@@ -273,6 +310,62 @@ async fn upstream_down_at_start_closes_clients_then_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_explained_in_the_drivers_error_and_others_are_served() {
+    let dead = free_port();
+    let proxy = common::guarded_proxy(dead, engine(), |_| {}).await;
+    // A client that connected but says nothing: its wait for a first frame
+    // must not hold anyone else up.
+    let silent = TcpStream::connect(proxy.local_addr()).await.unwrap();
+
+    let client = driver(&proxy, "&serverSelectionTimeoutMS=1500").await;
+    let err = client
+        .database("faults")
+        .collection::<Document>("items")
+        .insert_one(doc! { "_id": 1 })
+        .await
+        .expect_err("nothing listens upstream")
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "sessionguard could not reach upstream {dead}: connection refused"
+        )),
+        "the driver's error must say why: {err}"
+    );
+    assert!(
+        err.contains("is mongod running"),
+        "and what to check: {err}"
+    );
+    // Legacy drivers and tools handshake with OP_QUERY isMaster.
+    assert_refused_with_explanation(proxy.local_addr(), dead, true).await;
+    assert_refused_with_explanation(proxy.local_addr(), dead, false).await;
+    assert!(
+        common::metric(
+            &proxy.metrics().render(),
+            "sessionguard_upstream_connect_errors_total{reason=\"refused\"}"
+        )
+        .unwrap()
+            >= 3.0
+    );
+
+    // The upstream comes up: the same proxy serves a new client normally.
+    let upstream = Emulator::start(dead, EmulatorConfig::default())
+        .await
+        .expect("the emulator takes the address");
+    let fresh = driver(&proxy, "&serverSelectionTimeoutMS=10000").await;
+    fresh
+        .database("admin")
+        .run_command(doc! { "ping": 1 })
+        .await
+        .expect("ping once the upstream is up");
+    drop(silent);
+    client.shutdown().await;
+    fresh.shutdown().await;
+    proxy.shutdown_now();
+    proxy.wait().await;
+    upstream.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_request_closes_the_client_and_restart_recovers() {
     let mut upstream = Upstream::start(EmulatorConfig {
         command_latency: HashMap::from([("find".to_string(), Duration::from_secs(5))]),
@@ -299,11 +392,9 @@ async fn upstream_killed_mid_request_closes_the_client_and_restart_recovers() {
     );
     assert!(readyz_becomes(admin.local_addr, 503).await);
 
-    // While the upstream is down, every new client is closed promptly.
-    for _ in 0..3 {
-        let mut raw = raw_request(proxy.local_addr(), &doc! { "ping": 1, "$db": "admin" }).await;
-        let took = closed_within(&mut raw, WAIT).await.expect("closed");
-        assert!(took < PROMPTLY, "closed after {took:?}");
+    // While the upstream is down, every new client is told why and closed.
+    for legacy in [false, true, false] {
+        assert_refused_with_explanation(proxy.local_addr(), upstream.addr, legacy).await;
     }
 
     // Back on the same address over the same data: the proxy just works.

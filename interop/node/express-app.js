@@ -27,8 +27,9 @@
 
 const express = require('express');
 const session = require('express-session');
-const MongoStore = require('connect-mongo');
-const { MongoClient } = require('mongodb');
+// connect-mongo 6 ships ESM and CJS bundles: CommonJS gets the class by name.
+const { MongoStore } = require('connect-mongo');
+const { MongoClient } = require('./lib/driver');
 
 const VARIANTS = ['plain', 'bad', 'fixed-recheck', 'fixed-touch-only'];
 const COOKIE_NAME = 'connect.sid';

@@ -9,8 +9,16 @@ Exit status 0 when ok, 1 otherwise, 2 when MONGODB_URI is missing.
 WireTracker is a pymongo CommandListener: it proves on the driver's side that
 the pattern happened (one lsid in flight twice, ...), independently of
 sessionguard, whose report is checked separately.
+
+A scenario body is a plain function (the synchronous API: ctx.client()) or an
+`async def` (PyMongo's asyncio API: ctx.async_client(), an AsyncMongoClient);
+run_scenario runs the latter with asyncio.run and closes its clients on the
+same event loop. The listener is the same for both: PyMongo calls it
+synchronously, from the thread or the event loop that sent the command.
 """
 
+import asyncio
+import inspect
 import json
 import os
 import sys
@@ -18,7 +26,7 @@ import threading
 import time
 import traceback
 
-from pymongo import MongoClient, monitoring
+from pymongo import AsyncMongoClient, MongoClient, monitoring
 
 
 def describe_error(err):
@@ -58,6 +66,7 @@ class WireTracker(monitoring.CommandListener):
             "lsid": lsid_hex(event.command),
             "txnNumber": event.command.get("txnNumber"),
             "startTransaction": bool(event.command.get("startTransaction")),
+            "inTransaction": event.command.get("autocommit") is False,
             "afterClusterTime": "afterClusterTime" in (event.command.get("readConcern") or {}),
             "atClusterTime": "atClusterTime" in (event.command.get("readConcern") or {}),
             "failure": None,
@@ -114,8 +123,17 @@ class Context:
         print(f"[{self.name}] recorded driver error: {type(err).__name__}: {err}", file=sys.stderr)
 
     def client(self, **options):
+        """A MongoClient with a WireTracker and fail-fast timeouts."""
+        return self._client(MongoClient, options)
+
+    def async_client(self, **options):
+        """The same for PyMongo's asyncio API: an AsyncMongoClient (its use
+        needs a running event loop: call it from an async scenario body)."""
+        return self._client(AsyncMongoClient, options)
+
+    def _client(self, client_class, options):
         tracker = WireTracker()
-        client = MongoClient(
+        client = client_class(
             self.uri,
             event_listeners=[tracker],
             serverSelectionTimeoutMS=5000,
@@ -126,6 +144,28 @@ class Context:
         self.clients.append(client)
         return client, tracker
 
+    def close_sync_clients(self):
+        for client in self.clients:
+            if not isinstance(client, AsyncMongoClient):
+                try:
+                    client.close()
+                except Exception as err:
+                    print(f"[{self.name}] close failed: {err}", file=sys.stderr)
+
+    async def close_async_clients(self):
+        for client in self.clients:
+            if isinstance(client, AsyncMongoClient):
+                try:
+                    await client.close()
+                except Exception as err:
+                    print(f"[{self.name}] close failed: {err}", file=sys.stderr)
+
+    def unexpected(self, err):
+        """An exception out of the body: the scenario did not run as intended."""
+        traceback.print_exc()
+        self.errors.append(dict(unexpected=True, **describe_error(err)))
+        return {"ok": False}
+
 
 def run_scenario(name, body):
     uri = os.environ.get("MONGODB_URI")
@@ -133,19 +173,24 @@ def run_scenario(name, body):
         print(json.dumps({"scenario": name, "ok": False, "errors": [{"name": "MONGODB_URI is not set"}]}))
         sys.exit(2)
     ctx = Context(name, uri)
-    result = {"ok": False}
-    try:
-        result = body(ctx) or {"ok": False}
-    except Exception as err:  # an unexpected failure: the scenario did not run as intended
-        traceback.print_exc()
-        ctx.errors.append(dict(unexpected=True, **describe_error(err)))
-        result = {"ok": False}
-    finally:
-        for client in ctx.clients:
-            try:
-                client.close()
-            except Exception as err:
-                print(f"[{name}] close failed: {err}", file=sys.stderr)
+
+    async def run_async():
+        # The async clients are closed on the loop that used them.
+        try:
+            return await body(ctx) or {"ok": False}
+        except Exception as err:
+            return ctx.unexpected(err)
+        finally:
+            await ctx.close_async_clients()
+
+    if inspect.iscoroutinefunction(body):
+        result = asyncio.run(run_async())
+    else:
+        try:
+            result = body(ctx) or {"ok": False}
+        except Exception as err:
+            result = ctx.unexpected(err)
+    ctx.close_sync_clients()
     ok = result.pop("ok", False) is True
     print(json.dumps({"scenario": name, "ok": ok, "errors": ctx.errors, "observed": result}, default=str))
     sys.stdout.flush()

@@ -77,6 +77,15 @@ impl ConnAuth {
         self.user.as_deref()
     }
 
+    /// Whether `name` is refused because this connection has not
+    /// authenticated (the authentication commands themselves never are).
+    pub fn refuses(&self, users: &[(String, String)], name: &str) -> bool {
+        !users.is_empty()
+            && self.user.is_none()
+            && !OPEN_COMMANDS.contains(&name)
+            && !matches!(name, "saslStart" | "saslContinue" | "logout")
+    }
+
     /// Handles the authentication commands and refuses everything else on an
     /// unauthenticated connection when users exist. `None`: run the command.
     pub fn intercept(
@@ -94,7 +103,7 @@ impl ConnAuth {
                 self.conversation = None;
                 Some(doc! { "ok": 1.0 })
             }
-            _ if users.is_empty() || self.user.is_some() || OPEN_COMMANDS.contains(&name) => None,
+            _ if !self.refuses(users, name) => None,
             _ => Some(
                 CommandError::new(
                     UNAUTHORIZED,

@@ -8,7 +8,14 @@
 //! getMore, killCursors, update, findAndModify, delete, count, distinct,
 //! aggregate ($match $sort $skip $limit $project $count $group), createIndexes,
 //! listIndexes, dropIndexes, listCollections, listDatabases, create, drop,
-//! dropDatabase, commitTransaction, abortTransaction.
+//! dropDatabase, commitTransaction, abortTransaction, configureFailPoint
+//! (`faults.rs`), replSetStepDown (`state.rs`).
+//!
+//! Before anything else, the profile and the user's privileges may refuse a
+//! command (`profile.rs`): a refused command touches no session, cursor or
+//! document. Error replies carry the labels the server computes
+//! (`errors::server_labels`) and, for not-primary errors of a replica-set
+//! member, its current `topologyVersion`.
 //!
 //! Read concern: `afterClusterTime` / `atClusterTime` are checked against
 //! the cluster time (a later one than the server has seen is InvalidOptions,
@@ -29,7 +36,8 @@ use std::time::Instant;
 use bson::{doc, oid::ObjectId, Bson, Document, Timestamp};
 
 use super::clock::packed;
-use super::errors::{self, CommandError, CommandResult};
+use super::errors::{self, CommandError, CommandResult, LabelContext};
+use super::faults::{AfterExecution, InjectedError};
 use super::query::{self, as_f64, as_i64};
 use super::sessions::{Cursor, Inner, SessionKey, StmtOutcome, TxnContext, TxnState, WriteRefused};
 use super::state::{lock, EmulatorState};
@@ -219,6 +227,19 @@ pub fn execute(
 ) -> Outcome {
     let now = Instant::now();
     let config = state.config();
+    if let Some(refused) =
+        super::profile::refusal(config, &req.name, &req.db, &req.body, req.user.as_deref())
+    {
+        tracing::debug!(command = %req.name, code = refused.code, profile = %config.profile, "command refused; nothing changed");
+        return Outcome::Reply(error_reply(state, &req.name, &req.body, refused));
+    }
+    if req.name == "replSetStepDown" && config.topology != Topology::Mongos {
+        // Outside the data lock: stepping down takes it to abort transactions.
+        return Outcome::Reply(
+            repl_set_step_down(state, member, req)
+                .unwrap_or_else(|e| error_reply(state, &req.name, &req.body, e)),
+        );
+    }
     let topology = state.topology();
     let is_replica_set = matches!(config.topology, Topology::ReplicaSetPrimary { .. });
     let writable = !is_replica_set || topology.primary_member == Some(member);
@@ -254,7 +275,7 @@ pub fn execute(
         Ok((txn, read_concern))
     });
     let outcome = match prepared {
-        Err(e) => Outcome::Reply(e.to_document()),
+        Err(e) => Outcome::Reply(error_reply(state, &req.name, &req.body, e)),
         Ok((txn, read_concern)) => {
             let mut exec = Exec {
                 state,
@@ -273,7 +294,7 @@ pub fn execute(
                     if exec.inner.txn_state(&exec.txn) == Some(TxnState::InProgress) {
                         exec.inner.abort(&exec.txn);
                     }
-                    Outcome::Reply(err.to_document())
+                    Outcome::Reply(error_reply(state, &req.name, &req.body, err))
                 }
             }
         }
@@ -284,6 +305,118 @@ pub fn execute(
         state.notify_transaction_ended();
     }
     outcome
+}
+
+/// An error reply as the server shapes it: the labels it computes from the
+/// request, and a replica-set member's `topologyVersion` on not-primary errors.
+fn error_reply(state: &EmulatorState, name: &str, body: &Document, err: CommandError) -> Document {
+    let code = err.code;
+    let mut reply = err
+        .with_server_labels(LabelContext::of(name, body))
+        .to_document();
+    add_topology_version(state, code, &mut reply);
+    reply
+}
+
+fn add_topology_version(state: &EmulatorState, code: i32, reply: &mut Document) {
+    let is_replica_set = matches!(state.config().topology, Topology::ReplicaSetPrimary { .. });
+    if is_replica_set && errors::is_not_primary(code) {
+        let topology = state.topology();
+        reply.insert(
+            "topologyVersion",
+            doc! { "processId": topology.process_id, "counter": topology.counter },
+        );
+    }
+}
+
+/// The reply to a command a fail point failed before it ran: the server's
+/// labels unless the fail point gave its own, the `topologyVersion` of a
+/// not-primary error; and, as any error in a transaction does, the
+/// transaction the command belonged to is aborted.
+pub fn injected_error(
+    state: &EmulatorState,
+    name: &str,
+    body: &Document,
+    user: Option<&str>,
+    injected: &InjectedError,
+) -> Document {
+    let mut err = CommandError::new(injected.code, super::faults::FAIL_COMMAND_ERRMSG);
+    let mut reply = match &injected.labels {
+        Some(labels) => {
+            err.labels.clone_from(labels);
+            err.to_document()
+        }
+        None => {
+            err = err.with_server_labels(LabelContext::of(name, body));
+            err.to_document()
+        }
+    };
+    add_topology_version(state, injected.code, &mut reply);
+    let in_transaction = body.contains_key("autocommit");
+    let key = body
+        .get_document("lsid")
+        .ok()
+        .and_then(SessionKey::from_lsid)
+        .map(|key| key.owned_by(user));
+    if let (true, Some(key), Some(txn_number)) =
+        (in_transaction, key, as_i64(body.get("txnNumber")))
+    {
+        let ended = {
+            let mut inner = lock(&state.inner);
+            let before = inner.txn_endings;
+            inner.abort_if_in_progress(&key, txn_number);
+            inner.txn_endings != before
+        };
+        if ended {
+            state.notify_transaction_ended();
+        }
+    }
+    reply
+}
+
+/// Applies a fail point's `writeConcernError` (and its `errorLabels`) to
+/// the reply of a command that ran.
+pub fn after_execution(name: &str, body: &Document, after: &AfterExecution, reply: &mut Document) {
+    let Some(wce) = &after.write_concern_error else {
+        return;
+    };
+    reply.insert("writeConcernError", wce.clone());
+    let labels: Vec<String> = match &after.error_labels {
+        Some(labels) => labels.clone(),
+        None => {
+            let code = (reply.get_f64("ok") != Ok(1.0))
+                .then(|| reply.get_i32("code").ok())
+                .flatten();
+            let wc_code = wce.get_i32("code").ok();
+            let mut labels: Vec<String> = reply
+                .get_array("errorLabels")
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Bson::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for label in errors::server_labels(LabelContext::of(name, body), code, wc_code) {
+                if !labels.iter().any(|l| l == label) {
+                    labels.push(label.to_string());
+                }
+            }
+            labels
+        }
+    };
+    reply.remove("errorLabels");
+    if !labels.is_empty() {
+        // errorLabels go before ok, where the server puts them.
+        let ok = reply.remove("ok");
+        reply.insert(
+            "errorLabels",
+            labels.into_iter().map(Bson::String).collect::<Vec<_>>(),
+        );
+        if let Some(ok) = ok {
+            reply.insert("ok", ok);
+        }
+    }
 }
 
 /// A client's `$clusterTime` moves the clock forward (no keys: not verified).
@@ -460,11 +593,35 @@ fn run(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         "dropDatabase" => drop_database(ex, req),
         "commitTransaction" => commit_transaction(ex, req),
         "abortTransaction" => abort_transaction(ex, req),
+        "configureFailPoint" => ex.state.fail_points.configure(&req.db, &req.body),
         other => Err(CommandError::new(
             errors::COMMAND_NOT_FOUND,
             format!("no such command: '{other}'"),
         )),
     }
+}
+
+/// `replSetStepDown: <secs>` with `secondaryCatchUpPeriodSecs` and `force`
+/// (admin only, as on the server).
+fn repl_set_step_down(state: &EmulatorState, member: usize, req: &Request) -> CommandResult {
+    if req.db != "admin" {
+        return Err(CommandError::new(
+            errors::UNAUTHORIZED,
+            "replSetStepDown may only be run against the admin database.",
+        ));
+    }
+    let secs = req.body.get("replSetStepDown").and_then(as_f64);
+    let catch_up = match req.body.get("secondaryCatchUpPeriodSecs") {
+        None => None,
+        value => Some(as_i64(value).ok_or_else(|| {
+            CommandError::new(
+                errors::TYPE_MISMATCH,
+                "secondaryCatchUpPeriodSecs must be a number",
+            )
+        })?),
+    };
+    state.step_down(member, secs, catch_up, truthy(req.body.get("force")))?;
+    Ok(doc! { "ok": 1.0 })
 }
 
 fn build_info() -> Document {
@@ -531,7 +688,19 @@ fn lsid_list(req: &Request) -> Result<Vec<SessionKey>, CommandError> {
 }
 
 fn end_sessions(ex: &mut Exec<'_>, req: &Request, count_as_ended: bool) -> CommandResult {
-    let keys = lsid_list(req)?;
+    let mut keys = lsid_list(req)?;
+    let everything_of_mine = !count_as_ended
+        && matches!(req.body.get(&req.name), Some(Bson::Array(items)) if items.is_empty());
+    if everything_of_mine {
+        // killSessions: [] kills all the caller's sessions (all sessions
+        // without authentication).
+        keys = ex
+            .inner
+            .all_session_keys()
+            .into_iter()
+            .filter(|k| k.owner == req.user)
+            .collect();
+    }
     for key in &keys {
         ex.inner.end_session(key);
     }
@@ -552,23 +721,51 @@ fn refresh_sessions(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     Ok(doc! { "ok": 1.0 })
 }
 
-fn end_all_sessions(ex: &mut Exec<'_>) {
-    for key in ex.inner.all_session_keys() {
-        ex.inner.end_session(&key);
+/// Ends every live session whose owner `keep` selects.
+fn end_sessions_where(ex: &mut Exec<'_>, keep: impl Fn(&SessionKey) -> bool) -> usize {
+    let keys: Vec<SessionKey> = ex
+        .inner
+        .all_session_keys()
+        .into_iter()
+        .filter(|k| keep(k))
+        .collect();
+    for key in &keys {
+        ex.inner.end_session(key);
     }
+    keys.len()
 }
 
-/// A simplification: ends every user's sessions whatever users the array
-/// names (the server kills only the named users' sessions, or everyone's for
-/// an empty array).
+fn end_all_sessions(ex: &mut Exec<'_>) {
+    end_sessions_where(ex, |_| true);
+}
+
+/// `killAllSessions: []` kills everyone's sessions; `[{user, db}, ...]`
+/// kills the sessions of those users (all users live in `admin`).
 fn kill_all_sessions(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
-    if !matches!(req.body.get(&req.name), Some(Bson::Array(_))) {
+    let Some(Bson::Array(users)) = req.body.get(&req.name) else {
         return Err(CommandError::new(
             errors::TYPE_MISMATCH,
             "killAllSessions needs an array",
         ));
+    };
+    let mut named = Vec::new();
+    for user in users {
+        let Bson::Document(user) = user else {
+            return Err(CommandError::new(
+                errors::TYPE_MISMATCH,
+                "killAllSessions needs an array of {user, db} documents",
+            ));
+        };
+        if let (Ok(name), Ok(super::auth::AUTH_DB)) = (user.get_str("user"), user.get_str("db")) {
+            named.push(name.to_string());
+        }
     }
-    end_all_sessions(ex);
+    let killed = if users.is_empty() {
+        end_sessions_where(ex, |_| true)
+    } else {
+        end_sessions_where(ex, |k| k.owner.as_ref().is_some_and(|o| named.contains(o)))
+    };
+    tracing::debug!(command = %req.name, sessions = killed, "sessions killed");
     Ok(doc! { "ok": 1.0 })
 }
 

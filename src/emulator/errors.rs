@@ -2,12 +2,20 @@
 //! plus `errorLabels` where the server adds them. Codes and names follow the
 //! server's src/mongo/base/error_codes.yml; codes that are bare assertions
 //! there ("Location<code>") are named that way, as the server does.
+//!
+//! The labels the server computes for every error (error_labels.cpp) are
+//! computed here too, from the request alone: `TransientTransactionError`
+//! inside a transaction, `RetryableWriteError` for a retryable write (or a
+//! commit / abort) failing with a retryable code or write concern error.
 
 use bson::{doc, Bson, Document};
 
 pub const BAD_VALUE: i32 = 2;
+pub const HOST_UNREACHABLE: i32 = 6;
+pub const HOST_NOT_FOUND: i32 = 7;
 pub const FAILED_TO_PARSE: i32 = 9;
 pub const UNAUTHORIZED: i32 = 13;
+pub const LOCK_TIMEOUT: i32 = 24;
 pub const PROTOCOL_ERROR: i32 = 17;
 pub const AUTHENTICATION_FAILED: i32 = 18;
 pub const TYPE_MISMATCH: i32 = 14;
@@ -21,30 +29,136 @@ pub const COMMAND_NOT_FOUND: i32 = 59;
 pub const IMMUTABLE_FIELD: i32 = 66;
 pub const INVALID_OPTIONS: i32 = 72;
 pub const INVALID_NAMESPACE: i32 = 73;
+pub const NO_REPLICATION_ENABLED: i32 = 76;
+pub const NETWORK_TIMEOUT: i32 = 89;
+pub const SHUTDOWN_IN_PROGRESS: i32 = 91;
 pub const WRITE_CONFLICT: i32 = 112;
+pub const COMMAND_NOT_SUPPORTED: i32 = 115;
 pub const CONFLICTING_OPERATION_IN_PROGRESS: i32 = 117;
+pub const PRIMARY_STEPPED_DOWN: i32 = 189;
 pub const INCOMPLETE_TRANSACTION_HISTORY: i32 = 217;
 pub const TRANSACTION_TOO_OLD: i32 = 225;
+pub const SNAPSHOT_TOO_OLD: i32 = 239;
+pub const SNAPSHOT_UNAVAILABLE: i32 = 246;
 pub const NO_SUCH_TRANSACTION: i32 = 251;
 pub const TRANSACTION_COMMITTED: i32 = 256;
+pub const EXCEEDED_TIME_LIMIT: i32 = 262;
 pub const OPERATION_NOT_SUPPORTED_IN_TRANSACTION: i32 = 263;
 pub const UNSUPPORTED_OP_QUERY_COMMAND: i32 = 352;
+/// Atlas's own code for what its proxy refuses (shared tiers, bad auth).
+pub const ATLAS_ERROR: i32 = 8000;
+pub const SOCKET_EXCEPTION: i32 = 9001;
 pub const NOT_WRITABLE_PRIMARY: i32 = 10107;
 pub const DUPLICATE_KEY: i32 = 11000;
+pub const INTERRUPTED_AT_SHUTDOWN: i32 = 11600;
+pub const INTERRUPTED_DUE_TO_REPL_STATE_CHANGE: i32 = 11602;
 pub const NOT_PRIMARY_NO_SECONDARY_OK: i32 = 13435;
+pub const NOT_PRIMARY_OR_SECONDARY: i32 = 13436;
 pub const MISSING_DB: i32 = 40571;
 pub const GETMORE_NOT_IN_SESSION: i32 = 50736;
 pub const GETMORE_WITHOUT_LSID: i32 = 50737;
 pub const GETMORE_OTHER_SESSION: i32 = 50738;
 pub const TXN_NUMBER_NOT_ALLOWED: i32 = 50768;
 pub const TRANSIENT_TRANSACTION_ERROR: &str = "TransientTransactionError";
+pub const RETRYABLE_WRITE_ERROR: &str = "RetryableWriteError";
+
+/// The server's RetriableError category (error_codes.yml): what a driver
+/// may retry, and what earns a retryable write the `RetryableWriteError` label.
+pub fn is_retriable(code: i32) -> bool {
+    matches!(
+        code,
+        HOST_UNREACHABLE
+            | HOST_NOT_FOUND
+            | NETWORK_TIMEOUT
+            | SHUTDOWN_IN_PROGRESS
+            | PRIMARY_STEPPED_DOWN
+            | EXCEEDED_TIME_LIMIT
+            | SOCKET_EXCEPTION
+            | NOT_WRITABLE_PRIMARY
+            | INTERRUPTED_AT_SHUTDOWN
+            | INTERRUPTED_DUE_TO_REPL_STATE_CHANGE
+            | NOT_PRIMARY_NO_SECONDARY_OK
+            | NOT_PRIMARY_OR_SECONDARY
+    )
+}
+
+/// The server's NotPrimaryError category: a replica-set member adds its
+/// current `topologyVersion` to these error replies (SDAM uses it to tell a
+/// stale error from a new one).
+pub fn is_not_primary(code: i32) -> bool {
+    matches!(
+        code,
+        NOT_WRITABLE_PRIMARY
+            | NOT_PRIMARY_NO_SECONDARY_OK
+            | NOT_PRIMARY_OR_SECONDARY
+            | PRIMARY_STEPPED_DOWN
+            | INTERRUPTED_DUE_TO_REPL_STATE_CHANGE
+    )
+}
+
+/// What the server's label builder knows about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct LabelContext<'a> {
+    pub command: &'a str,
+    pub has_txn_number: bool,
+    /// `autocommit` present (it can only be false): a multi-document transaction.
+    pub in_transaction: bool,
+}
+
+impl<'a> LabelContext<'a> {
+    pub fn of(command: &'a str, body: &Document) -> LabelContext<'a> {
+        LabelContext {
+            command,
+            has_txn_number: body.contains_key("txnNumber"),
+            in_transaction: body.contains_key("autocommit"),
+        }
+    }
+
+    fn commit_or_abort(&self) -> bool {
+        matches!(self.command, "commitTransaction" | "abortTransaction")
+    }
+}
+
+/// The labels a 7.0 server computes for a failed command (`code`) or a
+/// write concern error (`wc_code`), as error_labels.cpp does: the two are
+/// exclusive, TransientTransactionError first.
+pub fn server_labels(
+    ctx: LabelContext<'_>,
+    code: Option<i32>,
+    wc_code: Option<i32>,
+) -> Vec<&'static str> {
+    if !ctx.has_txn_number {
+        return Vec::new();
+    }
+    if let Some(code) = code.filter(|_| ctx.in_transaction) {
+        let transient = matches!(
+            code,
+            WRITE_CONFLICT | LOCK_TIMEOUT | SNAPSHOT_TOO_OLD | SNAPSHOT_UNAVAILABLE
+        ) || if ctx.commit_or_abort() {
+            code == NO_SUCH_TRANSACTION && wc_code.is_none()
+        } else {
+            is_retriable(code) || code == NO_SUCH_TRANSACTION
+        };
+        if transient {
+            return vec![TRANSIENT_TRANSACTION_ERROR];
+        }
+    }
+    let retryable_write = !ctx.in_transaction || ctx.commit_or_abort();
+    if retryable_write && (code.is_some_and(is_retriable) || wc_code.is_some_and(is_retriable)) {
+        return vec![RETRYABLE_WRITE_ERROR];
+    }
+    Vec::new()
+}
 
 /// The server's codeName for a code.
 pub fn code_name(code: i32) -> String {
     let name = match code {
         BAD_VALUE => "BadValue",
         FAILED_TO_PARSE => "FailedToParse",
+        HOST_UNREACHABLE => "HostUnreachable",
+        HOST_NOT_FOUND => "HostNotFound",
         UNAUTHORIZED => "Unauthorized",
+        LOCK_TIMEOUT => "LockTimeout",
         PROTOCOL_ERROR => "ProtocolError",
         AUTHENTICATION_FAILED => "AuthenticationFailed",
         TYPE_MISMATCH => "TypeMismatch",
@@ -58,15 +172,28 @@ pub fn code_name(code: i32) -> String {
         IMMUTABLE_FIELD => "ImmutableField",
         INVALID_OPTIONS => "InvalidOptions",
         INVALID_NAMESPACE => "InvalidNamespace",
+        NO_REPLICATION_ENABLED => "NoReplicationEnabled",
+        NETWORK_TIMEOUT => "NetworkTimeout",
+        SHUTDOWN_IN_PROGRESS => "ShutdownInProgress",
         WRITE_CONFLICT => "WriteConflict",
+        COMMAND_NOT_SUPPORTED => "CommandNotSupported",
         CONFLICTING_OPERATION_IN_PROGRESS => "ConflictingOperationInProgress",
+        PRIMARY_STEPPED_DOWN => "PrimarySteppedDown",
         INCOMPLETE_TRANSACTION_HISTORY => "IncompleteTransactionHistory",
         TRANSACTION_TOO_OLD => "TransactionTooOld",
+        SNAPSHOT_TOO_OLD => "SnapshotTooOld",
+        SNAPSHOT_UNAVAILABLE => "SnapshotUnavailable",
         NO_SUCH_TRANSACTION => "NoSuchTransaction",
         TRANSACTION_COMMITTED => "TransactionCommitted",
+        EXCEEDED_TIME_LIMIT => "ExceededTimeLimit",
         OPERATION_NOT_SUPPORTED_IN_TRANSACTION => "OperationNotSupportedInTransaction",
         UNSUPPORTED_OP_QUERY_COMMAND => "UnsupportedOpQueryCommand",
+        ATLAS_ERROR => "AtlasError",
+        SOCKET_EXCEPTION => "SocketException",
         NOT_WRITABLE_PRIMARY => "NotWritablePrimary",
+        INTERRUPTED_AT_SHUTDOWN => "InterruptedAtShutdown",
+        INTERRUPTED_DUE_TO_REPL_STATE_CHANGE => "InterruptedDueToReplStateChange",
+        NOT_PRIMARY_OR_SECONDARY => "NotPrimaryOrSecondary",
         DUPLICATE_KEY => "DuplicateKey",
         NOT_PRIMARY_NO_SECONDARY_OK => "NotPrimaryNoSecondaryOk",
         other => return format!("Location{other}"),
@@ -79,7 +206,7 @@ pub fn code_name(code: i32) -> String {
 pub struct CommandError {
     pub code: i32,
     pub errmsg: String,
-    pub labels: Vec<&'static str>,
+    pub labels: Vec<String>,
 }
 
 impl CommandError {
@@ -95,11 +222,19 @@ impl CommandError {
         CommandError::new(BAD_VALUE, errmsg)
     }
 
-    pub fn with_label(mut self, label: &'static str) -> CommandError {
-        if !self.labels.contains(&label) {
-            self.labels.push(label);
+    pub fn with_label(mut self, label: &str) -> CommandError {
+        if !self.labels.iter().any(|l| l == label) {
+            self.labels.push(label.to_string());
         }
         self
+    }
+
+    /// Adds the labels the server computes for this error (see [`server_labels`]).
+    pub fn with_server_labels(self, ctx: LabelContext<'_>) -> CommandError {
+        let code = self.code;
+        server_labels(ctx, Some(code), None)
+            .into_iter()
+            .fold(self, CommandError::with_label)
     }
 
     /// The reply document.
@@ -111,11 +246,7 @@ impl CommandError {
             "codeName": code_name(self.code),
         };
         if !self.labels.is_empty() {
-            let labels: Vec<Bson> = self
-                .labels
-                .iter()
-                .map(|l| Bson::String((*l).to_string()))
-                .collect();
+            let labels: Vec<Bson> = self.labels.iter().cloned().map(Bson::String).collect();
             reply.insert("errorLabels", labels);
         }
         reply
@@ -123,3 +254,68 @@ impl CommandError {
 }
 
 pub type CommandResult = Result<Document, CommandError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx<'a>(command: &'a str, body: &Document) -> LabelContext<'a> {
+        LabelContext::of(command, body)
+    }
+
+    #[test]
+    fn labels_follow_the_servers_label_builder() {
+        let plain = doc! { "insert": "c" };
+        let retryable = doc! { "insert": "c", "txnNumber": 1_i64 };
+        let in_txn = doc! { "insert": "c", "txnNumber": 1_i64, "autocommit": false };
+        let commit = doc! { "commitTransaction": 1, "txnNumber": 1_i64, "autocommit": false };
+        let none: Vec<&str> = Vec::new();
+        assert_eq!(
+            server_labels(ctx("insert", &plain), Some(NOT_WRITABLE_PRIMARY), None),
+            none
+        );
+        assert_eq!(
+            server_labels(ctx("insert", &retryable), Some(NOT_WRITABLE_PRIMARY), None),
+            vec![RETRYABLE_WRITE_ERROR]
+        );
+        assert_eq!(
+            server_labels(ctx("insert", &retryable), Some(DUPLICATE_KEY), None),
+            none
+        );
+        assert_eq!(
+            server_labels(ctx("insert", &retryable), None, Some(SHUTDOWN_IN_PROGRESS)),
+            vec![RETRYABLE_WRITE_ERROR]
+        );
+        assert_eq!(
+            server_labels(ctx("insert", &in_txn), Some(NOT_WRITABLE_PRIMARY), None),
+            vec![TRANSIENT_TRANSACTION_ERROR]
+        );
+        assert_eq!(
+            server_labels(ctx("insert", &in_txn), Some(DUPLICATE_KEY), None),
+            none
+        );
+        // commit: a retryable code is a retryable write error, not transient.
+        assert_eq!(
+            server_labels(
+                ctx("commitTransaction", &commit),
+                Some(NOT_WRITABLE_PRIMARY),
+                None
+            ),
+            vec![RETRYABLE_WRITE_ERROR]
+        );
+        assert_eq!(
+            server_labels(
+                ctx("commitTransaction", &commit),
+                Some(NO_SUCH_TRANSACTION),
+                None
+            ),
+            vec![TRANSIENT_TRANSACTION_ERROR]
+        );
+        let labelled = CommandError::new(WRITE_CONFLICT, "x")
+            .with_label(TRANSIENT_TRANSACTION_ERROR)
+            .with_server_labels(ctx("insert", &in_txn));
+        assert_eq!(labelled.labels, vec![TRANSIENT_TRANSACTION_ERROR]);
+        assert_eq!(code_name(COMMAND_NOT_SUPPORTED), "CommandNotSupported");
+        assert_eq!(code_name(ATLAS_ERROR), "AtlasError");
+    }
+}

@@ -1,5 +1,6 @@
 //! The handshake reply (`hello` / `isMaster` / `ismaster`) for each
-//! persona, shaped like a MongoDB 7.0 server's, and the helpers for the
+//! persona, shaped like a MongoDB 7.0 server's (or, with the `documentdb`
+//! profile, like the captured DocumentDB one), and the helpers for the
 //! streaming (awaitable) hello protocol: reading the client's
 //! topologyVersion / maxAwaitTimeMS and deciding whether to answer at once.
 
@@ -9,12 +10,14 @@ use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 
 use super::query::as_i64;
 use super::state::{EmulatorState, TopologyState};
-use super::Topology;
+use super::{Profile, Topology};
 use crate::wire::Compressor;
 
 pub const MAX_BSON_OBJECT_SIZE: i32 = 16 * 1024 * 1024;
 pub const MAX_WRITE_BATCH_SIZE: i32 = 100_000;
 pub const MAX_WIRE_VERSION: i32 = 21;
+/// DocumentDB's maxWriteBatchSize (its captured hello).
+const DOCUMENTDB_MAX_WRITE_BATCH_SIZE: i32 = 25_000;
 
 /// What one connection knows about itself when answering hello.
 pub struct HelloContext<'a> {
@@ -75,7 +78,6 @@ pub fn hello_reply(
     request: &Document,
     compression: Option<Compressor>,
 ) -> Document {
-    let topology = ctx.state.topology();
     let config = ctx.state.config();
     let legacy = command_name != "hello";
     let writable_field = if legacy {
@@ -83,6 +85,10 @@ pub fn hello_reply(
     } else {
         "isWritablePrimary"
     };
+    if config.profile == Profile::DocumentDb {
+        return documentdb_hello(ctx, writable_field, request);
+    }
+    let topology = ctx.state.topology();
     let mut reply = Document::new();
     if request.get_bool("helloOk").unwrap_or(false) {
         reply.insert("helloOk", true);
@@ -139,17 +145,7 @@ pub fn hello_reply(
             );
         }
     }
-    reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE);
-    reply.insert(
-        "maxMessageSizeBytes",
-        i32::try_from(config.max_message_size).unwrap_or(i32::MAX),
-    );
-    reply.insert("maxWriteBatchSize", MAX_WRITE_BATCH_SIZE);
-    reply.insert("localTime", DateTime::now());
-    reply.insert(
-        "logicalSessionTimeoutMinutes",
-        config.logical_session_timeout_minutes,
-    );
+    insert_limits(&mut reply, config, MAX_WRITE_BATCH_SIZE);
     reply.insert("connectionId", ctx.connection_id);
     reply.insert("minWireVersion", 0);
     reply.insert("maxWireVersion", MAX_WIRE_VERSION);
@@ -157,6 +153,42 @@ pub fn hello_reply(
     if let Some(c) = compression {
         reply.insert("compression", vec![Bson::String(c.name().to_string())]);
     }
+    reply.insert("ok", 1.0);
+    reply
+}
+
+/// The size limits, clock and session timeout every hello reports.
+fn insert_limits(reply: &mut Document, config: &super::EmulatorConfig, max_write_batch: i32) {
+    reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE);
+    reply.insert(
+        "maxMessageSizeBytes",
+        i32::try_from(config.max_message_size).unwrap_or(i32::MAX),
+    );
+    reply.insert("maxWriteBatchSize", max_write_batch);
+    reply.insert("localTime", DateTime::now());
+    reply.insert(
+        "logicalSessionTimeoutMinutes",
+        config.logical_session_timeout_minutes,
+    );
+}
+
+/// DocumentDB's hello, field for field as a real one answered (a mongos-like
+/// reply without `topologyVersion`, so drivers do not stream hellos, and
+/// without compression).
+fn documentdb_hello(ctx: &HelloContext<'_>, writable_field: &str, request: &Document) -> Document {
+    let config = ctx.state.config();
+    let mut reply = Document::new();
+    if request.get_bool("helloOk").unwrap_or(false) {
+        reply.insert("helloOk", true);
+    }
+    reply.insert(writable_field, true);
+    reply.insert("msg", "isdbgrid");
+    insert_limits(&mut reply, config, DOCUMENTDB_MAX_WRITE_BATCH_SIZE);
+    reply.insert("minWireVersion", 0);
+    reply.insert("maxWireVersion", MAX_WIRE_VERSION);
+    reply.insert("readOnly", false);
+    reply.insert("connectionId", ctx.connection_id);
+    reply.insert("internal", Document::new());
     reply.insert("ok", 1.0);
     reply
 }

@@ -33,14 +33,29 @@
 //!
 //! Shared state ([`EmulatorState`]) is separate from the listeners, so several
 //! listeners (replica-set members) can serve one data set: see
-//! [`Emulator::start_member`].
+//! [`Emulator::start_member`] and [`Emulator::start_replica_set`].
+//!
+//! Faults, for testing what clients and the proxy do when things go wrong:
+//! - `configureFailPoint` with `failCommand`, as the drivers' spec tests use
+//!   it (`closeConnection`, `errorCode`, `errorLabels`, `blockConnection` /
+//!   `blockTimeMS`, `appName`, `writeConcernError`, modes `alwaysOn`, `off`,
+//!   `{times}`, `{skip}`), plus the emulator-only
+//!   `closeConnectionAfterExecution`: see `faults.rs`;
+//! - `replSetStepDown` on a replica-set member (the primary steps down, its
+//!   connections close, another member is elected and says so in hello):
+//!   see `state.rs`;
+//! - compatibility [`Profile`]s (`documentdb`, `atlas-shared`) and users
+//!   without the `killAnySession` privilege ([`UserRole`]), whose refusals
+//!   change nothing: see `profile.rs`.
 
 mod auth;
 mod clock;
 mod commands;
 mod errors;
 mod fast;
+mod faults;
 mod hello;
+mod profile;
 mod query;
 mod server;
 mod sessions;
@@ -52,6 +67,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use profile::{Profile, UserRole};
 pub use state::EmulatorState;
 
 /// Which kind of deployment the emulator presents itself as in `hello`.
@@ -104,6 +120,19 @@ pub struct EmulatorConfig {
     /// Benchmark upstream: answer `find` / `insert` / `getMore` with canned
     /// replies, storing nothing (see `fast.rs`). Default false.
     pub fast: bool,
+    /// Which server to behave like (see [`Profile`]). Default: MongoDB 7.0.
+    /// `documentdb` makes the persona a mongos whatever `topology` says.
+    pub profile: Profile,
+    /// Roles of users in `users`, by name; a user not listed is `root`.
+    pub user_roles: HashMap<String, UserRole>,
+    /// `replSetStepDown` closes every client connection of the member that
+    /// steps down (default true: what a 4.0 server did, and what clients of
+    /// any version see when a primary fails over by crashing or being cut
+    /// off). False: connections stay open, as a 4.2+ server keeps them.
+    pub close_connections_on_step_down: bool,
+    /// How long a replica set stays without a primary after a step-down
+    /// before the next member is elected. Default 0: at once.
+    pub election_delay: Duration,
 }
 
 impl Default for EmulatorConfig {
@@ -124,6 +153,10 @@ impl Default for EmulatorConfig {
             speculative_auth: true,
             transaction_lifetime_limit: Duration::from_secs(60),
             fast: false,
+            profile: Profile::MongoDb,
+            user_roles: HashMap::new(),
+            close_connections_on_step_down: true,
+            election_delay: Duration::ZERO,
         }
     }
 }
@@ -150,16 +183,54 @@ impl Emulator {
     ) -> std::io::Result<EmulatorHandle> {
         server::start_listener(listen, state).await
     }
+
+    /// Starts `members` listeners over one fresh data set (member 0, on
+    /// `listen`, is the primary). With port 0 each member gets its own
+    /// ephemeral port; otherwise member `i` listens on the port plus `i`.
+    pub async fn start_replica_set(
+        listen: SocketAddr,
+        members: usize,
+        config: EmulatorConfig,
+    ) -> std::io::Result<Vec<EmulatorHandle>> {
+        let first = Emulator::start(listen, config).await?;
+        let state = first.state();
+        let mut handles = vec![first];
+        for i in 1..members {
+            let mut addr = listen;
+            if addr.port() != 0 {
+                let port = u16::try_from(usize::from(listen.port()) + i).map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "member ports run past 65535",
+                    )
+                })?;
+                addr.set_port(port);
+            }
+            handles.push(Emulator::start_member(addr, state.clone()).await?);
+        }
+        Ok(handles)
+    }
 }
 
 pub use server::EmulatorHandle;
 
-/// Runs one emulator listener until ctrl-c (for a CLI subcommand).
-pub async fn run(listen: SocketAddr, config: EmulatorConfig) -> std::io::Result<()> {
-    let handle = Emulator::start(listen, config).await?;
-    tracing::info!(addr = %handle.addr(), "emulator listening");
+/// Runs `members` emulator listeners over one data set until ctrl-c (for
+/// the CLI subcommand). Each logs `emulator listening` with its address and
+/// member index.
+pub async fn run(
+    listen: SocketAddr,
+    config: EmulatorConfig,
+    members: usize,
+) -> std::io::Result<()> {
+    let profile = config.profile;
+    let handles = Emulator::start_replica_set(listen, members.max(1), config).await?;
+    for (member, handle) in handles.iter().enumerate() {
+        tracing::info!(addr = %handle.addr(), member, %profile, "emulator listening");
+    }
     tokio::signal::ctrl_c().await?;
     tracing::info!("emulator stopping");
-    handle.shutdown().await;
+    for handle in handles {
+        handle.shutdown().await;
+    }
     Ok(())
 }

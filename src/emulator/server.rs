@@ -10,6 +10,18 @@
 //! `maxTimeMS` runs out; a getMore with `exhaustAllowed` is streamed here.
 //! A malformed frame closes that one connection with a WARN line; a peer
 //! that resets or closes mid-frame is ordinary and logged at debug.
+//!
+//! Faults are carried out here: a `failCommand` fail point (`faults.rs`) is
+//! asked before each OP_MSG command (after the authentication check, hello
+//! and the SASL commands included) and may make the connection wait, close
+//! without a reply, answer an error, decorate the reply or close instead of
+//! sending it (the command having run). A member's "disconnect" signal
+//! (`replSetStepDown`) closes every connection of that member, each after
+//! the reply it is writing; a wait (latency, blocked write, awaitable hello,
+//! fail point block) ends at once. An unacknowledged (`moreToCome`) write
+//! refused as not primary closes its connection, as a 4.2+ server does so
+//! the client notices. Legacy OP_QUERY hellos (the handshake most drivers
+//! open with) are failed like OP_MSG ones.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -27,6 +39,7 @@ use tokio_util::codec::FramedRead;
 use super::auth::{self, ConnAuth};
 use super::commands::{self, Outcome, Request, Resume};
 use super::errors::{self, CommandError};
+use super::faults::{AfterExecution, Fault};
 use super::hello::{self, AwaitParams, HelloContext};
 use super::query::as_i64;
 use super::state::EmulatorState;
@@ -106,6 +119,31 @@ impl EmulatorHandle {
     /// wakes streaming hellos.
     pub fn set_primary(&self, is_primary: bool) {
         self.state.set_primary(self.member, is_primary);
+    }
+    /// This listener's index among the members of its state (start order).
+    pub fn member(&self) -> usize {
+        self.member
+    }
+    /// Whether this member is the primary now.
+    pub fn is_primary(&self) -> bool {
+        self.state.primary_member() == Some(self.member)
+    }
+    /// Closes every client connection of this member (each after the reply
+    /// it is writing), as a failing-over primary or a network cut would.
+    pub fn close_connections(&self) {
+        self.state.disconnect_member(self.member);
+    }
+    /// Runs `configureFailPoint` (the same command a client would send to
+    /// `admin`); returns its reply or error document.
+    pub fn configure_fail_point(&self, command: &Document) -> Document {
+        self.state
+            .fail_points
+            .configure("admin", command)
+            .unwrap_or_else(|e| e.to_document())
+    }
+    /// How many commands a fail point has failed so far.
+    pub fn fail_point_entered(&self) -> u64 {
+        self.state.fail_points.entered()
     }
     /// Stops accepting and closes every connection of this listener.
     pub async fn shutdown(mut self) {
@@ -196,15 +234,62 @@ struct Connection {
     peer: SocketAddr,
     compression: Option<Compressor>,
     auth: ConnAuth,
+    /// `client.application.name` of the handshake (fail points filter on it).
+    app_name: Option<String>,
+}
+
+/// When a connection must stop: the listener shuts down, or its member
+/// closes every connection (a step-down).
+struct Stop {
+    shutdown: watch::Receiver<bool>,
+    disconnect: watch::Receiver<u64>,
+}
+
+impl Stop {
+    /// Resolves when the connection must close.
+    async fn stopped(&mut self) {
+        tokio::select! {
+            _ = self.shutdown.changed() => {}
+            _ = self.disconnect.changed() => {}
+        }
+    }
+
+    /// Whether it must close now (checked before reading another request,
+    /// so a step-down's own connection closes right after its reply).
+    fn is_stopped(&self) -> bool {
+        *self.shutdown.borrow() || self.disconnect.has_changed().unwrap_or(true)
+    }
+
+    /// Sleeps `delay`; false if the connection must close meanwhile.
+    async fn pause(&mut self, delay: Duration) -> bool {
+        if delay.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = self.stopped() => false,
+        }
+    }
 }
 
 /// What to do after handling one request.
 enum Action {
-    Reply { bytes: Bytes, delay: Duration },
+    Reply {
+        bytes: Bytes,
+        delay: Duration,
+    },
     NoReply,
     AwaitHello(AwaitingHello),
     Blocked(BlockedWrite),
     Exhaust(ExhaustGetMore),
+    /// A fail point's `blockConnection`: wait, then answer the request.
+    Pause {
+        wait: Duration,
+        request: Box<Deferred>,
+        fault: Fault,
+    },
+    /// Close the connection without a reply.
+    Close,
 }
 
 /// How a reply to one request is framed.
@@ -215,6 +300,41 @@ struct ReplyTo {
     compressor: Option<Compressor>,
     /// The request had `moreToCome`: it gets no reply.
     silent: bool,
+    /// What a fail point does once the command has run.
+    after: AfterExecution,
+}
+
+/// A request whose answer waits for a fail point's block.
+enum Deferred {
+    Msg(MsgRequest),
+    Query(QueryHello),
+}
+
+impl Deferred {
+    fn name(&self) -> &str {
+        match self {
+            Deferred::Msg(m) => &m.name,
+            Deferred::Query(q) => &q.name,
+        }
+    }
+}
+
+/// A legacy OP_QUERY hello (the handshake most drivers open with).
+struct QueryHello {
+    request_id: i32,
+    name: String,
+    body: Document,
+}
+
+/// One OP_MSG request, parsed.
+struct MsgRequest {
+    name: String,
+    /// `Err`: the request had no `$db`.
+    db: Option<String>,
+    body: Document,
+    sequences: Vec<(String, Vec<Document>)>,
+    reply_to: ReplyTo,
+    exhaust_allowed: bool,
 }
 
 /// A write outside any transaction waiting for a transaction's document
@@ -254,18 +374,29 @@ enum StreamEnd {
     Interrupted(Frame),
 }
 
+/// How a blocked write ended.
+enum BlockedEnd {
+    /// The connection must close (shutdown, step-down, or a fail point's
+    /// `closeConnectionAfterExecution`).
+    Close,
+    /// The request had `moreToCome`.
+    Silent,
+    Reply(Bytes, Duration),
+}
+
 /// Smallest wait between two streamed hello replies, so a client asking for
 /// maxAwaitTimeMS 0 with exhaustAllowed is not flooded.
 const MIN_STREAM_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Serves one client over any byte stream (plain TCP or TLS) until it
-/// closes, sends a malformed frame, or the listener stops.
+/// closes, sends a malformed frame, the listener stops or its member closes
+/// every connection.
 pub(crate) async fn serve_connection<S>(
     stream: S,
     peer: SocketAddr,
     state: Arc<EmulatorState>,
     member: usize,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -273,6 +404,10 @@ pub(crate) async fn serve_connection<S>(
     let max = state.config().max_message_size;
     let (read, mut write) = tokio::io::split(stream);
     let mut frames = FramedRead::new(read, FrameCodec::new(max));
+    let mut stop = Stop {
+        shutdown,
+        disconnect: state.subscribe_disconnect(member),
+    };
     let mut conn = Connection {
         state,
         member,
@@ -280,13 +415,19 @@ pub(crate) async fn serve_connection<S>(
         peer,
         compression: None,
         auth: ConnAuth::default(),
+        app_name: None,
     };
     tracing::debug!(%peer, connection_id, "emulator connection opened");
     let mut pending: Option<Frame> = None;
-    loop {
+    'connection: loop {
+        if stop.is_stopped() {
+            break;
+        }
         let frame = match pending.take() {
             Some(frame) => frame,
             None => tokio::select! {
+                biased;
+                _ = stop.stopped() => break,
                 next = frames.next() => match next {
                     None => break,
                     Some(Ok(frame)) => {
@@ -298,48 +439,68 @@ pub(crate) async fn serve_connection<S>(
                         break;
                     }
                 },
-                _ = shutdown.changed() => break,
             },
         };
-        match handle_frame(&mut conn, &frame) {
-            Err(reason) => {
-                tracing::warn!(%peer, connection_id, %reason, "malformed request; closing emulator connection");
-                break;
-            }
-            Ok(Action::NoReply) => {}
-            Ok(Action::Reply { bytes, delay }) => {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
+        let mut action = handle_frame(&mut conn, &frame);
+        loop {
+            match action {
+                Err(reason) => {
+                    tracing::warn!(%peer, connection_id, %reason, "malformed request; closing emulator connection");
+                    break 'connection;
                 }
-                if write.write_all(&bytes).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Action::AwaitHello(awaiting)) => {
-                match stream_hello(&conn, &mut frames, &mut write, awaiting, &mut shutdown).await {
-                    StreamEnd::Done => {}
-                    StreamEnd::Closed => break,
-                    StreamEnd::Interrupted(frame) => pending = Some(frame),
-                }
-            }
-            Ok(Action::Blocked(blocked)) => {
-                let Some(reply) = finish_blocked(&conn, blocked, &mut shutdown).await else {
-                    break;
-                };
-                if let Some((bytes, delay)) = reply {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
+                Ok(Action::Pause {
+                    wait,
+                    request,
+                    fault,
+                }) => {
+                    tracing::debug!(%peer, connection_id, command = %request.name(), wait_ms = wait.as_millis() as u64, "fail point blocks the connection");
+                    if !stop.pause(wait).await {
+                        break 'connection;
                     }
-                    if write.write_all(&bytes).await.is_err() {
-                        break;
+                    action = match *request {
+                        Deferred::Msg(request) => answer_msg(&mut conn, request, fault),
+                        Deferred::Query(hello) => answer_query_hello(&mut conn, hello, fault),
+                    };
+                    continue;
+                }
+                Ok(Action::Close) => {
+                    tracing::debug!(%peer, connection_id, "emulator closes the connection without a reply");
+                    break 'connection;
+                }
+                Ok(Action::NoReply) => {}
+                Ok(Action::Reply { bytes, delay }) => {
+                    if !stop.pause(delay).await || write.write_all(&bytes).await.is_err() {
+                        break 'connection;
+                    }
+                }
+                Ok(Action::AwaitHello(awaiting)) => {
+                    match stream_hello(&conn, &mut frames, &mut write, awaiting, &mut stop).await {
+                        StreamEnd::Done => {}
+                        StreamEnd::Closed => break 'connection,
+                        StreamEnd::Interrupted(frame) => pending = Some(frame),
+                    }
+                }
+                Ok(Action::Blocked(blocked)) => {
+                    match finish_blocked(&conn, blocked, &mut stop).await {
+                        BlockedEnd::Close => break 'connection,
+                        BlockedEnd::Silent => {}
+                        BlockedEnd::Reply(bytes, delay) => {
+                            if !stop.pause(delay).await || write.write_all(&bytes).await.is_err() {
+                                break 'connection;
+                            }
+                        }
+                    }
+                }
+                Ok(Action::Exhaust(exhaust)) => {
+                    if stream_get_more(&conn, &mut write, exhaust, &mut stop)
+                        .await
+                        .is_err()
+                    {
+                        break 'connection;
                     }
                 }
             }
-            Ok(Action::Exhaust(exhaust)) => {
-                if stream_get_more(&conn, &mut write, exhaust).await.is_err() {
-                    break;
-                }
-            }
+            break;
         }
     }
     tracing::debug!(%peer, connection_id, "emulator connection closed");
@@ -370,13 +531,11 @@ fn log_read_error(peer: SocketAddr, connection_id: i32, error: &WireError) {
 }
 
 /// Waits until the blocked write can run (a transaction ended) and runs it.
-/// `None`: the listener is shutting down. `Some(None)`: the request wanted
-/// no reply.
 async fn finish_blocked(
     conn: &Connection,
     mut blocked: BlockedWrite,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<Option<(Bytes, Duration)>> {
+    stop: &mut Stop,
+) -> BlockedEnd {
     tracing::debug!(peer = %conn.peer, connection_id = conn.connection_id, command = %blocked.reply_to.name, "write waits for a transaction's document lock");
     let mut reply = loop {
         let wait = match blocked.deadline {
@@ -388,7 +547,7 @@ async fn finish_blocked(
         tokio::select! {
             _ = blocked.transaction_ended.changed() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return None,
+            _ = stop.stopped() => return BlockedEnd::Close,
         }
         match commands::execute(
             &conn.state,
@@ -408,13 +567,20 @@ async fn finish_blocked(
             }
         }
     };
-    if blocked.reply_to.silent {
-        return Some(None);
+    let to = &blocked.reply_to;
+    commands::after_execution(&to.name, &blocked.request.body, &to.after, &mut reply);
+    if to.after.close {
+        return BlockedEnd::Close;
+    }
+    if to.silent {
+        return BlockedEnd::Silent;
     }
     conn.state.stamp(&mut reply);
     let reply_id = conn.state.next_request_id();
-    let bytes = encode_reply(reply_id, &blocked.reply_to, MsgFlags(0), &reply)?;
-    Some(Some((bytes, latency(conn, &blocked.reply_to.name))))
+    match encode_reply(reply_id, to, MsgFlags(0), &reply) {
+        Some(bytes) => BlockedEnd::Reply(bytes, latency(conn, &to.name)),
+        None => BlockedEnd::Close,
+    }
 }
 
 /// Sends the first exhaust reply, then every further batch of the cursor
@@ -424,6 +590,7 @@ async fn stream_get_more<W: AsyncWrite + Unpin>(
     conn: &Connection,
     write: &mut W,
     exhaust: ExhaustGetMore,
+    stop: &mut Stop,
 ) -> Result<(), ()> {
     let ExhaustGetMore {
         request,
@@ -432,12 +599,15 @@ async fn stream_get_more<W: AsyncWrite + Unpin>(
         reply_to,
         delay,
     } = exhaust;
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+    if !stop.pause(delay).await {
+        return Err(());
     }
     write.write_all(&first).await.map_err(|_| ())?;
     let mut previous = first_id;
     loop {
+        if stop.is_stopped() {
+            return Err(());
+        }
         let mut reply =
             match commands::execute(&conn.state, conn.member, &request, &mut Resume::default()) {
                 Outcome::Reply(reply) => reply,
@@ -455,8 +625,8 @@ async fn stream_get_more<W: AsyncWrite + Unpin>(
             ..reply_to.clone()
         };
         let bytes = encode_reply(reply_id, &to, flags, &reply).ok_or(())?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+        if !stop.pause(delay).await {
+            return Err(());
         }
         write.write_all(&bytes).await.map_err(|_| ())?;
         if !more {
@@ -501,7 +671,7 @@ async fn stream_hello<S: AsyncRead + AsyncWrite>(
     frames: &mut FramedRead<ReadHalf<S>, FrameCodec>,
     write: &mut WriteHalf<S>,
     awaiting: AwaitingHello,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: &mut Stop,
 ) -> StreamEnd {
     let AwaitingHello {
         request_id,
@@ -533,7 +703,7 @@ async fn stream_hello<S: AsyncRead + AsyncWrite>(
                         StreamEnd::Closed
                     }
                 },
-                _ = shutdown.changed() => return StreamEnd::Closed,
+                _ = stop.stopped() => return StreamEnd::Closed,
             }
         }
         let ctx = HelloContext {
@@ -598,6 +768,18 @@ fn encode_msg(
     ))
 }
 
+/// This connection's hello reply, with its authentication fields.
+fn hello_for(conn: &mut Connection, name: &str, body: &Document) -> Document {
+    let ctx = HelloContext {
+        state: &conn.state,
+        member: conn.member,
+        connection_id: conn.connection_id,
+    };
+    let mut reply = hello::hello_reply(&ctx, name, body, conn.compression);
+    add_auth_to_hello(conn, body, &mut reply);
+    reply
+}
+
 /// hello's authentication fields: `saslSupportedMechs` and the first SCRAM
 /// step of `speculativeAuthenticate`, when the client asked for them.
 fn add_auth_to_hello(conn: &mut Connection, request: &Document, reply: &mut Document) {
@@ -630,6 +812,197 @@ fn latency(conn: &Connection, name: &str) -> Duration {
         None if LATENCY_EXEMPT.contains(&name) => Duration::ZERO,
         None => config.reply_latency,
     }
+}
+
+/// Keeps the handshake's `client.application.name` (the first hello has it).
+fn remember_app_name(conn: &mut Connection, body: &Document) {
+    if conn.app_name.is_some() {
+        return;
+    }
+    if let Ok(name) = body
+        .get_document("client")
+        .and_then(|c| c.get_document("application"))
+        .and_then(|a| a.get_str("name"))
+    {
+        conn.app_name = Some(name.to_string());
+    }
+}
+
+/// Answers one parsed OP_MSG request, carrying out what the fail point
+/// says (`fault`, its wait already done).
+fn answer_msg(conn: &mut Connection, request: MsgRequest, fault: Fault) -> Result<Action, String> {
+    let MsgRequest {
+        name,
+        db,
+        body,
+        sequences,
+        mut reply_to,
+        exhaust_allowed,
+    } = request;
+    if fault.close {
+        return Ok(Action::Close);
+    }
+    reply_to.after = fault.after;
+    let mut reply = match (db, fault.error) {
+        (None, _) => {
+            CommandError::new(errors::MISSING_DB, "OP_MSG requests require a $db argument")
+                .to_document()
+        }
+        (Some(_), Some(injected)) => {
+            commands::injected_error(&conn.state, &name, &body, conn.auth.user(), &injected)
+        }
+        (Some(db), None) => {
+            tracing::debug!(peer = %conn.peer, connection_id = conn.connection_id, command = %name, db, "emulator command");
+            if is_hello(&name) {
+                if body.contains_key("compression") {
+                    conn.compression = hello::negotiate_compression(&body);
+                }
+                if let Some(params) = hello::await_params(&body) {
+                    if !reply_to.silent {
+                        return Ok(Action::AwaitHello(AwaitingHello {
+                            request_id: reply_to.request_id,
+                            command_name: name,
+                            body,
+                            params,
+                            exhaust: exhaust_allowed,
+                        }));
+                    }
+                }
+                hello_for(conn, &name, &body)
+            } else {
+                let users = &conn.state.config().users;
+                match conn.auth.intercept(users, &name, &db, &body) {
+                    Some(reply) => reply,
+                    None => {
+                        let request = Request {
+                            name: name.clone(),
+                            db,
+                            body,
+                            sequences,
+                            user: conn.auth.user().map(str::to_owned),
+                        };
+                        // Subscribed before trying (whatever the command: a
+                        // watch subscribe is cheap), so a transaction ending
+                        // right after the try still wakes a blocked write.
+                        let transaction_ended = conn.state.subscribe_transaction_ended();
+                        let mut resume = Resume::default();
+                        match commands::execute(&conn.state, conn.member, &request, &mut resume) {
+                            Outcome::Reply(mut reply) => {
+                                commands::after_execution(
+                                    &name,
+                                    &request.body,
+                                    &reply_to.after,
+                                    &mut reply,
+                                );
+                                if reply_to.after.close {
+                                    return Ok(Action::Close);
+                                }
+                                let exhaust = name == "getMore"
+                                    && exhaust_allowed
+                                    && !reply_to.silent
+                                    && cursor_continues(&reply);
+                                if exhaust {
+                                    conn.state.stamp(&mut reply);
+                                    let first_id = conn.state.next_request_id();
+                                    let first = encode_reply(
+                                        first_id,
+                                        &reply_to,
+                                        MsgFlags(MsgFlags::MORE_TO_COME),
+                                        &reply,
+                                    )
+                                    .ok_or_else(|| "reply could not be encoded".to_string())?;
+                                    return Ok(Action::Exhaust(ExhaustGetMore {
+                                        request,
+                                        first,
+                                        first_id,
+                                        delay: latency(conn, &name),
+                                        reply_to,
+                                    }));
+                                }
+                                if reply_to.silent && refused_as_not_primary(&reply) {
+                                    // An unacknowledged write to a secondary:
+                                    // the server hangs up so the client notices.
+                                    tracing::debug!(peer = %conn.peer, connection_id = conn.connection_id, command = %name, "unacknowledged write refused as not primary; closing the connection");
+                                    return Ok(Action::Close);
+                                }
+                                reply
+                            }
+                            Outcome::Blocked => {
+                                let deadline = max_time(&request.body).map(|d| Instant::now() + d);
+                                return Ok(Action::Blocked(BlockedWrite {
+                                    request,
+                                    resume,
+                                    transaction_ended,
+                                    deadline,
+                                    reply_to,
+                                }));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if reply_to.silent {
+        return Ok(Action::NoReply);
+    }
+    conn.state.stamp(&mut reply);
+    let reply_id = conn.state.next_request_id();
+    let bytes = encode_reply(reply_id, &reply_to, MsgFlags(0), &reply)
+        .ok_or_else(|| "reply could not be encoded".to_string())?;
+    Ok(Action::Reply {
+        bytes,
+        delay: latency(conn, &name),
+    })
+}
+
+/// Answers a legacy OP_QUERY hello, carrying out what the fail point says.
+fn answer_query_hello(
+    conn: &mut Connection,
+    hello: QueryHello,
+    fault: Fault,
+) -> Result<Action, String> {
+    let QueryHello {
+        request_id,
+        name,
+        body,
+    } = hello;
+    if fault.close {
+        return Ok(Action::Close);
+    }
+    let reply = match fault.error {
+        Some(injected) => {
+            commands::injected_error(&conn.state, &name, &body, conn.auth.user(), &injected)
+        }
+        None => {
+            if body.contains_key("compression") {
+                conn.compression = hello::negotiate_compression(&body);
+            }
+            hello_for(conn, &name, &body)
+        }
+    };
+    legacy_reply(conn, request_id, &name, reply)
+}
+
+/// An OP_REPLY answering `request_id`.
+fn legacy_reply(
+    conn: &Connection,
+    request_id: i32,
+    name: &str,
+    mut reply: Document,
+) -> Result<Action, String> {
+    conn.state.stamp(&mut reply);
+    let reply_bytes = to_bytes(&reply).ok_or_else(|| "reply could not be encoded".to_string())?;
+    let reply_id = conn.state.next_request_id();
+    let bytes = wire::legacy::encode_reply(reply_id, request_id, AWAIT_CAPABLE, 0, &[&reply_bytes]);
+    Ok(Action::Reply {
+        bytes,
+        delay: latency(conn, name),
+    })
+}
+
+fn refused_as_not_primary(reply: &Document) -> bool {
+    reply.get_f64("ok") != Ok(1.0) && reply.get_i32("code") == Ok(errors::NOT_WRITABLE_PRIMARY)
 }
 
 /// Parses and answers one frame. `Err` means the connection must close.
@@ -669,123 +1042,47 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
             }
             let name = body.keys().next().cloned().unwrap_or_default();
             conn.state.count_command(&name);
-            let request_id = frame.header.request_id;
-            let reply_to = ReplyTo {
-                request_id,
-                name: name.clone(),
-                compressor: opened.compressor,
-                silent: msg.flags.more_to_come(),
-            };
-            let mut reply = match body.get_str("$db") {
-                Err(_) => {
-                    CommandError::new(errors::MISSING_DB, "OP_MSG requests require a $db argument")
-                        .to_document()
-                }
-                Ok(db) => {
-                    tracing::debug!(peer = %conn.peer, connection_id = conn.connection_id, command = %name, db, "emulator command");
-                    if is_hello(&name) {
-                        if body.contains_key("compression") {
-                            conn.compression = hello::negotiate_compression(&body);
-                        }
-                        if let Some(params) = hello::await_params(&body) {
-                            if !msg.flags.more_to_come() {
-                                return Ok(Action::AwaitHello(AwaitingHello {
-                                    request_id,
-                                    command_name: name,
-                                    body,
-                                    params,
-                                    exhaust: msg.flags.exhaust_allowed(),
-                                }));
-                            }
-                        }
-                        let ctx = HelloContext {
-                            state: &conn.state,
-                            member: conn.member,
-                            connection_id: conn.connection_id,
-                        };
-                        let mut reply = hello::hello_reply(&ctx, &name, &body, conn.compression);
-                        add_auth_to_hello(conn, &body, &mut reply);
-                        reply
-                    } else {
-                        let users = &conn.state.config().users;
-                        match conn.auth.intercept(users, &name, db, &body) {
-                            Some(reply) => reply,
-                            None => {
-                                let request = Request {
-                                    name: name.clone(),
-                                    db: db.to_string(),
-                                    body,
-                                    sequences,
-                                    user: conn.auth.user().map(str::to_owned),
-                                };
-                                // Subscribed before trying (whatever the
-                                // command: a watch subscribe is cheap), so a
-                                // transaction ending right after the try
-                                // still wakes a blocked write.
-                                let transaction_ended = conn.state.subscribe_transaction_ended();
-                                let mut resume = Resume::default();
-                                match commands::execute(
-                                    &conn.state,
-                                    conn.member,
-                                    &request,
-                                    &mut resume,
-                                ) {
-                                    Outcome::Reply(reply) => {
-                                        let exhaust = name == "getMore"
-                                            && msg.flags.exhaust_allowed()
-                                            && !msg.flags.more_to_come()
-                                            && cursor_continues(&reply);
-                                        if exhaust {
-                                            let mut reply = reply;
-                                            conn.state.stamp(&mut reply);
-                                            let first_id = conn.state.next_request_id();
-                                            let first = encode_reply(
-                                                first_id,
-                                                &reply_to,
-                                                MsgFlags(MsgFlags::MORE_TO_COME),
-                                                &reply,
-                                            )
-                                            .ok_or_else(|| {
-                                                "reply could not be encoded".to_string()
-                                            })?;
-                                            return Ok(Action::Exhaust(ExhaustGetMore {
-                                                request,
-                                                first,
-                                                first_id,
-                                                reply_to,
-                                                delay: latency(conn, &name),
-                                            }));
-                                        }
-                                        reply
-                                    }
-                                    Outcome::Blocked => {
-                                        let deadline =
-                                            max_time(&request.body).map(|d| Instant::now() + d);
-                                        return Ok(Action::Blocked(BlockedWrite {
-                                            request,
-                                            resume,
-                                            transaction_ended,
-                                            deadline,
-                                            reply_to,
-                                        }));
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            };
-            if msg.flags.more_to_come() {
-                return Ok(Action::NoReply);
+            let db = body.get_str("$db").ok().map(str::to_owned);
+            let hello = is_hello(&name);
+            if hello {
+                remember_app_name(conn, &body);
             }
-            conn.state.stamp(&mut reply);
-            let reply_id = conn.state.next_request_id();
-            let bytes = encode_reply(reply_id, &reply_to, MsgFlags(0), &reply)
-                .ok_or_else(|| "reply could not be encoded".to_string())?;
-            Ok(Action::Reply {
-                bytes,
-                delay: latency(conn, &name),
-            })
+            let request = MsgRequest {
+                reply_to: ReplyTo {
+                    request_id: frame.header.request_id,
+                    name: name.clone(),
+                    compressor: opened.compressor,
+                    silent: msg.flags.more_to_come(),
+                    after: AfterExecution::default(),
+                },
+                name,
+                db,
+                body,
+                sequences,
+                exhaust_allowed: msg.flags.exhaust_allowed(),
+            };
+            // The fail point is consulted after the authentication check
+            // (as on the server), for hello and the SASL commands too.
+            let users = &conn.state.config().users;
+            let fault = match &request.db {
+                Some(_) if hello || !conn.auth.refuses(users, &request.name) => conn
+                    .state
+                    .fail_points
+                    .activate(&request.name, conn.app_name.as_deref())
+                    .unwrap_or_default(),
+                _ => Fault::default(),
+            };
+            if let Some(wait) = fault.block {
+                return Ok(Action::Pause {
+                    wait,
+                    request: Box::new(Deferred::Msg(request)),
+                    fault: Fault {
+                        block: None,
+                        ..fault
+                    },
+                });
+            }
+            answer_msg(conn, request, fault)
         }
         Message::Query(query) => {
             let name = query.command_name().unwrap_or_default().to_string();
@@ -796,41 +1093,37 @@ fn handle_frame(conn: &mut Connection, frame: &Frame) -> Result<Action, String> 
                 Ok(inner) => inner.clone(),
                 Err(_) => raw,
             };
-            let is_command = query.full_collection_name.ends_with(".$cmd");
-            let mut reply = if is_command && is_hello(&name) {
-                if body.contains_key("compression") {
-                    conn.compression = hello::negotiate_compression(&body);
-                }
-                let ctx = HelloContext {
-                    state: &conn.state,
-                    member: conn.member,
-                    connection_id: conn.connection_id,
-                };
-                let mut reply = hello::hello_reply(&ctx, &name, &body, conn.compression);
-                add_auth_to_hello(conn, &body, &mut reply);
-                reply
-            } else {
-                CommandError::new(
+            let request_id = frame.header.request_id;
+            if !(query.full_collection_name.ends_with(".$cmd") && is_hello(&name)) {
+                let reply = CommandError::new(
                     errors::UNSUPPORTED_OP_QUERY_COMMAND,
                     format!("Unsupported OP_QUERY command: {name}. The client driver may require an upgrade. For more details see https://dochub.mongodb.org/core/legacy-opcode-removal"),
                 )
-                .to_document()
+                .to_document();
+                return legacy_reply(conn, request_id, &name, reply);
+            }
+            remember_app_name(conn, &body);
+            let fault = conn
+                .state
+                .fail_points
+                .activate(&name, conn.app_name.as_deref())
+                .unwrap_or_default();
+            let hello = QueryHello {
+                request_id,
+                name,
+                body,
             };
-            conn.state.stamp(&mut reply);
-            let reply_bytes =
-                to_bytes(&reply).ok_or_else(|| "reply could not be encoded".to_string())?;
-            let reply_id = conn.state.next_request_id();
-            let bytes = wire::legacy::encode_reply(
-                reply_id,
-                frame.header.request_id,
-                AWAIT_CAPABLE,
-                0,
-                &[&reply_bytes],
-            );
-            Ok(Action::Reply {
-                bytes,
-                delay: latency(conn, &name),
-            })
+            match fault.block {
+                Some(wait) => Ok(Action::Pause {
+                    wait,
+                    request: Box::new(Deferred::Query(hello)),
+                    fault: Fault {
+                        block: None,
+                        ..fault
+                    },
+                }),
+                None => answer_query_hello(conn, hello, fault),
+            }
         }
         Message::Reply(_) => Err("a client sent OP_REPLY".to_string()),
         Message::Other(op) => Err(format!("unsupported opcode {}", op.name())),

@@ -542,6 +542,41 @@ impl Inner {
         self.finish(key, false);
     }
 
+    /// Aborts every transaction in progress (a primary stepping down aborts
+    /// its unprepared transactions). Returns how many it aborted.
+    pub fn abort_all_in_progress(&mut self) -> usize {
+        let open: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                matches!(
+                    s.mode,
+                    TxnMode::Transaction {
+                        state: TxnState::InProgress,
+                        ..
+                    }
+                )
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &open {
+            self.finish(key, false);
+        }
+        open.len()
+    }
+
+    /// Aborts the transaction `txn_number` of `key` if it is in progress
+    /// (any error in a transaction aborts it on the server).
+    pub fn abort_if_in_progress(&mut self, key: &SessionKey, txn_number: i64) {
+        let active = self
+            .sessions
+            .get(key)
+            .is_some_and(|s| s.active_txn_number == Some(txn_number));
+        if active {
+            self.finish(key, false);
+        }
+    }
+
     /// Commits the transaction the context names (already validated).
     pub fn commit(&mut self, ctx: &TxnContext) {
         if let TxnContext::Transaction { key, .. } = ctx {

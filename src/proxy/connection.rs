@@ -33,10 +33,9 @@ use super::inspect::{
     Inspector, ReplyVerdict, Verdict, INJECT_QUEUE,
 };
 use super::tls::{ClientStream, UpstreamTls};
+use super::unreachable;
 use super::upstream::{self, DialError, HostPort};
-use crate::metrics::{
-    command_index, ConnectFailure, Direction, FrameSide, ProxyMetrics, OTHER_COMMAND,
-};
+use crate::metrics::{command_index, Direction, FrameSide, ProxyMetrics, OTHER_COMMAND};
 use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, WireError};
 
 /// Which side of a connection pair failed.
@@ -189,13 +188,26 @@ pub(crate) async fn serve(
         Err(e) => {
             // A failed TLS handshake reached the upstream: the readiness
             // probe (a plain TCP connect) would undo the mark each round.
-            let unreachable = !matches!(e, DialError::Tls { .. });
+            let unreachable = !e.reached_the_upstream();
             settings.metrics.connect_failed(
-                connect_failure(&e),
+                unreachable::failure_reason(&e),
                 unreachable.then_some(&settings.upstream as &dyn std::fmt::Display),
             );
+            // Answer the driver's handshake with the cause rather than a
+            // bare reset, so the application's error says why.
+            let errmsg = unreachable::explain(&e, settings.upstream_tls.as_ref());
+            let mut client = client;
+            let answered = tokio::select! {
+                answered = unreachable::answer_first_frame(
+                    &mut client,
+                    &errmsg,
+                    settings.max_message_size,
+                    settings.connect_timeout.min(settings.frame_read_timeout),
+                ) => answered.as_str(),
+                _ = kill.cancelled() => "shutdown",
+            };
             let e = ConnError::from(e);
-            warn!(conn = id, %peer, side = %e.side(), error = %e, "connection closed: {e}");
+            warn!(conn = id, %peer, side = %e.side(), error = %e, answered, "connection closed: {e}");
             return;
         }
     };
@@ -311,17 +323,6 @@ fn is_peer_gone(error: &std::io::Error) -> bool {
         error.kind(),
         ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
     )
-}
-
-/// The `reason` label of a failed dial.
-fn connect_failure(e: &DialError) -> ConnectFailure {
-    match e {
-        DialError::Timeout { .. } => ConnectFailure::Timeout,
-        DialError::Io { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused => {
-            ConnectFailure::Refused
-        }
-        DialError::Io { .. } | DialError::Tls { .. } => ConnectFailure::Other,
-    }
 }
 
 impl Outcome {

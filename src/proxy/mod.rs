@@ -14,16 +14,22 @@
 //! - `topology`: replica-set mode's hello rewriting (member -> proxy
 //!   addresses), applied around the caller's inspector.
 //! - `tls`: rustls on both sides (listener certificate, upstream options).
+//! - `anchor_leaf`: the upstream verifier accepting a self-signed CA
+//!   certificate given as `tlsCAFile`, as OpenSSL-based drivers do.
+//! - `unreachable`: the error reply that answers a client's handshake when
+//!   its upstream cannot be dialed (cause and fix in `errmsg`).
 //!
 //! Metrics: the connection and listener update pre-resolved handles of
 //! `crate::metrics::ProxyMetrics` (atomic adds, no allocation per frame).
 
+mod anchor_leaf;
 mod connection;
 mod inflight;
 pub mod inspect;
 mod listener;
 pub mod tls;
 pub mod topology;
+pub mod unreachable;
 pub mod upstream;
 
 use std::io;

@@ -10,7 +10,9 @@
 //! driver's is: `tlsAllowInvalidCertificates=true` accepts any certificate,
 //! `tlsAllowInvalidHostnames=true` checks the chain but not the name, and
 //! `tlsInsecure=true` means both. Without `tlsCAFile` the Mozilla roots
-//! (`webpki-roots`) are trusted; with it, only that file's certificates.
+//! (`webpki-roots`) are trusted; with it, only that file's certificates —
+//! including, as OpenSSL-based drivers do, a self-signed CA certificate that
+//! the server presents as its own (see `anchor_leaf`).
 
 use std::fmt;
 use std::io;
@@ -25,13 +27,11 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
-    SignatureScheme,
-};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::anchor_leaf::WebPkiOrAnchorLeaf;
 use super::upstream::ConnectionString;
 use crate::config::{ConfigError, ListenTlsConfig};
 
@@ -56,6 +56,9 @@ fn provider() -> Arc<CryptoProvider> {
 #[derive(Clone)]
 pub struct UpstreamTls {
     connector: tokio_rustls::TlsConnector,
+    /// Whether `tlsCAFile` chose the trusted certificates (else the
+    /// Mozilla roots): the explanation of a refused certificate says so.
+    pub trusts_ca_file: bool,
     /// For the startup log line: which relaxations are in force.
     pub allow_invalid_certificates: bool,
     pub allow_invalid_hostnames: bool,
@@ -154,12 +157,14 @@ impl UpstreamTls {
         }
         let provider = provider();
         let mut roots = RootCertStore::empty();
+        let mut ca_file_certs = Vec::new();
         match &options.ca_file {
             Some(path) => {
-                let certs = load_certs(Path::new(path)).map_err(|e| format!("tlsCAFile: {e}"))?;
-                for cert in certs {
+                ca_file_certs =
+                    load_certs(Path::new(path)).map_err(|e| format!("tlsCAFile: {e}"))?;
+                for cert in &ca_file_certs {
                     roots
-                        .add(cert)
+                        .add(cert.clone())
                         .map_err(|e| format!("tlsCAFile: `{path}`: unusable certificate: {e}"))?;
                 }
             }
@@ -176,13 +181,14 @@ impl UpstreamTls {
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| format!("tlsCAFile: {e}"))?;
-            if options.allow_invalid_hostnames {
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(IgnoreHostname(webpki)))
-            } else {
-                builder.with_webpki_verifier(webpki)
-            }
+            // webpki's verdict, plus the trusted self-signed CA certificate
+            // OpenSSL accepts (`anchor_leaf`), plus the name relaxation when
+            // asked. rustls calls every custom verifier "dangerous".
+            let verifier =
+                WebPkiOrAnchorLeaf::new(webpki, &ca_file_certs, options.allow_invalid_hostnames);
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
         };
         let config = match &options.certificate_key_file {
             None => builder.with_no_client_auth(),
@@ -197,6 +203,7 @@ impl UpstreamTls {
         };
         Ok(Some(UpstreamTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            trusts_ca_file: options.ca_file.is_some(),
             allow_invalid_certificates: options.allow_invalid_certificates,
             allow_invalid_hostnames: options.allow_invalid_hostnames,
         }))
@@ -268,54 +275,6 @@ impl ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `tlsAllowInvalidHostnames=true`: the chain must still lead to a trusted
-/// root; only a name mismatch is forgiven.
-#[derive(Debug)]
-struct IgnoreHostname(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for IgnoreHostname {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 

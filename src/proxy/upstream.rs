@@ -255,9 +255,16 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "percent-encoding is not valid UTF-8".to_string())
 }
 
-/// Why the upstream could not be reached.
+/// Why the upstream could not be reached. `unreachable` explains each one
+/// to the client, with a fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
+    #[error("upstream {target}: cannot resolve the host name: {source}")]
+    Resolve {
+        target: HostPort,
+        #[source]
+        source: io::Error,
+    },
     #[error("upstream {target} did not accept the connection within {timeout:?}")]
     Timeout { target: HostPort, timeout: Duration },
     #[error("upstream {target} unreachable: {source}")]
@@ -266,12 +273,34 @@ pub enum DialError {
         #[source]
         source: io::Error,
     },
+    #[error("TLS handshake with upstream {target} did not finish within {timeout:?}")]
+    TlsTimeout { target: HostPort, timeout: Duration },
     #[error("TLS handshake with upstream {target} failed: {source}")]
     Tls {
         target: HostPort,
         #[source]
         source: io::Error,
     },
+}
+
+impl DialError {
+    /// The upstream that could not be reached.
+    pub fn target(&self) -> &HostPort {
+        match self {
+            DialError::Resolve { target, .. }
+            | DialError::Timeout { target, .. }
+            | DialError::Io { target, .. }
+            | DialError::TlsTimeout { target, .. }
+            | DialError::Tls { target, .. } => target,
+        }
+    }
+
+    /// The TCP connection was made and the TLS handshake failed: the
+    /// upstream is reachable (the readiness probe, a plain TCP connect,
+    /// would say so at its next round).
+    pub fn reached_the_upstream(&self) -> bool {
+        matches!(self, DialError::TlsTimeout { .. } | DialError::Tls { .. })
+    }
 }
 
 pub use super::tls::UpstreamStream;
@@ -291,7 +320,7 @@ pub async fn connect(
     let tcp = dial(target, timeout).await?;
     let left = timeout.saturating_sub(started.elapsed());
     match tokio::time::timeout(left, tls.connect(&target.host, tcp)).await {
-        Err(_) => Err(DialError::Timeout {
+        Err(_) => Err(DialError::TlsTimeout {
             target: target.clone(),
             timeout,
         }),
@@ -306,24 +335,49 @@ pub async fn connect(
 /// Opens a TCP connection to `target` within `timeout` (no TLS: the
 /// readiness probe only asks whether the member accepts connections). Name
 /// resolution counts against the same timeout, so a black-holed DNS server
-/// cannot stall a client.
+/// cannot stall a client; it is done apart from connecting so that a name
+/// that does not resolve is told apart from an address that refuses.
 pub async fn dial(target: &HostPort, timeout: Duration) -> Result<TcpStream, DialError> {
-    let connect = TcpStream::connect((target.host.as_str(), target.port));
-    match tokio::time::timeout(timeout, connect).await {
+    match tokio::time::timeout(timeout, resolve_and_connect(target)).await {
         Err(_) => Err(DialError::Timeout {
             target: target.clone(),
             timeout,
         }),
-        Ok(Err(source)) => Err(DialError::Io {
-            target: target.clone(),
-            source,
-        }),
+        Ok(Err(e)) => Err(e),
         Ok(Ok(stream)) => {
             // Small request/reply messages must not wait for Nagle.
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
     }
+}
+
+/// Each resolved address in turn, as `TcpStream::connect` does; the last
+/// address's error when none accepts.
+async fn resolve_and_connect(target: &HostPort) -> Result<TcpStream, DialError> {
+    let addresses = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|source| DialError::Resolve {
+            target: target.clone(),
+            source,
+        })?;
+    let mut last_error = None;
+    for address in addresses {
+        match TcpStream::connect(address).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(match last_error {
+        Some(source) => DialError::Io {
+            target: target.clone(),
+            source,
+        },
+        None => DialError::Resolve {
+            target: target.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "the name has no address"),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -432,5 +486,16 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, DialError::Io { .. }), "{err}");
         assert!(err.to_string().contains("unreachable"), "{err}");
+        assert!(!err.reached_the_upstream());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_is_told_apart_from_a_refusal() {
+        // `.invalid` never resolves (RFC 6761).
+        let err = dial(&hp("nonexistent.invalid", 27017), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DialError::Resolve { .. }), "{err}");
+        assert!(!err.reached_the_upstream());
     }
 }

@@ -532,3 +532,65 @@ impl ThreadLogs {
             .collect()
     }
 }
+
+// ------------------------------------------------------------ handshakes
+
+/// What a fresh plain connection got for its first frame: the reply (if
+/// any) and whether the peer then closed the connection.
+#[derive(Debug)]
+pub struct HandshakeOutcome {
+    /// The opcode of the reply (OP_MSG for a hello, OP_REPLY for a legacy
+    /// OP_QUERY isMaster), its `responseTo` and its body.
+    pub reply: Option<(sessionguard::wire::OpCode, i32, bson::Document)>,
+    pub closed: bool,
+}
+
+/// Connects to `addr` and sends one handshake as a driver's first frame: a
+/// `hello` as OP_MSG, or (`legacy`) an `isMaster` as OP_QUERY on
+/// `admin.$cmd`, request id 7. Reads one reply, then waits (bounded) for
+/// the peer to close.
+pub async fn handshake_once(addr: SocketAddr, legacy: bool) -> HandshakeOutcome {
+    use futures_util::StreamExt;
+    use sessionguard::wire::{self, legacy as wire_legacy, op_msg, Message, MsgFlags};
+    use tokio::io::AsyncWriteExt;
+
+    const WAIT: Duration = Duration::from_secs(10);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let frame = if legacy {
+        let query = bson::to_vec(&bson::doc! { "isMaster": 1, "helloOk": true }).unwrap();
+        wire_legacy::encode_query(7, 0, "admin.$cmd", 0, -1, &query)
+    } else {
+        let body = bson::to_vec(&bson::doc! { "hello": 1, "$db": "admin" }).unwrap();
+        op_msg::encode(7, 0, MsgFlags(0), &body)
+    };
+    stream.write_all(&frame).await.expect("write the handshake");
+    let mut reader = tokio_util::codec::FramedRead::new(stream, wire::FrameCodec::default());
+    let reply = match tokio::time::timeout(WAIT, reader.next()).await {
+        Err(_) => panic!("neither a reply nor a close within {WAIT:?}"),
+        Ok(None) | Ok(Some(Err(_))) => {
+            return HandshakeOutcome {
+                reply: None,
+                closed: true,
+            }
+        }
+        Ok(Some(Ok(frame))) => {
+            let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
+            let body = match opened.parse(&frame).unwrap() {
+                Message::Msg(msg) => bson::Document::try_from(msg.body).unwrap(),
+                Message::Reply(reply) => {
+                    bson::Document::try_from(reply.first().expect("a document")).unwrap()
+                }
+                other => panic!("unexpected reply {other:?}"),
+            };
+            (frame.header.op_code, frame.header.response_to, body)
+        }
+    };
+    let closed = matches!(
+        tokio::time::timeout(WAIT, reader.next()).await,
+        Ok(None) | Ok(Some(Err(_)))
+    );
+    HandshakeOutcome {
+        reply: Some(reply),
+        closed,
+    }
+}

@@ -13,8 +13,14 @@
 // scenario can prove its pattern happened on the wire (same lsid in flight
 // twice, endSessions naming an lsid that is still in flight, ...) without
 // depending on sessionguard: the proxy's report is checked separately.
+//
+// The driver major comes from ./driver (INTEROP_NODE_DRIVER=6|7); the name a
+// scenario prints is its own name plus `@node6` / `@node7`, and the line
+// carries the exact driver version (`driver`).
 
-const { MongoClient } = require('mongodb');
+const driver = require('./driver');
+
+const { MongoClient } = driver;
 
 /** Error -> the part worth reporting: names and codes, never messages with data. */
 function describeError(err) {
@@ -43,7 +49,7 @@ function numberOrNull(v) {
 /** Follows every command a client sends (command monitoring) and what overlapped. */
 class WireTracker {
   constructor(client) {
-    this.started = []; // {key, name, lsid, txnNumber, connectionId, startedAt, finishedAt, failure}
+    this.started = []; // {key, name, lsid, txnNumber, startTransaction, inTransaction, connectionId, startedAt, finishedAt, failure}
     this.inFlight = new Map();
     this.sameLsidOverlaps = []; // [{first, second}] commands that shared an lsid while both in flight
     this.endedWhileInFlight = []; // [{endSessions, inFlight}] endSessions naming an lsid in flight
@@ -64,6 +70,7 @@ class WireTracker {
       lsid: lsidHex(e.command),
       txnNumber: numberOrNull(e.command && e.command.txnNumber),
       startTransaction: Boolean(e.command && e.command.startTransaction),
+      inTransaction: Boolean(e.command && e.command.autocommit === false),
       endsLsids: e.commandName === 'endSessions' && Array.isArray(e.command.endSessions)
         ? e.command.endSessions.map((l) => lsidHex({ lsid: l }))
         : [],
@@ -150,7 +157,8 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
  * driver errors it expects with ctx.record(err). Anything it throws is an
  * unexpected failure (ok: false).
  */
-async function runScenario(name, body) {
+async function runScenario(baseName, body) {
+  const name = `${baseName}@${driver.tag}`;
   const uri = process.env.MONGODB_URI;
   if (!uri) {
     process.stdout.write(JSON.stringify({ scenario: name, ok: false, errors: [{ name: 'MONGODB_URI is not set' }] }) + '\n');
@@ -160,6 +168,7 @@ async function runScenario(name, body) {
   const clients = [];
   const ctx = {
     uri,
+    driver,
     record(err) {
       errors.push(describeError(err));
       process.stderr.write(`[${name}] recorded driver error: ${err && err.name}: ${err && err.message}\n`);
@@ -168,6 +177,15 @@ async function runScenario(name, body) {
       const tracked = trackedClient(uri, options);
       clients.push(tracked.client);
       return tracked;
+    },
+    /**
+     * Follows a client some library created (Mongoose's connection): its
+     * commands are tracked like ctx.client()'s (the library must have passed
+     * `monitorCommands: true`), and `closable.close()` runs at the end.
+     */
+    adopt(client, closable = client) {
+      clients.push(closable);
+      return new WireTracker(client);
     },
   };
   let result = { ok: false };
@@ -187,10 +205,10 @@ async function runScenario(name, body) {
     }
   }
   const { ok, ...observed } = result;
-  const line = { scenario: name, ok: ok === true, errors, observed };
+  const line = { scenario: name, ok: ok === true, driver: `mongodb@${driver.version}`, errors, observed };
   process.stdout.write(JSON.stringify(line) + '\n');
   // Exit explicitly: a bad pattern may leave timers (a closed client's retry) behind.
   process.exit(line.ok ? 0 : 1);
 }
 
-module.exports = { runScenario, trackedClient, WireTracker, describeError, sleep };
+module.exports = { runScenario, trackedClient, WireTracker, describeError, sleep, driver };

@@ -10,8 +10,9 @@ const { runScenario, sleep } = require('../lib/harness');
 
 const REQUESTS = 3;
 // How long to wait for the insert to settle after close() before calling it
-// hung. mongodb 6.x can leave an operation unsettled forever when close()
-// lands between the command being sent and the reply being awaited.
+// hung. mongodb 6.x (and 7.x, which has the same close path) can leave an
+// operation unsettled forever when close() lands between the command being
+// sent and the reply being awaited.
 const SETTLE_MS = 3000;
 
 async function handleRequest(ctx, requestNo) {

@@ -1,9 +1,12 @@
 'use strict';
 // BAD: Promise.all inside a transaction on one session. The statements of
-// one transaction race each other on separate connections: the first carries
-// startTransaction, the others may reach the server before it (NoSuchTransaction)
-// or run concurrently with it. "ok" means two statements of the transaction
-// were in flight together under one lsid; driver errors are recorded.
+// one transaction race each other on separate connections. mongodb 6: the
+// first carries startTransaction, the others may reach the server before it
+// (NoSuchTransaction) or run concurrently with it. mongodb 7: every statement
+// sent before the first reply carries startTransaction; the server refuses
+// all but the first (ConflictingOperationInProgress, 117) and the commit then
+// commits what is left. "ok" means two statements of the transaction were in
+// flight together under one lsid; driver errors are recorded.
 const { runScenario } = require('../lib/harness');
 
 const STATEMENTS = 4;
