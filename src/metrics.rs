@@ -1079,6 +1079,11 @@ mod tests {
         let frame = encode(5, 0, MsgFlags(0), delete.as_bytes());
         let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
         engine.request(1, 5, &Message::Msg(msg));
+        // A destroy counts once the server confirms the delete.
+        let answer = bson::rawdoc! { "n": 1, "ok": 1.0 };
+        let frame = encode(6, 5, MsgFlags(0), answer.as_bytes());
+        let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+        engine.reply(1, 5, &Message::Msg(msg));
         let text = metrics.render();
         assert_eq!(
             value_of(

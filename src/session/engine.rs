@@ -1173,8 +1173,9 @@ impl SessionEngine {
             command = command.as_str(),
             code,
             code_name = refusal.as_str(),
-            "the upstream refused {command}: {means}. Nothing changes: {effect}{then}. Later refusals of {command} \
-             on this upstream are only counted (sessionguard_session_commands_refused_total)",
+            "the upstream refused {command} ({code_name}): {means}; nothing changes — {effect}{then}. Later \
+             refusals of {command} on this upstream are only counted (sessionguard_session_commands_refused_total)",
+            code_name = refusal.as_str(),
             command = command.as_str(),
             means = refusal.means(),
             effect = command.refused_means(),

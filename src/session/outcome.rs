@@ -84,7 +84,7 @@ impl SessionCommand {
             | SessionCommand::KillSessions
             | SessionCommand::KillAllSessions
             | SessionCommand::KillAllSessionsByPattern => {
-                "the sessions it names are not ended: sessionguard keeps following them, and using them \
+                "the sessions it names are not ended, sessionguard keeps following them, and using them \
                  afterwards is not use-after-end"
             }
             SessionCommand::RefreshSessions => "the sessions it names keep their last refresh time",
