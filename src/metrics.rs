@@ -752,14 +752,31 @@ fn session_families(
     let retries = IntCounterVec::new(
         Opts::new(
             "sessionguard_retries_total",
-            "Driver retries recognised, by command (series appear with the first): a request repeating one \
-             whose connection closed before its reply, a retryable write resent with the same lsid, txnNumber \
-             and statements, or an identical request that overlapped one whose connection then failed.",
+            "Driver retries recognised, by command (the retryable reads and writes always have a series, \
+             other commands from their first retry): a request repeating one whose connection closed before \
+             its reply, a retryable write resent with the same lsid, txnNumber and statements, or an identical \
+             request that overlapped one whose connection then failed.",
         ),
         &["command"],
     )?;
+    // The commands drivers retry (retryable-reads and retryable-writes
+    // specs) always have a series, so a dashboard or alert on them has a
+    // zero to start from; any other command appears with its first retry.
+    const RETRYABLE: [&str; 11] = [
+        "find",
+        "insert",
+        "update",
+        "delete",
+        "aggregate",
+        "findAndModify",
+        "count",
+        "distinct",
+        "bulkWrite",
+        "commitTransaction",
+        "abortTransaction",
+    ];
     for (label, count) in COMMAND_LABELS.iter().zip(stats.retries.0) {
-        if count > 0 {
+        if count > 0 || RETRYABLE.contains(label) {
             retries.with_label_values(&[label]).inc_by(count);
         }
     }
@@ -1022,9 +1039,14 @@ mod tests {
         ] {
             assert_eq!(value_of(&text, series), Some(0.0), "{series}");
         }
+        assert_eq!(
+            value_of(&text, "sessionguard_retries_total{command=\"insert\"}"),
+            Some(0.0),
+            "the retryable commands start at zero"
+        );
         assert!(
-            !text.contains("sessionguard_retries_total{"),
-            "retries appear with the first"
+            !text.contains("sessionguard_retries_total{command=\"ping\"}"),
+            "other commands appear with their first retry"
         );
         assert_eq!(
             value_of(
