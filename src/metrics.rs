@@ -25,7 +25,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::proxy::inspect::CloseCause;
 use crate::session::config::ResolvedRules;
+use crate::session::outcome::{Refusal, SessionCommand};
 use crate::session::{RuleId, SessionEngine};
 use crate::wire::OpCode;
 
@@ -711,6 +713,89 @@ fn session_families(
     }
     out.push(Box::new(transactions));
 
+    let abandoned = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_in_flight_abandoned_total",
+            "Session requests still awaiting their reply when their connection closed, by why it closed: \
+             client_closed and client_reset are the client's doing (closed-with-requests-in-flight judges those); \
+             every other reason (upstream_closed, upstream_error, malformed or stalled frames, drained, shutdown) \
+             is not client misuse and is only counted here.",
+        ),
+        &["reason"],
+    )?;
+    for cause in CloseCause::ALL {
+        abandoned
+            .with_label_values(&[cause.as_str()])
+            .inc_by(stats.in_flight_abandoned[cause.index()]);
+    }
+    out.push(Box::new(abandoned));
+
+    let refused = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_session_commands_refused_total",
+            "Session commands the upstream answered with anything but ok:1 (endSessions, killSessions, \
+             killAllSessions, killAllSessionsByPattern, refreshSessions — the application's and the refresher's — \
+             and killCursors), by command and refusal (Unauthorized, CommandNotFound, CommandNotSupported, \
+             AtlasError, other). A refused command changes nothing sessionguard tracks.",
+        ),
+        &["command", "code_name"],
+    )?;
+    for command in SessionCommand::ALL {
+        for refusal in Refusal::ALL {
+            refused
+                .with_label_values(&[command.as_str(), refusal.as_str()])
+                .inc_by(stats.commands_refused[command.index()][refusal.index()]);
+        }
+    }
+    out.push(Box::new(refused));
+
+    let retries = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_retries_total",
+            "Driver retries recognised, by command (the retryable reads and writes always have a series, \
+             other commands from their first retry): a request repeating one whose connection closed before \
+             its reply, a retryable write resent with the same lsid, txnNumber and statements, or an identical \
+             request that overlapped one whose connection then failed.",
+        ),
+        &["command"],
+    )?;
+    // The commands drivers retry (retryable-reads and retryable-writes
+    // specs) always have a series, so a dashboard or alert on them has a
+    // zero to start from; any other command appears with its first retry.
+    const RETRYABLE: [&str; 11] = [
+        "find",
+        "insert",
+        "update",
+        "delete",
+        "aggregate",
+        "findAndModify",
+        "count",
+        "distinct",
+        "bulkWrite",
+        "commitTransaction",
+        "abortTransaction",
+    ];
+    for (label, count) in COMMAND_LABELS.iter().zip(stats.retries.0) {
+        if count > 0 || RETRYABLE.contains(label) {
+            retries.with_label_values(&[label]).inc_by(count);
+        }
+    }
+    out.push(Box::new(retries));
+
+    let pending = IntGauge::new(
+        "sessionguard_retry_verdicts_pending",
+        "Identical requests on one session waiting for the first one's outcome (retry if its connection \
+         fails without its reply, concurrent use if its reply is delivered).",
+    )?;
+    pending.set(as_i64(stats.retry_verdicts_pending));
+    out.push(Box::new(pending));
+    let unjudged = IntCounter::new(
+        "sessionguard_retry_verdicts_unjudged_total",
+        "Identical overlapping requests left unjudged (silent) because too many verdicts were waiting.",
+    )?;
+    unjudged.inc_by(stats.retry_verdicts_unjudged);
+    out.push(Box::new(unjudged));
+
     let evicted = IntCounterVec::new(
         Opts::new(
             "sessionguard_sessions_evicted_total",
@@ -945,9 +1030,24 @@ mod tests {
             "sessionguard_transactions_total{outcome=\"committed\"}",
             "sessionguard_transactions_total{outcome=\"aborted\"}",
             "sessionguard_transactions_left_open_total",
+            "sessionguard_in_flight_abandoned_total{reason=\"client_closed\"}",
+            "sessionguard_in_flight_abandoned_total{reason=\"upstream_closed\"}",
+            "sessionguard_session_commands_refused_total{code_name=\"AtlasError\",command=\"killAllSessions\"}",
+            "sessionguard_session_commands_refused_total{code_name=\"other\",command=\"refreshSessions\"}",
+            "sessionguard_retry_verdicts_pending",
+            "sessionguard_retry_verdicts_unjudged_total",
         ] {
             assert_eq!(value_of(&text, series), Some(0.0), "{series}");
         }
+        assert_eq!(
+            value_of(&text, "sessionguard_retries_total{command=\"insert\"}"),
+            Some(0.0),
+            "the retryable commands start at zero"
+        );
+        assert!(
+            !text.contains("sessionguard_retries_total{command=\"ping\"}"),
+            "other commands appear with their first retry"
+        );
         assert_eq!(
             value_of(
                 &text,
@@ -1001,6 +1101,11 @@ mod tests {
         let frame = encode(5, 0, MsgFlags(0), delete.as_bytes());
         let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
         engine.request(1, 5, &Message::Msg(msg));
+        // A destroy counts once the server confirms the delete.
+        let answer = bson::rawdoc! { "n": 1, "ok": 1.0 };
+        let frame = encode(6, 5, MsgFlags(0), answer.as_bytes());
+        let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+        engine.reply(1, 5, &Message::Msg(msg));
         let text = metrics.render();
         assert_eq!(
             value_of(

@@ -602,6 +602,7 @@ mod tests {
             severity: rule.default_severity(),
             action: Action::Log,
             rejected: false,
+            unconfirmed: false,
             lsid: "6c1f1d9e-0000-4000-8000-000000000001".into(),
             lsid_short: "6c1f1d9e".into(),
             owner: None,

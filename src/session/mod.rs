@@ -13,6 +13,8 @@
 //! - [`intern`]: small ids for names and client identities.
 //! - [`store`]: web-session stores (`[stores]`): store documents by `_id`
 //!   and `store-session-resurrected`.
+//! - [`outcome`]: what waits on the server's reply: session commands and
+//!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
 //! - [`engine`]: `SessionEngine`, the synchronous API the connection tasks call.
 //! - [`inspector`]: `SessionEngine` as the proxy's `Inspector`.
 //! - [`refresher`]: the background task that refreshes held sessions and
@@ -26,6 +28,7 @@ pub mod engine;
 pub mod inspector;
 pub mod intern;
 pub mod ledger;
+pub mod outcome;
 pub mod refresher;
 pub mod rules;
 pub mod slab_map;
