@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 from pymongo import AsyncMongoClient, MongoClient, monitoring
 from pymongo.errors import AutoReconnect
@@ -261,6 +262,36 @@ def step_down(operator, secs=1):
     before = primary_of(operator)
     operator.admin.command({"replSetStepDown": secs, "force": True})
     return before, primary_of(operator)
+
+
+def step_down_under(operator, tracker, app, command):
+    """A failover under load: holds the application's next `command` on the
+    primary (`blockConnection`, restricted to appName `app`), waits until the
+    driver has sent it, steps the primary down — which cuts the held command
+    and whatever else is in flight — and turns the fail point off. Returns
+    step_down's (primary before, primary after)."""
+    since = tracker.started_count()
+    fail_point(operator, {"times": 1}, {"failCommands": [command], "appName": app, "blockConnection": True, "blockTimeMS": 5000})
+    tracker.wait_for(lambda c: c["name"] == command, since=since)
+    primaries = step_down(operator)
+    fail_point(operator, "off")
+    return primaries
+
+
+def run_workers(count, worker, when_ready, wait_timeout=30):
+    """Runs worker(w, ready) for w in 0..count-1 on threads; once a worker
+    sets the threading.Event `ready`, calls when_ready() on this thread, and
+    returns its result when every worker has finished (a worker's exception
+    is raised here)."""
+    ready = threading.Event()
+    with ThreadPoolExecutor(count) as pool:
+        work = [pool.submit(worker, w, ready) for w in range(count)]
+        if not ready.wait(wait_timeout):
+            raise TimeoutError("the workers did not reach the point to act at")
+        result = when_ready()
+        for done in work:
+            done.result()
+    return result
 
 
 def retried_writes(tracker, name):

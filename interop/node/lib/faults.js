@@ -50,6 +50,31 @@ async function stepDown(operator, secs = 1) {
 }
 
 /**
+ * A failover under load: holds the application's next `commandName` on the
+ * primary (`blockConnection`, restricted to `appName`), waits until the
+ * driver has sent it, steps the primary down — which cuts the held command
+ * and whatever else is in flight — and turns the fail point off. Resolves
+ * with stepDown's {before, after}.
+ */
+async function stepDownUnder(operator, tracker, appName, commandName) {
+  const since = tracker.started.length;
+  await failPoint(operator, { times: 1 }, { failCommands: [commandName], appName, blockConnection: true, blockTimeMS: 5000 });
+  await tracker.waitFor((c) => c.name === commandName && tracker.started.indexOf(c) >= since);
+  const primaries = await stepDown(operator);
+  await failPoint(operator, 'off');
+  return primaries;
+}
+
+/**
+ * Runs `worker(w)` for w in 0..count-1 at once; resolves when all are done.
+ * A worker's error is handed to `onError` (recorded, not thrown), so that
+ * the run goes on to check what was stored.
+ */
+function runWorkers(count, worker, onError) {
+  return Promise.all(Array.from({ length: count }, (_, w) => worker(w).catch(onError)));
+}
+
+/**
  * Writes the driver sent more than once with the same lsid and txnNumber
  * (a retryable write's retry, from the driver's command monitoring): the
  * number of such (lsid, txnNumber) pairs for `commandName`.
@@ -64,4 +89,4 @@ function retriedWrites(tracker, commandName) {
   return [...sent.values()].filter((n) => n > 1).length;
 }
 
-module.exports = { failPoint, primaryOf, stepDown, retriedWrites };
+module.exports = { failPoint, primaryOf, stepDown, stepDownUnder, runWorkers, retriedWrites };

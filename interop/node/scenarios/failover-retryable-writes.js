@@ -24,7 +24,7 @@
 // error other than those network errors, the primary changed, at least one
 // write retried (by the driver or the application), no lsid in flight twice.
 const { runScenario, driver } = require('../lib/harness');
-const { failPoint, stepDown, retriedWrites } = require('../lib/faults');
+const { stepDownUnder, runWorkers, retriedWrites } = require('../lib/faults');
 
 const APP = 'interop-failover-writes';
 const WORKERS = 4;
@@ -80,23 +80,14 @@ runScenario('failover-retryable-writes', async (ctx) => {
       if (done === WORKERS * STEP_DOWN_AFTER) reachedStepDownPoint();
     }
   };
-  const work = Promise.all(
-    Array.from({ length: WORKERS }, (_, w) =>
-      worker(w).catch((err) => {
-        unexpected.push(err);
-        ctx.record(err);
-      })
-    )
-  );
+  const work = runWorkers(WORKERS, worker, (err) => {
+    unexpected.push(err);
+    ctx.record(err);
+  });
 
   await stepDownPoint;
-  // Hold the next insert on the primary, so that the step-down certainly
-  // cuts a write in flight (the held one, at least).
-  const since = tracker.started.length;
-  await failPoint(operator, { times: 1 }, { failCommands: ['insert'], appName: APP, blockConnection: true, blockTimeMS: 5000 });
-  await tracker.waitFor((c) => c.name === 'insert' && tracker.started.indexOf(c) >= since);
-  const primaries = await stepDown(operator);
-  await failPoint(operator, 'off');
+  // An insert is held, so the step-down certainly cuts a write in flight.
+  const primaries = await stepDownUnder(operator, tracker, APP, 'insert');
   await work;
 
   const stored = await docs.find({}).toArray();

@@ -23,7 +23,7 @@
 // application),
 // no lsid in flight twice.
 const { runScenario, driver } = require('../lib/harness');
-const { failPoint, stepDown } = require('../lib/faults');
+const { stepDownUnder, runWorkers } = require('../lib/faults');
 
 const APP = 'interop-failover-txn';
 const WORKERS = 4;
@@ -77,21 +77,14 @@ runScenario('failover-with-transaction', async (ctx) => {
       if (committed === WORKERS * STEP_DOWN_AFTER) reachedStepDownPoint();
     }
   };
-  const work = Promise.all(
-    Array.from({ length: WORKERS }, (_, w) =>
-      worker(w).catch((err) => {
-        unexpected.push(err);
-        ctx.record(err);
-      })
-    )
-  );
+  const work = runWorkers(WORKERS, worker, (err) => {
+    unexpected.push(err);
+    ctx.record(err);
+  });
 
   await stepDownPoint;
-  const since = tracker.started.length;
-  await failPoint(operator, { times: 1 }, { failCommands: ['commitTransaction'], appName: APP, blockConnection: true, blockTimeMS: 5000 });
-  await tracker.waitFor((c) => c.name === 'commitTransaction' && tracker.started.indexOf(c) >= since);
-  const primaries = await stepDown(operator);
-  await failPoint(operator, 'off');
+  // A commit is held, so the step-down certainly cuts one.
+  const primaries = await stepDownUnder(operator, tracker, APP, 'commitTransaction');
   await work;
 
   const stored = await orders.find({}).toArray();

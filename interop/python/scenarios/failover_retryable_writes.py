@@ -16,10 +16,9 @@ flight twice.
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from harness import fail_point, retried_writes, run_scenario, step_down  # noqa: E402
+from harness import retried_writes, run_scenario, run_workers, step_down_under  # noqa: E402
 
 APP = "interop-py-failover-writes"
 WORKERS = 4
@@ -36,9 +35,8 @@ def body(ctx):
 
     acknowledged = [0]
     lock = threading.Lock()
-    step_down_point = threading.Event()
 
-    def worker(w):
+    def worker(w, step_down_point):
         for i in range(WRITES_PER_WORKER):
             db.docs.insert_one({"_id": f"w{w}-{i}", "worker": w, "i": i})
             db.counters.update_one({"_id": f"w{w}"}, {"$inc": {"n": 1}}, upsert=True)
@@ -47,19 +45,9 @@ def body(ctx):
                 if acknowledged[0] == WORKERS * STEP_DOWN_AFTER:
                     step_down_point.set()
 
-    with ThreadPoolExecutor(WORKERS) as pool:
-        work = [pool.submit(worker, w) for w in range(WORKERS)]
-        if not step_down_point.wait(30):
-            raise TimeoutError("the workers did not reach the step-down point")
-        # Hold the next insert on the primary, so that the step-down
-        # certainly cuts a write in flight (the held one, at least).
-        since = tracker.started_count()
-        fail_point(operator, {"times": 1}, {"failCommands": ["insert"], "appName": APP, "blockConnection": True, "blockTimeMS": 5000})
-        tracker.wait_for(lambda c: c["name"] == "insert", since=since)
-        before, after = step_down(operator)
-        fail_point(operator, "off")
-        for done in work:
-            done.result()  # a write error reaching the application raises here
+    # An insert is held, so the step-down certainly cuts a write in flight;
+    # a write error reaching the application raises out of run_workers.
+    before, after = run_workers(WORKERS, worker, lambda: step_down_under(operator, tracker, APP, "insert"))
 
     stored = list(db.docs.find({}))
     ids = {d["_id"] for d in stored}

@@ -15,10 +15,9 @@ least one callback run again, no lsid in flight twice.
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from harness import fail_point, run_scenario, step_down  # noqa: E402
+from harness import run_scenario, run_workers, step_down_under  # noqa: E402
 
 APP = "interop-py-failover-txn"
 WORKERS = 4
@@ -37,7 +36,6 @@ def body(ctx):
 
     lock = threading.Lock()
     counts = {"runs": 0, "committed": 0}
-    step_down_point = threading.Event()
 
     def place_order(w, i):
         def callback(session):
@@ -49,7 +47,7 @@ def body(ctx):
         with client.start_session() as session:
             session.with_transaction(callback)
 
-    def worker(w):
+    def worker(w, step_down_point):
         for i in range(TXNS_PER_WORKER):
             place_order(w, i)
             with lock:
@@ -57,17 +55,8 @@ def body(ctx):
                 if counts["committed"] == WORKERS * STEP_DOWN_AFTER:
                     step_down_point.set()
 
-    with ThreadPoolExecutor(WORKERS) as pool:
-        work = [pool.submit(worker, w) for w in range(WORKERS)]
-        if not step_down_point.wait(30):
-            raise TimeoutError("the threads did not reach the step-down point")
-        since = tracker.started_count()
-        fail_point(operator, {"times": 1}, {"failCommands": ["commitTransaction"], "appName": APP, "blockConnection": True, "blockTimeMS": 5000})
-        tracker.wait_for(lambda c: c["name"] == "commitTransaction", since=since)
-        before, after = step_down(operator)
-        fail_point(operator, "off")
-        for done in work:
-            done.result()
+    # A commit is held, so the step-down certainly cuts one.
+    before, after = run_workers(WORKERS, worker, lambda: step_down_under(operator, tracker, APP, "commitTransaction"))
 
     stored = list(db.orders.find({}))
     ids = {o["_id"] for o in stored}
