@@ -400,10 +400,14 @@ for mode in $MODES; do
     enforce) say "== enforce (a shared sessionguard proxy in enforce mode, refusing deployments)" ;;
     exec) say "== exec (sessionguard exec per scenario; reports checked against expected.json)" ;;
   esac
+  declare -A skipped=()
   for entry in "${SCENARIOS[@]}"; do
     IFS='|' read -r name deployment dir command <<<"$entry"
     selected "$name" || continue
-    runs_in "$deployment" "$mode" || continue
+    if ! runs_in "$deployment" "$mode"; then
+      skipped["$deployment"]=$((${skipped[$deployment]:-0} + 1))
+      continue
+    fi
     command="${command/PYTHON/$PYTHON}"
     # The driver major of a NAME@nodeN scenario (empty for Python).
     node_driver=""
@@ -462,6 +466,10 @@ for mode in $MODES; do
         ;;
     esac
   done
+  for deployment in "${!skipped[@]}"; do
+    say "note: ${skipped[$deployment]} selected $deployment scenario(s) do not run in $mode mode (see Deployments in run.sh)"
+  done
+  unset skipped
 done
 
 # Anything the servers themselves complained about (malformed frames, ...);
