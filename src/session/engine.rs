@@ -204,7 +204,17 @@ pub(crate) struct ConnState {
     /// The application sent session traffic on it (monitoring connections
     /// never do, and may not be authenticated: no refresh goes there).
     pub(crate) carried_sessions: bool,
+    /// Sessions whose transactions sent statements on this connection, most
+    /// recent last, at most `TXN_SESSIONS_PER_CONN` (unallocated on
+    /// connections that carry no transaction). When the upstream side cuts
+    /// the connection, their open transactions' outcome becomes unknown.
+    txn_sessions: Vec<SessionKey>,
 }
+
+/// How many transactional sessions a connection remembers for its close.
+/// Drivers check a connection out per operation, so only sessions whose
+/// transactions interleave on one connection count against it.
+const TXN_SESSIONS_PER_CONN: usize = 64;
 
 impl ConnState {
     pub(crate) fn is_quiet(&self) -> bool {
@@ -463,6 +473,7 @@ impl SessionEngine {
                 injector,
                 refresh_in_progress: false,
                 carried_sessions: false,
+                txn_sessions: Vec::new(),
             },
         );
     }
@@ -991,6 +1002,15 @@ impl SessionEngine {
         };
         conn.pending.push(pending);
         conn.carried_sessions |= inspected.key.is_some();
+        if let Some(key) = inspected.key.filter(|_| facts.in_transaction) {
+            if conn.txn_sessions.last() != Some(&key) {
+                conn.txn_sessions.retain(|known| *known != key);
+                if conn.txn_sessions.len() == TXN_SESSIONS_PER_CONN {
+                    conn.txn_sessions.remove(0);
+                }
+                conn.txn_sessions.push(key);
+            }
+        }
         if let Some(effect) = effect {
             conn.effects.push((facts.request.request_id, effect));
         }
@@ -1389,6 +1409,18 @@ impl SessionEngine {
             }
             if let Some(violation) = found {
                 self.emit(violation, false);
+            }
+        }
+        if !cause.client_went_first() {
+            // A failover, a network cut or the proxy itself ended the
+            // connection: the server may have aborted the transactions it
+            // carried (a step-down does), and the driver, its pool cleared,
+            // fails their commit without sending it and retries with the
+            // next txnNumber. Their outcome is unknown, so that retry must
+            // not read as superseding an open transaction.
+            for key in &state.txn_sessions {
+                self.ledger
+                    .with_existing(key, |session| session.transaction_cut());
             }
         }
         for (_, effect) in state.effects {
@@ -2343,6 +2375,39 @@ pub(crate) mod tests {
         exchange(&engine, 3, 30, &find(5), &ok(), 8);
         assert_eq!(engine.stats().retries.get("find"), 1);
         assert_eq!(rules_fired(&engine), vec![]);
+    }
+
+    #[test]
+    fn a_transaction_cut_by_the_upstream_between_statements_is_not_superseded_by_the_retry() {
+        // A step-down (or a network cut) closes the idle connection that
+        // carried a transaction's answered statements before the commit is
+        // sent; the driver then fails the commit without sending it and the
+        // application retries with the next txnNumber on the same session.
+        for (cause, expected) in [
+            (CloseCause::UpstreamClosed, vec![]),
+            (CloseCause::UpstreamError, vec![]),
+            (CloseCause::Drained, vec![]),
+            // The client closing its own connection with a transaction left
+            // open is its own doing: the next transaction supersedes it.
+            (CloseCause::ClientClosed, vec![RuleId::TxnSuperseded]),
+        ] {
+            let engine = engine();
+            connect(&engine, 1, PEER, "web");
+            exchange(&engine, 1, 10, &txn_insert(4, 7, true), &ok(), 0);
+            exchange(&engine, 1, 11, &txn_insert(4, 7, false), &ok(), 1);
+            engine.close_at(1, cause, 2);
+            connect(&engine, 2, PEER, "web");
+            exchange(&engine, 2, 20, &txn_insert(4, 8, true), &ok(), 3);
+            exchange(
+                &engine,
+                2,
+                21,
+                &txn_command("commitTransaction", 4, 8),
+                &ok(),
+                4,
+            );
+            assert_eq!(rules_fired(&engine), expected, "{cause:?}");
+        }
     }
 
     #[test]

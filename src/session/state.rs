@@ -712,13 +712,21 @@ impl SessionState {
         let Some(number) = entry.request.txn_number else {
             return suspected;
         };
+        if self.txn.as_deref().is_some_and(|txn| txn.number == number) {
+            self.transaction_cut();
+        }
+        suspected
+    }
+
+    /// A connection that carried statements of this session's transaction
+    /// was cut by the upstream side: an open transaction's outcome is now
+    /// unknown (the driver will abort or retry the whole transaction).
+    pub fn transaction_cut(&mut self) {
         if let Some(txn) = self.txn.as_deref_mut() {
-            if txn.number == number && matches!(txn.phase, TxnPhase::Open | TxnPhase::LikelyAborted)
-            {
+            if matches!(txn.phase, TxnPhase::Open | TxnPhase::LikelyAborted) {
                 txn.phase = TxnPhase::Uncertain;
             }
         }
-        suspected
     }
 
     /// Whether `request` repeats the request last cut off by its
