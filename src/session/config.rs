@@ -1,12 +1,16 @@
 //! Configuration of the session engine: the `[sessions]` table (mode,
 //! refresher, ledger bounds, time limits) and the `[rules.<rule-id>]` tables
 //! (enabled, severity, action), their documented defaults, validation whose
-//! errors name the key, and their resolution into the per-rule settings the
-//! engine uses. `src/config.rs` embeds these types; nothing here does I/O.
+//! errors name the key, their resolution into the per-rule settings the
+//! engine uses, and `LiveRules`, the holder a reload swaps those settings in
+//! (whole, atomically, without a lock on the request path).
+//! `src/config.rs` embeds these types; nothing here does I/O.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use super::violation::{Action, RuleId, Severity};
@@ -30,12 +34,23 @@ pub const DEFAULT_SERVER_SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60
 
 /// `observe` reports; `enforce` also rejects requests that break an
 /// error-severity rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Report misuse, reject only what a rule's own `action` says.
     #[default]
     Observe,
+    /// Also reject requests that break an error-severity rule.
     Enforce,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Observe => "observe",
+            Mode::Enforce => "enforce",
+        }
+    }
 }
 
 /// Which sessions the refresher keeps alive.
@@ -179,6 +194,7 @@ pub struct RuleSettings {
 /// was not set explicitly).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedRules {
+    mode: Mode,
     settings: [RuleSettings; RuleId::COUNT],
 }
 
@@ -197,7 +213,12 @@ impl ResolvedRules {
                 action,
             }
         });
-        ResolvedRules { settings }
+        ResolvedRules { mode, settings }
+    }
+
+    /// The mode these settings were resolved under.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     pub fn get(&self, rule: RuleId) -> RuleSettings {
@@ -206,6 +227,84 @@ impl ResolvedRules {
 
     pub fn enabled(&self, rule: RuleId) -> bool {
         self.settings[rule.index()].enabled
+    }
+
+    /// What differs in `new`, one `key: old -> new` per effective setting
+    /// (`sessions.mode`, `rules.<id>.enabled|severity|action`), in rule
+    /// order. A mode change lists the actions it turned on or off too: the
+    /// operator sees what will actually be rejected.
+    pub fn changes(&self, new: &ResolvedRules) -> Vec<String> {
+        let mut changes = Vec::new();
+        if self.mode != new.mode {
+            changes.push(format!(
+                "sessions.mode: {} -> {}",
+                self.mode.as_str(),
+                new.mode.as_str()
+            ));
+        }
+        for rule in RuleId::ALL {
+            let (old, new) = (self.get(rule), new.get(rule));
+            if old.enabled != new.enabled {
+                changes.push(format!(
+                    "rules.{rule}.enabled: {} -> {}",
+                    old.enabled, new.enabled
+                ));
+            }
+            if old.severity != new.severity {
+                changes.push(format!(
+                    "rules.{rule}.severity: {} -> {}",
+                    old.severity.as_str(),
+                    new.severity.as_str()
+                ));
+            }
+            if old.action != new.action {
+                changes.push(format!(
+                    "rules.{rule}.action: {} -> {}",
+                    old.action.as_str(),
+                    new.action.as_str()
+                ));
+            }
+        }
+        changes
+    }
+}
+
+/// The rule settings in force, replaced whole by a reload. Readers take one
+/// snapshot per request (`load`: no lock, no shared-counter write — an
+/// `arc-swap` load touches only a per-thread slot), so a request is judged
+/// by one consistent set of settings even while a reload swaps them, and a
+/// reload never waits for requests.
+#[derive(Debug)]
+pub struct LiveRules(ArcSwap<ResolvedRules>);
+
+impl LiveRules {
+    pub fn new(rules: ResolvedRules) -> LiveRules {
+        LiveRules(ArcSwap::from_pointee(rules))
+    }
+
+    /// A snapshot for the duration of one request (or reply, close, sweep).
+    pub fn load(&self) -> arc_swap::Guard<Arc<ResolvedRules>> {
+        self.0.load()
+    }
+
+    /// A snapshot to keep (metrics, reports).
+    pub fn load_full(&self) -> Arc<ResolvedRules> {
+        self.0.load_full()
+    }
+
+    /// Puts `rules` in force for every later `load`.
+    pub fn store(&self, rules: ResolvedRules) {
+        self.0.store(Arc::new(rules));
+    }
+
+    /// One rule's settings, for code that reads a single one.
+    pub fn get(&self, rule: RuleId) -> RuleSettings {
+        self.0.load().get(rule)
+    }
+
+    /// Whether `rule` is enabled, for code that reads a single setting.
+    pub fn enabled(&self, rule: RuleId) -> bool {
+        self.0.load().enabled(rule)
     }
 }
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::command::{auth_user, AuthUser, Handshake, KillPattern, Lsid, ReplyView, RequestView};
 use crate::wire::Message;
 
+use super::config::{LiveRules, ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
 use super::config::{RefreshPolicy, RulesConfig};
-use super::config::{ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
 use super::intern::{normalize_ip, ClientIdentity, FastDashMap, Tables, DEFAULT_INTERN_LIMIT};
 use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
 use super::rules::{self, CursorEvent, EndEvent, Names, RequestEvent, RuleContext};
@@ -180,8 +180,12 @@ struct ViolationLog {
 }
 
 pub struct SessionEngine {
+    /// As started: a reload changes only `rules` and `transaction_max_open`.
     pub(crate) config: SessionConfig,
-    rules: ResolvedRules,
+    /// Mode and per-rule settings; a reload swaps them (`reconfigure`).
+    rules: LiveRules,
+    /// `sessions.transaction_max_open` in ms (a reload may change it).
+    transaction_max_open: AtomicU64,
     pub(crate) ledger: SessionLedger,
     pub(crate) tables: Tables,
     pub(crate) conns: FastDashMap<u64, ConnState>,
@@ -269,7 +273,8 @@ impl SessionEngine {
     pub fn new(config: &SessionConfig, rules: &RulesConfig) -> SessionEngine {
         SessionEngine {
             config: config.clone(),
-            rules: ResolvedRules::resolve(config.mode, rules),
+            rules: LiveRules::new(ResolvedRules::resolve(config.mode, rules)),
+            transaction_max_open: AtomicU64::new(millis(config.transaction_max_open)),
             ledger: SessionLedger::new(config.max_sessions),
             tables: Tables::new(DEFAULT_INTERN_LIMIT),
             conns: FastDashMap::default(),
@@ -331,11 +336,28 @@ impl SessionEngine {
         self.config.refresh
     }
 
+    /// Puts the live part of a reloaded configuration in force: the mode,
+    /// every `[rules.<id>]` setting and `sessions.transaction_max_open`.
+    /// Requests already being judged finish under the settings they
+    /// started with; the ledger, connections and counters are untouched.
+    /// `sessions` and `rules` must be validated.
+    pub fn reconfigure(&self, sessions: &SessionConfig, rules: &RulesConfig) {
+        self.transaction_max_open
+            .store(millis(sessions.transaction_max_open), Ordering::Relaxed);
+        self.rules
+            .store(ResolvedRules::resolve(sessions.mode, rules));
+    }
+
+    /// The mode and rule settings in force now.
+    pub fn rules(&self) -> Arc<ResolvedRules> {
+        self.rules.load_full()
+    }
+
     fn context(&self, now: Millis) -> RuleContext<'_> {
         RuleContext {
             now,
             session_timeout: millis(self.session_timeout()),
-            transaction_max_open: millis(self.config.transaction_max_open),
+            transaction_max_open: self.transaction_max_open.load(Ordering::Relaxed),
             names: self,
         }
     }
@@ -480,12 +502,14 @@ impl SessionEngine {
         self.requests_inspected.fetch_add(1, Ordering::Relaxed);
         let inspected = self.inspect(conn, request_id, view, now);
         let ctx = self.context(now);
+        // One snapshot per request: a reload mid-request cannot mix settings.
+        let rules = self.rules.load();
         let mut found: Vec<Violation> = Vec::new();
 
         // Read-only checks first: nothing changes until the verdict is known.
         let cursor_event = self.cursor_event(&inspected);
         if let Some(event) = &cursor_event {
-            if self.rules.enabled(RuleId::CursorSessionMismatch) {
+            if rules.enabled(RuleId::CursorSessionMismatch) {
                 found.extend(rules::cursor_session_mismatch(event, &ctx));
             }
         }
@@ -495,7 +519,7 @@ impl SessionEngine {
             _ => None,
         };
         if let Some(kind) = end_kind {
-            if self.rules.enabled(RuleId::EndWhileInFlight) {
+            if rules.enabled(RuleId::EndWhileInFlight) {
                 for &lsid in &inspected.targets.sessions {
                     let event = EndEvent {
                         key: SessionKey {
@@ -517,7 +541,7 @@ impl SessionEngine {
         // Web-session stores: a resurrecting write is judged before anything
         // changes, like every rule (enforce rejects it).
         let store_ops = self.stores.classify(&inspected.view);
-        if !store_ops.is_empty() && self.rules.enabled(RuleId::StoreSessionResurrected) {
+        if !store_ops.is_empty() && rules.enabled(RuleId::StoreSessionResurrected) {
             if let Some(resurrection) = self.stores.check(&store_ops, &inspected.facts.request) {
                 let key = inspected.key.unwrap_or(SessionKey {
                     lsid: Default::default(),
@@ -536,11 +560,11 @@ impl SessionEngine {
                 facts: inspected.facts,
             };
             rejected = self.ledger.with_session(key, now, |state| {
-                self.session_rules(&event, state, &ctx, &mut found);
+                self.session_rules(&rules, &event, state, &ctx, &mut found);
                 let reject = can_reply
                     && found
                         .iter()
-                        .any(|v| self.rules.get(v.rule).action == Action::Reject);
+                        .any(|v| rules.get(v.rule).action == Action::Reject);
                 if !reject {
                     self.record_request(state, &event, &found, &ctx);
                 }
@@ -549,7 +573,7 @@ impl SessionEngine {
         } else if can_reply {
             rejected = found
                 .iter()
-                .any(|v| self.rules.get(v.rule).action == Action::Reject);
+                .any(|v| rules.get(v.rule).action == Action::Reject);
         }
 
         if !rejected {
@@ -561,14 +585,14 @@ impl SessionEngine {
             self.requests_rejected.fetch_add(1, Ordering::Relaxed);
             let first = found
                 .iter()
-                .filter(|v| self.rules.get(v.rule).action == Action::Reject)
-                .max_by_key(|v| self.rules.get(v.rule).severity);
+                .filter(|v| rules.get(v.rule).action == Action::Reject)
+                .max_by_key(|v| rules.get(v.rule).severity);
             first.map(|v| self.reject_reply(v))
         } else {
             None
         };
         for violation in found {
-            let settings = self.rules.get(violation.rule);
+            let settings = rules.get(violation.rule);
             self.emit(violation, rejected && settings.action == Action::Reject);
         }
         match reply {
@@ -661,6 +685,7 @@ impl SessionEngine {
 
     fn session_rules(
         &self,
+        rules: &ResolvedRules,
         event: &RequestEvent,
         state: &super::state::SessionState,
         ctx: &RuleContext<'_>,
@@ -683,7 +708,7 @@ impl SessionEngine {
             (RuleId::IdleExpiredReuse, rules::idle_expired_reuse),
         ];
         for (rule, check) in RULES {
-            if self.rules.enabled(rule) {
+            if rules.enabled(rule) {
                 // Not `extend`: moving each (almost always empty) Option
                 // through an iterator copied the whole Violation nine
                 // times per request.
