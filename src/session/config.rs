@@ -3,14 +3,14 @@
 //! (enabled, severity, action), their documented defaults, validation whose
 //! errors name the key, their resolution into the per-rule settings the
 //! engine uses, and `LiveRules`, the holder a reload swaps those settings in
-//! (whole, atomically, without a lock on the request path).
+//! (whole, consistently, with no lock and no shared write on the request path).
 //! `src/config.rs` embeds these types; nothing here does I/O.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use super::violation::{Action, RuleId, Severity};
@@ -189,18 +189,64 @@ pub struct RuleSettings {
     pub action: Action,
 }
 
+impl RuleSettings {
+    /// One byte: bit 0 enabled, bits 1-2 severity, bit 3 action.
+    fn pack(self) -> u8 {
+        let severity = match self.severity {
+            Severity::Info => 0,
+            Severity::Warning => 1,
+            Severity::Error => 2,
+        };
+        let action = match self.action {
+            Action::Log => 0,
+            Action::Reject => 1,
+        };
+        u8::from(self.enabled) | severity << 1 | action << 3
+    }
+
+    fn unpack(byte: u8) -> RuleSettings {
+        RuleSettings {
+            enabled: byte & 1 != 0,
+            severity: match (byte >> 1) & 3 {
+                0 => Severity::Info,
+                1 => Severity::Warning,
+                _ => Severity::Error,
+            },
+            action: if byte & 8 != 0 {
+                Action::Reject
+            } else {
+                Action::Log
+            },
+        }
+    }
+}
+
 /// Every rule's effective settings: defaults, then `[rules.<id>]`, then the
 /// mode (`enforce` turns `reject` on for error-severity rules whose action
-/// was not set explicitly).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// was not set explicitly). A byte per rule and `Copy`, so the engine takes
+/// its own copy per request out of `LiveRules`.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct ResolvedRules {
     mode: Mode,
-    settings: [RuleSettings; RuleId::COUNT],
+    /// `RuleSettings::pack` of each rule, by `RuleId::index`.
+    packed: [u8; RuleId::COUNT],
+}
+
+impl std::fmt::Debug for ResolvedRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedRules")
+            .field("mode", &self.mode)
+            .field(
+                "rules",
+                &RuleId::ALL.map(|rule| (rule.as_str(), self.get(rule))),
+            )
+            .finish()
+    }
 }
 
 impl ResolvedRules {
     pub fn resolve(mode: Mode, rules: &RulesConfig) -> ResolvedRules {
-        let settings = RuleId::ALL.map(|rule| {
+        let packed = RuleId::ALL.map(|rule| {
             let overrides = rules.get(rule).cloned().unwrap_or_default();
             let severity = overrides.severity.unwrap_or(rule.default_severity());
             let action = overrides.action.unwrap_or(match (mode, severity) {
@@ -212,8 +258,9 @@ impl ResolvedRules {
                 severity,
                 action,
             }
+            .pack()
         });
-        ResolvedRules { mode, settings }
+        ResolvedRules { mode, packed }
     }
 
     /// The mode these settings were resolved under.
@@ -222,11 +269,11 @@ impl ResolvedRules {
     }
 
     pub fn get(&self, rule: RuleId) -> RuleSettings {
-        self.settings[rule.index()]
+        RuleSettings::unpack(self.packed[rule.index()])
     }
 
     pub fn enabled(&self, rule: RuleId) -> bool {
-        self.settings[rule.index()].enabled
+        self.packed[rule.index()] & 1 != 0
     }
 
     /// What differs in `new`, one `key: old -> new` per effective setting
@@ -269,42 +316,116 @@ impl ResolvedRules {
     }
 }
 
-/// The rule settings in force, replaced whole by a reload. Readers take one
-/// snapshot per request (`load`: no lock, no shared-counter write — an
-/// `arc-swap` load touches only a per-thread slot), so a request is judged
-/// by one consistent set of settings even while a reload swaps them, and a
-/// reload never waits for requests.
-#[derive(Debug)]
-pub struct LiveRules(ArcSwap<ResolvedRules>);
+/// `ResolvedRules` as 64-bit words: the mode in byte 0, then one byte per rule.
+const LIVE_WORDS: usize = (RuleId::COUNT + 1).div_ceil(8);
+
+/// The rule settings in force, replaced whole by a reload.
+///
+/// A sequence lock over a few atomic words: a reader copies the words and
+/// keeps the copy only if no store ran meanwhile (the sequence number was
+/// even and unchanged), so each request is judged by one consistent set of
+/// settings even while a reload swaps them. Reading writes nothing shared
+/// and takes no lock (a few plain loads on x86, about as cheap as reading a
+/// field; an `Arc` behind `arc-swap` measured ~20 ns per load, several
+/// percent of a round trip); a reload (rare, a few stores) never waits for
+/// requests.
+pub struct LiveRules {
+    /// Even: stable. Odd: a store is in progress.
+    seq: AtomicU64,
+    words: [AtomicU64; LIVE_WORDS],
+    /// Serialises stores (readers never take it).
+    writer: Mutex<()>,
+}
 
 impl LiveRules {
     pub fn new(rules: ResolvedRules) -> LiveRules {
-        LiveRules(ArcSwap::from_pointee(rules))
+        let words = LiveRules::to_words(&rules);
+        LiveRules {
+            seq: AtomicU64::new(0),
+            words: std::array::from_fn(|i| AtomicU64::new(words[i])),
+            writer: Mutex::new(()),
+        }
     }
 
-    /// A snapshot for the duration of one request (or reply, close, sweep).
-    pub fn load(&self) -> arc_swap::Guard<Arc<ResolvedRules>> {
-        self.0.load()
-    }
-
-    /// A snapshot to keep (metrics, reports).
-    pub fn load_full(&self) -> Arc<ResolvedRules> {
-        self.0.load_full()
+    /// A consistent copy, for the duration of one request (or reply, close,
+    /// sweep).
+    pub fn load(&self) -> ResolvedRules {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if before & 1 == 0 {
+                let words: [u64; LIVE_WORDS] =
+                    std::array::from_fn(|i| self.words[i].load(Ordering::Relaxed));
+                // Orders the word loads before the re-check: a word written
+                // by a store that began after `before` makes the check fail.
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == before {
+                    return LiveRules::from_words(words);
+                }
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Puts `rules` in force for every later `load`.
     pub fn store(&self, rules: ResolvedRules) {
-        self.0.store(Arc::new(rules));
+        let _writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let words = LiveRules::to_words(&rules);
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        // Readers that see any word below also see the odd number.
+        fence(Ordering::Release);
+        for (atomic, word) in self.words.iter().zip(words) {
+            atomic.store(word, Ordering::Relaxed);
+        }
+        self.seq.store(seq + 2, Ordering::Release);
     }
 
     /// One rule's settings, for code that reads a single one.
     pub fn get(&self, rule: RuleId) -> RuleSettings {
-        self.0.load().get(rule)
+        self.load().get(rule)
     }
 
     /// Whether `rule` is enabled, for code that reads a single setting.
     pub fn enabled(&self, rule: RuleId) -> bool {
-        self.0.load().enabled(rule)
+        self.load().enabled(rule)
+    }
+
+    fn to_words(rules: &ResolvedRules) -> [u64; LIVE_WORDS] {
+        let mut bytes = [0_u8; LIVE_WORDS * 8];
+        bytes[0] = match rules.mode {
+            Mode::Observe => 0,
+            Mode::Enforce => 1,
+        };
+        bytes[1..=RuleId::COUNT].copy_from_slice(&rules.packed);
+        std::array::from_fn(|i| {
+            u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+        })
+    }
+
+    fn from_words(words: [u64; LIVE_WORDS]) -> ResolvedRules {
+        let mut bytes = [0_u8; LIVE_WORDS * 8];
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        ResolvedRules {
+            mode: if bytes[0] == 1 {
+                Mode::Enforce
+            } else {
+                Mode::Observe
+            },
+            packed: bytes[1..=RuleId::COUNT]
+                .try_into()
+                .expect("one byte per rule"),
+        }
+    }
+}
+
+impl std::fmt::Debug for LiveRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.load().fmt(f)
     }
 }
 
@@ -417,6 +538,94 @@ mod tests {
                 .action,
             Action::Log
         );
+    }
+
+    #[test]
+    fn settings_pack_into_a_byte_and_back() {
+        for enabled in [false, true] {
+            for severity in [Severity::Info, Severity::Warning, Severity::Error] {
+                for action in [Action::Log, Action::Reject] {
+                    let settings = RuleSettings {
+                        enabled,
+                        severity,
+                        action,
+                    };
+                    assert_eq!(RuleSettings::unpack(settings.pack()), settings);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn live_rules_hand_out_what_was_stored_last() {
+        let observe = ResolvedRules::default();
+        let rules = parse(
+            "[rules.txn-left-open]\nenabled = false\n[rules.concurrent-use]\nseverity = \"info\"\n",
+        )
+        .unwrap()
+        .rules;
+        let enforce = ResolvedRules::resolve(Mode::Enforce, &rules);
+        let live = LiveRules::new(observe);
+        assert_eq!(live.load(), observe);
+        live.store(enforce);
+        assert_eq!(live.load(), enforce);
+        assert_eq!(live.load().mode(), Mode::Enforce);
+        assert!(!live.enabled(RuleId::TxnLeftOpen));
+        assert_eq!(live.get(RuleId::UseAfterEnd).action, Action::Reject);
+        assert_eq!(live.get(RuleId::ConcurrentUse).severity, Severity::Info);
+        assert_eq!(
+            observe.changes(&enforce)[..2],
+            [
+                "sessions.mode: observe -> enforce",
+                "rules.concurrent-use.severity: error -> info"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reader_never_sees_half_of_a_store() {
+        // Two settings that differ in every rule and the mode; a torn read
+        // would mix them.
+        let mut all_off = RulesConfig::default();
+        for rule in RuleId::ALL {
+            all_off.rules.insert(
+                rule.as_str().to_string(),
+                RuleOverride {
+                    enabled: Some(false),
+                    severity: Some(Severity::Info),
+                    action: Some(Action::Log),
+                },
+            );
+        }
+        let a = ResolvedRules::resolve(Mode::Observe, &all_off);
+        let mut all_on = RulesConfig::default();
+        for rule in RuleId::ALL {
+            all_on.rules.insert(
+                rule.as_str().to_string(),
+                RuleOverride {
+                    enabled: Some(true),
+                    severity: Some(Severity::Error),
+                    action: Some(Action::Reject),
+                },
+            );
+        }
+        let b = ResolvedRules::resolve(Mode::Enforce, &all_on);
+        let live = LiveRules::new(a);
+        let stores = 20_000;
+        std::thread::scope(|scope| {
+            let live = &live;
+            let reader = scope.spawn(move || {
+                for _ in 0..200_000 {
+                    let got = live.load();
+                    assert!(got == a || got == b, "a torn read: {got:?}");
+                }
+            });
+            for i in 0..stores {
+                live.store(if i % 2 == 0 { b } else { a });
+            }
+            reader.join().unwrap();
+        });
+        assert_eq!(live.load(), a, "the last store wins");
     }
 
     #[test]

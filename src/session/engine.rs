@@ -349,8 +349,8 @@ impl SessionEngine {
     }
 
     /// The mode and rule settings in force now.
-    pub fn rules(&self) -> Arc<ResolvedRules> {
-        self.rules.load_full()
+    pub fn rules(&self) -> ResolvedRules {
+        self.rules.load()
     }
 
     fn context(&self, now: Millis) -> RuleContext<'_> {
