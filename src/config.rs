@@ -46,8 +46,9 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default log verbosity (a `tracing` filter directive).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
-/// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The whole configuration file. (`Serialize` renders it for comparisons,
+/// e.g. what a reload would change; the admin token renders redacted.)
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]

@@ -265,27 +265,26 @@ impl Reloader {
     }
 }
 
-/// The dotted keys outside `LIVE_KEYS` whose value differs, sorted.
+/// The dotted keys outside `LIVE_KEYS` whose value differs, sorted. The
+/// whole configuration is compared, so a table added later is covered
+/// (as needing a restart) without being listed here.
 fn needs_restart(running: &Config, new: &Config) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut table = |name: &str, old: serde_json::Value, new: serde_json::Value| {
-        diff(name, &old, &new, &mut keys);
-    };
-    table("proxy", json(&running.proxy), json(&new.proxy));
-    table("log", json(&running.log), json(&new.log));
-    let sessions = |config: &Config| {
-        let mut value = json(&config.sessions);
-        if let Some(table) = value.as_object_mut() {
-            for key in LIVE_KEYS {
-                if let Some(key) = key.strip_prefix("sessions.") {
-                    table.remove(key);
-                }
+    let restart_only = |config: &Config| {
+        let mut value = json(config);
+        for key in LIVE_KEYS {
+            let mut path: Vec<&str> = key.split('.').collect();
+            let last = path.pop().unwrap_or(key);
+            let table = path
+                .iter()
+                .try_fold(&mut value, |value, name| value.get_mut(*name));
+            if let Some(serde_json::Value::Object(table)) = table {
+                table.remove(last);
             }
         }
         value
     };
-    table("sessions", sessions(running), sessions(new));
-    table("stores", json(&running.stores), json(&new.stores));
+    let mut keys = Vec::new();
+    diff("", &restart_only(running), &restart_only(new), &mut keys);
     // The token renders redacted, so compare it itself.
     if running.proxy.admin_token != new.proxy.admin_token {
         keys.push("proxy.admin_token".to_string());
@@ -309,8 +308,13 @@ fn diff(prefix: &str, old: &serde_json::Value, new: &serde_json::Value, keys: &m
             names.dedup();
             for name in names {
                 let missing = Value::Null;
+                let key = if prefix.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{prefix}.{name}")
+                };
                 diff(
-                    &format!("{prefix}.{name}"),
+                    &key,
                     old.get(name).unwrap_or(&missing),
                     new.get(name).unwrap_or(&missing),
                     keys,
