@@ -155,6 +155,13 @@ async fn metrics(proxy: &ProxyProcess) -> String {
     reply.body
 }
 
+/// Ends the client, then the proxy (SIGTERM: it must exit cleanly).
+async fn stop(session: ClientSession, client: Client, mut proxy: ProxyProcess) {
+    drop(session);
+    client.shutdown().await;
+    proxy.terminate();
+}
+
 fn text_list(value: &serde_json::Value) -> Vec<String> {
     value
         .as_array()
@@ -223,9 +230,7 @@ async fn sighup_turns_a_rule_to_reject_for_the_next_request_on_an_open_connectio
         "{exposition}"
     );
 
-    drop(session);
-    client.shutdown().await;
-    proxy.terminate();
+    stop(session, client, proxy).await;
     emulator.shutdown().await;
 }
 
@@ -284,9 +289,7 @@ async fn post_reload_with_the_token_switches_the_mode() {
     assert_eq!(found.len(), 2, "{found:#?}");
     assert_eq!(found[1]["rejected"], true);
 
-    drop(session);
-    client.shutdown().await;
-    proxy.terminate();
+    stop(session, client, proxy).await;
     emulator.shutdown().await;
 }
 
@@ -352,9 +355,7 @@ async fn a_bad_file_is_refused_naming_the_key_and_the_old_rules_stay() {
     );
     assert!(log_lines(&proxy, "configuration reloaded").is_empty());
 
-    drop(session);
-    client.shutdown().await;
-    proxy.terminate();
+    stop(session, client, proxy).await;
     emulator.shutdown().await;
 }
 
@@ -400,9 +401,7 @@ async fn settings_that_need_a_restart_are_named_and_the_live_part_applies() {
     );
     assert_rejected(use_after_end(&client, &mut session).await);
 
-    drop(session);
-    client.shutdown().await;
-    proxy.terminate();
+    stop(session, client, proxy).await;
     emulator.shutdown().await;
 }
 
@@ -454,9 +453,7 @@ async fn mode_flag_and_environment_override_the_file_and_survive_a_reload() {
         } else {
             outcome.expect("observe");
         }
-        drop(session);
-        client.shutdown().await;
-        proxy.terminate();
+        stop(session, client, proxy).await;
     }
     emulator.shutdown().await;
 }

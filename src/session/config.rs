@@ -586,30 +586,27 @@ mod tests {
     fn a_reader_never_sees_half_of_a_store() {
         // Two settings that differ in every rule and the mode; a torn read
         // would mix them.
-        let mut all_off = RulesConfig::default();
-        for rule in RuleId::ALL {
-            all_off.rules.insert(
-                rule.as_str().to_string(),
-                RuleOverride {
-                    enabled: Some(false),
-                    severity: Some(Severity::Info),
-                    action: Some(Action::Log),
-                },
-            );
-        }
-        let a = ResolvedRules::resolve(Mode::Observe, &all_off);
-        let mut all_on = RulesConfig::default();
-        for rule in RuleId::ALL {
-            all_on.rules.insert(
-                rule.as_str().to_string(),
-                RuleOverride {
-                    enabled: Some(true),
-                    severity: Some(Severity::Error),
-                    action: Some(Action::Reject),
-                },
-            );
-        }
-        let b = ResolvedRules::resolve(Mode::Enforce, &all_on);
+        let every_rule = |enabled, severity, action| RulesConfig {
+            rules: RuleId::ALL
+                .iter()
+                .map(|rule| {
+                    let set = RuleOverride {
+                        enabled: Some(enabled),
+                        severity: Some(severity),
+                        action: Some(action),
+                    };
+                    (rule.as_str().to_string(), set)
+                })
+                .collect(),
+        };
+        let a = ResolvedRules::resolve(
+            Mode::Observe,
+            &every_rule(false, Severity::Info, Action::Log),
+        );
+        let b = ResolvedRules::resolve(
+            Mode::Enforce,
+            &every_rule(true, Severity::Error, Action::Reject),
+        );
         let live = LiveRules::new(a);
         let stores = 20_000;
         std::thread::scope(|scope| {
