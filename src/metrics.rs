@@ -352,15 +352,17 @@ impl Metrics {
         &self.proxy
     }
 
-    /// Adds the session engine's counters (read at scrape time). `rules`
-    /// gives each rule's configured action for the `action` label.
-    pub fn register_session_engine(
-        &self,
-        engine: Arc<SessionEngine>,
-        rules: ResolvedRules,
-    ) -> prometheus::Result<()> {
+    /// Adds the session engine's counters (read at scrape time). Each
+    /// rule's `action` label is the action in force at the scrape (a reload
+    /// may have changed it).
+    pub fn register_session_engine(&self, engine: Arc<SessionEngine>) -> prometheus::Result<()> {
         self.registry
-            .register(Box::new(SessionCollector::new(engine, rules)))
+            .register(Box::new(SessionCollector::new(engine)))
+    }
+
+    /// Adds a collector owned elsewhere (e.g. `crate::reload`'s counters).
+    pub fn register(&self, collector: Box<dyn Collector>) -> prometheus::Result<()> {
+        self.registry.register(collector)
     }
 
     /// Every metric family, sorted by name.
@@ -528,7 +530,6 @@ fn build_proxy_metrics(registry: &Registry) -> prometheus::Result<ProxyMetrics> 
 /// Reads the session engine's counters at scrape time.
 pub struct SessionCollector {
     engine: Arc<SessionEngine>,
-    rules: ResolvedRules,
     descs: Vec<Desc>,
 }
 
@@ -548,22 +549,18 @@ struct EngineSnapshot {
 }
 
 impl SessionCollector {
-    pub fn new(engine: Arc<SessionEngine>, rules: ResolvedRules) -> SessionCollector {
+    pub fn new(engine: Arc<SessionEngine>) -> SessionCollector {
         let template = EngineSnapshot {
             stores: engine.store_stats(),
             ..EngineSnapshot::default()
         };
-        let template =
-            session_families(&template, &rules).expect("session metric definitions are consistent");
+        let template = session_families(&template, &engine.rules())
+            .expect("session metric definitions are consistent");
         let descs = template
             .iter()
             .flat_map(|c| c.desc().into_iter().cloned())
             .collect();
-        SessionCollector {
-            engine,
-            rules,
-            descs,
-        }
+        SessionCollector { engine, descs }
     }
 }
 
@@ -578,7 +575,7 @@ impl Collector for SessionCollector {
             violations: self.engine.violation_counts(),
             stores: self.engine.store_stats(),
         };
-        match session_families(&snapshot, &self.rules) {
+        match session_families(&snapshot, &self.engine.rules()) {
             Ok(collectors) => collectors.iter().flat_map(|c| c.collect()).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot build the session metrics");
@@ -1011,14 +1008,28 @@ mod tests {
         let sessions = SessionConfig::default();
         let rules = RulesConfig::default();
         let engine = Arc::new(SessionEngine::new(&sessions, &rules));
-        metrics
-            .register_session_engine(engine, ResolvedRules::resolve(sessions.mode, &rules))
-            .unwrap();
+        metrics.register_session_engine(engine.clone()).unwrap();
         let text = metrics.render();
         for rule in RuleId::ALL {
             let series = format!("sessionguard_violations_total{{action=\"log\",rule=\"{rule}\"}}");
             assert_eq!(value_of(&text, &series), Some(0.0), "{series}\n{text}");
         }
+        // A reload's settings show at the next scrape.
+        let enforce = SessionConfig {
+            mode: crate::session::Mode::Enforce,
+            ..SessionConfig::default()
+        };
+        engine.reconfigure(&enforce, &rules);
+        let reloaded = metrics.render();
+        assert_eq!(
+            value_of(
+                &reloaded,
+                "sessionguard_violations_total{action=\"reject\",rule=\"use-after-end\"}"
+            ),
+            Some(0.0),
+            "{reloaded}"
+        );
+        engine.reconfigure(&sessions, &rules);
         assert_eq!(value_of(&text, "sessionguard_sessions_tracked"), Some(0.0));
         for series in [
             "sessionguard_sessions_started_total",
@@ -1057,9 +1068,7 @@ mod tests {
         );
         // Registering a second engine would duplicate every name.
         let other = Arc::new(SessionEngine::new(&sessions, &rules));
-        assert!(metrics
-            .register_session_engine(other, ResolvedRules::resolve(sessions.mode, &rules))
-            .is_err());
+        assert!(metrics.register_session_engine(other).is_err());
     }
 
     #[test]
@@ -1074,12 +1083,7 @@ mod tests {
             ..Default::default()
         };
         let engine = Arc::new(SessionEngine::new(&sessions, &rules).with_stores(&stores));
-        metrics
-            .register_session_engine(
-                engine.clone(),
-                ResolvedRules::resolve(sessions.mode, &rules),
-            )
-            .unwrap();
+        metrics.register_session_engine(engine.clone()).unwrap();
         let text = metrics.render();
         for store in ["app.sessions", "web_sessions", "auto"] {
             for event in ["created", "destroyed", "touched", "resurrected"] {

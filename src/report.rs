@@ -445,7 +445,8 @@ pub fn write_proxy_report(
     config: &Config,
     engine: &SessionEngine,
 ) -> std::io::Result<()> {
-    let rules = ResolvedRules::resolve(config.sessions.mode, &config.rules);
+    // The settings in force at shutdown: a reload may have changed them.
+    let rules = engine.rules();
     let info = RunInfo {
         started,
         finished: SystemTime::now(),

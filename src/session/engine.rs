@@ -32,8 +32,8 @@ use crate::metrics::{command_index, COMMAND_LABELS};
 use crate::proxy::inspect::CloseCause;
 use crate::wire::Message;
 
+use super::config::{LiveRules, ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
 use super::config::{RefreshPolicy, RulesConfig};
-use super::config::{ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
 use super::intern::{normalize_ip, ClientIdentity, FastDashMap, Tables, DEFAULT_INTERN_LIMIT};
 use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
 use super::outcome::{
@@ -260,8 +260,12 @@ struct ViolationLog {
 }
 
 pub struct SessionEngine {
+    /// As started: a reload changes only `rules` and `transaction_max_open`.
     pub(crate) config: SessionConfig,
-    rules: ResolvedRules,
+    /// Mode and per-rule settings; a reload swaps them (`reconfigure`).
+    rules: LiveRules,
+    /// `sessions.transaction_max_open` in ms (a reload may change it).
+    transaction_max_open: AtomicU64,
     pub(crate) ledger: SessionLedger,
     pub(crate) tables: Tables,
     pub(crate) conns: FastDashMap<u64, ConnState>,
@@ -354,7 +358,8 @@ impl SessionEngine {
     pub fn new(config: &SessionConfig, rules: &RulesConfig) -> SessionEngine {
         SessionEngine {
             config: config.clone(),
-            rules: ResolvedRules::resolve(config.mode, rules),
+            rules: LiveRules::new(ResolvedRules::resolve(config.mode, rules)),
+            transaction_max_open: AtomicU64::new(millis(config.transaction_max_open)),
             ledger: SessionLedger::new(config.max_sessions),
             tables: Tables::new(DEFAULT_INTERN_LIMIT),
             conns: FastDashMap::default(),
@@ -420,11 +425,28 @@ impl SessionEngine {
         self.config.refresh
     }
 
+    /// Puts the live part of a reloaded configuration in force: the mode,
+    /// every `[rules.<id>]` setting and `sessions.transaction_max_open`.
+    /// Requests already being judged finish under the settings they
+    /// started with; the ledger, connections and counters are untouched.
+    /// `sessions` and `rules` must be validated.
+    pub fn reconfigure(&self, sessions: &SessionConfig, rules: &RulesConfig) {
+        self.transaction_max_open
+            .store(millis(sessions.transaction_max_open), Ordering::Relaxed);
+        self.rules
+            .store(ResolvedRules::resolve(sessions.mode, rules));
+    }
+
+    /// The mode and rule settings in force now.
+    pub fn rules(&self) -> ResolvedRules {
+        self.rules.load()
+    }
+
     fn context(&self, now: Millis) -> RuleContext<'_> {
         RuleContext {
             now,
             session_timeout: millis(self.session_timeout()),
-            transaction_max_open: millis(self.config.transaction_max_open),
+            transaction_max_open: self.transaction_max_open.load(Ordering::Relaxed),
             names: self,
         }
     }
@@ -575,12 +597,14 @@ impl SessionEngine {
         let inspected = self.inspect(conn, request_id, view, now);
         let ctx = self.context(now);
         let can_reply = inspected.facts.expects_reply;
+        // One snapshot per request: a reload mid-request cannot mix settings.
+        let rules = self.rules.load();
         let mut found: Vec<Violation> = Vec::new();
 
         // Read-only checks first: nothing changes until the verdict is known.
         let cursor_event = self.cursor_event(&inspected);
         if let Some(event) = &cursor_event {
-            if self.rules.enabled(RuleId::CursorSessionMismatch) {
+            if rules.enabled(RuleId::CursorSessionMismatch) {
                 found.extend(rules::cursor_session_mismatch(event, &ctx));
             }
         }
@@ -596,7 +620,7 @@ impl SessionEngine {
         // as an unconfirmed warning if the reply never comes).
         let mut ended_in_flight: Vec<Violation> = Vec::new();
         if let Some(kind) = end_kind {
-            if self.rules.enabled(RuleId::EndWhileInFlight) {
+            if rules.enabled(RuleId::EndWhileInFlight) {
                 for &lsid in &inspected.targets.sessions {
                     let event = EndEvent {
                         key: SessionKey {
@@ -613,7 +637,7 @@ impl SessionEngine {
                     }
                 }
             }
-            if can_reply && self.rules.get(RuleId::EndWhileInFlight).action == Action::Reject {
+            if can_reply && rules.get(RuleId::EndWhileInFlight).action == Action::Reject {
                 found.append(&mut ended_in_flight);
             }
         }
@@ -621,7 +645,7 @@ impl SessionEngine {
         // Web-session stores: a resurrecting write is judged before anything
         // changes, like every rule (enforce rejects it).
         let store_ops = self.stores.classify(&inspected.view);
-        if !store_ops.is_empty() && self.rules.enabled(RuleId::StoreSessionResurrected) {
+        if !store_ops.is_empty() && rules.enabled(RuleId::StoreSessionResurrected) {
             if let Some(resurrection) = self.stores.check(&store_ops, &inspected.facts.request) {
                 let key = inspected.key.unwrap_or(SessionKey {
                     lsid: Default::default(),
@@ -641,8 +665,8 @@ impl SessionEngine {
                 facts: inspected.facts,
             };
             rejected = self.ledger.with_session(key, now, |state| {
-                self.session_rules(&event, state, &ctx, &mut found);
-                let reject = can_reply && found.iter().any(|v| self.rejects(v));
+                self.session_rules(&rules, &event, state, &ctx, &mut found);
+                let reject = can_reply && found.iter().any(|v| rejects(&rules, v));
                 if !reject {
                     suspect = self.retry_suspect(&event, state, &found);
                     retried = self.record_request(state, &event, &found, suspect.is_some(), &ctx);
@@ -650,7 +674,7 @@ impl SessionEngine {
                 reject
             });
         } else if can_reply {
-            rejected = found.iter().any(|v| self.rejects(v));
+            rejected = found.iter().any(|v| rejects(&rules, v));
         }
 
         if !rejected {
@@ -668,14 +692,14 @@ impl SessionEngine {
             self.requests_rejected.fetch_add(1, Ordering::Relaxed);
             let first = found
                 .iter()
-                .filter(|v| self.rejects(v))
-                .max_by_key(|v| self.rules.get(v.rule).severity);
+                .filter(|v| rejects(&rules, v))
+                .max_by_key(|v| rules.get(v.rule).severity);
             first.map(|v| self.reject_reply(v))
         } else {
             None
         };
         for violation in found {
-            let rejects = self.rejects(&violation);
+            let rejects = rejects(&rules, &violation);
             self.emit(violation, rejected && rejects);
         }
         match reply {
@@ -684,11 +708,6 @@ impl SessionEngine {
         }
     }
 
-    /// Whether `violation` rejects its request: its rule's action is reject
-    /// and it does not rest on an unconfirmed effect.
-    fn rejects(&self, violation: &Violation) -> bool {
-        violation.rejects(self.rules.get(violation.rule).action)
-    }
 
     /// Records a forwarded session request in its session and counts the
     /// session lifecycle. Returns whether the request is a driver's retry
@@ -872,6 +891,7 @@ impl SessionEngine {
 
     fn session_rules(
         &self,
+        rules: &ResolvedRules,
         event: &RequestEvent,
         state: &super::state::SessionState,
         ctx: &RuleContext<'_>,
@@ -894,7 +914,7 @@ impl SessionEngine {
             (RuleId::IdleExpiredReuse, rules::idle_expired_reuse),
         ];
         for (rule, check) in RULES {
-            if self.rules.enabled(rule) {
+            if rules.enabled(rule) {
                 // Not `extend`: moving each (almost always empty) Option
                 // through an iterator copied the whole Violation nine
                 // times per request.
@@ -1640,6 +1660,12 @@ impl SessionEngine {
             retry_verdicts_unjudged: self.verdicts.unjudged(),
         }
     }
+}
+
+/// Whether `violation` rejects its request under `rules`: its rule's action
+/// is reject and it does not rest on an unconfirmed effect.
+fn rejects(rules: &ResolvedRules, violation: &Violation) -> bool {
+    violation.rejects(rules.get(violation.rule).action)
 }
 
 fn reply_facts(reply: &ReplyView<'_>, in_transaction: bool) -> ReplyFacts {
