@@ -6,6 +6,22 @@
       JSON summary with "ok": true. Prints one detail line.
       Exit 0 when ok, 1 otherwise.
 
+  check.py run MODE EXPECTED.json NAME EXIT_CODE STDOUT [BEFORE AFTER]
+      A scenario run directly or through a shared proxy (MODE: direct,
+      proxy, enforce): its exit code and summary as above, and, with the
+      proxy's admin snapshots BEFORE and AFTER (see `snapshot`), the
+      violations it raised meanwhile against EXPECTED.json's `rules` and
+      `also` (exactly as for exec), the `metrics` the entry asks for, and in
+      enforce mode no rejected request for a good scenario. Exit 0 PASS,
+      1 FAIL, 2 PENDING.
+
+  check.py snapshot ADMIN_ADDR PREFIX
+      Waits (at most 15 s) until the proxy whose admin server is ADMIN_ADDR
+      has no client connection open (the scenario's last close has been
+      judged), then writes PREFIX.metrics (GET /metrics),
+      PREFIX.violations.json (GET /violations) and PREFIX.settled ("1", or
+      "0 N" with N connections still open).
+
   check.py exec EXPECTED.json NAME EXIT_CODE STDOUT REPORT.json JUNIT.xml
       A scenario run under `sessionguard exec` (default --fail-on error):
       its summary (as above) and the proxy's reports against EXPECTED.json.
@@ -31,14 +47,30 @@ The entry is EXPECTED.json[NAME] when there is one, else the entry of the
 name without its driver suffix (`bad-global-session` for
 `bad-global-session@node7`): the Node scenarios run under several driver
 majors, and an entry for one of them says where that driver differs.
-`pending` lists rules that do not exist yet: [{"rule": ID, "issue": N}].
-While such a rule is neither reported nor a JUnit test case, and every other
-check holds, the verdict is PENDING (not PASS, not FAIL). Once sessionguard
-knows the rule (it appears in the report or as a JUnit test case), the
-verdict is FAIL until the rule is moved from `pending` to `rules`.
+`pending` lists what waits on an open issue:
+  - {"rule": ID, "issue": N}: a rule that does not exist yet. While it is
+    neither reported nor a JUnit test case, and every other check holds, the
+    verdict is PENDING (not PASS, not FAIL). Once sessionguard knows the rule
+    (it appears in the report or as a JUnit test case), the verdict is FAIL
+    until the rule is moved from `pending` to `rules`.
+  - {"false_positive": ID, "issue": N}: a known false positive of rule ID on
+    this correct scenario, which the issue is to remove. When it is reported
+    and every other check holds, the verdict is PENDING and its first
+    violation is printed; when it is not reported (it may depend on timing),
+    the run passes. Remove the entry when the issue is fixed.
+
+`metrics` (checked only with admin snapshots, in run's proxy and enforce
+modes) lists counters the run must have moved:
+  {"name": FAMILY, "labels": {LABEL: VALUE}, "min": N}: the sum of FAMILY's
+  series carrying those labels rose by at least N between the snapshots (a
+  family the proxy does not export fails the check; "min": 0 only shows the
+  change in the detail line).
 """
 import json
+import re
 import sys
+import time
+import urllib.request
 import xml.etree.ElementTree as ET
 
 PASS, FAIL, PENDING = 0, 1, 2
@@ -102,17 +134,49 @@ def load_expectation(expected_path, name):
     if key is None:
         raise SystemExit(f"check.py: {expected_path} has no entry for scenario {name!r}")
     entry = expected[key]
+    return parse_entry(name, entry, expected_path)
+
+
+class Expectation:
+    """One scenario's entry of EXPECTED.json."""
+
+    def __init__(self, rules, also, pending, false_positives, metrics):
+        self.rules = rules
+        self.also = also
+        self.pending = pending  # [(rule, issue)]
+        self.false_positives = false_positives  # {rule: issue}
+        self.metrics = metrics  # [{"name", "labels", "min"}]
+
+
+def parse_entry(name, entry, expected_path):
     rules = list(entry.get("rules", []))
     also = list(entry.get("also", []))
-    pending = []
+    pending, false_positives = [], {}
     for item in entry.get("pending", []):
-        if not isinstance(item, dict) or "rule" not in item or "issue" not in item:
-            raise SystemExit(f"check.py: {name}: pending entries are {{\"rule\": ID, \"issue\": N}}, got {item!r}")
-        pending.append((item["rule"], item["issue"]))
-    unknown_keys = set(entry) - {"rules", "also", "pending", "//"}
+        if isinstance(item, dict) and "issue" in item and "rule" in item:
+            pending.append((item["rule"], item["issue"]))
+        elif isinstance(item, dict) and "issue" in item and "false_positive" in item:
+            false_positives[item["false_positive"]] = item["issue"]
+        else:
+            raise SystemExit(
+                f"check.py: {name}: pending entries are {{\"rule\": ID, \"issue\": N}} or "
+                f"{{\"false_positive\": ID, \"issue\": N}}, got {item!r}"
+            )
+    metrics = []
+    for item in entry.get("metrics", []):
+        if not (
+            isinstance(item, dict)
+            and set(item) <= {"name", "labels", "min", "//"}
+            and isinstance(item.get("name"), str)
+            and isinstance(item.get("min"), int)
+            and isinstance(item.get("labels", {}), dict)
+        ):
+            raise SystemExit(f"check.py: {name}: metrics entries are {{\"name\", \"labels\", \"min\"}}, got {item!r}")
+        metrics.append(item)
+    unknown_keys = set(entry) - {"rules", "also", "pending", "metrics", "//"}
     if unknown_keys:
         raise SystemExit(f"check.py: {name}: unknown keys {sorted(unknown_keys)} in {expected_path}")
-    return rules, also, pending
+    return Expectation(rules, also, pending, false_positives, metrics)
 
 
 def read_junit(path):
@@ -139,11 +203,14 @@ def read_junit(path):
 def first_evidence(violation):
     evidence = violation.get("evidence") or {}
     lsid = str(violation.get("lsid") or "?")[:8]
-    return f"[{violation.get('severity')}] lsid {lsid}: {clip(evidence.get('message', '(no message)'))}"
+    # The exec report keeps the message in the evidence, the admin API beside it.
+    message = evidence.get("message") or violation.get("message") or "(no message)"
+    return f"[{violation.get('severity')}] lsid {lsid}: {clip(message)}"
 
 
 def cmd_exec(expected_path, name, exit_code, stdout_path, report_path, junit_path):
-    rules, also, pending = load_expectation(expected_path, name)
+    expectation = load_expectation(expected_path, name)
+    rules, also, pending = expectation.rules, expectation.also, expectation.pending
     exit_code = int(exit_code)
     problems = []
 
@@ -162,10 +229,7 @@ def cmd_exec(expected_path, name, exit_code, stdout_path, report_path, junit_pat
         problems.append(f"JSON report does not parse: {e}")
 
     if report is None:
-        print(f"exit={exit_code} {summary_detail}")
-        for problem in problems:
-            print("    - " + problem)
-        return FAIL
+        return verdict(f"exit={exit_code} {summary_detail}", problems, [])
 
     violations = report.get("violations") or []
     counts = report.get("counts") or {}
@@ -181,25 +245,14 @@ def cmd_exec(expected_path, name, exit_code, stdout_path, report_path, junit_pat
     if report.get("violations_omitted"):
         problems.append(f"{report['violations_omitted']} violations omitted from the report: cannot check them all")
 
-    seen = {}  # rule -> (count, first violation)
-    for v in violations:
-        rule = v.get("rule")
-        count, first = seen.get(rule, (0, v))
-        seen[rule] = (count + 1, first)
+    seen = tally(violations)
     if counts.get("by_rule") is not None and counts["by_rule"] != {r: c for r, (c, _) in seen.items()}:
         problems.append(f"counts.by_rule {counts['by_rule']} disagrees with the violations list")
 
-    reported = ", ".join(f"{rule}x{count}" for rule, (count, _) in sorted(seen.items())) or "nothing"
+    reported = describe_reported(seen)
     detail = f"exit={exit_code} reported: {reported}; {summary_detail}"
-
-    for rule in rules:
-        if rule not in seen:
-            problems.append(f"missing rule {rule}: expected, not reported (reported: {reported})")
-    allowed = set(rules) | set(also)
-    pending_rules = {rule for rule, _ in pending}
-    for rule, (count, first) in sorted(seen.items()):
-        if rule not in allowed and rule not in pending_rules:
-            problems.append(f"unexpected rule {rule} x{count}, first: {first_evidence(first)}")
+    problems += rule_problems(expectation, seen, reported)
+    allowed = set(rules) | set(also) | set(expectation.false_positives)
 
     failing = sorted({v.get("rule") for v in violations if v.get("severity") in FAILING_SEVERITIES})
     want_exit = 3 if failing else 0
@@ -231,21 +284,197 @@ def cmd_exec(expected_path, name, exit_code, stdout_path, report_path, junit_pat
         else:
             still_pending.append((rule, issue))
 
+    notes = [f"PENDING issue {issue}: {rule} is expected but does not exist yet" for rule, issue in still_pending]
+    notes += false_positive_notes(expectation, seen)
+    return verdict(detail, problems, notes)
+
+
+def tally(violations):
+    """{rule: (count, first violation)}"""
+    seen = {}
+    for v in violations:
+        rule = v.get("rule")
+        count, first = seen.get(rule, (0, v))
+        seen[rule] = (count + 1, first)
+    return seen
+
+
+def describe_reported(seen):
+    return ", ".join(f"{rule}x{count}" for rule, (count, _) in sorted(seen.items())) or "nothing"
+
+
+def rule_problems(expectation, seen, reported):
+    """Missing and unexpected rules."""
+    problems = []
+    for rule in expectation.rules:
+        if rule not in seen:
+            problems.append(f"missing rule {rule}: expected, not reported (reported: {reported})")
+    allowed = set(expectation.rules) | set(expectation.also) | set(expectation.false_positives)
+    pending_rules = {rule for rule, _ in expectation.pending}
+    for rule, (count, first) in sorted(seen.items()):
+        if rule not in allowed and rule not in pending_rules:
+            problems.append(f"unexpected rule {rule} x{count}, first: {first_evidence(first)}")
+    return problems
+
+
+def false_positive_notes(expectation, seen):
+    """The known false positives (see `pending`) this run reported."""
+    notes = []
+    for rule, issue in sorted(expectation.false_positives.items()):
+        if rule in seen and rule not in expectation.rules and rule not in expectation.also:
+            count, first = seen[rule]
+            notes.append(f"PENDING issue {issue}: known false positive {rule} x{count}, first: {first_evidence(first)}")
+    return notes
+
+
+def verdict(detail, problems, notes):
+    """Prints the detail line and the problems; PASS, FAIL or PENDING
+    (`notes`: what `pending` entries explain)."""
     print(detail)
     for problem in problems:
         print("    - " + problem)
     if problems:
         return FAIL
-    if still_pending:
-        for rule, issue in still_pending:
-            print(f"    - PENDING issue {issue}: {rule} is expected but does not exist yet")
+    if notes:
+        for note in notes:
+            print("    - " + note)
         return PENDING
     return PASS
+
+
+# ------------------------------------------------------------- the proxy's admin API
+
+
+def http_get(url):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode("utf-8")
+
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text):
+    """Prometheus text -> ({family names}, [(name, {labels}, value)])."""
+    families, samples = set(), []
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            families.add(line.split()[2])
+            continue
+        if not line or line.startswith("#"):
+            continue
+        match = SAMPLE.match(line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        families.add(name)
+        samples.append((name, dict(LABEL.findall(labels or "")), number))
+    return families, samples
+
+
+def metric_sum(samples, name, labels):
+    return sum(v for n, l, v in samples if n == name and all(l.get(k) == str(want) for k, want in labels.items()))
+
+
+def cmd_snapshot(admin, prefix, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = http_get(f"http://{admin}/metrics")
+        _, samples = parse_metrics(metrics)
+        open_connections = metric_sum(samples, "sessionguard_connections_active", {})
+        if open_connections == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    violations = http_get(f"http://{admin}/violations")
+    with open(prefix + ".metrics", "w", encoding="utf-8") as f:
+        f.write(metrics)
+    with open(prefix + ".violations.json", "w", encoding="utf-8") as f:
+        f.write(violations)
+    with open(prefix + ".settled", "w", encoding="utf-8") as f:
+        f.write("1\n" if open_connections == 0 else f"0 {int(open_connections)}\n")
+    return PASS
+
+
+def read_snapshot(prefix):
+    with open(prefix + ".metrics", encoding="utf-8") as f:
+        metrics = parse_metrics(f.read())
+    with open(prefix + ".violations.json", encoding="utf-8") as f:
+        violations = json.load(f)
+    with open(prefix + ".settled", encoding="utf-8") as f:
+        settled = f.read().split()
+    return metrics, violations, settled
+
+
+def short_metric(name, labels):
+    base = name[len("sessionguard_"):] if name.startswith("sessionguard_") else name
+    base = base[: -len("_total")] if base.endswith("_total") else base
+    return base + ("{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else "")
+
+
+def cmd_run(mode, expected_path, name, exit_code, stdout_path, before=None, after=None):
+    exit_code = int(exit_code)
+    summary_ok, summary_detail, _ = read_summary(stdout_path, name)
+    problems = []
+    if exit_code != 0:
+        problems.append(f"the scenario exited {exit_code}")
+    if not summary_ok:
+        problems.append("scenario: " + summary_detail)
+    if before is None:
+        return verdict(f"exit={exit_code} {summary_detail}", problems, [])
+    expectation = load_expectation(expected_path, name)
+
+    (_, samples_before), violations_before, _ = read_snapshot(before)
+    (families, samples_after), violations_after, settled = read_snapshot(after)
+    if settled[0] != "1":
+        problems.append(f"the proxy still had {settled[1]} client connection(s) open 15 s after the scenario ended")
+    known = {v.get("id") for v in violations_before}
+    # The engine keeps the last `max_violations`: new ones have ids above the old ones.
+    last = max((v.get("id", 0) for v in violations_before), default=0)
+    violations = [v for v in violations_after if v.get("id") not in known and v.get("id", 0) > last]
+    seen = tally(violations)
+    reported = describe_reported(seen)
+    problems += rule_problems(expectation, seen, reported)
+
+    notes = []
+    for rule, issue in expectation.pending:
+        if rule in seen:
+            problems.append(f"{rule} (pending on issue {issue}) is now reported: move it from pending to rules in expected.json")
+        else:
+            notes.append(f"PENDING issue {issue}: {rule} is expected but does not exist yet")
+    notes += false_positive_notes(expectation, seen)
+    moved = []
+    for item in expectation.metrics:
+        labels = item.get("labels", {})
+        label = short_metric(item["name"], labels)
+        if item["name"] not in families:
+            problems.append(f"the proxy does not export {item['name']}")
+            continue
+        delta = metric_sum(samples_after, item["name"], labels) - metric_sum(samples_before, item["name"], labels)
+        moved.append(f"{label}+{delta:g}")
+        if delta < item["min"]:
+            problems.append(f"metric {label} rose by {delta:g}, expected at least {item['min']}")
+    if mode == "enforce" and not expectation.rules:
+        rejected = metric_sum(samples_after, "sessionguard_requests_rejected_total", {}) - metric_sum(
+            samples_before, "sessionguard_requests_rejected_total", {}
+        )
+        if rejected:
+            problems.append(f"enforce mode rejected {rejected:g} request(s) of a correct application")
+    metrics_detail = f" metrics: {' '.join(moved)};" if moved else ""
+    detail = f"exit={exit_code} reported: {reported};{metrics_detail} {summary_detail}"
+    return verdict(detail, problems, notes)
 
 
 def main(argv):
     if len(argv) == 3 and argv[0] == "summary":
         return cmd_summary(*argv[1:])
+    if len(argv) in (6, 8) and argv[0] == "run":
+        return cmd_run(*argv[1:])
+    if len(argv) == 3 and argv[0] == "snapshot":
+        return cmd_snapshot(*argv[1:])
     if len(argv) == 7 and argv[0] == "exec":
         return cmd_exec(*argv[1:])
     sys.stderr.write(__doc__)

@@ -21,7 +21,7 @@ else
   cargo test --all-targets --locked
 fi
 
-echo "== interop: Node.js driver 6 and 7, Express + connect-mongo, Mongoose, PyMongo sync and asyncio (direct, through the proxy, and under sessionguard exec)"
+echo "== interop: Node.js driver 6 and 7, Express + connect-mongo, Mongoose, PyMongo sync and asyncio (direct, through the proxy, and under sessionguard exec; failover on a replica set; servers refusing session kills, in enforce mode too)"
 cargo build --locked --quiet --bin sessionguard
 target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 SESSIONGUARD_BIN="$target_dir/debug/sessionguard" bash interop/run.sh

@@ -1,8 +1,10 @@
-//! The admin HTTP server (hyper 1, HTTP/1.1, `GET` only). It owns the routes
-//! below, their JSON shapes, the bearer-token check and the upstream
-//! readiness probe; it reads the metrics registry and the session engine but
-//! changes neither, and it never serves document contents (ids, names and
-//! counts only). Handlers are synchronous: no lock is held across `.await`.
+//! The admin HTTP server (hyper 1, HTTP/1.1; `GET`, and `POST` for
+//! `/reload` only). It owns the routes below, their JSON shapes, the
+//! bearer-token check and the upstream readiness probe; it reads the metrics
+//! registry and the session engine but changes neither (`POST /reload`
+//! hands over to `crate::reload`), and it never serves document contents
+//! (ids, names and counts only). Handlers are synchronous: no lock is held
+//! across `.await`.
 //!
 //! Routes:
 //! - `GET /healthz` -> `200 ok`: the process is up and serving. Never needs
@@ -41,10 +43,18 @@
 //! - `GET /findings/<fingerprint>` -> one finding with `examples.first` and
 //!   `examples.latest` (a `/violations` entry and its session's `timeline`);
 //!   `404` for an unknown or malformed fingerprint.
-//! - anything else -> `404`; another method on a known path -> `405`.
+//! - `POST /reload` -> re-reads the configuration file (as `SIGHUP` does,
+//!   see `crate::reload`): `200` with
+//!   `{"config","config_sha256","changes":[..],"needs_restart":[..]}`, or
+//!   `400` with the refusal (file, key, problem; the old configuration
+//!   stays), or `503` where nothing can be reloaded (no reloader).
+//! - anything else -> `404`; another method on a known path -> `405` with
+//!   `Allow` (`POST` for `/reload`, `GET` for the rest: a state change never
+//!   rides on a `GET` that a prefetcher or crawler might send).
 //!
 //! With `proxy.admin_token` set, every route but `/healthz` and `/metrics`
-//! needs `Authorization: Bearer <token>` (compared in constant time):
+//! (so `/reload` too) needs `Authorization: Bearer <token>` (compared in
+//! constant time):
 //! `401` without it or with a wrong one. Bound beyond loopback without a
 //! token, the server says so in a warning at start.
 
@@ -72,6 +82,7 @@ use tracing::{debug, info, warn};
 use crate::config::{AdminToken, ProxyConfig};
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 use crate::proxy::upstream::{self, HostPort};
+use crate::reload::Reloader;
 use crate::session::state::{EndKind, Millis, SessionKey, SessionState, TxnPhase};
 use crate::session::{SessionEngine, ViolationRecord};
 
@@ -99,6 +110,8 @@ pub struct AdminContext {
     pub engine: Option<Arc<SessionEngine>>,
     pub token: Option<AdminToken>,
     pub probe: Option<UpstreamProbe>,
+    /// `None`: `POST /reload` answers 503.
+    pub reload: Option<Arc<Reloader>>,
 }
 
 impl AdminContext {
@@ -122,7 +135,14 @@ impl AdminContext {
                 interval: config.upstream_probe_interval,
                 timeout: config.connect_timeout,
             }),
+            reload: None,
         })
+    }
+
+    /// The context with `POST /reload` served by `reloader`.
+    pub fn with_reload(mut self, reloader: Arc<Reloader>) -> AdminContext {
+        self.reload = Some(reloader);
+        self
     }
 }
 
@@ -244,16 +264,28 @@ fn route(context: &AdminContext, request: &Request<Incoming>) -> HttpResponse {
     let known = finding.is_some()
         || matches!(
             path,
-            "/healthz" | "/readyz" | "/metrics" | "/sessions" | "/violations" | "/findings"
+            "/healthz"
+                | "/readyz"
+                | "/metrics"
+                | "/sessions"
+                | "/violations"
+                | "/findings"
+                | "/reload"
         );
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
-    if request.method() != Method::GET {
-        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+    // The one route that changes state takes POST; the rest are reads.
+    let (allowed, refusal, allow) = if path == "/reload" {
+        (Method::POST, "only POST is supported\n", "POST")
+    } else {
+        (Method::GET, "only GET is supported\n", "GET")
+    };
+    if request.method() != allowed {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, refusal);
         response
             .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET"));
+            .insert(ALLOW, HeaderValue::from_static(allow));
         return response;
     }
     let open = matches!(path, "/healthz" | "/metrics");
@@ -286,6 +318,16 @@ fn route(context: &AdminContext, request: &Request<Incoming>) -> HttpResponse {
         "/findings" => match &context.engine {
             Some(engine) => json(StatusCode::OK, &engine.findings()),
             None => no_engine(),
+        },
+        "/reload" => match &context.reload {
+            Some(reloader) => match reloader.reload("POST /reload") {
+                Ok(reloaded) => json(StatusCode::OK, &reloaded),
+                Err(e) => bad_request(e.to_string()),
+            },
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "configuration reload is not available in this process\n",
+            ),
         },
         _ => match (finding, &context.engine) {
             (Some(_), None) => no_engine(),
@@ -680,6 +722,7 @@ mod tests {
             engine: None,
             token: token.map(AdminToken::new),
             probe: None,
+            reload: None,
         }
     }
 

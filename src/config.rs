@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::proxy::upstream::ConnectionString;
-use crate::session::config::{RulesConfig, SessionConfig};
+use crate::session::config::{Mode, RulesConfig, SessionConfig};
 
 /// Address the proxy accepts application connections on.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
@@ -46,8 +46,9 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default log verbosity (a `tracing` filter directive).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
-/// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The whole configuration file. (`Serialize` renders it for comparisons,
+/// e.g. what a reload would change; the admin token renders redacted.)
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -552,6 +553,9 @@ pub struct Overrides {
     pub admin: Option<String>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
+    /// `--mode` / `SESSIONGUARD_MODE`: replaces `sessions.mode`, also on
+    /// every reload (the flag pins the mode; the file's is ignored).
+    pub mode: Option<Mode>,
 }
 
 /// A humantime duration given on the command line ("500ms", "5s"), as the
@@ -569,6 +573,7 @@ impl Overrides {
             "proxy.admin" => self.admin.is_some(),
             "log.format" => self.log_format.is_some(),
             "log.level" => self.log_level.is_some(),
+            "sessions.mode" => self.mode.is_some(),
             _ => false,
         }
     }
@@ -645,9 +650,19 @@ impl Config {
 
     /// Loads `path` (or starts from defaults), applies `overrides`, validates.
     pub fn resolve(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::resolve_file(path, overrides).map(|(config, _)| config)
+    }
+
+    /// `resolve`, also handing back the file's text as it was read (a
+    /// reload fingerprints exactly what it applied).
+    pub fn resolve_file(
+        path: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<(Config, Option<String>), ConfigError> {
+        let mut text = None;
         let mut config = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
+                let read = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError {
                         source: None,
                         key: None,
@@ -655,7 +670,9 @@ impl Config {
                     }
                     .in_file(path)
                 })?;
-                Config::parse(&text).map_err(|e| e.in_file(path))?
+                let parsed = Config::parse(&read).map_err(|e| e.in_file(path))?;
+                text = Some(read);
+                parsed
             }
             None => Config::default(),
         };
@@ -665,7 +682,7 @@ impl Config {
             Some(path) if !e.key.as_deref().is_some_and(|k| overrides.sets(k)) => e.in_file(path),
             _ => e,
         })?;
-        Ok(config)
+        Ok((config, text))
     }
 
     /// Puts every `Some` override over the current value.
@@ -684,6 +701,9 @@ impl Config {
         }
         if let Some(level) = &overrides.log_level {
             self.log.level = level.clone();
+        }
+        if let Some(mode) = overrides.mode {
+            self.sessions.mode = mode;
         }
     }
 }
@@ -1004,6 +1024,7 @@ mod tests {
             admin: None,
             log_format: Some(LogFormat::Json),
             log_level: None,
+            mode: Some(Mode::Enforce),
         });
         assert_eq!(config.proxy.listen, "127.0.0.1:3333", "override beats file");
         assert_eq!(config.proxy.admin, "127.0.0.1:2222", "file beats default");
@@ -1013,6 +1034,17 @@ mod tests {
         );
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.log.level, "debug");
+        assert_eq!(config.sessions.mode, Mode::Enforce);
+        let mut config = Config::parse("[sessions]\nmode = \"enforce\"\n").unwrap();
+        config.apply(&Overrides {
+            mode: Some(Mode::Observe),
+            ..Overrides::default()
+        });
+        assert_eq!(
+            config.sessions.mode,
+            Mode::Observe,
+            "the override beats the file"
+        );
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub struct ExecArgs {
     /// Log filter: a level or tracing directives [default: warn].
     #[arg(long, env = "SESSIONGUARD_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// observe: report misuse; enforce: also answer requests that break an
+    /// error-severity rule with an error, so the suite fails where the
+    /// misuse is. Overrides [sessions] mode [default: the file's, else observe].
+    #[arg(long, env = "SESSIONGUARD_MODE", value_enum)]
+    pub mode: Option<crate::session::Mode>,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -135,6 +140,7 @@ fn plan(args: ExecArgs) -> Result<Plan, String> {
             args.log_level
                 .unwrap_or_else(|| DEFAULT_EXEC_LOG_LEVEL.to_string()),
         ),
+        mode: args.mode,
     };
     let mut config =
         Config::resolve(args.config.as_deref(), &overrides).map_err(|e| e.to_string())?;

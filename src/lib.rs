@@ -13,7 +13,10 @@
 //! - [`metrics`]: the Prometheus registry and the data path's pre-resolved
 //!   metric handles; the session engine's counters are read at scrape time.
 //! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
-//!   `/sessions`, `/violations`, `/findings`).
+//!   `/sessions`, `/violations`, `/findings`, `POST /reload`).
+//! - [`reload`]: live reload of the configuration file (SIGHUP,
+//!   `POST /reload`): the mode and rules go live, the rest is named as
+//!   needing a restart.
 //! - [`telemetry`]: `tracing` subscriber setup (pretty or JSON logs).
 //! - [`bson_scan`]: a bounds-checked walk over a document's top-level
 //!   elements for the hot path (type, key, value bytes; nothing decoded).
@@ -40,6 +43,7 @@ pub mod emulator;
 pub mod exec;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod report;
 pub mod session;
 pub mod telemetry;

@@ -3,7 +3,9 @@
 //! settable by a `SESSIONGUARD_*` environment variable; the README lists
 //! which), resolves the configuration before anything is
 //! bound (bad config: exit 64 naming the key), installs logging and signal
-//! handling, and hands over to the library. No proxy logic lives here.
+//! handling (SIGTERM drains, SIGINT exits, SIGHUP reloads the configuration
+//! through `sessionguard::reload`), and hands over to the library. No proxy
+//! logic lives here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -85,6 +87,11 @@ struct ProxyArgs {
     /// Log filter: a level or tracing directives [default: info].
     #[arg(long, env = "SESSIONGUARD_LOG_LEVEL")]
     log_level: Option<String>,
+    /// observe: report misuse; enforce: also reject requests that break an
+    /// error-severity rule. Overrides [sessions] mode, also across reloads
+    /// [default: the file's, else observe].
+    #[arg(long, env = "SESSIONGUARD_MODE", value_enum)]
+    mode: Option<sessionguard::session::Mode>,
     /// Print the effective [proxy] and [log] settings and exit without binding anything.
     #[arg(long, env = "SESSIONGUARD_PRINT_CONFIG")]
     print_config: bool,
@@ -216,10 +223,11 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         admin: args.admin,
         log_format: args.log_format,
         log_level: args.log_level,
+        mode: args.mode,
     };
     // Everything about the configuration is settled before any port is bound.
-    let config = match Config::resolve(args.config.as_deref(), &overrides) {
-        Ok(config) => config,
+    let (config, text) = match Config::resolve_file(args.config.as_deref(), &overrides) {
+        Ok(resolved) => resolved,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -247,7 +255,12 @@ fn run_proxy(args: ProxyArgs) -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    let code = runtime.block_on(serve_proxy(config, args.report));
+    let source = ConfigSource {
+        path: args.config,
+        overrides,
+        text,
+    };
+    let code = runtime.block_on(serve_proxy(config, source, args.report));
     // Connections still winding down after a fast exit must not delay it.
     runtime.shutdown_timeout(Duration::from_millis(100));
     code
@@ -266,16 +279,25 @@ fn render_effective(config: &Config) -> String {
     .unwrap_or_else(|e| format!("# cannot render the configuration: {e}\n"))
 }
 
-async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
+/// Where the running configuration came from, for reloads.
+struct ConfigSource {
+    path: Option<PathBuf>,
+    overrides: Overrides,
+    /// The file's text as read at start (its hash is exported).
+    text: Option<String>,
+}
+
+async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBuf>) -> ExitCode {
     use tokio::signal::unix::{signal, SignalKind};
     let started = std::time::SystemTime::now();
 
-    let (mut sigterm, mut sigint) = match (
+    let (mut sigterm, mut sigint, mut sighup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(term), Ok(int)) => (term, int),
-        (Err(e), _) | (_, Err(e)) => {
+        (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             tracing::error!(error = %e, "cannot install signal handlers");
             return ExitCode::from(EXIT_FAILURE);
         }
@@ -291,10 +313,16 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
     let _refresher = sessionguard::session::spawn_refresher(&engine);
     // One registry for the data path and the engine (read at scrape time).
     let metrics = Arc::new(sessionguard::metrics::Metrics::new());
-    let rules =
-        sessionguard::session::config::ResolvedRules::resolve(config.sessions.mode, &config.rules);
+    let reloader = Arc::new(sessionguard::reload::Reloader::new(
+        source.path,
+        source.overrides,
+        source.text.as_deref(),
+        &config,
+        engine.clone(),
+    ));
     let admin_context = metrics
-        .register_session_engine(engine.clone(), rules)
+        .register_session_engine(engine.clone())
+        .and_then(|()| reloader.register_metrics(&metrics))
         .map_err(|e| e.to_string())
         .and_then(|()| {
             sessionguard::admin::AdminContext::for_proxy(
@@ -302,6 +330,7 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
                 metrics.clone(),
                 Some(engine.clone()),
             )
+            .map(|context| context.with_reload(reloader.clone()))
             .map_err(|e| e.to_string())
         });
     let admin_context = match admin_context {
@@ -342,6 +371,14 @@ async fn serve_proxy(config: Config, report: Option<PathBuf>) -> ExitCode {
         }
     };
     tracing::info!(listen = %proxy.local_addr(), admin = %admin.local_addr, "sessionguard ready");
+    // SIGHUP reloads for as long as the process lives (during a drain too:
+    // the handler stays installed, so a late SIGHUP never kills the process).
+    tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            // Logged and counted by the reloader, success or refusal.
+            let _ = reloader.reload("SIGHUP");
+        }
+    });
 
     let code = tokio::select! {
         _ = sigterm.recv() => {

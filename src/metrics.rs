@@ -25,7 +25,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::proxy::inspect::CloseCause;
 use crate::session::config::ResolvedRules;
+use crate::session::outcome::{Refusal, SessionCommand};
 use crate::session::{RuleId, SessionEngine};
 use crate::wire::OpCode;
 
@@ -350,15 +352,17 @@ impl Metrics {
         &self.proxy
     }
 
-    /// Adds the session engine's counters (read at scrape time). `rules`
-    /// gives each rule's configured action for the `action` label.
-    pub fn register_session_engine(
-        &self,
-        engine: Arc<SessionEngine>,
-        rules: ResolvedRules,
-    ) -> prometheus::Result<()> {
+    /// Adds the session engine's counters (read at scrape time). Each
+    /// rule's `action` label is the action in force at the scrape (a reload
+    /// may have changed it).
+    pub fn register_session_engine(&self, engine: Arc<SessionEngine>) -> prometheus::Result<()> {
         self.registry
-            .register(Box::new(SessionCollector::new(engine, rules)))
+            .register(Box::new(SessionCollector::new(engine)))
+    }
+
+    /// Adds a collector owned elsewhere (e.g. `crate::reload`'s counters).
+    pub fn register(&self, collector: Box<dyn Collector>) -> prometheus::Result<()> {
+        self.registry.register(collector)
     }
 
     /// Every metric family, sorted by name.
@@ -526,7 +530,6 @@ fn build_proxy_metrics(registry: &Registry) -> prometheus::Result<ProxyMetrics> 
 /// Reads the session engine's counters at scrape time.
 pub struct SessionCollector {
     engine: Arc<SessionEngine>,
-    rules: ResolvedRules,
     descs: Vec<Desc>,
 }
 
@@ -546,22 +549,18 @@ struct EngineSnapshot {
 }
 
 impl SessionCollector {
-    pub fn new(engine: Arc<SessionEngine>, rules: ResolvedRules) -> SessionCollector {
+    pub fn new(engine: Arc<SessionEngine>) -> SessionCollector {
         let template = EngineSnapshot {
             stores: engine.store_stats(),
             ..EngineSnapshot::default()
         };
-        let template =
-            session_families(&template, &rules).expect("session metric definitions are consistent");
+        let template = session_families(&template, &engine.rules())
+            .expect("session metric definitions are consistent");
         let descs = template
             .iter()
             .flat_map(|c| c.desc().into_iter().cloned())
             .collect();
-        SessionCollector {
-            engine,
-            rules,
-            descs,
-        }
+        SessionCollector { engine, descs }
     }
 }
 
@@ -576,7 +575,7 @@ impl Collector for SessionCollector {
             violations: self.engine.violation_counts(),
             stores: self.engine.store_stats(),
         };
-        match session_families(&snapshot, &self.rules) {
+        match session_families(&snapshot, &self.engine.rules()) {
             Ok(collectors) => collectors.iter().flat_map(|c| c.collect()).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot build the session metrics");
@@ -710,6 +709,89 @@ fn session_families(
         transactions.with_label_values(&[outcome]).inc_by(count);
     }
     out.push(Box::new(transactions));
+
+    let abandoned = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_in_flight_abandoned_total",
+            "Session requests still awaiting their reply when their connection closed, by why it closed: \
+             client_closed and client_reset are the client's doing (closed-with-requests-in-flight judges those); \
+             every other reason (upstream_closed, upstream_error, malformed or stalled frames, drained, shutdown) \
+             is not client misuse and is only counted here.",
+        ),
+        &["reason"],
+    )?;
+    for cause in CloseCause::ALL {
+        abandoned
+            .with_label_values(&[cause.as_str()])
+            .inc_by(stats.in_flight_abandoned[cause.index()]);
+    }
+    out.push(Box::new(abandoned));
+
+    let refused = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_session_commands_refused_total",
+            "Session commands the upstream answered with anything but ok:1 (endSessions, killSessions, \
+             killAllSessions, killAllSessionsByPattern, refreshSessions — the application's and the refresher's — \
+             and killCursors), by command and refusal (Unauthorized, CommandNotFound, CommandNotSupported, \
+             AtlasError, other). A refused command changes nothing sessionguard tracks.",
+        ),
+        &["command", "code_name"],
+    )?;
+    for command in SessionCommand::ALL {
+        for refusal in Refusal::ALL {
+            refused
+                .with_label_values(&[command.as_str(), refusal.as_str()])
+                .inc_by(stats.commands_refused[command.index()][refusal.index()]);
+        }
+    }
+    out.push(Box::new(refused));
+
+    let retries = IntCounterVec::new(
+        Opts::new(
+            "sessionguard_retries_total",
+            "Driver retries recognised, by command (the retryable reads and writes always have a series, \
+             other commands from their first retry): a request repeating one whose connection closed before \
+             its reply, a retryable write resent with the same lsid, txnNumber and statements, or an identical \
+             request that overlapped one whose connection then failed.",
+        ),
+        &["command"],
+    )?;
+    // The commands drivers retry (retryable-reads and retryable-writes
+    // specs) always have a series, so a dashboard or alert on them has a
+    // zero to start from; any other command appears with its first retry.
+    const RETRYABLE: [&str; 11] = [
+        "find",
+        "insert",
+        "update",
+        "delete",
+        "aggregate",
+        "findAndModify",
+        "count",
+        "distinct",
+        "bulkWrite",
+        "commitTransaction",
+        "abortTransaction",
+    ];
+    for (label, count) in COMMAND_LABELS.iter().zip(stats.retries.0) {
+        if count > 0 || RETRYABLE.contains(label) {
+            retries.with_label_values(&[label]).inc_by(count);
+        }
+    }
+    out.push(Box::new(retries));
+
+    let pending = IntGauge::new(
+        "sessionguard_retry_verdicts_pending",
+        "Identical requests on one session waiting for the first one's outcome (retry if its connection \
+         fails without its reply, concurrent use if its reply is delivered).",
+    )?;
+    pending.set(as_i64(stats.retry_verdicts_pending));
+    out.push(Box::new(pending));
+    let unjudged = IntCounter::new(
+        "sessionguard_retry_verdicts_unjudged_total",
+        "Identical overlapping requests left unjudged (silent) because too many verdicts were waiting.",
+    )?;
+    unjudged.inc_by(stats.retry_verdicts_unjudged);
+    out.push(Box::new(unjudged));
 
     let evicted = IntCounterVec::new(
         Opts::new(
@@ -926,14 +1008,28 @@ mod tests {
         let sessions = SessionConfig::default();
         let rules = RulesConfig::default();
         let engine = Arc::new(SessionEngine::new(&sessions, &rules));
-        metrics
-            .register_session_engine(engine, ResolvedRules::resolve(sessions.mode, &rules))
-            .unwrap();
+        metrics.register_session_engine(engine.clone()).unwrap();
         let text = metrics.render();
         for rule in RuleId::ALL {
             let series = format!("sessionguard_violations_total{{action=\"log\",rule=\"{rule}\"}}");
             assert_eq!(value_of(&text, &series), Some(0.0), "{series}\n{text}");
         }
+        // A reload's settings show at the next scrape.
+        let enforce = SessionConfig {
+            mode: crate::session::Mode::Enforce,
+            ..SessionConfig::default()
+        };
+        engine.reconfigure(&enforce, &rules);
+        let reloaded = metrics.render();
+        assert_eq!(
+            value_of(
+                &reloaded,
+                "sessionguard_violations_total{action=\"reject\",rule=\"use-after-end\"}"
+            ),
+            Some(0.0),
+            "{reloaded}"
+        );
+        engine.reconfigure(&sessions, &rules);
         assert_eq!(value_of(&text, "sessionguard_sessions_tracked"), Some(0.0));
         for series in [
             "sessionguard_sessions_started_total",
@@ -945,9 +1041,24 @@ mod tests {
             "sessionguard_transactions_total{outcome=\"committed\"}",
             "sessionguard_transactions_total{outcome=\"aborted\"}",
             "sessionguard_transactions_left_open_total",
+            "sessionguard_in_flight_abandoned_total{reason=\"client_closed\"}",
+            "sessionguard_in_flight_abandoned_total{reason=\"upstream_closed\"}",
+            "sessionguard_session_commands_refused_total{code_name=\"AtlasError\",command=\"killAllSessions\"}",
+            "sessionguard_session_commands_refused_total{code_name=\"other\",command=\"refreshSessions\"}",
+            "sessionguard_retry_verdicts_pending",
+            "sessionguard_retry_verdicts_unjudged_total",
         ] {
             assert_eq!(value_of(&text, series), Some(0.0), "{series}");
         }
+        assert_eq!(
+            value_of(&text, "sessionguard_retries_total{command=\"insert\"}"),
+            Some(0.0),
+            "the retryable commands start at zero"
+        );
+        assert!(
+            !text.contains("sessionguard_retries_total{command=\"ping\"}"),
+            "other commands appear with their first retry"
+        );
         assert_eq!(
             value_of(
                 &text,
@@ -957,9 +1068,7 @@ mod tests {
         );
         // Registering a second engine would duplicate every name.
         let other = Arc::new(SessionEngine::new(&sessions, &rules));
-        assert!(metrics
-            .register_session_engine(other, ResolvedRules::resolve(sessions.mode, &rules))
-            .is_err());
+        assert!(metrics.register_session_engine(other).is_err());
     }
 
     #[test]
@@ -974,12 +1083,7 @@ mod tests {
             ..Default::default()
         };
         let engine = Arc::new(SessionEngine::new(&sessions, &rules).with_stores(&stores));
-        metrics
-            .register_session_engine(
-                engine.clone(),
-                ResolvedRules::resolve(sessions.mode, &rules),
-            )
-            .unwrap();
+        metrics.register_session_engine(engine.clone()).unwrap();
         let text = metrics.render();
         for store in ["app.sessions", "web_sessions", "auto"] {
             for event in ["created", "destroyed", "touched", "resurrected"] {
@@ -1001,6 +1105,11 @@ mod tests {
         let frame = encode(5, 0, MsgFlags(0), delete.as_bytes());
         let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
         engine.request(1, 5, &Message::Msg(msg));
+        // A destroy counts once the server confirms the delete.
+        let answer = bson::rawdoc! { "n": 1, "ok": 1.0 };
+        let frame = encode(6, 5, MsgFlags(0), answer.as_bytes());
+        let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+        engine.reply(1, 5, &Message::Msg(msg));
         let text = metrics.render();
         assert_eq!(
             value_of(

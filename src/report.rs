@@ -445,7 +445,8 @@ pub fn write_proxy_report(
     config: &Config,
     engine: &SessionEngine,
 ) -> std::io::Result<()> {
-    let rules = ResolvedRules::resolve(config.sessions.mode, &config.rules);
+    // The settings in force at shutdown: a reload may have changed them.
+    let rules = engine.rules();
     let info = RunInfo {
         started,
         finished: SystemTime::now(),
@@ -603,6 +604,7 @@ mod tests {
             severity: rule.default_severity(),
             action: Action::Log,
             rejected: false,
+            unconfirmed: false,
             lsid: "6c1f1d9e-0000-4000-8000-000000000001".into(),
             lsid_short: "6c1f1d9e".into(),
             owner: None,

@@ -161,6 +161,7 @@ async fn session_owners(engine: Arc<SessionEngine>) -> Vec<Option<String>> {
         engine: Some(engine),
         token: None,
         probe: None,
+        reload: None,
     };
     let server = admin::serve_with("127.0.0.1:0", context, shutdown.clone())
         .await

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use prometheus::proto::MetricType;
 use serde_json::Value;
 use sessionguard::metrics::Metrics;
-use sessionguard::session::config::ResolvedRules;
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
 
 fn dashboard() -> Value {
@@ -25,9 +24,7 @@ fn exported_names() -> HashSet<String> {
     let sessions = SessionConfig::default();
     let rules = RulesConfig::default();
     let engine = Arc::new(SessionEngine::new(&sessions, &rules));
-    metrics
-        .register_session_engine(engine, ResolvedRules::resolve(sessions.mode, &rules))
-        .unwrap();
+    metrics.register_session_engine(engine).unwrap();
     let mut names = HashSet::new();
     for family in metrics.gather() {
         let name = family.name().to_string();

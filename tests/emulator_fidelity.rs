@@ -1508,6 +1508,34 @@ async fn step_down_elects_the_next_member_and_the_driver_follows() {
     }
 }
 
+/// With reply latency (as the interop suites run the emulator), the step-down
+/// answers its own caller before it closes that connection: the disconnect it
+/// signals cuts the other connections' waits, not its own reply.
+#[tokio::test]
+async fn with_reply_latency_the_step_down_still_answers_before_closing() {
+    let config = EmulatorConfig {
+        reply_latency: Duration::from_millis(20),
+        ..EmulatorConfig::default()
+    };
+    let members = Emulator::start_replica_set("127.0.0.1:0".parse().unwrap(), 3, config)
+        .await
+        .unwrap();
+    let mut stepper = Raw::connect(&members[0]).await;
+    let id = stepper.send(0, &STEP_DOWN(1)).await;
+    let reply = stepper.recv_within(WAIT).await;
+    let reply = reply.expect("the step-down's reply, not a closed connection");
+    assert_eq!(reply.response_to, id);
+    assert_eq!(reply.doc.get_f64("ok").unwrap(), 1.0, "{:?}", reply.doc);
+    assert!(
+        stepper.closed_within(WAIT).await,
+        "then its own connection closes"
+    );
+    assert!(members[1].is_primary() && !members[0].is_primary());
+    for member in members {
+        member.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn writes_on_a_secondary_and_bad_step_downs_are_refused_like_the_server() {
     let members =

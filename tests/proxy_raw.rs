@@ -21,8 +21,8 @@ use futures_util::StreamExt;
 use sessionguard::config::ProxyConfig;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard::proxy::{
-    ConnContext, InFlightRequest, InjectError, Inspector, NoopInspector, Proxy, ProxyHandle,
-    ReplyVerdict, Verdict,
+    CloseCause, ConnContext, InFlightRequest, InjectError, Inspector, NoopInspector, Proxy,
+    ProxyHandle, ReplyVerdict, Verdict,
 };
 use sessionguard::wire::{
     self, legacy, op_compressed, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode,
@@ -184,7 +184,7 @@ struct Recorder {
     contexts: Mutex<Vec<ConnContext>>,
     requests: Mutex<Vec<(u64, Option<String>)>>,
     replies: Mutex<Vec<(i32, Option<InFlightRequest>)>>,
-    closes: Mutex<Vec<(u64, Vec<InFlightRequest>)>>,
+    closes: Mutex<Vec<(u64, CloseCause, Vec<InFlightRequest>)>>,
 }
 
 impl Inspector for Recorder {
@@ -230,11 +230,11 @@ impl Inspector for Recorder {
         ReplyVerdict::Forward
     }
 
-    fn on_close(&self, conn: &ConnContext, still_in_flight: &[InFlightRequest]) {
+    fn on_close(&self, conn: &ConnContext, cause: CloseCause, still_in_flight: &[InFlightRequest]) {
         self.closes
             .lock()
             .unwrap()
-            .push((conn.id, still_in_flight.to_vec()));
+            .push((conn.id, cause, still_in_flight.to_vec()));
     }
 }
 
@@ -369,10 +369,11 @@ async fn more_to_come_request_gets_no_reply_and_leaves_nothing_in_flight() {
     drop(client);
     assert!(Stack::eventually(WAIT, || !recorder.closes.lock().unwrap().is_empty()).await);
     let closes = recorder.closes.lock().unwrap();
+    assert_eq!(closes[0].1, CloseCause::ClientClosed);
     assert!(
-        closes[0].1.is_empty(),
+        closes[0].2.is_empty(),
         "no request left in flight: {:?}",
-        closes[0].1
+        closes[0].2
     );
     // Every reply was matched to its request.
     let replies = recorder.replies.lock().unwrap();
@@ -772,8 +773,10 @@ async fn drain_grace_cuts_off_requests_that_take_too_long() {
     );
     let closes = recorder.closes.lock().unwrap();
     assert_eq!(closes.len(), 1);
-    assert_eq!(closes[0].1.len(), 1, "the cut-off request is reported");
-    assert_eq!(closes[0].1[0].command.as_deref(), Some("find"));
+    // Cut off by the proxy at the end of the grace, not by the client.
+    assert_eq!(closes[0].1, CloseCause::Shutdown);
+    assert_eq!(closes[0].2.len(), 1, "the cut-off request is reported");
+    assert_eq!(closes[0].2[0].command.as_deref(), Some("find"));
 }
 
 #[tokio::test]

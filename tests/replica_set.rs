@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bson::{doc, Bson, Document};
+use futures_util::FutureExt;
 use mongodb::event::cmap::CmapEvent;
 use mongodb::event::command::CommandEvent;
 use mongodb::event::sdam::SdamEvent;
@@ -21,7 +22,7 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, ServerType};
 use sessionguard::config::{MemberConfig, ProxyConfig};
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
-use sessionguard::proxy::{Proxy, ProxyHandle};
+use sessionguard::proxy::{CloseCause, Proxy, ProxyHandle};
 use sessionguard::session::{RuleId, RulesConfig, SessionConfig, SessionEngine};
 use sessionguard::wire::{self, legacy, Frame, Message, MsgHeader, HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -437,6 +438,146 @@ async fn one_ledger_sees_a_session_misused_across_two_member_listeners() {
     .await;
     assert!(fired, "use after end across members was not detected");
     drop((first, second));
+    rs.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_stepping_down_under_load_raises_nothing_and_the_retries_are_counted() {
+    // Retryable writes and transactions from the Rust driver while the
+    // primary steps down and closes every connection: the driver retries on
+    // the new primary (same lsid and txnNumber), exactly as its
+    // specifications say. Correct application, so nothing may be reported;
+    // the cut requests are counted by why they were cut, the retries as
+    // retries, and every write is stored exactly once.
+    const WRITERS: usize = 4;
+    let mut config = EmulatorConfig::default();
+    // Slow writes, so that some are certainly in flight at the step-down.
+    for command in ["insert", "update"] {
+        config
+            .command_latency
+            .insert(command.to_string(), Duration::from_millis(60));
+    }
+    let rs = ReplicaSet::start(3, config).await;
+    let uri = format!(
+        "mongodb://{}/?replicaSet=rs0&retryWrites=true&serverSelectionTimeoutMS=8000&appName=failover",
+        rs.proxy_addrs().into_iter().collect::<Vec<_>>().join(",")
+    );
+    let client = Client::with_uri_str(&uri).await.unwrap();
+    let db = client.database("app");
+    let items = db.collection::<Document>("failover");
+    let counters = db.collection::<Document>("counters");
+    counters
+        .insert_one(doc! { "_id": "c", "n": 0 })
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped =
+        |stop: &Arc<std::sync::atomic::AtomicBool>| stop.load(std::sync::atomic::Ordering::Relaxed);
+    let mut writers = Vec::new();
+    for worker in 0..WRITERS {
+        let (items, stop) = (items.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut written = 0u64;
+            while !stopped(&stop) {
+                items
+                    .insert_one(doc! { "_id": format!("w{worker}-{written}") })
+                    .await?;
+                written += 1;
+            }
+            mongodb::error::Result::Ok(written)
+        }));
+    }
+    let transactions = {
+        let (client, counters, stop) = (client.clone(), counters.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut committed = 0i32;
+            while !stopped(&stop) {
+                let mut session = client.start_session().await?;
+                session
+                    .start_transaction()
+                    .and_run(counters.clone(), |session, counters| {
+                        async move {
+                            counters
+                                .update_one(doc! { "_id": "c" }, doc! { "$inc": { "n": 1 } })
+                                .session(&mut *session)
+                                .await?;
+                            Ok(())
+                        }
+                        .boxed()
+                    })
+                    .await?;
+                committed += 1;
+            }
+            mongodb::error::Result::Ok(committed)
+        })
+    };
+    let primary = &rs.members[0];
+    assert!(
+        Stack::eventually(WAIT, || primary.command_count("insert") >= 20
+            && primary.command_count("update") >= 3)
+        .await
+    );
+    let mut stepper = RawClient::connect(rs.proxy_addr(0).parse().unwrap(), "ops").await;
+    let stepped = stepper
+        .command(doc! { "replSetStepDown": 60, "secondaryCatchUpPeriodSecs": 0, "$db": "admin" })
+        .await;
+    assert_eq!(stepped.get_f64("ok").unwrap(), 1.0, "{stepped:?}");
+    assert!(!rs.members[0].is_primary());
+    // Work goes on against the new primary, then stops.
+    let inserts_at_step_down = primary.command_count("insert");
+    assert!(
+        Stack::eventually(WAIT, || primary.command_count("insert")
+            >= inserts_at_step_down + 40)
+        .await,
+        "writes resumed after the step-down"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut written = 0;
+    for writer in writers {
+        written += writer
+            .await
+            .unwrap()
+            .expect("retryable writes survive the step-down");
+    }
+    let committed = transactions
+        .await
+        .unwrap()
+        .expect("transactions survive the step-down");
+
+    // Exactly once.
+    assert_eq!(items.count_documents(doc! {}).await.unwrap(), written);
+    let counter = counters
+        .find_one(doc! { "_id": "c" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(counter.get_i32("n").unwrap(), committed);
+    // Nothing reported; the cut requests counted by cause, the retries seen.
+    let engine = rs.engine.clone();
+    assert_eq!(
+        engine
+            .violations()
+            .iter()
+            .map(|v| v.rule)
+            .collect::<Vec<_>>(),
+        vec![],
+        "a failover is not misuse"
+    );
+    let stats = engine.stats();
+    let cut: u64 = [CloseCause::UpstreamClosed, CloseCause::UpstreamError]
+        .iter()
+        .map(|cause| stats.in_flight_abandoned[cause.index()])
+        .sum();
+    assert!(
+        cut >= 1,
+        "requests were in flight at the step-down: {stats:?}"
+    );
+    assert!(
+        stats.retries.get("insert") >= 1,
+        "the driver's retried writes are visible: {stats:?}"
+    );
+    client.shutdown().await;
+    drop(stepper);
     rs.stop().await;
 }
 

@@ -9,6 +9,7 @@ mod common;
 use bson::spec::BinarySubtype;
 use bson::{rawdoc, Binary, RawDocumentBuf};
 use common::engine_reply as reply;
+use sessionguard::proxy::CloseCause;
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
 
 fn send(engine: &SessionEngine, conn: u64, id: i32, doc: &RawDocumentBuf, now: u64) {
@@ -76,7 +77,7 @@ fn violation_log_lines_carry_evidence_but_never_document_contents() {
         &rawdoc! { "find": "orders", "filter": { "card": "4111-SECRET" }, "lsid": lsid(5), "$db": "shop" },
         2,
     );
-    engine.close_at(1, 3);
+    engine.close_at(1, CloseCause::ClientClosed, 3);
     assert_eq!(engine.violations().len(), 2);
 
     let text = log.text();

@@ -61,6 +61,60 @@ async fn concurrent_use_of_a_shared_global_session() {
 }
 
 #[tokio::test]
+async fn identical_finds_sharing_one_session_are_concurrent_use_not_retries() {
+    // A handler pool reading the same document with one shared session:
+    // byte-identical finds at once on three connections, every one answered.
+    // Nothing failed, so nothing was a retry.
+    let g = Guarded::start(
+        slow_emulator(Duration::from_millis(300)),
+        SessionConfig::default(),
+    )
+    .await;
+    let shared = lsid(4);
+    let mut handlers = Vec::new();
+    for _ in 0..3 {
+        handlers.push(RawClient::connect(g.proxy_addr(), "web").await);
+    }
+    for handler in &mut handlers {
+        handler.send(find_cmd("app", "items", &shared, None)).await;
+    }
+    for handler in &mut handlers {
+        assert_eq!(handler.read_reply().await.get_f64("ok").unwrap(), 1.0);
+    }
+
+    let violation = g.wait_for(RuleId::ConcurrentUse).await;
+    assert_eq!(violation.lsid_short, short_of(&shared));
+    assert!(
+        violation.message.contains("both were answered"),
+        "{}",
+        violation.message
+    );
+    let current = violation.current.as_ref().unwrap();
+    let earlier = violation.earlier.as_ref().unwrap();
+    assert_eq!(
+        (current.command.as_str(), earlier.command.as_str()),
+        ("find", "find")
+    );
+    assert_ne!(current.connection_id, earlier.connection_id);
+    let engine = g.engine.clone();
+    assert!(
+        rules_common::Stack::eventually(rules_common::WAIT, || {
+            engine.violation_counts()[RuleId::ConcurrentUse.index()].1 == 2
+        })
+        .await,
+        "one report per overlapping find: {:?}",
+        g.fired()
+    );
+    let stats = g.engine.stats();
+    assert_eq!(stats.retries.get("find"), 0, "nothing was retried");
+    assert_eq!(stats.retry_verdicts_pending, 0);
+    for handler in handlers {
+        handler.close().await;
+    }
+    g.stop().await;
+}
+
+#[tokio::test]
 async fn use_after_kill_sessions_with_the_rust_driver() {
     let g = Guarded::start(EmulatorConfig::default(), SessionConfig::default()).await;
     let client = g.client("billing").await;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bson::{doc, Document};
 use mongodb::Client;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, EmulatorState};
-use sessionguard::proxy::ProxyHandle;
+use sessionguard::proxy::{CloseCause, ProxyHandle};
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -656,9 +656,12 @@ async fn connection_resets_close_the_affected_clients_and_drivers_carry_on() {
     assert!(
         common::Stack::eventually(WAIT, || common::logs::containing_since(mark, &needle)
             .iter()
-            .any(|l| l.contains("connection closed") && l.contains("side=upstream")))
+            .any(|l| l.contains("connection closed")
+                && l.contains("side=upstream")
+                // The close cause the session engine was given, on the line.
+                && (l.contains("upstream_error") || l.contains("upstream_closed"))))
         .await,
-        "no close line naming the upstream for {raw_peer}"
+        "no close line naming the upstream (and the reason) for {raw_peer}"
     );
 
     // A retryable workload while every upstream connection is reset
@@ -699,5 +702,123 @@ async fn connection_resets_close_the_affected_clients_and_drivers_carry_on() {
     proxy.shutdown_now();
     proxy.wait().await;
     admin_stop.cancel();
+    drop(upstream);
+}
+
+/// Polls `condition` until it holds (or `WAIT` passes).
+async fn eventually(condition: impl FnMut() -> bool) -> bool {
+    common::Stack::eventually(WAIT, condition).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_cut_with_session_requests_in_flight_is_no_misuse_and_the_retry_is_counted() {
+    // The network drops the proxy's upstream connections while the Rust
+    // driver's read and retryable write on an explicit session are in
+    // flight. The driver retries both on new connections (same lsid, same
+    // txnNumber for the write), as its specifications say: the application
+    // is correct, so nothing may be reported — only counted.
+    let upstream = Upstream::start(EmulatorConfig {
+        command_latency: HashMap::from([
+            ("find".to_string(), Duration::from_millis(800)),
+            ("update".to_string(), Duration::from_millis(800)),
+        ]),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let relay = Relay::start(upstream.addr).await;
+    let engine = engine();
+    let proxy = common::guarded_proxy(relay.addr, engine.clone(), |_| {}).await;
+    let client = driver(&proxy, "&retryReads=true&retryWrites=true&appName=cut").await;
+    let items = client.database("faults").collection::<Document>("cut");
+    items.insert_one(doc! { "_id": 1, "n": 0 }).await.unwrap();
+
+    let work = {
+        let items = items.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut read_session = client.start_session().await?;
+            let mut write_session = client.start_session().await?;
+            let read = items.find_one(doc! { "_id": 1 }).session(&mut read_session);
+            let write = items
+                .update_one(doc! { "_id": 1 }, doc! { "$inc": { "n": 1 } })
+                .session(&mut write_session);
+            let (found, updated) = tokio::join!(read, write);
+            mongodb::error::Result::Ok((found?, updated?))
+        })
+    };
+    let state = upstream.state.clone();
+    assert!(
+        eventually(|| state.command_count("find") >= 1 && state.command_count("update") >= 1).await,
+        "the read and the write reached the upstream"
+    );
+    relay.reset_all();
+    let (found, updated) = tokio::time::timeout(WAIT, work)
+        .await
+        .expect("the driver's retries complete")
+        .unwrap()
+        .expect("the retried operations succeed");
+    assert!(found.is_some());
+    assert_eq!(updated.matched_count, 1);
+    assert!(
+        state.command_count("find") >= 2 && state.command_count("update") >= 2,
+        "both were retried: {} finds, {} updates",
+        state.command_count("find"),
+        state.command_count("update")
+    );
+    let doc = items.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    assert_eq!(
+        doc.get_i32("n").unwrap(),
+        1,
+        "the write applied exactly once"
+    );
+
+    // Counted by why the connections closed, and as retries; never misuse.
+    let cut = || {
+        let abandoned = engine.stats().in_flight_abandoned;
+        [CloseCause::UpstreamClosed, CloseCause::UpstreamError]
+            .iter()
+            .map(|cause| abandoned[cause.index()])
+            .sum::<u64>()
+    };
+    assert!(eventually(|| cut() >= 2).await, "{:?}", engine.stats());
+    let stats = engine.stats();
+    let client_side: u64 = CloseCause::ALL
+        .iter()
+        .filter(|cause| cause.client_went_first())
+        .map(|cause| stats.in_flight_abandoned[cause.index()])
+        .sum();
+    assert_eq!(client_side, 0, "{stats:?}");
+    assert_eq!(
+        engine
+            .violations()
+            .iter()
+            .map(|v| v.rule)
+            .collect::<Vec<_>>(),
+        vec![],
+        "an upstream cut is not client misuse"
+    );
+    let metrics = proxy.metrics().render();
+    let retries = |command: &str| {
+        common::metric(
+            &metrics,
+            &format!("sessionguard_retries_total{{command=\"{command}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(retries("find") >= 1.0, "{metrics}");
+    assert!(retries("update") >= 1.0, "{metrics}");
+    let abandoned = |reason: &str| {
+        common::metric(
+            &metrics,
+            &format!("sessionguard_in_flight_abandoned_total{{reason=\"{reason}\"}}"),
+        )
+        .unwrap()
+    };
+    assert!(abandoned("upstream_error") + abandoned("upstream_closed") >= 2.0);
+    assert_eq!(abandoned("client_closed") + abandoned("client_reset"), 0.0);
+
+    client.shutdown().await;
+    proxy.shutdown_now();
+    proxy.wait().await;
     drop(upstream);
 }

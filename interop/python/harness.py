@@ -25,8 +25,10 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 from pymongo import AsyncMongoClient, MongoClient, monitoring
+from pymongo.errors import AutoReconnect
 
 
 def describe_error(err):
@@ -55,6 +57,7 @@ class WireTracker(monitoring.CommandListener):
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._started = threading.Condition(self._lock)
         self.seen = []  # every command started, in order
         self.in_flight = {}
         self.same_lsid_overlaps = []
@@ -81,6 +84,7 @@ class WireTracker(monitoring.CommandListener):
                         self.same_lsid_overlaps.append((other["name"], entry["name"]))
             self.seen.append(entry)
             self.in_flight[key] = entry
+            self._started.notify_all()
 
     def _on_finished(self, event, failure):
         key = (event.connection_id, event.request_id)
@@ -94,6 +98,9 @@ class WireTracker(monitoring.CommandListener):
                     "code": failure.get("code"),
                     "codeName": failure.get("codeName"),
                 }
+                if failure.get("errtype"):
+                    # A network error: PyMongo reports its exception class.
+                    entry["failure"]["name"] = failure["errtype"]
 
     def succeeded(self, event):
         self._on_finished(event, None)
@@ -101,6 +108,24 @@ class WireTracker(monitoring.CommandListener):
     def failed(self, event):
         failure = event.failure if isinstance(event.failure, dict) else {"codeName": type(event.failure).__name__}
         self._on_finished(event, failure)
+
+    def wait_for(self, match, since=0, timeout=5.0):
+        """The first command started at index `since` or later that `match`
+        accepts; raises TimeoutError if none starts within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._started:
+            while True:
+                for entry in self.seen[since:]:
+                    if match(entry):
+                        return entry
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out waiting for a command on the wire")
+                self._started.wait(left)
+
+    def started_count(self):
+        with self._lock:
+            return len(self.seen)
 
     def commands(self, name):
         with self._lock:
@@ -199,3 +224,82 @@ def run_scenario(name, body):
 
 def sleep_ms(ms):
     time.sleep(ms / 1000.0)
+
+
+# ------------------------------------------------------------------ faults
+# For the failover scenarios (run.sh runs them against `sessionguard emulator
+# --members 3`, directly and through the proxy's per-member listeners): the
+# emulator's `failCommand` fail point and `replSetStepDown`, sent by a
+# separate "operator" client as a test harness or an operator would, never by
+# the application's own client. The fail point is one per emulated deployment:
+# scenarios restrict it with `appName` and turn it off when done.
+
+
+def fail_point(operator, mode, data=None):
+    """`configureFailPoint: "failCommand"`; returns the reply."""
+    return operator.admin.command({"configureFailPoint": "failCommand", "mode": mode, "data": data or {}})
+
+
+def primary_of(operator):
+    """The replica set's primary as hello names it (the proxy's address
+    through the proxy). PyMongo never retries `command()`: right after a
+    step-down the operator's pooled connection to the old primary was closed
+    by the server and the first command on it raises AutoReconnect, so it
+    asks once more."""
+    try:
+        hello = operator.admin.command("hello")
+    except AutoReconnect:
+        hello = operator.admin.command("hello")
+    return hello.get("primary")
+
+
+def step_down(operator, secs=1):
+    """Steps the primary down as an operator's failover drill does: the member
+    answers, becomes a secondary for `secs` seconds and closes every client
+    connection it has; the next member is elected at once. `force`, so it
+    never waits for a catch-up (the emulated members share one data set).
+    Returns (primary before, primary after)."""
+    before = primary_of(operator)
+    operator.admin.command({"replSetStepDown": secs, "force": True})
+    return before, primary_of(operator)
+
+
+def step_down_under(operator, tracker, app, command):
+    """A failover under load: holds the application's next `command` on the
+    primary (`blockConnection`, restricted to appName `app`), waits until the
+    driver has sent it, steps the primary down — which cuts the held command
+    and whatever else is in flight — and turns the fail point off. Returns
+    step_down's (primary before, primary after)."""
+    since = tracker.started_count()
+    fail_point(operator, {"times": 1}, {"failCommands": [command], "appName": app, "blockConnection": True, "blockTimeMS": 5000})
+    tracker.wait_for(lambda c: c["name"] == command, since=since)
+    primaries = step_down(operator)
+    fail_point(operator, "off")
+    return primaries
+
+
+def run_workers(count, worker, when_ready, wait_timeout=30):
+    """Runs worker(w, ready) for w in 0..count-1 on threads; once a worker
+    sets the threading.Event `ready`, calls when_ready() on this thread, and
+    returns its result when every worker has finished (a worker's exception
+    is raised here)."""
+    ready = threading.Event()
+    with ThreadPoolExecutor(count) as pool:
+        work = [pool.submit(worker, w, ready) for w in range(count)]
+        if not ready.wait(wait_timeout):
+            raise TimeoutError("the workers did not reach the point to act at")
+        result = when_ready()
+        for done in work:
+            done.result()
+    return result
+
+
+def retried_writes(tracker, name):
+    """How many (lsid, txnNumber) pairs the driver sent `name` with more than
+    once: a retryable write's retries, from its command monitoring."""
+    sent = {}
+    for c in tracker.commands(name):
+        if c["lsid"] is not None and c["txnNumber"] is not None:
+            key = (c["lsid"], c["txnNumber"])
+            sent[key] = sent.get(key, 0) + 1
+    return sum(1 for n in sent.values() if n > 1)

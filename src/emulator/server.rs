@@ -18,9 +18,10 @@
 //! sending it (the command having run). A member's "disconnect" signal
 //! (`replSetStepDown`) closes every connection of that member, each after
 //! the reply it is writing; a wait (latency, blocked write, awaitable hello,
-//! fail point block) ends at once. An unacknowledged (`moreToCome`) write
-//! refused as not primary closes its connection, as a 4.2+ server does so
-//! the client notices. Legacy OP_QUERY hellos (the handshake most drivers
+//! fail point block) ends at once, except the step-down's own reply, which
+//! is sent after its latency before its connection closes. An
+//! unacknowledged (`moreToCome`) write refused as not primary closes its
+//! connection, as a 4.2+ server does so the client notices. Legacy OP_QUERY hellos (the handshake most drivers
 //! open with) are failed like OP_MSG ones.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -236,6 +237,10 @@ struct Connection {
     auth: ConnAuth,
     /// `client.application.name` of the handshake (fail points filter on it).
     app_name: Option<String>,
+    /// The reply being sent answers this connection's own `replSetStepDown`:
+    /// the disconnect that step-down signalled closes this connection after
+    /// the reply, not during its latency wait.
+    answers_step_down: bool,
 }
 
 /// When a connection must stop: the listener shuts down, or its member
@@ -268,6 +273,19 @@ impl Stop {
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,
             _ = self.stopped() => false,
+        }
+    }
+
+    /// Sleeps `delay` before a step-down's own reply: only a shutdown cuts
+    /// it (the member's disconnect is this very command's doing; the loop
+    /// closes the connection once the reply is written).
+    async fn pause_before_step_down_reply(&mut self, delay: Duration) -> bool {
+        if delay.is_zero() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = self.shutdown.changed() => false,
         }
     }
 }
@@ -416,6 +434,7 @@ pub(crate) async fn serve_connection<S>(
         compression: None,
         auth: ConnAuth::default(),
         app_name: None,
+        answers_step_down: false,
     };
     tracing::debug!(%peer, connection_id, "emulator connection opened");
     let mut pending: Option<Frame> = None;
@@ -469,7 +488,12 @@ pub(crate) async fn serve_connection<S>(
                 }
                 Ok(Action::NoReply) => {}
                 Ok(Action::Reply { bytes, delay }) => {
-                    if !stop.pause(delay).await || write.write_all(&bytes).await.is_err() {
+                    let waited = if std::mem::take(&mut conn.answers_step_down) {
+                        stop.pause_before_step_down_reply(delay).await
+                    } else {
+                        stop.pause(delay).await
+                    };
+                    if !waited || write.write_all(&bytes).await.is_err() {
                         break 'connection;
                     }
                 }
@@ -925,6 +949,9 @@ fn answer_msg(conn: &mut Connection, request: MsgRequest, fault: Fault) -> Resul
                                     tracing::debug!(peer = %conn.peer, connection_id = conn.connection_id, command = %name, "unacknowledged write refused as not primary; closing the connection");
                                     return Ok(Action::Close);
                                 }
+                                conn.answers_step_down = name == "replSetStepDown"
+                                    && !reply_to.silent
+                                    && reply.get_f64("ok") == Ok(1.0);
                                 reply
                             }
                             Outcome::Blocked => {

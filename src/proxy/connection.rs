@@ -29,8 +29,8 @@ use tracing::{debug, info, warn};
 
 use super::inflight::{InFlight, ReplyOwner};
 use super::inspect::{
-    intern_command, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector, Inspector,
-    ReplyVerdict, Verdict, INJECT_QUEUE,
+    intern_command, CloseCause, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector,
+    Inspector, ReplyVerdict, Verdict, INJECT_QUEUE,
 };
 use super::tls::{ClientStream, UpstreamTls};
 use super::unreachable;
@@ -238,7 +238,7 @@ pub(crate) async fn serve(
         settings: &settings,
         drain: &drain,
     };
-    let outcome = {
+    let (outcome, still_in_flight) = {
         let requests = pumps.client_to_upstream(
             FramedRead::new(client_read, FrameCodec::new(settings.max_message_size)),
             upstream_write,
@@ -252,16 +252,20 @@ pub(crate) async fn serve(
         );
         tokio::pin!(requests, replies);
         let mut killed = polled_when_woken(kill.cancelled());
-        tokio::select! {
+        let outcome = tokio::select! {
             biased;
             _ = killed.next() => Outcome::Killed,
             outcome = &mut requests => outcome,
             outcome = &mut replies => outcome,
-        }
+        };
+        // Told while both sockets are still open (they close when the pumps
+        // are dropped at the end of this block): what the inspector
+        // releases is released before the client can see the close and
+        // retry on another connection.
+        let still_in_flight = shared.lock().take_client_requests();
+        inspector.on_close(&ctx, outcome.cause(), &still_in_flight);
+        (outcome, still_in_flight)
     };
-
-    let still_in_flight = shared.lock().take_client_requests();
-    inspector.on_close(&ctx, &still_in_flight);
 
     let lifetime = opened_at.elapsed();
     let in_flight = still_in_flight.len();
@@ -278,6 +282,10 @@ pub(crate) async fn serve(
         }
         _ => {}
     }
+    // Every close line carries `reason` (the close cause the inspector was
+    // given): requests cut by anything but the client are counted by it
+    // (sessionguard_in_flight_abandoned_total) and never reported as misuse.
+    let reason = outcome.cause().as_str();
     match outcome {
         // A client that resets its connection (killed, crashed, or a
         // driver closing a socket it gave up on) is its own business and
@@ -288,22 +296,22 @@ pub(crate) async fn serve(
             action,
             source,
         }) if is_peer_gone(&source) => info!(
-            conn = id, %peer, side = %Side::Client, in_flight, lifetime = ?lifetime,
+            conn = id, %peer, side = %Side::Client, reason, in_flight, lifetime = ?lifetime,
             "connection closed: the client reset the connection while {action}"
         ),
         Outcome::Failed(e) => warn!(
-            conn = id, %peer, side = %e.side(), in_flight, lifetime = ?lifetime,
+            conn = id, %peer, side = %e.side(), reason, in_flight, lifetime = ?lifetime,
             "connection closed: {e}"
         ),
         Outcome::UpstreamClosed if in_flight > 0 => warn!(
-            conn = id, %peer, side = "upstream", in_flight, lifetime = ?lifetime,
+            conn = id, %peer, side = "upstream", reason, in_flight, lifetime = ?lifetime,
             "connection closed: upstream closed the connection with requests in flight"
         ),
-        other => debug!(
+        _ => debug!(
             conn = id, %peer, in_flight, lifetime = ?lifetime,
             requests = shared.requests.load(Ordering::Relaxed),
             replies = shared.replies.load(Ordering::Relaxed),
-            reason = other.reason(), "connection closed"
+            reason, "connection closed"
         ),
     }
 }
@@ -318,13 +326,29 @@ fn is_peer_gone(error: &std::io::Error) -> bool {
 }
 
 impl Outcome {
-    fn reason(&self) -> &'static str {
+    /// Who closed first, and how: what the inspector is told and the close
+    /// line's `reason`.
+    fn cause(&self) -> CloseCause {
         match self {
-            Outcome::ClientClosed => "client closed",
-            Outcome::UpstreamClosed => "upstream closed",
-            Outcome::Drained => "drained",
-            Outcome::Killed => "shutdown",
-            Outcome::Failed(_) => "error",
+            Outcome::ClientClosed => CloseCause::ClientClosed,
+            Outcome::UpstreamClosed => CloseCause::UpstreamClosed,
+            Outcome::Drained => CloseCause::Drained,
+            Outcome::Killed => CloseCause::Shutdown,
+            Outcome::Failed(error) => match error {
+                ConnError::Io {
+                    side: Side::Client, ..
+                } => CloseCause::ClientReset,
+                ConnError::Io { .. } | ConnError::Connect(_) => CloseCause::UpstreamError,
+                ConnError::Malformed {
+                    side: Side::Client, ..
+                } => CloseCause::ClientMalformed,
+                ConnError::Malformed { .. } => CloseCause::UpstreamMalformed,
+                ConnError::FrameTimeout {
+                    side: Side::Client, ..
+                } => CloseCause::ClientFrameTimeout,
+                ConnError::FrameTimeout { .. } => CloseCause::UpstreamFrameTimeout,
+                ConnError::Internal(_) => CloseCause::Internal,
+            },
         }
     }
 }

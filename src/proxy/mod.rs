@@ -45,8 +45,8 @@ use tracing::info;
 
 pub use connection::{ConnError, Side};
 pub use inspect::{
-    ConnContext, InFlightRequest, InjectError, Injector, Inspector, NoopInspector, ReplyVerdict,
-    Verdict,
+    CloseCause, ConnContext, InFlightRequest, InjectError, Injector, Inspector, NoopInspector,
+    ReplyVerdict, Verdict,
 };
 
 use crate::config::ProxyConfig;

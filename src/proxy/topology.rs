@@ -30,7 +30,7 @@ use bson::{RawArrayBuf, RawBsonRef, RawDocument, RawDocumentBuf};
 use bytes::Bytes;
 use tracing::{error, warn};
 
-use super::inspect::{ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict};
+use super::inspect::{CloseCause, ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict};
 use super::upstream::{HostPort, DEFAULT_MONGODB_PORT};
 use crate::wire::{self, op_compressed, Compressor, Frame, Message, MsgFlags, OpCode, HEADER_LEN};
 
@@ -413,8 +413,8 @@ impl Inspector for TopologyInspector {
         }
     }
 
-    fn on_close(&self, conn: &ConnContext, still_in_flight: &[InFlightRequest]) {
-        self.inner.on_close(conn, still_in_flight);
+    fn on_close(&self, conn: &ConnContext, cause: CloseCause, still_in_flight: &[InFlightRequest]) {
+        self.inner.on_close(conn, cause, still_in_flight);
     }
 }
 

@@ -1,10 +1,14 @@
 //! Configuration of the session engine: the `[sessions]` table (mode,
 //! refresher, ledger bounds, time limits) and the `[rules.<rule-id>]` tables
 //! (enabled, severity, action), their documented defaults, validation whose
-//! errors name the key, and their resolution into the per-rule settings the
-//! engine uses. `src/config.rs` embeds these types; nothing here does I/O.
+//! errors name the key, their resolution into the per-rule settings the
+//! engine uses, and `LiveRules`, the holder a reload swaps those settings in
+//! (whole, consistently, with no lock and no shared write on the request path).
+//! `src/config.rs` embeds these types; nothing here does I/O.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -38,12 +42,23 @@ pub const DEFAULT_SERVER_SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60
 
 /// `observe` reports; `enforce` also rejects requests that break an
 /// error-severity rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Report misuse, reject only what a rule's own `action` says.
     #[default]
     Observe,
+    /// Also reject requests that break an error-severity rule.
     Enforce,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Observe => "observe",
+            Mode::Enforce => "enforce",
+        }
+    }
 }
 
 /// Which sessions the refresher keeps alive.
@@ -193,17 +208,64 @@ pub struct RuleSettings {
     pub action: Action,
 }
 
+impl RuleSettings {
+    /// One byte: bit 0 enabled, bits 1-2 severity, bit 3 action.
+    fn pack(self) -> u8 {
+        let severity = match self.severity {
+            Severity::Info => 0,
+            Severity::Warning => 1,
+            Severity::Error => 2,
+        };
+        let action = match self.action {
+            Action::Log => 0,
+            Action::Reject => 1,
+        };
+        u8::from(self.enabled) | severity << 1 | action << 3
+    }
+
+    fn unpack(byte: u8) -> RuleSettings {
+        RuleSettings {
+            enabled: byte & 1 != 0,
+            severity: match (byte >> 1) & 3 {
+                0 => Severity::Info,
+                1 => Severity::Warning,
+                _ => Severity::Error,
+            },
+            action: if byte & 8 != 0 {
+                Action::Reject
+            } else {
+                Action::Log
+            },
+        }
+    }
+}
+
 /// Every rule's effective settings: defaults, then `[rules.<id>]`, then the
 /// mode (`enforce` turns `reject` on for error-severity rules whose action
-/// was not set explicitly).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// was not set explicitly). A byte per rule and `Copy`, so the engine takes
+/// its own copy per request out of `LiveRules`.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct ResolvedRules {
-    settings: [RuleSettings; RuleId::COUNT],
+    mode: Mode,
+    /// `RuleSettings::pack` of each rule, by `RuleId::index`.
+    packed: [u8; RuleId::COUNT],
+}
+
+impl std::fmt::Debug for ResolvedRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolvedRules")
+            .field("mode", &self.mode)
+            .field(
+                "rules",
+                &RuleId::ALL.map(|rule| (rule.as_str(), self.get(rule))),
+            )
+            .finish()
+    }
 }
 
 impl ResolvedRules {
     pub fn resolve(mode: Mode, rules: &RulesConfig) -> ResolvedRules {
-        let settings = RuleId::ALL.map(|rule| {
+        let packed = RuleId::ALL.map(|rule| {
             let overrides = rules.get(rule).cloned().unwrap_or_default();
             let severity = overrides.severity.unwrap_or(rule.default_severity());
             let action = overrides.action.unwrap_or(match (mode, severity) {
@@ -215,16 +277,174 @@ impl ResolvedRules {
                 severity,
                 action,
             }
+            .pack()
         });
-        ResolvedRules { settings }
+        ResolvedRules { mode, packed }
+    }
+
+    /// The mode these settings were resolved under.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     pub fn get(&self, rule: RuleId) -> RuleSettings {
-        self.settings[rule.index()]
+        RuleSettings::unpack(self.packed[rule.index()])
     }
 
     pub fn enabled(&self, rule: RuleId) -> bool {
-        self.settings[rule.index()].enabled
+        self.packed[rule.index()] & 1 != 0
+    }
+
+    /// What differs in `new`, one `key: old -> new` per effective setting
+    /// (`sessions.mode`, `rules.<id>.enabled|severity|action`), in rule
+    /// order. A mode change lists the actions it turned on or off too: the
+    /// operator sees what will actually be rejected.
+    pub fn changes(&self, new: &ResolvedRules) -> Vec<String> {
+        let mut changes = Vec::new();
+        if self.mode != new.mode {
+            changes.push(format!(
+                "sessions.mode: {} -> {}",
+                self.mode.as_str(),
+                new.mode.as_str()
+            ));
+        }
+        for rule in RuleId::ALL {
+            let (old, new) = (self.get(rule), new.get(rule));
+            if old.enabled != new.enabled {
+                changes.push(format!(
+                    "rules.{rule}.enabled: {} -> {}",
+                    old.enabled, new.enabled
+                ));
+            }
+            if old.severity != new.severity {
+                changes.push(format!(
+                    "rules.{rule}.severity: {} -> {}",
+                    old.severity.as_str(),
+                    new.severity.as_str()
+                ));
+            }
+            if old.action != new.action {
+                changes.push(format!(
+                    "rules.{rule}.action: {} -> {}",
+                    old.action.as_str(),
+                    new.action.as_str()
+                ));
+            }
+        }
+        changes
+    }
+}
+
+/// `ResolvedRules` as 64-bit words: the mode in byte 0, then one byte per rule.
+const LIVE_WORDS: usize = (RuleId::COUNT + 1).div_ceil(8);
+
+/// The rule settings in force, replaced whole by a reload.
+///
+/// A sequence lock over a few atomic words: a reader copies the words and
+/// keeps the copy only if no store ran meanwhile (the sequence number was
+/// even and unchanged), so each request is judged by one consistent set of
+/// settings even while a reload swaps them. Reading writes nothing shared
+/// and takes no lock (a few plain loads on x86, about as cheap as reading a
+/// field; an `Arc` behind `arc-swap` measured ~20 ns per load, several
+/// percent of a round trip); a reload (rare, a few stores) never waits for
+/// requests.
+pub struct LiveRules {
+    /// Even: stable. Odd: a store is in progress.
+    seq: AtomicU64,
+    words: [AtomicU64; LIVE_WORDS],
+    /// Serialises stores (readers never take it).
+    writer: Mutex<()>,
+}
+
+impl LiveRules {
+    pub fn new(rules: ResolvedRules) -> LiveRules {
+        let words = LiveRules::to_words(&rules);
+        LiveRules {
+            seq: AtomicU64::new(0),
+            words: std::array::from_fn(|i| AtomicU64::new(words[i])),
+            writer: Mutex::new(()),
+        }
+    }
+
+    /// A consistent copy, for the duration of one request (or reply, close,
+    /// sweep).
+    pub fn load(&self) -> ResolvedRules {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if before & 1 == 0 {
+                let words: [u64; LIVE_WORDS] =
+                    std::array::from_fn(|i| self.words[i].load(Ordering::Relaxed));
+                // Orders the word loads before the re-check: a word written
+                // by a store that began after `before` makes the check fail.
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == before {
+                    return LiveRules::from_words(words);
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Puts `rules` in force for every later `load`.
+    pub fn store(&self, rules: ResolvedRules) {
+        let _writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let words = LiveRules::to_words(&rules);
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        // Readers that see any word below also see the odd number.
+        fence(Ordering::Release);
+        for (atomic, word) in self.words.iter().zip(words) {
+            atomic.store(word, Ordering::Relaxed);
+        }
+        self.seq.store(seq + 2, Ordering::Release);
+    }
+
+    /// One rule's settings, for code that reads a single one.
+    pub fn get(&self, rule: RuleId) -> RuleSettings {
+        self.load().get(rule)
+    }
+
+    /// Whether `rule` is enabled, for code that reads a single setting.
+    pub fn enabled(&self, rule: RuleId) -> bool {
+        self.load().enabled(rule)
+    }
+
+    fn to_words(rules: &ResolvedRules) -> [u64; LIVE_WORDS] {
+        let mut bytes = [0_u8; LIVE_WORDS * 8];
+        bytes[0] = match rules.mode {
+            Mode::Observe => 0,
+            Mode::Enforce => 1,
+        };
+        bytes[1..=RuleId::COUNT].copy_from_slice(&rules.packed);
+        std::array::from_fn(|i| {
+            u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+        })
+    }
+
+    fn from_words(words: [u64; LIVE_WORDS]) -> ResolvedRules {
+        let mut bytes = [0_u8; LIVE_WORDS * 8];
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        ResolvedRules {
+            mode: if bytes[0] == 1 {
+                Mode::Enforce
+            } else {
+                Mode::Observe
+            },
+            packed: bytes[1..=RuleId::COUNT]
+                .try_into()
+                .expect("one byte per rule"),
+        }
+    }
+}
+
+impl std::fmt::Debug for LiveRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.load().fmt(f)
     }
 }
 
@@ -340,6 +560,91 @@ mod tests {
                 .action,
             Action::Log
         );
+    }
+
+    #[test]
+    fn settings_pack_into_a_byte_and_back() {
+        for enabled in [false, true] {
+            for severity in [Severity::Info, Severity::Warning, Severity::Error] {
+                for action in [Action::Log, Action::Reject] {
+                    let settings = RuleSettings {
+                        enabled,
+                        severity,
+                        action,
+                    };
+                    assert_eq!(RuleSettings::unpack(settings.pack()), settings);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn live_rules_hand_out_what_was_stored_last() {
+        let observe = ResolvedRules::default();
+        let rules = parse(
+            "[rules.txn-left-open]\nenabled = false\n[rules.concurrent-use]\nseverity = \"info\"\n",
+        )
+        .unwrap()
+        .rules;
+        let enforce = ResolvedRules::resolve(Mode::Enforce, &rules);
+        let live = LiveRules::new(observe);
+        assert_eq!(live.load(), observe);
+        live.store(enforce);
+        assert_eq!(live.load(), enforce);
+        assert_eq!(live.load().mode(), Mode::Enforce);
+        assert!(!live.enabled(RuleId::TxnLeftOpen));
+        assert_eq!(live.get(RuleId::UseAfterEnd).action, Action::Reject);
+        assert_eq!(live.get(RuleId::ConcurrentUse).severity, Severity::Info);
+        assert_eq!(
+            observe.changes(&enforce)[..2],
+            [
+                "sessions.mode: observe -> enforce",
+                "rules.concurrent-use.severity: error -> info"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reader_never_sees_half_of_a_store() {
+        // Two settings that differ in every rule and the mode; a torn read
+        // would mix them.
+        let every_rule = |enabled, severity, action| RulesConfig {
+            rules: RuleId::ALL
+                .iter()
+                .map(|rule| {
+                    let set = RuleOverride {
+                        enabled: Some(enabled),
+                        severity: Some(severity),
+                        action: Some(action),
+                    };
+                    (rule.as_str().to_string(), set)
+                })
+                .collect(),
+        };
+        let a = ResolvedRules::resolve(
+            Mode::Observe,
+            &every_rule(false, Severity::Info, Action::Log),
+        );
+        let b = ResolvedRules::resolve(
+            Mode::Enforce,
+            &every_rule(true, Severity::Error, Action::Reject),
+        );
+        let live = LiveRules::new(a);
+        let stores = 20_000;
+        std::thread::scope(|scope| {
+            let live = &live;
+            let reader = scope.spawn(move || {
+                for _ in 0..200_000 {
+                    let got = live.load();
+                    assert!(got == a || got == b, "a torn read: {got:?}");
+                }
+            });
+            for i in 0..stores {
+                live.store(if i % 2 == 0 { b } else { a });
+            }
+            reader.join().unwrap();
+        });
+        assert_eq!(live.load(), a, "the last store wins");
     }
 
     #[test]

@@ -8,6 +8,16 @@
 //! the bounded list of recent violations. Each connection keeps a small ring
 //! of its recent session operations (`timeline`) for the examples.
 //!
+//! It judges by outcome (see `rules`' module doc): an effect — a session
+//! ended or killed, a refresh, a cursor killed, a transaction committed —
+//! takes hold when the server answers ok:1, not when the request passes; a
+//! refused command changes nothing but a counter (and one log line per
+//! upstream and command); an effect whose reply never comes is recorded as
+//! unconfirmed. A closed connection is misuse only when the client closed
+//! or reset its side first. Two identical requests on one session at once
+//! are told apart by what happens to the first: a retry if its connection
+//! fails without its reply, concurrent use if its reply is delivered.
+//!
 //! It never blocks and never awaits: every call takes a few map locks for a
 //! few microseconds and returns. No lock is held across a call boundary and
 //! no two session entries are locked at once. It never logs document
@@ -19,18 +29,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::command::{auth_user, AuthUser, Handshake, KillPattern, Lsid, ReplyView, RequestView};
+use crate::metrics::{command_index, COMMAND_LABELS};
+use crate::proxy::inspect::CloseCause;
 use crate::wire::Message;
 
 use super::config::DEFAULT_FINDING_INTERVAL;
+use super::config::{LiveRules, ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
 use super::config::{RefreshPolicy, RulesConfig};
-use super::config::{ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
 use super::findings::{
     self, Examples, FindingDetail, FindingId, FindingSnapshot, FindingTable, IdKey, Kept, LogNow,
     Summary,
 };
 use super::intern::{normalize_ip, ClientIdentity, FastDashMap, Tables, DEFAULT_INTERN_LIMIT};
 use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
-use super::rules::{self, CursorEvent, EndEvent, Names, RequestEvent, RuleContext};
+use super::outcome::{
+    Effect, EffectKind, EffectOutcome, KillTarget, PendingVerdict, Refusal, RefusalCounts,
+    SessionCommand, Verdicts, RETRY_VERDICT_WINDOW,
+};
+use super::rules::{self, CursorEvent, EndEvent, Names, Overlap, RequestEvent, RuleContext};
 use super::state::{
     millis, ClientId, CommandClass, EndKind, InFlight, Millis, OwnerId, ReplyFacts, RequestFacts,
     RequestRef, SessionKey, Sym, TxnEvents,
@@ -90,6 +106,35 @@ pub struct EngineStats {
     /// Transactions still open past `transaction_max_open` (counted once,
     /// whether or not the txn-left-open rule is enabled).
     pub transactions_left_open: u64,
+    /// Session requests still awaiting their reply when their connection
+    /// closed, by close cause (`CloseCause::index`). Only the client's own
+    /// closes can be closed-with-requests-in-flight; the rest are only this.
+    pub in_flight_abandoned: [u64; CloseCause::COUNT],
+    /// Driver retries recognised, by command (`metrics::COMMAND_LABELS`).
+    pub retries: PerCommand,
+    /// Session commands the upstream refused: `[SessionCommand::index][Refusal::index]`.
+    pub commands_refused: [[u64; Refusal::COUNT]; SessionCommand::COUNT],
+    /// Concurrent-use verdicts waiting for the first request's outcome.
+    pub retry_verdicts_pending: usize,
+    /// Identical requests left unjudged because too many verdicts waited.
+    pub retry_verdicts_unjudged: u64,
+}
+
+/// A count per command label (`metrics::COMMAND_LABELS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerCommand(pub [u64; COMMAND_LABELS.len()]);
+
+impl Default for PerCommand {
+    fn default() -> Self {
+        PerCommand([0; COMMAND_LABELS.len()])
+    }
+}
+
+impl PerCommand {
+    /// The count for a command name.
+    pub fn get(&self, command: &str) -> u64 {
+        self.0[command_index(command)]
+    }
 }
 
 /// Session and transaction lifecycle counters, bumped where the state
@@ -159,6 +204,9 @@ pub(crate) struct ConnState {
     pub(crate) owner: OwnerId,
     pending_auth: Option<PendingAuth>,
     pending: Vec<Pending>,
+    /// Effects of this connection's session commands, held until their
+    /// replies (empty, unallocated, on connections that send none).
+    effects: Vec<(i32, Effect)>,
     /// Recent session operations, for violations' timelines.
     ops: OpRing,
     pub(crate) injector: Option<crate::proxy::inspect::Injector>,
@@ -167,7 +215,17 @@ pub(crate) struct ConnState {
     /// The application sent session traffic on it (monitoring connections
     /// never do, and may not be authenticated: no refresh goes there).
     pub(crate) carried_sessions: bool,
+    /// Sessions whose transactions sent statements on this connection, most
+    /// recent last, at most `TXN_SESSIONS_PER_CONN` (unallocated on
+    /// connections that carry no transaction). When the upstream side cuts
+    /// the connection, their open transactions' outcome becomes unknown.
+    txn_sessions: Vec<SessionKey>,
 }
+
+/// How many transactional sessions a connection remembers for its close.
+/// Drivers check a connection out per operation, so only sessions whose
+/// transactions interleave on one connection count against it.
+const TXN_SESSIONS_PER_CONN: usize = 64;
 
 impl ConnState {
     pub(crate) fn is_quiet(&self) -> bool {
@@ -176,9 +234,31 @@ impl ConnState {
 }
 
 /// Per-upstream facts (an upstream is the listener / member a client reached).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct UpstreamState {
+    /// The listener address the clients of this upstream reach.
+    listener: SocketAddr,
+    /// refreshSessions is refused as unsupported here: the refresher stops.
     pub(crate) refresh_unsupported: AtomicBool,
+    /// One bit per `SessionCommand`: a refusal of it here was logged.
+    refusals_logged: AtomicU32,
+}
+
+impl UpstreamState {
+    fn new(listener: SocketAddr) -> UpstreamState {
+        UpstreamState {
+            listener,
+            refresh_unsupported: AtomicBool::new(false),
+            refusals_logged: AtomicU32::new(0),
+        }
+    }
+
+    /// True the first time `command` is refused here (one log line per
+    /// upstream and command; later ones are only counted).
+    fn first_refusal(&self, command: SessionCommand) -> bool {
+        let bit = 1 << command.index();
+        self.refusals_logged.fetch_or(bit, Ordering::Relaxed) & bit == 0
+    }
 }
 
 /// Violations: every one counted per rule, grouped into findings (which
@@ -191,8 +271,12 @@ struct ViolationLog {
 }
 
 pub struct SessionEngine {
+    /// As started: a reload changes only `rules` and `transaction_max_open`.
     pub(crate) config: SessionConfig,
-    rules: ResolvedRules,
+    /// Mode and per-rule settings; a reload swaps them (`reconfigure`).
+    rules: LiveRules,
+    /// `sessions.transaction_max_open` in ms (a reload may change it).
+    transaction_max_open: AtomicU64,
     pub(crate) ledger: SessionLedger,
     pub(crate) tables: Tables,
     pub(crate) conns: FastDashMap<u64, ConnState>,
@@ -213,6 +297,11 @@ pub struct SessionEngine {
     /// Web-session store documents (`[stores]`).
     stores: StoreTracker,
     lifecycle: Lifecycle,
+    /// Concurrent-use verdicts waiting for the first request's outcome.
+    verdicts: Verdicts,
+    refusals: RefusalCounts,
+    retries: [AtomicU64; COMMAND_LABELS.len()],
+    in_flight_abandoned: [AtomicU64; CloseCause::COUNT],
 }
 
 impl std::fmt::Debug for SessionEngine {
@@ -282,7 +371,8 @@ impl SessionEngine {
     pub fn new(config: &SessionConfig, rules: &RulesConfig) -> SessionEngine {
         SessionEngine {
             config: config.clone(),
-            rules: ResolvedRules::resolve(config.mode, rules),
+            rules: LiveRules::new(ResolvedRules::resolve(config.mode, rules)),
+            transaction_max_open: AtomicU64::new(millis(config.transaction_max_open)),
             ledger: SessionLedger::new(config.max_sessions),
             tables: Tables::new(DEFAULT_INTERN_LIMIT),
             conns: FastDashMap::default(),
@@ -309,6 +399,10 @@ impl SessionEngine {
             refresh_failures: AtomicU64::new(0),
             stores: StoreTracker::default(),
             lifecycle: Lifecycle::default(),
+            verdicts: Verdicts::default(),
+            refusals: RefusalCounts::default(),
+            retries: std::array::from_fn(|_| AtomicU64::new(0)),
+            in_flight_abandoned: Default::default(),
         }
     }
 
@@ -360,11 +454,28 @@ impl SessionEngine {
         self.config.refresh
     }
 
+    /// Puts the live part of a reloaded configuration in force: the mode,
+    /// every `[rules.<id>]` setting and `sessions.transaction_max_open`.
+    /// Requests already being judged finish under the settings they
+    /// started with; the ledger, connections and counters are untouched.
+    /// `sessions` and `rules` must be validated.
+    pub fn reconfigure(&self, sessions: &SessionConfig, rules: &RulesConfig) {
+        self.transaction_max_open
+            .store(millis(sessions.transaction_max_open), Ordering::Relaxed);
+        self.rules
+            .store(ResolvedRules::resolve(sessions.mode, rules));
+    }
+
+    /// The mode and rule settings in force now.
+    pub fn rules(&self) -> ResolvedRules {
+        self.rules.load()
+    }
+
     fn context(&self, now: Millis) -> RuleContext<'_> {
         RuleContext {
             now,
             session_timeout: millis(self.session_timeout()),
-            transaction_max_open: millis(self.config.transaction_max_open),
+            transaction_max_open: self.transaction_max_open.load(Ordering::Relaxed),
             names: self,
         }
     }
@@ -377,7 +488,9 @@ impl SessionEngine {
             .upstream_ids
             .entry(local)
             .or_insert_with(|| self.next_upstream.fetch_add(1, Ordering::Relaxed));
-        self.upstreams.entry(id).or_default();
+        self.upstreams
+            .entry(id)
+            .or_insert_with(|| UpstreamState::new(local));
         id
     }
 
@@ -407,10 +520,12 @@ impl SessionEngine {
                 owner: OwnerId::UNKNOWN,
                 pending_auth: None,
                 pending: Vec::new(),
+                effects: Vec::new(),
                 ops: OpRing::default(),
                 injector,
                 refresh_in_progress: false,
                 carried_sessions: false,
+                txn_sessions: Vec::new(),
             },
         );
     }
@@ -509,14 +624,18 @@ impl SessionEngine {
         };
         // The count doubles as the request's sequence number (timelines).
         let seq = self.requests_inspected.fetch_add(1, Ordering::Relaxed);
+        self.decide_due_verdicts(now);
         let inspected = self.inspect(conn, request_id, view, now, seq);
         let ctx = self.context(now);
+        let can_reply = inspected.facts.expects_reply;
+        // One snapshot per request: a reload mid-request cannot mix settings.
+        let rules = self.rules.load();
         let mut found: Vec<Violation> = Vec::new();
 
         // Read-only checks first: nothing changes until the verdict is known.
         let cursor_event = self.cursor_event(&inspected);
         if let Some(event) = &cursor_event {
-            if self.rules.enabled(RuleId::CursorSessionMismatch) {
+            if rules.enabled(RuleId::CursorSessionMismatch) {
                 found.extend(rules::cursor_session_mismatch(event, &ctx));
             }
         }
@@ -525,8 +644,14 @@ impl SessionEngine {
             CommandClass::KillSessions => Some(EndKind::Killed),
             _ => None,
         };
+        // end-while-in-flight is judged now, on what the proxy sees (requests
+        // really in flight on the sessions named). In enforce mode it rejects
+        // the end before it can end a session in use; otherwise it is
+        // reported when the server confirms the end (never if it refuses;
+        // as an unconfirmed warning if the reply never comes).
+        let mut ended_in_flight: Vec<Violation> = Vec::new();
         if let Some(kind) = end_kind {
-            if self.rules.enabled(RuleId::EndWhileInFlight) {
+            if rules.enabled(RuleId::EndWhileInFlight) {
                 for &lsid in &inspected.targets.sessions {
                     let event = EndEvent {
                         key: SessionKey {
@@ -539,16 +664,19 @@ impl SessionEngine {
                     if let Some(v) = self.ledger.read(&event.key, |state| {
                         rules::end_while_in_flight(&event, state, &ctx)
                     }) {
-                        found.extend(v);
+                        ended_in_flight.extend(v);
                     }
                 }
+            }
+            if can_reply && rules.get(RuleId::EndWhileInFlight).action == Action::Reject {
+                found.append(&mut ended_in_flight);
             }
         }
 
         // Web-session stores: a resurrecting write is judged before anything
         // changes, like every rule (enforce rejects it).
         let store_ops = self.stores.classify(&inspected.view);
-        if !store_ops.is_empty() && self.rules.enabled(RuleId::StoreSessionResurrected) {
+        if !store_ops.is_empty() && rules.enabled(RuleId::StoreSessionResurrected) {
             if let Some(resurrection) = self.stores.check(&store_ops, &inspected.facts.request) {
                 let key = inspected.key.unwrap_or(SessionKey {
                     lsid: Default::default(),
@@ -559,48 +687,51 @@ impl SessionEngine {
             }
         }
 
-        let can_reply = inspected.facts.expects_reply;
         let mut rejected = false;
+        let mut suspect: Option<InFlight> = None;
+        let mut retried = false;
         if let Some(key) = inspected.key {
             let event = RequestEvent {
                 key,
                 facts: inspected.facts,
             };
             rejected = self.ledger.with_session(key, now, |state| {
-                self.session_rules(&event, state, &ctx, &mut found);
-                let reject = can_reply
-                    && found
-                        .iter()
-                        .any(|v| self.rules.get(v.rule).action == Action::Reject);
+                self.session_rules(&rules, &event, state, &ctx, &mut found);
+                let reject = can_reply && found.iter().any(|v| rejects(&rules, v));
                 if !reject {
-                    self.record_request(state, &event, &found, &ctx);
+                    suspect = self.retry_suspect(&event, state, &found);
+                    retried = self.record_request(state, &event, &found, suspect.is_some(), &ctx);
                 }
                 reject
             });
         } else if can_reply {
-            rejected = found
-                .iter()
-                .any(|v| self.rules.get(v.rule).action == Action::Reject);
+            rejected = found.iter().any(|v| rejects(&rules, v));
         }
 
         if !rejected {
-            self.stores.apply(&store_ops, &inspected.facts.request);
-            self.apply_request_effects(&inspected, end_kind, now);
+            let destroys = self.stores.apply(&store_ops, &inspected.facts.request);
+            if let (Some(key), Some(first)) = (inspected.key, suspect) {
+                self.defer_verdict(key, first.request, inspected.facts.request, now);
+            }
+            if retried {
+                self.count_retry(inspected.view.name);
+            }
+            self.apply_request_effects(&inspected, end_kind, ended_in_flight, destroys, now);
         }
 
         let reply = if rejected {
             self.requests_rejected.fetch_add(1, Ordering::Relaxed);
             let first = found
                 .iter()
-                .filter(|v| self.rules.get(v.rule).action == Action::Reject)
-                .max_by_key(|v| self.rules.get(v.rule).severity);
+                .filter(|v| rejects(&rules, v))
+                .max_by_key(|v| rules.get(v.rule).severity);
             first.map(|v| self.reject_reply(v))
         } else {
             None
         };
         for violation in found {
-            let settings = self.rules.get(violation.rule);
-            self.emit(violation, rejected && settings.action == Action::Reject);
+            let rejects = rejects(&rules, &violation);
+            self.emit(violation, rejected && rejects);
         }
         match reply {
             Some(reply) => Decision::Reject { reply },
@@ -609,14 +740,18 @@ impl SessionEngine {
     }
 
     /// Records a forwarded session request in its session and counts the
-    /// session lifecycle.
+    /// session lifecycle. Returns whether the request is a driver's retry
+    /// (of a request cut off by its connection closing, or a retryable
+    /// write resent with the same txnNumber and statements, which the
+    /// server deduplicates); a `suspect` is counted by its verdict instead.
     fn record_request(
         &self,
         state: &mut super::state::SessionState,
         event: &RequestEvent,
         found: &[Violation],
+        suspect: bool,
         ctx: &RuleContext<'_>,
-    ) {
+    ) -> bool {
         let now = ctx.now;
         let cleanup = event.facts.class.is_session_cleanup();
         let restarted = state.is_ended() && !cleanup;
@@ -641,8 +776,102 @@ impl SessionEngine {
         if let Some(shared) = found.iter().find(|v| v.rule == RuleId::CrossClientSharing) {
             state.shared_with = shared.current.map_or(ClientId::UNKNOWN, |r| r.client);
         }
-        let events = state.apply_request(&event.facts, now);
+        let facts = &event.facts;
+        let cut_off = state.take_cut_off(facts);
+        let resent = facts.retryable_write
+            && state.last_retryable.as_deref().is_some_and(|last| {
+                Some(last.txn_number) == facts.request.txn_number
+                    && last.statement == facts.statement
+            });
+        let events = state.apply_request(facts, now);
         self.lifecycle.transactions(events);
+        !suspect && (cut_off || resent)
+    }
+
+    /// When `event` repeats exactly a request in flight on another
+    /// connection (and nothing else there is reported), flags that request
+    /// `suspected` and returns it: the verdict waits for its outcome.
+    fn retry_suspect(
+        &self,
+        event: &RequestEvent,
+        state: &mut super::state::SessionState,
+        found: &[Violation],
+    ) -> Option<InFlight> {
+        if state.in_flight.is_empty()
+            || !self.rules.enabled(RuleId::ConcurrentUse)
+            || found.iter().any(|v| v.rule == RuleId::ConcurrentUse)
+        {
+            return None;
+        }
+        let first = rules::retry_suspect(event, state)?;
+        if self.verdicts.is_full() {
+            // Left unjudged (silent): see `MAX_PENDING_VERDICTS`.
+            self.verdicts.unjudged_one();
+            return None;
+        }
+        state
+            .in_flight
+            .set_suspected(first.request.conn, first.request.request_id, true);
+        Some(first)
+    }
+
+    fn defer_verdict(&self, key: SessionKey, first: RequestRef, second: RequestRef, now: Millis) {
+        self.verdicts.defer(PendingVerdict {
+            key,
+            first,
+            second,
+            deadline: now.saturating_add(RETRY_VERDICT_WINDOW),
+        });
+    }
+
+    /// Decides the verdicts waiting on `first` (session `key`): its reply
+    /// was delivered (`answered`), or its connection closed without it.
+    fn decide_verdicts(&self, key: &SessionKey, first: &RequestRef, answered: bool, now: Millis) {
+        let waiting = self.verdicts.take_waiting_on(key, first);
+        for verdict in waiting {
+            if answered {
+                // Both were answered: nothing failed, nothing was retried.
+                let ctx = self.context(now);
+                let violation = rules::concurrent_use_confirmed(
+                    &verdict.key,
+                    &verdict.first,
+                    &verdict.second,
+                    Overlap::Answered,
+                    &ctx,
+                );
+                self.emit(violation, false);
+            } else {
+                // The first never answered: the second was its retry. Every
+                // identical request that overlapped it is taken for one — a
+                // false negative in a rare corner, never a false alarm.
+                self.count_retry(&self.tables.symbols.resolve(verdict.second.command.0));
+            }
+        }
+    }
+
+    /// Decides the verdicts whose window ended: the first request is still
+    /// unanswered on a connection that stayed open, so the second was not a
+    /// retry (see `RETRY_VERDICT_WINDOW`). One relaxed load when none is due.
+    fn decide_due_verdicts(&self, now: Millis) {
+        let due = self.verdicts.take_due(now);
+        if due.is_empty() {
+            return;
+        }
+        let ctx = self.context(now);
+        for verdict in due {
+            let violation = rules::concurrent_use_confirmed(
+                &verdict.key,
+                &verdict.first,
+                &verdict.second,
+                Overlap::StillInFlight(RETRY_VERDICT_WINDOW),
+                &ctx,
+            );
+            self.emit(violation, false);
+        }
+    }
+
+    fn count_retry(&self, command: &str) {
+        self.retries[command_index(command)].fetch_add(1, Ordering::Relaxed);
     }
 
     fn inspect<'a>(
@@ -694,6 +923,7 @@ impl SessionEngine {
 
     fn session_rules(
         &self,
+        rules: &ResolvedRules,
         event: &RequestEvent,
         state: &super::state::SessionState,
         ctx: &RuleContext<'_>,
@@ -716,7 +946,7 @@ impl SessionEngine {
             (RuleId::IdleExpiredReuse, rules::idle_expired_reuse),
         ];
         for (rule, check) in RULES {
-            if self.rules.enabled(rule) {
+            if rules.enabled(rule) {
                 // Not `extend`: moving each (almost always empty) Option
                 // through an iterator copied the whole Violation nine
                 // times per request.
@@ -753,126 +983,148 @@ impl SessionEngine {
     }
 
     /// State changes of a forwarded request outside its own session entry.
+    /// A session command's effect is held until its reply (`settle_effect`);
+    /// what the client itself let go of (a getMore whose cursor it kills)
+    /// changes now.
     fn apply_request_effects(
         &self,
         inspected: &Inspected<'_>,
         end_kind: Option<EndKind>,
+        ended_in_flight: Vec<Violation>,
+        destroys: Vec<super::store::StoreOp>,
         now: Millis,
     ) {
         let facts = &inspected.facts;
-        if let Some(kind) = end_kind {
-            for &lsid in &inspected.targets.sessions {
-                let key = SessionKey {
-                    lsid,
-                    owner: inspected.owner,
+        if facts.class == CommandClass::KillCursors {
+            // A getMore still waiting on a cursor the client kills (a change
+            // stream or tailable cursor closed mid-await) no longer holds its
+            // session: the driver may hand the session on right away, without
+            // waiting for the kill's reply. The client's letting go is the
+            // fact here; it can only silence concurrent-use, never raise it.
+            let mut owners: Vec<SessionKey> = inspected.key.into_iter().collect();
+            for &id in &inspected.targets.killed_cursors {
+                let key = CursorKey {
+                    upstream: facts.upstream,
+                    id,
                 };
-                if let Some(events) = self.ledger.end(key, kind, facts.request, now) {
-                    self.lifecycle.ended(kind, events);
-                }
-            }
-        }
-        match facts.class {
-            CommandClass::KillAllSessions => self.kill_all(inspected, now),
-            CommandClass::RefreshSessions => {
-                for &lsid in &inspected.targets.sessions {
-                    self.ledger.with_existing(
-                        &SessionKey {
-                            lsid,
-                            owner: inspected.owner,
-                        },
-                        |state| {
-                            if !state.is_ended() {
-                                state.last_refreshed = now;
-                            }
-                        },
-                    );
-                }
-            }
-            CommandClass::KillCursors => {
-                // A getMore still waiting on a killed cursor (a change stream
-                // or tailable cursor closed mid-await) no longer holds its
-                // session: the driver may hand the session on right away.
-                let mut owners: Vec<SessionKey> = inspected.key.into_iter().collect();
-                for &id in &inspected.targets.killed_cursors {
-                    let key = CursorKey {
-                        upstream: facts.upstream,
-                        id,
-                    };
-                    if let Some(entry) = self.ledger.remove_cursor(&key) {
-                        if !owners.contains(&entry.owner) {
-                            owners.push(entry.owner);
-                        }
+                if let Some(entry) = self.ledger.cursor(&key) {
+                    if !owners.contains(&entry.owner) {
+                        owners.push(entry.owner);
                     }
                 }
-                for owner in owners {
-                    self.ledger
-                        .with_existing(&owner, |state| state.in_flight.abandon_get_mores());
-                }
             }
-            _ => {}
+            for owner in owners {
+                self.ledger
+                    .with_existing(&owner, |state| state.in_flight.abandon_get_mores());
+            }
         }
+        let effect = if destroys.is_empty() {
+            self.held_effect(inspected, end_kind, ended_in_flight)
+        } else {
+            Some(Effect {
+                command: None,
+                by: facts.request,
+                kind: EffectKind::StoreDestroy { ops: destroys },
+            })
+        };
         let tracked = inspected.key.is_some()
+            || effect.is_some()
             || matches!(facts.class, CommandClass::Hello | CommandClass::Auth);
-        // Commands that end sessions from outside them are the earlier
-        // request of use-after-end: timelines want their place too.
-        let ends = end_kind.is_some() || facts.class == CommandClass::KillAllSessions;
-        let in_ring = inspected.key.is_some() || ends;
-        if (tracked && facts.expects_reply) || in_ring {
-            if let Some(mut conn) = self.conns.get_mut(&facts.request.conn) {
-                // Forwarded session requests go to the ring (for timelines),
-                // the ones awaiting a reply to `pending` too.
-                let op =
-                    in_ring.then(|| conn.ops.record(inspected.key, facts.request, inspected.seq));
-                if tracked && facts.expects_reply {
-                    conn.pending.push(Pending {
-                        key: inspected.key,
-                        entry: InFlight {
-                            request: facts.request,
-                            statement: facts.statement,
-                            class: facts.class,
-                            abandoned: false,
-                        },
-                        in_transaction: facts.in_transaction,
-                        cursor: inspected.targets.get_more_cursor,
-                        op,
-                    });
+        // Forwarded session requests go to the connection's ring (for
+        // timelines), and so do commands that end sessions from outside
+        // them (the earlier request of use-after-end).
+        let in_ring = inspected.key.is_some()
+            || end_kind.is_some()
+            || facts.class == CommandClass::KillAllSessions;
+        if !(tracked && facts.expects_reply) {
+            if in_ring {
+                if let Some(mut conn) = self.conns.get_mut(&facts.request.conn) {
+                    conn.ops.record(inspected.key, facts.request, inspected.seq);
                 }
-                conn.carried_sessions |= inspected.key.is_some();
             }
+            if let Some(effect) = effect {
+                // moreToCome: no reply will ever say.
+                self.settle_effect(effect, EffectOutcome::Unconfirmed, facts.upstream, now);
+            }
+            return;
+        }
+        let Some(mut conn) = self.conns.get_mut(&facts.request.conn) else {
+            return;
+        };
+        let op = in_ring.then(|| conn.ops.record(inspected.key, facts.request, inspected.seq));
+        let pending = Pending {
+            key: inspected.key,
+            entry: InFlight {
+                request: facts.request,
+                statement: facts.statement,
+                class: facts.class,
+                abandoned: false,
+                suspected: false,
+            },
+            in_transaction: facts.in_transaction,
+            cursor: inspected.targets.get_more_cursor,
+            op,
+        };
+        conn.pending.push(pending);
+        conn.carried_sessions |= inspected.key.is_some();
+        if let Some(key) = inspected.key.filter(|_| facts.in_transaction) {
+            if conn.txn_sessions.last() != Some(&key) {
+                conn.txn_sessions.retain(|known| *known != key);
+                if conn.txn_sessions.len() == TXN_SESSIONS_PER_CONN {
+                    conn.txn_sessions.remove(0);
+                }
+                conn.txn_sessions.push(key);
+            }
+        }
+        if let Some(effect) = effect {
+            conn.effects.push((facts.request.request_id, effect));
         }
     }
 
-    fn kill_all(&self, inspected: &Inspected<'_>, now: Millis) {
-        let patterns = inspected.view.kill_patterns();
-        if patterns.is_empty() {
-            return;
+    /// The effect a session command will have once the server confirms it.
+    fn held_effect(
+        &self,
+        inspected: &Inspected<'_>,
+        end_kind: Option<EndKind>,
+        ended_in_flight: Vec<Violation>,
+    ) -> Option<Effect> {
+        let facts = &inspected.facts;
+        if !facts.class.waits_for_outcome() {
+            return None;
         }
-        let owners: Vec<Option<OwnerId>> = patterns
-            .iter()
-            .map(|pattern| match pattern {
-                KillPattern::User { user, db } => self.tables.known_owner(user, db),
-                _ => None,
-            })
-            .collect();
-        let matches = |key: &SessionKey| {
-            patterns
-                .iter()
-                .zip(&owners)
-                .any(|(pattern, owner)| match pattern {
-                    KillPattern::All => true,
-                    KillPattern::Lsid(lsid) => key.lsid == *lsid,
-                    KillPattern::User { .. } => owner.is_some_and(|owner| owner == key.owner),
-                    KillPattern::Unmatchable => false,
-                })
+        let command = Some(SessionCommand::of(inspected.view.name)?);
+        let sessions = || inspected.targets.sessions.clone();
+        let kind = match (facts.class, end_kind) {
+            (_, Some(kind)) => EffectKind::End {
+                kind,
+                owner: inspected.owner,
+                sessions: sessions(),
+                in_flight: ended_in_flight,
+            },
+            (CommandClass::KillAllSessions, _) => EffectKind::KillAll {
+                targets: self.kill_targets(inspected),
+            },
+            (CommandClass::RefreshSessions, _) => EffectKind::Refresh {
+                owner: inspected.owner,
+                sessions: sessions(),
+            },
+            (CommandClass::KillCursors, _) => EffectKind::KillCursors {
+                upstream: facts.upstream,
+                cursors: inspected.targets.killed_cursors.clone(),
+            },
+            _ => return None,
         };
-        for key in self.ledger.all_keys() {
-            if matches(&key) {
-                let kind = EndKind::KilledByPattern;
-                if let Some(events) = self.ledger.end(key, kind, inspected.facts.request, now) {
-                    self.lifecycle.ended(kind, events);
-                }
-            }
-        }
+        Some(Effect {
+            command,
+            by: facts.request,
+            kind,
+        })
+    }
+
+    /// killAllSessions(ByPattern)'s patterns, resolved against the owners
+    /// the proxy knows now.
+    fn kill_targets(&self, inspected: &Inspected<'_>) -> Vec<KillTarget> {
+        let patterns = inspected.view.kill_patterns();
         if patterns.contains(&KillPattern::Unmatchable) {
             tracing::debug!(
                 conn = inspected.facts.request.conn,
@@ -880,6 +1132,139 @@ impl SessionEngine {
                 "a kill pattern names sessions by uid or role, which sessionguard cannot match; those sessions are not marked killed"
             );
         }
+        patterns
+            .iter()
+            .map(|pattern| match pattern {
+                KillPattern::All => KillTarget::All,
+                KillPattern::Lsid(lsid) => KillTarget::Lsid(*lsid),
+                KillPattern::User { user, db } => self
+                    .tables
+                    .known_owner(user, db)
+                    .map_or(KillTarget::Nothing, KillTarget::Owner),
+                KillPattern::Unmatchable => KillTarget::Nothing,
+            })
+            .collect()
+    }
+
+    /// Applies or drops a held effect once its outcome is known. Confirmed:
+    /// it takes hold. Refused: nothing changes but a counter and, the first
+    /// time per upstream and command, a log line. Unconfirmed (no reply
+    /// will come): ends are recorded as unconfirmed — rules report on them
+    /// at most as warnings and never reject — and the effects that can only
+    /// silence rules (a refresh, a killed cursor) are taken as done, since
+    /// assuming otherwise could only raise an alarm on a guess.
+    fn settle_effect(&self, effect: Effect, outcome: EffectOutcome, upstream: u32, now: Millis) {
+        let confirmed = match outcome {
+            EffectOutcome::Confirmed => true,
+            EffectOutcome::Unconfirmed => false,
+            EffectOutcome::Refused { refusal, code } => {
+                if let Some(command) = effect.command {
+                    self.refused(upstream, effect.by.conn, command, refusal, code);
+                }
+                return;
+            }
+        };
+        match effect.kind {
+            EffectKind::End {
+                kind,
+                owner,
+                sessions,
+                in_flight,
+            } => {
+                for lsid in sessions {
+                    let key = SessionKey { lsid, owner };
+                    if let Some(events) = self.ledger.end(key, kind, effect.by, confirmed, now) {
+                        self.lifecycle.ended(kind, events);
+                    }
+                }
+                for violation in in_flight {
+                    let violation = if confirmed {
+                        violation
+                    } else {
+                        let mut violation = violation.unconfirmed(true);
+                        violation.message.push_str(rules::UNCONFIRMED_END);
+                        violation
+                    };
+                    self.emit(violation, false);
+                }
+            }
+            EffectKind::KillAll { targets } => {
+                if targets.iter().all(|target| *target == KillTarget::Nothing) {
+                    return;
+                }
+                let kind = EndKind::KilledByPattern;
+                for key in self.ledger.all_keys() {
+                    if targets.iter().any(|target| target.matches(&key)) {
+                        if let Some(events) = self.ledger.end(key, kind, effect.by, confirmed, now)
+                        {
+                            self.lifecycle.ended(kind, events);
+                        }
+                    }
+                }
+            }
+            EffectKind::Refresh { owner, sessions } => {
+                for lsid in sessions {
+                    self.ledger
+                        .with_existing(&SessionKey { lsid, owner }, |state| {
+                            if !state.is_ended() {
+                                state.last_refreshed = now;
+                            }
+                        });
+                }
+            }
+            EffectKind::KillCursors { upstream, cursors } => {
+                for id in cursors {
+                    self.ledger.remove_cursor(&CursorKey { upstream, id });
+                }
+            }
+            EffectKind::StoreDestroy { ops } => {
+                self.stores
+                    .settle_destroys(&ops, &effect.by, confirmed, now);
+            }
+        }
+    }
+
+    /// A session command the upstream refused: counted, and said once per
+    /// upstream and command (the refresher's refusals come here too).
+    pub(crate) fn refused(
+        &self,
+        upstream: u32,
+        conn: u64,
+        command: SessionCommand,
+        refusal: Refusal,
+        code: Option<i32>,
+    ) {
+        self.refusals.count(command, refusal);
+        let Some(state) = self.upstreams.get(&upstream) else {
+            return;
+        };
+        let stops_refreshing = command == SessionCommand::RefreshSessions && refusal.unsupported();
+        if stops_refreshing {
+            state.refresh_unsupported.store(true, Ordering::Relaxed);
+        }
+        if !state.first_refusal(command) {
+            return;
+        }
+        let listener = state.listener;
+        drop(state);
+        let then = if stops_refreshing {
+            "; sessionguard stops refreshing sessions on this upstream (held sessions there can expire while idle)"
+        } else {
+            ""
+        };
+        tracing::warn!(
+            conn,
+            listener = %listener,
+            command = command.as_str(),
+            code,
+            code_name = refusal.as_str(),
+            "the upstream refused {command} ({code_name}): {means}; nothing changes — {effect}{then}. Later \
+             refusals of {command} on this upstream are only counted (sessionguard_session_commands_refused_total)",
+            code_name = refusal.as_str(),
+            command = command.as_str(),
+            means = refusal.means(),
+            effect = command.refused_means(),
+        );
     }
 
     fn reject_reply(&self, violation: &Violation) -> Vec<u8> {
@@ -904,11 +1289,12 @@ impl SessionEngine {
         let Some(reply) = ReplyView::from_message(message) else {
             return;
         };
+        self.decide_due_verdicts(now);
         let final_reply = !reply.more_to_come;
         // One connection lookup per reply: the pending request, the upstream
         // its cursors live on and the handshake / auth outcome all come from
         // (or go to) the same entry.
-        let (pending, upstream) = {
+        let (pending, upstream, effect) = {
             let Some(mut state) = self.conns.get_mut(&conn) else {
                 return;
             };
@@ -940,19 +1326,51 @@ impl SessionEngine {
                 }
                 _ => {}
             }
-            (pending, state.upstream)
+            // Only session commands and store deletes hold an effect: no
+            // search otherwise.
+            let effect = if final_reply && !state.effects.is_empty() {
+                state
+                    .effects
+                    .iter()
+                    .position(|(id, _)| *id == response_to)
+                    .map(|position| state.effects.swap_remove(position).1)
+            } else {
+                None
+            };
+            (pending, state.upstream, effect)
         };
+        if let Some(effect) = effect {
+            // A delete with writeErrors deleted nothing it was refused.
+            let done = match effect.kind {
+                EffectKind::StoreDestroy { .. } => reply.is_clean_success(),
+                _ => reply.ok,
+            };
+            let outcome = if done {
+                EffectOutcome::Confirmed
+            } else {
+                EffectOutcome::Refused {
+                    refusal: Refusal::of(reply.code, reply.code_name),
+                    code: reply.code,
+                }
+            };
+            self.settle_effect(effect, outcome, upstream, now);
+        }
         let Some(key) = pending.key else { return };
         let facts = reply_facts(&reply, pending.in_transaction);
         let ctx = self.context(now);
         let mut found = None;
+        let mut suspected = false;
         self.ledger.with_existing(&key, |state| {
             if self.rules.enabled(RuleId::TxnAfterAbort) {
                 found = rules::txn_after_abort_on_reply(&key, &pending.entry, &facts, state, &ctx);
             }
-            let events = state.apply_reply(&pending.entry, &facts, final_reply, now);
-            self.lifecycle.transactions(events);
+            let applied = state.apply_reply(&pending.entry, &facts, final_reply, now);
+            self.lifecycle.transactions(applied.txn);
+            suspected = applied.suspected;
         });
+        if suspected {
+            self.decide_verdicts(&key, &pending.entry.request, true, now);
+        }
         self.cursor_reply(&key, &pending, upstream, &reply);
         if let Some(violation) = found {
             self.emit(violation, false);
@@ -1019,19 +1437,29 @@ impl SessionEngine {
 
     // ---- close ----
 
-    /// The client connection closed.
-    pub fn close(&self, conn: u64) {
-        self.close_at(conn, self.now())
+    /// The client connection closed, because of `cause`.
+    pub fn close(&self, conn: u64, cause: CloseCause) {
+        self.close_at(conn, cause, self.now())
     }
 
-    pub fn close_at(&self, conn: u64, now: Millis) {
+    /// `close` at a given engine time. Every request still in flight on the
+    /// connection is released (so the driver's retry elsewhere finds the
+    /// session free) and counted by `cause`; closed-with-requests-in-flight
+    /// judges them only when the client closed or reset its side first.
+    /// Verdicts waiting on them are decided: retries. Held effects are
+    /// settled as unconfirmed.
+    pub fn close_at(&self, conn: u64, cause: CloseCause, now: Millis) {
         let Some((_, state)) = self.conns.remove(&conn) else {
             return;
         };
         let ctx = self.context(now);
+        let judge =
+            cause.client_went_first() && self.rules.enabled(RuleId::ClosedWithRequestsInFlight);
         for pending in &state.pending {
             let Some(key) = pending.key else { continue };
+            self.in_flight_abandoned[cause.index()].fetch_add(1, Ordering::Relaxed);
             let mut found = None;
+            let mut suspected = false;
             self.ledger.with_existing(&key, |session| {
                 // The session's copy knows whether the client abandoned it.
                 let entry = session
@@ -1039,15 +1467,33 @@ impl SessionEngine {
                     .find(pending.entry.request.conn, pending.entry.request.request_id)
                     .copied()
                     .unwrap_or(pending.entry);
-                if self.rules.enabled(RuleId::ClosedWithRequestsInFlight) {
+                if judge {
                     found = rules::closed_with_requests_in_flight(&key, &entry, now, &ctx);
                 }
-                session.connection_closed(&entry);
+                suspected = session.connection_closed(&entry);
             });
+            if suspected {
+                self.decide_verdicts(&key, &pending.entry.request, false, now);
+            }
             if let Some(violation) = found {
                 // The connection has left the map: its ring comes along.
                 self.emit_from(violation, false, Some((conn, &state)));
             }
+        }
+        if !cause.client_went_first() {
+            // A failover, a network cut or the proxy itself ended the
+            // connection: the server may have aborted the transactions it
+            // carried (a step-down does), and the driver, its pool cleared,
+            // fails their commit without sending it and retries with the
+            // next txnNumber. Their outcome is unknown, so that retry must
+            // not read as superseding an open transaction.
+            for key in &state.txn_sessions {
+                self.ledger
+                    .with_existing(key, |session| session.transaction_cut());
+            }
+        }
+        for (_, effect) in state.effects {
+            self.settle_effect(effect, EffectOutcome::Unconfirmed, state.upstream, now);
         }
     }
 
@@ -1060,6 +1506,7 @@ impl SessionEngine {
     }
 
     pub fn sweep_at(&self, now: Millis) {
+        self.decide_due_verdicts(now);
         // A flood that stopped still gets its last summary line.
         let due = self.findings_table().due_summaries(now);
         for summary in &due {
@@ -1129,7 +1576,10 @@ impl SessionEngine {
     fn emit_from(&self, violation: Violation, rejected: bool, closing: Option<(u64, &ConnState)>) {
         let settings = self.rules.get(violation.rule);
         self.violations.per_rule[violation.rule.index()].fetch_add(1, Ordering::Relaxed);
-        let key = IdKey::of(&violation, settings.severity, settings.action);
+        // At most a warning when it rests on an effect the server never
+        // confirmed: that is part of what the finding is.
+        let severity = violation.severity(settings.severity);
+        let key = IdKey::of(&violation, severity, settings.action);
         let (timeline, mut peers) = self.timeline(&violation, closing);
         if let Some(store) = &violation.store {
             // store-session-resurrected: the read may be on a third connection.
@@ -1142,7 +1592,7 @@ impl SessionEngine {
         let kept = Kept {
             id: self.violations.next_id.fetch_add(1, Ordering::Relaxed),
             violation,
-            severity: settings.severity,
+            severity,
             action: settings.action,
             rejected,
             peers,
@@ -1245,6 +1695,7 @@ impl SessionEngine {
             severity: kept.severity,
             action: kept.action,
             rejected: kept.rejected,
+            unconfirmed: violation.unconfirmed,
             lsid: violation.key.lsid.to_string(),
             lsid_short: violation.key.lsid.short().to_string(),
             owner: self
@@ -1374,8 +1825,19 @@ impl SessionEngine {
             transactions_committed: load(&lifecycle.transactions_committed),
             transactions_aborted: load(&lifecycle.transactions_aborted),
             transactions_left_open: load(&lifecycle.transactions_left_open),
+            in_flight_abandoned: self.in_flight_abandoned.each_ref().map(load),
+            retries: PerCommand(self.retries.each_ref().map(load)),
+            commands_refused: self.refusals.snapshot(),
+            retry_verdicts_pending: self.verdicts.len(),
+            retry_verdicts_unjudged: self.verdicts.unjudged(),
         }
     }
+}
+
+/// Whether `violation` rejects its request under `rules`: its rule's action
+/// is reject and it does not rest on an unconfirmed effect.
+fn rejects(rules: &ResolvedRules, violation: &Violation) -> bool {
+    violation.rejects(rules.get(violation.rule).action)
 }
 
 fn reply_facts(reply: &ReplyView<'_>, in_transaction: bool) -> ReplyFacts {
@@ -1392,6 +1854,7 @@ fn reply_facts(reply: &ReplyView<'_>, in_transaction: bool) -> ReplyFacts {
         unknown_commit_result: reply.has_label("UnknownTransactionCommitResult"),
         retryable: reply.has_label("RetryableWriteError"),
         overloaded: reply.has_label("SystemOverloadedError") || reply.has_label("RetryableError"),
+        write_concern_error: reply.write_concern_error_code.is_some(),
     }
 }
 
@@ -1495,6 +1958,9 @@ pub(crate) mod tests {
     use bson::spec::BinarySubtype;
     use bson::{rawdoc, Binary, RawDocumentBuf};
 
+    use crate::command::Lsid;
+    use crate::session::outcome::{Refusal, SessionCommand};
+
     pub(crate) const PEER: &str = "10.1.1.1:50000";
     const LISTENER: &str = "127.0.0.1:27018";
 
@@ -1557,6 +2023,19 @@ pub(crate) mod tests {
         let frame = encode(9000 + to, to, MsgFlags(0), doc.as_bytes());
         let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
         engine.reply_at(conn, to, &Message::Msg(msg), now);
+    }
+
+    /// Sends `doc` and answers it with `answer`, both at `at`.
+    pub(crate) fn exchange(
+        engine: &SessionEngine,
+        conn: u64,
+        id: i32,
+        doc: &RawDocumentBuf,
+        answer: &RawDocumentBuf,
+        at: Millis,
+    ) {
+        send(engine, conn, id, doc, 0, at);
+        reply(engine, conn, id, answer, at);
     }
 
     pub(crate) fn ok() -> RawDocumentBuf {
@@ -1721,7 +2200,7 @@ pub(crate) mod tests {
         send(&engine, 1, 11, &end, 0, 2);
         let kill = rawdoc! { "killCursors": "orders", "cursors": [77_i64], "lsid": lsid(5), "$db": "shop" };
         send(&engine, 1, 12, &kill, 0, 2);
-        engine.close_at(1, 3);
+        engine.close_at(1, CloseCause::ClientClosed, 3);
         assert_eq!(rules_fired(&engine), vec![]);
     }
 
@@ -1730,7 +2209,7 @@ pub(crate) mod tests {
         let engine = engine();
         connect(&engine, 1, PEER, "web");
         send(&engine, 1, 10, &insert(5, 1, 1), 0, 0);
-        engine.close_at(1, 50);
+        engine.close_at(1, CloseCause::ClientClosed, 50);
         let fired = engine.violations();
         assert_eq!(fired.len(), 1);
         assert_eq!(fired[0].rule, RuleId::ClosedWithRequestsInFlight);
@@ -1865,26 +2344,584 @@ pub(crate) mod tests {
         assert_eq!(rules_fired(&engine), vec![RuleId::UseAfterEnd]);
     }
 
+    // ---- judged by outcome (issue 12) ----
+
+    fn enforcing() -> SessionEngine {
+        engine_with(
+            SessionConfig {
+                mode: Mode::Enforce,
+                ..SessionConfig::default()
+            },
+            RulesConfig::default(),
+        )
+    }
+
+    /// The refusals real servers answer kill commands with: Unauthorized
+    /// (a user without killAnySession), CommandNotFound, CommandNotSupported
+    /// (Microsoft DocumentDB and the servers built on it), AtlasError (Atlas
+    /// shared tiers).
+    fn refusals() -> Vec<RawDocumentBuf> {
+        vec![
+            rawdoc! { "ok": 0.0, "code": 13, "codeName": "Unauthorized", "errmsg": "not authorized on admin to execute command" },
+            rawdoc! { "ok": 0.0, "code": 59, "codeName": "CommandNotFound", "errmsg": "no such command" },
+            rawdoc! { "ok": 0.0, "code": 115, "codeName": "CommandNotSupported", "errmsg": "Unknown request received: killSessions" },
+            rawdoc! { "ok": 0.0, "code": 8000, "codeName": "AtlasError", "errmsg": "killAllSessions is not allowed in this atlas tier" },
+        ]
+    }
+
+    fn kills() -> Vec<RawDocumentBuf> {
+        vec![
+            rawdoc! { "killSessions": [lsid(1)], "$db": "admin" },
+            rawdoc! { "killAllSessions": [], "$db": "admin" },
+            rawdoc! { "killAllSessionsByPattern": [{}], "$db": "admin" },
+            rawdoc! { "killAllSessionsByPattern": [{ "lsid": lsid(1) }], "$db": "admin" },
+        ]
+    }
+
     #[test]
-    fn retryable_write_retry_on_a_new_connection_raises_nothing() {
+    fn a_refused_kill_ends_nothing_and_enforce_lets_the_next_request_through() {
+        for refusal in refusals() {
+            for kill in kills() {
+                let engine = enforcing();
+                connect(&engine, 1, PEER, "web");
+                exchange(&engine, 1, 10, &insert(1, 1, 1), &ok(), 0);
+                exchange(&engine, 1, 11, &kill, &refusal, 2);
+                let next = send(&engine, 1, 12, &find(1), 0, 4);
+                assert_eq!(next, Decision::Forward, "{kill:?} refused with {refusal:?}");
+                reply(&engine, 1, 12, &ok(), 5);
+                assert_eq!(
+                    rules_fired(&engine),
+                    vec![],
+                    "{kill:?} refused with {refusal:?}"
+                );
+                assert_eq!(engine.stats().sessions_killed, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_confirmed_kill_is_use_after_end_and_enforce_rejects_the_next_use() {
+        for kill in kills() {
+            let engine = enforcing();
+            connect(&engine, 1, PEER, "web");
+            exchange(&engine, 1, 10, &insert(1, 1, 1), &ok(), 0);
+            exchange(&engine, 1, 11, &kill, &ok(), 2);
+            assert!(
+                matches!(
+                    send(&engine, 1, 12, &find(1), 0, 4),
+                    Decision::Reject { .. }
+                ),
+                "{kill:?}"
+            );
+            assert_eq!(rules_fired(&engine), vec![RuleId::UseAfterEnd], "{kill:?}");
+            assert!(engine.violations()[0].rejected);
+        }
+    }
+
+    #[test]
+    fn a_session_is_not_ended_before_the_server_answers_end_sessions() {
+        let engine = enforcing();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        exchange(&engine, 1, 10, &find(1), &ok(), 0);
+        send(
+            &engine,
+            2,
+            20,
+            &rawdoc! { "endSessions": [lsid(1)], "$db": "admin" },
+            0,
+            2,
+        );
+        // Sent while endSessions is still on its way: not (yet) a use after end.
+        assert_eq!(send(&engine, 1, 11, &find(1), 0, 3), Decision::Forward);
+        reply(&engine, 1, 11, &ok(), 4);
+        assert_eq!(rules_fired(&engine), vec![]);
+        reply(&engine, 2, 20, &ok(), 5);
+        assert!(matches!(
+            send(&engine, 1, 12, &find(1), 0, 6),
+            Decision::Reject { .. }
+        ));
+        assert_eq!(rules_fired(&engine), vec![RuleId::UseAfterEnd]);
+    }
+
+    #[test]
+    fn an_unanswered_end_sessions_is_an_unconfirmed_end_reported_as_a_warning_never_rejected() {
+        // The Node.js driver's client.close(): endSessions fired, the socket
+        // closed before the reply.
+        let engine = enforcing();
+        connect(&engine, 1, PEER, "web");
+        exchange(&engine, 1, 10, &insert(1, 1, 1), &ok(), 0);
+        send(
+            &engine,
+            1,
+            11,
+            &rawdoc! { "endSessions": [lsid(1)], "$db": "admin" },
+            0,
+            2,
+        );
+        engine.close_at(1, CloseCause::ClientClosed, 3);
+        assert_eq!(rules_fired(&engine), vec![]);
+        // A later invocation reuses the session id.
+        connect(&engine, 2, PEER, "web");
+        assert_eq!(send(&engine, 2, 20, &find(1), 0, 1_000), Decision::Forward);
+        let fired = engine.violations();
+        assert_eq!(rules_fired(&engine), vec![RuleId::UseAfterEnd]);
+        assert_eq!(fired[0].severity, Severity::Warning);
+        assert!(!fired[0].rejected);
+        assert!(
+            fired[0].message.contains("not confirmed"),
+            "{}",
+            fired[0].message
+        );
+    }
+
+    #[test]
+    fn identical_concurrent_finds_both_answered_are_concurrent_use() {
+        // A handler pool reading the same document with one shared session.
         let engine = engine();
         connect(&engine, 1, PEER, "web");
-        send(&engine, 1, 10, &insert(8, 4, 1), 0, 0);
-        // The connection dies; the driver retries on another one before the
-        // proxy has processed the close.
         connect(&engine, 2, PEER, "web");
-        let mut retry = insert(8, 4, 1);
-        retry.append(
-            "$clusterTime",
-            rawdoc! { "clusterTime": bson::Timestamp { time: 5, increment: 1 } },
-        );
-        send(&engine, 2, 20, &retry, 0, 30);
-        reply(&engine, 2, 20, &ok(), 31);
-        engine.close_at(1, 32);
+        send(&engine, 1, 10, &find(3), 0, 100);
+        send(&engine, 2, 20, &find(3), 0, 101);
+        let cursor = rawdoc! { "cursor": { "id": 0_i64, "firstBatch": [] }, "ok": 1.0 };
+        reply(&engine, 2, 20, &cursor, 102);
         assert_eq!(
             rules_fired(&engine),
-            vec![RuleId::ClosedWithRequestsInFlight]
+            vec![],
+            "undecided until the first is answered"
         );
+        reply(&engine, 1, 10, &cursor, 103);
+        let fired = engine.violations();
+        assert_eq!(rules_fired(&engine), vec![RuleId::ConcurrentUse]);
+        let current = fired[0].current.as_ref().unwrap();
+        let earlier = fired[0].earlier.as_ref().unwrap();
+        assert_eq!((current.connection_id, current.request_id), (2, 20));
+        assert_eq!((earlier.connection_id, earlier.request_id), (1, 10));
+        assert!(!fired[0].rejected);
+    }
+
+    #[test]
+    fn an_unanswered_identical_request_past_the_deadline_is_concurrent_use() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 1, 10, &find(3), 0, 100);
+        exchange(&engine, 2, 20, &find(3), &ok(), 101);
+        engine.sweep_at(5_000);
+        assert_eq!(rules_fired(&engine), vec![]);
+        // The first is still in flight on a connection that stayed open.
+        engine.sweep_at(100 + 10_001);
+        assert_eq!(rules_fired(&engine), vec![RuleId::ConcurrentUse]);
+        // Decided once: its reply later changes nothing.
+        reply(&engine, 1, 10, &ok(), 20_000);
+        assert_eq!(rules_fired(&engine), vec![RuleId::ConcurrentUse]);
+    }
+
+    #[test]
+    fn retryable_write_retry_on_a_new_connection_raises_nothing() {
+        for (cause, expected) in [
+            (CloseCause::UpstreamClosed, vec![]),
+            (CloseCause::UpstreamError, vec![]),
+            // The client gave up on the first connection itself (a socket
+            // timeout): the write it left behind is still its doing.
+            (
+                CloseCause::ClientClosed,
+                vec![RuleId::ClosedWithRequestsInFlight],
+            ),
+        ] {
+            let engine = engine();
+            connect(&engine, 1, PEER, "web");
+            send(&engine, 1, 10, &insert(8, 4, 1), 0, 0);
+            // The connection dies; the driver retries on another one before
+            // the proxy has processed the close.
+            connect(&engine, 2, PEER, "web");
+            let mut retry = insert(8, 4, 1);
+            retry.append(
+                "$clusterTime",
+                rawdoc! { "clusterTime": bson::Timestamp { time: 5, increment: 1 } },
+            );
+            exchange(&engine, 2, 20, &retry, &ok(), 30);
+            assert_eq!(
+                rules_fired(&engine),
+                vec![],
+                "undecided until the first's outcome"
+            );
+            engine.close_at(1, cause, 32);
+            assert_eq!(rules_fired(&engine), expected, "{cause:?}");
+            let stats = engine.stats();
+            assert_eq!(stats.retries.get("insert"), 1, "{cause:?}");
+            assert_eq!(stats.retry_verdicts_pending, 0);
+            assert_eq!(stats.in_flight_abandoned[cause.index()], 1);
+        }
+    }
+
+    #[test]
+    fn an_upstream_close_with_requests_in_flight_is_counted_never_reported() {
+        for cause in CloseCause::ALL {
+            let engine = enforcing();
+            connect(&engine, 1, PEER, "web");
+            send(&engine, 1, 10, &insert(5, 1, 1), 0, 0);
+            send(&engine, 1, 11, &txn_insert(6, 1, true), 0, 0);
+            engine.close_at(1, cause, 50);
+            let fired = rules_fired(&engine);
+            if cause.client_went_first() {
+                assert_eq!(
+                    fired,
+                    vec![
+                        RuleId::ClosedWithRequestsInFlight,
+                        RuleId::ClosedWithRequestsInFlight
+                    ],
+                    "{cause:?}"
+                );
+                assert!(engine
+                    .violations()
+                    .iter()
+                    .all(|v| v.severity == Severity::Warning));
+            } else {
+                assert_eq!(fired, vec![], "{cause:?}");
+            }
+            let abandoned = engine.stats().in_flight_abandoned;
+            assert_eq!(abandoned[cause.index()], 2, "{cause:?}");
+            assert_eq!(abandoned.iter().sum::<u64>(), 2, "{cause:?}");
+            // Released: the driver's retry on another connection is clean,
+            // and counted as a retry.
+            connect(&engine, 2, PEER, "web");
+            assert_eq!(
+                send(&engine, 2, 20, &insert(5, 1, 1), 0, 60),
+                Decision::Forward
+            );
+            reply(&engine, 2, 20, &ok(), 61);
+            assert_eq!(rules_fired(&engine).len(), fired.len(), "{cause:?}");
+            assert_eq!(engine.stats().retries.get("insert"), 1, "{cause:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_after_a_cut_off_one_is_a_retry_only_if_it_is_the_same() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 10, &find(5), 0, 0);
+        engine.close_at(1, CloseCause::UpstreamClosed, 1);
+        connect(&engine, 2, PEER, "web");
+        // Another command first: the cut-off one was not retried.
+        exchange(&engine, 2, 20, &insert(5, 1, 1), &ok(), 2);
+        exchange(&engine, 2, 21, &find(5), &ok(), 4);
+        assert_eq!(engine.stats().retries.0.iter().sum::<u64>(), 0);
+        // A read retried after its connection was cut.
+        send(&engine, 2, 22, &find(5), 0, 6);
+        engine.close_at(2, CloseCause::UpstreamError, 7);
+        connect(&engine, 3, PEER, "web");
+        exchange(&engine, 3, 30, &find(5), &ok(), 8);
+        assert_eq!(engine.stats().retries.get("find"), 1);
+        assert_eq!(rules_fired(&engine), vec![]);
+    }
+
+    #[test]
+    fn a_transaction_cut_by_the_upstream_between_statements_is_not_superseded_by_the_retry() {
+        // A step-down (or a network cut) closes the idle connection that
+        // carried a transaction's answered statements before the commit is
+        // sent; the driver then fails the commit without sending it and the
+        // application retries with the next txnNumber on the same session.
+        for (cause, expected) in [
+            (CloseCause::UpstreamClosed, vec![]),
+            (CloseCause::UpstreamError, vec![]),
+            (CloseCause::Drained, vec![]),
+            // The client closing its own connection with a transaction left
+            // open is its own doing: the next transaction supersedes it.
+            (CloseCause::ClientClosed, vec![RuleId::TxnSuperseded]),
+        ] {
+            let engine = engine();
+            connect(&engine, 1, PEER, "web");
+            exchange(&engine, 1, 10, &txn_insert(4, 7, true), &ok(), 0);
+            exchange(&engine, 1, 11, &txn_insert(4, 7, false), &ok(), 1);
+            engine.close_at(1, cause, 2);
+            connect(&engine, 2, PEER, "web");
+            exchange(&engine, 2, 20, &txn_insert(4, 8, true), &ok(), 3);
+            exchange(
+                &engine,
+                2,
+                21,
+                &txn_command("commitTransaction", 4, 8),
+                &ok(),
+                4,
+            );
+            assert_eq!(rules_fired(&engine), expected, "{cause:?}");
+        }
+    }
+
+    #[test]
+    fn identical_requests_overlapping_a_failed_one_are_all_taken_for_its_retries() {
+        let engine = engine();
+        for conn in 1..=3 {
+            connect(&engine, conn, PEER, "web");
+        }
+        send(&engine, 1, 10, &find(3), 0, 100);
+        send(&engine, 2, 20, &find(3), 0, 101);
+        send(&engine, 3, 30, &find(3), 0, 102);
+        assert_eq!(engine.stats().retry_verdicts_pending, 2);
+        engine.close_at(1, CloseCause::UpstreamClosed, 103);
+        reply(&engine, 2, 20, &ok(), 104);
+        reply(&engine, 3, 30, &ok(), 105);
+        assert_eq!(rules_fired(&engine), vec![]);
+        assert_eq!(engine.stats().retries.get("find"), 2);
+        assert_eq!(engine.stats().retry_verdicts_pending, 0);
+    }
+
+    #[test]
+    fn enforce_never_rejects_an_identical_request_on_a_deferred_verdict() {
+        let engine = enforcing();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 1, 10, &find(3), 0, 100);
+        assert_eq!(send(&engine, 2, 20, &find(3), 0, 101), Decision::Forward);
+        reply(&engine, 1, 10, &ok(), 102);
+        reply(&engine, 2, 20, &ok(), 103);
+        let fired = engine.violations();
+        assert_eq!(rules_fired(&engine), vec![RuleId::ConcurrentUse]);
+        assert!(!fired[0].rejected);
+        // A different command overlapping is judged at once, and rejected.
+        send(&engine, 1, 11, &find(3), 0, 200);
+        assert!(matches!(
+            send(&engine, 2, 21, &insert(3, 1, 1), 0, 201),
+            Decision::Reject { .. }
+        ));
+    }
+
+    #[test]
+    fn pending_verdicts_are_bounded_and_the_overflow_stays_silent() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        let sessions = super::super::outcome::MAX_PENDING_VERDICTS + 1;
+        for n in 0..sessions {
+            let id = i32::try_from(n).unwrap();
+            let session = rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: [id.to_le_bytes(), [7; 4], [7; 4], [7; 4]].concat() } };
+            let find = rawdoc! { "find": "orders", "filter": {}, "lsid": session, "$db": "shop" };
+            send(&engine, 1, 1_000 + id, &find, 0, 100);
+            send(&engine, 2, 1_000 + id, &find, 0, 101);
+        }
+        let stats = engine.stats();
+        assert_eq!(
+            stats.retry_verdicts_pending,
+            super::super::outcome::MAX_PENDING_VERDICTS
+        );
+        assert_eq!(stats.retry_verdicts_unjudged, 1);
+        // Every first is answered: each judged verdict reports, the one left
+        // unjudged does not.
+        for n in 0..sessions {
+            reply(&engine, 1, 1_000 + i32::try_from(n).unwrap(), &ok(), 102);
+        }
+        let counts = engine.violation_counts();
+        assert_eq!(
+            counts[RuleId::ConcurrentUse.index()].1,
+            super::super::outcome::MAX_PENDING_VERDICTS as u64
+        );
+        assert_eq!(engine.stats().retry_verdicts_pending, 0);
+    }
+
+    #[test]
+    fn refusals_are_counted_by_command_and_code_and_said_once_per_upstream() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        exchange(&engine, 1, 10, &find(1), &ok(), 0);
+        let mut id = 10;
+        for refusal in refusals() {
+            for kill in kills() {
+                id += 1;
+                send(&engine, 1, id, &kill, 0, 1);
+                reply(&engine, 1, id, &refusal, 1);
+            }
+        }
+        let refused = engine.stats().commands_refused;
+        let at =
+            |command: SessionCommand, refusal: Refusal| refused[command.index()][refusal.index()];
+        for refusal in [
+            Refusal::Unauthorized,
+            Refusal::CommandNotFound,
+            Refusal::CommandNotSupported,
+            Refusal::AtlasError,
+        ] {
+            assert_eq!(at(SessionCommand::KillSessions, refusal), 1, "{refusal:?}");
+            assert_eq!(
+                at(SessionCommand::KillAllSessions, refusal),
+                1,
+                "{refusal:?}"
+            );
+            assert_eq!(
+                at(SessionCommand::KillAllSessionsByPattern, refusal),
+                2,
+                "{refusal:?}"
+            );
+        }
+        assert_eq!(refused.iter().flatten().sum::<u64>(), 16);
+        let upstream = engine.upstreams.iter().next().unwrap();
+        assert!(
+            !upstream.first_refusal(SessionCommand::KillSessions),
+            "already said"
+        );
+        assert!(
+            upstream.first_refusal(SessionCommand::EndSessions),
+            "never refused"
+        );
+        assert!(!upstream.refresh_unsupported.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_refused_refresh_or_kill_cursors_changes_nothing_and_115_stops_the_refresher() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        send(&engine, 1, 10, &find(1), 0, 0);
+        let opened = rawdoc! { "cursor": { "id": 77_i64, "firstBatch": [] }, "ok": 1.0 };
+        reply(&engine, 1, 10, &opened, 0);
+        let kill = rawdoc! { "killCursors": "orders", "cursors": [77_i64], "lsid": lsid(1), "$db": "shop" };
+        send(&engine, 1, 11, &kill, 0, 1);
+        reply(
+            &engine,
+            1,
+            11,
+            &rawdoc! { "ok": 0.0, "code": 13, "codeName": "Unauthorized" },
+            1,
+        );
+        assert_eq!(
+            engine.stats().ledger.cursors,
+            1,
+            "a refused kill leaves the cursor open"
+        );
+        assert_eq!(engine.stats().ledger.held, 1);
+        let refresh = rawdoc! { "refreshSessions": [lsid(1)], "$db": "admin" };
+        send(&engine, 1, 12, &refresh, 0, 20 * 60_000);
+        reply(
+            &engine,
+            1,
+            12,
+            &rawdoc! { "ok": 0.0, "code": 115, "codeName": "CommandNotSupported" },
+            20 * 60_000,
+        );
+        assert_eq!(
+            engine.ledger.read(
+                &SessionKey {
+                    lsid: Lsid([1; 16]),
+                    owner: OwnerId::UNKNOWN
+                },
+                |s| s.last_refreshed
+            ),
+            Some(0)
+        );
+        let upstream = engine.upstreams.iter().next().unwrap();
+        assert!(upstream.refresh_unsupported.load(Ordering::Relaxed));
+        drop(upstream);
+        // Confirmed, both take hold.
+        send(&engine, 1, 13, &kill, 0, 20 * 60_000 + 1);
+        reply(&engine, 1, 13, &ok(), 20 * 60_000 + 2);
+        assert_eq!(engine.stats().ledger.cursors, 0);
+    }
+
+    #[test]
+    fn a_commit_is_committed_only_when_acknowledged_without_a_write_concern_error() {
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        exchange(&engine, 1, 1, &txn_insert(4, 1, true), &ok(), 0);
+        send(&engine, 1, 2, &txn_command("commitTransaction", 4, 1), 0, 2);
+        let wce = rawdoc! { "ok": 1.0, "writeConcernError": { "code": 64, "codeName": "WriteConcernFailed", "errmsg": "timed out" } };
+        reply(&engine, 1, 2, &wce, 3);
+        assert_eq!(txn_counts(&engine), (1, 0, 0, 0));
+        // The driver retries the commit; acknowledged this time.
+        exchange(
+            &engine,
+            1,
+            3,
+            &txn_command("commitTransaction", 4, 1),
+            &ok(),
+            4,
+        );
+        assert_eq!(txn_counts(&engine), (1, 1, 0, 0));
+        assert_eq!(rules_fired(&engine), vec![]);
+    }
+
+    #[test]
+    fn end_while_in_flight_waits_for_the_end_to_be_confirmed_outside_enforce() {
+        let refused = rawdoc! { "ok": 0.0, "code": 13, "codeName": "Unauthorized" };
+        for (answer, expected) in [
+            (Some(ok()), Some(Severity::Error)),
+            (Some(refused), None),
+            (None, Some(Severity::Warning)),
+        ] {
+            let engine = engine();
+            connect(&engine, 1, PEER, "web");
+            connect(&engine, 2, PEER, "web");
+            send(&engine, 1, 10, &find(7), 0, 0);
+            let end = rawdoc! { "killSessions": [lsid(7)], "$db": "admin" };
+            assert_eq!(send(&engine, 2, 20, &end, 0, 5), Decision::Forward);
+            assert_eq!(rules_fired(&engine), vec![], "not before the outcome");
+            match &answer {
+                Some(answer) => reply(&engine, 2, 20, answer, 6),
+                None => engine.close_at(2, CloseCause::ClientClosed, 6),
+            }
+            let fired = engine.violations();
+            assert_eq!(fired.first().map(|v| v.severity), expected, "{answer:?}");
+            if let Some(v) = fired.first() {
+                assert_eq!(v.rule, RuleId::EndWhileInFlight);
+                assert_eq!(v.message.contains("not confirmed"), answer.is_none());
+            }
+        }
+        // Enforce judges it on what it sees: the end never reaches the server.
+        let engine = enforcing();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, PEER, "web");
+        send(&engine, 1, 10, &find(7), 0, 0);
+        let end = rawdoc! { "endSessions": [lsid(7)], "$db": "admin" };
+        assert!(matches!(
+            send(&engine, 2, 20, &end, 0, 5),
+            Decision::Reject { .. }
+        ));
+        assert_eq!(rules_fired(&engine), vec![RuleId::EndWhileInFlight]);
+        reply(&engine, 1, 10, &ok(), 6);
+        assert_eq!(send(&engine, 1, 11, &find(7), 0, 7), Decision::Forward);
+    }
+
+    #[test]
+    fn a_store_destroy_takes_hold_only_when_the_delete_is_confirmed() {
+        // express-session: one tab loads the session, another logs out
+        // (delete by _id), the first saves it back (upsert).
+        let get = rawdoc! { "find": "sessions", "filter": { "_id": "sid" }, "$db": "app" };
+        let destroy = rawdoc! { "delete": "sessions", "deletes": [{ "q": { "_id": "sid" }, "limit": 1 }], "$db": "app" };
+        let save = rawdoc! {
+            "update": "sessions",
+            "updates": [{ "q": { "_id": "sid" }, "u": { "$set": { "_id": "sid", "session": "{}", "expires": bson::DateTime::now() } }, "upsert": true }],
+            "$db": "app",
+        };
+        let write_error = rawdoc! { "ok": 1.0, "n": 0, "writeErrors": [{ "index": 0, "code": 13, "errmsg": "not authorized" }] };
+        let refused = rawdoc! { "ok": 0.0, "code": 13, "codeName": "Unauthorized" };
+        for (answer, expected) in [
+            (Some(ok()), Some((Severity::Error, true))),
+            (Some(refused), None),
+            (Some(write_error), None),
+            (None, Some((Severity::Warning, false))),
+        ] {
+            let engine = enforcing();
+            connect(&engine, 1, PEER, "web");
+            connect(&engine, 2, PEER, "web");
+            exchange(&engine, 1, 10, &get, &ok(), 0);
+            send(&engine, 2, 20, &destroy, 0, 2);
+            match &answer {
+                Some(answer) => reply(&engine, 2, 20, answer, 3),
+                None => engine.close_at(2, CloseCause::ClientClosed, 3),
+            }
+            let decision = send(&engine, 1, 11, &save, 0, 4);
+            let fired = engine.violations();
+            match expected {
+                Some((severity, rejected)) => {
+                    assert_eq!(fired.len(), 1, "{answer:?}");
+                    assert_eq!(fired[0].rule, RuleId::StoreSessionResurrected);
+                    assert_eq!((fired[0].severity, fired[0].rejected), (severity, rejected));
+                    assert_eq!(matches!(decision, Decision::Reject { .. }), rejected);
+                }
+                None => {
+                    assert_eq!(rules_fired(&engine), vec![], "{answer:?}");
+                    assert_eq!(decision, Decision::Forward);
+                }
+            }
+        }
     }
 
     #[test]
@@ -2236,6 +3273,7 @@ pub(crate) mod tests {
             0,
             3,
         );
+        reply(&engine, 1, 14, &ok(), 3);
         let stats = engine.stats();
         assert_eq!((stats.sessions_ended, stats.ledger.tombstones), (1, 2));
     }
@@ -2366,7 +3404,7 @@ pub(crate) mod tests {
         reply(&engine, 2, 3, &ok(), 4);
         send(&engine, 2, 4, &insert(1, 1, 1), 0, 5);
         reply(&engine, 2, 4, &ok(), 6);
-        engine.close_at(1, 7);
+        engine.close_at(1, CloseCause::ClientClosed, 7);
         assert_eq!(rules_fired(&engine), vec![]);
         // Without the kill, the same overlap is concurrent use.
         send(&engine, 2, 5, &find(2), 0, 10);

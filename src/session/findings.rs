@@ -862,6 +862,7 @@ mod tests {
             severity: kept.severity,
             action: kept.action,
             rejected: kept.rejected,
+            unconfirmed: kept.violation.unconfirmed,
             lsid: kept.violation.key.lsid.to_string(),
             lsid_short: kept.violation.key.lsid.short().to_string(),
             owner: None,
@@ -1273,7 +1274,7 @@ mod engine_tests {
         send(&engine, 1, 10, &find(5), 0, 0);
         reply(&engine, 1, 10, &ok(), 1);
         send(&engine, 1, 11, &insert(5, 1, 1), 0, 2);
-        engine.close_at(1, 50);
+        engine.close_at(1, crate::proxy::inspect::CloseCause::ClientClosed, 50);
         let finding = engine.findings()[0].clone();
         assert_eq!(finding.rule, Some(RuleId::ClosedWithRequestsInFlight));
         let detail = engine.finding(finding.fingerprint).unwrap();

@@ -2,7 +2,9 @@
 //! path's callbacks and the engine's synchronous API. It adds no policy of
 //! its own and must stay non-blocking (the callbacks run on connection tasks).
 
-use crate::proxy::inspect::{ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict};
+use crate::proxy::inspect::{
+    CloseCause, ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict,
+};
 use crate::wire::{Frame, Message};
 
 use super::engine::{Decision, SessionEngine};
@@ -33,7 +35,14 @@ impl Inspector for SessionEngine {
         ReplyVerdict::Forward
     }
 
-    fn on_close(&self, conn: &ConnContext, _still_in_flight: &[InFlightRequest]) {
-        self.close(conn.id);
+    fn on_close(
+        &self,
+        conn: &ConnContext,
+        cause: CloseCause,
+        _still_in_flight: &[InFlightRequest],
+    ) {
+        // The engine keeps its own list of what was in flight (with the
+        // sessions and effects the proxy's records do not carry).
+        self.close(conn.id, cause);
     }
 }

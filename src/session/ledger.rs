@@ -242,7 +242,8 @@ impl SessionLedger {
 
     // ---- ending ----
 
-    /// Marks a session ended (creating a tombstone if it was never seen).
+    /// Marks a session ended (creating a tombstone if it was never seen);
+    /// `confirmed`: the server answered the end ok:1 (see `Ended`).
     /// `Some` (with what the end did to its transaction) when this ended a
     /// live session; `None` when the lsid was unknown, never started or
     /// already ended.
@@ -251,12 +252,13 @@ impl SessionLedger {
         key: SessionKey,
         kind: EndKind,
         by: RequestRef,
+        confirmed: bool,
         now: Millis,
     ) -> Option<TxnEvents> {
         let (had_cursors, ended_live) = self.with_session(key, now, |state| {
             let live = state.started && !state.is_ended();
             let had = state.open_cursors > 0;
-            let events = state.end(kind, by);
+            let events = state.end(kind, by, confirmed);
             (had, live.then_some(events))
         });
         if had_cursors {
@@ -368,13 +370,14 @@ impl SessionLedger {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::command::Lsid;
     use crate::session::state::tests::{facts, request};
     use crate::session::state::{CommandClass, OwnerId};
 
-    fn key(n: u8) -> SessionKey {
+    /// Session `n` of the unknown owner.
+    pub(crate) fn key(n: u8) -> SessionKey {
         SessionKey {
             lsid: Lsid([n; 16]),
             owner: OwnerId(0),
@@ -403,7 +406,7 @@ mod tests {
         let ledger = SessionLedger::new(3);
         ledger.with_session(key(1), 10, |_| ());
         ledger.with_session(key(2), 1, |_| ());
-        ledger.end(key(3), EndKind::Ended, request(1, 1, 20, None), 20);
+        ledger.end(key(3), EndKind::Ended, request(1, 1, 20, None), true, 20);
         // Full: the ended one goes first even though it is the newest.
         ledger.with_session(key(4), 30, |_| ());
         assert!(!ledger.contains(&key(3)));
@@ -482,20 +485,20 @@ mod tests {
                 opened_by: request(1, 1, 0, None),
             },
         );
-        ledger.end(key(1), EndKind::Ended, request(2, 2, 5, None), 5);
+        ledger.end(key(1), EndKind::Ended, request(2, 2, 5, None), true, 5);
         assert_eq!(ledger.counts().cursors, 1);
         assert!(ledger.held_keys().is_empty());
         assert!(ledger.read(&key(1), |s| s.is_ended()).unwrap());
         // Ending a session never seen leaves a tombstone.
-        ledger.end(key(7), EndKind::Killed, request(2, 3, 5, None), 5);
+        ledger.end(key(7), EndKind::Killed, request(2, 3, 5, None), true, 5);
         assert!(ledger.read(&key(7), |s| s.is_ended()).unwrap());
     }
 
     #[test]
     fn purge_drops_old_tombstones_and_long_expired_sessions_only() {
         let ledger = SessionLedger::new(10);
-        ledger.end(key(1), EndKind::Ended, request(1, 1, 0, None), 0);
-        ledger.end(key(2), EndKind::Ended, request(1, 1, 900, None), 900);
+        ledger.end(key(1), EndKind::Ended, request(1, 1, 0, None), true, 0);
+        ledger.end(key(2), EndKind::Ended, request(1, 1, 900, None), true, 900);
         // Used once (a forwarded request), long ago.
         ledger.with_session(key(3), 0, |state| state.started = true);
         ledger.with_session(key(4), 0, |state| {
@@ -625,6 +628,7 @@ mod tests {
                                     key(n),
                                     EndKind::Ended,
                                     request(worker, 2, now, None),
+                                    true,
                                     now,
                                 );
                             }
@@ -673,18 +677,18 @@ mod tests {
         // rejected) has not started: ending it ends nothing.
         let unstarted = SessionLedger::new(3);
         unstarted.with_session(key(5), 0, |_| ());
-        assert_eq!(unstarted.end(key(5), EndKind::Ended, by(0), 0), None);
+        assert_eq!(unstarted.end(key(5), EndKind::Ended, by(0), true, 0), None);
         assert_eq!(unstarted.counts().tombstones, 1);
         // `started`: a request under it was forwarded (and answered).
         ledger.with_session(key(1), 0, |state| state.started = true);
         // A live session ended: reported, once.
         assert_eq!(
-            ledger.end(key(1), EndKind::Ended, by(1), 1),
+            ledger.end(key(1), EndKind::Ended, by(1), true, 1),
             Some(TxnEvents::default())
         );
-        assert_eq!(ledger.end(key(1), EndKind::Killed, by(2), 2), None);
+        assert_eq!(ledger.end(key(1), EndKind::Killed, by(2), true, 2), None);
         // An lsid never seen: a tombstone, but no session ended.
-        assert_eq!(ledger.end(key(2), EndKind::Killed, by(3), 3), None);
+        assert_eq!(ledger.end(key(2), EndKind::Killed, by(3), true, 3), None);
         assert_eq!(ledger.counts().tombstones, 2);
         // Reuse restarts the session: no longer a tombstone.
         ledger.with_session(key(1), 4, |state| {
@@ -697,7 +701,7 @@ mod tests {
         ledger.with_session(key(4), 6, |state| state.started = true);
         assert!(!ledger.contains(&key(2)));
         assert_eq!(ledger.counts().tombstones, 0);
-        ledger.end(key(4), EndKind::Ended, by(7), 7);
+        ledger.end(key(4), EndKind::Ended, by(7), true, 7);
         assert_eq!(ledger.counts().tombstones, 1);
         assert_eq!(ledger.purge(10_000, 100, 100), 3);
         assert_eq!(ledger.counts().tombstones, 0);

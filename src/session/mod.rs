@@ -13,6 +13,8 @@
 //! - [`intern`]: small ids for names and client identities.
 //! - [`store`]: web-session stores (`[stores]`): store documents by `_id`
 //!   and `store-session-resurrected`.
+//! - [`outcome`]: what waits on the server's reply: session commands and
+//!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
 //! - [`findings`]: violations grouped by bug (a stable fingerprint), the log
 //!   policy (first in full, then periodic summaries), the kept examples.
 //! - [`timeline`]: each connection's recent session operations, merged into
@@ -31,6 +33,7 @@ pub mod findings;
 pub mod inspector;
 pub mod intern;
 pub mod ledger;
+pub mod outcome;
 pub mod refresher;
 pub mod rules;
 pub mod slab_map;

@@ -10,8 +10,10 @@
 //! sessions), through that connection's `Injector` — which waits for a
 //! moment with nothing in flight, uses a request id the client cannot
 //! collide with, and consumes the reply. Ended sessions are never refreshed.
-//! An upstream answering CommandNotSupported / CommandNotFound (e.g.
-//! DocumentDB-based servers) is left alone from then on, said once.
+//! An upstream answering CommandNotSupported / CommandNotFound / AtlasError
+//! (e.g. DocumentDB-based servers) is left alone from then on; every
+//! refusal goes through the engine's one refusal path (`refused`: counted,
+//! said once per upstream and command), like the application's own.
 //!
 //! The same loop runs the engine's time-driven sweep (transactions left
 //! open, purging). It holds only a `Weak` reference, so it ends with the
@@ -31,14 +33,13 @@ use crate::wire;
 
 use super::config::RefreshPolicy;
 use super::engine::SessionEngine;
+use super::outcome::{Refusal, SessionCommand};
 use super::state::{millis, Millis, OwnerId, SessionKey};
 
 /// Drivers end sessions in batches of this size; refreshes follow suit.
 const MAX_SESSIONS_PER_REFRESH: usize = 10_000;
 /// The sweep (transactions left open) runs at least this often.
 const SWEEP_TICK: Duration = Duration::from_secs(1);
-const COMMAND_NOT_FOUND: i32 = 59;
-const COMMAND_NOT_SUPPORTED: i32 = 115;
 
 /// One `refreshSessions` to inject on one connection.
 #[derive(Debug)]
@@ -211,21 +212,15 @@ impl SessionEngine {
                     "refreshed held sessions"
                 );
             }
-            RefreshOutcome::Unsupported(code) => {
+            RefreshOutcome::Refused { refusal, code } => {
                 self.refresh_failures.fetch_add(1, Ordering::Relaxed);
-                let newly = self
-                    .upstreams
-                    .get(&batch.upstream)
-                    .is_some_and(|u| !u.refresh_unsupported.swap(true, Ordering::Relaxed));
-                if newly {
-                    tracing::warn!(
-                        conn = batch.conn,
-                        upstream = batch.upstream,
-                        code,
-                        "the upstream does not support refreshSessions; sessionguard stops refreshing sessions on it \
-                         (held sessions there can expire while idle)"
-                    );
-                }
+                self.refused(
+                    batch.upstream,
+                    batch.conn,
+                    SessionCommand::RefreshSessions,
+                    refusal,
+                    code,
+                );
             }
             RefreshOutcome::Failed(reason) => {
                 self.refresh_failures.fetch_add(1, Ordering::Relaxed);
@@ -238,7 +233,12 @@ impl SessionEngine {
 #[derive(Debug, PartialEq, Eq)]
 enum RefreshOutcome {
     Refreshed,
-    Unsupported(i32),
+    /// An error reply.
+    Refused {
+        refusal: Refusal,
+        code: Option<i32>,
+    },
+    /// No reply, or one that cannot be read.
     Failed(String),
 }
 
@@ -265,15 +265,9 @@ fn reply_outcome(bytes: &Bytes) -> RefreshOutcome {
     if reply.ok {
         return RefreshOutcome::Refreshed;
     }
-    match reply.code {
-        Some(code @ (COMMAND_NOT_SUPPORTED | COMMAND_NOT_FOUND)) => {
-            RefreshOutcome::Unsupported(code)
-        }
-        code => RefreshOutcome::Failed(format!(
-            "error {} ({})",
-            code.map_or_else(|| "?".to_string(), |c| c.to_string()),
-            reply.code_name.unwrap_or("no codeName")
-        )),
+    RefreshOutcome::Refused {
+        refusal: Refusal::of(reply.code, reply.code_name),
+        code: reply.code,
     }
 }
 
@@ -439,7 +433,7 @@ mod tests {
         hold_cursor(&engine, 1, 5, 10);
         // The connection that carried the session goes away; only a
         // connection without session traffic (a monitor) is left.
-        engine.close_at(1, 1);
+        engine.close_at(1, crate::proxy::inspect::CloseCause::ClientClosed, 1);
         connect(&engine, 2, PEER, "web");
         assert!(engine.plan_refresh(60 * SECOND).is_empty());
     }

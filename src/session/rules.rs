@@ -11,6 +11,42 @@
 //! killCursors fired and forgotten at client close, `with_transaction` retry
 //! loops, and pooled implicit sessions reused one operation after another.
 //! A false positive is the worst bug this tool can have.
+//!
+//! # Judged by outcome
+//!
+//! Rules judge what the server did, not what a request asked for. The
+//! engine applies an effect (a session ended or killed, a refresh, a cursor
+//! killed, a transaction committed) only when the server's reply says ok:1;
+//! a refused command changes nothing. When the reply never comes (the
+//! client closed first, the connection failed), the effect is *unconfirmed*:
+//! a rule that rests on it reports at most a warning saying so
+//! ([`Violation::unconfirmed`]) and enforce mode never rejects on it. Rules
+//! that rest only on what the proxy saw (a request really in flight, a
+//! txnNumber really sent) are judged at request time and may reject.
+//!
+//! Every "this looks like a retry" exemption was checked against that
+//! principle; the ones kept rest on protocol facts, not resemblance:
+//!
+//! - concurrent-use: the same command again on another connection while the
+//!   first is in flight ([`retry_suspect`]) is *not* excused by looking
+//!   like a retry. Its verdict is deferred: a retry if the first request's
+//!   connection then closes without delivering its reply, concurrent use if
+//!   the reply is delivered ([`concurrent_use_confirmed`]), or if the first
+//!   is still unanswered on its open connection when the verdict's window
+//!   ends (a driver retries only after it gave up on the first connection,
+//!   which the proxy sees within milliseconds).
+//! - txn-number-reuse: the same statements under the same lsid and
+//!   txnNumber are deduplicated by the server itself (retryable-writes
+//!   spec): nothing can be lost, which is all the rule is about. Whether
+//!   the two overlapped is concurrent-use's (deferred) business.
+//! - txn-superseded: the same txnNumber again (a first statement resent) is
+//!   the same transaction by definition, not a new one.
+//! - txn-after-abort: re-running commitTransaction after a commit's own
+//!   reply said the transaction was aborted is allowed by the transactions
+//!   spec (commit may be called again); the reply is the outcome it rests on.
+//! - closed-with-requests-in-flight: endSessions and killCursors are fired
+//!   and forgotten at close by specification (drivers ignore their errors
+//!   and do not wait); and only a close the client made counts at all.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,10 +121,12 @@ pub fn concurrent_use(
         return None;
     }
     let current = &ev.facts;
+    // The same command in flight elsewhere is not judged here: its verdict
+    // waits for the outcome (`retry_suspect`).
     let other = state
         .in_flight
         .iter()
-        .find(|other| still_using(other) && !is_retry_of(current, other))?;
+        .find(|other| still_using(other) && !same_command_elsewhere(current, other))?;
     let command = ctx.names.symbol(current.request.command);
     let other_command = ctx.names.symbol(other.request.command);
     Some(
@@ -118,16 +156,83 @@ fn still_using(entry: &InFlight) -> bool {
     entry.class != CommandClass::KillCursors && !entry.abandoned
 }
 
-/// The driver retries a command on a new connection after a network error
-/// on the old one, whose close the proxy may not have processed yet: same
-/// command, same txnNumber, same statements (commit / abort may change their
-/// write concern on retry, so for them the number is enough).
-fn is_retry_of(current: &RequestFacts, other: &InFlight) -> bool {
+/// The same command again on another connection: same name, txnNumber and
+/// statement identity (command, namespace, statements; the envelope, write
+/// concern included, is not part of it — and commit / abort carry nothing
+/// but envelope, so for them the number is enough). A driver's retry on a
+/// new connection looks exactly like this, and so do identical operations
+/// sharing one session at once: only the outcome tells them apart.
+fn same_command_elsewhere(current: &RequestFacts, other: &InFlight) -> bool {
     other.request.conn != current.request.conn
         && other.request.command == current.request.command
         && other.request.txn_number == current.request.txn_number
         && (other.statement == current.statement
             || matches!(current.class, CommandClass::Commit | CommandClass::Abort))
+}
+
+/// The request in flight on another connection that `ev` repeats exactly
+/// (see `same_command_elsewhere`), when nothing else is in flight on the
+/// session that `concurrent_use` would report first. Neither reported nor
+/// excused: the engine defers the verdict until the first request's
+/// outcome is known (retry if its connection fails without its reply,
+/// concurrent use if its reply is delivered), bounded in time and number.
+pub fn retry_suspect(ev: &RequestEvent, state: &SessionState) -> Option<InFlight> {
+    if ev.facts.class == CommandClass::KillCursors {
+        return None;
+    }
+    state
+        .in_flight
+        .iter()
+        .find(|other| still_using(other) && same_command_elsewhere(&ev.facts, other))
+        .copied()
+}
+
+/// How a deferred concurrent-use verdict was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+    /// The first request's reply was delivered: both were answered.
+    Answered,
+    /// The first request was still unanswered, on a connection that stayed
+    /// open, when the verdict's window (this long) ended.
+    StillInFlight(Millis),
+}
+
+/// `concurrent-use`, decided late: `second` repeated `first` exactly on
+/// another connection while `first` was in flight, and `first`'s connection
+/// did not fail — so it was not a retry.
+pub fn concurrent_use_confirmed(
+    key: &SessionKey,
+    first: &RequestRef,
+    second: &RequestRef,
+    overlap: Overlap,
+    ctx: &RuleContext<'_>,
+) -> Violation {
+    let command = ctx.names.symbol(second.command);
+    let outcome = match overlap {
+        Overlap::Answered => "both were answered".to_string(),
+        Overlap::StillInFlight(window) => format!(
+            "the first was still unanswered on its open connection {} later",
+            duration(window)
+        ),
+    };
+    Violation::new(
+        RuleId::ConcurrentUse,
+        *key,
+        ctx.now,
+        format!(
+            "{command} on session {} was sent on connection {} while the same {command} (connection {}, request {}, \
+             sent {} earlier) was still in flight on the same session, and {outcome} — not a driver retry; a session \
+             may be used by one operation at a time — the server runs them interleaved and a transaction or \
+             retryable write on it can be corrupted or lost",
+            short(key),
+            second.conn,
+            first.conn,
+            first.request_id,
+            duration(second.at.saturating_sub(first.at)),
+        ),
+    )
+    .current(*second)
+    .earlier(*first)
 }
 
 /// `use-after-end`: a request on a session ended by endSessions or killed.
@@ -143,26 +248,31 @@ pub fn use_after_end(
         return None;
     }
     let command = ctx.names.symbol(ev.facts.request.command);
+    let mut message = format!(
+        "{command} used session {} after it was {} (connection {}, request {}, {} earlier); the server does \
+         not refuse this — it silently starts a new session under the same id, so the application's \
+         transaction, retry and cursor guarantees no longer hold",
+        short(&ev.key),
+        ended.kind.verb(),
+        ended.by.conn,
+        ended.by.request_id,
+        duration(ctx.now.saturating_sub(ended.by.at)),
+    );
+    if !ended.confirmed {
+        message.push_str(UNCONFIRMED_END);
+    }
     Some(
-        Violation::new(
-            RuleId::UseAfterEnd,
-            ev.key,
-            ctx.now,
-            format!(
-                "{command} used session {} after it was {} (connection {}, request {}, {} earlier); the server does \
-                 not refuse this — it silently starts a new session under the same id, so the application's \
-                 transaction, retry and cursor guarantees no longer hold",
-                short(&ev.key),
-                ended.kind.verb(),
-                ended.by.conn,
-                ended.by.request_id,
-                duration(ctx.now.saturating_sub(ended.by.at)),
-            ),
-        )
-        .current(ev.facts.request)
-        .earlier(ended.by),
+        Violation::new(RuleId::UseAfterEnd, ev.key, ctx.now, message)
+            .current(ev.facts.request)
+            .earlier(ended.by)
+            .unconfirmed(!ended.confirmed),
     )
 }
+
+/// Appended to a violation that rests on an end whose reply never came.
+pub const UNCONFIRMED_END: &str = " (the end is not confirmed: its reply never came — the client closed the \
+     connection first, or the connection failed — so the server most likely, not certainly, ended the session; \
+     reported as a warning and never rejected)";
 
 /// `end-while-in-flight`: endSessions / killSessions names a session that
 /// has a request in flight.
@@ -200,7 +310,10 @@ pub fn end_while_in_flight(
 }
 
 /// `closed-with-requests-in-flight`: a client connection closed while a
-/// session's request on it awaited its reply.
+/// session's request on it awaited its reply. The engine asks only when the
+/// client closed or reset its side first: an upstream close, a network
+/// failure, a frame the proxy gave up on, a drain or a shutdown is not the
+/// application's doing (those are counted by close cause, never reported).
 pub fn closed_with_requests_in_flight(
     key: &SessionKey,
     entry: &InFlight,
@@ -737,27 +850,92 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_use_silent_for_a_retry_racing_the_old_connection_close() {
+    fn the_same_command_on_another_connection_is_a_suspect_not_judged_at_once() {
         let names = names();
         let mut state = SessionState::new(0);
         let write = retryable(1, 10, 0, 4, 42);
         state.apply_request(&write, 0);
-        let retry = retryable(2, 11, 100, 4, 42);
+        let again = retryable(2, 11, 100, 4, 42);
         assert_eq!(
-            concurrent_use(&event(retry), &state, &ctx(&names, 100)),
+            concurrent_use(&event(again), &state, &ctx(&names, 100)),
             None
         );
-        // Commit retried on a new connection with an upgraded write concern.
+        let suspect = retry_suspect(&event(again), &state).expect("awaits the verdict");
+        assert_eq!(suspect.request, write.request);
+        // On the same connection it is plain concurrent use.
+        let pipelined = retryable(1, 11, 100, 4, 42);
+        assert!(concurrent_use(&event(pipelined), &state, &ctx(&names, 100)).is_some());
+        assert_eq!(retry_suspect(&event(pipelined), &state), None);
+        // Commit again on a new connection: the number is its identity.
         let mut state = SessionState::new(0);
         let mut commit = txn_statement(1, 10, 0, 3, CommandClass::Commit, false);
         commit.statement = 1;
         state.apply_request(&commit, 0);
-        let mut retry = txn_statement(2, 11, 10, 3, CommandClass::Commit, false);
-        retry.statement = 2;
+        let mut again = txn_statement(2, 11, 10, 3, CommandClass::Commit, false);
+        again.statement = 2;
         assert_eq!(
-            concurrent_use(&event(retry), &state, &ctx(&names, 10)),
+            concurrent_use(&event(again), &state, &ctx(&names, 10)),
             None
         );
+        assert!(retry_suspect(&event(again), &state).is_some());
+        // Anything else in flight is reported at once, as before.
+        state.apply_request(&facts(request(3, 12, 11, None), CommandClass::Write), 11);
+        let other = facts(request(4, 13, 12, None), CommandClass::CursorOpen);
+        assert!(concurrent_use(&event(other), &state, &ctx(&names, 12)).is_some());
+    }
+
+    #[test]
+    fn a_confirmed_overlap_names_both_requests_and_how_it_was_decided() {
+        let names = names();
+        let first = request(1, 10, 0, None);
+        let second = request(2, 20, 5, None);
+        let answered =
+            concurrent_use_confirmed(&KEY, &first, &second, Overlap::Answered, &ctx(&names, 9));
+        assert_eq!(answered.rule, RuleId::ConcurrentUse);
+        assert_eq!(
+            (answered.current, answered.earlier),
+            (Some(second), Some(first))
+        );
+        assert!(
+            answered.message.contains("both were answered"),
+            "{}",
+            answered.message
+        );
+        let late = concurrent_use_confirmed(
+            &KEY,
+            &first,
+            &second,
+            Overlap::StillInFlight(10_000),
+            &ctx(&names, 9),
+        );
+        assert!(
+            late.message
+                .contains("unanswered on its open connection 10s later"),
+            "{}",
+            late.message
+        );
+    }
+
+    #[test]
+    fn use_after_an_unconfirmed_end_is_marked_unconfirmed() {
+        let names = names();
+        let mut state = SessionState::new(0);
+        state.end(EndKind::Ended, request(9, 1, 10, None), false);
+        let find = facts(request(1, 2, 20, None), CommandClass::CursorOpen);
+        let violation = use_after_end(&event(find), &state, &ctx(&names, 20)).expect("reported");
+        assert!(violation.unconfirmed);
+        assert!(
+            violation.message.contains("not confirmed"),
+            "{}",
+            violation.message
+        );
+        // A later confirmed end replaces it; an unconfirmed one never
+        // replaces a confirmed one.
+        state.end(EndKind::Killed, request(9, 2, 11, None), true);
+        state.end(EndKind::Ended, request(9, 3, 12, None), false);
+        let violation = use_after_end(&event(find), &state, &ctx(&names, 20)).expect("reported");
+        assert!(!violation.unconfirmed);
+        assert_eq!(violation.earlier.unwrap().request_id, 2);
     }
 
     #[test]
@@ -792,12 +970,12 @@ mod tests {
     fn use_after_end_fires_after_end_sessions() {
         let names = names();
         let mut state = SessionState::new(0);
-        state.end(EndKind::Ended, request(9, 1, 10, None));
+        state.end(EndKind::Ended, request(9, 1, 10, None), true);
         let find = facts(request(1, 2, 20, None), CommandClass::CursorOpen);
         let violation = use_after_end(&event(find), &state, &ctx(&names, 20)).expect("reuse");
         assert_eq!(violation.earlier.unwrap().conn, 9);
         assert!(violation.message.contains("ended by endSessions"));
-        state.end(EndKind::Killed, request(9, 1, 10, None));
+        state.end(EndKind::Killed, request(9, 1, 10, None), true);
         assert!(use_after_end(&event(find), &state, &ctx(&names, 20))
             .unwrap()
             .message
@@ -810,7 +988,7 @@ mod tests {
         let mut state = SessionState::new(0);
         let find = facts(request(1, 2, 20, None), CommandClass::CursorOpen);
         assert_eq!(use_after_end(&event(find), &state, &ctx(&names, 20)), None);
-        state.end(EndKind::Ended, request(9, 1, 10, None));
+        state.end(EndKind::Ended, request(9, 1, 10, None), true);
         for class in [
             CommandClass::KillCursors,
             CommandClass::Abort,
@@ -854,18 +1032,21 @@ mod tests {
             statement: 0,
             class: CommandClass::EndSessions,
             abandoned: false,
+            suspected: false,
         };
         let kill = InFlight {
             request: request(1, 2, 0, None),
             statement: 0,
             class: CommandClass::KillCursors,
             abandoned: false,
+            suspected: false,
         };
         let insert = InFlight {
             request: request(1, 3, 0, None),
             statement: 0,
             class: CommandClass::Write,
             abandoned: false,
+            suspected: false,
         };
         assert_eq!(
             closed_with_requests_in_flight(&KEY, &end, 5, &ctx(&names, 5)),
@@ -1089,6 +1270,7 @@ mod tests {
             statement: 0,
             class: CommandClass::Write,
             abandoned: false,
+            suspected: false,
         };
         state.txn.as_mut().unwrap().phase = TxnPhase::LikelyAborted;
         state.txn.as_mut().unwrap().aborted_by = Some(failing.request);
@@ -1097,6 +1279,7 @@ mod tests {
             statement: 0,
             class: CommandClass::Write,
             abandoned: false,
+            suspected: false,
         };
         let nst = ReplyFacts {
             in_transaction: true,

@@ -122,6 +122,18 @@ impl CommandClass {
         )
     }
 
+    /// Session commands whose effect waits for the server's ok:1.
+    pub fn waits_for_outcome(self) -> bool {
+        matches!(
+            self,
+            CommandClass::EndSessions
+                | CommandClass::KillSessions
+                | CommandClass::KillAllSessions
+                | CommandClass::RefreshSessions
+                | CommandClass::KillCursors
+        )
+    }
+
     /// Commands drivers fire and forget while shutting down.
     pub fn is_fire_and_forget_at_close(self) -> bool {
         matches!(self, CommandClass::EndSessions | CommandClass::KillCursors)
@@ -139,6 +151,10 @@ pub struct InFlight {
     /// or tailable cursor closed while its getMore waits): the client has
     /// let go of it, so it no longer counts as the session being in use.
     pub abandoned: bool,
+    /// An identical request on another connection awaits the verdict on
+    /// this one: a retry if this one's connection fails without its reply,
+    /// concurrent use if its reply is delivered (see `rules::retry_suspect`).
+    pub suspected: bool,
 }
 
 /// The requests in flight on a session. Almost always zero or one, so the
@@ -184,6 +200,21 @@ impl InFlightSet {
     pub fn find(&self, conn: u64, request_id: i32) -> Option<&InFlight> {
         self.iter()
             .find(|entry| entry.request.conn == conn && entry.request.request_id == request_id)
+    }
+    fn find_mut(&mut self, conn: u64, request_id: i32) -> Option<&mut InFlight> {
+        let overlaps = self
+            .more
+            .as_deref_mut()
+            .map_or(&mut [][..], Vec::as_mut_slice);
+        self.first
+            .iter_mut()
+            .chain(overlaps)
+            .find(|entry| entry.request.conn == conn && entry.request.request_id == request_id)
+    }
+    /// Sets or clears the request's `suspected` flag; returns what it was.
+    pub fn set_suspected(&mut self, conn: u64, request_id: i32, suspected: bool) -> bool {
+        self.find_mut(conn, request_id)
+            .is_some_and(|entry| std::mem::replace(&mut entry.suspected, suspected))
     }
     pub fn insert(&mut self, entry: InFlight) {
         if self.first.is_none() {
@@ -251,6 +282,11 @@ impl EndKind {
 pub struct Ended {
     pub kind: EndKind,
     pub by: RequestRef,
+    /// The server answered the end ok:1. `false`: its reply never came
+    /// (the client closed first, the connection failed) — the end most
+    /// likely happened, but rules may report on it only as a warning that
+    /// says so, and enforce mode never rejects on it.
+    pub confirmed: bool,
 }
 
 /// Where a transaction stands, as far as the proxy can tell.
@@ -382,6 +418,12 @@ pub struct SessionState {
     /// the server knows it. An entry made for a rejected request, or the
     /// tombstone of an lsid ended before any use, has not started.
     pub started: bool,
+    /// `retry_fingerprint` of the last request whose connection closed
+    /// before its reply (0: none). The session's next request, if it is the
+    /// same command again, is the driver's retry of it (counted, never
+    /// judged by it). 32 bits: it fits the padding after the small fields,
+    /// and a collision would only miscount one retry.
+    pub cut_off: u32,
 }
 
 impl SessionState {
@@ -403,6 +445,7 @@ impl SessionState {
             open_cursors: 0,
             refresh_pending: false,
             started: false,
+            cut_off: 0,
         }
     }
 
@@ -448,14 +491,26 @@ impl SessionState {
             && now.saturating_sub(self.last_activity()) > session_timeout
     }
 
-    /// Marks the session ended by `by`. The server aborts its transaction and
-    /// kills its cursors; in-flight requests keep running until they answer.
-    pub fn end(&mut self, kind: EndKind, by: RequestRef) -> TxnEvents {
+    /// Marks the session ended by `by` (`confirmed`: the server answered
+    /// ok:1). The server aborts its transaction and kills its cursors;
+    /// in-flight requests keep running until they answer. A confirmed end
+    /// is never replaced by an unconfirmed one: it is the better evidence.
+    pub fn end(&mut self, kind: EndKind, by: RequestRef, confirmed: bool) -> TxnEvents {
         let aborted = self
             .txn
             .as_deref_mut()
             .map_or(0, Transaction::settle_as_dropped);
-        self.ended = Some(Box::new(Ended { kind, by }));
+        let keep = self
+            .ended
+            .as_deref()
+            .is_some_and(|ended| ended.confirmed && !confirmed);
+        if !keep {
+            self.ended = Some(Box::new(Ended {
+                kind,
+                by,
+                confirmed,
+            }));
+        }
         self.txn = None;
         self.open_cursors = 0;
         TxnEvents {
@@ -479,6 +534,7 @@ impl SessionState {
                 statement: request.statement,
                 class: request.class,
                 abandoned: false,
+                suspected: false,
             });
         }
         let Some(number) = request.request.txn_number else {
@@ -587,29 +643,40 @@ impl SessionState {
         reply: &ReplyFacts,
         final_reply: bool,
         now: Millis,
-    ) -> TxnEvents {
-        let mut events = TxnEvents::default();
+    ) -> ReplyApplied {
+        let mut applied = ReplyApplied::default();
         self.last_used = now;
-        if final_reply {
+        let (conn, request_id) = (request.request.conn, request.request.request_id);
+        // Any reply delivered (the first of an exhaust stream too) decides
+        // the verdict an identical request awaits.
+        applied.suspected = if final_reply {
             self.in_flight
-                .remove(request.request.conn, request.request.request_id);
-        }
+                .remove(conn, request_id)
+                .is_some_and(|removed| removed.suspected)
+        } else {
+            self.in_flight.set_suspected(conn, request_id, false)
+        };
         let Some(number) = request.request.txn_number else {
-            return events;
+            return applied;
         };
         let Some(txn) = self.txn.as_deref_mut() else {
-            return events;
+            return applied;
         };
         if txn.number != number || !reply.in_transaction {
-            return events;
+            return applied;
         }
+        let events = &mut applied.txn;
         match request.class {
             CommandClass::Abort => txn.phase = TxnPhase::Aborted,
             CommandClass::Commit => {
-                if reply.clean_success || reply.ok {
+                // Committed only when acknowledged: ok:1 without a
+                // writeConcernError. With one, the commit's durability is
+                // unknown (drivers label it UnknownTransactionCommitResult
+                // and retry it), like a commit whose reply never came.
+                if reply.ok && !reply.write_concern_error {
                     txn.phase = TxnPhase::Committed;
                     events.committed = txn.settle();
-                } else if reply.unknown_commit_result || reply.retryable {
+                } else if reply.ok || reply.unknown_commit_result || reply.retryable {
                     txn.phase = TxnPhase::Committing;
                 } else {
                     txn.phase = TxnPhase::ServerAborted { by_commit: true };
@@ -619,7 +686,7 @@ impl SessionState {
             }
             _ => {
                 if reply.clean_success || reply.overloaded {
-                    return events;
+                    return applied;
                 }
                 if reply.transient || reply.no_such_transaction {
                     txn.phase = TxnPhase::ServerAborted { by_commit: false };
@@ -631,22 +698,46 @@ impl SessionState {
                 }
             }
         }
-        events
+        applied
     }
 
     /// The connection of an in-flight request closed before its reply.
-    pub fn connection_closed(&mut self, entry: &InFlight) {
-        self.in_flight
-            .remove(entry.request.conn, entry.request.request_id);
+    /// Returns whether an identical request awaited the verdict on it.
+    pub fn connection_closed(&mut self, entry: &InFlight) -> bool {
+        let suspected = self
+            .in_flight
+            .remove(entry.request.conn, entry.request.request_id)
+            .is_some_and(|removed| removed.suspected);
+        self.cut_off = retry_fingerprint(entry.statement, entry.request.txn_number);
         let Some(number) = entry.request.txn_number else {
-            return;
+            return suspected;
         };
+        if self.txn.as_deref().is_some_and(|txn| txn.number == number) {
+            self.transaction_cut();
+        }
+        suspected
+    }
+
+    /// A connection that carried statements of this session's transaction
+    /// was cut by the upstream side: an open transaction's outcome is now
+    /// unknown (the driver will abort or retry the whole transaction).
+    pub fn transaction_cut(&mut self) {
         if let Some(txn) = self.txn.as_deref_mut() {
-            if txn.number == number && matches!(txn.phase, TxnPhase::Open | TxnPhase::LikelyAborted)
-            {
+            if matches!(txn.phase, TxnPhase::Open | TxnPhase::LikelyAborted) {
                 txn.phase = TxnPhase::Uncertain;
             }
         }
+    }
+
+    /// Whether `request` repeats the request last cut off by its
+    /// connection closing (the driver retrying it); forgets the cut-off
+    /// either way, since only the very next request can be its retry.
+    pub fn take_cut_off(&mut self, request: &RequestFacts) -> bool {
+        if self.cut_off == 0 {
+            return false;
+        }
+        std::mem::take(&mut self.cut_off)
+            == retry_fingerprint(request.statement, request.request.txn_number)
     }
 }
 
@@ -668,6 +759,25 @@ pub struct RequestFacts {
     pub expects_reply: bool,
 }
 
+/// What recording a reply changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplyApplied {
+    pub txn: TxnEvents,
+    /// The answered request had an identical request on another connection
+    /// awaiting the verdict on it (now: concurrent use).
+    pub suspected: bool,
+}
+
+/// The identity `cut_off` keeps of a request: its statement hash (command,
+/// namespace, statements) with its txnNumber folded in, never 0.
+pub fn retry_fingerprint(statement: u64, txn_number: Option<i64>) -> u32 {
+    // An odd multiplier keeps different numbers apart; `| 1` keeps 0 free
+    // for "none" (costing one bit).
+    let number = txn_number.map_or(0, |n| n as u64);
+    let mixed = statement ^ number.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((mixed >> 32) as u32 ^ mixed as u32) | 1
+}
+
 /// The facts of one reply the state machine needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReplyFacts {
@@ -687,6 +797,8 @@ pub struct ReplyFacts {
     /// errorLabels has SystemOverloadedError / RetryableError: the server
     /// refused before running the command, and drivers retry it as is.
     pub overloaded: bool,
+    /// The reply carries a writeConcernError.
+    pub write_concern_error: bool,
 }
 
 #[cfg(test)]
@@ -740,18 +852,21 @@ pub(crate) mod tests {
             statement: 1,
             class: CommandClass::Other,
             abandoned: false,
+            suspected: false,
         };
         let b = InFlight {
             request: request(2, 10, 0, None),
             statement: 2,
             class: CommandClass::Other,
             abandoned: false,
+            suspected: false,
         };
         let c = InFlight {
             request: request(2, 11, 0, None),
             statement: 3,
             class: CommandClass::Other,
             abandoned: false,
+            suspected: false,
         };
         set.insert(a);
         set.insert(b);
@@ -907,7 +1022,7 @@ pub(crate) mod tests {
         assert!(state.txn.is_none());
         state.open_cursors = 2;
         assert!(state.is_held());
-        state.end(EndKind::Ended, request(3, 9, 2, None));
+        state.end(EndKind::Ended, request(3, 9, 2, None), true);
         assert!(state.is_ended());
         assert!(!state.is_held());
         state.restart(3);

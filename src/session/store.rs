@@ -8,6 +8,12 @@
 //! after the writer had read it (a logout undone by a request that loaded the
 //! session before the logout and saved it afterwards).
 //!
+//! A destroy takes hold when the server confirms the delete (judged by
+//! outcome, like the session engine's effects): `apply` hands the destroys
+//! back and the engine settles them with the reply — applied on a clean
+//! ok:1, dropped on anything else, applied as *unconfirmed* when the reply
+//! never comes (a resurrection of it is then reported at most as a warning).
+//!
 //! It is pure bookkeeping: the engine hands it request views and request
 //! references and turns its findings into violations. It never logs, and it
 //! never keeps a session's contents or even its id: a store document is known
@@ -168,6 +174,8 @@ pub struct Resurrection {
     pub read: RequestRef,
     pub destroy: RequestRef,
     pub write: RequestRef,
+    /// The destroy's reply never came: it most likely, not certainly, happened.
+    pub unconfirmed: bool,
 }
 
 /// The store part of a violation's evidence (ids only, resolved later).
@@ -204,10 +212,18 @@ impl Resurrection {
             self.read.conn,
             ms(self.destroy.at.saturating_sub(self.read.at)),
         );
+        let mut message = message;
+        if self.unconfirmed {
+            message.push_str(
+                " (the destroy is not confirmed: its reply never came, so the server most likely, not certainly, \
+                 deleted the document; reported as a warning and never rejected)",
+            );
+        }
         let mut violation =
             Violation::new(RuleId::StoreSessionResurrected, key, self.write.at, message)
                 .current(self.write)
-                .earlier(self.destroy);
+                .earlier(self.destroy)
+                .unconfirmed(self.unconfirmed);
         violation.store = Some(Box::new(StoreFinding {
             store: label.to_string(),
             document: self.document.fingerprint(),
@@ -279,6 +295,8 @@ struct DocRecord {
 #[derive(Debug, Clone)]
 struct Destroyed {
     by: RequestRef,
+    /// The server answered the delete ok:1 (else its reply never came).
+    confirmed: bool,
     /// The readers as they stood when the document was destroyed: the copies
     /// that may still be saved back.
     readers_before: [Option<RequestRef>; READERS_PER_DOCUMENT],
@@ -517,15 +535,20 @@ impl StoreTracker {
             read: *read,
             destroy: destroyed.by,
             write: *write,
+            unconfirmed: !destroyed.confirmed,
         })
     }
 
-    /// Records what a forwarded request did.
-    pub fn apply(&self, ops: &[StoreOp], request: &RequestRef) {
+    /// Records what a forwarded request did, except its destroys, which
+    /// take hold only when the server confirms them: they are handed back
+    /// (empty, unallocated, for every other request) for `settle_destroys`.
+    #[must_use = "destroys take hold only when settled"]
+    pub fn apply(&self, ops: &[StoreOp], request: &RequestRef) -> Vec<StoreOp> {
         if ops.is_empty() {
-            return;
+            return Vec::new();
         }
         let now = request.at;
+        let mut held = Vec::new();
         let mut documents = self.documents.lock().unwrap_or_else(|p| p.into_inner());
         self.expire(&mut documents, now);
         for op in ops {
@@ -533,15 +556,8 @@ impl StoreTracker {
             let exists = documents.records.contains_key(&op.document);
             match op.kind {
                 StoreOpKind::Destroy => {
-                    counters.destroyed.fetch_add(1, Ordering::Relaxed);
-                    // Without a record nobody read it within the window: no
-                    // copy can be saved back.
-                    if let Some(record) = documents.records.get_mut(&op.document) {
-                        record.destroyed = Some(Destroyed {
-                            by: *request,
-                            readers_before: std::mem::take(&mut record.readers),
-                        });
-                    }
+                    held.push(*op);
+                    continue;
                 }
                 StoreOpKind::Touch => {
                     counters.touched.fetch_add(1, Ordering::Relaxed);
@@ -579,6 +595,28 @@ impl StoreTracker {
                     }
                     record.last_written = Some(*request);
                 }
+            }
+            self.touch_activity(&mut documents, op.document, now);
+        }
+        held
+    }
+
+    /// Records the destroys `apply` handed back, once they happened:
+    /// `confirmed` when the server answered ok:1, not when its reply never
+    /// came (they most likely happened). Refused destroys are never settled.
+    pub fn settle_destroys(&self, ops: &[StoreOp], by: &RequestRef, confirmed: bool, now: Millis) {
+        let mut documents = self.documents.lock().unwrap_or_else(|p| p.into_inner());
+        for op in ops {
+            let counters = &self.counters[usize::from(op.store.0).min(self.counters.len() - 1)];
+            counters.destroyed.fetch_add(1, Ordering::Relaxed);
+            // Without a record nobody read it within the window: no copy
+            // can be saved back.
+            if let Some(record) = documents.records.get_mut(&op.document) {
+                record.destroyed = Some(Destroyed {
+                    by: *by,
+                    confirmed,
+                    readers_before: std::mem::take(&mut record.readers),
+                });
             }
             self.touch_activity(&mut documents, op.document, now);
         }
@@ -876,7 +914,9 @@ mod tests {
     ) -> Option<Resurrection> {
         let ops = ops(tracker, doc);
         let found = tracker.check(&ops, &request);
-        tracker.apply(&ops, &request);
+        let destroys = tracker.apply(&ops, &request);
+        // Answered ok:1.
+        tracker.settle_destroys(&destroys, &request, true, request.at);
         found
     }
 

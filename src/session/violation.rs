@@ -197,6 +197,10 @@ pub struct Violation {
     /// Web-session store rules: the store, the document's fingerprint and
     /// the read and destroy around the write in `current`.
     pub store: Option<Box<StoreFinding>>,
+    /// It rests on an effect the server never confirmed (an endSessions
+    /// whose reply never came): reported at most as a warning, never
+    /// rejected, whatever the rule's configuration says.
+    pub unconfirmed: bool,
 }
 
 impl Violation {
@@ -209,6 +213,7 @@ impl Violation {
             current: None,
             earlier: None,
             store: None,
+            unconfirmed: false,
         }
     }
     pub fn current(mut self, request: RequestRef) -> Violation {
@@ -220,6 +225,25 @@ impl Violation {
     pub fn earlier(mut self, request: impl Into<Option<RequestRef>>) -> Violation {
         self.earlier = request.into();
         self
+    }
+    /// Marks it as resting on an unconfirmed effect (see `unconfirmed`).
+    pub fn unconfirmed(mut self, unconfirmed: bool) -> Violation {
+        self.unconfirmed = unconfirmed;
+        self
+    }
+    /// The severity it is reported with: the rule's, at most a warning
+    /// when it rests on an unconfirmed effect.
+    pub fn severity(&self, configured: Severity) -> Severity {
+        if self.unconfirmed {
+            configured.min(Severity::Warning)
+        } else {
+            configured
+        }
+    }
+    /// Whether it rejects its request under `action` (never when it rests
+    /// on an unconfirmed effect).
+    pub fn rejects(&self, action: Action) -> bool {
+        action == Action::Reject && !self.unconfirmed
     }
 }
 
@@ -253,6 +277,11 @@ pub struct ViolationRecord {
     /// Whether the request was actually rejected (a `reject` action on a
     /// request that expects no reply cannot be answered, so it is forwarded).
     pub rejected: bool,
+    /// It rests on an effect the server never confirmed (an endSessions
+    /// whose reply never came): `severity` is at most a warning and the
+    /// request was not rejected.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unconfirmed: bool,
     /// The full lsid (UUID form) and the short form used in log lines.
     pub lsid: String,
     pub lsid_short: String,
@@ -290,6 +319,9 @@ pub struct ViolationJson<'a> {
     pub severity: &'static str,
     pub action: &'static str,
     pub rejected: bool,
+    /// Rests on an effect the server never confirmed (see `ViolationRecord`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unconfirmed: bool,
     pub lsid: &'a str,
     pub lsid_short: &'a str,
     pub owner: Option<&'a str>,
@@ -317,6 +349,7 @@ impl ViolationRecord {
             severity: self.severity.as_str(),
             action: self.action.as_str(),
             rejected: self.rejected,
+            unconfirmed: self.unconfirmed,
             lsid: &self.lsid,
             lsid_short: &self.lsid_short,
             owner: self.owner.as_deref(),

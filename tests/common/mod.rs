@@ -101,13 +101,8 @@ pub async fn guarded_proxy(
     };
     tweak(&mut config);
     let metrics = Arc::new(sessionguard::metrics::Metrics::new());
-    let sessions = sessionguard::session::SessionConfig::default();
-    let rules = sessionguard::session::RulesConfig::default();
     metrics
-        .register_session_engine(
-            engine.clone(),
-            sessionguard::session::config::ResolvedRules::resolve(sessions.mode, &rules),
-        )
+        .register_session_engine(engine.clone())
         .expect("engine collector registers");
     Proxy::start_with_metrics(Arc::new(config), engine, metrics)
         .await
@@ -319,6 +314,17 @@ pub struct HttpReply {
 
 /// A plain HTTP/1.1 GET (an admin API needs no client crate).
 pub async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> HttpReply {
+    http_request(addr, "GET", path, token).await
+}
+
+/// A plain HTTP/1.1 request without a body (`POST /reload`, or a method a
+/// route refuses).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> HttpReply {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -326,7 +332,14 @@ pub async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Http
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
+    let length = if method == "GET" {
+        ""
+    } else {
+        "Content-Length: 0\r\n"
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}{length}Connection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = String::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut raw))
@@ -374,6 +387,7 @@ pub async fn admin_for(
             interval: Duration::from_millis(100),
             timeout: Duration::from_secs(1),
         }),
+        reload: None,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let admin = sessionguard::admin::serve_with("127.0.0.1:0", context, shutdown.clone())
@@ -417,6 +431,15 @@ impl ProxyProcess {
     /// `SESSIONGUARD_*` variables inherited; waits until it listens. `{dir}`
     /// in an extra argument is the process's temporary directory.
     pub fn start(config_toml: &str, extra_args: &[&str]) -> ProxyProcess {
+        ProxyProcess::start_with_env(config_toml, extra_args, &[])
+    }
+
+    /// `start` with these `SESSIONGUARD_*` (or other) variables set.
+    pub fn start_with_env(
+        config_toml: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let config = dir.path().join("sessionguard.toml");
         std::fs::write(&config, config_toml).expect("config written");
@@ -430,6 +453,7 @@ impl ProxyProcess {
                     .iter()
                     .map(|arg| arg.replace("{dir}", &dir.path().to_string_lossy())),
             )
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::from(
                 log_file.try_clone().expect("log file"),
             ))
