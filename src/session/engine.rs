@@ -426,6 +426,11 @@ impl SessionEngine {
         self.findings_table().set_interval(millis(interval));
     }
 
+    /// The summary interval in force (`log.finding_interval`).
+    pub fn finding_interval(&self) -> Duration {
+        Duration::from_millis(self.findings_table().interval())
+    }
+
     /// Milliseconds since the engine started (its clock for all state).
     pub fn now(&self) -> Millis {
         millis(self.origin.elapsed())

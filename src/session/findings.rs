@@ -458,6 +458,10 @@ impl FindingTable {
         self.interval = interval;
     }
 
+    pub(crate) fn interval(&self) -> Millis {
+        self.interval
+    }
+
     fn cache_limit(&self) -> usize {
         self.max_findings
             .saturating_add(1)
