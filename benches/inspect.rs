@@ -2,7 +2,11 @@
 //! decoding (`FrameCodec`), opening and parsing (`wire::open` / `parse`),
 //! and the session engine's inspection with its ledger update, for a small
 //! command and for a 1 MiB insert. Target: <= 1 us per small frame
-//! (docs/performance.md). Run with `cargo bench --bench inspect`.
+//! (docs/performance.md). `flood` runs the same small find when every one
+//! of them is a violation of one finding (concurrent use of a shared
+//! session), logged to a JSON sink as in production, next to the clean
+//! round trip: the cost a misbehaving application adds per operation.
+//! Run with `cargo bench --bench inspect`.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -163,5 +167,59 @@ fn large(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, small, large);
+fn flood(c: &mut Criterion) {
+    // As in production: a JSON subscriber at INFO (writing nowhere), so
+    // whatever the engine logs is formatted.
+    let _ = tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::io::sink)
+            .finish(),
+    );
+    let mut group = c.benchmark_group("flood");
+    group.throughput(Throughput::Elements(1));
+    let mut codec = FrameCodec::default();
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let request = find_frame(7);
+    let reply = find_reply(7);
+
+    let clean = engine();
+    group.bench_function("clean_find", |b| {
+        b.iter(|| round_trip(&clean, &mut codec, &mut buffer, &request, &reply))
+    });
+    assert_eq!(clean.stats().violations, 0);
+
+    // The shared session has an insert in flight on another connection
+    // that never answers: every find on it is concurrent use.
+    let violating = engine();
+    violating.connect(
+        2,
+        ([10, 0, 0, 1], 50001).into(),
+        ([127, 0, 0, 1], 27018).into(),
+        None,
+    );
+    let blocker = rawdoc! {
+        "insert": "orders", "lsid": lsid(1), "txnNumber": 1_i64, "$db": "shop",
+    };
+    let blocker = op_msg::encode(1, 0, MsgFlags(0), blocker.as_bytes());
+    let frame = decode(&mut codec, &mut buffer, &blocker);
+    let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
+    let msg = opened.parse(&frame).unwrap();
+    violating.request(2, 1, &msg);
+    // The pattern violates (checked before measuring: `--list` runs no
+    // iteration).
+    round_trip(&violating, &mut codec, &mut buffer, &request, &reply);
+    assert_eq!(violating.stats().violations, 1);
+    group.bench_function("every_find_violates", |b| {
+        b.iter(|| round_trip(&violating, &mut codec, &mut buffer, &request, &reply))
+    });
+    // One finding counts them all.
+    let findings = violating.findings();
+    assert_eq!(findings.len(), 1);
+    assert_eq!(findings[0].count, violating.stats().violations);
+    group.finish();
+}
+
+criterion_group!(benches, small, large, flood);
 criterion_main!(benches);

@@ -27,11 +27,22 @@
 //!   `active`: not ended; `ended`: ended or killed (a tombstone);
 //!   `in_transaction`: a transaction that still holds the session;
 //!   `held`: an open transaction or an open cursor.
-//! - `GET /violations` -> JSON array, oldest first (the engine keeps the
-//!   last `sessions.max_violations`), each with `id`, `rule`, `severity`,
-//!   `action`, `rejected`, `lsid`, `owner`, `at`, `message` and `evidence`
-//!   (`current` / `earlier` request: connection, request id, peer, app,
-//!   driver, user, command, namespace, txnNumber, time).
+//! - `GET /violations` -> JSON array, oldest first: at most
+//!   `sessions.max_violations`, chosen fairly (each finding's 5 newest stay
+//!   whatever other findings do; see `SessionEngine::violations`), each
+//!   with `id`, `finding`, `rule`, `severity`, `action`, `rejected`, `lsid`,
+//!   `owner`, `at`, `message` and `evidence` (`current` / `earlier` request:
+//!   connection, request id, peer, app, driver, user, command, namespace,
+//!   txnNumber, time).
+//! - `GET /findings` -> JSON array of findings (violations grouped by bug),
+//!   the most recently seen first: `fingerprint` (12 hex digits, stable),
+//!   `rule`, `severity`, `action`, `current` / `earlier` (command,
+//!   namespace, app, driver), `count`, `first_seen`, `last_seen`,
+//!   `sessions` / `connections` (`count`, `exact`), `overflow` on the
+//!   overflow finding.
+//! - `GET /findings/<fingerprint>` -> one finding with `examples.first` and
+//!   `examples.latest` (a `/violations` entry and its session's `timeline`);
+//!   `404` for an unknown or malformed fingerprint.
 //! - `POST /reload` -> re-reads the configuration file (as `SIGHUP` does,
 //!   see `crate::reload`): `200` with
 //!   `{"config","config_sha256","changes":[..],"needs_restart":[..]}`, or
@@ -73,7 +84,6 @@ use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 use crate::proxy::upstream::{self, HostPort};
 use crate::reload::Reloader;
 use crate::session::state::{EndKind, Millis, SessionKey, SessionState, TxnPhase};
-use crate::session::violation::RequestEvidence;
 use crate::session::{SessionEngine, ViolationRecord};
 
 /// `/sessions` returns at most this many sessions unless `limit` says fewer.
@@ -96,7 +106,7 @@ pub struct UpstreamProbe {
 #[derive(Debug, Clone)]
 pub struct AdminContext {
     pub metrics: Arc<Metrics>,
-    /// `None`: `/sessions` and `/violations` answer 503.
+    /// `None`: `/sessions`, `/violations` and `/findings` answer 503.
     pub engine: Option<Arc<SessionEngine>>,
     pub token: Option<AdminToken>,
     pub probe: Option<UpstreamProbe>,
@@ -156,9 +166,9 @@ pub async fn serve_with(
     if context.token.is_none() && !local_addr.ip().is_loopback() {
         warn!(
             admin = %local_addr,
-            "the admin API listens beyond loopback without proxy.admin_token: /sessions and \
-             /violations (session ids, peers, users, command names) are open to anyone who \
-             can reach it; set proxy.admin_token or bind it to 127.0.0.1"
+            "the admin API listens beyond loopback without proxy.admin_token: /sessions, \
+             /violations and /findings (session ids, peers, users, command names) are open to \
+             anyone who can reach it; set proxy.admin_token or bind it to 127.0.0.1"
         );
     }
     if let Some(probe) = context.probe.clone() {
@@ -250,10 +260,18 @@ type HttpResponse = Response<Full<Bytes>>;
 
 fn route(context: &AdminContext, request: &Request<Incoming>) -> HttpResponse {
     let path = request.uri().path();
-    let known = matches!(
-        path,
-        "/healthz" | "/readyz" | "/metrics" | "/sessions" | "/violations" | "/reload"
-    );
+    let finding = path.strip_prefix("/findings/");
+    let known = finding.is_some()
+        || matches!(
+            path,
+            "/healthz"
+                | "/readyz"
+                | "/metrics"
+                | "/sessions"
+                | "/violations"
+                | "/findings"
+                | "/reload"
+        );
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
@@ -297,6 +315,10 @@ fn route(context: &AdminContext, request: &Request<Incoming>) -> HttpResponse {
             Some(engine) => violations(engine),
             None => no_engine(),
         },
+        "/findings" => match &context.engine {
+            Some(engine) => json(StatusCode::OK, &engine.findings()),
+            None => no_engine(),
+        },
         "/reload" => match &context.reload {
             Some(reloader) => match reloader.reload("POST /reload") {
                 Ok(reloaded) => json(StatusCode::OK, &reloaded),
@@ -307,7 +329,14 @@ fn route(context: &AdminContext, request: &Request<Incoming>) -> HttpResponse {
                 "configuration reload is not available in this process\n",
             ),
         },
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => match (finding, &context.engine) {
+            (Some(_), None) => no_engine(),
+            (Some(id), Some(engine)) => match id.parse().ok().and_then(|id| engine.finding(id)) {
+                Some(detail) => json(StatusCode::OK, &detail),
+                None => text(StatusCode::NOT_FOUND, "no such finding\n"),
+            },
+            (None, _) => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
     }
 }
 
@@ -635,48 +664,8 @@ struct SessionJson {
 }
 
 fn violations(engine: &SessionEngine) -> HttpResponse {
-    #[derive(Serialize)]
-    struct Evidence<'a> {
-        current: Option<&'a RequestEvidence>,
-        earlier: Option<&'a RequestEvidence>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        store: Option<&'a crate::session::StoreEvidence>,
-    }
-    #[derive(Serialize)]
-    struct ViolationJson<'a> {
-        id: u64,
-        rule: &'static str,
-        severity: &'static str,
-        action: &'static str,
-        rejected: bool,
-        lsid: &'a str,
-        lsid_short: &'a str,
-        owner: Option<&'a str>,
-        at: &'a str,
-        message: &'a str,
-        evidence: Evidence<'a>,
-    }
     let records: Vec<Arc<ViolationRecord>> = engine.violations();
-    let body: Vec<ViolationJson<'_>> = records
-        .iter()
-        .map(|record| ViolationJson {
-            id: record.id,
-            rule: record.rule.as_str(),
-            severity: record.severity.as_str(),
-            action: record.action.as_str(),
-            rejected: record.rejected,
-            lsid: &record.lsid,
-            lsid_short: &record.lsid_short,
-            owner: record.owner.as_deref(),
-            at: &record.at,
-            message: &record.message,
-            evidence: Evidence {
-                current: record.current.as_ref(),
-                earlier: record.earlier.as_ref(),
-                store: record.store.as_ref(),
-            },
-        })
-        .collect();
+    let body: Vec<_> = records.iter().map(|record| record.json()).collect();
     json(StatusCode::OK, &body)
 }
 
@@ -757,8 +746,12 @@ mod tests {
         assert!(ok.ends_with("ok\n"), "{ok}");
         let missing = get(server.local_addr, "/nope", None).await;
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
-        let no_engine = get(server.local_addr, "/violations", None).await;
-        assert!(no_engine.starts_with("HTTP/1.1 503"), "{no_engine}");
+        for path in ["/violations", "/findings", "/findings/0ddf2e84286a"] {
+            let no_engine = get(server.local_addr, path, None).await;
+            assert!(no_engine.starts_with("HTTP/1.1 503"), "{path}: {no_engine}");
+        }
+        let nested = get(server.local_addr, "/findingsx", None).await;
+        assert!(nested.starts_with("HTTP/1.1 404"), "{nested}");
 
         let mut stream = tokio::net::TcpStream::connect(server.local_addr)
             .await
@@ -791,6 +784,10 @@ mod tests {
             .starts_with("HTTP/1.1 200"));
         let missing = get(addr, "/readyz", None).await;
         assert!(missing.starts_with("HTTP/1.1 401"), "{missing}");
+        for path in ["/findings", "/findings/0ddf2e84286a"] {
+            let missing = get(addr, path, None).await;
+            assert!(missing.starts_with("HTTP/1.1 401"), "{path}: {missing}");
+        }
         let wrong = get(addr, "/readyz", Some("Bearer 0123456789abcdef-tokeX")).await;
         assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
         assert!(wrong.contains("invalid_token"), "{wrong}");

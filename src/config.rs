@@ -20,7 +20,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
 /// The deployment the proxy forwards to.
 pub const DEFAULT_UPSTREAM: &str = "mongodb://127.0.0.1:27017";
 /// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
-/// `/sessions`, `/violations`).
+/// `/sessions`, `/violations`, `/findings`).
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9216";
 /// How often `/readyz` dials the upstream to see whether it is reachable.
 pub const DEFAULT_UPSTREAM_PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -494,13 +494,18 @@ impl ProxyConfig {
     }
 }
 
-/// `[log]`: output format and verbosity.
+/// `[log]`: output format, verbosity, and how often a finding's repeated
+/// violations are summarised.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter: a level (`info`) or directives (`sessionguard=debug,info`).
     pub level: String,
+    /// A finding's first violation is logged in full; later ones in at most
+    /// one summary line per this interval (count since the last line, total).
+    #[serde(with = "humantime_serde")]
+    pub finding_interval: Duration,
 }
 
 impl Default for LogConfig {
@@ -508,12 +513,19 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Pretty,
             level: DEFAULT_LOG_LEVEL.to_string(),
+            finding_interval: crate::session::config::DEFAULT_FINDING_INTERVAL,
         }
     }
 }
 
 impl LogConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.finding_interval.is_zero() {
+            return Err(ConfigError::key(
+                "log.finding_interval",
+                "must be greater than 0",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.level)
             .map(|_| ())
             .map_err(|e| {
@@ -972,6 +984,10 @@ mod tests {
                 "proxy.tls.handshake_timeout: must be greater than 0",
             ),
             ("[log]\nlevel = \"=[\"", "log.level: invalid filter"),
+            (
+                "[log]\nfinding_interval = \"0s\"",
+                "log.finding_interval: must be greater than 0",
+            ),
             // Parse-time errors: unknown keys and wrong types name the key too.
             (
                 "[proxy]\nmax_conections = 5",

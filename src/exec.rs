@@ -211,7 +211,8 @@ async fn run(plan: Plan) -> u8 {
     let rules = ResolvedRules::resolve(plan.config.sessions.mode, &plan.config.rules);
     let engine = Arc::new(
         SessionEngine::new(&plan.config.sessions, &plan.config.rules)
-            .with_stores(&plan.config.stores),
+            .with_stores(&plan.config.stores)
+            .with_finding_interval(plan.config.log.finding_interval),
     );
     let refresher = spawn_refresher(&engine);
     let proxy_config = ProxyConfig {
@@ -282,6 +283,7 @@ async fn run(plan: Plan) -> u8 {
     }
     refresher.abort();
     engine.sweep();
+    engine.flush_finding_summaries();
 
     let report = Report::from_engine(
         RunInfo {

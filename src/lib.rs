@@ -13,7 +13,7 @@
 //! - [`metrics`]: the Prometheus registry and the data path's pre-resolved
 //!   metric handles; the session engine's counters are read at scrape time.
 //! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
-//!   `/sessions`, `/violations`, `POST /reload`).
+//!   `/sessions`, `/violations`, `/findings`, `POST /reload`).
 //! - [`reload`]: live reload of the configuration file (SIGHUP,
 //!   `POST /reload`): the mode and rules go live, the rest is named as
 //!   needing a restart.

@@ -307,7 +307,8 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
     // when the engine is dropped.
     let engine = Arc::new(
         sessionguard::session::SessionEngine::new(&config.sessions, &config.rules)
-            .with_stores(&config.stores),
+            .with_stores(&config.stores)
+            .with_finding_interval(config.log.finding_interval),
     );
     let _refresher = sessionguard::session::spawn_refresher(&engine);
     // One registry for the data path and the engine (read at scrape time).
@@ -402,6 +403,8 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
             code = ExitCode::from(EXIT_INTERRUPTED);
         }
     }
+    // The last counts of every finding still summarised later.
+    engine.flush_finding_summaries();
     if let Some(path) = &report {
         match sessionguard::report::write_proxy_report(path, started, &config, &engine) {
             Ok(()) => tracing::info!(report = %path.display(), "report written"),
@@ -449,6 +452,7 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
     let log = LogConfig {
         format: args.log_format,
         level: args.log_level,
+        ..LogConfig::default()
     };
     if let Err(e) = sessionguard::telemetry::init(&log) {
         eprintln!("error: {e}");

@@ -8,10 +8,11 @@
 //! answer carry the same message naming the key and the problem. A valid
 //! file puts its live part in force in the session engine for every request
 //! judged from then on — `sessions.mode`, `sessions.transaction_max_open`
-//! and every `[rules.<id>]` — without touching connections or the ledger.
+//! and every `[rules.<id>]` — and `log.finding_interval` for the next
+//! summary line, without touching connections or the ledger.
 //! Every other setting that differs (listeners, upstream, TLS, limits,
 //! timeouts, the admin address and token, the other `[sessions]` keys,
-//! `[stores]`, `[log]`) is named as needing a restart and keeps its running
+//! `[stores]`, the rest of `[log]`) is named as needing a restart and keeps its running
 //! value; the live part still applies (a rule change should not wait for a
 //! restart because the same file also changed a port).
 //!
@@ -32,7 +33,12 @@ use crate::session::SessionEngine;
 
 /// The keys a reload puts in force (`rules` stands for every `[rules.<id>]`
 /// key). Everything else needs a restart.
-pub const LIVE_KEYS: [&str; 3] = ["sessions.mode", "sessions.transaction_max_open", "rules"];
+pub const LIVE_KEYS: [&str; 4] = [
+    "sessions.mode",
+    "sessions.transaction_max_open",
+    "rules",
+    "log.finding_interval",
+];
 
 /// What a successful reload did (also the body of `POST /reload`'s 200).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -251,7 +257,16 @@ impl Reloader {
                 humantime::format_duration(new.sessions.transaction_max_open)
             ));
         }
+        if running.log.finding_interval != new.log.finding_interval {
+            changes.push(format!(
+                "log.finding_interval: {} -> {}",
+                humantime::format_duration(running.log.finding_interval),
+                humantime::format_duration(new.log.finding_interval)
+            ));
+        }
         self.engine.reconfigure(&new.sessions, &new.rules);
+        self.engine.set_finding_interval(new.log.finding_interval);
+        running.log.finding_interval = new.log.finding_interval;
         running.sessions.mode = new.sessions.mode;
         running.sessions.transaction_max_open = new.sessions.transaction_max_open;
         running.rules = new.rules;
@@ -394,7 +409,8 @@ mod tests {
         let engine = reloader.engine.clone();
         std::fs::write(
             &path,
-            "[proxy]\nmax_connections = 3\n[sessions]\ntransaction_max_open = \"2m\"\n\
+            "[proxy]\nmax_connections = 3\n[log]\nfinding_interval = \"10s\"\n\
+             [sessions]\ntransaction_max_open = \"2m\"\n\
              [rules.concurrent-use]\naction = \"reject\"\n[rules.txn-left-open]\nenabled = false\n",
         )
         .unwrap();
@@ -405,7 +421,12 @@ mod tests {
                 "rules.concurrent-use.action: log -> reject",
                 "rules.txn-left-open.enabled: true -> false",
                 "sessions.transaction_max_open: 1m -> 2m",
+                "log.finding_interval: 1m -> 10s",
             ]
+        );
+        assert_eq!(
+            engine.finding_interval(),
+            std::time::Duration::from_secs(10)
         );
         assert_eq!(reloaded.needs_restart, ["proxy.max_connections"]);
         assert_eq!(reloaded.config_sha256.len(), 12);

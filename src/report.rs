@@ -599,6 +599,7 @@ mod tests {
     fn record(id: u64, rule: RuleId, message: &str) -> Arc<ViolationRecord> {
         Arc::new(ViolationRecord {
             id,
+            finding: Default::default(),
             rule,
             severity: rule.default_severity(),
             action: Action::Log,

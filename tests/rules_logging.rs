@@ -8,21 +8,12 @@ mod common;
 
 use bson::spec::BinarySubtype;
 use bson::{rawdoc, Binary, RawDocumentBuf};
+use common::engine_reply as reply;
 use sessionguard::proxy::CloseCause;
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
-use sessionguard::wire::op_msg::encode;
-use sessionguard::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
 
 fn send(engine: &SessionEngine, conn: u64, id: i32, doc: &RawDocumentBuf, now: u64) {
-    let frame = encode(id, 0, MsgFlags(0), doc.as_bytes());
-    let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
-    engine.request_at(conn, id, &Message::Msg(msg), now);
-}
-
-fn reply(engine: &SessionEngine, conn: u64, to: i32, doc: &RawDocumentBuf, now: u64) {
-    let frame = encode(1000 + to, to, MsgFlags(0), doc.as_bytes());
-    let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
-    engine.reply_at(conn, to, &Message::Msg(msg), now);
+    common::engine_request(engine, conn, id, doc, 0, now);
 }
 
 fn lsid(n: u8) -> RawDocumentBuf {

@@ -28,6 +28,14 @@ pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_REFRESH_MAX_AGE: Duration = Duration::from_secs(60 * 60);
 /// Violations kept in memory for the admin API.
 pub const DEFAULT_MAX_VIOLATIONS: usize = 10_000;
+/// Findings (violations grouped by bug) tracked at once; violations of newer
+/// bugs are counted under one overflow finding.
+pub const DEFAULT_MAX_FINDINGS: usize = 1_000;
+/// The largest `max_findings` accepted.
+pub const MAX_MAX_FINDINGS: usize = 100_000;
+/// How often a finding's violations after its first are summarised in the
+/// log (`log.finding_interval`).
+pub const DEFAULT_FINDING_INTERVAL: Duration = Duration::from_secs(60);
 /// The server's default logicalSessionTimeoutMinutes, used until a hello
 /// reply says otherwise.
 pub const DEFAULT_SERVER_SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -90,6 +98,7 @@ pub struct SessionConfig {
     #[serde(with = "humantime_serde")]
     pub transaction_max_open: Duration,
     pub max_violations: usize,
+    pub max_findings: usize,
 }
 
 impl Default for SessionConfig {
@@ -105,6 +114,7 @@ impl Default for SessionConfig {
             max_sessions: DEFAULT_MAX_SESSIONS,
             transaction_max_open: DEFAULT_TRANSACTION_MAX_OPEN,
             max_violations: DEFAULT_MAX_VIOLATIONS,
+            max_findings: DEFAULT_MAX_FINDINGS,
         }
     }
 }
@@ -130,6 +140,15 @@ impl SessionConfig {
         }
         if self.max_sessions == 0 {
             return Err("sessions.max_sessions: must be at least 1".into());
+        }
+        if self.max_findings == 0 {
+            return Err("sessions.max_findings: must be at least 1".into());
+        }
+        if self.max_findings > MAX_MAX_FINDINGS {
+            return Err(format!(
+                "sessions.max_findings: must be at most {MAX_MAX_FINDINGS} (each finding keeps its examples \
+                 in memory)"
+            ));
         }
         if let (Some(after), Some(timeout)) = (self.refresh_after, self.session_timeout) {
             if after >= timeout {
@@ -457,6 +476,7 @@ mod tests {
         assert_eq!(file.sessions, SessionConfig::default());
         assert_eq!(file.sessions.ended_retention, Duration::from_secs(1800));
         assert_eq!(file.sessions.max_sessions, 1_000_000);
+        assert_eq!(file.sessions.max_findings, 1_000);
         assert_eq!(file.sessions.transaction_max_open, Duration::from_secs(60));
         assert_eq!(file.sessions.mode, Mode::Observe);
         assert_eq!(file.sessions.refresh, RefreshPolicy::Held);
@@ -479,6 +499,7 @@ mod tests {
             max_sessions = 5000
             transaction_max_open = "2m"
             max_violations = 50
+            max_findings = 20
 
             [rules.txn-left-open]
             enabled = false
@@ -500,6 +521,7 @@ mod tests {
         assert_eq!(s.max_sessions, 5000);
         assert_eq!(s.transaction_max_open, Duration::from_secs(120));
         assert_eq!(s.max_violations, 50);
+        assert_eq!(s.max_findings, 20);
         assert!(s.validate().is_ok());
         assert!(file.rules.validate().is_ok());
         let resolved = ResolvedRules::resolve(s.mode, &file.rules);
@@ -662,6 +684,12 @@ mod tests {
             zero(|c| c.max_sessions = 0),
             "sessions.max_sessions: must be at least 1"
         );
+        assert_eq!(
+            zero(|c| c.max_findings = 0),
+            "sessions.max_findings: must be at least 1"
+        );
+        assert!(zero(|c| c.max_findings = 100_001)
+            .starts_with("sessions.max_findings: must be at most"));
         assert!(
             zero(|c| c.refresh_interval = Duration::ZERO).starts_with("sessions.refresh_interval:")
         );

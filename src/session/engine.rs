@@ -3,8 +3,10 @@
 //! command views, keeps the per-connection facts (handshake identity,
 //! authenticated owner, requests awaiting replies), drives the session
 //! ledger, runs the enabled rules, decides whether a request is rejected
-//! (enforce), and reports violations (a `tracing` event each, per-rule
-//! counters, a bounded in-memory list).
+//! (enforce), and reports violations: per-rule counters for every one, and
+//! through `findings` (grouped by bug) the log lines, the kept examples and
+//! the bounded list of recent violations. Each connection keeps a small ring
+//! of its recent session operations (`timeline`) for the examples.
 //!
 //! It judges by outcome (see `rules`' module doc): an effect — a session
 //! ended or killed, a refresh, a cursor killed, a transaction committed —
@@ -21,7 +23,6 @@
 //! no two session entries are locked at once. It never logs document
 //! contents — command names, namespaces, ids and counts only.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,8 +33,13 @@ use crate::metrics::{command_index, COMMAND_LABELS};
 use crate::proxy::inspect::CloseCause;
 use crate::wire::Message;
 
+use super::config::DEFAULT_FINDING_INTERVAL;
 use super::config::{LiveRules, ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
 use super::config::{RefreshPolicy, RulesConfig};
+use super::findings::{
+    self, Examples, FindingDetail, FindingId, FindingSnapshot, FindingTable, IdKey, Kept, LogNow,
+    Summary,
+};
 use super::intern::{normalize_ip, ClientIdentity, FastDashMap, Tables, DEFAULT_INTERN_LIMIT};
 use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
 use super::outcome::{
@@ -46,6 +52,7 @@ use super::state::{
     RequestRef, SessionKey, Sym, TxnEvents,
 };
 use super::store::{StoreConfig, StoreStats, StoreTracker};
+use super::timeline::{Gather, OpRing, OpSlot, Timeline};
 use super::violation::{
     Action, RequestEvidence, RuleId, Severity, StoreEvidence, Violation, ViolationRecord,
     SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
@@ -175,6 +182,8 @@ struct Pending {
     in_transaction: bool,
     /// getMore's cursor (to forget it when the reply says exhausted).
     cursor: Option<i64>,
+    /// Its entry in the connection's operation ring (session requests).
+    op: Option<OpSlot>,
 }
 
 /// An authentication the connection started; the server's reply decides.
@@ -198,6 +207,8 @@ pub(crate) struct ConnState {
     /// Effects of this connection's session commands, held until their
     /// replies (empty, unallocated, on connections that send none).
     effects: Vec<(i32, Effect)>,
+    /// Recent session operations, for violations' timelines.
+    ops: OpRing,
     pub(crate) injector: Option<crate::proxy::inspect::Injector>,
     /// A refresh injected on this connection has not answered yet.
     pub(crate) refresh_in_progress: bool,
@@ -250,11 +261,11 @@ impl UpstreamState {
     }
 }
 
-/// The bounded list of recent violations.
+/// Violations: every one counted per rule, grouped into findings (which
+/// keep the examples and the recent violations `violations()` lists).
 #[derive(Debug)]
 struct ViolationLog {
-    recent: Mutex<VecDeque<Arc<ViolationRecord>>>,
-    capacity: usize,
+    findings: Mutex<FindingTable>,
     next_id: AtomicU64,
     per_rule: [AtomicU64; RuleId::COUNT],
 }
@@ -320,6 +331,8 @@ struct Inspected<'a> {
     /// The arrays a request names, parsed once: both the rules and the
     /// effects walk them. Empty (no allocation) for every other command.
     targets: Targets,
+    /// The engine's sequence number of the request (orders timelines).
+    seq: u64,
 }
 
 /// The cursors and sessions a getMore, killCursors or session command names.
@@ -370,8 +383,11 @@ impl SessionEngine {
             origin: Instant::now(),
             origin_wall: SystemTime::now(),
             violations: ViolationLog {
-                recent: Mutex::new(VecDeque::new()),
-                capacity: config.max_violations,
+                findings: Mutex::new(FindingTable::new(
+                    config.max_findings,
+                    millis(DEFAULT_FINDING_INTERVAL),
+                    config.max_violations,
+                )),
                 next_id: AtomicU64::new(1),
                 per_rule: Default::default(),
             },
@@ -395,6 +411,24 @@ impl SessionEngine {
     pub fn with_stores(mut self, stores: &StoreConfig) -> SessionEngine {
         self.stores = StoreTracker::new(stores);
         self
+    }
+
+    /// Summary lines about a finding at most this often (`log.finding_interval`;
+    /// default `DEFAULT_FINDING_INTERVAL`, validated by the caller).
+    pub fn with_finding_interval(self, interval: Duration) -> SessionEngine {
+        self.set_finding_interval(interval);
+        self
+    }
+
+    /// `with_finding_interval` on a running engine (a configuration reload):
+    /// applies from each finding's next line on.
+    pub fn set_finding_interval(&self, interval: Duration) {
+        self.findings_table().set_interval(millis(interval));
+    }
+
+    /// The summary interval in force (`log.finding_interval`).
+    pub fn finding_interval(&self) -> Duration {
+        Duration::from_millis(self.findings_table().interval())
     }
 
     /// Milliseconds since the engine started (its clock for all state).
@@ -492,6 +526,7 @@ impl SessionEngine {
                 pending_auth: None,
                 pending: Vec::new(),
                 effects: Vec::new(),
+                ops: OpRing::default(),
                 injector,
                 refresh_in_progress: false,
                 carried_sessions: false,
@@ -592,9 +627,10 @@ impl SessionEngine {
         let Some(view) = RequestView::from_message(message) else {
             return Decision::Forward;
         };
-        self.requests_inspected.fetch_add(1, Ordering::Relaxed);
+        // The count doubles as the request's sequence number (timelines).
+        let seq = self.requests_inspected.fetch_add(1, Ordering::Relaxed);
         self.decide_due_verdicts(now);
-        let inspected = self.inspect(conn, request_id, view, now);
+        let inspected = self.inspect(conn, request_id, view, now, seq);
         let ctx = self.context(now);
         let can_reply = inspected.facts.expects_reply;
         // One snapshot per request: a reload mid-request cannot mix settings.
@@ -707,7 +743,6 @@ impl SessionEngine {
             None => Decision::Forward,
         }
     }
-
 
     /// Records a forwarded session request in its session and counts the
     /// session lifecycle. Returns whether the request is a driver's retry
@@ -850,6 +885,7 @@ impl SessionEngine {
         request_id: i32,
         view: RequestView<'a>,
         now: Millis,
+        seq: u64,
     ) -> Inspected<'a> {
         let class = CommandClass::of(view.name);
         let (client, owner, upstream) = self.connection_facts(conn, &view, class);
@@ -886,6 +922,7 @@ impl SessionEngine {
             facts,
             key,
             owner,
+            seq,
         }
     }
 
@@ -998,13 +1035,28 @@ impl SessionEngine {
         let tracked = inspected.key.is_some()
             || effect.is_some()
             || matches!(facts.class, CommandClass::Hello | CommandClass::Auth);
+        // Forwarded session requests go to the connection's ring (for
+        // timelines), and so do commands that end sessions from outside
+        // them (the earlier request of use-after-end).
+        let in_ring = inspected.key.is_some()
+            || end_kind.is_some()
+            || facts.class == CommandClass::KillAllSessions;
         if !(tracked && facts.expects_reply) {
+            if in_ring {
+                if let Some(mut conn) = self.conns.get_mut(&facts.request.conn) {
+                    conn.ops.record(inspected.key, facts.request, inspected.seq);
+                }
+            }
             if let Some(effect) = effect {
                 // moreToCome: no reply will ever say.
                 self.settle_effect(effect, EffectOutcome::Unconfirmed, facts.upstream, now);
             }
             return;
         }
+        let Some(mut conn) = self.conns.get_mut(&facts.request.conn) else {
+            return;
+        };
+        let op = in_ring.then(|| conn.ops.record(inspected.key, facts.request, inspected.seq));
         let pending = Pending {
             key: inspected.key,
             entry: InFlight {
@@ -1016,9 +1068,7 @@ impl SessionEngine {
             },
             in_transaction: facts.in_transaction,
             cursor: inspected.targets.get_more_cursor,
-        };
-        let Some(mut conn) = self.conns.get_mut(&facts.request.conn) else {
-            return;
+            op,
         };
         conn.pending.push(pending);
         conn.carried_sessions |= inspected.key.is_some();
@@ -1265,6 +1315,9 @@ impl SessionEngine {
             } else {
                 state.pending[position]
             };
+            if let Some(op) = pending.op {
+                state.ops.replied(op, response_to, now);
+            }
             match pending.entry.class {
                 CommandClass::Hello => self.hello_reply(&mut state, &reply),
                 CommandClass::Auth => {
@@ -1428,7 +1481,8 @@ impl SessionEngine {
                 self.decide_verdicts(&key, &pending.entry.request, false, now);
             }
             if let Some(violation) = found {
-                self.emit(violation, false);
+                // The connection has left the map: its ring comes along.
+                self.emit_from(violation, false, Some((conn, &state)));
             }
         }
         if !cause.client_went_first() {
@@ -1458,6 +1512,11 @@ impl SessionEngine {
 
     pub fn sweep_at(&self, now: Millis) {
         self.decide_due_verdicts(now);
+        // A flood that stopped still gets its last summary line.
+        let due = self.findings_table().due_summaries(now);
+        for summary in &due {
+            log_summary(summary);
+        }
         let ctx = self.context(now);
         // Walked even with txn-left-open disabled: the count is a metric.
         let report_left_open = self.rules.enabled(RuleId::TxnLeftOpen);
@@ -1503,23 +1562,94 @@ impl SessionEngine {
 
     // ---- violations ----
 
+    fn findings_table(&self) -> std::sync::MutexGuard<'_, FindingTable> {
+        self.violations
+            .findings
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn emit(&self, violation: Violation, rejected: bool) {
+        self.emit_from(violation, rejected, None);
+    }
+
+    /// Counts a violation, files it under its finding and logs what the
+    /// finding's log policy says. `closing`: a connection already removed
+    /// from the map (its ring and peer are still wanted). The cost per
+    /// violation of a known finding stays small: no names are resolved and
+    /// nothing is formatted unless a line is logged.
+    fn emit_from(&self, violation: Violation, rejected: bool, closing: Option<(u64, &ConnState)>) {
         let settings = self.rules.get(violation.rule);
         self.violations.per_rule[violation.rule.index()].fetch_add(1, Ordering::Relaxed);
+        // At most a warning when it rests on an effect the server never
+        // confirmed: that is part of what the finding is.
         let severity = violation.severity(settings.severity);
-        let record = self.resolve(&violation, severity, settings.action, rejected);
-        log_violation(&record);
-        if self.violations.capacity > 0 {
-            let mut recent = self
-                .violations
-                .recent
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if recent.len() >= self.violations.capacity {
-                recent.pop_front();
-            }
-            recent.push_back(Arc::new(record));
+        let key = IdKey::of(&violation, severity, settings.action);
+        let (timeline, mut peers) = self.timeline(&violation, closing);
+        if let Some(store) = &violation.store {
+            // store-session-resurrected: the read may be on a third connection.
+            peers[2] = match closing {
+                Some((id, state)) if id == store.read.conn => Some(state.peer),
+                _ => self.conns.get(&store.read.conn).map(|state| state.peer),
+            };
         }
+        let now = violation.at;
+        let kept = Kept {
+            id: self.violations.next_id.fetch_add(1, Ordering::Relaxed),
+            violation,
+            severity,
+            action: settings.action,
+            rejected,
+            peers,
+        };
+        let (_, log) =
+            self.findings_table()
+                .record(&key, kept, timeline, now, self, |kept, finding| {
+                    self.resolve(kept, finding)
+                });
+        match log {
+            LogNow::Nothing => {}
+            LogNow::Full(record) => log_violation(&record),
+            LogNow::Summary(summary) => log_summary(&summary),
+            LogNow::OverflowStarted {
+                finding,
+                max_findings,
+            } => tracing::warn!(
+                target: "sessionguard::violation",
+                finding = %finding,
+                max_findings,
+                "sessions.max_findings ({max_findings}) findings exist: violations of any new finding are counted \
+                 under the overflow finding {finding} from now on, and not logged one by one (said once; see \
+                 /findings/{finding})"
+            ),
+        }
+    }
+
+    /// The violation's session timeline from the rings of the connections
+    /// of both requests, and those connections' peers (the third: see `Kept`).
+    fn timeline(
+        &self,
+        violation: &Violation,
+        closing: Option<(u64, &ConnState)>,
+    ) -> (Timeline, [Option<SocketAddr>; 3]) {
+        let mut gather = Gather::new(violation.key, violation.current, violation.earlier);
+        let mut peers = [None; 3];
+        let conns = [violation.current, violation.earlier].map(|r| r.map(|r| r.conn));
+        for (index, conn) in conns.iter().enumerate() {
+            let Some(conn) = *conn else { continue };
+            if index == 1 && conns[0] == Some(conn) {
+                peers[1] = peers[0];
+                continue;
+            }
+            if let Some((_, state)) = closing.filter(|(id, _)| *id == conn) {
+                gather.add(&state.ops);
+                peers[index] = Some(state.peer);
+            } else if let Some(state) = self.conns.get(&conn) {
+                gather.add(&state.ops);
+                peers[index] = Some(state.peer);
+            }
+        }
+        (gather.finish(), peers)
     }
 
     fn wall(&self, at: Millis) -> String {
@@ -1527,18 +1657,15 @@ impl SessionEngine {
         humantime::format_rfc3339_millis(time).to_string()
     }
 
-    fn evidence(&self, request: &RequestRef) -> RequestEvidence {
+    /// `peer`: the connection's address when the violation was raised.
+    fn evidence(&self, request: &RequestRef, peer: Option<SocketAddr>) -> RequestEvidence {
         let identity = self.tables.identities.get(request.client);
-        let peer = self
-            .conns
-            .get(&request.conn)
-            .map(|c| c.peer.to_string())
-            .or_else(|| {
-                identity
-                    .as_ref()
-                    .and_then(|i| i.peer)
-                    .map(|ip| ip.to_string())
-            });
+        let peer = peer.map(|p| p.to_string()).or_else(|| {
+            identity
+                .as_ref()
+                .and_then(|i| i.peer)
+                .map(|ip| ip.to_string())
+        });
         RequestEvidence {
             connection_id: request.conn,
             request_id: request.request_id,
@@ -1562,19 +1689,17 @@ impl SessionEngine {
         }
     }
 
-    fn resolve(
-        &self,
-        violation: &Violation,
-        severity: Severity,
-        action: Action,
-        rejected: bool,
-    ) -> ViolationRecord {
+    /// A kept violation with every id resolved to names.
+    fn resolve(&self, kept: &Kept, finding: FindingId) -> ViolationRecord {
+        let violation = &kept.violation;
+        let [current_peer, earlier_peer, read_peer] = kept.peers;
         ViolationRecord {
-            id: self.violations.next_id.fetch_add(1, Ordering::Relaxed),
+            id: kept.id,
+            finding,
             rule: violation.rule,
-            severity,
-            action,
-            rejected,
+            severity: kept.severity,
+            action: kept.action,
+            rejected: kept.rejected,
             unconfirmed: violation.unconfirmed,
             lsid: violation.key.lsid.to_string(),
             lsid_short: violation.key.lsid.short().to_string(),
@@ -1584,28 +1709,80 @@ impl SessionEngine {
                 .map(|o| o.to_string()),
             at: self.wall(violation.at),
             message: violation.message.clone(),
-            current: violation.current.as_ref().map(|r| self.evidence(r)),
-            earlier: violation.earlier.as_ref().map(|r| self.evidence(r)),
+            current: violation
+                .current
+                .as_ref()
+                .map(|r| self.evidence(r, current_peer)),
+            earlier: violation
+                .earlier
+                .as_ref()
+                .map(|r| self.evidence(r, earlier_peer)),
+            // The write is `current`, the destroy `earlier`.
             store: violation.store.as_ref().and_then(|store| {
                 Some(StoreEvidence {
                     store: store.store.clone(),
                     document: store.document.clone(),
-                    read: self.evidence(&store.read),
-                    destroy: self.evidence(&store.destroy),
-                    write: self.evidence(violation.current.as_ref()?),
+                    read: self.evidence(&store.read, read_peer),
+                    destroy: self.evidence(&store.destroy, earlier_peer),
+                    write: self.evidence(violation.current.as_ref()?, current_peer),
                 })
             }),
         }
     }
 
-    /// The most recent violations, oldest first (at most `max_violations`).
+    /// Logs a summary line for every finding whose latest violations are
+    /// in no line yet, whatever `log.finding_interval` says: call it at
+    /// shutdown, so the log accounts for every violation.
+    pub fn flush_finding_summaries(&self) {
+        let unlogged = self.findings_table().unlogged_summaries(self.now());
+        for summary in &unlogged {
+            log_summary(summary);
+        }
+    }
+
+    /// Recent violations, oldest first: at most `sessions.max_violations`,
+    /// and fair — each finding's `RECENT_PER_FINDING` newest are kept
+    /// whatever other findings do, and when there is not room for all, the
+    /// newest of every finding comes first, then the second newest of each,
+    /// and so on — so a flood of one bug never hides another.
     pub fn violations(&self) -> Vec<Arc<ViolationRecord>> {
-        let recent = self
-            .violations
-            .recent
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        recent.iter().cloned().collect()
+        // Copied out under the lock, resolved after it.
+        let kept = self.findings_table().recent();
+        kept.iter()
+            .map(|(finding, kept)| Arc::new(self.resolve(kept, *finding)))
+            .collect()
+    }
+
+    /// Every finding, the most recently seen first.
+    pub fn findings(&self) -> Vec<FindingSnapshot> {
+        let all = self.findings_table().list();
+        all.iter()
+            .map(|data| data.snapshot(&|at| self.wall(at)))
+            .collect()
+    }
+
+    /// One finding with its first and latest examples (each with its
+    /// session's timeline); `None` for an unknown id.
+    pub fn finding(&self, id: FindingId) -> Option<FindingDetail> {
+        let copy = self.findings_table().get(id)?;
+        let wall = |at| self.wall(at);
+        let example = |record: ViolationRecord, timeline: &Timeline| findings::Example {
+            violation: record,
+            timeline: findings::timeline_entries(timeline, self, &wall),
+        };
+        Some(FindingDetail {
+            finding: copy.data.snapshot(&wall),
+            examples: Examples {
+                first: copy
+                    .first
+                    .as_ref()
+                    .map(|(record, timeline)| example(ViolationRecord::clone(record), timeline)),
+                latest: copy
+                    .latest
+                    .as_ref()
+                    .map(|(kept, timeline)| example(self.resolve(kept, copy.data.id), timeline)),
+            },
+        })
     }
 
     /// How many times each rule fired since start.
@@ -1686,9 +1863,9 @@ fn reply_facts(reply: &ReplyView<'_>, in_transaction: bool) -> ReplyFacts {
     }
 }
 
-/// One structured event per violation: rule, severity, short lsid, both
-/// requests' ids, peers, apps, drivers, users, commands, namespaces,
-/// txnNumbers and times. No document contents.
+/// The structured event of a finding's first violation: its finding, rule,
+/// severity, short lsid, both requests' ids, peers, apps, drivers, users,
+/// commands, namespaces, txnNumbers and times. No document contents.
 fn log_violation(record: &ViolationRecord) {
     let current = record.current.as_ref();
     let earlier = record.earlier.as_ref();
@@ -1696,6 +1873,7 @@ fn log_violation(record: &ViolationRecord) {
         ($level:ident) => {
             tracing::$level!(
                 target: "sessionguard::violation",
+                finding = %record.finding,
                 violation_id = record.id,
                 rule = record.rule.as_str(),
                 severity = record.severity.as_str(),
@@ -1730,6 +1908,46 @@ fn log_violation(record: &ViolationRecord) {
         };
     }
     match record.severity {
+        Severity::Error => event!(error),
+        Severity::Warning => event!(warn),
+        Severity::Info => event!(info),
+    }
+}
+
+/// The periodic line about a finding after its first violation: how many
+/// violations since the previous line and in all (its fields name the bug;
+/// the examples are at `/findings/<id>`).
+fn log_summary(summary: &Summary) {
+    let fields = summary.fields.as_deref();
+    let current = fields.and_then(|f| f.current.as_ref());
+    let earlier = fields.and_then(|f| f.earlier.as_ref());
+    let rule = fields.map_or("overflow", |f| f.rule.as_str());
+    macro_rules! event {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "sessionguard::violation",
+                finding = %summary.finding,
+                rule,
+                severity = fields.map(|f| f.severity.as_str()),
+                action = fields.map(|f| f.action.as_str()),
+                count = summary.since,
+                total = summary.total,
+                app = current.and_then(|r| r.app_name.as_deref()),
+                driver = current.and_then(|r| r.driver.as_deref()),
+                command = current.map(|r| r.command.as_str()),
+                ns = current.map(|r| r.namespace.as_str()),
+                other_app = earlier.and_then(|r| r.app_name.as_deref()),
+                other_driver = earlier.and_then(|r| r.driver.as_deref()),
+                other_command = earlier.map(|r| r.command.as_str()),
+                other_ns = earlier.map(|r| r.namespace.as_str()),
+                "{rule}: {} more violations of finding {} since its last log line ({} in all)",
+                summary.since,
+                summary.finding,
+                summary.total,
+            )
+        };
+    }
+    match fields.map_or(Severity::Warning, |f| f.severity) {
         Severity::Error => event!(error),
         Severity::Warning => event!(warn),
         Severity::Info => event!(info),

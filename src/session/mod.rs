@@ -15,6 +15,10 @@
 //!   and `store-session-resurrected`.
 //! - [`outcome`]: what waits on the server's reply: session commands and
 //!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
+//! - [`findings`]: violations grouped by bug (a stable fingerprint), the log
+//!   policy (first in full, then periodic summaries), the kept examples.
+//! - [`timeline`]: each connection's recent session operations, merged into
+//!   a violation's timeline.
 //! - [`engine`]: `SessionEngine`, the synchronous API the connection tasks call.
 //! - [`inspector`]: `SessionEngine` as the proxy's `Inspector`.
 //! - [`refresher`]: the background task that refreshes held sessions and
@@ -25,6 +29,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod findings;
 pub mod inspector;
 pub mod intern;
 pub mod ledger;
@@ -34,10 +39,15 @@ pub mod rules;
 pub mod slab_map;
 pub mod state;
 pub mod store;
+pub mod timeline;
 pub mod violation;
 
 pub use config::{Mode, RefreshPolicy, RulesConfig, SessionConfig};
 pub use engine::{Decision, EngineStats, SessionEngine};
+pub use findings::{
+    DistinctCount, Example, Examples, FindingDetail, FindingId, FindingSide, FindingSnapshot,
+    TimelineEntry,
+};
 pub use refresher::spawn_refresher;
 pub use store::StoreConfig;
 pub use violation::{

@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::findings::FindingId;
 use super::state::{Millis, RequestRef, SessionKey};
 use super::store::StoreFinding;
 
@@ -268,6 +269,8 @@ pub struct RequestEvidence {
 pub struct ViolationRecord {
     /// Increasing per process.
     pub id: u64,
+    /// The finding it belongs to (see `findings`).
+    pub finding: FindingId,
     pub rule: RuleId,
     pub severity: Severity,
     pub action: Action,
@@ -304,6 +307,61 @@ pub struct StoreEvidence {
     pub read: RequestEvidence,
     pub destroy: RequestEvidence,
     pub write: RequestEvidence,
+}
+
+/// A violation as the admin API serves it (`/violations`, and the examples
+/// of `/findings/<id>`): the record with its requests under `evidence`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ViolationJson<'a> {
+    pub id: u64,
+    pub finding: FindingId,
+    pub rule: &'static str,
+    pub severity: &'static str,
+    pub action: &'static str,
+    pub rejected: bool,
+    /// Rests on an effect the server never confirmed (see `ViolationRecord`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unconfirmed: bool,
+    pub lsid: &'a str,
+    pub lsid_short: &'a str,
+    pub owner: Option<&'a str>,
+    pub at: &'a str,
+    pub message: &'a str,
+    pub evidence: EvidenceJson<'a>,
+}
+
+/// The requests of a [`ViolationJson`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EvidenceJson<'a> {
+    pub current: Option<&'a RequestEvidence>,
+    pub earlier: Option<&'a RequestEvidence>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<&'a StoreEvidence>,
+}
+
+impl ViolationRecord {
+    /// Its admin API shape.
+    pub fn json(&self) -> ViolationJson<'_> {
+        ViolationJson {
+            id: self.id,
+            finding: self.finding,
+            rule: self.rule.as_str(),
+            severity: self.severity.as_str(),
+            action: self.action.as_str(),
+            rejected: self.rejected,
+            unconfirmed: self.unconfirmed,
+            lsid: &self.lsid,
+            lsid_short: &self.lsid_short,
+            owner: self.owner.as_deref(),
+            at: &self.at,
+            message: &self.message,
+            evidence: EvidenceJson {
+                current: self.current.as_ref(),
+                earlier: self.earlier.as_ref(),
+                store: self.store.as_ref(),
+            },
+        }
+    }
 }
 
 #[cfg(test)]
