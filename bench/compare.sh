@@ -5,6 +5,10 @@
 #   haproxy    load generator -> HAProxy (TCP mode) -> emulator
 #   sg-observe load generator -> sessionguard (observe, every rule on) -> emulator
 #   sg-off     load generator -> sessionguard (proxy.inspect = false) -> emulator
+#   sg-flood   as sg-observe (its own proxy process), but every load connection
+#              shares the same lsids (bench-load --shared-session): nearly every
+#              request breaks a rule, the findings flood of issue 13 (at 2 or
+#              more connections; at 1 there is nothing to overlap, so no point)
 # at 1, 16 and 256 connections, then the memory probes (10,000 idle
 # connections through sessionguard; 1,000,000 sessions in a ledger).
 #
@@ -137,14 +141,16 @@ on "$CPU_MIDDLE" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PID_HA=$!; PIDS+=("$PID_HA")
 wait_port "$P_HA" haproxy "$PID_HA"
 
+declare -A ADMIN
 start_sessionguard() { # name inspect -> sets SG_PORT SG_PID
     local name=$1 inspect=$2
     SG_PORT=$(free_port)
+    ADMIN[$name]=$(free_port)
     {
         echo "[proxy]"
         echo "listen = \"127.0.0.1:$SG_PORT\""
         echo "upstream = \"mongodb://127.0.0.1:$P_EMU\""
-        echo "admin = \"127.0.0.1:$(free_port)\""
+        echo "admin = \"127.0.0.1:${ADMIN[$name]}\""
         echo "max_connections = 40000"
         echo "inspect = $inspect"
         echo "[log]"
@@ -161,13 +167,16 @@ start_sessionguard() { # name inspect -> sets SG_PORT SG_PID
 start_sessionguard sg-observe true
 P_SG=$SG_PORT PID_SG=$SG_PID
 start_sessionguard sg-off false
-P_OFF=$SG_PORT
+P_OFF=$SG_PORT PID_OFF=$SG_PID
+start_sessionguard sg-flood true
+P_FLOOD=$SG_PORT PID_FLOOD=$SG_PID
 
-declare -A PORT=([direct]=$P_EMU [haproxy]=$P_HA [sg-observe]=$P_SG [sg-off]=$P_OFF)
+declare -A PORT=([direct]=$P_EMU [haproxy]=$P_HA [sg-observe]=$P_SG [sg-off]=$P_OFF [sg-flood]=$P_FLOOD)
 # The process in the middle of each path, whose CPU time per operation is
 # reported: a figure the other tenants of a shared machine disturb little.
-declare -A MIDDLE=([direct]="" [haproxy]=$PID_HA [sg-observe]=$PID_SG [sg-off]=$SG_PID)
-CONFIGS="direct haproxy sg-observe sg-off"
+declare -A MIDDLE=([direct]="" [haproxy]=$PID_HA [sg-observe]=$PID_SG [sg-off]=$PID_OFF [sg-flood]=$PID_FLOOD)
+declare -A LOAD_FLAGS=([sg-flood]=--shared-session)
+CONFIGS="direct haproxy sg-observe sg-off sg-flood"
 
 load_average() { cut -d' ' -f1-3 /proc/loadavg; }
 echo "# sessionguard bench/compare.sh — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -184,8 +193,14 @@ TICKS=$(getconf CLK_TCK)
 declare -A OPS P50 P99 P999 ERR CPU
 for conns in $CONNECTIONS; do
     for config in $CONFIGS; do
+        if [[ $config == sg-flood ]] && ((conns < 2)); then
+            OPS[$config,$conns]=- P50[$config,$conns]=- P99[$config,$conns]=- P999[$config,$conns]=-
+            ERR[$config,$conns]=- CPU[$config,$conns]=-
+            continue
+        fi
         ticks_before=$(cpu_ticks "${MIDDLE[$config]}")
-        line=$(on "$CPU_CLIENT" "$BIN" bench-load --target "127.0.0.1:${PORT[$config]}" \
+        # shellcheck disable=SC2086 # LOAD_FLAGS holds zero or one flag
+        line=$(on "$CPU_CLIENT" "$BIN" bench-load --target "127.0.0.1:${PORT[$config]}" ${LOAD_FLAGS[$config]:-} \
             --connections "$conns" --duration "${SECONDS_PER_POINT}s" --warmup "${WARMUP}s") ||
             die "bench-load failed for $config at $conns connections"
         ticks=$(($(cpu_ticks "${MIDDLE[$config]}") - ticks_before))
@@ -223,6 +238,23 @@ for conns in $CONNECTIONS; do
         "$(div "${P99[sg-observe,$conns]}" "${P99[direct,$conns]}") ($(div "${P99[sg-off,$conns]}" "${P99[direct,$conns]}"))" \
         "$(div "${P99[sg-observe,$conns]}" "${P99[haproxy,$conns]}") ($(div "${P99[sg-off,$conns]}" "${P99[haproxy,$conns]}"))" \
         "$(sub "${P99[sg-observe,$conns]}" "${P99[direct,$conns]}")"
+done
+
+# The flood: violations per inspected request and its CPU per operation
+# against the clean run of the same build (sg-observe).
+metric_sum() { # admin-port metric-name
+    { exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 && cat <&3; } 2>/dev/null |
+        awk -v m="$2" '$1 ~ "^"m"({|$)" { s += $2 } END { printf "%.0f", s }'
+}
+FLOOD_VIOLATIONS=$(metric_sum "${ADMIN[sg-flood]}" sessionguard_violations_total)
+FLOOD_INSPECTED=$(metric_sum "${ADMIN[sg-flood]}" sessionguard_requests_inspected_total)
+echo
+echo "flood: $FLOOD_VIOLATIONS violations over $FLOOD_INSPECTED inspected requests" \
+    "($(div "$FLOOD_VIOLATIONS" "$FLOOD_INSPECTED") per request)"
+printf '%-6s %-30s\n' conns "middle cpu/op sg-flood/sg-observe"
+for conns in $CONNECTIONS; do
+    ((conns < 2)) && continue
+    printf '%-6s %-30s\n' "$conns" "$(div "${CPU[sg-flood,$conns]}" "${CPU[sg-observe,$conns]}")"
 done
 
 if [[ "$MEMORY" == 1 ]]; then

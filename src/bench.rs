@@ -5,7 +5,9 @@
 //!   connections. Each connection greets with `hello` as a driver does, then
 //!   repeats `find` (small first batch, opens a cursor) -> `getMore` on that
 //!   cursor -> `insert` of one 1 KiB document as a retryable write, rotating
-//!   over its own few lsids like a driver's implicit sessions. One line of
+//!   over its own few lsids like a driver's implicit sessions (with
+//!   `--shared-session`, all connections share the same few: the misuse
+//!   flood). One line of
 //!   `key=value` results: ops/s and p50/p99/p999 round-trip latency. The op
 //!   mix assumes `sessionguard emulator --fast` upstream (every `find`
 //!   returns a cursor to `getMore`); against a storing server the filter
@@ -66,6 +68,13 @@ pub struct BenchArgs {
     /// Load mode: time run but not measured, first.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub warmup: Duration,
+    /// Load mode: every connection uses the same few lsids (a "global"
+    /// session shared by concurrent requests), so with two or more
+    /// connections nearly every request breaks a rule (concurrent-use,
+    /// txn-number-reuse, txn-regression): the findings flood that
+    /// bench/compare.sh measures beside the clean run.
+    #[arg(long)]
+    pub shared_session: bool,
     /// Memory mode: open this many idle connections and report the RSS of
     /// `--pid` per connection.
     #[arg(long, value_name = "N")]
@@ -126,6 +135,8 @@ pub struct LoadPlan {
     pub connections: usize,
     pub warmup: Duration,
     pub duration: Duration,
+    /// All connections share one set of lsids (see `BenchArgs::shared_session`).
+    pub shared_session: bool,
 }
 
 impl From<&BenchArgs> for LoadPlan {
@@ -135,6 +146,7 @@ impl From<&BenchArgs> for LoadPlan {
             connections: args.connections,
             warmup: args.warmup,
             duration: args.duration,
+            shared_session: args.shared_session,
         }
     }
 }
@@ -210,9 +222,11 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
         return Err("--connections must be at least 1".into());
     }
     let payload = insert_payload();
+    let shared = plan.shared_session.then(random_lsids);
     let mut clients = Vec::with_capacity(plan.connections);
     for index in 0..plan.connections {
-        let client = Client::connect(plan.target)
+        let lsids = shared.clone().unwrap_or_else(random_lsids);
+        let client = Client::connect(plan.target, lsids)
             .await
             .map_err(|e| format!("connection {index} to {}: {e}", plan.target))?;
         clients.push(client);
@@ -267,6 +281,19 @@ fn percentile_us(sorted_ns: &[u32], quantile: f64) -> f64 {
     f64::from(sorted_ns[index]) / 1000.0
 }
 
+/// A connection's lsids: random UUIDs, as a driver's implicit sessions.
+fn random_lsids() -> Vec<RawDocumentBuf> {
+    (0..LSIDS_PER_CONNECTION)
+        .map(|_| {
+            let id = Binary {
+                subtype: BinarySubtype::Uuid,
+                bytes: rand::random::<[u8; 16]>().to_vec(),
+            };
+            rawdoc! { "id": id }
+        })
+        .collect()
+}
+
 /// One 1 KiB document's worth of filler (the `_id` varies per insert).
 fn insert_payload() -> String {
     let overhead = rawdoc! { "_id": 0_i64, "payload": "" }.as_bytes().len();
@@ -289,19 +316,10 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(target: SocketAddr) -> std::io::Result<Client> {
+    async fn connect(target: SocketAddr, lsids: Vec<RawDocumentBuf>) -> std::io::Result<Client> {
         let stream = TcpStream::connect(target).await?;
         stream.set_nodelay(true)?;
         let (read, writer) = stream.into_split();
-        let lsids = (0..LSIDS_PER_CONNECTION)
-            .map(|_| {
-                let id = Binary {
-                    subtype: BinarySubtype::Uuid,
-                    bytes: rand::random::<[u8; 16]>().to_vec(),
-                };
-                rawdoc! { "id": id }
-            })
-            .collect();
         let mut client = Client {
             reader: FramedRead::new(read, FrameCodec::default()),
             writer,
@@ -514,7 +532,7 @@ async fn open_many(target: SocketAddr, count: usize) -> Result<Vec<Client>, Stri
     let mut started = 0usize;
     while clients.len() < count {
         while started < count && pending.len() < IDLE_DIAL_CONCURRENCY {
-            pending.spawn(Client::connect(target));
+            pending.spawn(Client::connect(target, random_lsids()));
             started += 1;
         }
         match pending.join_next().await {

@@ -35,6 +35,7 @@ async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
         connections: 4,
         warmup: Duration::from_millis(200),
         duration: Duration::from_millis(800),
+        shared_session: false,
     })
     .await
     .expect("load runs");
@@ -60,6 +61,41 @@ async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
     // find -> getMore on its own cursor -> retryable insert with a fresh
     // txnNumber: nothing a rule may object to.
     assert_eq!(stats.violations, 0, "{:?}", engine.violations());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_session_floods_one_bug_through_the_engine() {
+    let (stack, engine) = stack().await;
+    let report = run_load(&LoadPlan {
+        target: stack.proxy.local_addr(),
+        connections: 4,
+        warmup: Duration::from_millis(200),
+        duration: Duration::from_millis(800),
+        shared_session: true,
+    })
+    .await
+    .expect("load runs");
+    assert_eq!(report.errors, 0, "{report}");
+    let stats = engine.stats();
+    // Every connection used the same four lsids.
+    assert_eq!(stats.ledger.sessions, 4, "{stats:?}");
+    // Four connections in a closed loop on those sessions: overlapping
+    // requests are the rule, so the violations run into the hundreds and
+    // fold into a handful of findings.
+    assert!(
+        stats.violations * 4 >= report.ops,
+        "{} violations for {} ops",
+        stats.violations,
+        report.ops
+    );
+    let findings = engine.findings();
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.rule == Some(sessionguard::session::RuleId::ConcurrentUse)),
+        "{findings:?}"
+    );
+    assert!(findings.len() <= 16, "{findings:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
