@@ -265,7 +265,8 @@ impl ReportedFinding {
     /// request's command and namespace, the earlier request's command (and
     /// namespace, when another), and the client's application and driver —
     /// `concurrent-use: insert on shop.orders, earlier find (app web,
-    /// nodejs)`.
+    /// nodejs)`; for a rule without an offending request, the earlier
+    /// one's — `closed-with-requests-in-flight: insert on shop.orders (...)`.
     pub fn title(&self) -> String {
         let f = &self.finding;
         let Some(rule) = f.rule else {
@@ -275,23 +276,20 @@ impl ReportedFinding {
         if let Some(current) = &f.current {
             let _ = write!(title, ": {} on {}", current.command, current.namespace);
         }
-        if let Some(earlier) = &f.earlier {
-            let _ = write!(
-                title,
-                "{} {}",
-                if f.current.is_some() {
-                    ", earlier"
-                } else {
-                    ": after"
-                },
-                earlier.command
-            );
-            if f.current
-                .as_ref()
-                .is_none_or(|current| current.namespace != earlier.namespace)
-            {
-                let _ = write!(title, " on {}", earlier.namespace);
+        match (&f.current, &f.earlier) {
+            (Some(current), Some(earlier)) => {
+                let _ = write!(title, ", earlier {}", earlier.command);
+                if current.namespace != earlier.namespace {
+                    let _ = write!(title, " on {}", earlier.namespace);
+                }
             }
+            // Rules without an offending request (a close, a timeout) name
+            // the request they are about: the one in flight, the one that
+            // started the transaction.
+            (None, Some(earlier)) => {
+                let _ = write!(title, ": {} on {}", earlier.command, earlier.namespace);
+            }
+            _ => {}
         }
         let client = |side: &FindingSide| {
             let mut parts = Vec::new();
