@@ -40,9 +40,14 @@ EXPECTED.json:
   - the exit code: 3 when a violation of severity "error" was reported (the
     default --fail-on), otherwise 0 — so a bad scenario whose expected rules
     are all warnings exits 0; the report's `failed` flag must agree;
-  - the JUnit file parses, has a test case for every rule named in `rules`
-    and `also` (ids that exist), and its failures are exactly the rules
-    reported with severity "error".
+  - the report's findings account for the violations: each violation names
+    a finding of the report, and each rule's findings add up to its count;
+  - the JUnit file parses and follows the report: one `sessionguard.findings`
+    case per finding (named `RULE: ... [FINGERPRINT]`), failing exactly
+    when the finding's severity is "error"; one `sessionguard.rules` case
+    (named by the rule id) per rule that found nothing; every rule named in
+    `rules` and `also` has a case (ids that exist), and the rules with a
+    failing case are exactly the rules reported with severity "error".
 The entry is EXPECTED.json[NAME] when there is one, else the entry of the
 name without its driver suffix (`bad-global-session` for
 `bad-global-session@node7`): the Node scenarios run under several driver
@@ -179,25 +184,99 @@ def parse_entry(name, entry, expected_path):
     return Expectation(rules, also, pending, false_positives, metrics)
 
 
+# JUnit classnames (src/report.rs): a case per finding, a case per rule that found nothing.
+JUNIT_FINDINGS = "sessionguard.findings"
+JUNIT_RULES = "sessionguard.rules"
+FINDING_CASE = re.compile(r"^(?P<rule>[a-z][a-z-]*)(?:: .*)? \[(?P<finding>[0-9a-f]{12})\]$")
+
+
 def read_junit(path):
-    """{rule id: "failure" | "skipped" | "passed"} or an error string."""
+    """[{"classname", "name", "state", "rule", "finding"}] or an error string.
+    state: "failure" | "skipped" | "passed"; rule: the rule id the case is
+    about (None when its name does not say); finding: the fingerprint of a
+    finding's case, else None."""
     try:
         root = ET.parse(path).getroot()
     except FileNotFoundError:
         return "no JUnit file written"
     except ET.ParseError as e:
         return f"JUnit file does not parse: {e}"
-    cases = {}
+    cases = []
     for case in root.iter("testcase"):
         if case.find("failure") is not None or case.find("error") is not None:
-            cases[case.get("name")] = "failure"
+            state = "failure"
         elif case.find("skipped") is not None:
-            cases[case.get("name")] = "skipped"
+            state = "skipped"
         else:
-            cases[case.get("name")] = "passed"
+            state = "passed"
+        classname, name = case.get("classname"), case.get("name") or ""
+        rule, finding = None, None
+        if classname == JUNIT_FINDINGS:
+            match = FINDING_CASE.match(name)
+            if match:
+                rule, finding = match.group("rule"), match.group("finding")
+        elif classname == JUNIT_RULES:
+            rule = name
+        cases.append({"classname": classname, "name": name, "state": state, "rule": rule, "finding": finding})
     if not cases:
         return "JUnit file has no test case"
     return cases
+
+
+def junit_problems(cases, report, failing):
+    """The JUnit cases against the JSON report; returns (problems, rules with a case)."""
+    problems = []
+    findings = {f.get("fingerprint"): f for f in report.get("findings") or [] if not f.get("overflow")}
+    finding_cases = {}
+    for case in cases:
+        if case["rule"] is None:
+            problems.append(f"JUnit case {case['classname']} / {case['name']!r} names no rule")
+        if case["finding"] is not None:
+            finding_cases[case["finding"]] = case
+    for fingerprint, finding in sorted(findings.items()):
+        case = finding_cases.get(fingerprint)
+        if case is None:
+            problems.append(f"finding {fingerprint} ({finding.get('rule')}) has no JUnit case")
+            continue
+        if case["rule"] != finding.get("rule"):
+            problems.append(f"JUnit case {case['name']!r} names rule {case['rule']}, the finding is {finding.get('rule')}")
+        want = "failure" if finding.get("severity") in FAILING_SEVERITIES else "passed"
+        if case["state"] != want:
+            problems.append(f"JUnit case {case['name']!r} is {case['state']}, its finding's severity {finding.get('severity')!r} wants {want}")
+    for fingerprint in sorted(set(finding_cases) - set(findings)):
+        problems.append(f"JUnit case {finding_cases[fingerprint]['name']!r} is for no finding of the report")
+    found = {f.get("rule") for f in findings.values()}
+    for case in cases:
+        if case["classname"] == JUNIT_RULES and case["rule"] in found and case["state"] == "passed":
+            problems.append(f"rule {case['rule']} has findings but also a passing rule case")
+    failures = sorted({c["rule"] for c in cases if c["state"] == "failure"})
+    if failures != failing:
+        problems.append(f"JUnit failures {failures} != error-severity rules reported {failing}")
+    return problems, {c["rule"] for c in cases if c["rule"]}
+
+
+def finding_problems(report, violations):
+    """The JSON report's findings against its violations and counts."""
+    problems = []
+    findings = report.get("findings")
+    if not isinstance(findings, list):
+        return ["the JSON report has no findings array"]
+    known = {f.get("fingerprint") for f in findings}
+    for v in violations:
+        if v.get("finding") not in known:
+            problems.append(f"violation {v.get('id')} ({v.get('rule')}) names finding {v.get('finding')!r}, not in the report")
+            break
+    if not any(f.get("overflow") for f in findings):
+        per_rule = {}
+        for f in findings:
+            per_rule[f.get("rule")] = per_rule.get(f.get("rule"), 0) + f.get("count", 0)
+        by_rule = (report.get("counts") or {}).get("by_rule") or {}
+        if per_rule != by_rule:
+            problems.append(f"findings count {per_rule} per rule, counts.by_rule says {by_rule}")
+    for f in findings:
+        if not f.get("overflow") and not (f.get("first_example") or {}).get("evidence"):
+            problems.append(f"finding {f.get('fingerprint')} ({f.get('rule')}) has no first example")
+    return problems
 
 
 def first_evidence(violation):
@@ -262,17 +341,17 @@ def cmd_exec(expected_path, name, exit_code, stdout_path, report_path, junit_pat
     if bool(report.get("failed")) != bool(failing):
         problems.append(f"report says failed={report.get('failed')}, but error-severity rules reported: {failing or 'none'}")
 
-    junit = read_junit(junit_path)
-    if isinstance(junit, str):
-        problems.append(junit)
-        junit = {}
+    problems += finding_problems(report, violations)
+    cases = read_junit(junit_path)
+    junit = set()
+    if isinstance(cases, str):
+        problems.append(cases)
     else:
+        junit_issues, junit = junit_problems(cases, report, failing)
+        problems += junit_issues
         for rule in sorted(allowed):
             if rule not in junit:
                 problems.append(f"expected.json names {rule}, which is not a rule sessionguard knows (no JUnit test case)")
-        junit_failures = sorted(r for r, state in junit.items() if state == "failure")
-        if junit_failures != failing:
-            problems.append(f"JUnit failures {junit_failures} != error-severity rules reported {failing}")
 
     still_pending = []
     for rule, issue in pending:

@@ -29,8 +29,10 @@ use crate::session::{spawn_refresher, SessionEngine};
 pub const DEFAULT_ENV_VAR: &str = "MONGODB_URI";
 /// Exec logs only warnings by default: the child's own output matters more.
 pub const DEFAULT_EXEC_LOG_LEVEL: &str = "warn";
-/// Once the child has exited, how long its last connections may take to
-/// finish their replies before they are closed (capped by `proxy.drain_grace`).
+/// Once the child has exited, how long the proxy may take to see its
+/// connections close, and then how long connections still open (something
+/// the child left running) may take to finish their replies before they are
+/// closed (the latter capped by `proxy.drain_grace`).
 pub const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
 /// Usage error or bad configuration (sysexits EX_USAGE).
@@ -61,7 +63,8 @@ pub struct ExecArgs {
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
-    /// Write a JUnit XML report here (one test case per rule).
+    /// Write a JUnit XML report here (one test case per finding, one per
+    /// rule that found nothing).
     #[arg(long, value_name = "FILE.xml")]
     pub junit: Option<PathBuf>,
     /// Lowest violation severity that fails the run (exit 3).
@@ -274,8 +277,12 @@ async fn run(plan: Plan) -> u8 {
         }
     };
 
-    // The child is gone, so its sockets are closing; let the last replies
-    // and closes reach the engine before counting.
+    // The child is gone, so the kernel has closed its sockets: let the
+    // proxy see those closes before draining. A drain stops reading
+    // clients, so a close it overtook would be judged a drain and a
+    // request the child abandoned would go unreported. A connection still
+    // open after SETTLE_GRACE belongs to something the child left running.
+    let _ = tokio::time::timeout(SETTLE_GRACE, proxy.no_connections()).await;
     proxy.drain();
     let grace = plan.config.proxy.drain_grace + Duration::from_secs(1);
     if tokio::time::timeout(grace, proxy.wait()).await.is_err() {

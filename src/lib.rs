@@ -28,7 +28,9 @@
 //!   policy of CI mode.
 //! - [`exec`]: `sessionguard exec -- CMD`: a private proxy around one child
 //!   process (CI mode).
-//! - [`demo`]: `sessionguard demo` and `demo-app` (trying the proxy, `exec`).
+//! - [`demo`]: `sessionguard demo` (a correct workload, then three session
+//!   bugs, through the proxy: what sessionguard finds) and `demo-app`
+//!   (trying `exec`).
 //! - [`bench`]: `sessionguard bench-load`: the load generator and the memory
 //!   measurements behind bench/compare.sh and docs/performance.md.
 #![forbid(unsafe_code)]

@@ -42,8 +42,13 @@ struct Cli {
 enum Command {
     /// Run the proxy in front of a MongoDB deployment.
     Proxy(ProxyArgs),
-    /// Start the built-in emulator and the proxy, run a short workload through them, exit.
-    Demo,
+    /// Start the built-in emulator and the proxy, run a correct workload and
+    /// three session bugs through them, print what sessionguard found, exit.
+    Demo {
+        /// Keep the proxy and its admin API running after the demo, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
+    },
     /// A tiny application for trying `exec`: connects to $MONGODB_URI with the
     /// official Rust driver and runs one pattern (good, use-after-end, abandon).
     DemoApp {
@@ -175,7 +180,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Proxy(args) => run_proxy(args),
-        Command::Demo => run_demo(),
+        Command::Demo { keep_running } => run_demo(keep_running),
         Command::DemoApp { pattern, exit_code } => run_demo_app(&pattern, exit_code),
         Command::Emulator(args) => run_emulator(args),
         Command::Exec(args) => sessionguard::exec::main(args),
@@ -434,12 +439,12 @@ fn run_demo_app(pattern: &str, exit_code: u8) -> ExitCode {
     }
 }
 
-fn run_demo() -> ExitCode {
+fn run_demo(keep_running: bool) -> ExitCode {
     let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
-    match runtime.block_on(sessionguard::demo::run()) {
+    match runtime.block_on(sessionguard::demo::run(keep_running)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("demo failed: {e}");

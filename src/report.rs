@@ -1,8 +1,17 @@
 //! The run summary a CI job reads: what the session engine saw between the
 //! start and the end of a run (`sessionguard exec`, or `sessionguard proxy
-//! --report` at shutdown), rendered as JSON (a stable, versioned schema), as
-//! JUnit XML (one test case per rule) and as a short human summary, plus
-//! the exit-code policy that turns it into a pass or a fail.
+//! --report` at shutdown), grouped by finding (one per bug), rendered as
+//! JSON (a stable, versioned schema), as JUnit XML (one test case per
+//! finding, one per rule that found nothing) and as a human summary (each
+//! finding with its count and one example: message, requests, the session's
+//! timeline, the fix), plus the exit-code policy that turns it into a pass
+//! or a fail. The text of one finding ([`ReportedFinding::title`],
+//! [`ReportedFinding::evidence_lines`], [`ReportedFinding::timeline_lines`])
+//! is shared with `demo`.
+//!
+//! JUnit is built as a list of cases ([`Report::junit_cases`]) before it is
+//! rendered, so other kinds of case (per test, once findings carry the test
+//! that caused them) slot in without touching the rendering.
 //!
 //! It only reads what the engine already recorded (rule ids, severities,
 //! actions, lsids, times and request evidence: command names, namespaces,
@@ -21,8 +30,12 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::proxy::upstream::ConnectionString;
 use crate::session::config::ResolvedRules;
+use crate::session::timeline::Role;
 use crate::session::violation::RequestEvidence;
-use crate::session::{RuleId, SessionEngine, Severity, StoreEvidence, ViolationRecord};
+use crate::session::{
+    FindingDetail, FindingId, FindingSide, FindingSnapshot, RuleId, SessionEngine, Severity,
+    StoreEvidence, TimelineEntry, ViolationRecord,
+};
 
 /// The JSON schema version; bumped only when a field changes meaning or
 /// disappears (adding fields keeps it).
@@ -96,6 +109,11 @@ pub struct Report {
     /// Whether violations at or above `fail_on` were seen.
     pub failed: bool,
     pub counts: Counts,
+    /// Violations grouped by bug: failing severities first, then by first
+    /// seen. The overflow finding (past `sessions.max_findings`) has no
+    /// rule and no example.
+    #[serde(default)]
+    pub findings: Vec<ReportedFinding>,
     /// Oldest first; at most the engine's `max_violations` most recent.
     pub violations: Vec<ReportedViolation>,
     /// Violations counted but no longer held in memory (over `max_violations`).
@@ -113,9 +131,32 @@ pub struct Counts {
     pub by_rule: BTreeMap<String, u64>,
 }
 
+/// One finding: the `/findings` fields and its first example.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedFinding {
+    #[serde(flatten)]
+    pub finding: FindingSnapshot,
+    /// Its first violation, with the session's timeline up to it; `null`
+    /// for the overflow finding.
+    pub first_example: Option<ReportedExample>,
+}
+
+/// A violation of a finding and the last operations on its session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedExample {
+    #[serde(flatten)]
+    pub violation: ReportedViolation,
+    /// Oldest first, up to and including the offending request (see
+    /// `GET /findings/<id>`).
+    pub timeline: Vec<TimelineEntry>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportedViolation {
     pub id: u64,
+    /// The finding it belongs to (`findings[].fingerprint`).
+    #[serde(default)]
+    pub finding: FindingId,
     pub rule: RuleId,
     pub severity: Severity,
     pub action: String,
@@ -178,6 +219,7 @@ impl From<&ViolationRecord> for ReportedViolation {
     fn from(v: &ViolationRecord) -> ReportedViolation {
         ReportedViolation {
             id: v.id,
+            finding: v.finding,
             rule: v.rule,
             severity: v.severity,
             action: v.action.as_str().to_string(),
@@ -195,34 +237,298 @@ impl From<&ViolationRecord> for ReportedViolation {
     }
 }
 
-/// One rule's line in the summary and JUnit.
-struct RuleLine<'a> {
-    rule: RuleId,
-    severity: Severity,
-    enabled: bool,
-    count: u64,
-    first: Option<&'a ReportedViolation>,
+impl From<&FindingDetail> for ReportedFinding {
+    fn from(detail: &FindingDetail) -> ReportedFinding {
+        ReportedFinding {
+            finding: detail.finding.clone(),
+            first_example: detail
+                .examples
+                .first
+                .as_ref()
+                .map(|example| ReportedExample {
+                    violation: ReportedViolation::from(&example.violation),
+                    timeline: example.timeline.clone(),
+                }),
+        }
+    }
 }
+
+impl ReportedFinding {
+    /// Whether it fails a run at `fail_on`, by the severity its violations
+    /// were reported with. Never the overflow finding: the configured
+    /// severity of the rules it hides decides (see [`Report::new`]).
+    pub fn fails(&self, fail_on: FailOn) -> bool {
+        self.finding.severity.is_some_and(|s| fail_on.fails(s))
+    }
+
+    /// The bug in one line, the same in every run: the rule, the offending
+    /// request's command and namespace, the earlier request's command (and
+    /// namespace, when another), and the client's application and driver —
+    /// `concurrent-use: insert on shop.orders, earlier find (app web,
+    /// nodejs)`; for a rule without an offending request, the earlier
+    /// one's — `closed-with-requests-in-flight: insert on shop.orders (...)`.
+    pub fn title(&self) -> String {
+        let f = &self.finding;
+        let Some(rule) = f.rule else {
+            return "overflow: violations of findings past sessions.max_findings".to_string();
+        };
+        let mut title = rule.as_str().to_string();
+        if let Some(current) = &f.current {
+            let _ = write!(title, ": {} on {}", current.command, current.namespace);
+        }
+        match (&f.current, &f.earlier) {
+            (Some(current), Some(earlier)) => {
+                let _ = write!(title, ", earlier {}", earlier.command);
+                if current.namespace != earlier.namespace {
+                    let _ = write!(title, " on {}", earlier.namespace);
+                }
+            }
+            // Rules without an offending request (a close, a timeout) name
+            // the request they are about: the one in flight, the one that
+            // started the transaction.
+            (None, Some(earlier)) => {
+                let _ = write!(title, ": {} on {}", earlier.command, earlier.namespace);
+            }
+            _ => {}
+        }
+        let client = |side: &FindingSide| {
+            let mut parts = Vec::new();
+            if let Some(app) = &side.app_name {
+                parts.push(format!("app {app}"));
+            }
+            if let Some(driver) = &side.driver {
+                parts.push(driver.clone());
+            }
+            parts.join(", ")
+        };
+        let current = f.current.as_ref().map(client).unwrap_or_default();
+        let earlier = f.earlier.as_ref().map(client).unwrap_or_default();
+        let clients = match (current.is_empty(), earlier.is_empty()) {
+            (false, false) if current != earlier => format!("{current}; earlier {earlier}"),
+            (false, _) => current,
+            (true, _) => earlier,
+        };
+        if !clients.is_empty() {
+            let _ = write!(title, " ({clients})");
+        }
+        title
+    }
+
+    /// `3 violations · 1 session · 4 connections · error`.
+    pub fn tally(&self) -> String {
+        let f = &self.finding;
+        let distinct = |what: &str, n: &crate::session::DistinctCount| {
+            format!(
+                "{}{} {what}{}",
+                if n.exact { "" } else { "at least " },
+                n.count,
+                plural(n.count)
+            )
+        };
+        let mut tally = format!(
+            "{} violation{} · {} · {}",
+            f.count,
+            plural(f.count),
+            distinct("session", &f.sessions),
+            distinct("connection", &f.connections)
+        );
+        if let Some(severity) = f.severity {
+            let _ = write!(tally, " · {severity}");
+        }
+        tally
+    }
+
+    /// The first example's message, then its requests (`request: ...`,
+    /// `earlier: ...`, and a web-session store's read, destroy and write).
+    pub fn evidence_lines(&self) -> Vec<String> {
+        let Some(example) = &self.first_example else {
+            return vec![
+                "no example kept: violations of findings past sessions.max_findings are only counted"
+                    .to_string(),
+            ];
+        };
+        let evidence = &example.violation.evidence;
+        let mut lines = vec![evidence.message.clone()];
+        if let Some(current) = &evidence.current {
+            lines.push(format!("request: {}", request_line(current)));
+        }
+        if let Some(earlier) = &evidence.earlier {
+            lines.push(format!("earlier: {}", request_line(earlier)));
+        }
+        if let Some(store) = &evidence.store {
+            for (what, request) in [
+                ("read", &store.read),
+                ("destroy", &store.destroy),
+                ("write", &store.write),
+            ] {
+                let request = RequestSeen::from(request);
+                lines.push(format!("store {what}: {}", request_line(&request)));
+            }
+        }
+        lines
+    }
+
+    /// The first example's session timeline as aligned lines, times from
+    /// its first operation: `+12ms  conn 4  request 7  find  shop.orders
+    /// in flight  <- earlier request`. Empty when there is none.
+    pub fn timeline_lines(&self) -> Vec<String> {
+        let Some(example) = &self.first_example else {
+            return Vec::new();
+        };
+        let timeline = &example.timeline;
+        let Some(base) = timeline
+            .first()
+            .and_then(|op| humantime::parse_rfc3339(&op.sent).ok())
+        else {
+            return Vec::new();
+        };
+        let since = |at: &str| {
+            humantime::parse_rfc3339(at)
+                .ok()
+                .and_then(|at| at.duration_since(base).ok())
+                .map_or(0, |d| d.as_millis())
+        };
+        let rows: Vec<[String; 6]> = timeline
+            .iter()
+            .map(|op| {
+                let sent = since(&op.sent);
+                [
+                    format!("+{sent}ms"),
+                    format!("conn {}", op.connection_id),
+                    format!("request {}", op.request_id),
+                    op.command.clone(),
+                    op.txn_number.map_or(op.namespace.clone(), |n| {
+                        format!("{} txnNumber {n}", op.namespace)
+                    }),
+                    op.replied.as_deref().map_or("in flight".to_string(), |at| {
+                        format!("answered in {}ms", since(at).saturating_sub(sent))
+                    }),
+                ]
+            })
+            .collect();
+        let mut widths = [0usize; 6];
+        for row in &rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        rows.iter()
+            .zip(timeline)
+            .map(|(row, op)| {
+                let mut line = format!("{:>w$}", row[0], w = widths[0]);
+                for (cell, width) in row[1..].iter().zip(&widths[1..]) {
+                    let _ = write!(line, "  {cell:<width$}");
+                }
+                match op.role {
+                    Some(Role::Current) => line.push_str("  <- offending request"),
+                    Some(Role::Earlier) => line.push_str("  <- earlier request"),
+                    None => {}
+                }
+                line.trim_end().to_string()
+            })
+            .collect()
+    }
+
+    /// The whole finding for a CI log: title, tally, evidence, timeline and
+    /// the fix, one item per line, indented by `indent`.
+    pub fn text(&self, indent: &str) -> String {
+        let mut text = String::new();
+        let _ = writeln!(text, "{indent}{}", self.title());
+        let _ = writeln!(
+            text,
+            "{indent}{} · finding {}",
+            self.tally(),
+            self.finding.fingerprint
+        );
+        for line in self.evidence_lines() {
+            let _ = writeln!(text, "{indent}{line}");
+        }
+        let timeline = self.timeline_lines();
+        if let Some(example) = &self.first_example {
+            if !timeline.is_empty() {
+                let _ = writeln!(
+                    text,
+                    "{indent}timeline of session {} up to the violation:",
+                    short_lsid(&example.violation.lsid)
+                );
+                for line in timeline {
+                    let _ = writeln!(text, "{indent}  {line}");
+                }
+            }
+        }
+        if let Some(rule) = self.finding.rule {
+            let _ = writeln!(text, "{indent}fix: {}", rule.fix());
+        }
+        text
+    }
+}
+
+/// One JUnit test case, before it is rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JunitCase {
+    pub classname: String,
+    pub name: String,
+    pub outcome: CaseOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaseOutcome {
+    /// Nothing seen.
+    Passed,
+    /// Seen, below `fail_on`: passes, with what was seen in `<system-out>`.
+    PassedWithOutput {
+        summary: String,
+        detail: String,
+    },
+    /// At or above `fail_on`.
+    Failed {
+        summary: String,
+        severity: Severity,
+        detail: String,
+    },
+    Skipped(&'static str),
+}
+
+/// The `classname` of the cases of findings.
+pub const JUNIT_FINDINGS: &str = "sessionguard.findings";
+/// The `classname` of the cases of rules that found nothing (or whose
+/// violations all went to the overflow finding).
+pub const JUNIT_RULES: &str = "sessionguard.rules";
 
 impl Report {
     /// Everything the engine recorded, as of now.
     pub fn from_engine(info: RunInfo, engine: &SessionEngine, rules: &ResolvedRules) -> Report {
+        // Findings before counts: a violation is counted before it is filed
+        // under its finding, so the counts then cover every finding.
+        let findings: Vec<FindingDetail> = engine
+            .findings()
+            .iter()
+            .filter_map(|finding| engine.finding(finding.fingerprint))
+            .collect();
         Report::new(
             info,
             rules,
             &engine.violations(),
             &engine.violation_counts(),
+            &findings,
             engine.stats().requests_inspected,
         )
     }
 
     /// `violations` are the records still held; `counts` every violation
-    /// since start per rule (it may exceed what is held).
+    /// since start per rule (it may exceed what is held); `findings` every
+    /// finding with its first example.
+    ///
+    /// A finding counts with the severity its violations were reported
+    /// with (an unconfirmed end makes an error rule's violation a warning);
+    /// violations no finding holds (those of the overflow finding) with
+    /// their rule's configured severity.
     pub fn new(
         info: RunInfo,
         rules: &ResolvedRules,
         violations: &[Arc<ViolationRecord>],
         counts: &[(RuleId, u64)],
+        findings: &[FindingDetail],
         requests_inspected: u64,
     ) -> Report {
         let mut by_severity: BTreeMap<String, u64> = [Severity::Error, Severity::Warning]
@@ -230,23 +536,47 @@ impl Report {
             .chain([Severity::Info])
             .map(|s| (s.as_str().to_string(), 0))
             .collect();
-        let mut by_rule = BTreeMap::new();
-        let mut total = 0u64;
+        let mut findings: Vec<ReportedFinding> =
+            findings.iter().map(ReportedFinding::from).collect();
+        findings.sort_by(|a, b| {
+            b.fails(info.fail_on)
+                .cmp(&a.fails(info.fail_on))
+                .then(b.finding.severity.cmp(&a.finding.severity))
+                .then(a.finding.first_seen.cmp(&b.finding.first_seen))
+                .then(a.finding.fingerprint.cmp(&b.finding.fingerprint))
+        });
         let mut failed = false;
-        for &(rule, count) in counts.iter().filter(|(_, count)| *count > 0) {
-            let severity = rules.get(rule).severity;
+        let mut in_findings: BTreeMap<RuleId, u64> = BTreeMap::new();
+        for finding in &findings {
+            let (Some(rule), Some(severity)) = (finding.finding.rule, finding.finding.severity)
+            else {
+                continue;
+            };
+            *in_findings.entry(rule).or_default() += finding.finding.count;
             *by_severity
                 .entry(severity.as_str().to_string())
-                .or_default() += count;
+                .or_default() += finding.finding.count;
+            failed |= finding.fails(info.fail_on);
+        }
+        let mut by_rule = BTreeMap::new();
+        let mut total = 0u64;
+        for &(rule, count) in counts.iter().filter(|(_, count)| *count > 0) {
             by_rule.insert(rule.as_str().to_string(), count);
             total += count;
-            failed |= info.fail_on.fails(severity);
+            let unfiled = count.saturating_sub(in_findings.get(&rule).copied().unwrap_or(0));
+            if unfiled > 0 {
+                let severity = rules.get(rule).severity;
+                *by_severity
+                    .entry(severity.as_str().to_string())
+                    .or_default() += unfiled;
+                failed |= info.fail_on.fails(severity);
+            }
         }
         let violations: Vec<ReportedViolation> = violations
             .iter()
             .map(|v| ReportedViolation::from(v.as_ref()))
             .collect();
-        // A record whose severity differs from the configured one (it cannot
+        // A record whose severity is above its finding's (it cannot be
         // today) must still be able to fail the run.
         failed |= violations.iter().any(|v| info.fail_on.fails(v.severity));
         let held = u64::try_from(violations.len()).unwrap_or(u64::MAX);
@@ -265,6 +595,7 @@ impl Report {
                 by_severity,
                 by_rule,
             },
+            findings,
             violations_omitted: total.saturating_sub(held),
             violations,
         }
@@ -278,144 +609,184 @@ impl Report {
         text
     }
 
-    fn rule_lines(&self, rules: &ResolvedRules) -> Vec<RuleLine<'_>> {
-        RuleId::ALL
-            .into_iter()
-            .map(|rule| {
-                let settings = rules.get(rule);
-                RuleLine {
-                    rule,
-                    severity: settings.severity,
-                    enabled: settings.enabled,
-                    count: self.counts.by_rule.get(rule.as_str()).copied().unwrap_or(0),
-                    first: self.violations.iter().find(|v| v.rule == rule),
-                }
-            })
-            .collect()
+    /// Violations of `rule` that no finding holds (counted under the
+    /// overflow finding).
+    fn unfiled(&self, rule: RuleId) -> u64 {
+        let count = self.counts.by_rule.get(rule.as_str()).copied().unwrap_or(0);
+        let filed: u64 = self
+            .findings
+            .iter()
+            .filter(|f| f.finding.rule == Some(rule))
+            .map(|f| f.finding.count)
+            .sum();
+        count.saturating_sub(filed)
     }
 
-    /// JUnit XML: one `<testcase>` per rule id; a rule that fired at or above
-    /// `fail_on` is a `<failure>` carrying its first evidence, one that fired
-    /// below it passes with the count in `<system-out>`, a disabled rule is
-    /// `<skipped>`.
+    /// The JUnit test cases, rule by rule in the rules' order: one per
+    /// finding of the rule (`sessionguard.findings`, named by
+    /// [`ReportedFinding::title`] and its fingerprint; a `<failure>` at or
+    /// above `fail_on`, else passing with the finding in `<system-out>`);
+    /// one passing case named by the rule id (`sessionguard.rules`) when the
+    /// rule found nothing, `<skipped>` when it is disabled; and a case by
+    /// the rule id for violations only the overflow finding holds.
+    pub fn junit_cases(&self, rules: &ResolvedRules) -> Vec<JunitCase> {
+        let mut cases = Vec::new();
+        for rule in RuleId::ALL {
+            let settings = rules.get(rule);
+            let rule_case = |outcome| JunitCase {
+                classname: JUNIT_RULES.to_string(),
+                name: rule.as_str().to_string(),
+                outcome,
+            };
+            if !settings.enabled {
+                cases.push(rule_case(CaseOutcome::Skipped(
+                    "rule disabled in the configuration",
+                )));
+            }
+            let mut found = false;
+            for finding in self
+                .findings
+                .iter()
+                .filter(|f| f.finding.rule == Some(rule))
+            {
+                found = true;
+                let count = finding.finding.count;
+                let summary = violations_of(count, rule, finding.finding.severity);
+                let detail = finding.text("");
+                let outcome = match finding.finding.severity {
+                    Some(severity) if finding.fails(self.fail_on) => CaseOutcome::Failed {
+                        summary,
+                        severity,
+                        detail,
+                    },
+                    _ => CaseOutcome::PassedWithOutput { summary, detail },
+                };
+                cases.push(JunitCase {
+                    classname: JUNIT_FINDINGS.to_string(),
+                    name: format!("{} [{}]", finding.title(), finding.finding.fingerprint),
+                    outcome,
+                });
+            }
+            let unfiled = self.unfiled(rule);
+            if unfiled > 0 {
+                let summary = violations_of(unfiled, rule, Some(settings.severity));
+                let detail = "counted under the overflow finding (past sessions.max_findings): no example kept".to_string();
+                cases.push(rule_case(if self.fail_on.fails(settings.severity) {
+                    CaseOutcome::Failed {
+                        summary,
+                        severity: settings.severity,
+                        detail,
+                    }
+                } else {
+                    CaseOutcome::PassedWithOutput { summary, detail }
+                }));
+            } else if !found && settings.enabled {
+                cases.push(rule_case(CaseOutcome::Passed));
+            }
+        }
+        cases
+    }
+
+    /// JUnit XML of [`Report::junit_cases`], in one test suite.
     pub fn to_junit(&self, rules: &ResolvedRules) -> String {
-        let lines = self.rule_lines(rules);
-        let failures = lines
+        let cases = self.junit_cases(rules);
+        let failures = cases
             .iter()
-            .filter(|l| l.count > 0 && self.fail_on.fails(l.severity))
+            .filter(|c| matches!(c.outcome, CaseOutcome::Failed { .. }))
             .count();
-        let skipped = lines.iter().filter(|l| !l.enabled).count();
+        let skipped = cases
+            .iter()
+            .filter(|c| matches!(c.outcome, CaseOutcome::Skipped(_)))
+            .count();
         let seconds = duration_seconds(&self.started_at, &self.finished_at);
         let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
         let _ = writeln!(
             xml,
             "<testsuites name=\"sessionguard\" tests=\"{}\" failures=\"{failures}\" errors=\"0\" skipped=\"{skipped}\" time=\"{seconds:.3}\">",
-            lines.len()
+            cases.len()
         );
         let _ = writeln!(
             xml,
             "  <testsuite name=\"sessionguard.session-hygiene\" tests=\"{}\" failures=\"{failures}\" errors=\"0\" skipped=\"{skipped}\" time=\"{seconds:.3}\" timestamp=\"{}\">",
-            lines.len(),
+            cases.len(),
             xml_escape(&self.started_at)
         );
-        for line in &lines {
+        for case in &cases {
             let _ = write!(
                 xml,
-                "    <testcase classname=\"sessionguard.rules\" name=\"{}\" time=\"0\"",
-                line.rule
+                "    <testcase classname=\"{}\" name=\"{}\" time=\"0\"",
+                xml_escape(&case.classname),
+                xml_escape(&case.name)
             );
-            if !line.enabled {
-                xml.push_str(">\n      <skipped message=\"rule disabled in the configuration\"/>\n    </testcase>\n");
-                continue;
+            match &case.outcome {
+                CaseOutcome::Passed => xml.push_str("/>\n"),
+                CaseOutcome::Skipped(why) => {
+                    let _ = writeln!(
+                        xml,
+                        ">\n      <skipped message=\"{}\"/>\n    </testcase>",
+                        xml_escape(why)
+                    );
+                }
+                CaseOutcome::Failed {
+                    summary,
+                    severity,
+                    detail,
+                } => {
+                    let _ = writeln!(
+                        xml,
+                        ">\n      <failure message=\"{}\" type=\"{severity}\">{}</failure>\n    </testcase>",
+                        xml_escape(summary),
+                        xml_escape(detail.trim_end())
+                    );
+                }
+                CaseOutcome::PassedWithOutput { summary, detail } => {
+                    let _ = writeln!(
+                        xml,
+                        ">\n      <system-out>{}\n{}</system-out>\n    </testcase>",
+                        xml_escape(summary),
+                        xml_escape(detail.trim_end())
+                    );
+                }
             }
-            if line.count == 0 {
-                xml.push_str("/>\n");
-                continue;
-            }
-            xml.push_str(">\n");
-            let summary = format!(
-                "{} violation{} of {} (severity {})",
-                line.count,
-                if line.count == 1 { "" } else { "s" },
-                line.rule,
-                line.severity
-            );
-            let detail = line
-                .first
-                .map(|v| {
-                    format!(
-                        "first: {}\nlsid: {}\nat: {}",
-                        evidence_line(v),
-                        v.lsid,
-                        v.at
-                    )
-                })
-                .unwrap_or_else(|| "no evidence held (over max_violations)".to_string());
-            if self.fail_on.fails(line.severity) {
-                let _ = writeln!(
-                    xml,
-                    "      <failure message=\"{}\" type=\"{}\">{}</failure>",
-                    xml_escape(&summary),
-                    line.severity,
-                    xml_escape(&detail)
-                );
-            } else {
-                let _ = writeln!(
-                    xml,
-                    "      <system-out>{}\n{}</system-out>",
-                    xml_escape(&summary),
-                    xml_escape(&detail)
-                );
-            }
-            xml.push_str("    </testcase>\n");
         }
         xml.push_str("  </testsuite>\n</testsuites>\n");
         xml
     }
 
-    /// A few lines for a terminal or a CI log: each rule that fired, its
-    /// count and its first evidence, and the verdict.
-    pub fn to_text(&self, rules: &ResolvedRules) -> String {
+    /// For a terminal or a CI log: the verdict, then each finding with its
+    /// count, its first example (message, requests, the session's
+    /// timeline) and the fix.
+    pub fn to_text(&self, _rules: &ResolvedRules) -> String {
         let mut text = String::new();
         let verdict = if self.failed {
             format!("FAIL (--fail-on {})", self.fail_on.as_str())
         } else {
             format!("pass (--fail-on {})", self.fail_on.as_str())
         };
+        let requests = self.counts.requests_inspected;
         if self.counts.total == 0 {
             let _ = writeln!(
                 text,
-                "sessionguard: no session misuse seen in {} request{}: {verdict}",
-                self.counts.requests_inspected,
-                if self.counts.requests_inspected == 1 {
-                    ""
-                } else {
-                    "s"
-                },
+                "sessionguard: no session misuse seen in {requests} request{}: {verdict}",
+                plural(requests),
             );
         } else {
-            let fired = self.counts.by_rule.len();
+            let fired = self.counts.by_rule.len() as u64;
+            let findings = self.findings.len() as u64;
             let _ = writeln!(
                 text,
-                "sessionguard: {} violation{} of {fired} rule{} ({} error, {} warning) in {} requests: {verdict}",
+                "sessionguard: {} violation{} in {findings} finding{} of {fired} rule{} ({} error, {} warning) in {requests} request{}: {verdict}",
                 self.counts.total,
-                if self.counts.total == 1 { "" } else { "s" },
-                if fired == 1 { "" } else { "s" },
+                plural(self.counts.total),
+                plural(findings),
+                plural(fired),
                 self.counts.by_severity.get("error").copied().unwrap_or(0),
                 self.counts.by_severity.get("warning").copied().unwrap_or(0),
-                self.counts.requests_inspected,
+                plural(requests),
             );
-            for line in self.rule_lines(rules).iter().filter(|l| l.count > 0) {
-                let _ = writeln!(
-                    text,
-                    "  {:<31} {:<8} {:>5}  {}",
-                    line.rule.as_str(),
-                    line.severity.as_str(),
-                    line.count,
-                    line.first
-                        .map(evidence_line)
-                        .unwrap_or_else(|| "(evidence no longer held)".to_string())
-                );
+            for (index, finding) in self.findings.iter().enumerate() {
+                let _ = writeln!(text, "\n[{}]", index + 1);
+                text.push_str(&finding.text("  "));
             }
         }
         if self.counts.requests_inspected == 0 {
@@ -436,7 +807,6 @@ impl Report {
         std::fs::write(path, self.to_junit(rules))
     }
 }
-
 /// Writes the JSON report of a `sessionguard proxy` run, at shutdown: no
 /// child, the default threshold.
 pub fn write_proxy_report(
@@ -501,18 +871,30 @@ pub fn exit_code(child_exit: Option<i32>, report: &Report) -> u8 {
     }
 }
 
-/// One line of evidence: the message, then the request(s) by names and ids.
-fn evidence_line(v: &ReportedViolation) -> String {
-    let mut line = v.evidence.message.clone();
-    if let Some(current) = &v.evidence.current {
-        let _ = write!(line, " [{}]", request_line(current));
+/// `3 violations of concurrent-use (severity error)`.
+fn violations_of(count: u64, rule: RuleId, severity: Option<Severity>) -> String {
+    let mut text = format!("{count} violation{} of {rule}", plural(count));
+    if let Some(severity) = severity {
+        let _ = write!(text, " (severity {severity})");
     }
-    if let Some(earlier) = &v.evidence.earlier {
-        let _ = write!(line, " [earlier: {}]", request_line(earlier));
-    }
-    line
+    text
 }
 
+fn plural(count: u64) -> &'static str {
+    if count == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+/// The short form of an lsid, as log lines show it.
+fn short_lsid(lsid: &str) -> &str {
+    lsid.get(..8).unwrap_or(lsid)
+}
+
+/// One request by names and ids: `insert shop.orders conn 3 request 12
+/// txnNumber 4 app "web" driver nodejs 6.9.0 from 127.0.0.1:5000`.
 fn request_line(r: &RequestSeen) -> String {
     let mut line = format!(
         "{} {} conn {} request {}",
@@ -578,7 +960,7 @@ mod tests {
 
     use super::*;
     use crate::session::config::{Mode, RuleOverride, RulesConfig};
-    use crate::session::Action;
+    use crate::session::{Action, DistinctCount, Example, Examples};
 
     fn evidence(command: &str) -> RequestEvidence {
         RequestEvidence {
@@ -599,7 +981,7 @@ mod tests {
     fn record(id: u64, rule: RuleId, message: &str) -> Arc<ViolationRecord> {
         Arc::new(ViolationRecord {
             id,
-            finding: Default::default(),
+            finding: FindingId::of_text(rule.as_str()),
             rule,
             severity: rule.default_severity(),
             action: Action::Log,
@@ -642,17 +1024,98 @@ mod tests {
             .collect()
     }
 
+    fn side(command: &str, namespace: &str) -> FindingSide {
+        FindingSide {
+            command: command.into(),
+            namespace: namespace.into(),
+            app_name: Some("ci <&> \"app\"".into()),
+            driver: Some("nodejs".into()),
+        }
+    }
+
+    fn op(request_id: i32, command: &str, sent_ms: u64, replied_ms: Option<u64>) -> TimelineEntry {
+        let at = |ms: u64| format!("2026-01-01T00:00:00.{ms:03}Z");
+        TimelineEntry {
+            connection_id: 3,
+            request_id,
+            command: command.into(),
+            namespace: "shop.orders".into(),
+            txn_number: None,
+            sent: at(sent_ms),
+            replied: replied_ms.map(at),
+            role: None,
+        }
+    }
+
+    /// The finding of `example` (its fingerprint, rule and severity), seen
+    /// `count` times, first at `first_seen`.
+    fn finding(
+        example: &ViolationRecord,
+        count: u64,
+        first_seen: &str,
+        timeline: Vec<TimelineEntry>,
+    ) -> FindingDetail {
+        let one = DistinctCount {
+            count: 1,
+            exact: true,
+        };
+        FindingDetail {
+            finding: FindingSnapshot {
+                fingerprint: example.finding,
+                overflow: false,
+                rule: Some(example.rule),
+                severity: Some(example.severity),
+                action: Some(example.action),
+                current: example
+                    .current
+                    .as_ref()
+                    .map(|r| side(&r.command, &r.namespace)),
+                earlier: example
+                    .earlier
+                    .as_ref()
+                    .map(|r| side(&r.command, &r.namespace)),
+                count,
+                first_seen: first_seen.into(),
+                last_seen: first_seen.into(),
+                sessions: one,
+                connections: one,
+            },
+            examples: Examples {
+                first: Some(Example {
+                    violation: example.clone(),
+                    timeline,
+                }),
+                latest: None,
+            },
+        }
+    }
+
+    /// A use-after-end (error) seen twice and a txn-left-open (warning)
+    /// seen once, each its own finding.
     fn sample(fail_on: FailOn) -> Report {
         let violations = vec![
             record(1, RuleId::UseAfterEnd, "session used after endSessions"),
             record(2, RuleId::UseAfterEnd, "again"),
             record(3, RuleId::TxnLeftOpen, "open for 61s"),
         ];
+        let mut timeline = vec![
+            op(10, "insert", 0, Some(2)),
+            op(11, "endSessions", 5, Some(6)),
+            op(12, "insert", 900, None),
+        ];
+        timeline[1].role = Some(Role::Earlier);
+        timeline[2].role = Some(Role::Current);
+        timeline[2].txn_number = Some(4);
+        let findings = [
+            finding(&violations[2], 1, "2026-01-01T00:00:00.500Z", Vec::new()),
+            finding(&violations[0], 2, "2026-01-01T00:00:01.000Z", timeline),
+        ];
         Report::new(
             info(fail_on),
             &ResolvedRules::default(),
             &violations,
             &counts(&[(RuleId::UseAfterEnd, 2), (RuleId::TxnLeftOpen, 1)]),
+            &findings,
             40,
         )
     }
@@ -678,6 +1141,19 @@ mod tests {
         assert_eq!(report.counts.by_rule["use-after-end"], 2);
         assert!(report.failed);
         assert_eq!(report.violations_omitted, 0);
+        // The failing finding first, although the warning was seen earlier.
+        let rules: Vec<_> = report.findings.iter().map(|f| f.finding.rule).collect();
+        assert_eq!(
+            rules,
+            [Some(RuleId::UseAfterEnd), Some(RuleId::TxnLeftOpen)]
+        );
+        let report = sample(FailOn::Warning);
+        let rules: Vec<_> = report.findings.iter().map(|f| f.finding.rule).collect();
+        assert_eq!(
+            rules,
+            [Some(RuleId::UseAfterEnd), Some(RuleId::TxnLeftOpen)],
+            "both fail: errors first"
+        );
         assert_eq!(report.started_at, "2027-01-15T08:00:00.000Z");
         assert_eq!(report.finished_at, "2027-01-15T08:00:02.500Z");
     }
@@ -697,33 +1173,214 @@ mod tests {
         assert_eq!(first["rule"], "use-after-end");
         assert_eq!(first["evidence"]["current"]["command"], "insert");
         assert_eq!(first["evidence"]["earlier"]["command"], "endSessions");
+        assert_eq!(
+            first["finding"],
+            FindingId::of_text("use-after-end").to_string()
+        );
+
+        let finding = &json["findings"][0];
+        for key in [
+            "fingerprint",
+            "rule",
+            "severity",
+            "action",
+            "current",
+            "earlier",
+            "count",
+            "first_seen",
+            "last_seen",
+            "sessions",
+            "connections",
+            "first_example",
+        ] {
+            assert!(!finding[key].is_null(), "{key} missing: {finding:#}");
+        }
+        assert_eq!(finding["rule"], "use-after-end");
+        assert_eq!(finding["count"], 2);
+        assert_eq!(finding["current"]["command"], "insert");
+        let example = &finding["first_example"];
+        assert_eq!(example["id"], 1);
+        assert_eq!(
+            example["evidence"]["message"],
+            "session used after endSessions"
+        );
+        assert_eq!(example["timeline"][1]["command"], "endSessions");
+        assert_eq!(example["timeline"][1]["role"], "earlier");
+        assert!(example["timeline"][0].get("role").is_none());
+        assert!(json["findings"][1]["first_example"]["timeline"]
+            .as_array()
+            .unwrap()
+            .is_empty());
         let back: Report = serde_json::from_value(json).unwrap();
         assert_eq!(back, report);
     }
 
     #[test]
-    fn junit_fails_only_rules_at_or_above_the_threshold() {
-        let xml = sample(FailOn::Error).to_junit(&ResolvedRules::default());
+    fn junit_has_a_case_per_finding_and_per_rule_that_found_nothing() {
+        let report = sample(FailOn::Error);
+        let cases = report.junit_cases(&ResolvedRules::default());
+        assert_eq!(cases.len(), RuleId::COUNT, "two findings, 12 quiet rules");
+        let findings: Vec<_> = cases
+            .iter()
+            .filter(|c| c.classname == JUNIT_FINDINGS)
+            .collect();
+        assert_eq!(findings.len(), 2);
+        let use_after_end = FindingId::of_text("use-after-end");
+        assert_eq!(
+            findings[0].name,
+            format!(
+                "use-after-end: insert on shop.orders, earlier endSessions (app ci <&> \"app\", nodejs) [{use_after_end}]"
+            )
+        );
+        let quiet: Vec<_> = cases
+            .iter()
+            .filter(|c| c.classname == JUNIT_RULES)
+            .map(|c| (c.name.as_str(), &c.outcome))
+            .collect();
+        assert_eq!(quiet.len(), 12);
+        assert!(quiet.iter().all(|(_, o)| **o == CaseOutcome::Passed));
+        assert!(!quiet.iter().any(|(name, _)| *name == "use-after-end"));
+
+        let xml = report.to_junit(&ResolvedRules::default());
         assert_eq!(xml.matches("<testcase ").count(), RuleId::COUNT);
         assert_eq!(xml.matches("<failure ").count(), 1);
         assert!(xml.contains("failures=\"1\""));
-        let failing = xml.split("name=\"use-after-end\"").nth(1).unwrap();
+        // The name carries every character XML needs escaped.
+        let failing = xml
+            .split(&format!(
+                "name=\"use-after-end: insert on shop.orders, earlier endSessions (app ci &lt;&amp;&gt; &quot;app&quot;, nodejs) [{use_after_end}]\""
+            ))
+            .nth(1)
+            .unwrap_or_else(|| panic!("{xml}"));
         let failing = &failing[..failing.find("</testcase>").unwrap()];
-        assert!(failing.contains("<failure message=\"2 violations of use-after-end"));
-        assert!(failing.contains("session used after endSessions"));
-        // The application name carries every character XML needs escaped.
         assert!(
-            failing.contains("ci &lt;&amp;&gt; \\&quot;app\\&quot;"),
+            failing.contains(
+                "<failure message=\"2 violations of use-after-end (severity error)\" type=\"error\">"
+            ),
             "{failing}"
         );
-        let warning = xml.split("name=\"txn-left-open\"").nth(1).unwrap();
+        // The first example: message, requests, timeline, fix.
+        assert!(
+            failing.contains("session used after endSessions"),
+            "{failing}"
+        );
+        assert!(
+            failing.contains("request: insert shop.orders conn 3 request 12"),
+            "{failing}"
+        );
+        assert!(failing.contains("earlier: endSessions"), "{failing}");
+        assert!(failing.contains("+900ms"), "{failing}");
+        assert!(failing.contains("&lt;- offending request"), "{failing}");
+        assert!(failing.contains(RuleId::UseAfterEnd.fix()), "{failing}");
+        assert!(!failing.contains("again"), "one example: {failing}");
+        let warning = xml.split("name=\"txn-left-open: ").nth(1).unwrap();
         let warning = &warning[..warning.find("</testcase>").unwrap()];
-        assert!(warning.contains("<system-out>1 violation of txn-left-open"));
+        assert!(
+            warning.contains("<system-out>1 violation of txn-left-open (severity warning)"),
+            "{warning}"
+        );
 
         let xml = sample(FailOn::Warning).to_junit(&ResolvedRules::default());
         assert_eq!(xml.matches("<failure ").count(), 2);
         let xml = sample(FailOn::Never).to_junit(&ResolvedRules::default());
         assert_eq!(xml.matches("<failure ").count(), 0);
+    }
+
+    #[test]
+    fn a_finding_fails_by_the_severity_it_was_reported_with() {
+        // An error rule's violation resting on an unconfirmed end is a
+        // warning: it does not fail `--fail-on error`.
+        let mut record = ViolationRecord::clone(&record(1, RuleId::UseAfterEnd, "unconfirmed"));
+        record.severity = Severity::Warning;
+        record.unconfirmed = true;
+        record.finding = FindingId::of_text("unconfirmed");
+        let violations = [Arc::new(record)];
+        let findings = [finding(
+            &violations[0],
+            1,
+            "2026-01-01T00:00:01.000Z",
+            Vec::new(),
+        )];
+        let counts = counts(&[(RuleId::UseAfterEnd, 1)]);
+        let rules = ResolvedRules::default();
+        let report = Report::new(
+            info(FailOn::Error),
+            &rules,
+            &violations,
+            &counts,
+            &findings,
+            5,
+        );
+        assert!(!report.failed);
+        assert_eq!(report.counts.by_severity["warning"], 1);
+        assert_eq!(report.counts.by_severity["error"], 0);
+        assert_eq!(report.to_junit(&rules).matches("<failure ").count(), 0);
+        let report = Report::new(
+            info(FailOn::Warning),
+            &rules,
+            &violations,
+            &counts,
+            &findings,
+            5,
+        );
+        assert!(report.failed);
+        assert_eq!(report.to_junit(&rules).matches("<failure ").count(), 1);
+    }
+
+    #[test]
+    fn violations_only_the_overflow_finding_holds_still_fail_by_rule() {
+        // concurrent-use fired 5 times: 2 in its finding, 3 past
+        // max_findings (the overflow finding, which has no rule).
+        let violations = [record(1, RuleId::ConcurrentUse, "two at once")];
+        let overflow = FindingDetail {
+            finding: FindingSnapshot {
+                fingerprint: FindingId::overflow(),
+                overflow: true,
+                rule: None,
+                severity: None,
+                action: None,
+                current: None,
+                earlier: None,
+                ..finding(&violations[0], 3, "2026-01-01T00:00:02.000Z", Vec::new()).finding
+            },
+            examples: Examples {
+                first: None,
+                latest: None,
+            },
+        };
+        let findings = [
+            finding(&violations[0], 2, "2026-01-01T00:00:01.000Z", Vec::new()),
+            overflow,
+        ];
+        let rules = ResolvedRules::default();
+        let report = Report::new(
+            info(FailOn::Error),
+            &rules,
+            &violations,
+            &counts(&[(RuleId::ConcurrentUse, 5)]),
+            &findings,
+            10,
+        );
+        assert!(report.failed);
+        assert_eq!(report.counts.by_severity["error"], 5);
+        let cases = report.junit_cases(&rules);
+        let of_rule: Vec<_> = cases
+            .iter()
+            .filter(|c| c.name.starts_with("concurrent-use"))
+            .collect();
+        assert_eq!(of_rule.len(), 2, "{of_rule:?}");
+        assert_eq!(of_rule[0].classname, JUNIT_FINDINGS);
+        assert_eq!(of_rule[1].classname, JUNIT_RULES);
+        assert!(matches!(
+            &of_rule[1].outcome,
+            CaseOutcome::Failed { summary, .. } if summary == "3 violations of concurrent-use (severity error)"
+        ));
+        let text = report.to_text(&rules);
+        assert!(
+            text.contains("overflow: violations of findings past sessions.max_findings"),
+            "{text}"
+        );
+        assert!(text.contains("no example kept"), "{text}");
     }
 
     #[test]
@@ -776,27 +1433,57 @@ mod tests {
     }
 
     #[test]
-    fn text_lists_each_rule_with_count_and_first_evidence() {
+    fn text_lists_each_finding_with_count_example_timeline_and_fix() {
         let text = sample(FailOn::Error).to_text(&ResolvedRules::default());
         assert!(
             text.starts_with(
-                "sessionguard: 3 violations of 2 rules (2 error, 1 warning) in 40 requests: FAIL"
+                "sessionguard: 3 violations in 2 findings of 2 rules (2 error, 1 warning) in 40 requests: FAIL"
             ),
             "{text}"
         );
-        let line = text.lines().find(|l| l.contains("use-after-end")).unwrap();
-        assert!(line.contains("error") && line.contains(" 2 "), "{line}");
-        assert!(
-            line.contains("session used after endSessions [insert shop.orders conn 3 request 12"),
-            "{line}"
+        let first = &text[text.find("[1]").unwrap()..text.find("[2]").unwrap()];
+        let lines: Vec<&str> = first.lines().collect();
+        assert_eq!(
+            lines[1],
+            "  use-after-end: insert on shop.orders, earlier endSessions (app ci <&> \"app\", nodejs)"
         );
-        assert!(!line.contains("again"), "only the first evidence: {line}");
+        assert_eq!(
+            lines[2],
+            format!(
+                "  2 violations · 1 session · 1 connection · error · finding {}",
+                FindingId::of_text("use-after-end")
+            )
+        );
+        assert_eq!(lines[3], "  session used after endSessions");
+        assert!(
+            lines[4].starts_with("  request: insert shop.orders conn 3 request 12 txnNumber 4"),
+            "{first}"
+        );
+        assert!(lines[5].starts_with("  earlier: endSessions"), "{first}");
+        assert_eq!(
+            lines[6],
+            "  timeline of session 6c1f1d9e up to the violation:"
+        );
+        assert_eq!(
+            &lines[7..10],
+            [
+                "      +0ms  conn 3  request 10  insert       shop.orders              answered in 2ms",
+                "      +5ms  conn 3  request 11  endSessions  shop.orders              answered in 1ms  <- earlier request",
+                "    +900ms  conn 3  request 12  insert       shop.orders txnNumber 4  in flight        <- offending request",
+            ]
+        );
+        assert_eq!(lines[10], format!("  fix: {}", RuleId::UseAfterEnd.fix()));
+        assert!(!text.contains("again"), "only the first example: {text}");
+        let second = &text[text.find("[2]").unwrap()..];
+        assert!(second.contains("txn-left-open"), "{second}");
+        assert!(!second.contains("timeline"), "none kept: {second}");
 
         let empty = Report::new(
             info(FailOn::Error),
             &ResolvedRules::default(),
             &[],
             &counts(&[]),
+            &[],
             0,
         );
         let text = empty.to_text(&ResolvedRules::default());
@@ -846,6 +1533,7 @@ mod tests {
             &ResolvedRules::default(),
             &[record(9, RuleId::ConcurrentUse, "two at once")],
             &counts(&[(RuleId::ConcurrentUse, 5)]),
+            &[],
             10,
         );
         assert_eq!(report.violations_omitted, 4);

@@ -13,6 +13,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use sessionguard::session::RuleId;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -157,8 +158,11 @@ async fn clean_child_exits_0_with_an_empty_report() {
         report["counts"]["requests_inspected"].as_u64().unwrap() >= 4,
         "the traffic went through the proxy: {report:#}"
     );
+    assert_eq!(report["findings"], serde_json::json!([]), "{report:#}");
     let junit = std::fs::read_to_string(&reports.junit).unwrap();
+    // Every rule found nothing: one passing case each.
     assert!(junit.contains("name=\"use-after-end\""), "{junit}");
+    assert_eq!(junit.matches("<testcase ").count(), 14, "{junit}");
     assert!(!junit.contains("<failure"), "{junit}");
     assert!(
         stderr(&output).contains("sessionguard: no session misuse seen"),
@@ -203,30 +207,89 @@ async fn misusing_child_fails_with_3_and_the_rule_in_every_report() {
         .unwrap()
         .contains("ghost"));
 
+    // One finding: the bug, its count and its first example with the
+    // session's timeline (the insert, then the endSessions, then the reuse).
+    let findings = report["findings"].as_array().expect("a findings array");
+    assert_eq!(findings.len(), 1, "{report:#}");
+    let finding = &findings[0];
+    assert_eq!(finding["rule"], "use-after-end");
+    assert_eq!(finding["severity"], "error");
+    assert_eq!(finding["count"], 1);
+    assert_eq!(finding["current"]["command"], "insert");
+    assert_eq!(finding["earlier"]["command"], "endSessions");
+    let fingerprint = finding["fingerprint"].as_str().unwrap();
+    assert_eq!(violation["finding"], fingerprint, "{report:#}");
+    let example = &finding["first_example"];
+    assert_eq!(example["id"], violation["id"], "{finding:#}");
+    assert_eq!(example["evidence"]["current"]["command"], "insert");
+    let timeline: Vec<(&str, &str)> = example["timeline"]
+        .as_array()
+        .expect("a timeline")
+        .iter()
+        .map(|op| {
+            (
+                op["command"].as_str().unwrap(),
+                op["role"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        timeline,
+        [
+            ("insert", ""),
+            ("endSessions", "earlier"),
+            ("insert", "current")
+        ],
+        "{finding:#}"
+    );
+
+    // JUnit: one failing case for the finding, named so a CI page reads
+    // it; the rules that found nothing pass, one case each.
     let junit = std::fs::read_to_string(&reports.junit).unwrap();
+    let name = format!(
+        "use-after-end: insert on shop.orders, earlier endSessions on shop (app exec-test, mongo-rust-driver) [{fingerprint}]"
+    );
     let case = junit
-        .split("<testcase classname=\"sessionguard.rules\" name=\"use-after-end\"")
+        .split(&format!(
+            "<testcase classname=\"sessionguard.findings\" name=\"{name}\""
+        ))
         .nth(1)
-        .expect("a test case for the rule");
+        .unwrap_or_else(|| panic!("a test case for the finding: {junit}"));
     let case = &case[..case
         .find("</testcase>")
         .expect("the case has a failure body")];
     assert!(
-        case.contains("<failure message=\"1 violation of use-after-end"),
+        case.contains("<failure message=\"1 violation of use-after-end (severity error)\""),
         "{case}"
     );
-    assert!(case.contains("insert shop.orders"), "{case}");
+    assert!(case.contains("insert shop.orders conn"), "{case}");
+    assert!(case.contains("endSessions"), "{case}");
+    assert!(case.contains(RuleId::UseAfterEnd.fix()), "{case}");
     assert_eq!(junit.matches("<failure").count(), 1, "{junit}");
+    assert!(!junit.contains("name=\"use-after-end\""), "{junit}");
+    assert!(junit.contains("name=\"concurrent-use\""), "{junit}");
+    assert_eq!(junit.matches("<testcase ").count(), 14, "{junit}");
 
-    // The summary names the rule, its count and its first evidence.
-    let line = err
-        .lines()
-        .find(|l| l.trim_start().starts_with("use-after-end"))
-        .unwrap_or_else(|| panic!("no summary line: {err}"));
+    // The summary lists the finding: its count, the example's message, its
+    // requests, the timeline and the fix.
     assert!(
-        line.contains(" 1 ") && line.contains("insert shop.orders"),
-        "{line}"
+        err.contains("sessionguard: 1 violation in 1 finding of 1 rule (1 error, 0 warning)"),
+        "{err}"
     );
+    let block = &err[err
+        .find("\n[1]\n")
+        .unwrap_or_else(|| panic!("no finding in the summary: {err}"))..];
+    // Its title is the JUnit case's name without the fingerprint.
+    let title = name.strip_suffix(&format!(" [{fingerprint}]")).unwrap();
+    assert!(block.contains(&format!("\n  {title}\n")), "{block}");
+    assert!(block.contains(&format!("finding {fingerprint}")), "{block}");
+    assert!(
+        block.contains("after it was ended by endSessions"),
+        "{block}"
+    );
+    assert!(block.contains("insert shop.orders conn"), "{block}");
+    assert!(block.contains("timeline of session"), "{block}");
+    assert!(block.contains(RuleId::UseAfterEnd.fix()), "{block}");
     assert!(err.contains("FAIL (--fail-on error)"), "{err}");
 }
 

@@ -294,6 +294,14 @@ impl ProxyHandle {
         *self.active.borrow()
     }
 
+    /// Resolves once no client connection is open (at once when none is),
+    /// every close having been judged by the inspector first.
+    pub async fn no_connections(&self) {
+        let mut active = self.active.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = active.wait_for(|open| *open == 0).await;
+    }
+
     /// Connections accepted since start (not counting those over the cap).
     pub fn accepted_connections(&self) -> u64 {
         self.stats.accepted.load(Ordering::Relaxed)

@@ -679,8 +679,9 @@ pub struct FindingSnapshot {
     pub connections: DistinctCount,
 }
 
-/// One operation of an example's timeline.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One operation of an example's timeline (also read back from a JSON
+/// report, hence `Deserialize`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineEntry {
     pub connection_id: u64,
     pub request_id: i32,
@@ -694,7 +695,7 @@ pub struct TimelineEntry {
     pub replied: Option<String>,
     /// `current` (the offending request) or `earlier`; absent for the
     /// other operations on the session.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
 }
 

@@ -20,7 +20,7 @@
 //! Pure data: no maps, no clock (times are passed in), no logging, never
 //! document contents.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::state::{Millis, RequestRef, SessionKey};
 
@@ -102,7 +102,7 @@ impl OpRing {
 }
 
 /// Which request of the violation's evidence an operation is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// The request that broke the rule.

@@ -117,6 +117,159 @@ impl RuleId {
             _ => Severity::Error,
         }
     }
+
+    /// What a violation of the rule means and why it matters, in a few
+    /// sentences: README's **Means:** paragraph of the rule, word for word
+    /// (a test keeps them equal), so `demo` and the reports say what the
+    /// README says.
+    pub fn explain(self) -> &'static str {
+        match self {
+            RuleId::ConcurrentUse => {
+                "a request carries an lsid that already has a request in flight, on any \
+             connection. A session is a sequence of operations; the server does not serialise \
+             two of them for you, and a transaction or retryable write on a session used \
+             twice at once can be corrupted or lost."
+            }
+            RuleId::UseAfterEnd => {
+                "a request carries an lsid that was ended by `endSessions` or killed by \
+             `killSessions` / `killAllSessions` / `killAllSessionsByPattern`. The server does \
+             not refuse it: it silently starts a new session under the same id, so the \
+             application's transaction, retry and cursor guarantees no longer hold."
+            }
+            RuleId::EndWhileInFlight => {
+                "`endSessions` or `killSessions` names an lsid that has a request in flight (on \
+             another connection, when the end was sent), and the server confirmed the end. \
+             The session was ended before the work using it finished."
+            }
+            RuleId::ClosedWithRequestsInFlight => {
+                "a client closed (or reset) its connection while a request carrying a session \
+             awaited its reply. The operation may keep running on the server while the \
+             application believes it failed, and its session may be reused meanwhile."
+            }
+            RuleId::TxnRegression => {
+                "a request carries a txnNumber lower than the highest already seen on its \
+             session. The server refuses it (TransactionTooOld, 225) if it arrives after the \
+             higher number; requests sent on different connections can reach the server in \
+             either order, so it may instead run first and then be overtaken."
+            }
+            RuleId::TxnNumberReuse => {
+                "a retryable write (a txnNumber outside any transaction) reuses an lsid + \
+             txnNumber already used by a *different* write (different command, namespace or \
+             statements). The server takes it for a retry of the earlier write and skips it: \
+             the write is lost without an error."
+            }
+            RuleId::TxnSuperseded => {
+                "a new transaction (or a retryable write — any higher txnNumber) starts on a \
+             session whose previous transaction is still open without commit or abort. The \
+             server silently aborts the open transaction; its writes are lost."
+            }
+            RuleId::TxnAfterAbort => {
+                "statements or `commitTransaction` continue a transaction after the server \
+             aborted it — its reply said TransientTransactionError or NoSuchTransaction. \
+             Nothing in that transaction can succeed any more."
+            }
+            RuleId::TxnLeftOpen => {
+                "a transaction has stayed open longer than `sessions.transaction_max_open` (60 s \
+             by default, the server's `transactionLifetimeLimitSeconds`) with no commit or \
+             abort. The server aborts it past its lifetime limit, losing its writes, and it \
+             holds locks until then. Reported once per transaction."
+            }
+            RuleId::CursorSessionMismatch => {
+                "a `getMore` (or `killCursors`) for a cursor under an lsid other than the one \
+             that opened it, or a `getMore` without a session for a cursor opened under one. \
+             The server refuses it, or the cursor's session is being shared."
+            }
+            RuleId::UnacknowledgedWithSession => {
+                "a write with an unacknowledged write concern (`w: 0`) carries an lsid. Nobody \
+             waits for it to finish, so the session can be reused while it still runs. \
+             Drivers must not send an lsid with `w: 0`."
+            }
+            RuleId::IdleExpiredReuse => {
+                "a session was used after being idle longer than the server's session timeout \
+             (`logicalSessionTimeoutMinutes`, 30 by default, or `sessions.session_timeout`), \
+             with no refresh in between. The server has expired it: its transaction and \
+             cursors are gone and it continues as a new session. Reported once per idle \
+             period."
+            }
+            RuleId::CrossClientSharing => {
+                "one lsid used from two different client identities — a different peer host, \
+             driver name or version, application name, or user. A session id must stay inside \
+             the client that created it. Reported once per pair of identities. Only what both \
+             sides show is compared; all loopback addresses count as one host."
+            }
+            RuleId::StoreSessionResurrected => {
+                "an upsert (or insert) brought back a store document that had been destroyed \
+             (deleted by `_id`) after the writing client had read it: a session loaded before \
+             a logout was saved after it."
+            }
+        }
+    }
+
+    /// How to fix it: README's **Fix:** paragraph of the rule, word for word
+    /// (a test keeps them equal).
+    pub fn fix(self) -> &'static str {
+        match self {
+            RuleId::ConcurrentUse => {
+                "give every unit of concurrent work its own session (`client.startSession()` per \
+             request / task, ended in a `finally`), or let the driver use implicit sessions; \
+             inside one session, `await` each operation before starting the next."
+            }
+            RuleId::UseAfterEnd => {
+                "create the session where it is used and end it after the last operation that \
+             uses it; never keep a session across client lifetimes or invocations; after a \
+             kill, start a new session."
+            }
+            RuleId::EndWhileInFlight => {
+                "`await` every operation before ending the session (`try { await op } finally { \
+             await session.endSession() }`), and close the client only after all work has \
+             completed."
+            }
+            RuleId::ClosedWithRequestsInFlight => {
+                "await all work before closing the client; use `maxTimeMS` / operation timeouts \
+             so the server stops slow operations instead of relying on the socket being cut."
+            }
+            RuleId::TxnRegression => {
+                "never share a session between clients; let the driver number transactions."
+            }
+            RuleId::TxnNumberReuse => {
+                "do not run writes concurrently on one session; await them one after another, or \
+             give each its own session (or no explicit session at all)."
+            }
+            RuleId::TxnSuperseded => {
+                "wrap transactions in the driver's `withTransaction` helper, or always end them \
+             with `commitTransaction` / `abortTransaction` in a `finally`."
+            }
+            RuleId::TxnAfterAbort => {
+                "let errors inside the transaction propagate so `withTransaction` can abort and \
+             retry the whole transaction; if you catch, abort and restart it."
+            }
+            RuleId::TxnLeftOpen => {
+                "keep transactions short and always end them (`withTransaction`, or commit/abort \
+             in `finally`); do slow work before starting the transaction."
+            }
+            RuleId::CursorSessionMismatch => {
+                "iterate a cursor with the session that opened it, and keep both in the same unit \
+             of work."
+            }
+            RuleId::UnacknowledgedWithSession => {
+                "use an acknowledged write concern with sessions, or send `w: 0` writes without a \
+             session."
+            }
+            RuleId::IdleExpiredReuse => {
+                "start a session for each unit of work instead of keeping one; read cursors \
+             promptly, or let sessionguard's refresher keep held sessions alive \
+             (`sessions.refresh = \"held\"`)."
+            }
+            RuleId::CrossClientSharing => {
+                "never pass session ids between processes; each process starts its own sessions."
+            }
+            RuleId::StoreSessionResurrected => {
+                "re-check the session after slow work before modifying it, save only modified \
+             sessions (`resave: false`), and give a session a new id at login and destroy it \
+             at logout; the patterns:"
+            }
+        }
+    }
 }
 
 impl fmt::Display for RuleId {
@@ -395,6 +548,36 @@ mod tests {
                 "idle-expired-reuse"
             ]
         );
+    }
+
+    /// The paragraph of README's `### <rule>` section that starts with
+    /// `**<label>:** `, its lines joined.
+    fn readme_paragraph(readme: &str, rule: RuleId, label: &str) -> Option<String> {
+        let heading = format!("\n### {rule}\n");
+        let start = readme.find(&heading)? + heading.len();
+        let section = &readme[start..];
+        let section = &section[..section.find("\n### ").unwrap_or(section.len())];
+        let marker = format!("**{label}:** ");
+        let text = &section[section.find(&marker)? + marker.len()..];
+        let text = &text[..text.find("\n\n").unwrap_or(text.len())];
+        Some(text.split_whitespace().collect::<Vec<_>>().join(" "))
+    }
+
+    #[test]
+    fn explanations_and_fixes_are_the_readmes() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+        for rule in RuleId::ALL {
+            assert_eq!(
+                readme_paragraph(readme, rule, "Means").as_deref(),
+                Some(rule.explain()),
+                "README's **Means:** of {rule} and RuleId::explain differ"
+            );
+            assert_eq!(
+                readme_paragraph(readme, rule, "Fix").as_deref(),
+                Some(rule.fix()),
+                "README's **Fix:** of {rule} and RuleId::fix differ"
+            );
+        }
     }
 
     #[test]
