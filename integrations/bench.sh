@@ -45,6 +45,7 @@ for _ in $(seq 100); do [[ -s "$WORK/port" ]] && break; sleep 0.1; done
 URL="http://127.0.0.1:$(cat "$WORK/port")/marks"
 
 echo "== the client alone: one begin+end pair, awaited, $PAIRS pairs"
+# shellcheck disable=SC2016 # JavaScript, not shell
 SESSIONGUARD_MARKS_URL="$URL" node -e '
   const marks = require(process.argv[1]);
   (async () => {
@@ -77,6 +78,7 @@ print(f"python (sessionguard_pytest): {(time.perf_counter() - start) / n * 1e6:.
 
 echo "== each runner, $TESTS empty tests in one file, median of $RUNS runs without and with marks"
 mkdir -p "$NODE_BENCH" "$PY_BENCH"
+# shellcheck disable=SC2016 # JavaScript, not shell
 node -e '
   const [n, dir, integrations] = [Number(process.argv[1]), process.argv[2], process.argv[3]];
   const body = (kw) => Array.from({ length: n }, (_, i) => `${kw}("t${i}", () => {});`).join("\n") + "\n";

@@ -149,8 +149,9 @@ run_case() {
   fi
   wait "$runner" || status=$?
   elapsed="$(( ($(date +%s%N) - started) / 1000000 ))"
-  local verdict=0 detail
-  detail="$(python3 "$DIR/test/check.py" "$STUB_LOG" "$expected" "$mode" ${check_args//RUNNER/$runner})" || verdict=$?
+  local verdict=0 detail check=()
+  read -ra check <<<"${check_args//RUNNER/$runner}"
+  detail="$(python3 "$DIR/test/check.py" "$STUB_LOG" "$expected" "$mode" "${check[@]}")" || verdict=$?
   if [[ $status -ne 0 ]]; then
     verdict=1
     detail="the suite failed (exit $status); $detail"
