@@ -8,8 +8,8 @@
 # received against the suite's expected.json: exactly one begin and one end
 # per test, with the expected name and file, from the pid that ran the test,
 # the begin acknowledged before the body ran. Then the same suites with the
-# endpoint unset, refusing connections, hanging and answering 500: every test
-# still passes and (at most one attempt per process) nothing more is sent.
+# endpoint unset, refusing connections, not a URL, hanging and answering 500:
+# every test still passes and each process stops after its first failure.
 # Ends with "N passed, N failed"; exits 1 on any failure.
 #
 # Installs what is missing, from the package registries only: `npm ci` in
@@ -109,7 +109,7 @@ passed=0
 failures=()
 
 # run_case NAME ENDPOINT CWD EXPECTED CHECK_ARGS -- COMMAND...
-# ENDPOINT: marks | drop | unset | refused | slow | error. CHECK_ARGS: extra
+# ENDPOINT: marks | drop | unset | refused | invalid | slow | error. CHECK_ARGS: extra
 # check.py flags; "RUNNER" in them stands for the runner's own pid.
 run_case() {
   local name="$1" endpoint="$2" cwd="$3" expected="$4" check_args="$5"
@@ -123,6 +123,7 @@ run_case() {
     drop) url="$STUB/drop" mode=marks ;;
     unset) url="" mode=none ;;
     refused) url="$REFUSED" mode=none ;;
+    invalid) url="http://[::1/marks" mode=none ;;
     slow) url="$STUB/slow" mode=slow ;;
     error) url="$STUB/error" mode=error ;;
   esac
@@ -199,7 +200,7 @@ run_case mocha-serial marks "$SAMPLE" "$SAMPLE/mocha/expected.json" "" -- "${MOC
 # A server closing kept-alive connections must not stop the marks.
 run_case mocha-serial-drop drop "$SAMPLE" "$SAMPLE/mocha/expected.json" "" -- "${MOCHA[@]}"
 run_case mocha-parallel marks "$SAMPLE" "$SAMPLE/mocha/expected.json" "--min-pids 2 --runner-pid RUNNER" -- "${MOCHA[@]}" --parallel --jobs 2
-for endpoint in unset refused slow error; do
+for endpoint in unset refused invalid slow error; do
   run_case "mocha-parallel-$endpoint" "$endpoint" "$SAMPLE" "$SAMPLE/mocha/expected.json" "" -- "${MOCHA[@]}" --parallel --jobs 2
 done
 
@@ -220,7 +221,7 @@ run_case pytest-xdist marks "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json
 run_case pytest-xdist-p-flag marks "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "--min-pids 2 --runner-pid RUNNER" -- \
   env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 PYTHONPATH="$PY_DIR${PY_SITE:+:$PY_SITE}" \
   "${PYTEST[@]}" -p xdist.plugin -p sessionguard_pytest -n 2
-for endpoint in unset refused slow error; do
+for endpoint in unset refused invalid slow error; do
   run_case "pytest-xdist-$endpoint" "$endpoint" "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "" -- \
     "${PYTEST[@]}" -n 2
 done

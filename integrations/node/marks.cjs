@@ -54,35 +54,39 @@ function send(s, body, mayRetry) {
       if (!ok) s.failed = true;
       resolve();
     };
-    const req = http.request(
-      s.url,
-      {
-        method: 'POST',
-        agent: s.agent,
-        headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
-      },
-      (res) => {
-        res.on('error', () => settle(false));
-        res.on('end', () => settle(res.statusCode >= 200 && res.statusCode < 300));
-        res.resume();
-      },
-    );
-    // An idle timeout on the socket: it runs on Node's own timers, so fake
-    // timers installed by a test (jest.useFakeTimers, vi.useFakeTimers) cannot
-    // stop it.
-    req.setTimeout(TIMEOUT_MS, () => req.destroy(new Error('sessionguard marks: timed out')));
-    req.on('error', (err) => {
-      // A kept-alive socket the server closed while it sat idle: retry once
-      // on a fresh one (the pattern Node's documentation gives for
-      // `request.reusedSocket`), rather than give up on a healthy endpoint.
-      if (!settled && mayRetry && req.reusedSocket && err.code === 'ECONNRESET') {
-        settled = true;
-        resolve(send(s, body, false));
-        return;
-      }
-      settle(false);
-    });
-    req.end(body);
+    try {
+      const req = http.request(
+        s.url,
+        {
+          method: 'POST',
+          agent: s.agent,
+          headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+        },
+        (res) => {
+          res.on('error', () => settle(false));
+          res.on('end', () => settle(res.statusCode >= 200 && res.statusCode < 300));
+          res.resume();
+        },
+      );
+      // An idle timeout on the socket: it runs on Node's own timers, so fake
+      // timers installed by a test (jest.useFakeTimers, vi.useFakeTimers)
+      // cannot stop it.
+      req.setTimeout(TIMEOUT_MS, () => req.destroy(new Error('sessionguard marks: timed out')));
+      req.on('error', (err) => {
+        // A kept-alive socket the server closed while it sat idle: retry once
+        // on a fresh one (the pattern Node's documentation gives for
+        // `request.reusedSocket`), rather than give up on a healthy endpoint.
+        if (!settled && mayRetry && req.reusedSocket && err.code === 'ECONNRESET') {
+          settled = true;
+          resolve(send(s, body, false));
+          return;
+        }
+        settle(false);
+      });
+      req.end(body);
+    } catch {
+      settle(false); // whatever http.request refuses must not reach the test
+    }
   });
 }
 

@@ -22,7 +22,11 @@ TIMEOUT_S = 1.0
 def pytest_configure(config):
     url = os.environ.get(URL_VAR)
     if url:
-        config.pluginmanager.register(_Marks(url), "sessionguard-marks")
+        try:
+            marks = _Marks(url)
+        except ValueError:  # not a URL (a bad port, a bad IPv6 literal): stay off
+            return
+        config.pluginmanager.register(marks, "sessionguard-marks")
 
 
 class _Marks:
