@@ -33,7 +33,10 @@ NODE_BENCH="$NODE_DIR/.bench"
 PY_BENCH="$PY_DIR/.bench"
 STUB_PID=""
 cleanup() {
-  [[ -n "$STUB_PID" ]] && kill "$STUB_PID" 2>/dev/null && wait "$STUB_PID" 2>/dev/null
+  if [[ -n "$STUB_PID" ]]; then
+    kill "$STUB_PID" 2>/dev/null || true
+    wait "$STUB_PID" 2>/dev/null || true
+  fi
   rm -rf "$WORK" "$NODE_BENCH" "$PY_BENCH"
   return 0
 }
