@@ -7,9 +7,13 @@
 # endpoint of `sessionguard exec`; test/check.py then checks what the stub
 # received against the suite's expected.json: exactly one begin and one end
 # per test, with the expected name and file, from the pid that ran the test,
-# the begin acknowledged before the body ran. Then the same suites with the
-# endpoint unset, refusing connections, not a URL, hanging and answering 500:
-# every test still passes and each process stops after its first failure.
+# whose times enclose the test body (its own clock, and the time the stub
+# received its probe), no two sequential tests overlapping. The same against
+# an endpoint that answers late, so marks are still queued when files and
+# processes end: the flush at the end must deliver them. Then the same suites
+# with the endpoint unset, refusing connections, not a URL, hanging and
+# answering 500: every test still passes, tests go on while a mark hangs, and
+# each process stops after its first failure.
 # Ends with "N passed, N failed"; exits 1 on any failure.
 #
 # Installs what is missing, from the package registries only: `npm ci` in
@@ -109,7 +113,7 @@ passed=0
 failures=()
 
 # run_case NAME ENDPOINT CWD EXPECTED CHECK_ARGS -- COMMAND...
-# ENDPOINT: marks | drop | unset | refused | invalid | slow | error. CHECK_ARGS: extra
+# ENDPOINT: marks | drop | delay | unset | refused | invalid | slow | error. CHECK_ARGS: extra
 # check.py flags; "RUNNER" in them stands for the runner's own pid.
 run_case() {
   local name="$1" endpoint="$2" cwd="$3" expected="$4" check_args="$5"
@@ -121,6 +125,7 @@ run_case() {
   case "$endpoint" in
     marks) url="$STUB/marks" mode=marks ;;
     drop) url="$STUB/drop" mode=marks ;;
+    delay) url="$STUB/delay" mode=marks ;;
     unset) url="" mode=none ;;
     refused) url="$REFUSED" mode=none ;;
     invalid) url="http://[::1/marks" mode=none ;;
@@ -182,6 +187,11 @@ say "== Jest (setupFilesAfterEnv)"
 run_case jest-in-band marks "$SAMPLE" "$SAMPLE/jest/expected.json" "" -- "${JEST[@]}" --runInBand --cacheDirectory "$WORK/jest-cache-1"
 run_case jest-workers marks "$SAMPLE" "$SAMPLE/jest/expected.json" "--min-pids 2 --runner-pid RUNNER" -- \
   "${JEST[@]}" --maxWorkers=2 --cacheDirectory "$WORK/jest-cache-2"
+# A late endpoint: in band, each file's marks are flushed before the next one;
+# with workers, before Jest ends them.
+run_case jest-in-band-delay delay "$SAMPLE" "$SAMPLE/jest/expected.json" "" -- "${JEST[@]}" --runInBand --cacheDirectory "$WORK/jest-cache-4"
+run_case jest-workers-delay delay "$SAMPLE" "$SAMPLE/jest/expected.json" "--min-pids 2 --runner-pid RUNNER" -- \
+  "${JEST[@]}" --maxWorkers=2 --cacheDirectory "$WORK/jest-cache-5"
 # One process, three files: the first failure stops the marks of every file.
 run_case jest-in-band-slow slow "$SAMPLE" "$SAMPLE/jest/expected.json" "" -- "${JEST[@]}" --runInBand --cacheDirectory "$WORK/jest-cache-3"
 for endpoint in unset refused slow error; do
@@ -191,6 +201,7 @@ done
 
 say "== Vitest (setupFiles; pool forks, its default)"
 run_case vitest-forks marks "$SAMPLE" "$SAMPLE/vitest/expected.json" "--min-pids 2 --runner-pid RUNNER" -- "${VITEST[@]}"
+run_case vitest-forks-delay delay "$SAMPLE" "$SAMPLE/vitest/expected.json" "--min-pids 2 --runner-pid RUNNER" -- "${VITEST[@]}"
 for endpoint in unset refused slow error; do
   run_case "vitest-forks-$endpoint" "$endpoint" "$SAMPLE" "$SAMPLE/vitest/expected.json" "" -- "${VITEST[@]}"
 done
@@ -200,6 +211,10 @@ run_case mocha-serial marks "$SAMPLE" "$SAMPLE/mocha/expected.json" "" -- "${MOC
 # A server closing kept-alive connections must not stop the marks.
 run_case mocha-serial-drop drop "$SAMPLE" "$SAMPLE/mocha/expected.json" "" -- "${MOCHA[@]}"
 run_case mocha-parallel marks "$SAMPLE" "$SAMPLE/mocha/expected.json" "--min-pids 2 --runner-pid RUNNER" -- "${MOCHA[@]}" --parallel --jobs 2
+run_case mocha-serial-delay delay "$SAMPLE" "$SAMPLE/mocha/expected.json" "" -- "${MOCHA[@]}"
+# --exit: Mocha ends the process as soon as the run is over.
+run_case mocha-serial-exit-delay delay "$SAMPLE" "$SAMPLE/mocha/expected.json" "" -- "${MOCHA[@]}" --exit
+run_case mocha-parallel-delay delay "$SAMPLE" "$SAMPLE/mocha/expected.json" "--min-pids 2 --runner-pid RUNNER" -- "${MOCHA[@]}" --parallel --jobs 2
 for endpoint in unset refused invalid slow error; do
   run_case "mocha-parallel-$endpoint" "$endpoint" "$SAMPLE" "$SAMPLE/mocha/expected.json" "" -- "${MOCHA[@]}" --parallel --jobs 2
 done
@@ -208,6 +223,7 @@ say "== node --test (--import; one process per file)"
 run_case node-test marks "$SAMPLE" "$SAMPLE/node-test/expected.json" "--min-pids 3 --runner-pid RUNNER" -- "${NODE_TEST[@]}"
 run_case node-test-node-options marks "$SAMPLE" "$SAMPLE/node-test/expected.json" "--min-pids 3 --runner-pid RUNNER" -- \
   env NODE_OPTIONS="--import $NODE_DIR/node-test.mjs" node --test node-test/
+run_case node-test-delay delay "$SAMPLE" "$SAMPLE/node-test/expected.json" "--min-pids 3 --runner-pid RUNNER" -- "${NODE_TEST[@]}"
 for endpoint in unset refused slow error; do
   run_case "node-test-$endpoint" "$endpoint" "$SAMPLE" "$SAMPLE/node-test/expected.json" "" -- "${NODE_TEST[@]}"
 done
@@ -216,6 +232,9 @@ say "== pytest (pytest11 entry point, or -p sessionguard_pytest)"
 run_case pytest-serial marks "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "" -- "${PYTEST[@]}"
 run_case pytest-serial-drop drop "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "" -- "${PYTEST[@]}"
 run_case pytest-xdist marks "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "--min-pids 2 --runner-pid RUNNER" -- \
+  "${PYTEST[@]}" -n 2
+run_case pytest-serial-delay delay "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "" -- "${PYTEST[@]}"
+run_case pytest-xdist-delay delay "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "--min-pids 2 --runner-pid RUNNER" -- \
   "${PYTEST[@]}" -n 2
 # -p with the plugin module on the path, entry points not loaded.
 run_case pytest-xdist-p-flag marks "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "--min-pids 2 --runner-pid RUNNER" -- \

@@ -8,18 +8,23 @@
 const marks = require('./marks.cjs');
 
 // Root hooks run before every other beforeEach and after every other
-// afterEach, so a test's own hooks fall inside its marks; Mocha awaits the
-// returned promise before the test body. Under --parallel every worker
-// process loads this file and sends its own pid.
-const mark = (event, test) => marks.post(event, test.fullTitle(), marks.relativeFile(test.file));
+// afterEach, so a test's own hooks fall inside its marks. mark() only queues:
+// the test goes on at once. The root afterAll (once per run; under --parallel
+// once per file, in the worker that ran it) sends what is queued before Mocha
+// ends the run or the worker.
+const mark = (event, test) => marks.mark(event, test.fullTitle(), marks.relativeFile(test.file));
 
 exports.mochaHooks = marks.enabled
   ? {
       beforeEach() {
-        return mark('begin', this.currentTest);
+        mark('begin', this.currentTest);
       },
       afterEach() {
-        return mark('end', this.currentTest);
+        mark('end', this.currentTest);
+      },
+      afterAll() {
+        this.timeout(marks.HOOK_TIMEOUT_MS);
+        return marks.flush();
       },
     }
   : {};

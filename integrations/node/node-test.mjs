@@ -23,12 +23,19 @@ const OWNER = 'SESSIONGUARD_MARKS_NODE_TEST_PID';
 
 if (marks.enabled && process.env.NODE_TEST_CONTEXT && !process.env[OWNER]) {
   process.env[OWNER] = String(process.pid);
-  const { afterEach, beforeEach } = await import('node:test');
+  const { after, afterEach, beforeEach } = await import('node:test');
   // fullName: describe titles, test names and subtest names joined by " > "
   // (Node 20.16+, 22.3+); filePath: Node 22.6+, else the file this child runs.
   const name = (t) => t.fullName ?? t.name;
   const file = (t) => marks.relativeFile(t.filePath ?? process.argv[1]);
-  // node:test awaits hooks: the test body starts once `begin` is acknowledged.
-  beforeEach((t) => marks.post('begin', name(t), file(t)));
-  afterEach((t) => marks.post('end', name(t), file(t)));
+  // mark() only queues: the test goes on at once.
+  beforeEach((t) => {
+    marks.mark('begin', name(t), file(t));
+  });
+  afterEach((t) => {
+    marks.mark('end', name(t), file(t));
+  });
+  // After the last test of the file: what is queued is sent before the
+  // child reports and exits.
+  after(() => marks.flush(), { timeout: marks.HOOK_TIMEOUT_MS });
 }

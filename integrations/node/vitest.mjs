@@ -5,7 +5,7 @@
 // SESSIONGUARD_MARKS_URL is unset. The pid tells workers apart only with
 // pool 'forks' (the default) or 'vmForks': 'threads' and 'vmThreads' run every
 // worker in the one Vitest process.
-import { afterEach, beforeEach } from 'vitest';
+import { afterAll, afterEach, beforeEach } from 'vitest';
 import marks from './marks.cjs';
 
 if (marks.enabled) {
@@ -16,10 +16,17 @@ if (marks.enabled) {
     for (let t = task; t && t !== task.file; t = t.suite) if (t.name) names.unshift(t.name);
     return names.join(' > ');
   };
-  const mark = (event, task) => marks.post(event, name(task), marks.relativeFile(task.file?.filepath));
+  const mark = (event, task) => marks.mark(event, name(task), marks.relativeFile(task.file?.filepath));
   // A setup file's hooks run before every other beforeEach and (hooks run as
   // a stack) after every other afterEach; Vitest runs them for each test,
-  // test.concurrent ones too, and awaits them.
-  beforeEach(({ task }) => mark('begin', task));
-  afterEach(({ task }) => mark('end', task));
+  // test.concurrent ones too. mark() only queues: the test goes on at once.
+  beforeEach(({ task }) => {
+    mark('begin', task);
+  });
+  afterEach(({ task }) => {
+    mark('end', task);
+  });
+  // The marks of this file are sent before Vitest reports the file done and
+  // may end the worker.
+  afterAll(() => marks.flush(), marks.HOOK_TIMEOUT_MS);
 }

@@ -2,16 +2,24 @@
 runner integrations (integrations/test.sh) without the Rust side.
 
 It speaks integrations/PROTOCOL.md and writes everything it receives to a
-JSON-lines log, in arrival order, each line with a sequence number:
-- POST /marks           a mark: checked against the protocol, 204 (400 if invalid)
+JSON-lines log, in arrival order, each line with a sequence number; each mark
+with the time the stub received it (`received`, the wall clock in Unix epoch
+milliseconds, the clock the proxy stamps requests with), the request it came
+in (`request`) and how many marks that request carried (`batch`):
+- POST /marks           one mark or an array of marks: checked against the
+                        protocol, 204 (400 if invalid, and none is recorded)
 - POST /drop            the same, then closes the connection unannounced
-- POST /slow            never answers in time (holds the request 30 s): the
-                        "sessionguard hangs" case
+- POST /delay           the same, answered 150 ms late: a slow but healthy
+                        endpoint, so that marks are still queued or in flight
+                        when a test file or process ends
+- POST /slow            never answers: holds the request until the client
+                        gives up (or 30 s): the "sessionguard hangs" case
 - POST /error           500: the "sessionguard is broken" case
-- GET  /probe?token=T&pid=P
+- GET  /probe?token=T&pid=P&time=MS
                         sent by a sample test from its body or hooks: records
-                        which tests its process has open at that moment, which
-                        shows the `begin` arrived before the body ran
+                        its pid, the time the test read on its own clock (MS)
+                        and the time the stub received it, as the proxy
+                        receives a test's MongoDB request
 It also numbers the TCP connections, so the log shows keep-alive at work.
 
 Usage: stub_server.py --log FILE --port-file FILE   (listens on 127.0.0.1:0)
@@ -19,12 +27,17 @@ Usage: stub_server.py --log FILE --port-file FILE   (listens on 127.0.0.1:0)
 
 import argparse
 import json
+import math
 import os
+import select
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 EVENTS = ("begin", "end")
+DELAY_S = 0.15
 
 
 class Stub:
@@ -33,7 +46,7 @@ class Stub:
         self.log = open(log_path, "a", encoding="utf-8")
         self.seq = 0
         self.connections = 0
-        self.open = {}  # pid -> list of test names open in it, in begin order
+        self.requests = 0
         self.stop = threading.Event()
 
     def record(self, entry, update=None):
@@ -44,6 +57,10 @@ class Stub:
             entry["seq"] = self.seq
             self.log.write(json.dumps(entry) + "\n")
             self.log.flush()
+
+
+def now_ms():
+    return time.time_ns() / 1e6
 
 
 def invalid_reason(mark):
@@ -57,7 +74,26 @@ def invalid_reason(mark):
         return "file"
     if not isinstance(mark.get("pid"), int) or isinstance(mark.get("pid"), bool) or mark["pid"] <= 0:
         return "pid"
+    t = mark.get("time")
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        return "time"
     return None
+
+
+def marks_of(body):
+    """The marks of a request body (one object, or a non-empty array of them),
+    or the reason it is invalid."""
+    if isinstance(body, list):
+        if not body:
+            return None, "empty array"
+        marks = body
+    else:
+        marks = [body]
+    for mark in marks:
+        reason = invalid_reason(mark)
+        if reason:
+            return None, reason
+    return marks, None
 
 
 def make_handler(stub):
@@ -82,52 +118,70 @@ def make_handler(stub):
             self.wfile.write(body)
 
         def do_POST(self):
+            received = now_ms()
             path = urlsplit(self.path).path
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             try:
-                mark = json.loads(body)
+                body = json.loads(body)
             except ValueError:
-                mark = None
+                body = None
             if path in ("/slow", "/error"):
-                pid = mark.get("pid") if isinstance(mark, dict) else None
+                first = body[0] if isinstance(body, list) and body else body
+                pid = first.get("pid") if isinstance(first, dict) else None
                 stub.record({"kind": path[1:], "pid": pid, "conn": self.conn_id})
                 if path == "/error":
                     return self.reply(500)
-                stub.stop.wait(30)
-                return self.reply(204)
-            if path not in ("/marks", "/drop"):
+                return self.hold()
+            if path not in ("/marks", "/drop", "/delay"):
                 return self.reply(404)
-            reason = invalid_reason(mark)
+            marks, reason = marks_of(body)
             if reason is None and self.headers.get("Content-Type") != "application/json":
                 reason = "content-type"
             if reason:
                 stub.record({"kind": "invalid", "reason": reason, "conn": self.conn_id})
                 return self.reply(400)
-
-            def update():
-                names = stub.open.setdefault(mark["pid"], [])
-                if mark["event"] == "begin":
-                    names.append(mark["test"])
-                elif mark["test"] in names:
-                    names.remove(mark["test"])
-
-            # Recorded before the reply goes out: once the runner sees the
-            # 204, the mark is in effect.
-            stub.record({"kind": "mark", **mark, "conn": self.conn_id}, update)
+            with stub.lock:
+                stub.requests += 1
+                request = stub.requests
+            for mark in marks:
+                entry = {"kind": "mark", **mark, "received": received, "request": request, "batch": len(marks)}
+                stub.record({**entry, "conn": self.conn_id})
+            if path == "/delay":
+                stub.stop.wait(DELAY_S)
             self.reply(204)
             # /drop: the reply says nothing of closing, yet the connection is
             # closed right after it, as a server closes an idle keep-alive
             # connection: the client must not take that for an outage.
             self.close_connection = path == "/drop"
 
+        def hold(self):
+            """Holds a /slow request without answering, until the client
+            closes the connection (its timeout) or the stub stops."""
+            try:
+                deadline = time.monotonic() + 30
+                while not stub.stop.is_set() and time.monotonic() < deadline:
+                    readable, _, _ = select.select([self.connection], [], [], 0.05)
+                    if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                        break  # the client gave up
+            except OSError:
+                pass
+            self.close_connection = True
+
         def do_GET(self):
+            received = now_ms()
             url = urlsplit(self.path)
             if url.path != "/probe":
                 return self.reply(404)
             query = parse_qs(url.query)
             pid = int(query["pid"][0])
-            entry = {"kind": "probe", "token": query["token"][0], "pid": pid}
-            stub.record(entry, lambda: entry.update(open=list(stub.open.get(pid, []))))
+            entry = {
+                "kind": "probe",
+                "token": query["token"][0],
+                "pid": pid,
+                "time": float(query["time"][0]),
+                "received": received,
+            }
+            stub.record(entry)
             self.reply(200, json.dumps(entry).encode())
 
     return Handler

@@ -1,14 +1,19 @@
 'use strict';
-// Sample-suite helpers (not part of any integration). probe(token) asks the
-// stub marks server (MARKS_STUB_URL) which tests this process has open right
-// now; the stub logs the answer, which shows whether the `begin` arrived
-// before the test body, and from which pid. A no-op without the stub.
+// Sample-suite helpers (not part of any integration). probe(token) tells the
+// stub marks server (MARKS_STUB_URL) "this test ran here, now": its pid and
+// the time on this process's clock; the stub adds the time it received the
+// probe, as the proxy stamps a test's MongoDB request. check.py then finds
+// which tests the marks say were open in that pid at that time. A no-op
+// without the stub.
 const http = require('node:http');
+// The real clock, whatever fake timers a test installed.
+const { performance } = require('node:perf_hooks');
 
 function probe(token) {
   const base = process.env.MARKS_STUB_URL;
   if (!base) return Promise.resolve();
-  const url = `${base}/probe?token=${encodeURIComponent(token)}&pid=${process.pid}`;
+  const time = performance.timeOrigin + performance.now();
+  const url = `${base}/probe?token=${encodeURIComponent(token)}&pid=${process.pid}&time=${time}`;
   return new Promise((resolve, reject) => {
     http
       .get(url, { agent: false }, (res) => {

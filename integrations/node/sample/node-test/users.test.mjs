@@ -3,7 +3,7 @@
 // marks, no test report on its stdout).
 import { fork } from 'node:child_process';
 import { strictEqual } from 'node:assert';
-import { afterEach, beforeEach, describe, it } from 'node:test';
+import { after, afterEach, before, beforeEach, describe, it, mock } from 'node:test';
 import { probe } from '../probe.cjs';
 
 it('signs up', () => probe('node-users-signup'));
@@ -15,6 +15,15 @@ describe('users', () => {
     it('logs in', () => probe('node-users-login'));
     it('logs out', () => probe('node-users-logout'));
   });
+});
+
+// node:test's mock timers (they replace setTimeout and setImmediate, those
+// of node:timers too, and Date, years off) around a test and its hooks: the
+// marks keep the real time, and keep being sent.
+describe('with mock timers', () => {
+  before(() => mock.timers.enable({ apis: ['setTimeout', 'setImmediate', 'Date'], now: Date.parse('2001-01-01') }));
+  after(() => mock.timers.reset());
+  it('expires the session', () => probe('node-users-expire'));
 });
 
 it('runs a child process', async () => {
