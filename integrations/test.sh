@@ -192,6 +192,11 @@ run_case jest-workers marks "$SAMPLE" "$SAMPLE/jest/expected.json" "--min-pids 2
 run_case jest-in-band-delay delay "$SAMPLE" "$SAMPLE/jest/expected.json" "" -- "${JEST[@]}" --runInBand --cacheDirectory "$WORK/jest-cache-4"
 run_case jest-workers-delay delay "$SAMPLE" "$SAMPLE/jest/expected.json" "--min-pids 2 --runner-pid RUNNER" -- \
   "${JEST[@]}" --maxWorkers=2 --cacheDirectory "$WORK/jest-cache-5"
+# --forceExit: Jest ends its processes as soon as the tests are done.
+run_case jest-in-band-force-exit-delay delay "$SAMPLE" "$SAMPLE/jest/expected.json" "" -- \
+  "${JEST[@]}" --runInBand --forceExit --cacheDirectory "$WORK/jest-cache-6"
+run_case jest-workers-force-exit-delay delay "$SAMPLE" "$SAMPLE/jest/expected.json" "--min-pids 2 --runner-pid RUNNER" -- \
+  "${JEST[@]}" --maxWorkers=2 --forceExit --cacheDirectory "$WORK/jest-cache-7"
 # One process, three files: the first failure stops the marks of every file.
 run_case jest-in-band-slow slow "$SAMPLE" "$SAMPLE/jest/expected.json" "" -- "${JEST[@]}" --runInBand --cacheDirectory "$WORK/jest-cache-3"
 for endpoint in unset refused slow error; do
@@ -224,6 +229,9 @@ run_case node-test marks "$SAMPLE" "$SAMPLE/node-test/expected.json" "--min-pids
 run_case node-test-node-options marks "$SAMPLE" "$SAMPLE/node-test/expected.json" "--min-pids 3 --runner-pid RUNNER" -- \
   env NODE_OPTIONS="--import $NODE_DIR/node-test.mjs" node --test node-test/
 run_case node-test-delay delay "$SAMPLE" "$SAMPLE/node-test/expected.json" "--min-pids 3 --runner-pid RUNNER" -- "${NODE_TEST[@]}"
+# --test-force-exit (Node 20.14+): each file's process exits once its tests are done.
+run_case node-test-force-exit-delay delay "$SAMPLE" "$SAMPLE/node-test/expected.json" "--min-pids 3 --runner-pid RUNNER" -- \
+  node --import ../node-test.mjs --test --test-force-exit node-test/
 for endpoint in unset refused slow error; do
   run_case "node-test-$endpoint" "$endpoint" "$SAMPLE" "$SAMPLE/node-test/expected.json" "" -- "${NODE_TEST[@]}"
 done

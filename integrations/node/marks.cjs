@@ -8,9 +8,9 @@
 //   kept-alive connection. A test never waits on the network: the time in
 //   each mark, not its arrival, places it (sessionguard pairs marks with
 //   requests when it writes its report, after the run).
-// - flush() is awaited once per test file (a root after-all hook), so that no
-//   mark is lost when the runner ends or recycles the process; it waits at
-//   most FLUSH_MS.
+// - flush() is awaited by a root after-all hook (once per test file, or per
+//   process, depending on the runner), so that no mark is lost when the
+//   runner ends or recycles the process; it waits at most FLUSH_MS.
 // - When SESSIONGUARD_MARKS_URL is unset it does nothing at all, and after the
 //   first failure (refused, timed out, non-2xx) it stops sending for the rest
 //   of the process: an unreachable endpoint costs one bounded wait, at the
@@ -20,7 +20,7 @@ const URL_VAR = 'SESSIONGUARD_MARKS_URL';
 const TIMEOUT_MS = 1000; // one request: connection and response
 const FLUSH_MS = 1000; // the final flush, in total
 const BATCH_MS = 100; // how long marks gather before a request
-const MAX_BATCH = 500; // marks per request (PROTOCOL.md: bodies up to 1 MiB)
+const MAX_BATCH = 500; // marks per request (PROTOCOL.md)
 
 const enabled = Boolean(process.env[URL_VAR]);
 let http;

@@ -10,11 +10,10 @@ at all.
 A test never waits on the network: each mark is stamped with the time
 (sessionguard places it by that time, not by its arrival) and queued; a daemon
 thread sends what gathered in BATCH_S in one request, on one kept-alive
-connection. At the end
-of the session (in each pytest-xdist worker too) the plugin waits, at most
-FLUSH_S, for the queue to drain. After its first failure (refused, timed out,
-non-2xx) it stops sending for the rest of the process, so an unreachable
-endpoint costs one bounded wait at the end, never a failed test.
+connection. At the end of the session (in each pytest-xdist worker too) the
+plugin waits, at most FLUSH_S, for the queue to drain. After its first failure
+(refused, timed out, non-2xx) it stops sending for the rest of the process, so
+an unreachable endpoint costs one bounded wait at the end, never a failed test.
 """
 
 import os
@@ -27,7 +26,7 @@ URL_VAR = "SESSIONGUARD_MARKS_URL"
 TIMEOUT_S = 1.0  # one request: connection and response
 FLUSH_S = 1.0  # the final flush, in total
 BATCH_S = 0.1  # how long marks gather before a request
-MAX_BATCH = 500  # marks per request (PROTOCOL.md: bodies up to 1 MiB)
+MAX_BATCH = 500  # marks per request (PROTOCOL.md)
 
 
 def pytest_configure(config):
@@ -101,8 +100,12 @@ class _Marks:
                 return
             self._queue.append(mark)
             if self._sender is None:
-                self._sender = threading.Thread(target=self._run, name="sessionguard-marks", daemon=True)
-                self._sender.start()
+                try:
+                    self._sender = threading.Thread(target=self._run, name="sessionguard-marks", daemon=True)
+                    self._sender.start()
+                except RuntimeError:  # no thread to be had: stay off, never fail the test
+                    self._failed = True
+                    self._queue.clear()
             elif self._idle:
                 self._cond.notify_all()
 
