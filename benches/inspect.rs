@@ -15,10 +15,9 @@ use bson::spec::BinarySubtype;
 use bson::{rawdoc, Binary, RawDocumentBuf};
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tokio_util::codec::Decoder;
 
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
-use sessionguard::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
+use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 
 fn lsid(n: u8) -> RawDocumentBuf {
     let mut bytes = [0x5e_u8; 16];

@@ -39,7 +39,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
 use crate::config::parse_duration;
-use crate::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
+use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 
 /// Sessions each load connection rotates over (a driver's pool of implicit
 /// sessions on a connection that runs one operation at a time).

@@ -29,7 +29,7 @@ pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 /// Maximum concurrent client connections; more are closed on accept.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Largest frame accepted in either direction (the server's maxMessageSizeBytes).
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = crate::wire::DEFAULT_MAX_MESSAGE_SIZE;
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = sessionguard_protocol::wire::DEFAULT_MAX_MESSAGE_SIZE;
 /// Smallest allowed `max_message_size`: below this even a handshake fails.
 pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
 /// How long dialing the upstream may take before the client is closed.

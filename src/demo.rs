@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyHandle};
 use crate::report::ReportedFinding;
 use crate::session::{RulesConfig, SessionConfig, SessionEngine};
-use crate::wire::{self, op_msg, FrameCodec, Message, MsgFlags};
+use sessionguard_protocol::wire::{self, op_msg, FrameCodec, Message, MsgFlags};
 
 type DemoError = Box<dyn std::error::Error + Send + Sync>;
 

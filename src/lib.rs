@@ -2,8 +2,6 @@
 //!
 //! # Layout
 //!
-//! - [`wire`]: bytes <-> frames (header, codec, OP_MSG, OP_COMPRESSED, legacy
-//!   OP_QUERY/OP_REPLY). Pure: no I/O, no session logic.
 //! - [`emulator`]: a small in-memory MongoDB-compatible server used by
 //!   `demo`, the tests and the benchmarks.
 //! - [`proxy`]: the data path: listener, connection cap, drain, one upstream
@@ -18,10 +16,6 @@
 //!   `POST /reload`): the mode and rules go live, the rest is named as
 //!   needing a restart.
 //! - [`telemetry`]: `tracing` subscriber setup (pretty or JSON logs).
-//! - [`bson_scan`]: a bounds-checked walk over a document's top-level
-//!   elements for the hot path (type, key, value bytes; nothing decoded).
-//! - [`command`]: zero-copy views of requests, replies and handshakes (lsid,
-//!   txnNumber, cursor ids, session lists, statement identity, user).
 //! - [`session`]: the session ledger, the hygiene rules, violations,
 //!   enforcement and the refresher.
 //! - [`report`]: the run summary (JSON, JUnit XML, text) and the exit-code
@@ -37,8 +31,6 @@
 
 pub mod admin;
 pub mod bench;
-pub mod bson_scan;
-pub mod command;
 pub mod config;
 pub mod demo;
 pub mod emulator;
@@ -49,4 +41,3 @@ pub mod reload;
 pub mod report;
 pub mod session;
 pub mod telemetry;
-pub mod wire;

@@ -25,11 +25,12 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::proxy::inspect::CloseCause;
 use crate::session::config::ResolvedRules;
 use crate::session::outcome::{Refusal, SessionCommand};
 use crate::session::{RuleId, SessionEngine};
-use crate::wire::OpCode;
+use sessionguard_protocol::wire::OpCode;
+use sessionguard_protocol::CloseCause;
+use sessionguard_protocol::{COMMAND_LABELS, OTHER_COMMAND};
 
 /// Media type of the text exposition format served at `/metrics`.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -77,71 +78,6 @@ fn opcode_index(op: OpCode) -> usize {
         OpCode::Msg => 8,
         OpCode::Unknown(_) => 9,
     }
-}
-
-/// The `command` label values: the commands drivers and applications send
-/// routinely. Anything else (including every misspelling a client could
-/// invent) is counted as `other`, which is last.
-pub const COMMAND_LABELS: [&str; 42] = [
-    "find",
-    "insert",
-    "update",
-    "delete",
-    "getMore",
-    "aggregate",
-    "findAndModify",
-    "count",
-    "distinct",
-    "killCursors",
-    "bulkWrite",
-    "hello",
-    "isMaster",
-    "ping",
-    "buildInfo",
-    "getParameter",
-    "serverStatus",
-    "saslStart",
-    "saslContinue",
-    "authenticate",
-    "logout",
-    "endSessions",
-    "refreshSessions",
-    "killSessions",
-    "killAllSessions",
-    "killAllSessionsByPattern",
-    "startSession",
-    "commitTransaction",
-    "abortTransaction",
-    "listCollections",
-    "listIndexes",
-    "listDatabases",
-    "createIndexes",
-    "dropIndexes",
-    "create",
-    "drop",
-    "dropDatabase",
-    "collMod",
-    "renameCollection",
-    "explain",
-    "getLastError",
-    "other",
-];
-
-/// The index of the `other` label.
-pub const OTHER_COMMAND: usize = COMMAND_LABELS.len() - 1;
-
-/// The index of `name` in [`COMMAND_LABELS`] (legacy lowercase spellings
-/// fold into their camel-case names; unknown names are `other`).
-pub fn command_index(name: &str) -> usize {
-    let canonical = match name {
-        "ismaster" => "isMaster",
-        "buildinfo" => "buildInfo",
-        other => other,
-    };
-    COMMAND_LABELS[..OTHER_COMMAND]
-        .iter()
-        .position(|known| *known == canonical)
-        .unwrap_or(OTHER_COMMAND)
 }
 
 /// Round-trip latency buckets, in seconds: 100µs to 10s.
@@ -885,22 +821,13 @@ fn session_families(
 mod tests {
     use super::*;
     use crate::session::{RulesConfig, SessionConfig};
+    use sessionguard_protocol::command_index;
 
     fn value_of(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
             .and_then(|line| line.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-    }
-
-    #[test]
-    fn command_names_fold_into_a_fixed_set() {
-        assert_eq!(COMMAND_LABELS[command_index("find")], "find");
-        assert_eq!(COMMAND_LABELS[command_index("ismaster")], "isMaster");
-        assert_eq!(COMMAND_LABELS[command_index("buildinfo")], "buildInfo");
-        assert_eq!(COMMAND_LABELS[command_index("myOwnCommand")], "other");
-        assert_eq!(COMMAND_LABELS[command_index("")], "other");
-        assert_eq!(COMMAND_LABELS[command_index("other")], "other");
     }
 
     #[test]
@@ -1073,8 +1000,8 @@ mod tests {
 
     #[test]
     fn store_series_exist_for_every_configured_store_and_auto_and_count_events() {
-        use crate::wire::op_msg::encode;
-        use crate::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
+        use sessionguard_protocol::wire::op_msg::encode;
+        use sessionguard_protocol::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
         let metrics = Metrics::new();
         let sessions = SessionConfig::default();
         let rules = RulesConfig::default();

@@ -254,8 +254,7 @@ fn forms(secret: &[u8]) -> Vec<String> {
 /// The SCRAM payloads (`payload` binaries of saslStart / saslContinue and
 /// of hello's speculativeAuthenticate) among frames a server received.
 fn scram_payloads(frames: &[bytes::Bytes]) -> Vec<Vec<u8>> {
-    use sessionguard::wire::{self, Frame, FrameCodec, Message};
-    use tokio_util::codec::Decoder;
+    use sessionguard_protocol::wire::{self, Frame, FrameCodec, Message};
     let mut payloads = Vec::new();
     let mut collect = |document: &Document| {
         if let Ok(payload) = document.get_binary_generic("payload") {

@@ -25,7 +25,7 @@ use bson::{doc, spec::BinarySubtype, Binary};
 use futures_util::StreamExt;
 use rand::RngCore;
 use sessionguard::emulator::{Emulator, EmulatorConfig};
-use sessionguard::wire::{op_msg, FrameCodec, MsgFlags};
+use sessionguard_protocol::wire::{op_msg, FrameCodec, MsgFlags};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;

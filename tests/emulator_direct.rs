@@ -16,7 +16,9 @@ use mongodb::{Client, IndexModel, ServerType};
 use sessionguard::emulator::{
     Emulator, EmulatorConfig, EmulatorHandle, Profile, Topology, UserRole,
 };
-use sessionguard::wire::{self, legacy, op_msg, Frame, FrameCodec, Message, MsgFlags, OpCode};
+use sessionguard_protocol::wire::{
+    self, legacy, op_msg, Frame, FrameCodec, Message, MsgFlags, OpCode,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;

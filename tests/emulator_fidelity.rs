@@ -21,11 +21,11 @@ use mongodb::options::{FindOptions, SessionOptions};
 use mongodb::Client;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
 use sessionguard::session::SessionConfig;
-use sessionguard::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
+use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::codec::FramedRead;
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -17,7 +17,7 @@ use common::{engine_reply as reply, engine_request as send, http_get, logs, Stac
 use serde_json::Value;
 use sessionguard::emulator::{Emulator, EmulatorConfig};
 use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
-use sessionguard::wire::MsgFlags;
+use sessionguard_protocol::wire::MsgFlags;
 
 const WAIT: Duration = Duration::from_secs(30);
 

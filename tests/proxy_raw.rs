@@ -24,7 +24,7 @@ use sessionguard::proxy::{
     CloseCause, ConnContext, InFlightRequest, InjectError, Inspector, NoopInspector, Proxy,
     ProxyHandle, ReplyVerdict, Verdict,
 };
-use sessionguard::wire::{
+use sessionguard_protocol::wire::{
     self, legacy, op_compressed, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

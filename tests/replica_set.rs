@@ -24,7 +24,7 @@ use sessionguard::config::{MemberConfig, ProxyConfig};
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
 use sessionguard::proxy::{CloseCause, Proxy, ProxyHandle};
 use sessionguard::session::{RuleId, RulesConfig, SessionConfig, SessionEngine};
-use sessionguard::wire::{self, legacy, Frame, Message, MsgHeader, HEADER_LEN};
+use sessionguard_protocol::wire::{self, legacy, Frame, Message, MsgHeader, HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

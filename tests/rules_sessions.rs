@@ -357,7 +357,7 @@ async fn unacknowledged_write_with_a_session() {
     let mut plain = doc! { "insert": "items", "documents": [{ "_id": 1 }] };
     plain.insert("writeConcern", doc! { "w": 0 });
     plain.insert("$db", "app");
-    raw.send_with_flags(plain, sessionguard::wire::MsgFlags::MORE_TO_COME)
+    raw.send_with_flags(plain, sessionguard_protocol::wire::MsgFlags::MORE_TO_COME)
         .await;
     raw.command(doc! { "ping": 1, "$db": "admin" }).await;
     assert_eq!(g.settle().await, vec![]);
@@ -368,7 +368,7 @@ async fn unacknowledged_write_with_a_session() {
         doc! { "insert": "items", "documents": [{ "_id": 2 }], "lsid": session.clone() };
     insert.insert("writeConcern", doc! { "w": 0 });
     insert.insert("$db", "app");
-    raw.send_with_flags(insert, sessionguard::wire::MsgFlags::MORE_TO_COME)
+    raw.send_with_flags(insert, sessionguard_protocol::wire::MsgFlags::MORE_TO_COME)
         .await;
     let ping = raw.command(doc! { "ping": 1, "$db": "admin" }).await;
     assert_eq!(ping.get_f64("ok").unwrap(), 1.0);

@@ -254,7 +254,12 @@ async fn crud(client: &Client) -> mongodb::error::Result<Document> {
 async fn closed_without_reply(addr: SocketAddr) -> bool {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = bson::to_vec(&doc! { "hello": 1, "$db": "admin" }).unwrap();
-    let frame = sessionguard::wire::op_msg::encode(7, 0, sessionguard::wire::MsgFlags(0), &body);
+    let frame = sessionguard_protocol::wire::op_msg::encode(
+        7,
+        0,
+        sessionguard_protocol::wire::MsgFlags(0),
+        &body,
+    );
     let _ = stream.write_all(&frame).await;
     let mut received = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received))

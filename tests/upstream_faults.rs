@@ -177,8 +177,12 @@ async fn driver(proxy: &ProxyHandle, extra: &str) -> Client {
 /// Connects a raw client, sends `body` as an OP_MSG, and returns the stream.
 async fn raw_request(proxy: SocketAddr, body: &Document) -> TcpStream {
     let mut stream = TcpStream::connect(proxy).await.expect("connect");
-    let frame =
-        sessionguard::wire::op_msg::encode(1, 0, Default::default(), &bson::to_vec(body).unwrap());
+    let frame = sessionguard_protocol::wire::op_msg::encode(
+        1,
+        0,
+        Default::default(),
+        &bson::to_vec(body).unwrap(),
+    );
     stream.write_all(&frame).await.expect("write");
     stream
 }
@@ -204,9 +208,9 @@ async fn assert_refused_with_explanation(proxy: SocketAddr, upstream: SocketAddr
         .reply
         .unwrap_or_else(|| panic!("legacy={legacy}: a bare close, not an explanation"));
     let expected_op = if legacy {
-        sessionguard::wire::OpCode::Reply
+        sessionguard_protocol::wire::OpCode::Reply
     } else {
-        sessionguard::wire::OpCode::Msg
+        sessionguard_protocol::wire::OpCode::Msg
     };
     assert_eq!((op, response_to), (expected_op, 7), "{reply}");
     assert_eq!(reply.get_f64("ok").ok(), Some(0.0), "{reply}");

@@ -366,7 +366,7 @@ fn attribute(message: &str, key: char) -> Option<&str> {
 
 /// RFC 5802 saslname: `=2C` is `,` and `=3D` is `=`.
 fn unescape_name(name: &str) -> Result<String, CommandError> {
-    crate::command::unescape_saslname(name)
+    sessionguard_protocol::command::unescape_saslname(name)
         .map(std::borrow::Cow::into_owned)
         .ok_or_else(|| protocol("bad escape in user name"))
 }

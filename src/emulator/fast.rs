@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use bson::{rawdoc, RawArrayBuf, RawDocument, RawDocumentBuf};
 use bytes::Bytes;
 
-use crate::wire::{op_msg, MsgFlags, OpMsg};
+use sessionguard_protocol::wire::{op_msg, MsgFlags, OpMsg};
 
 /// Cursor ids handed out by fast `find`s: unique across the process, so a
 /// proxy in front that follows cursors never sees two sessions share one.

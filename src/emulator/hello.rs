@@ -11,7 +11,7 @@ use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 use super::query::as_i64;
 use super::state::{EmulatorState, TopologyState};
 use super::{Profile, Topology};
-use crate::wire::Compressor;
+use sessionguard_protocol::wire::Compressor;
 
 pub const MAX_BSON_OBJECT_SIZE: i32 = 16 * 1024 * 1024;
 pub const MAX_WRITE_BATCH_SIZE: i32 = 100_000;

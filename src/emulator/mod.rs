@@ -5,7 +5,7 @@
 //! logical sessions (keyed by `lsid.id`), their transactions and retryable-write
 //! history, cursors, and a replica-set/standalone/mongos persona for the
 //! handshake, including the streaming (exhaust) hello protocol. It speaks the
-//! wire protocol through [`crate::wire`] only; it must not reach into the proxy
+//! wire protocol through [`sessionguard_protocol::wire`] only; it must not reach into the proxy
 //! or the session engine, and it never logs document contents (command names,
 //! namespaces, ids and counts only).
 //!
@@ -147,7 +147,7 @@ impl Default for EmulatorConfig {
             logical_session_timeout_minutes: 30,
             cursor_timeout: Duration::from_secs(10 * 60),
             record_frames: false,
-            max_message_size: crate::wire::DEFAULT_MAX_MESSAGE_SIZE,
+            max_message_size: sessionguard_protocol::wire::DEFAULT_MAX_MESSAGE_SIZE,
             tls: None,
             users: Vec::new(),
             speculative_auth: true,

@@ -1,5 +1,5 @@
 //! Listeners and connections: accepts clients, splits their byte streams into
-//! frames with [`crate::wire`], answers each request in order (handshake
+//! frames with [`sessionguard_protocol::wire`], answers each request in order (handshake
 //! here, everything else via `commands`), applies the configured latency
 //! without holding any lock, and runs the streaming (exhaust) hello protocol.
 //! With `EmulatorConfig::tls` each connection's TLS handshake runs in its own
@@ -44,8 +44,8 @@ use super::faults::{AfterExecution, Fault};
 use super::hello::{self, AwaitParams, HelloContext};
 use super::query::as_i64;
 use super::state::EmulatorState;
-use crate::command::is_hello;
-use crate::wire::{
+use sessionguard_protocol::command::is_hello;
+use sessionguard_protocol::wire::{
     self, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode, WireError,
 };
 

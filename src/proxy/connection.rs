@@ -29,14 +29,15 @@ use tracing::{debug, info, warn};
 
 use super::inflight::{InFlight, ReplyOwner};
 use super::inspect::{
-    intern_command, CloseCause, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector,
-    Inspector, ReplyVerdict, Verdict, INJECT_QUEUE,
+    CloseCause, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector, Inspector,
+    ReplyVerdict, Verdict, INJECT_QUEUE,
 };
 use super::tls::{ClientStream, UpstreamTls};
 use super::unreachable;
 use super::upstream::{self, DialError, HostPort};
-use crate::metrics::{command_index, Direction, FrameSide, ProxyMetrics, OTHER_COMMAND};
-use crate::wire::{self, Frame, FrameCodec, Message, MsgFlags, WireError};
+use crate::metrics::{Direction, FrameSide, ProxyMetrics};
+use sessionguard_protocol::wire::{self, Frame, FrameCodec, Message, MsgFlags, WireError};
+use sessionguard_protocol::{command_index, intern_command, OTHER_COMMAND};
 
 /// Which side of a connection pair failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -535,7 +536,7 @@ impl Pumps<'_> {
         let (command, expects_reply, exhaust_allowed, awaitable_hello) = match &msg {
             Message::Msg(m) => {
                 let name = m.command_name();
-                let awaitable = name.is_some_and(crate::command::is_hello)
+                let awaitable = name.is_some_and(sessionguard_protocol::command::is_hello)
                     && (m.flags.exhaust_allowed()
                         || m.body.get("maxAwaitTimeMS").ok().flatten().is_some());
                 (

@@ -171,7 +171,7 @@ mod tests {
         InFlightRequest {
             request_id: id,
             command: Some(command.into()),
-            command_metric: crate::metrics::command_index(command),
+            command_metric: sessionguard_protocol::command_index(command),
             started: Instant::now(),
             exhaust_allowed: false,
             awaitable_hello: false,

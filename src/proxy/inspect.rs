@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::{COMMAND_LABELS, OTHER_COMMAND};
-use crate::wire::{Frame, Message};
+use sessionguard_protocol::wire::{Frame, Message};
+pub use sessionguard_protocol::CloseCause;
 
 /// Policy hooks called by every proxied connection. All methods have
 /// no-op defaults, so an implementation overrides only what it needs.
@@ -56,87 +56,6 @@ pub trait Inspector: Send + Sync + 'static {
     /// and retry elsewhere.
     fn on_close(&self, conn: &ConnContext, cause: CloseCause, still_in_flight: &[InFlightRequest]) {
         let _ = (conn, cause, still_in_flight);
-    }
-}
-
-/// Why a connection pair closed: which side went first, and how. Only
-/// `ClientClosed` and `ClientReset` are the client's doing; every other
-/// cause (the upstream, the network, a malformed or stalled frame the proxy
-/// gave up on, a drain, a shutdown) is not something the application did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CloseCause {
-    /// The client closed its side (end of stream).
-    ClientClosed,
-    /// The client's side failed: a reset, or writing to a client that left.
-    ClientReset,
-    /// The client sent a frame the proxy could not read; the proxy closed.
-    ClientMalformed,
-    /// The client stopped mid-frame; the proxy closed.
-    ClientFrameTimeout,
-    /// The upstream closed its side.
-    UpstreamClosed,
-    /// The upstream connection failed (reset, i/o error).
-    UpstreamError,
-    /// The upstream sent a frame the proxy could not read; the proxy closed.
-    UpstreamMalformed,
-    /// The upstream stopped mid-frame; the proxy closed.
-    UpstreamFrameTimeout,
-    /// The proxy is draining and the connection had finished its work.
-    Drained,
-    /// The proxy shut down with the connection open.
-    Shutdown,
-    /// A proxy-internal failure.
-    Internal,
-}
-
-impl CloseCause {
-    pub const ALL: [CloseCause; 11] = [
-        CloseCause::ClientClosed,
-        CloseCause::ClientReset,
-        CloseCause::ClientMalformed,
-        CloseCause::ClientFrameTimeout,
-        CloseCause::UpstreamClosed,
-        CloseCause::UpstreamError,
-        CloseCause::UpstreamMalformed,
-        CloseCause::UpstreamFrameTimeout,
-        CloseCause::Drained,
-        CloseCause::Shutdown,
-        CloseCause::Internal,
-    ];
-    pub const COUNT: usize = CloseCause::ALL.len();
-
-    /// The `reason` label and log field.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseCause::ClientClosed => "client_closed",
-            CloseCause::ClientReset => "client_reset",
-            CloseCause::ClientMalformed => "client_malformed_frame",
-            CloseCause::ClientFrameTimeout => "client_frame_timeout",
-            CloseCause::UpstreamClosed => "upstream_closed",
-            CloseCause::UpstreamError => "upstream_error",
-            CloseCause::UpstreamMalformed => "upstream_malformed_frame",
-            CloseCause::UpstreamFrameTimeout => "upstream_frame_timeout",
-            CloseCause::Drained => "drained",
-            CloseCause::Shutdown => "shutdown",
-            CloseCause::Internal => "internal",
-        }
-    }
-
-    /// Position in `ALL` (for per-cause counters).
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The client closed or reset its side before anything else happened:
-    /// the only causes that can be client misuse.
-    pub fn client_went_first(self) -> bool {
-        matches!(self, CloseCause::ClientClosed | CloseCause::ClientReset)
-    }
-}
-
-impl fmt::Display for CloseCause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -305,44 +224,9 @@ impl Injector {
     }
 }
 
-/// The name to keep for a command whose metric label index is `index`:
-/// the label itself for the commands drivers send routinely (no String per
-/// request on the hot path), a copy for anything else.
-pub(crate) fn intern_command(name: &str, index: usize) -> Cow<'static, str> {
-    match COMMAND_LABELS.get(index) {
-        Some(label) if index != OTHER_COMMAND => Cow::Borrowed(label),
-        _ => Cow::Owned(name.to_owned()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::command_index;
-
-    #[test]
-    fn known_commands_are_borrowed_unknown_owned() {
-        let find = command_index("find");
-        assert!(matches!(
-            intern_command("find", find),
-            Cow::Borrowed("find")
-        ));
-        assert!(
-            matches!(intern_command("myCustomCommand", command_index("myCustomCommand")), Cow::Owned(ref s) if s == "myCustomCommand")
-        );
-    }
-
-    #[test]
-    fn close_causes_are_indexed_in_order_and_only_the_client_goes_first() {
-        for (index, cause) in CloseCause::ALL.into_iter().enumerate() {
-            assert_eq!(cause.index(), index);
-        }
-        let first: Vec<_> = CloseCause::ALL
-            .into_iter()
-            .filter(|cause| cause.client_went_first())
-            .collect();
-        assert_eq!(first, [CloseCause::ClientClosed, CloseCause::ClientReset]);
-    }
 
     #[tokio::test]
     async fn detached_injector_fails_closed() {

@@ -32,7 +32,9 @@ use tracing::{error, warn};
 
 use super::inspect::{CloseCause, ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict};
 use super::upstream::{HostPort, DEFAULT_MONGODB_PORT};
-use crate::wire::{self, op_compressed, Compressor, Frame, Message, MsgFlags, OpCode, HEADER_LEN};
+use sessionguard_protocol::wire::{
+    self, op_compressed, Compressor, Frame, Message, MsgFlags, OpCode, HEADER_LEN,
+};
 
 /// Hello fields that hold lists of member addresses.
 const LIST_FIELDS: [&str; 3] = ["hosts", "passives", "arbiters"];
@@ -170,7 +172,8 @@ fn is_replica_set_hello(msg: &Message<'_>) -> bool {
         },
         Message::Query(_) | Message::Other(_) => return false,
     };
-    crate::bson_scan::elements(document).any(|e| e.key == b"setName" || e.key == b"hosts")
+    sessionguard_protocol::bson_scan::elements(document)
+        .any(|e| e.key == b"setName" || e.key == b"hosts")
 }
 
 /// What rewriting one reply frame found.
@@ -284,7 +287,7 @@ fn is_hello_reply(request: Option<&InFlightRequest>, msg: &Message<'_>) -> bool 
         Some(request) => request
             .command
             .as_deref()
-            .is_some_and(crate::command::is_hello),
+            .is_some_and(sessionguard_protocol::command::is_hello),
         None => {
             let body = match msg {
                 Message::Msg(m) => Some(m.body),
@@ -482,7 +485,7 @@ mod tests {
         InFlightRequest {
             request_id: 7,
             command: Some(Cow::Borrowed("hello")),
-            command_metric: crate::metrics::command_index("hello"),
+            command_metric: sessionguard_protocol::command_index("hello"),
             started: Instant::now(),
             exhaust_allowed: true,
             awaitable_hello: true,

@@ -32,7 +32,7 @@ use super::anchor_leaf::is_ca_used_as_end_entity;
 use super::tls::UpstreamTls;
 use super::upstream::{DialError, HostPort};
 use crate::metrics::ConnectFailure;
-use crate::wire::{self, FrameCodec, Message, MsgFlags};
+use sessionguard_protocol::wire::{self, FrameCodec, Message, MsgFlags};
 
 /// The reply's `code`: HostUnreachable.
 pub const UPSTREAM_UNREACHABLE_CODE: i32 = 6;

@@ -28,10 +28,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::command::{auth_user, AuthUser, Handshake, KillPattern, Lsid, ReplyView, RequestView};
-use crate::metrics::{command_index, COMMAND_LABELS};
-use crate::proxy::inspect::CloseCause;
-use crate::wire::Message;
+use sessionguard_protocol::command::{
+    auth_user, AuthUser, Handshake, KillPattern, Lsid, ReplyView, RequestView,
+};
+use sessionguard_protocol::wire::Message;
+use sessionguard_protocol::CloseCause;
+use sessionguard_protocol::{command_index, COMMAND_LABELS};
 
 use super::config::DEFAULT_FINDING_INTERVAL;
 use super::config::{LiveRules, ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
@@ -539,7 +541,7 @@ impl SessionEngine {
         let name = user.user.as_deref()?;
         Some(PendingAuth {
             owner: self.tables.owner(name, user.db.unwrap_or("admin")),
-            single_step: user.mechanism == crate::command::AuthMechanism::X509,
+            single_step: user.mechanism == sessionguard_protocol::command::AuthMechanism::X509,
         })
     }
 
@@ -1958,13 +1960,13 @@ fn log_summary(summary: &Summary) {
 pub(crate) mod tests {
     use super::*;
     use crate::session::config::Mode;
-    use crate::wire::op_msg::encode;
-    use crate::wire::{MsgFlags, OpMsg, HEADER_LEN};
     use bson::spec::BinarySubtype;
     use bson::{rawdoc, Binary, RawDocumentBuf};
+    use sessionguard_protocol::wire::op_msg::encode;
+    use sessionguard_protocol::wire::{MsgFlags, OpMsg, HEADER_LEN};
 
-    use crate::command::Lsid;
     use crate::session::outcome::{Refusal, SessionCommand};
+    use sessionguard_protocol::command::Lsid;
 
     pub(crate) const PEER: &str = "10.1.1.1:50000";
     const LISTENER: &str = "127.0.0.1:27018";

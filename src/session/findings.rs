@@ -778,9 +778,9 @@ pub(crate) fn timeline_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::Lsid;
     use crate::session::intern::ClientIdentity;
     use crate::session::state::{OwnerId, RequestRef};
+    use sessionguard_protocol::command::Lsid;
 
     /// Symbols 1.. are "find", "insert", "app.items", "app.orders";
     /// clients 1.. are ("web", rust), ("web", rust) from another host,
@@ -1114,14 +1114,14 @@ mod engine_tests {
     use bson::rawdoc;
 
     use super::*;
-    use crate::command::Lsid;
     use crate::session::config::SessionConfig;
     use crate::session::engine::tests::{
         connect, engine_with, find, insert, lsid, ok, reply, send, PEER,
     };
     use crate::session::timeline::TIMELINE_LEN;
     use crate::session::{RulesConfig, SessionEngine};
-    use crate::wire::MsgFlags;
+    use sessionguard_protocol::command::Lsid;
+    use sessionguard_protocol::wire::MsgFlags;
 
     fn engine() -> SessionEngine {
         engine_with(SessionConfig::default(), RulesConfig::default())
@@ -1279,7 +1279,7 @@ mod engine_tests {
         send(&engine, 1, 10, &find(5), 0, 0);
         reply(&engine, 1, 10, &ok(), 1);
         send(&engine, 1, 11, &insert(5, 1, 1), 0, 2);
-        engine.close_at(1, crate::proxy::inspect::CloseCause::ClientClosed, 50);
+        engine.close_at(1, sessionguard_protocol::CloseCause::ClientClosed, 50);
         let finding = engine.findings()[0].clone();
         assert_eq!(finding.rule, Some(RuleId::ClosedWithRequestsInFlight));
         let detail = engine.finding(finding.fingerprint).unwrap();

@@ -5,7 +5,7 @@
 use crate::proxy::inspect::{
     CloseCause, ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict,
 };
-use crate::wire::{Frame, Message};
+use sessionguard_protocol::wire::{Frame, Message};
 
 use super::engine::{Decision, SessionEngine};
 

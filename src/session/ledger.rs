@@ -372,9 +372,9 @@ impl SessionLedger {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::command::Lsid;
     use crate::session::state::tests::{facts, request};
     use crate::session::state::{CommandClass, OwnerId};
+    use sessionguard_protocol::command::Lsid;
 
     /// Session `n` of the unknown owner.
     pub(crate) fn key(n: u8) -> SessionKey {

@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::command::Lsid;
+use sessionguard_protocol::command::Lsid;
 
 use super::state::{EndKind, Millis, OwnerId, RequestRef, SessionKey};
 use super::store::StoreOp;

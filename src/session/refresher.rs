@@ -27,9 +27,9 @@ use std::time::Duration;
 use bson::{RawArrayBuf, RawDocumentBuf};
 use bytes::Bytes;
 
-use crate::command::ReplyView;
 use crate::proxy::inspect::{InjectError, Injector};
-use crate::wire;
+use sessionguard_protocol::command::ReplyView;
+use sessionguard_protocol::wire;
 
 use super::config::RefreshPolicy;
 use super::engine::SessionEngine;
@@ -307,9 +307,9 @@ mod tests {
     use super::*;
     use crate::session::config::{RulesConfig, SessionConfig};
     use crate::session::engine::tests::{connect, engine_with, find, lsid, ok, reply, send, PEER};
-    use crate::wire::op_msg::encode;
-    use crate::wire::MsgFlags;
     use bson::rawdoc;
+    use sessionguard_protocol::wire::op_msg::encode;
+    use sessionguard_protocol::wire::MsgFlags;
 
     const SECOND: Millis = 1_000;
 
@@ -433,7 +433,7 @@ mod tests {
         hold_cursor(&engine, 1, 5, 10);
         // The connection that carried the session goes away; only a
         // connection without session traffic (a monitor) is left.
-        engine.close_at(1, crate::proxy::inspect::CloseCause::ClientClosed, 1);
+        engine.close_at(1, sessionguard_protocol::CloseCause::ClientClosed, 1);
         connect(&engine, 2, PEER, "web");
         assert!(engine.plan_refresh(60 * SECOND).is_empty());
     }

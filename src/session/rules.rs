@@ -731,10 +731,10 @@ pub fn cross_client_sharing(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::Lsid;
     use crate::session::intern::normalize_ip;
     use crate::session::state::tests::{facts, request};
     use crate::session::state::{OwnerId, RetryableWrite, Transaction};
+    use sessionguard_protocol::command::Lsid;
 
     struct TestNames {
         identities: Vec<Arc<ClientIdentity>>,

@@ -10,7 +10,7 @@
 //! ids instead of strings, rarely used parts boxed — because a busy proxy
 //! tracks up to `max_sessions` of these.
 
-use crate::command::Lsid;
+use sessionguard_protocol::command::Lsid;
 
 /// Milliseconds since the engine's clock origin.
 pub type Millis = u64;

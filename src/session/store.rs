@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state::{millis, ClientId, Millis, RequestRef, SessionKey};
 use super::violation::{RuleId, Violation};
-use crate::command::RequestView;
+use sessionguard_protocol::command::RequestView;
 
 /// The collections treated as stores when `[stores]` says nothing.
 pub const DEFAULT_STORE_COLLECTIONS: &[&str] = &["sessions"];
@@ -732,7 +732,7 @@ fn subdocument<'a>(doc: &'a RawDocument, key: &str) -> Option<&'a RawDocument> {
 fn truthy(doc: &RawDocument, key: &str) -> bool {
     match doc.get(key).ok().flatten() {
         Some(RawBsonRef::Boolean(b)) => b,
-        Some(value) => crate::command::as_integer(value).is_some_and(|n| n != 0),
+        Some(value) => sessionguard_protocol::command::as_integer(value).is_some_and(|n| n != 0),
         None => false,
     }
 }
@@ -877,9 +877,9 @@ fn looks_like_store_write(view: &RequestView<'_>) -> bool {
 mod tests {
     use super::*;
     use crate::session::state::Sym;
-    use crate::wire::op_msg::encode;
-    use crate::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
     use bson::{rawdoc, DateTime, RawDocumentBuf};
+    use sessionguard_protocol::wire::op_msg::encode;
+    use sessionguard_protocol::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};
 
     const APP: ClientId = ClientId(1);
     const ADMIN: ClientId = ClientId(2);

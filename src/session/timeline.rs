@@ -268,8 +268,8 @@ impl Gather {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::Lsid;
     use crate::session::state::{ClientId, OwnerId, Sym};
+    use sessionguard_protocol::command::Lsid;
 
     fn key(n: u8) -> SessionKey {
         SessionKey {

@@ -144,9 +144,9 @@ fn as_op_msg<R>(
     response_to: i32,
     flags: u32,
     doc: &bson::RawDocumentBuf,
-    then: impl FnOnce(&sessionguard::wire::Message<'_>) -> R,
+    then: impl FnOnce(&sessionguard_protocol::wire::Message<'_>) -> R,
 ) -> R {
-    use sessionguard::wire::{op_msg, Message, MsgFlags, OpMsg, HEADER_LEN};
+    use sessionguard_protocol::wire::{op_msg, Message, MsgFlags, OpMsg, HEADER_LEN};
     let frame = op_msg::encode(id, response_to, MsgFlags(flags), doc.as_bytes());
     let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
     then(&Message::Msg(msg))
@@ -608,7 +608,7 @@ impl ThreadLogs {
 pub struct HandshakeOutcome {
     /// The opcode of the reply (OP_MSG for a hello, OP_REPLY for a legacy
     /// OP_QUERY isMaster), its `responseTo` and its body.
-    pub reply: Option<(sessionguard::wire::OpCode, i32, bson::Document)>,
+    pub reply: Option<(sessionguard_protocol::wire::OpCode, i32, bson::Document)>,
     pub closed: bool,
 }
 
@@ -618,7 +618,7 @@ pub struct HandshakeOutcome {
 /// the peer to close.
 pub async fn handshake_once(addr: SocketAddr, legacy: bool) -> HandshakeOutcome {
     use futures_util::StreamExt;
-    use sessionguard::wire::{self, legacy as wire_legacy, op_msg, Message, MsgFlags};
+    use sessionguard_protocol::wire::{self, legacy as wire_legacy, op_msg, Message, MsgFlags};
     use tokio::io::AsyncWriteExt;
 
     const WAIT: Duration = Duration::from_secs(10);

@@ -17,7 +17,7 @@ use sessionguard::emulator::EmulatorConfig;
 use sessionguard::session::{
     spawn_refresher, RuleId, RulesConfig, SessionConfig, SessionEngine, ViolationRecord,
 };
-use sessionguard::wire::{self, op_msg, Frame, Message, MsgFlags, MsgHeader, HEADER_LEN};
+use sessionguard_protocol::wire::{self, op_msg, Frame, Message, MsgFlags, MsgHeader, HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;

@@ -721,7 +721,7 @@ fn scram_user(payload: &[u8]) -> Option<Cow<'_, str>> {
 
 /// RFC 5802 saslname: `=2C` is `,` and `=3D` is `=`; any other `=` makes
 /// the name invalid (`None`). Borrowed when nothing is escaped.
-pub(crate) fn unescape_saslname(name: &str) -> Option<Cow<'_, str>> {
+pub fn unescape_saslname(name: &str) -> Option<Cow<'_, str>> {
     if !name.contains('=') {
         return Some(Cow::Borrowed(name));
     }

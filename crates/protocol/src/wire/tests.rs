@@ -6,7 +6,6 @@ use std::borrow::Cow;
 
 use bytes::BytesMut;
 use proptest::prelude::*;
-use tokio_util::codec::Decoder;
 
 use super::fixtures::{insert_body, insert_documents, insert_msg, sample_frames, with_checksum};
 use super::*;

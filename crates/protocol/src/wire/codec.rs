@@ -1,8 +1,11 @@
 //! Splits a byte stream into frames. Partial input is `Ok(None)`, never an
 //! error; a length outside [16, max] is refused before anything is allocated.
+//! The splitting is pure ([`FrameCodec::decode`] over a `BytesMut`); with the
+//! `tokio-codec` feature the same codec is a tokio-util `Decoder` for the
+//! crates that read frames off sockets (frames are forwarded as the bytes
+//! received, so nothing encodes them).
 
 use bytes::{Bytes, BytesMut};
-use tokio_util::codec::{Decoder, Encoder};
 
 use super::reader::frame_bytes;
 use super::{MsgHeader, OpCode, WireError, HEADER_LEN};
@@ -65,10 +68,11 @@ impl Default for FrameCodec {
     }
 }
 
-impl Decoder for FrameCodec {
-    type Item = Frame;
-    type Error = WireError;
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+impl FrameCodec {
+    /// Takes the next whole frame off the front of `src`: `Ok(None)` while
+    /// it is incomplete (room for the rest is reserved once its length is
+    /// known), an error as soon as a declared length is out of bounds.
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         // The length is judged as soon as its 4 bytes are here, so a hostile
         // prefix is refused without waiting for (or buffering) anything more.
         let Some(prefix) = src.get(..4) else {
@@ -89,12 +93,12 @@ impl Decoder for FrameCodec {
     }
 }
 
-impl Encoder<Frame> for FrameCodec {
+#[cfg(feature = "tokio-codec")]
+impl tokio_util::codec::Decoder for FrameCodec {
+    type Item = Frame;
     type Error = WireError;
-    fn encode(&mut self, item: Frame, dst: &mut BytesMut) -> Result<(), WireError> {
-        // Forwarding means exactly the bytes received: no re-encoding.
-        dst.extend_from_slice(&item.bytes);
-        Ok(())
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        FrameCodec::decode(self, src)
     }
 }
 
@@ -257,19 +261,6 @@ mod tests {
         let (result, capacity) = decode_declared(1024, 1024);
         assert!(matches!(result, Ok(None)), "{result:?}");
         assert!(capacity >= 1024);
-    }
-
-    #[test]
-    fn encoder_writes_the_received_bytes_unchanged() {
-        let mut codec = FrameCodec::default();
-        let mut out = BytesMut::new();
-        let originals = sample_frames();
-        for original in &originals {
-            let mut buf = BytesMut::from(&original[..]);
-            let frame = codec.decode(&mut buf).unwrap().unwrap();
-            codec.encode(frame, &mut out).unwrap();
-        }
-        assert_eq!(&out[..], &originals.concat()[..]);
     }
 
     #[test]
