@@ -83,8 +83,8 @@ use crate::config::{AdminToken, ProxyConfig};
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 use crate::proxy::upstream::{self, HostPort};
 use crate::reload::Reloader;
-use crate::session::state::{EndKind, Millis, SessionKey, SessionState, TxnPhase};
-use crate::session::{SessionEngine, ViolationRecord};
+use sessionguard_engine::state::{EndKind, Millis, SessionKey, SessionSummary, TxnPhase};
+use sessionguard_engine::{SessionEngine, ViolationRecord};
 
 /// `/sessions` returns at most this many sessions unless `limit` says fewer.
 pub const DEFAULT_SESSIONS_LIMIT: usize = 1000;
@@ -435,15 +435,13 @@ impl StateFilter {
         })
     }
 
-    fn matches(self, state: &SessionState) -> bool {
+    fn matches(self, session: &SessionSummary) -> bool {
         match self {
             StateFilter::All => true,
-            StateFilter::Active => !state.is_ended(),
-            StateFilter::Ended => state.is_ended(),
-            StateFilter::InTransaction => {
-                !state.is_ended() && state.txn.as_ref().is_some_and(|t| t.phase.holds_session())
-            }
-            StateFilter::Held => state.is_held(),
+            StateFilter::Active => !session.is_ended(),
+            StateFilter::Ended => session.is_ended(),
+            StateFilter::InTransaction => session.in_transaction(),
+            StateFilter::Held => session.held,
         }
     }
 }
@@ -488,30 +486,17 @@ fn sessions(engine: &SessionEngine, query: &str) -> HttpResponse {
         }
     }
 
-    // Copy what is needed out of each entry (no strings yet) so no shard
+    // Summaries are copied out of the ledger (no strings yet), so no shard
     // lock is held while sorting and rendering.
-    let mut matched: Vec<(SessionKey, SessionSnapshot)> = engine
-        .ledger
-        .all_keys()
-        .into_iter()
-        .filter_map(|key| {
-            engine
-                .ledger
-                .read(&key, |state| {
-                    filter.matches(state).then(|| SessionSnapshot::of(state))
-                })
-                .flatten()
-                .map(|snapshot| (key, snapshot))
-        })
-        .collect();
+    let mut matched = engine.session_summaries(|session| filter.matches(session));
     let total = matched.len();
-    matched.sort_by_key(|(_, snapshot)| std::cmp::Reverse(snapshot.last_used));
+    matched.sort_by_key(|(_, session)| std::cmp::Reverse(session.last_used));
     matched.truncate(limit);
 
     let clock = Clock::of(engine);
     let sessions: Vec<SessionJson> = matched
         .iter()
-        .map(|(key, snapshot)| snapshot.render(key, engine, &clock))
+        .map(|(key, session)| render(key, session, engine, &clock))
         .collect();
     #[derive(Serialize)]
     struct Listing {
@@ -550,76 +535,41 @@ impl Clock {
     }
 }
 
-/// The parts of a session `/sessions` shows, copied out of the ledger.
-#[derive(Debug, Clone, Copy)]
-struct SessionSnapshot {
-    first_seen: Millis,
-    last_used: Millis,
-    last_refreshed: Millis,
-    ended: Option<(EndKind, Millis)>,
-    highest_txn: Option<i64>,
-    txn: Option<(i64, TxnPhase, u32, Millis)>,
-    in_flight: usize,
-    open_cursors: u16,
-    refreshes: u32,
-    held: bool,
-}
-
-impl SessionSnapshot {
-    fn of(state: &SessionState) -> SessionSnapshot {
-        SessionSnapshot {
-            first_seen: state.first_seen,
-            last_used: state.last_used,
-            last_refreshed: state.last_refreshed,
-            ended: state.ended.as_deref().map(|e| (e.kind, e.by.at)),
-            highest_txn: state.highest_txn,
-            txn: state
-                .txn
-                .as_deref()
-                .map(|t| (t.number, t.phase, t.statements, t.started_at)),
-            in_flight: state.in_flight.len(),
-            open_cursors: state.open_cursors,
-            refreshes: state.refreshes,
-            held: state.is_held(),
-        }
-    }
-
-    fn render(&self, key: &SessionKey, engine: &SessionEngine, clock: &Clock) -> SessionJson {
-        let state = match self.ended {
-            None => "active",
-            Some((EndKind::Ended, _)) => "ended",
-            Some((EndKind::Killed | EndKind::KilledByPattern, _)) => "killed",
-        };
-        SessionJson {
-            lsid: key.lsid.to_string(),
-            lsid_short: key.lsid.short().to_string(),
-            owner: engine
-                .tables
-                .owner_name(key.owner)
-                .map(|owner| owner.to_string()),
-            state,
-            held: self.held,
-            in_transaction: self.ended.is_none()
-                && self
-                    .txn
-                    .is_some_and(|(_, phase, _, _)| phase.holds_session()),
-            in_flight: self.in_flight,
-            open_cursors: self.open_cursors,
-            highest_txn_number: self.highest_txn,
-            transaction: self
-                .txn
-                .map(|(number, phase, statements, started_at)| TransactionJson {
-                    txn_number: number,
-                    phase: phase_name(phase),
-                    statements,
-                    started_at: clock.rfc3339(started_at),
-                }),
-            first_seen: clock.rfc3339(self.first_seen),
-            last_used: clock.rfc3339(self.last_used),
-            last_refreshed: (self.last_refreshed > 0).then(|| clock.rfc3339(self.last_refreshed)),
-            refreshes: self.refreshes,
-            ended_at: self.ended.map(|(_, at)| clock.rfc3339(at)),
-        }
+/// One session as `/sessions` shows it.
+fn render(
+    key: &SessionKey,
+    session: &SessionSummary,
+    engine: &SessionEngine,
+    clock: &Clock,
+) -> SessionJson {
+    let state = match session.ended {
+        None => "active",
+        Some((EndKind::Ended, _)) => "ended",
+        Some((EndKind::Killed | EndKind::KilledByPattern, _)) => "killed",
+    };
+    SessionJson {
+        lsid: key.lsid.to_string(),
+        lsid_short: key.lsid.short().to_string(),
+        owner: engine.owner_name(key.owner).map(|owner| owner.to_string()),
+        state,
+        held: session.held,
+        in_transaction: session.in_transaction(),
+        in_flight: session.in_flight,
+        open_cursors: session.open_cursors,
+        highest_txn_number: session.highest_txn,
+        transaction: session
+            .txn
+            .map(|(number, phase, statements, started_at)| TransactionJson {
+                txn_number: number,
+                phase: phase_name(phase),
+                statements,
+                started_at: clock.rfc3339(started_at),
+            }),
+        first_seen: clock.rfc3339(session.first_seen),
+        last_used: clock.rfc3339(session.last_used),
+        last_refreshed: (session.last_refreshed > 0).then(|| clock.rfc3339(session.last_refreshed)),
+        refreshes: session.refreshes,
+        ended_at: session.ended.map(|(_, at)| clock.rfc3339(at)),
     }
 }
 

@@ -631,8 +631,8 @@ impl std::fmt::Display for LedgerReport {
 /// Tracks `count` sessions in a fresh engine (one `find` request and its
 /// reply per lsid, from one connection) and measures this process's RSS.
 pub fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
-    use crate::session::config::{RulesConfig, SessionConfig};
-    use crate::session::SessionEngine;
+    use sessionguard_engine::config::{RulesConfig, SessionConfig};
+    use sessionguard_engine::SessionEngine;
 
     let config = SessionConfig {
         max_sessions: count.max(1),
@@ -641,7 +641,7 @@ pub fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
     let engine = SessionEngine::new(&config, &RulesConfig::default());
     let peer: SocketAddr = ([10, 0, 0, 1], 50000).into();
     let local: SocketAddr = ([127, 0, 0, 1], 27018).into();
-    engine.connect(1, peer, local, None);
+    engine.connect(1, peer, local, false);
     let reply_frame = op_msg::encode(1, 1, MsgFlags(0), rawdoc! { "ok": 1.0 }.as_bytes());
     let before = rss_kib(None).map_err(|e| format!("reading RSS: {e}"))?;
     let started = Instant::now();
@@ -671,7 +671,7 @@ pub fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
         rss_before_kib: before,
         rss_after_kib: after,
         bytes_per_session: (after.saturating_sub(before) * 1024) as f64 / count.max(1) as f64,
-        entry_bytes: crate::session::ledger::SESSION_SLOT_BYTES,
+        entry_bytes: sessionguard_engine::ledger::SESSION_SLOT_BYTES,
         ns_per_request: elapsed.as_nanos() as f64 / count.max(1) as f64,
     })
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::proxy::upstream::ConnectionString;
-use crate::session::config::{Mode, RulesConfig, SessionConfig};
+use sessionguard_engine::config::{Mode, RulesConfig, SessionConfig};
 
 /// Address the proxy accepts application connections on.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
@@ -61,7 +61,7 @@ pub struct Config {
     pub rules: RulesConfig,
     /// `[stores]`: web-session store collections (`store-session-resurrected`).
     #[serde(default)]
-    pub stores: crate::session::StoreConfig,
+    pub stores: sessionguard_engine::StoreConfig,
     /// `[[members]]`: the replica-set member mapping as written in the file;
     /// `Config::parse` moves it into `proxy.members`, which is what the proxy
     /// reads (so `[[proxy.members]]` works as well).
@@ -513,7 +513,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Pretty,
             level: DEFAULT_LOG_LEVEL.to_string(),
-            finding_interval: crate::session::config::DEFAULT_FINDING_INTERVAL,
+            finding_interval: sessionguard_engine::config::DEFAULT_FINDING_INTERVAL,
         }
     }
 }

@@ -30,10 +30,11 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminContext, AdminServer};
 use crate::config::ProxyConfig;
 use crate::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use crate::inspector::EngineInspector;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, ProxyHandle};
 use crate::report::ReportedFinding;
-use crate::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, op_msg, FrameCodec, Message, MsgFlags};
 
 type DemoError = Box<dyn std::error::Error + Send + Sync>;
@@ -76,8 +77,12 @@ impl DemoStack {
         ));
         let metrics = Arc::new(Metrics::new());
         metrics.register_session_engine(engine.clone())?;
-        let proxy =
-            Proxy::start_with_metrics(Arc::new(config), engine.clone(), metrics.clone()).await?;
+        let proxy = Proxy::start_with_metrics(
+            Arc::new(config),
+            Arc::new(EngineInspector::new(engine.clone())),
+            metrics.clone(),
+        )
+        .await?;
         let admin_shutdown = CancellationToken::new();
         let context = AdminContext {
             metrics,

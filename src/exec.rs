@@ -19,11 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, LogFormat, Overrides, ProxyConfig};
+use crate::inspector::EngineInspector;
 use crate::proxy::upstream::ConnectionString;
 use crate::proxy::Proxy;
+use crate::refresher::spawn_refresher;
 use crate::report::{self, ChildOutcome, FailOn, Report, RunInfo};
-use crate::session::config::ResolvedRules;
-use crate::session::{spawn_refresher, SessionEngine};
+use sessionguard_engine::config::ResolvedRules;
+use sessionguard_engine::SessionEngine;
 
 /// Environment variable set for the child when no `--env-var` is given.
 pub const DEFAULT_ENV_VAR: &str = "MONGODB_URI";
@@ -85,7 +87,7 @@ pub struct ExecArgs {
     /// error-severity rule with an error, so the suite fails where the
     /// misuse is. Overrides [sessions] mode [default: the file's, else observe].
     #[arg(long, env = "SESSIONGUARD_MODE", value_enum)]
-    pub mode: Option<crate::session::Mode>,
+    pub mode: Option<sessionguard_engine::Mode>,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -217,12 +219,13 @@ async fn run(plan: Plan) -> u8 {
             .with_stores(&plan.config.stores)
             .with_finding_interval(plan.config.log.finding_interval),
     );
-    let refresher = spawn_refresher(&engine);
+    let inspector = Arc::new(EngineInspector::new(engine.clone()));
+    let refresher = spawn_refresher(&inspector);
     let proxy_config = ProxyConfig {
         clients_connect_directly: true,
         ..plan.config.proxy.clone()
     };
-    let proxy = match Proxy::start(Arc::new(proxy_config), engine.clone()).await {
+    let proxy = match Proxy::start(Arc::new(proxy_config), inspector).await {
         Ok(proxy) => proxy,
         Err(e) => {
             eprintln!("sessionguard exec: error: cannot start the proxy: {e}");

@@ -16,8 +16,9 @@
 //!   `POST /reload`): the mode and rules go live, the rest is named as
 //!   needing a restart.
 //! - [`telemetry`]: `tracing` subscriber setup (pretty or JSON logs).
-//! - [`session`]: the session ledger, the hygiene rules, violations,
-//!   enforcement and the refresher.
+//! - [`inspector`]: `EngineInspector`, the session engine behind the
+//!   proxy's `Inspector` seam.
+//! - [`refresher`]: the refresher's driver loop (timer, injection).
 //! - [`report`]: the run summary (JSON, JUnit XML, text) and the exit-code
 //!   policy of CI mode.
 //! - [`exec`]: `sessionguard exec -- CMD`: a private proxy around one child
@@ -35,9 +36,10 @@ pub mod config;
 pub mod demo;
 pub mod emulator;
 pub mod exec;
+pub mod inspector;
 pub mod metrics;
 pub mod proxy;
+pub mod refresher;
 pub mod reload;
 pub mod report;
-pub mod session;
 pub mod telemetry;

@@ -96,7 +96,7 @@ struct ProxyArgs {
     /// error-severity rule. Overrides [sessions] mode, also across reloads
     /// [default: the file's, else observe].
     #[arg(long, env = "SESSIONGUARD_MODE", value_enum)]
-    mode: Option<sessionguard::session::Mode>,
+    mode: Option<sessionguard_engine::Mode>,
     /// Print the effective [proxy] and [log] settings and exit without binding anything.
     #[arg(long, env = "SESSIONGUARD_PRINT_CONFIG")]
     print_config: bool,
@@ -311,11 +311,14 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
     // The session engine inspects every frame; its refresher/sweep task ends
     // when the engine is dropped.
     let engine = Arc::new(
-        sessionguard::session::SessionEngine::new(&config.sessions, &config.rules)
+        sessionguard_engine::SessionEngine::new(&config.sessions, &config.rules)
             .with_stores(&config.stores)
             .with_finding_interval(config.log.finding_interval),
     );
-    let _refresher = sessionguard::session::spawn_refresher(&engine);
+    let engine_inspector = Arc::new(sessionguard::inspector::EngineInspector::new(
+        engine.clone(),
+    ));
+    let _refresher = sessionguard::refresher::spawn_refresher(&engine_inspector);
     // One registry for the data path and the engine (read at scrape time).
     let metrics = Arc::new(sessionguard::metrics::Metrics::new());
     let reloader = Arc::new(sessionguard::reload::Reloader::new(
@@ -362,7 +365,7 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
     let proxy_config = Arc::new(config.proxy.clone());
     // `proxy.inspect = false`: a plain forwarder (the benchmark's baseline).
     let inspector: Arc<dyn sessionguard::proxy::Inspector> = if config.proxy.inspect {
-        engine.clone()
+        engine_inspector
     } else {
         tracing::warn!("proxy.inspect = false: frames are forwarded without session tracking");
         Arc::new(sessionguard::proxy::NoopInspector)

@@ -25,9 +25,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::session::config::ResolvedRules;
-use crate::session::outcome::{Refusal, SessionCommand};
-use crate::session::{RuleId, SessionEngine};
+use sessionguard_engine::config::ResolvedRules;
+use sessionguard_engine::outcome::{Refusal, SessionCommand};
+use sessionguard_engine::{RuleId, SessionEngine};
 use sessionguard_protocol::wire::OpCode;
 use sessionguard_protocol::CloseCause;
 use sessionguard_protocol::{COMMAND_LABELS, OTHER_COMMAND};
@@ -478,10 +478,10 @@ impl std::fmt::Debug for SessionCollector {
 /// What one scrape reads from the engine.
 #[derive(Debug, Default)]
 struct EngineSnapshot {
-    stats: crate::session::EngineStats,
+    stats: sessionguard_engine::EngineStats,
     violations: Vec<(RuleId, u64)>,
     /// Every store label (fixed by `[stores]`) with its counters.
-    stores: crate::session::store::StoreStats,
+    stores: sessionguard_engine::web_store::StoreStats,
 }
 
 impl SessionCollector {
@@ -820,7 +820,7 @@ fn session_families(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{RulesConfig, SessionConfig};
+    use sessionguard_engine::{RulesConfig, SessionConfig};
     use sessionguard_protocol::command_index;
 
     fn value_of(text: &str, series: &str) -> Option<f64> {
@@ -943,7 +943,7 @@ mod tests {
         }
         // A reload's settings show at the next scrape.
         let enforce = SessionConfig {
-            mode: crate::session::Mode::Enforce,
+            mode: sessionguard_engine::Mode::Enforce,
             ..SessionConfig::default()
         };
         engine.reconfigure(&enforce, &rules);
@@ -1005,7 +1005,7 @@ mod tests {
         let metrics = Metrics::new();
         let sessions = SessionConfig::default();
         let rules = RulesConfig::default();
-        let stores = crate::session::StoreConfig {
+        let stores = sessionguard_engine::StoreConfig {
             collections: vec!["app.sessions".into(), "web_sessions".into()],
             ..Default::default()
         };
@@ -1024,7 +1024,7 @@ mod tests {
             1,
             "10.0.0.1:4000".parse().unwrap(),
             "127.0.0.1:27018".parse().unwrap(),
-            None,
+            false,
         );
         let delete = bson::rawdoc! {
             "delete": "web_sessions", "deletes": [{ "q": { "_id": "s" }, "limit": 1 }], "$db": "x",

@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::config::{Config, ConfigError, Overrides};
 use crate::metrics::Metrics;
-use crate::session::SessionEngine;
+use sessionguard_engine::SessionEngine;
 
 /// The keys a reload puts in force (`rules` stands for every `[rules.<id>]`
 /// key). Everything else needs a restart.
@@ -246,7 +246,7 @@ impl Reloader {
         let mut changes =
             self.engine
                 .rules()
-                .changes(&crate::session::config::ResolvedRules::resolve(
+                .changes(&sessionguard_engine::config::ResolvedRules::resolve(
                     new.sessions.mode,
                     &new.rules,
                 ));
@@ -432,10 +432,10 @@ mod tests {
         assert_eq!(reloaded.config_sha256.len(), 12);
         let rules = engine.rules();
         assert_eq!(
-            rules.get(crate::session::RuleId::ConcurrentUse).action,
-            crate::session::violation::Action::Reject
+            rules.get(sessionguard_engine::RuleId::ConcurrentUse).action,
+            sessionguard_engine::violation::Action::Reject
         );
-        assert!(!rules.enabled(crate::session::RuleId::TxnLeftOpen));
+        assert!(!rules.enabled(sessionguard_engine::RuleId::TxnLeftOpen));
         // Reloading the same file again changes nothing, and the restart
         // key is still named: it still differs from what runs.
         let again = reloader.reload("test").unwrap();
@@ -492,13 +492,13 @@ mod tests {
     #[test]
     fn overrides_still_win_on_reload() {
         let overrides = Overrides {
-            mode: Some(crate::session::Mode::Enforce),
+            mode: Some(sessionguard_engine::Mode::Enforce),
             ..Overrides::default()
         };
         let (_dir, path, reloader) = reloader("[sessions]\nmode = \"observe\"\n", overrides);
         assert_eq!(
             reloader.engine.rules().mode(),
-            crate::session::Mode::Enforce
+            sessionguard_engine::Mode::Enforce
         );
         std::fs::write(
             &path,
@@ -509,7 +509,7 @@ mod tests {
         assert!(reloaded.changes.is_empty(), "{reloaded:?}");
         assert_eq!(
             reloader.engine.rules().mode(),
-            crate::session::Mode::Enforce
+            sessionguard_engine::Mode::Enforce
         );
         assert_eq!(reloaded.needs_restart, ["sessions.max_violations"]);
     }

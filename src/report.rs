@@ -29,10 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::proxy::upstream::ConnectionString;
-use crate::session::config::ResolvedRules;
-use crate::session::timeline::Role;
-use crate::session::violation::RequestEvidence;
-use crate::session::{
+use sessionguard_engine::config::ResolvedRules;
+use sessionguard_engine::timeline::Role;
+use sessionguard_engine::violation::RequestEvidence;
+use sessionguard_engine::{
     FindingDetail, FindingId, FindingSide, FindingSnapshot, RuleId, SessionEngine, Severity,
     StoreEvidence, TimelineEntry, ViolationRecord,
 };
@@ -317,7 +317,7 @@ impl ReportedFinding {
     /// `3 violations · 1 session · 4 connections · error`.
     pub fn tally(&self) -> String {
         let f = &self.finding;
-        let distinct = |what: &str, n: &crate::session::DistinctCount| {
+        let distinct = |what: &str, n: &sessionguard_engine::DistinctCount| {
             format!(
                 "{}{} {what}{}",
                 if n.exact { "" } else { "at least " },
@@ -959,8 +959,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::session::config::{Mode, RuleOverride, RulesConfig};
-    use crate::session::{Action, DistinctCount, Example, Examples};
+    use sessionguard_engine::config::{Mode, RuleOverride, RulesConfig};
+    use sessionguard_engine::{Action, DistinctCount, Example, Examples};
 
     fn evidence(command: &str) -> RequestEvidence {
         RequestEvidence {

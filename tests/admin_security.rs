@@ -18,7 +18,7 @@ use mongodb::options::FindOptions;
 use mongodb::Client;
 use sessionguard::config::{Config, ProxyConfig, DEFAULT_ADMIN};
 use sessionguard::emulator::{Emulator, EmulatorConfig};
-use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::AsyncWriteExt;
 
 use common::http_get;

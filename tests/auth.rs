@@ -24,7 +24,7 @@ use rules_common::{hold_a_cursor_idle, Guarded, SERVER_TIMEOUT};
 use sessionguard::admin::{self, AdminContext};
 use sessionguard::emulator::EmulatorConfig;
 use sessionguard::metrics::Metrics;
-use sessionguard::session::{RefreshPolicy, RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RefreshPolicy, RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

@@ -12,7 +12,8 @@ use std::time::Duration;
 use common::Stack;
 use sessionguard::bench::{idle_memory, run_load, LoadPlan};
 use sessionguard::emulator::EmulatorConfig;
-use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard::inspector::EngineInspector;
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 
 /// The fast emulator behind the proxy, with the session engine inspecting.
 async fn stack() -> (Stack, Arc<SessionEngine>) {
@@ -24,7 +25,10 @@ async fn stack() -> (Stack, Arc<SessionEngine>) {
         fast: true,
         ..EmulatorConfig::default()
     };
-    (Stack::start_with(emulator, engine.clone()).await, engine)
+    (
+        Stack::start_with(emulator, Arc::new(EngineInspector::new(engine.clone()))).await,
+        engine,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +96,7 @@ async fn a_shared_session_floods_one_bug_through_the_engine() {
     assert!(
         findings
             .iter()
-            .any(|f| f.rule == Some(sessionguard::session::RuleId::ConcurrentUse)),
+            .any(|f| f.rule == Some(sessionguard_engine::RuleId::ConcurrentUse)),
         "{findings:?}"
     );
     assert!(findings.len() <= 16, "{findings:?}");

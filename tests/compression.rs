@@ -10,7 +10,7 @@ mod rules_common;
 use bson::{doc, Document};
 use rules_common::{session_lsid, short_of, Guarded};
 use sessionguard::emulator::EmulatorConfig;
-use sessionguard::session::{RuleId, SessionConfig};
+use sessionguard_engine::{RuleId, SessionConfig};
 
 /// OP_COMPRESSED opcode and its compressorId offset (header 16 bytes,
 /// originalOpcode 4, uncompressedSize 4).

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use prometheus::proto::MetricType;
 use serde_json::Value;
 use sessionguard::metrics::Metrics;
-use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 
 fn dashboard() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/sessionguard.json");

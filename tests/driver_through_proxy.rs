@@ -262,7 +262,7 @@ fn readme_demo_output() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_runs_clean_then_shows_three_findings_and_exits_0() {
-    use sessionguard::session::RuleId;
+    use sessionguard_engine::RuleId;
 
     let output = tokio::time::timeout(
         Duration::from_secs(60),

@@ -20,7 +20,7 @@ use mongodb::error::Error as DriverError;
 use mongodb::options::{FindOptions, SessionOptions};
 use mongodb::Client;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
-use sessionguard::session::SessionConfig;
+use sessionguard_engine::SessionConfig;
 use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

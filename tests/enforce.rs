@@ -13,7 +13,7 @@ use bson::{doc, Document};
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
 use rules_common::{emulator_with_latency, find_cmd, lsid, session_lsid, Guarded, RawClient};
 use sessionguard::emulator::{EmulatorConfig, Profile, UserRole};
-use sessionguard::session::{
+use sessionguard_engine::{
     Mode, RuleId, SessionConfig, SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
 };
 
@@ -142,11 +142,11 @@ async fn ending_a_session_in_use_is_refused() {
 
 #[tokio::test]
 async fn warnings_and_disabled_rules_never_reject() {
-    let mut rules = sessionguard::session::RulesConfig::default();
+    let mut rules = sessionguard_engine::RulesConfig::default();
     rules.rules.insert(
         "concurrent-use".into(),
-        sessionguard::session::config::RuleOverride {
-            action: Some(sessionguard::session::Action::Log),
+        sessionguard_engine::config::RuleOverride {
+            action: Some(sessionguard_engine::Action::Log),
             ..Default::default()
         },
     );

@@ -13,7 +13,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
-use sessionguard::session::RuleId;
+use sessionguard_engine::RuleId;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 

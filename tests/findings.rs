@@ -16,7 +16,7 @@ use bson::{doc, rawdoc, Binary, Document};
 use common::{engine_reply as reply, engine_request as send, http_get, logs, Stack};
 use serde_json::Value;
 use sessionguard::emulator::{Emulator, EmulatorConfig};
-use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::MsgFlags;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -30,7 +30,7 @@ fn a_findings_log_lines_are_its_first_violation_then_one_summary_per_interval() 
         1,
         "10.7.7.7:40000".parse().unwrap(),
         "127.0.0.1:27018".parse().unwrap(),
-        None,
+        false,
     );
     let hello = rawdoc! {
         "hello": 1,

@@ -16,7 +16,7 @@ use futures_util::{FutureExt, TryStreamExt};
 use mongodb::options::{FindOptions, ReturnDocument};
 use mongodb::{Client, Collection};
 use rules_common::{lsid, Guarded, RawClient};
-use sessionguard::session::SessionConfig;
+use sessionguard_engine::SessionConfig;
 
 const TASKS: i32 = 12;
 const ROUNDS: i32 = 6;

@@ -19,7 +19,7 @@ use bson::{doc, Document};
 use mongodb::Client;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard::proxy::ProxyHandle;
-use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -22,7 +22,7 @@ use sessionguard::config::ProxyConfig;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard::metrics::Metrics;
 use sessionguard::proxy::{Proxy, ProxyHandle};
-use sessionguard::session::{RuleId, RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RuleId, RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 

@@ -15,7 +15,7 @@ use rules_common::{
     find_cmd, hold_a_cursor_idle, lsid, Guarded, RawClient, Stack, SERVER_TIMEOUT, WAIT,
 };
 use sessionguard::emulator::EmulatorConfig;
-use sessionguard::session::{RefreshPolicy, RuleId, SessionConfig};
+use sessionguard_engine::{RefreshPolicy, RuleId, SessionConfig};
 
 fn emulator() -> EmulatorConfig {
     EmulatorConfig {

@@ -17,7 +17,7 @@ use bson::{doc, Document};
 use mongodb::error::ErrorKind;
 use mongodb::{Client, ClientSession};
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
-use sessionguard::session::SESSIONGUARD_VIOLATION_CODE;
+use sessionguard_engine::SESSIONGUARD_VIOLATION_CODE;
 
 use common::{http_get, http_request, metric, ProxyProcess};
 

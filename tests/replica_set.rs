@@ -22,8 +22,9 @@ use mongodb::options::ClientOptions;
 use mongodb::{Client, ServerType};
 use sessionguard::config::{MemberConfig, ProxyConfig};
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
+use sessionguard::inspector::EngineInspector;
 use sessionguard::proxy::{CloseCause, Proxy, ProxyHandle};
-use sessionguard::session::{RuleId, RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RuleId, RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, legacy, Frame, Message, MsgHeader, HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -73,9 +74,12 @@ impl ReplicaSet {
             &SessionConfig::default(),
             &RulesConfig::default(),
         ));
-        let proxy = Proxy::start(Arc::new(cfg), engine.clone())
-            .await
-            .expect("proxy starts");
+        let proxy = Proxy::start(
+            Arc::new(cfg),
+            Arc::new(EngineInspector::new(engine.clone())),
+        )
+        .await
+        .expect("proxy starts");
         ReplicaSet {
             members,
             proxy,

@@ -10,7 +10,7 @@ use futures_util::TryStreamExt;
 use mongodb::options::FindOptions;
 use rules_common::{find_cmd, lsid, short_of, Guarded, RawClient};
 use sessionguard::emulator::EmulatorConfig;
-use sessionguard::session::{RuleId, SessionConfig};
+use sessionguard_engine::{RuleId, SessionConfig};
 
 fn get_more(cursor_id: i64, session: Option<&Document>) -> Document {
     let mut cmd = doc! { "getMore": cursor_id, "collection": "events", "batchSize": 1 };

@@ -10,7 +10,7 @@ use bson::spec::BinarySubtype;
 use bson::{rawdoc, Binary, RawDocumentBuf};
 use common::engine_reply as reply;
 use sessionguard::proxy::CloseCause;
-use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 
 fn send(engine: &SessionEngine, conn: u64, id: i32, doc: &RawDocumentBuf, now: u64) {
     common::engine_request(engine, conn, id, doc, 0, now);
@@ -25,7 +25,7 @@ fn connect_and_authenticate(engine: &SessionEngine, conn: u64) {
         conn,
         "10.1.1.1:50000".parse().unwrap(),
         "127.0.0.1:27018".parse().unwrap(),
-        None,
+        false,
     );
     let hello = rawdoc! {
         "hello": 1,

@@ -13,7 +13,7 @@ use rules_common::{
     find_cmd, insert_cmd, lsid, session_lsid, short_of, slow_emulator, Guarded, RawClient,
 };
 use sessionguard::emulator::EmulatorConfig;
-use sessionguard::session::{RuleId, SessionConfig, Severity};
+use sessionguard_engine::{RuleId, SessionConfig, Severity};
 
 #[tokio::test]
 async fn concurrent_use_of_a_shared_global_session() {
@@ -311,7 +311,7 @@ async fn a_session_reused_after_the_server_expired_it() {
     };
     let sessions = SessionConfig {
         session_timeout: Some(Duration::from_millis(800)),
-        refresh: sessionguard::session::RefreshPolicy::Off,
+        refresh: sessionguard_engine::RefreshPolicy::Off,
         ..SessionConfig::default()
     };
     let g = Guarded::start(emulator, sessions).await;

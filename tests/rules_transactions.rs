@@ -14,7 +14,7 @@ use rules_common::{
     Guarded, RawClient,
 };
 use sessionguard::emulator::EmulatorConfig;
-use sessionguard::session::{RuleId, SessionConfig, Severity};
+use sessionguard_engine::{RuleId, SessionConfig, Severity};
 
 #[tokio::test]
 async fn promise_all_on_one_session_loses_a_write() {

@@ -18,8 +18,9 @@ use common::Stack;
 use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection};
 use sessionguard::emulator::EmulatorConfig;
-use sessionguard::session::store::StoreStats;
-use sessionguard::session::{
+use sessionguard::inspector::EngineInspector;
+use sessionguard_engine::web_store::StoreStats;
+use sessionguard_engine::{
     Mode, RuleId, RulesConfig, SessionConfig, SessionEngine, StoreConfig, ViolationRecord,
     SESSIONGUARD_VIOLATION_CODE,
 };
@@ -41,7 +42,11 @@ impl Guarded {
         stores.validate().expect("valid [stores]");
         let engine =
             Arc::new(SessionEngine::new(&sessions, &RulesConfig::default()).with_stores(&stores));
-        let stack = Stack::start_with(EmulatorConfig::default(), engine.clone()).await;
+        let stack = Stack::start_with(
+            EmulatorConfig::default(),
+            Arc::new(EngineInspector::new(engine.clone())),
+        )
+        .await;
         Guarded { stack, engine }
     }
 
@@ -63,7 +68,7 @@ impl Guarded {
         self.engine.violations().iter().map(|v| v.rule).collect()
     }
 
-    fn store(&self, label: &str) -> sessionguard::session::store::StoreCounts {
+    fn store(&self, label: &str) -> sessionguard_engine::web_store::StoreCounts {
         let StoreStats { stores, .. } = self.engine.store_stats();
         stores
             .into_iter()

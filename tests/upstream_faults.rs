@@ -22,7 +22,7 @@ use bson::{doc, Document};
 use mongodb::Client;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, EmulatorState};
 use sessionguard::proxy::{CloseCause, ProxyHandle};
-use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;

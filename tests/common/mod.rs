@@ -90,7 +90,7 @@ impl Stack {
 /// inspector and `tweak` applied to the test defaults (loopback, port 0).
 pub async fn guarded_proxy(
     upstream: SocketAddr,
-    engine: Arc<sessionguard::session::SessionEngine>,
+    engine: Arc<sessionguard_engine::SessionEngine>,
     tweak: impl FnOnce(&mut ProxyConfig),
 ) -> ProxyHandle {
     let mut config = ProxyConfig {
@@ -104,7 +104,8 @@ pub async fn guarded_proxy(
     metrics
         .register_session_engine(engine.clone())
         .expect("engine collector registers");
-    Proxy::start_with_metrics(Arc::new(config), engine, metrics)
+    let inspector = Arc::new(sessionguard::inspector::EngineInspector::new(engine));
+    Proxy::start_with_metrics(Arc::new(config), inspector, metrics)
         .await
         .expect("proxy starts")
 }
@@ -113,13 +114,13 @@ pub async fn guarded_proxy(
 /// on connection `conn` at engine time `now`: the engine alone, time driven
 /// by the test.
 pub fn engine_request(
-    engine: &sessionguard::session::SessionEngine,
+    engine: &sessionguard_engine::SessionEngine,
     conn: u64,
     id: i32,
     doc: &bson::RawDocumentBuf,
     flags: u32,
     now: u64,
-) -> sessionguard::session::Decision {
+) -> sessionguard_engine::Decision {
     as_op_msg(id, 0, flags, doc, |msg| {
         engine.request_at(conn, id, msg, now)
     })
@@ -127,7 +128,7 @@ pub fn engine_request(
 
 /// Hands `doc` to `engine` as the reply to request `to` on `conn` at `now`.
 pub fn engine_reply(
-    engine: &sessionguard::session::SessionEngine,
+    engine: &sessionguard_engine::SessionEngine,
     conn: u64,
     to: i32,
     doc: &bson::RawDocumentBuf,
@@ -368,7 +369,7 @@ pub async fn http_request(
 /// every 100 ms so `/readyz` follows the upstream quickly.
 pub async fn admin_for(
     proxy: &ProxyHandle,
-    engine: Option<Arc<sessionguard::session::SessionEngine>>,
+    engine: Option<Arc<sessionguard_engine::SessionEngine>>,
     upstream: SocketAddr,
     token: Option<&str>,
 ) -> (

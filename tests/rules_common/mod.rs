@@ -14,9 +14,9 @@ use bson::{doc, Binary, Bson, Document};
 use mongodb::options::FindOptions;
 use mongodb::Client;
 use sessionguard::emulator::EmulatorConfig;
-use sessionguard::session::{
-    spawn_refresher, RuleId, RulesConfig, SessionConfig, SessionEngine, ViolationRecord,
-};
+use sessionguard::inspector::EngineInspector;
+use sessionguard::refresher::spawn_refresher;
+use sessionguard_engine::{RuleId, RulesConfig, SessionConfig, SessionEngine, ViolationRecord};
 use sessionguard_protocol::wire::{self, op_msg, Frame, Message, MsgFlags, MsgHeader, HEADER_LEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -89,8 +89,9 @@ impl Guarded {
         sessions.validate().expect("valid [sessions]");
         rules.validate().expect("valid [rules]");
         let engine = Arc::new(SessionEngine::new(&sessions, &rules));
-        let stack = Stack::start_with(emulator, engine.clone()).await;
-        let refresher = refresher.then(|| spawn_refresher(&engine));
+        let inspector = Arc::new(EngineInspector::new(engine.clone()));
+        let stack = Stack::start_with(emulator, inspector.clone()).await;
+        let refresher = refresher.then(|| spawn_refresher(&inspector));
         Guarded {
             stack,
             engine,

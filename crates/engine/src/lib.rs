@@ -1,6 +1,21 @@
-//! Session hygiene: the ledger of every logical session the proxy sees, the
+//! sessionguard-engine: session hygiene, judged from the traffic alone.
+//!
+//! It owns the ledger of every MongoDB logical session the proxy sees, the
 //! rules that detect misuse, the violations they raise (and, in enforce
-//! mode, the rejections), and the refresher that keeps held sessions alive.
+//! mode, the rejections), findings (violations grouped by bug), the
+//! web-session stores it follows (`[stores]`), and what the refresher
+//! decides. It is handed parsed messages (`sessionguard-protocol` views)
+//! and the time; it must not do I/O: no tokio, no sockets, no clock of its
+//! own beyond `now()` (every `*_at` entry point takes the time, so a test
+//! replays any sequence deterministically), and it must never log document
+//! contents. It knows nothing of the proxy: the binary adapts it to the
+//! proxy's `Inspector` seam and drives the refresher.
+//!
+//! "Session" here always means a MongoDB logical session (`lsid`); the HTTP
+//! sessions applications keep in MongoDB are "web-session stores"
+//! (`web_store`).
+//!
+//! # Layout
 //!
 //! - [`config`]: `[sessions]` and `[rules.<id>]`, defaults, validation.
 //! - [`state`]: one session's state machine (pure data and transitions).
@@ -11,8 +26,8 @@
 //! - [`slab_map`]: the sharded map under the ledger (entries in fixed slab
 //!   chunks, a small index), so a session costs its slot at every size.
 //! - [`intern`]: small ids for names and client identities.
-//! - [`store`]: web-session stores (`[stores]`): store documents by `_id`
-//!   and `store-session-resurrected`.
+//! - [`web_store`]: web-session stores (`[stores]`): store documents by
+//!   `_id` and `store-session-resurrected`.
 //! - [`outcome`]: what waits on the server's reply: session commands and
 //!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
 //! - [`findings`]: violations grouped by bug (a stable fingerprint), the log
@@ -20,27 +35,24 @@
 //! - [`timeline`]: each connection's recent session operations, merged into
 //!   a violation's timeline.
 //! - [`engine`]: `SessionEngine`, the synchronous API the connection tasks call.
-//! - [`inspector`]: `SessionEngine` as the proxy's `Inspector`.
-//! - [`refresher`]: the background task that refreshes held sessions and
-//!   runs the time-driven checks.
-//!
-//! Nothing here does network I/O except through the proxy's `Injector`, and
-//! nothing here logs document contents.
+//! - [`refresh`]: which held sessions to refresh, on which connection, the
+//!   `refreshSessions` bytes and what the reply means (the sending is the
+//!   binary's).
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod engine;
 pub mod findings;
-pub mod inspector;
 pub mod intern;
 pub mod ledger;
 pub mod outcome;
-pub mod refresher;
+pub mod refresh;
 pub mod rules;
 pub mod slab_map;
 pub mod state;
-pub mod store;
 pub mod timeline;
 pub mod violation;
+pub mod web_store;
 
 pub use config::{Mode, RefreshPolicy, RulesConfig, SessionConfig};
 pub use engine::{Decision, EngineStats, SessionEngine};
@@ -48,9 +60,9 @@ pub use findings::{
     DistinctCount, Example, Examples, FindingDetail, FindingId, FindingSide, FindingSnapshot,
     TimelineEntry,
 };
-pub use refresher::spawn_refresher;
-pub use store::StoreConfig;
+pub use refresh::RefreshBatch;
 pub use violation::{
     Action, RuleId, Severity, StoreEvidence, ViolationRecord, SESSIONGUARD_VIOLATION_CODE,
     SESSIONGUARD_VIOLATION_CODE_NAME,
 };
+pub use web_store::StoreConfig;

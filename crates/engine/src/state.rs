@@ -801,6 +801,59 @@ pub struct ReplyFacts {
     pub write_concern_error: bool,
 }
 
+/// What the admin API shows of one session, copied out of the ledger
+/// (plain values, no strings), so no ledger lock is held while a listing
+/// is sorted and rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSummary {
+    pub first_seen: Millis,
+    pub last_used: Millis,
+    /// 0 when never refreshed.
+    pub last_refreshed: Millis,
+    /// How it ended, and when.
+    pub ended: Option<(EndKind, Millis)>,
+    pub highest_txn: Option<i64>,
+    /// The current transaction: number, phase, statements, start.
+    pub txn: Option<(i64, TxnPhase, u32, Millis)>,
+    pub in_flight: usize,
+    pub open_cursors: u16,
+    pub refreshes: u32,
+    /// The application holds it (an open transaction or cursor).
+    pub held: bool,
+}
+
+impl SessionSummary {
+    pub(crate) fn of(state: &SessionState) -> SessionSummary {
+        SessionSummary {
+            first_seen: state.first_seen,
+            last_used: state.last_used,
+            last_refreshed: state.last_refreshed,
+            ended: state.ended.as_deref().map(|e| (e.kind, e.by.at)),
+            highest_txn: state.highest_txn,
+            txn: state
+                .txn
+                .as_deref()
+                .map(|t| (t.number, t.phase, t.statements, t.started_at)),
+            in_flight: state.in_flight.len(),
+            open_cursors: state.open_cursors,
+            refreshes: state.refreshes,
+            held: state.is_held(),
+        }
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.is_some()
+    }
+
+    /// Not ended, with a transaction that holds the session.
+    pub fn in_transaction(&self) -> bool {
+        self.ended.is_none()
+            && self
+                .txn
+                .is_some_and(|(_, phase, _, _)| phase.holds_session())
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use sessionguard_protocol::command::Lsid;
 
 use super::state::{EndKind, Millis, OwnerId, RequestRef, SessionKey};
-use super::store::StoreOp;
 use super::violation::Violation;
+use super::web_store::StoreOp;
 
 /// How long the verdict on an identical request waits for the first
 /// request's outcome. A driver retries only after it gave up on the first
@@ -373,8 +373,8 @@ impl Verdicts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::ledger::tests::key;
-    use crate::session::state::tests::request;
+    use crate::ledger::tests::key;
+    use crate::state::tests::request;
 
     fn verdict(n: u8, first: i32, deadline: Millis) -> PendingVerdict {
         PendingVerdict {

@@ -1,33 +1,30 @@
-//! The refresher: keeps sessions the application still holds (an open
-//! transaction or cursor; every live session with `refresh = "all"`) from
-//! expiring on the server while they sit idle.
+//! What the refresher decides: which sessions the application still holds
+//! (an open transaction or cursor; every live session with `refresh =
+//! "all"`) are about to expire on the server while they sit idle, on which
+//! connection each `refreshSessions` goes, its bytes, and what its reply
+//! means. The sending (a timer, the connection's injector) is the binary's
+//! driver loop: this module does no I/O and keeps no clock of its own.
 //!
-//! Every `refresh_interval` it picks held sessions idle longer than
-//! `refresh_after` (default: half the server's session timeout) and younger
-//! than `refresh_max_age` since the application last used them, and sends
-//! one `refreshSessions` per connection, on a connection authenticated as
-//! the sessions' owner (the server only refreshes the sender's own
-//! sessions), through that connection's `Injector` — which waits for a
-//! moment with nothing in flight, uses a request id the client cannot
-//! collide with, and consumes the reply. Ended sessions are never refreshed.
+//! A round ([`SessionEngine::plan_refresh`]) picks held sessions idle longer
+//! than `refresh_after` (default: half the server's session timeout) and
+//! younger than `refresh_max_age` since the application last used them, and
+//! plans one `refreshSessions` per connection, on a connection authenticated
+//! as the sessions' owner (the server only refreshes the sender's own
+//! sessions) that can carry injected requests (`connect`'s `can_inject`).
+//! The driver sends each batch's [`RefreshBatch::body`] at a moment with
+//! nothing in flight and hands the reply (or why there was none) to
+//! [`SessionEngine::finish_refresh`]. Ended sessions are never refreshed.
 //! An upstream answering CommandNotSupported / CommandNotFound / AtlasError
 //! (e.g. DocumentDB-based servers) is left alone from then on; every
 //! refusal goes through the engine's one refusal path (`refused`: counted,
 //! said once per upstream and command), like the application's own.
-//!
-//! The same loop runs the engine's time-driven sweep (transactions left
-//! open, purging). It holds only a `Weak` reference, so it ends with the
-//! engine; no lock is held across an await.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use bson::{RawArrayBuf, RawDocumentBuf};
 use bytes::Bytes;
 
-use crate::proxy::inspect::{InjectError, Injector};
 use sessionguard_protocol::command::ReplyView;
 use sessionguard_protocol::wire;
 
@@ -38,15 +35,14 @@ use super::state::{millis, Millis, OwnerId, SessionKey};
 
 /// Drivers end sessions in batches of this size; refreshes follow suit.
 const MAX_SESSIONS_PER_REFRESH: usize = 10_000;
-/// The sweep (transactions left open) runs at least this often.
-const SWEEP_TICK: Duration = Duration::from_secs(1);
 
 /// One `refreshSessions` to inject on one connection.
 #[derive(Debug)]
 pub struct RefreshBatch {
+    /// The connection to send it on (the id `connect` was given).
     pub conn: u64,
-    pub upstream: u32,
-    pub injector: Injector,
+    upstream: u32,
+    /// The sessions it refreshes.
     pub keys: Vec<SessionKey>,
 }
 
@@ -117,7 +113,7 @@ impl SessionEngine {
         // Connections that can carry a refresh, per (owner, upstream).
         let mut candidates: HashMap<(OwnerId, u32), Vec<(u64, bool)>> = HashMap::new();
         for conn in self.conns.iter() {
-            if conn.injector.is_some() && conn.carried_sessions && !conn.refresh_in_progress {
+            if conn.can_inject && conn.carried_sessions && !conn.refresh_in_progress {
                 candidates
                     .entry((conn.owner, conn.upstream))
                     .or_default()
@@ -150,9 +146,6 @@ impl SessionEngine {
             let Some(mut state) = self.conns.get_mut(&conn) else {
                 continue;
             };
-            let Some(injector) = state.injector.clone() else {
-                continue;
-            };
             state.refresh_in_progress = true;
             let upstream = state.upstream;
             drop(state);
@@ -163,7 +156,6 @@ impl SessionEngine {
             plans.push(RefreshBatch {
                 conn,
                 upstream,
-                injector,
                 keys,
             });
         }
@@ -176,19 +168,15 @@ impl SessionEngine {
             .is_some_and(|u| u.refresh_unsupported.load(Ordering::Relaxed))
     }
 
-    /// Records the outcome of an injected refresh.
-    pub fn finish_refresh(
-        &self,
-        batch: &RefreshBatch,
-        result: Result<Bytes, InjectError>,
-        now: Millis,
-    ) {
+    /// Records the outcome of an injected refresh: the reply frame, or why
+    /// none came (the connection closed, the injection timed out...).
+    pub fn finish_refresh(&self, batch: &RefreshBatch, result: Result<Bytes, String>, now: Millis) {
         if let Some(mut conn) = self.conns.get_mut(&batch.conn) {
             conn.refresh_in_progress = false;
         }
         let outcome = match &result {
             Ok(frame) => reply_outcome(frame),
-            Err(error) => RefreshOutcome::Failed(error.to_string()),
+            Err(error) => RefreshOutcome::Failed(error.clone()),
         };
         self.refreshes_sent.fetch_add(1, Ordering::Relaxed);
         let refreshed = outcome == RefreshOutcome::Refreshed;
@@ -271,42 +259,13 @@ fn reply_outcome(bytes: &Bytes) -> RefreshOutcome {
     }
 }
 
-/// Runs the refresher and the sweep until the engine is dropped.
-pub fn spawn_refresher(engine: &Arc<SessionEngine>) -> tokio::task::JoinHandle<()> {
-    let weak: Weak<SessionEngine> = Arc::downgrade(engine);
-    let interval = engine.config.refresh_interval;
-    let tick = interval.min(SWEEP_TICK);
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_refresh: Option<tokio::time::Instant> = None;
-        loop {
-            ticker.tick().await;
-            let Some(engine) = weak.upgrade() else { return };
-            engine.sweep();
-            let due = last_refresh.is_none_or(|at| at.elapsed() >= interval);
-            if !due {
-                continue;
-            }
-            last_refresh = Some(tokio::time::Instant::now());
-            for batch in engine.plan_refresh(engine.now()) {
-                let weak = Arc::downgrade(&engine);
-                tokio::spawn(async move {
-                    let result = batch.injector.inject(batch.body()).await;
-                    if let Some(engine) = weak.upgrade() {
-                        engine.finish_refresh(&batch, result, engine.now());
-                    }
-                });
-            }
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-    use crate::session::config::{RulesConfig, SessionConfig};
-    use crate::session::engine::tests::{connect, engine_with, find, lsid, ok, reply, send, PEER};
+    use crate::config::{RulesConfig, SessionConfig};
+    use crate::engine::tests::{connect, engine_with, find, lsid, ok, reply, send, PEER};
     use bson::rawdoc;
     use sessionguard_protocol::wire::op_msg::encode;
     use sessionguard_protocol::wire::MsgFlags;
@@ -458,7 +417,11 @@ mod tests {
         connect(&engine, 1, PEER, "web");
         hold_cursor(&engine, 1, 6, 10);
         let plans = engine.plan_refresh(5 * SECOND);
-        engine.finish_refresh(&plans[0], Err(InjectError::Closed), 5 * SECOND);
+        engine.finish_refresh(
+            &plans[0],
+            Err("the connection is closed".to_string()),
+            5 * SECOND,
+        );
         assert_eq!(engine.stats().refresh_failures, 1);
         assert_eq!(engine.stats().sessions_refreshed, 0);
         assert_eq!(
@@ -466,16 +429,5 @@ mod tests {
             1,
             "still due: the refresh did not happen"
         );
-    }
-
-    #[tokio::test]
-    async fn the_task_stops_with_the_engine() {
-        let engine = Arc::new(engine(RefreshPolicy::Held));
-        let task = spawn_refresher(&engine);
-        drop(engine);
-        tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the refresher ends")
-            .unwrap();
     }
 }

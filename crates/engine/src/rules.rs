@@ -731,9 +731,9 @@ pub fn cross_client_sharing(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::intern::normalize_ip;
-    use crate::session::state::tests::{facts, request};
-    use crate::session::state::{OwnerId, RetryableWrite, Transaction};
+    use crate::intern::normalize_ip;
+    use crate::state::tests::{facts, request};
+    use crate::state::{OwnerId, RetryableWrite, Transaction};
     use sessionguard_protocol::command::Lsid;
 
     struct TestNames {

@@ -4,7 +4,7 @@
 //! errors name the key, their resolution into the per-rule settings the
 //! engine uses, and `LiveRules`, the holder a reload swaps those settings in
 //! (whole, consistently, with no lock and no shared write on the request path).
-//! `src/config.rs` embeds these types; nothing here does I/O.
+//! The binary's configuration file embeds these types; nothing here does I/O.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -42,7 +42,8 @@ pub const DEFAULT_SERVER_SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60
 
 /// `observe` reports; `enforce` also rejects requests that break an
 /// error-severity rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Report misuse, reject only what a rule's own `action` says.

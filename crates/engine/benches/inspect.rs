@@ -16,7 +16,7 @@ use bson::{rawdoc, Binary, RawDocumentBuf};
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use sessionguard::session::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 
 fn lsid(n: u8) -> RawDocumentBuf {
@@ -108,7 +108,7 @@ fn engine() -> SessionEngine {
     let engine = SessionEngine::new(&SessionConfig::default(), &RulesConfig::default());
     let peer: SocketAddr = ([10, 0, 0, 1], 50000).into();
     let local: SocketAddr = ([127, 0, 0, 1], 27018).into();
-    engine.connect(1, peer, local, None);
+    engine.connect(1, peer, local, false);
     engine
 }
 
@@ -196,7 +196,7 @@ fn flood(c: &mut Criterion) {
         2,
         ([10, 0, 0, 1], 50001).into(),
         ([127, 0, 0, 1], 27018).into(),
-        None,
+        false,
     );
     let blocker = rawdoc! {
         "insert": "orders", "lsid": lsid(1), "txnNumber": 1_i64, "$db": "shop",

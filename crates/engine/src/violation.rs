@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::findings::FindingId;
 use super::state::{Millis, RequestRef, SessionKey};
-use super::store::StoreFinding;
+use super::web_store::StoreFinding;
 
 /// The code of every reply sessionguard writes when it rejects a request.
 ///
@@ -565,7 +565,7 @@ mod tests {
 
     #[test]
     fn explanations_and_fixes_are_the_readmes() {
-        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
         for rule in RuleId::ALL {
             assert_eq!(
                 readme_paragraph(readme, rule, "Means").as_deref(),

@@ -51,14 +51,14 @@ use super::outcome::{
 use super::rules::{self, CursorEvent, EndEvent, Names, Overlap, RequestEvent, RuleContext};
 use super::state::{
     millis, ClientId, CommandClass, EndKind, InFlight, Millis, OwnerId, ReplyFacts, RequestFacts,
-    RequestRef, SessionKey, Sym, TxnEvents,
+    RequestRef, SessionKey, SessionSummary, Sym, TxnEvents,
 };
-use super::store::{StoreConfig, StoreStats, StoreTracker};
 use super::timeline::{Gather, OpRing, OpSlot, Timeline};
 use super::violation::{
     Action, RequestEvidence, RuleId, Severity, StoreEvidence, Violation, ViolationRecord,
     SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
 };
+use super::web_store::{StoreConfig, StoreStats, StoreTracker};
 
 /// Server error codes the engine reads replies for.
 const NO_SUCH_TRANSACTION: i32 = 251;
@@ -211,7 +211,8 @@ pub(crate) struct ConnState {
     effects: Vec<(i32, Effect)>,
     /// Recent session operations, for violations' timelines.
     ops: OpRing,
-    pub(crate) injector: Option<crate::proxy::inspect::Injector>,
+    /// The proxy can send the engine's own requests (a refresh) on it.
+    pub(crate) can_inject: bool,
     /// A refresh injected on this connection has not answered yet.
     pub(crate) refresh_in_progress: bool,
     /// The application sent session traffic on it (monitoring connections
@@ -461,6 +462,11 @@ impl SessionEngine {
         self.config.refresh
     }
 
+    /// How often the refresher looks for sessions to refresh.
+    pub fn refresh_interval(&self) -> Duration {
+        self.config.refresh_interval
+    }
+
     /// Puts the live part of a reloaded configuration in force: the mode,
     /// every `[rules.<id>]` setting and `sessions.transaction_max_open`.
     /// Requests already being judged finish under the settings they
@@ -503,14 +509,11 @@ impl SessionEngine {
 
     // ---- connections ----
 
-    /// A client connected (`local`: the listener it reached).
-    pub fn connect(
-        &self,
-        conn: u64,
-        peer: SocketAddr,
-        local: SocketAddr,
-        injector: Option<crate::proxy::inspect::Injector>,
-    ) {
+    /// A client connected (`local`: the listener it reached). `can_inject`:
+    /// the caller can send requests of the engine's own on this connection's
+    /// upstream (the refresher's `refreshSessions`), so refreshes may be
+    /// planned on it.
+    pub fn connect(&self, conn: u64, peer: SocketAddr, local: SocketAddr, can_inject: bool) {
         let upstream = self.upstream_id(local);
         let identity = ClientIdentity {
             peer: Some(normalize_ip(peer.ip())),
@@ -529,7 +532,7 @@ impl SessionEngine {
                 pending: Vec::new(),
                 effects: Vec::new(),
                 ops: OpRing::default(),
-                injector,
+                can_inject,
                 refresh_in_progress: false,
                 carried_sessions: false,
                 txn_sessions: Vec::new(),
@@ -998,7 +1001,7 @@ impl SessionEngine {
         inspected: &Inspected<'_>,
         end_kind: Option<EndKind>,
         ended_in_flight: Vec<Violation>,
-        destroys: Vec<super::store::StoreOp>,
+        destroys: Vec<super::web_store::StoreOp>,
         now: Millis,
     ) {
         let facts = &inspected.facts;
@@ -1800,6 +1803,32 @@ impl SessionEngine {
             .collect()
     }
 
+    /// A summary of every tracked session that `keep` accepts (ended
+    /// sessions kept as tombstones included), in no particular order.
+    pub fn session_summaries(
+        &self,
+        mut keep: impl FnMut(&SessionSummary) -> bool,
+    ) -> Vec<(SessionKey, SessionSummary)> {
+        self.ledger
+            .all_keys()
+            .into_iter()
+            .filter_map(|key| {
+                self.ledger
+                    .read(&key, |state| {
+                        let summary = SessionSummary::of(state);
+                        keep(&summary).then_some(summary)
+                    })
+                    .flatten()
+                    .map(|summary| (key, summary))
+            })
+            .collect()
+    }
+
+    /// The user `owner` stands for (`user@db`), if known.
+    pub fn owner_name(&self, owner: OwnerId) -> Option<Arc<str>> {
+        self.tables.owner_name(owner)
+    }
+
     /// Web-session store counters, by store label (for metrics).
     pub fn store_stats(&self) -> StoreStats {
         self.stores.stats()
@@ -1959,13 +1988,13 @@ fn log_summary(summary: &Summary) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::session::config::Mode;
+    use crate::config::Mode;
     use bson::spec::BinarySubtype;
     use bson::{rawdoc, Binary, RawDocumentBuf};
     use sessionguard_protocol::wire::op_msg::encode;
     use sessionguard_protocol::wire::{MsgFlags, OpMsg, HEADER_LEN};
 
-    use crate::session::outcome::{Refusal, SessionCommand};
+    use crate::outcome::{Refusal, SessionCommand};
     use sessionguard_protocol::command::Lsid;
 
     pub(crate) const PEER: &str = "10.1.1.1:50000";
@@ -1984,14 +2013,9 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn connect(engine: &SessionEngine, conn: u64, peer: &str, app: &str) {
-        // A detached injector: every injection fails with Closed.
-        let injector = Some(crate::proxy::inspect::Injector::detached());
-        engine.connect(
-            conn,
-            peer.parse().unwrap(),
-            LISTENER.parse().unwrap(),
-            injector,
-        );
+        // Refreshes may be planned on it (the tests hand the engine their
+        // outcomes).
+        engine.connect(conn, peer.parse().unwrap(), LISTENER.parse().unwrap(), true);
         let hello = rawdoc! {
             "hello": 1,
             "client": { "driver": { "name": "mongo-rust-driver", "version": "3.3.0" }, "application": { "name": app } },
@@ -2177,7 +2201,7 @@ pub(crate) mod tests {
         let mut rules = RulesConfig::default();
         rules.rules.insert(
             "concurrent-use".into(),
-            crate::session::config::RuleOverride {
+            crate::config::RuleOverride {
                 action: Some(Action::Reject),
                 ..Default::default()
             },
@@ -2699,7 +2723,7 @@ pub(crate) mod tests {
         let engine = engine();
         connect(&engine, 1, PEER, "web");
         connect(&engine, 2, PEER, "web");
-        let sessions = super::super::outcome::MAX_PENDING_VERDICTS + 1;
+        let sessions = crate::outcome::MAX_PENDING_VERDICTS + 1;
         for n in 0..sessions {
             let id = i32::try_from(n).unwrap();
             let session = rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: [id.to_le_bytes(), [7; 4], [7; 4], [7; 4]].concat() } };
@@ -2710,7 +2734,7 @@ pub(crate) mod tests {
         let stats = engine.stats();
         assert_eq!(
             stats.retry_verdicts_pending,
-            super::super::outcome::MAX_PENDING_VERDICTS
+            crate::outcome::MAX_PENDING_VERDICTS
         );
         assert_eq!(stats.retry_verdicts_unjudged, 1);
         // Every first is answered: each judged verdict reports, the one left
@@ -2721,7 +2745,7 @@ pub(crate) mod tests {
         let counts = engine.violation_counts();
         assert_eq!(
             counts[RuleId::ConcurrentUse.index()].1,
-            super::super::outcome::MAX_PENDING_VERDICTS as u64
+            crate::outcome::MAX_PENDING_VERDICTS as u64
         );
         assert_eq!(engine.stats().retry_verdicts_pending, 0);
     }
@@ -3232,7 +3256,7 @@ pub(crate) mod tests {
         let mut rules = RulesConfig::default();
         rules.rules.insert(
             "txn-left-open".into(),
-            crate::session::config::RuleOverride {
+            crate::config::RuleOverride {
                 enabled: Some(false),
                 ..Default::default()
             },
@@ -3527,7 +3551,7 @@ pub(crate) mod tests {
         let mut rules = RulesConfig::default();
         rules.rules.insert(
             "concurrent-use".into(),
-            crate::session::config::RuleOverride {
+            crate::config::RuleOverride {
                 enabled: Some(false),
                 ..Default::default()
             },

@@ -372,8 +372,8 @@ impl SessionLedger {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::session::state::tests::{facts, request};
-    use crate::session::state::{CommandClass, OwnerId};
+    use crate::state::tests::{facts, request};
+    use crate::state::{CommandClass, OwnerId};
     use sessionguard_protocol::command::Lsid;
 
     /// Session `n` of the unknown owner.

@@ -876,7 +876,7 @@ fn looks_like_store_write(view: &RequestView<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::state::Sym;
+    use crate::state::Sym;
     use bson::{rawdoc, DateTime, RawDocumentBuf};
     use sessionguard_protocol::wire::op_msg::encode;
     use sessionguard_protocol::wire::{Message, MsgFlags, OpMsg, HEADER_LEN};

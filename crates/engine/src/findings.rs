@@ -778,8 +778,8 @@ pub(crate) fn timeline_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::intern::ClientIdentity;
-    use crate::session::state::{OwnerId, RequestRef};
+    use crate::intern::ClientIdentity;
+    use crate::state::{OwnerId, RequestRef};
     use sessionguard_protocol::command::Lsid;
 
     /// Symbols 1.. are "find", "insert", "app.items", "app.orders";
@@ -1114,12 +1114,10 @@ mod engine_tests {
     use bson::rawdoc;
 
     use super::*;
-    use crate::session::config::SessionConfig;
-    use crate::session::engine::tests::{
-        connect, engine_with, find, insert, lsid, ok, reply, send, PEER,
-    };
-    use crate::session::timeline::TIMELINE_LEN;
-    use crate::session::{RulesConfig, SessionEngine};
+    use crate::config::SessionConfig;
+    use crate::engine::tests::{connect, engine_with, find, insert, lsid, ok, reply, send, PEER};
+    use crate::timeline::TIMELINE_LEN;
+    use crate::{RulesConfig, SessionEngine};
     use sessionguard_protocol::command::Lsid;
     use sessionguard_protocol::wire::MsgFlags;
 

@@ -268,7 +268,7 @@ impl Gather {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::state::{ClientId, OwnerId, Sym};
+    use crate::state::{ClientId, OwnerId, Sym};
     use sessionguard_protocol::command::Lsid;
 
     fn key(n: u8) -> SessionKey {
