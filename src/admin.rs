@@ -81,10 +81,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{AdminToken, ProxyConfig};
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
-use crate::proxy::upstream::{self, HostPort};
 use crate::reload::Reloader;
 use sessionguard_engine::state::{EndKind, Millis, SessionKey, SessionSummary, TxnPhase};
 use sessionguard_engine::{SessionEngine, ViolationRecord};
+use sessionguard_proxy::upstream::{self, HostPort};
 
 /// `/sessions` returns at most this many sessions unless `limit` says fewer.
 pub const DEFAULT_SESSIONS_LIMIT: usize = 1000;
@@ -122,9 +122,10 @@ impl AdminContext {
         metrics: Arc<Metrics>,
         engine: Option<Arc<SessionEngine>>,
     ) -> Result<AdminContext, crate::config::ConfigError> {
-        let targets = crate::proxy::listener_plan(config)?
+        let targets = config
+            .listener_plan()?
             .into_iter()
-            .map(|(upstream, _, _)| upstream)
+            .map(|listener| listener.upstream)
             .collect();
         Ok(AdminContext {
             metrics,

@@ -7,13 +7,18 @@
 //! config is reported before any side effect.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::proxy::upstream::ConnectionString;
 use sessionguard_engine::config::{Mode, RulesConfig, SessionConfig};
+use sessionguard_proxy::tls::{ListenTls, UpstreamTls};
+use sessionguard_proxy::upstream::ConnectionString;
+use sessionguard_proxy::{ListenTlsError, ListenerPlan, ProxySettings};
+
+/// `[proxy.tls]` (defined by the proxy, which reads its files).
+pub use sessionguard_proxy::tls::{ListenTlsConfig, DEFAULT_TLS_HANDSHAKE_TIMEOUT};
 
 /// Address the proxy accepts application connections on.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
@@ -41,8 +46,6 @@ pub const DEFAULT_FRAME_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an injected request (e.g. refreshSessions) may wait for a quiet
 /// moment on its connection plus its reply.
 pub const DEFAULT_INJECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to complete the TLS handshake with the proxy.
-pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default log verbosity (a `tracing` filter directive).
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -140,69 +143,6 @@ pub struct MemberConfig {
     pub advertise: Option<String>,
 }
 
-/// A member listener to start, as resolved from `[[members]]` or
-/// `proxy.member_base_port` (validated).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberPlan {
-    /// The member this listener dials (and whose address hello replies carry).
-    pub upstream: crate::proxy::upstream::HostPort,
-    /// What the listener binds.
-    pub listen: String,
-    /// What drivers are told; `None` = the bound listen address.
-    pub advertise: Option<String>,
-}
-
-/// `[proxy.tls]`: the certificate the proxy presents to applications and,
-/// optionally, the CA their client certificates must chain to. Files are
-/// read when the proxy starts (errors name the key), not by `validate`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenTlsConfig {
-    /// PEM certificate chain, leaf first.
-    pub cert_file: PathBuf,
-    /// PEM private key of the leaf certificate (unencrypted).
-    pub key_file: PathBuf,
-    /// PEM CA certificates that client certificates are checked against.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_ca_file: Option<PathBuf>,
-    /// Refuse clients without a valid certificate (needs `client_ca_file`).
-    #[serde(default)]
-    pub require_client_cert: bool,
-    #[serde(default = "default_tls_handshake_timeout", with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-}
-
-fn default_tls_handshake_timeout() -> Duration {
-    DEFAULT_TLS_HANDSHAKE_TIMEOUT
-}
-
-impl ListenTlsConfig {
-    /// Shape checks only (files are read at startup).
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        for (key, path) in [
-            ("proxy.tls.cert_file", &self.cert_file),
-            ("proxy.tls.key_file", &self.key_file),
-        ] {
-            if path.as_os_str().is_empty() {
-                return Err(ConfigError::key(key, "must name a PEM file"));
-            }
-        }
-        if self.require_client_cert && self.client_ca_file.is_none() {
-            return Err(ConfigError::key(
-                "proxy.tls.require_client_cert",
-                "needs proxy.tls.client_ca_file (the CA client certificates must chain to)",
-            ));
-        }
-        if self.handshake_timeout.is_zero() {
-            return Err(ConfigError::key(
-                "proxy.tls.handshake_timeout",
-                "must be greater than 0",
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// A secret that never reaches logs or rendered configuration: `Debug` and
 /// `Serialize` print `<redacted>`.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -262,7 +202,7 @@ impl ProxyConfig {
         validate_host_port("proxy.listen", &self.listen)?;
         validate_host_port("proxy.admin", &self.admin)?;
         let upstream = self.upstream_connection_string()?;
-        crate::proxy::tls::TlsOptions::parse(&upstream)
+        sessionguard_proxy::tls::TlsOptions::parse(&upstream)
             .map_err(|e| ConfigError::key("proxy.upstream", e))?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
@@ -320,7 +260,7 @@ impl ProxyConfig {
 
     /// The member listeners to start: empty in single-upstream mode. Every
     /// error names its key (`members[1].advertise: ...`).
-    pub fn member_plan(&self) -> Result<Vec<MemberPlan>, ConfigError> {
+    pub fn member_plan(&self) -> Result<Vec<ListenerPlan>, ConfigError> {
         if let Some(host) = &self.advertise_host {
             if self.member_base_port.is_none() {
                 return Err(ConfigError::key(
@@ -377,7 +317,7 @@ impl ProxyConfig {
         Ok(plan)
     }
 
-    fn base_port_plan(&self, base: u16) -> Result<Vec<MemberPlan>, ConfigError> {
+    fn base_port_plan(&self, base: u16) -> Result<Vec<ListenerPlan>, ConfigError> {
         let upstream = self.upstream_connection_string()?;
         let key = "proxy.member_base_port";
         if base == 0 {
@@ -411,7 +351,7 @@ impl ProxyConfig {
             .hosts
             .iter()
             .zip(base..)
-            .map(|(host, port)| MemberPlan {
+            .map(|(host, port)| ListenerPlan {
                 upstream: host.clone(),
                 listen: format!("{listen_host}:{port}"),
                 advertise: Some(format!("{advertise_host}:{port}")),
@@ -421,16 +361,13 @@ impl ProxyConfig {
 }
 
 impl MemberConfig {
-    fn plan(&self, index: usize) -> Result<MemberPlan, ConfigError> {
+    fn plan(&self, index: usize) -> Result<ListenerPlan, ConfigError> {
         let key = |field: &str| format!("members[{index}].{field}");
         validate_host_port(&key("upstream"), &self.upstream)?;
-        let upstream = crate::proxy::upstream::ConnectionString::parse(&format!(
-            "mongodb://{}",
-            self.upstream
-        ))
-        .map_err(|e| ConfigError::key(key("upstream"), e))?
-        .hosts
-        .remove(0);
+        let upstream = ConnectionString::parse(&format!("mongodb://{}", self.upstream))
+            .map_err(|e| ConfigError::key(key("upstream"), e))?
+            .hosts
+            .remove(0);
         validate_host_port(&key("listen"), &self.listen)?;
         match &self.advertise {
             Some(advertise) => {
@@ -462,7 +399,7 @@ impl MemberConfig {
                 }
             }
         }
-        Ok(MemberPlan {
+        Ok(ListenerPlan {
             upstream,
             listen: self.listen.clone(),
             advertise: self.advertise.clone(),
@@ -491,6 +428,41 @@ impl ProxyConfig {
     /// The parsed `upstream` connection string.
     pub fn upstream_connection_string(&self) -> Result<ConnectionString, ConfigError> {
         ConnectionString::parse(&self.upstream).map_err(|e| ConfigError::key("proxy.upstream", e))
+    }
+
+    /// What each listener dials, binds and advertises (the readiness probe
+    /// dials the same upstreams).
+    pub fn listener_plan(&self) -> Result<Vec<ListenerPlan>, ConfigError> {
+        Ok(sessionguard_proxy::listener_plan(
+            &self.listen,
+            &self.upstream_connection_string()?,
+            self.member_plan()?,
+        ))
+    }
+
+    /// The data path's settings: validated, with the TLS files read (a bad
+    /// one is a configuration error naming its key, reported before any port
+    /// is bound).
+    pub fn settings(&self) -> Result<ProxySettings, ConfigError> {
+        self.validate()?;
+        let upstream = self.upstream_connection_string()?;
+        let upstream_tls = UpstreamTls::from_connection_string(&upstream)
+            .map_err(|e| ConfigError::key("proxy.upstream", e))?;
+        let listen_tls = self.tls.as_ref().map(ListenTls::load).transpose()?;
+        Ok(ProxySettings {
+            listen: self.listen.clone(),
+            members: self.member_plan()?,
+            upstream,
+            upstream_tls,
+            listen_tls,
+            max_connections: self.max_connections,
+            max_message_size: self.max_message_size,
+            connect_timeout: self.connect_timeout,
+            drain_grace: self.drain_grace,
+            frame_read_timeout: self.frame_read_timeout,
+            inject_timeout: self.inject_timeout,
+            clients_connect_directly: self.clients_connect_directly,
+        })
     }
 }
 
@@ -616,6 +588,12 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+impl From<ListenTlsError> for ConfigError {
+    fn from(e: ListenTlsError) -> ConfigError {
+        ConfigError::key(e.key, e.problem)
+    }
+}
 
 impl Config {
     /// Reads, parses and validates a TOML file.

@@ -32,10 +32,11 @@ use crate::config::ProxyConfig;
 use crate::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use crate::inspector::EngineInspector;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, ProxyHandle};
 use crate::report::ReportedFinding;
+use crate::start::start_proxy;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, op_msg, FrameCodec, Message, MsgFlags};
+use sessionguard_proxy::ProxyHandle;
 
 type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -77,10 +78,10 @@ impl DemoStack {
         ));
         let metrics = Arc::new(Metrics::new());
         metrics.register_session_engine(engine.clone())?;
-        let proxy = Proxy::start_with_metrics(
-            Arc::new(config),
+        let proxy = start_proxy(
+            &config,
             Arc::new(EngineInspector::new(engine.clone())),
-            metrics.clone(),
+            &metrics,
         )
         .await?;
         let admin_shutdown = CancellationToken::new();

@@ -20,12 +20,13 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, LogFormat, Overrides, ProxyConfig};
 use crate::inspector::EngineInspector;
-use crate::proxy::upstream::ConnectionString;
-use crate::proxy::Proxy;
+use crate::metrics::Metrics;
 use crate::refresher::spawn_refresher;
 use crate::report::{self, ChildOutcome, FailOn, Report, RunInfo};
+use crate::start::start_proxy;
 use sessionguard_engine::config::ResolvedRules;
 use sessionguard_engine::SessionEngine;
+use sessionguard_proxy::upstream::ConnectionString;
 
 /// Environment variable set for the child when no `--env-var` is given.
 pub const DEFAULT_ENV_VAR: &str = "MONGODB_URI";
@@ -225,7 +226,8 @@ async fn run(plan: Plan) -> u8 {
         clients_connect_directly: true,
         ..plan.config.proxy.clone()
     };
-    let proxy = match Proxy::start(Arc::new(proxy_config), inspector).await {
+    // Nothing reads the metrics of a private proxy.
+    let proxy = match start_proxy(&proxy_config, inspector, &Metrics::new()).await {
         Ok(proxy) => proxy,
         Err(e) => {
             eprintln!("sessionguard exec: error: cannot start the proxy: {e}");

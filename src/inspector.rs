@@ -8,11 +8,13 @@
 
 use std::sync::Arc;
 
-use crate::proxy::{ConnContext, InFlightRequest, Injector, Inspector, ReplyVerdict, Verdict};
 use dashmap::DashMap;
 use sessionguard_engine::{Decision, SessionEngine};
 use sessionguard_protocol::wire::{Frame, Message};
 use sessionguard_protocol::CloseCause;
+use sessionguard_proxy::{
+    ConnContext, InFlightRequest, Injector, Inspector, ReplyVerdict, Verdict,
+};
 
 /// `SessionEngine` behind the proxy's `Inspector` seam.
 #[derive(Debug)]

@@ -18,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 use sessionguard::config::{parse_duration, Config, LogConfig, LogFormat, Overrides};
 use sessionguard::emulator::{EmulatorConfig, Profile, Topology};
-use sessionguard::proxy::Proxy;
 
 /// Exit code for a configuration error (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -205,8 +204,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 /// here, so a bad file is a configuration error (exit 64) reported before any
 /// port is bound, by `check-config` as well as by `proxy`.
 fn check_tls_files(config: &Config) -> Result<(), sessionguard::config::ConfigError> {
-    let upstream = config.proxy.upstream_connection_string()?;
-    sessionguard::proxy::tls::from_config(&config.proxy, &upstream).map(|_| ())
+    config.proxy.settings().map(|_| ())
 }
 
 /// The runtime every async subcommand runs on; when it cannot be built,
@@ -362,15 +360,14 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let proxy_config = Arc::new(config.proxy.clone());
     // `proxy.inspect = false`: a plain forwarder (the benchmark's baseline).
-    let inspector: Arc<dyn sessionguard::proxy::Inspector> = if config.proxy.inspect {
+    let inspector: Arc<dyn sessionguard_proxy::Inspector> = if config.proxy.inspect {
         engine_inspector
     } else {
         tracing::warn!("proxy.inspect = false: frames are forwarded without session tracking");
-        Arc::new(sessionguard::proxy::NoopInspector)
+        Arc::new(sessionguard_proxy::NoopInspector)
     };
-    let proxy = match Proxy::start_with_metrics(proxy_config, inspector, metrics).await {
+    let proxy = match sessionguard::start::start_proxy(&config.proxy, inspector, &metrics).await {
         Ok(proxy) => proxy,
         Err(e) => {
             tracing::error!(listen = %config.proxy.listen, error = %e, "cannot start the proxy");

@@ -48,7 +48,7 @@ pub fn spawn_refresher(inspector: &Arc<EngineInspector>) -> tokio::task::JoinHan
                     // outcome as an injection its close cut short.
                     let result = match injector {
                         Some(injector) => injector.inject(batch.body()).await,
-                        None => Err(crate::proxy::InjectError::Closed),
+                        None => Err(sessionguard_proxy::InjectError::Closed),
                     };
                     if let Some(engine) = engine.upgrade() {
                         let result = result.map_err(|error| error.to_string());

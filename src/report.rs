@@ -28,7 +28,6 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::proxy::upstream::ConnectionString;
 use sessionguard_engine::config::ResolvedRules;
 use sessionguard_engine::timeline::Role;
 use sessionguard_engine::violation::RequestEvidence;
@@ -36,6 +35,7 @@ use sessionguard_engine::{
     FindingDetail, FindingId, FindingSide, FindingSnapshot, RuleId, SessionEngine, Severity,
     StoreEvidence, TimelineEntry, ViolationRecord,
 };
+use sessionguard_proxy::upstream::ConnectionString;
 
 /// The JSON schema version; bumped only when a field changes meaning or
 /// disappears (adding fields keeps it).

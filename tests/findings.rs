@@ -135,7 +135,11 @@ impl Harness {
         let (admin, admin_shutdown) =
             common::admin_for(&proxy, Some(engine.clone()), emulator.addr(), None).await;
         Harness {
-            stack: Stack { emulator, proxy },
+            stack: Stack {
+                emulator,
+                proxy: proxy.handle,
+                metrics: proxy.metrics,
+            },
             engine,
             admin: admin.local_addr,
             admin_shutdown,
@@ -153,7 +157,7 @@ impl Harness {
     }
 
     fn violations_metric(&self, rule: &str) -> f64 {
-        let exposition = self.stack.proxy.metrics().render();
+        let exposition = self.stack.metrics.render();
         common::metric(
             &exposition,
             &format!("sessionguard_violations_total{{action=\"log\",rule=\"{rule}\"}}"),

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use bson::{doc, Document};
 use mongodb::Client;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
-use sessionguard::proxy::ProxyHandle;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,7 +37,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct Guarded {
     emulator: EmulatorHandle,
     engine: Arc<SessionEngine>,
-    proxy: ProxyHandle,
+    proxy: common::GuardedProxy,
 }
 
 impl Guarded {
@@ -292,7 +291,7 @@ async fn close_line((peer, mark): (SocketAddr, usize)) -> String {
     let appeared = common::Stack::eventually(WAIT, || {
         found = logs::containing_since(mark, &needle)
             .into_iter()
-            .filter(|l| l.contains("connection closed") && l.contains("sessionguard::proxy"))
+            .filter(|l| l.contains("connection closed") && l.contains("sessionguard_proxy"))
             .collect();
         !found.is_empty()
     })

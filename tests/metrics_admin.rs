@@ -21,7 +21,6 @@ use sessionguard::admin::{self, AdminContext, AdminServer};
 use sessionguard::config::ProxyConfig;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard::metrics::Metrics;
-use sessionguard::proxy::{Proxy, ProxyHandle};
 use sessionguard_engine::{RuleId, RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +31,7 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Harness {
     emulator: Option<EmulatorHandle>,
     engine: Arc<SessionEngine>,
-    proxy: ProxyHandle,
+    proxy: common::GuardedProxy,
     admin: AdminServer,
     admin_shutdown: CancellationToken,
 }
@@ -594,10 +593,10 @@ async fn one_replica_set_member_down_keeps_readyz_ready_and_all_down_does_not() 
         ..ProxyConfig::default()
     };
     let metrics = Arc::new(Metrics::new());
-    let proxy = Proxy::start_with_metrics(
-        Arc::new(config.clone()),
-        Arc::new(sessionguard::proxy::NoopInspector),
-        metrics.clone(),
+    let proxy = sessionguard::start::start_proxy(
+        &config,
+        Arc::new(sessionguard_proxy::NoopInspector),
+        &metrics,
     )
     .await
     .expect("proxy starts");

@@ -20,12 +20,14 @@ use common::Stack;
 use futures_util::StreamExt;
 use sessionguard::config::ProxyConfig;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
-use sessionguard::proxy::{
-    CloseCause, ConnContext, InFlightRequest, InjectError, Inspector, NoopInspector, Proxy,
-    ProxyHandle, ReplyVerdict, Verdict,
-};
+use sessionguard::metrics::Metrics;
+use sessionguard::start::start_proxy;
 use sessionguard_protocol::wire::{
     self, legacy, op_compressed, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode,
+};
+use sessionguard_proxy::{
+    CloseCause, ConnContext, InFlightRequest, InjectError, Inspector, NoopInspector, ProxyHandle,
+    ReplyVerdict, Verdict,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -65,7 +67,7 @@ fn proxy_config(upstream: SocketAddr) -> ProxyConfig {
 }
 
 async fn proxy(config: ProxyConfig, inspector: Arc<dyn Inspector>) -> ProxyHandle {
-    Proxy::start(Arc::new(config), inspector)
+    start_proxy(&config, inspector, &Metrics::new())
         .await
         .expect("proxy starts")
 }

@@ -23,9 +23,11 @@ use mongodb::{Client, ServerType};
 use sessionguard::config::{MemberConfig, ProxyConfig};
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
 use sessionguard::inspector::EngineInspector;
-use sessionguard::proxy::{CloseCause, Proxy, ProxyHandle};
+use sessionguard::metrics::Metrics;
+use sessionguard::start::start_proxy;
 use sessionguard_engine::{RuleId, RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, legacy, Frame, Message, MsgHeader, HEADER_LEN};
+use sessionguard_proxy::{CloseCause, ProxyHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -74,9 +76,10 @@ impl ReplicaSet {
             &SessionConfig::default(),
             &RulesConfig::default(),
         ));
-        let proxy = Proxy::start(
-            Arc::new(cfg),
+        let proxy = start_proxy(
+            &cfg,
             Arc::new(EngineInspector::new(engine.clone())),
+            &Metrics::new(),
         )
         .await
         .expect("proxy starts");

@@ -9,8 +9,8 @@ mod common;
 use bson::spec::BinarySubtype;
 use bson::{rawdoc, Binary, RawDocumentBuf};
 use common::engine_reply as reply;
-use sessionguard::proxy::CloseCause;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_proxy::CloseCause;
 
 fn send(engine: &SessionEngine, conn: u64, id: i32, doc: &RawDocumentBuf, now: u64) {
     common::engine_request(engine, conn, id, doc, 0, now);

@@ -23,7 +23,9 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use sessionguard::config::{ListenTlsConfig, ProxyConfig};
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
-use sessionguard::proxy::{NoopInspector, Proxy, ProxyHandle};
+use sessionguard::metrics::Metrics;
+use sessionguard::start::start_proxy;
+use sessionguard_proxy::{NoopInspector, ProxyHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A certificate authority made for one test.
@@ -219,7 +221,7 @@ async fn proxy(upstream: String, tls: Option<ListenTlsConfig>) -> ProxyHandle {
         tls,
         ..ProxyConfig::default()
     };
-    Proxy::start(Arc::new(config), Arc::new(NoopInspector))
+    start_proxy(&config, Arc::new(NoopInspector), &Metrics::new())
         .await
         .expect("proxy starts")
 }
@@ -600,7 +602,7 @@ async fn bad_tls_files_fail_the_start_naming_the_key() {
         tls: Some(listen),
         ..ProxyConfig::default()
     };
-    let err = Proxy::start(Arc::new(config), Arc::new(NoopInspector))
+    let err = start_proxy(&config, Arc::new(NoopInspector), &Metrics::new())
         .await
         .unwrap_err()
         .to_string();
@@ -617,7 +619,7 @@ async fn bad_tls_files_fail_the_start_naming_the_key() {
         tls: Some(listen),
         ..ProxyConfig::default()
     };
-    let err = Proxy::start(Arc::new(config), Arc::new(NoopInspector))
+    let err = start_proxy(&config, Arc::new(NoopInspector), &Metrics::new())
         .await
         .unwrap_err()
         .to_string();
@@ -631,7 +633,7 @@ async fn bad_tls_files_fail_the_start_naming_the_key() {
         upstream: "mongodb://h/?tls=true&tlsCAFile=/nonexistent/ca.pem".to_string(),
         ..ProxyConfig::default()
     };
-    let err = Proxy::start(Arc::new(config), Arc::new(NoopInspector))
+    let err = start_proxy(&config, Arc::new(NoopInspector), &Metrics::new())
         .await
         .unwrap_err()
         .to_string();

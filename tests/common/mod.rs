@@ -10,11 +10,15 @@ use std::time::Duration;
 use mongodb::Client;
 use sessionguard::config::ProxyConfig;
 use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
-use sessionguard::proxy::{Inspector, NoopInspector, Proxy, ProxyHandle};
+use sessionguard::metrics::Metrics;
+use sessionguard::start::start_proxy;
+use sessionguard_proxy::{Inspector, NoopInspector, ProxyHandle};
 
 pub struct Stack {
     pub emulator: EmulatorHandle,
     pub proxy: ProxyHandle,
+    /// The registry the proxy records into.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Stack {
@@ -36,10 +40,15 @@ impl Stack {
             upstream: format!("mongodb://{}", emulator.addr()),
             ..ProxyConfig::default()
         };
-        let proxy = Proxy::start(Arc::new(config), inspector)
+        let metrics = Arc::new(Metrics::new());
+        let proxy = start_proxy(&config, inspector, &metrics)
             .await
             .expect("proxy starts");
-        Stack { emulator, proxy }
+        Stack {
+            emulator,
+            proxy,
+            metrics,
+        }
     }
 
     /// A connection string through the proxy (`extra` is appended to the options).
@@ -86,13 +95,38 @@ impl Stack {
 // Shared by the reliability suites (hostile clients, upstream faults,
 // bounded memory, admin security).
 
+/// A running proxy and the registry it records into (the session engine's
+/// collector included). Derefs to the proxy's handle.
+pub struct GuardedProxy {
+    pub handle: ProxyHandle,
+    pub metrics: Arc<Metrics>,
+}
+
+impl GuardedProxy {
+    /// The registry (`metrics().render()` is what `/metrics` serves).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub async fn wait(self) {
+        self.handle.wait().await;
+    }
+}
+
+impl std::ops::Deref for GuardedProxy {
+    type Target = ProxyHandle;
+    fn deref(&self) -> &ProxyHandle {
+        &self.handle
+    }
+}
+
 /// A proxy in front of a running emulator, with the session engine as its
 /// inspector and `tweak` applied to the test defaults (loopback, port 0).
 pub async fn guarded_proxy(
     upstream: SocketAddr,
     engine: Arc<sessionguard_engine::SessionEngine>,
     tweak: impl FnOnce(&mut ProxyConfig),
-) -> ProxyHandle {
+) -> GuardedProxy {
     let mut config = ProxyConfig {
         listen: "127.0.0.1:0".to_string(),
         upstream: format!("mongodb://{upstream}"),
@@ -100,14 +134,15 @@ pub async fn guarded_proxy(
         ..ProxyConfig::default()
     };
     tweak(&mut config);
-    let metrics = Arc::new(sessionguard::metrics::Metrics::new());
+    let metrics = Arc::new(Metrics::new());
     metrics
         .register_session_engine(engine.clone())
         .expect("engine collector registers");
     let inspector = Arc::new(sessionguard::inspector::EngineInspector::new(engine));
-    Proxy::start_with_metrics(Arc::new(config), inspector, metrics)
+    let handle = start_proxy(&config, inspector, &metrics)
         .await
-        .expect("proxy starts")
+        .expect("proxy starts");
+    GuardedProxy { handle, metrics }
 }
 
 /// Hands `doc` to `engine` as an OP_MSG request (request id `id`, `flags`)
@@ -368,7 +403,7 @@ pub async fn http_request(
 /// Serves the admin API for `proxy` (its metrics), probing `upstream`
 /// every 100 ms so `/readyz` follows the upstream quickly.
 pub async fn admin_for(
-    proxy: &ProxyHandle,
+    proxy: &GuardedProxy,
     engine: Option<Arc<sessionguard_engine::SessionEngine>>,
     upstream: SocketAddr,
     token: Option<&str>,
@@ -381,7 +416,7 @@ pub async fn admin_for(
         engine,
         token: token.map(sessionguard::config::AdminToken::new),
         probe: Some(sessionguard::admin::UpstreamProbe {
-            targets: vec![sessionguard::proxy::upstream::HostPort {
+            targets: vec![sessionguard_proxy::upstream::HostPort {
                 host: upstream.ip().to_string(),
                 port: upstream.port(),
             }],
@@ -587,7 +622,7 @@ impl ThreadLogs {
     pub fn proxy_lines(&self) -> Vec<String> {
         self.text()
             .lines()
-            .filter(|l| l.contains("sessionguard::proxy"))
+            .filter(|l| l.contains("sessionguard_proxy"))
             .map(str::to_string)
             .collect()
     }

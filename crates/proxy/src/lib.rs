@@ -1,10 +1,17 @@
-//! The data path: accept client connections, dial one upstream connection
-//! per client, and forward every frame unchanged in both directions while
-//! showing each one (parsed, zero-copy) to an `Inspector`. This module owns
-//! sockets, correlation of requests and replies, lifecycle (connection cap,
-//! drain, shutdown) and the seams for policy (`Inspector`) and injected
-//! requests (`Injector`). It holds no session logic and never logs document
-//! contents.
+//! sessionguard-proxy: the data path.
+//!
+//! It accepts client connections, dials one upstream connection per client,
+//! and forwards every frame unchanged in both directions while showing each
+//! one (parsed, zero-copy) to an [`Inspector`]. It owns sockets, TLS,
+//! correlation of requests and replies, lifecycle (connection cap, drain,
+//! shutdown), replica-set hello rewriting, the data path's metrics, and the
+//! seams for policy ([`Inspector`]) and injected requests ([`Injector`]).
+//! It holds no session logic and must not depend on the session engine
+//! (policy stays behind the `Inspector` trait: the binary adapts the engine
+//! to it), nor on the binary's configuration file: [`Proxy::start`] takes
+//! [`ProxySettings`], already validated. It never logs document contents.
+//!
+//! # Layout
 //!
 //! - `inspect`: the `Inspector` trait, verdicts, `ConnContext`, `Injector`.
 //! - `listener`: accept loop, connection cap, accept back-off, drain.
@@ -18,15 +25,18 @@
 //!   certificate given as `tlsCAFile`, as OpenSSL-based drivers do.
 //! - `unreachable`: the error reply that answers a client's handshake when
 //!   its upstream cannot be dialed (cause and fix in `errmsg`).
-//!
-//! Metrics: the connection and listener update pre-resolved handles of
-//! `crate::metrics::ProxyMetrics` (atomic adds, no allocation per frame).
+//! - `metrics`: [`ProxyMetrics`], the pre-resolved handles the connection
+//!   and listener update (atomic adds, no allocation per frame).
+//! - `settings`: [`ProxySettings`], what [`Proxy::start`] needs.
+#![forbid(unsafe_code)]
 
 mod anchor_leaf;
 mod connection;
 mod inflight;
 pub mod inspect;
 mod listener;
+mod metrics;
+mod settings;
 pub mod tls;
 pub mod topology;
 pub mod unreachable;
@@ -49,8 +59,10 @@ pub use inspect::{
     ReplyVerdict, Verdict,
 };
 
-use crate::config::ProxyConfig;
-use crate::metrics::Metrics;
+pub use metrics::{ConnectFailure, Direction, FrameSide, ProxyMetrics};
+pub use settings::{listener_plan, ListenerPlan, ProxySettings};
+pub use tls::{ListenTls, ListenTlsConfig, ListenTlsError, UpstreamTls};
+
 use connection::ConnSettings;
 use listener::{AcceptLoop, ListenerStats};
 use topology::TopologyInspector;
@@ -59,34 +71,31 @@ use topology::TopologyInspector;
 pub struct Proxy;
 
 impl Proxy {
-    /// Validates `cfg`, binds `cfg.listen` (or, in replica-set mode, one
-    /// listener per member, each dialing its member; all share `inspector`)
-    /// and starts accepting. Returns once every listener is bound (so
-    /// `local_addr` / `listeners` are known, e.g. for port 0).
-    /// The proxy gets a registry of its own (see `ProxyHandle::metrics`).
+    /// Binds `settings.listen` (or, in replica-set mode, one listener per
+    /// member, each dialing its member; all share `inspector`) and starts
+    /// accepting, recording into `metrics`. Returns once every listener is
+    /// bound (so `local_addr` / `listeners` are known, e.g. for port 0).
     pub async fn start(
-        cfg: Arc<ProxyConfig>,
+        settings: ProxySettings,
         inspector: Arc<dyn Inspector>,
+        metrics: ProxyMetrics,
     ) -> io::Result<ProxyHandle> {
-        Proxy::start_with_metrics(cfg, inspector, Arc::new(Metrics::new())).await
-    }
-
-    /// `start`, recording into `metrics` (shared with the admin server and
-    /// the session engine's collector).
-    pub async fn start_with_metrics(
-        cfg: Arc<ProxyConfig>,
-        inspector: Arc<dyn Inspector>,
-        metrics: Arc<Metrics>,
-    ) -> io::Result<ProxyHandle> {
-        cfg.validate()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let invalid = |e: crate::config::ConfigError| {
-            io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
-        };
-        let upstream = cfg.upstream_connection_string().map_err(invalid)?;
-        let plan = cfg.member_plan().map_err(invalid)?;
-        let (upstream_tls, listen_tls) = tls::from_config(&cfg, &upstream).map_err(invalid)?;
-        let member_mode = !plan.is_empty();
+        let ProxySettings {
+            listen,
+            upstream,
+            members,
+            upstream_tls,
+            listen_tls,
+            max_connections,
+            max_message_size,
+            connect_timeout,
+            drain_grace,
+            frame_read_timeout,
+            inject_timeout,
+            clients_connect_directly,
+        } = settings;
+        tls::log_settings(upstream_tls.as_ref(), listen_tls.as_ref());
+        let member_mode = !members.is_empty();
         if !member_mode && upstream.hosts.len() > 1 {
             info!(
                 upstream = %upstream.primary_target(),
@@ -95,16 +104,21 @@ impl Proxy {
                  proxy.member_base_port) only the first is dialed"
             );
         }
-        let targets = listener_targets(&cfg, &upstream, plan);
-        metrics.proxy().register_upstreams(
+        let targets = listener_plan(&listen, &upstream, members);
+        metrics.register_upstreams(
             targets
                 .iter()
-                .map(|(member, _, _)| member as &dyn std::fmt::Display),
+                .map(|target| &target.upstream as &dyn std::fmt::Display),
         );
         // Every listener is bound before any accepts, so a taken port fails
         // the start as a whole.
         let mut bound = Vec::with_capacity(targets.len());
-        for (member, listen, advertise) in targets {
+        for ListenerPlan {
+            upstream: member,
+            listen,
+            advertise,
+        } in targets
+        {
             let listener = TcpListener::bind(&listen).await?;
             let local = listener.local_addr()?;
             // Port 0 (tests) is advertised as the port actually bound.
@@ -132,7 +146,7 @@ impl Proxy {
         }));
         // Without a map the decorator only warns about drivers bypassing the
         // proxy, which cannot happen when every client connects directly.
-        let inspector: Arc<dyn Inspector> = if map.is_empty() && cfg.clients_connect_directly {
+        let inspector: Arc<dyn Inspector> = if map.is_empty() && clients_connect_directly {
             inspector
         } else {
             Arc::new(TopologyInspector::new(inspector, map))
@@ -156,25 +170,25 @@ impl Proxy {
             let settings = Arc::new(ConnSettings {
                 upstream: info.upstream.clone(),
                 upstream_tls: upstream_tls.clone(),
-                max_message_size: cfg.max_message_size,
-                connect_timeout: cfg.connect_timeout,
-                frame_read_timeout: cfg.frame_read_timeout,
-                inject_timeout: cfg.inject_timeout,
-                metrics: metrics.proxy().clone(),
+                max_message_size,
+                connect_timeout,
+                frame_read_timeout,
+                inject_timeout,
+                metrics: metrics.clone(),
             });
             let accept_loop = AcceptLoop {
                 listener,
                 local: info.local_addr,
                 settings,
                 inspector: inspector.clone(),
-                max_connections: cfg.max_connections,
-                drain_grace: cfg.drain_grace,
+                max_connections,
+                drain_grace,
                 drain: drain.clone(),
                 kill: kill.clone(),
                 active: active.clone(),
                 stats: stats.clone(),
                 next_id: next_id.clone(),
-                metrics: metrics.proxy().clone(),
+                metrics: metrics.clone(),
                 tls: listen_tls.clone(),
             };
             loops.push(tokio::spawn(accept_loop.run()));
@@ -199,32 +213,6 @@ impl Proxy {
     }
 }
 
-/// What each listener dials, binds and advertises: one listener for the
-/// first upstream host, or one per replica-set member when members are
-/// mapped. The readiness probe dials the same upstreams.
-pub fn listener_plan(
-    cfg: &ProxyConfig,
-) -> Result<Vec<(upstream::HostPort, String, Option<String>)>, crate::config::ConfigError> {
-    Ok(listener_targets(
-        cfg,
-        &cfg.upstream_connection_string()?,
-        cfg.member_plan()?,
-    ))
-}
-
-fn listener_targets(
-    cfg: &ProxyConfig,
-    upstream: &upstream::ConnectionString,
-    plan: Vec<crate::config::MemberPlan>,
-) -> Vec<(upstream::HostPort, String, Option<String>)> {
-    if plan.is_empty() {
-        return vec![(upstream.primary_target().clone(), cfg.listen.clone(), None)];
-    }
-    plan.into_iter()
-        .map(|m| (m.upstream, m.listen, m.advertise))
-        .collect()
-}
-
 /// One bound listener and the upstream it dials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerInfo {
@@ -244,7 +232,7 @@ pub struct ProxyHandle {
     kill: CancellationToken,
     active: Arc<watch::Sender<usize>>,
     stats: Arc<ListenerStats>,
-    metrics: Arc<Metrics>,
+    metrics: ProxyMetrics,
     task: JoinHandle<()>,
 }
 
@@ -263,24 +251,19 @@ impl ProxyHandle {
     /// flight (a monitoring hello stream counts as nothing); whatever is
     /// left is closed after `drain_grace`.
     pub fn drain(&self) {
-        self.metrics.proxy().set_draining();
+        self.metrics.set_draining();
         self.drain.cancel();
     }
 
     /// Closes the listener and every connection now.
     pub fn shutdown_now(&self) {
-        self.metrics.proxy().set_draining();
+        self.metrics.set_draining();
         self.kill.cancel();
     }
 
     /// Whether `drain` or `shutdown_now` was called.
     pub fn is_draining(&self) -> bool {
         self.drain.is_cancelled() || self.kill.is_cancelled()
-    }
-
-    /// The metrics this proxy records into.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
     }
 
     /// Resolves when the listener has stopped and every connection is closed

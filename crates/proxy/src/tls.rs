@@ -16,10 +16,11 @@
 
 use std::fmt;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -28,12 +29,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::anchor_leaf::WebPkiOrAnchorLeaf;
 use super::upstream::ConnectionString;
-use crate::config::{ConfigError, ListenTlsConfig};
 
 /// Connection-string options this module reads. Any other `tls*` / `ssl*`
 /// option is refused rather than silently ignored: a setting the operator
@@ -278,24 +279,120 @@ impl ServerCertVerifier for AcceptAnyCertificate {
     }
 }
 
-/// The listener's TLS acceptor, from `[proxy.tls]`. Errors name the key.
-pub fn listen_acceptor(config: &ListenTlsConfig) -> Result<tokio_rustls::TlsAcceptor, ConfigError> {
+/// `[proxy.tls]`: the certificate the proxy presents to applications and,
+/// optionally, the CA their client certificates must chain to. Files are
+/// read when the proxy starts (errors name the key), not by `validate`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of the leaf certificate (unencrypted).
+    pub key_file: PathBuf,
+    /// PEM CA certificates that client certificates are checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a valid certificate (needs `client_ca_file`).
+    #[serde(default)]
+    pub require_client_cert: bool,
+    #[serde(default = "default_tls_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn default_tls_handshake_timeout() -> Duration {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT
+}
+
+impl ListenTlsConfig {
+    /// Shape checks only (files are read at startup).
+    pub fn validate(&self) -> Result<(), ListenTlsError> {
+        for (key, path) in [
+            ("proxy.tls.cert_file", &self.cert_file),
+            ("proxy.tls.key_file", &self.key_file),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(listen_error(key, "must name a PEM file"));
+            }
+        }
+        if self.require_client_cert && self.client_ca_file.is_none() {
+            return Err(listen_error(
+                "proxy.tls.require_client_cert",
+                "needs proxy.tls.client_ca_file (the CA client certificates must chain to)",
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(listen_error(
+                "proxy.tls.handshake_timeout",
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How long a client may take to complete the TLS handshake with the proxy.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the listener's TLS could not be set up: the `[proxy.tls]` key at
+/// fault (`proxy.tls.cert_file`...) and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ListenTlsError {
+    pub key: &'static str,
+    pub problem: String,
+}
+
+fn listen_error(key: &'static str, problem: impl Into<String>) -> ListenTlsError {
+    ListenTlsError {
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// The listener's TLS settings as the accept loop uses them.
+#[derive(Clone)]
+pub struct ListenTls {
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    pub(crate) handshake_timeout: Duration,
+    client_cert_required: bool,
+}
+
+impl fmt::Debug for ListenTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ListenTls")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("client_cert_required", &self.client_cert_required)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ListenTls {
+    /// Reads the certificate, key and client CA files of `config` and
+    /// builds the acceptor. Errors name the key.
+    pub fn load(config: &ListenTlsConfig) -> Result<ListenTls, ListenTlsError> {
+        Ok(ListenTls {
+            acceptor: listen_acceptor(config)?,
+            handshake_timeout: config.handshake_timeout,
+            client_cert_required: config.require_client_cert,
+        })
+    }
+}
+
+fn listen_acceptor(config: &ListenTlsConfig) -> Result<tokio_rustls::TlsAcceptor, ListenTlsError> {
     let provider = provider();
     let certs =
-        load_certs(&config.cert_file).map_err(|e| ConfigError::key("proxy.tls.cert_file", e))?;
-    let key = load_key(&config.key_file).map_err(|e| ConfigError::key("proxy.tls.key_file", e))?;
+        load_certs(&config.cert_file).map_err(|e| listen_error("proxy.tls.cert_file", e))?;
+    let key = load_key(&config.key_file).map_err(|e| listen_error("proxy.tls.key_file", e))?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::key("proxy.tls", e.to_string()))?;
+        .map_err(|e| listen_error("proxy.tls", e.to_string()))?;
     let builder = match &config.client_ca_file {
         None => builder.with_no_client_auth(),
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            for cert in
-                load_certs(path).map_err(|e| ConfigError::key("proxy.tls.client_ca_file", e))?
-            {
+            for cert in load_certs(path).map_err(|e| listen_error("proxy.tls.client_ca_file", e))? {
                 roots.add(cert).map_err(|e| {
-                    ConfigError::key(
+                    listen_error(
                         "proxy.tls.client_ca_file",
                         format!("`{}`: unusable certificate: {e}", path.display()),
                     )
@@ -309,12 +406,12 @@ pub fn listen_acceptor(config: &ListenTlsConfig) -> Result<tokio_rustls::TlsAcce
             };
             let verifier = verifier
                 .build()
-                .map_err(|e| ConfigError::key("proxy.tls.client_ca_file", e.to_string()))?;
+                .map_err(|e| listen_error("proxy.tls.client_ca_file", e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let server = builder.with_single_cert(certs, key).map_err(|e| {
-        ConfigError::key(
+        listen_error(
             "proxy.tls.key_file",
             format!("does not match proxy.tls.cert_file: {e}"),
         )
@@ -322,22 +419,10 @@ pub fn listen_acceptor(config: &ListenTlsConfig) -> Result<tokio_rustls::TlsAcce
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 
-/// The listener's TLS settings as the accept loop uses them.
-#[derive(Clone)]
-pub struct ListenTls {
-    pub acceptor: tokio_rustls::TlsAcceptor,
-    pub handshake_timeout: std::time::Duration,
-}
-
-/// Both sides' TLS from the proxy configuration (reads the files; errors
-/// name the key), with one log line saying what is in force.
-pub fn from_config(
-    cfg: &crate::config::ProxyConfig,
-    upstream: &ConnectionString,
-) -> Result<(Option<UpstreamTls>, Option<ListenTls>), ConfigError> {
-    let upstream_tls = UpstreamTls::from_connection_string(upstream)
-        .map_err(|e| ConfigError::key("proxy.upstream", e))?;
-    if let Some(tls) = &upstream_tls {
+/// One log line saying what TLS is in force (and a warning when the
+/// connection string relaxes the upstream's certificate checks).
+pub(crate) fn log_settings(upstream_tls: Option<&UpstreamTls>, listen_tls: Option<&ListenTls>) {
+    if let Some(tls) = upstream_tls {
         if tls.allow_invalid_certificates || tls.allow_invalid_hostnames {
             tracing::warn!(
                 allow_invalid_certificates = tls.allow_invalid_certificates,
@@ -346,20 +431,12 @@ pub fn from_config(
             );
         }
     }
-    let listen_tls = match &cfg.tls {
-        None => None,
-        Some(listen) => Some(ListenTls {
-            acceptor: listen_acceptor(listen)?,
-            handshake_timeout: listen.handshake_timeout,
-        }),
-    };
     tracing::info!(
         upstream_tls = upstream_tls.is_some(),
         client_tls = listen_tls.is_some(),
-        client_cert_required = cfg.tls.as_ref().is_some_and(|t| t.require_client_cert),
+        client_cert_required = listen_tls.is_some_and(|t| t.client_cert_required),
         "TLS settings"
     );
-    Ok((upstream_tls, listen_tls))
 }
 
 /// Every certificate in a PEM file, in order (leaf first for a chain).
