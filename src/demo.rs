@@ -29,11 +29,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminContext, AdminServer};
 use crate::config::ProxyConfig;
-use crate::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use crate::inspector::EngineInspector;
 use crate::metrics::Metrics;
 use crate::report::ReportedFinding;
 use crate::start::start_proxy;
+use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, op_msg, FrameCodec, Message, MsgFlags};
 use sessionguard_proxy::ProxyHandle;

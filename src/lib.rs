@@ -2,8 +2,6 @@
 //!
 //! # Layout
 //!
-//! - [`emulator`]: a small in-memory MongoDB-compatible server used by
-//!   `demo`, the tests and the benchmarks.
 //! - [`proxy`]: the data path: listener, connection cap, drain, one upstream
 //!   connection per client, frames forwarded unchanged, the `Inspector` seam.
 //! - [`config`]: the TOML configuration, documented defaults, validation
@@ -34,7 +32,6 @@ pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod demo;
-pub mod emulator;
 pub mod exec;
 pub mod inspector;
 pub mod metrics;

@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use sessionguard::config::{parse_duration, Config, LogConfig, LogFormat, Overrides};
-use sessionguard::emulator::{EmulatorConfig, Profile, Topology};
+use sessionguard_emulator::{EmulatorConfig, Profile, Topology};
 
 /// Exit code for a configuration error (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -486,7 +486,7 @@ fn run_emulator(args: EmulatorArgs) -> ExitCode {
         Err(code) => return code,
     };
     let members = usize::from(args.members);
-    match runtime.block_on(sessionguard::emulator::run(args.listen, config, members)) {
+    match runtime.block_on(sessionguard_emulator::run(args.listen, config, members)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("emulator failed: {e}");

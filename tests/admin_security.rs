@@ -17,7 +17,7 @@ use bson::{doc, Document};
 use mongodb::options::FindOptions;
 use mongodb::Client;
 use sessionguard::config::{Config, ProxyConfig, DEFAULT_ADMIN};
-use sessionguard::emulator::{Emulator, EmulatorConfig};
+use sessionguard_emulator::{Emulator, EmulatorConfig};
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::AsyncWriteExt;
 

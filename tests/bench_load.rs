@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::Stack;
 use sessionguard::bench::{idle_memory, run_load, LoadPlan};
-use sessionguard::emulator::EmulatorConfig;
 use sessionguard::inspector::EngineInspector;
+use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 
 /// The fast emulator behind the proxy, with the session engine inspecting.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bson::{doc, spec::BinarySubtype, Binary};
 use futures_util::StreamExt;
 use rand::RngCore;
-use sessionguard::emulator::{Emulator, EmulatorConfig};
+use sessionguard_emulator::{Emulator, EmulatorConfig};
 use sessionguard_protocol::wire::{op_msg, FrameCodec, MsgFlags};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;

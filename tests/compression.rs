@@ -9,7 +9,7 @@ mod rules_common;
 
 use bson::{doc, Document};
 use rules_common::{session_lsid, short_of, Guarded};
-use sessionguard::emulator::EmulatorConfig;
+use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RuleId, SessionConfig};
 
 /// OP_COMPRESSED opcode and its compressorId offset (header 16 bytes,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bson::{doc, Document};
 use common::Stack;
 use mongodb::options::FindOptions;
-use sessionguard::emulator::EmulatorConfig;
+use sessionguard_emulator::EmulatorConfig;
 
 #[tokio::test]
 async fn crud_round_trips_through_the_proxy() {

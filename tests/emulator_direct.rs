@@ -13,7 +13,7 @@ use mongodb::event::sdam::SdamEvent;
 use mongodb::event::EventHandler;
 use mongodb::options::{ClientOptions, ReturnDocument};
 use mongodb::{Client, IndexModel, ServerType};
-use sessionguard::emulator::{
+use sessionguard_emulator::{
     Emulator, EmulatorConfig, EmulatorHandle, Profile, Topology, UserRole,
 };
 use sessionguard_protocol::wire::{

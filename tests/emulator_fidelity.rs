@@ -19,7 +19,7 @@ use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use mongodb::error::Error as DriverError;
 use mongodb::options::{FindOptions, SessionOptions};
 use mongodb::Client;
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
+use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
 use sessionguard_engine::SessionConfig;
 use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 use tokio::io::AsyncWriteExt;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bson::{doc, Document};
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
 use rules_common::{emulator_with_latency, find_cmd, lsid, session_lsid, Guarded, RawClient};
-use sessionguard::emulator::{EmulatorConfig, Profile, UserRole};
+use sessionguard_emulator::{EmulatorConfig, Profile, UserRole};
 use sessionguard_engine::{
     Mode, RuleId, SessionConfig, SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
 };

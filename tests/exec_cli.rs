@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_engine::RuleId;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;

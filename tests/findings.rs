@@ -15,7 +15,7 @@ use bson::spec::BinarySubtype;
 use bson::{doc, rawdoc, Binary, Document};
 use common::{engine_reply as reply, engine_request as send, http_get, logs, Stack};
 use serde_json::Value;
-use sessionguard::emulator::{Emulator, EmulatorConfig};
+use sessionguard_emulator::{Emulator, EmulatorConfig};
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::MsgFlags;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 use mongodb::Client;
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

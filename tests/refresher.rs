@@ -14,7 +14,7 @@ use mongodb::error::ErrorKind;
 use rules_common::{
     find_cmd, hold_a_cursor_idle, lsid, Guarded, RawClient, Stack, SERVER_TIMEOUT, WAIT,
 };
-use sessionguard::emulator::EmulatorConfig;
+use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RefreshPolicy, RuleId, SessionConfig};
 
 fn emulator() -> EmulatorConfig {

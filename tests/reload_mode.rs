@@ -16,7 +16,7 @@ use std::time::Duration;
 use bson::{doc, Document};
 use mongodb::error::ErrorKind;
 use mongodb::{Client, ClientSession};
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_engine::SESSIONGUARD_VIOLATION_CODE;
 
 use common::{http_get, http_request, metric, ProxyProcess};

@@ -9,7 +9,7 @@ use bson::{doc, Document};
 use futures_util::TryStreamExt;
 use mongodb::options::FindOptions;
 use rules_common::{find_cmd, lsid, short_of, Guarded, RawClient};
-use sessionguard::emulator::EmulatorConfig;
+use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RuleId, SessionConfig};
 
 fn get_more(cursor_id: i64, session: Option<&Document>) -> Document {

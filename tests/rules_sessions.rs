@@ -12,7 +12,7 @@ use bson::{doc, Document};
 use rules_common::{
     find_cmd, insert_cmd, lsid, session_lsid, short_of, slow_emulator, Guarded, RawClient,
 };
-use sessionguard::emulator::EmulatorConfig;
+use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RuleId, SessionConfig, Severity};
 
 #[tokio::test]

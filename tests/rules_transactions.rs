@@ -13,7 +13,7 @@ use rules_common::{
     emulator_with_latency, insert_cmd, lsid, session_lsid, short_of, txn_end_cmd, txn_insert_cmd,
     Guarded, RawClient,
 };
-use sessionguard::emulator::EmulatorConfig;
+use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RuleId, SessionConfig, Severity};
 
 #[tokio::test]

@@ -17,8 +17,8 @@ use bson::{doc, DateTime, Document};
 use common::Stack;
 use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection};
-use sessionguard::emulator::EmulatorConfig;
 use sessionguard::inspector::EngineInspector;
+use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::web_store::StoreStats;
 use sessionguard_engine::{
     Mode, RuleId, RulesConfig, SessionConfig, SessionEngine, StoreConfig, ViolationRecord,

@@ -22,9 +22,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use sessionguard::config::{ListenTlsConfig, ProxyConfig};
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard::metrics::Metrics;
 use sessionguard::start::start_proxy;
+use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_proxy::{NoopInspector, ProxyHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

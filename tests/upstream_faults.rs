@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 use mongodb::Client;
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle, EmulatorState};
+use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle, EmulatorState};
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_proxy::{CloseCause, ProxyHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

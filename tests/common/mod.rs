@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use mongodb::Client;
 use sessionguard::config::ProxyConfig;
-use sessionguard::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard::metrics::Metrics;
 use sessionguard::start::start_proxy;
+use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_proxy::{Inspector, NoopInspector, ProxyHandle};
 
 pub struct Stack {

@@ -39,11 +39,11 @@ use tokio_util::codec::FramedRead;
 
 use super::auth::{self, ConnAuth};
 use super::commands::{self, Outcome, Request, Resume};
+use super::deployment::EmulatorState;
 use super::errors::{self, CommandError};
 use super::faults::{AfterExecution, Fault};
 use super::hello::{self, AwaitParams, HelloContext};
 use super::query::as_i64;
-use super::state::EmulatorState;
 use sessionguard_protocol::command::is_hello;
 use sessionguard_protocol::wire::{
     self, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode, WireError,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 
+use super::deployment::{EmulatorState, TopologyState};
 use super::query::as_i64;
-use super::state::{EmulatorState, TopologyState};
 use super::{Profile, Topology};
 use sessionguard_protocol::wire::Compressor;
 
@@ -196,7 +196,7 @@ fn documentdb_hello(ctx: &HelloContext<'_>, writable_field: &str, request: &Docu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulator::EmulatorConfig;
+    use crate::EmulatorConfig;
 
     fn reported_max_message_size(config: EmulatorConfig) -> Option<i32> {
         let state = EmulatorState::new(config);

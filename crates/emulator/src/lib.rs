@@ -14,7 +14,7 @@
 //! mongos replies carry `$clusterTime` / `operationTime` from a cluster
 //! clock that writes advance; a transaction's writes lock their documents
 //! (WriteConflict for a second transaction, a wait for a plain write, see
-//! `sessions.rs`); exhaust getMores are streamed. Known simplifications,
+//! `server_sessions.rs`); exhaust getMores are streamed. Known simplifications,
 //! chosen on purpose:
 //! - Transactions write straight into the shared data set; the documents
 //!   they lock keep their committed version, which every other reader sees
@@ -43,14 +43,37 @@
 //!   `closeConnectionAfterExecution`: see `faults.rs`;
 //! - `replSetStepDown` on a replica-set member (the primary steps down, its
 //!   connections close, another member is elected and says so in hello):
-//!   see `state.rs`;
+//!   see `deployment.rs`;
 //! - compatibility [`Profile`]s (`documentdb`, `atlas-shared`) and users
 //!   without the `killAnySession` privilege ([`UserRole`]), whose refusals
 //!   change nothing: see `profile.rs`.
+//!
+//! # Layout
+//!
+//! - `server`: listeners and connections, frames in and out, the handshake,
+//!   latency, exhaust streams.
+//! - `commands`: one function per command, run under the data lock.
+//! - `server_sessions`: the server's logical sessions (`ServerSessionKey`,
+//!   `ServerSession`), transactions, retryable-write history, cursors,
+//!   per-document write locks.
+//! - `dataset`: databases, collections, documents and the `_id` index.
+//! - `deployment`: [`EmulatorState`], what one deployment's members share
+//!   (data lock, topology, step-down and elections, fail points).
+//! - `query`: filters, sort, projection, update operators.
+//! - `hello`: the handshake reply of each persona.
+//! - `auth`: SCRAM-SHA-256, server side.
+//! - `clock`: the cluster time.
+//! - `errors`: command errors shaped like the server's.
+//! - `faults`: the `failCommand` fail point.
+//! - `profile`: compatibility profiles and user privileges.
+//! - `fast`: canned replies for load benchmarks.
+#![forbid(unsafe_code)]
 
 mod auth;
 mod clock;
 mod commands;
+mod dataset;
+mod deployment;
 mod errors;
 mod fast;
 mod faults;
@@ -58,17 +81,15 @@ mod hello;
 mod profile;
 mod query;
 mod server;
-mod sessions;
-mod state;
-mod store;
+mod server_sessions;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use deployment::EmulatorState;
 pub use profile::{Profile, UserRole};
-pub use state::EmulatorState;
 
 /// Which kind of deployment the emulator presents itself as in `hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]

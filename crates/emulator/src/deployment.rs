@@ -33,7 +33,7 @@ use super::errors::{
     CommandError, BAD_VALUE, EXCEEDED_TIME_LIMIT, NOT_WRITABLE_PRIMARY, NO_REPLICATION_ENABLED,
 };
 use super::faults::FailPoints;
-use super::sessions::Inner;
+use super::server_sessions::Inner;
 use super::{EmulatorConfig, Profile, Topology};
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it

@@ -33,12 +33,12 @@ use std::time::{Duration, Instant};
 use bson::{spec::BinarySubtype, Bson, Document};
 
 use super::clock::{packed, ClusterClock};
+use super::dataset::{doc_id, DataSet, DocId, DuplicateId, Seq};
 use super::errors::{
     CommandError, CONFLICTING_OPERATION_IN_PROGRESS, INCOMPLETE_TRANSACTION_HISTORY,
     INVALID_OPTIONS, NO_SUCH_TRANSACTION, TRANSACTION_COMMITTED, TRANSACTION_TOO_OLD,
     TRANSIENT_TRANSACTION_ERROR,
 };
-use super::store::{id_key, DuplicateId, IdKey, Seq, Store};
 
 /// SHA-256 of the empty user name, which the server shows as the lsid's
 /// `uid` when no one is authenticated.
@@ -49,19 +49,19 @@ const ANONYMOUS_UID: &str = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
 /// sessions by both, so two users' sessions with the same id are different
 /// sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SessionKey {
+pub struct ServerSessionKey {
     pub id: Vec<u8>,
     pub owner: Option<String>,
 }
 
-impl SessionKey {
+impl ServerSessionKey {
     /// Reads `{id: UUID}` from an lsid document.
-    pub fn from_lsid(lsid: &Document) -> Option<SessionKey> {
+    pub fn from_lsid(lsid: &Document) -> Option<ServerSessionKey> {
         match lsid.get("id") {
             Some(Bson::Binary(bin))
                 if bin.subtype == BinarySubtype::Uuid || bin.subtype == BinarySubtype::UuidOld =>
             {
-                Some(SessionKey {
+                Some(ServerSessionKey {
                     id: bin.bytes.clone(),
                     owner: None,
                 })
@@ -88,7 +88,7 @@ impl SessionKey {
 
     /// The same lsid as a session of `user` (the server keys sessions by
     /// lsid and user: one user cannot touch another's sessions).
-    pub fn owned_by(mut self, user: Option<&str>) -> SessionKey {
+    pub fn owned_by(mut self, user: Option<&str>) -> ServerSessionKey {
         self.owner = user.map(str::to_owned);
         self
     }
@@ -127,7 +127,7 @@ pub enum TxnState {
 pub struct DocRef {
     pub db: String,
     pub coll: String,
-    pub id: IdKey,
+    pub id: DocId,
 }
 
 #[derive(Debug)]
@@ -148,7 +148,7 @@ pub enum TxnMode {
 }
 
 #[derive(Debug)]
-pub struct Session {
+pub struct ServerSession {
     pub last_use: Instant,
     pub active_txn_number: Option<i64>,
     pub mode: TxnMode,
@@ -156,9 +156,9 @@ pub struct Session {
     pub ended: bool,
 }
 
-impl Session {
-    fn new(now: Instant) -> Session {
-        Session {
+impl ServerSession {
+    fn new(now: Instant) -> ServerSession {
+        ServerSession {
             last_use: now,
             active_txn_number: None,
             mode: TxnMode::None,
@@ -171,7 +171,7 @@ impl Session {
 pub struct Cursor {
     pub ns: String,
     pub remaining: VecDeque<Document>,
-    pub session: Option<SessionKey>,
+    pub session: Option<ServerSessionKey>,
     pub last_use: Instant,
 }
 
@@ -179,8 +179,14 @@ pub struct Cursor {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TxnContext {
     None,
-    Retryable { key: SessionKey, txn_number: i64 },
-    Transaction { key: SessionKey, txn_number: i64 },
+    Retryable {
+        key: ServerSessionKey,
+        txn_number: i64,
+    },
+    Transaction {
+        key: ServerSessionKey,
+        txn_number: i64,
+    },
 }
 
 /// Why a write did not happen.
@@ -199,7 +205,7 @@ pub enum WriteRefused {
 /// A document locked by an open transaction, and its committed version.
 #[derive(Debug)]
 struct DocLock {
-    owner: SessionKey,
+    owner: ServerSessionKey,
     txn_number: i64,
     /// `None`: the transaction inserted it (nothing committed to restore).
     before: Option<(Seq, Document)>,
@@ -210,14 +216,14 @@ type CollKey = (String, String);
 /// Everything behind the emulator's one data lock.
 #[derive(Debug, Default)]
 pub struct Inner {
-    pub store: Store,
-    pub sessions: HashMap<SessionKey, Session>,
+    pub store: DataSet,
+    pub sessions: HashMap<ServerSessionKey, ServerSession>,
     pub cursors: HashMap<i64, Cursor>,
     pub clock: Arc<ClusterClock>,
-    locks: HashMap<CollKey, HashMap<IdKey, DocLock>>,
+    locks: HashMap<CollKey, HashMap<DocId, DocLock>>,
     /// Commit times of documents written while some transaction was open
     /// (only those can be newer than an open transaction's snapshot).
-    last_write: HashMap<CollKey, HashMap<IdKey, u64>>,
+    last_write: HashMap<CollKey, HashMap<DocId, u64>>,
     in_progress: usize,
     /// Bumped whenever a transaction ends (its locks released), so blocked
     /// writers know when to try again.
@@ -228,7 +234,7 @@ fn coll_key(db: &str, coll: &str) -> CollKey {
     (db.to_string(), coll.to_string())
 }
 
-fn owner_of(ctx: &TxnContext) -> Option<(&SessionKey, i64)> {
+fn owner_of(ctx: &TxnContext) -> Option<(&ServerSessionKey, i64)> {
     match ctx {
         TxnContext::Transaction { key, txn_number } => Some((key, *txn_number)),
         _ => None,
@@ -247,7 +253,7 @@ impl Inner {
     /// Marks a session used now, first expiring it if it sat idle too long.
     /// Creates an unknown one, as the server's session cache does (which is
     /// all refreshSessions needs).
-    pub fn touch(&mut self, key: &SessionKey, now: Instant, timeout: Duration) {
+    pub fn touch(&mut self, key: &ServerSessionKey, now: Instant, timeout: Duration) {
         let expired = self
             .sessions
             .get(key)
@@ -259,7 +265,7 @@ impl Inner {
         let session = self
             .sessions
             .entry(key.clone())
-            .or_insert_with(|| Session::new(now));
+            .or_insert_with(|| ServerSession::new(now));
         session.last_use = now;
         session.ended = false;
     }
@@ -267,7 +273,7 @@ impl Inner {
     /// Ends (or kills) a session: kills its cursors, aborts an open
     /// transaction; keeps its txnNumber history, if it has one, until it
     /// expires. Returns whether it was live.
-    pub fn end_session(&mut self, key: &SessionKey) -> bool {
+    pub fn end_session(&mut self, key: &ServerSessionKey) -> bool {
         self.cursors.retain(|_, c| c.session.as_ref() != Some(key));
         self.abort_in_progress(key);
         let Some(session) = self.sessions.get_mut(key) else {
@@ -283,7 +289,7 @@ impl Inner {
     }
 
     /// Forgets a session entirely (expiry).
-    fn forget_session(&mut self, key: &SessionKey) {
+    fn forget_session(&mut self, key: &ServerSessionKey) {
         self.end_session(key);
         self.sessions.remove(key);
     }
@@ -294,7 +300,7 @@ impl Inner {
         self.sessions.values().filter(|s| !s.ended).count()
     }
 
-    pub fn all_session_keys(&self) -> Vec<SessionKey> {
+    pub fn all_session_keys(&self) -> Vec<ServerSessionKey> {
         self.sessions
             .iter()
             .filter(|(_, s)| !s.ended)
@@ -312,7 +318,7 @@ impl Inner {
         cursor_timeout: Duration,
         txn_lifetime: Duration,
     ) {
-        let expired: Vec<SessionKey> = self
+        let expired: Vec<ServerSessionKey> = self
             .sessions
             .iter()
             .filter(|(_, s)| now.saturating_duration_since(s.last_use) > session_timeout)
@@ -323,7 +329,7 @@ impl Inner {
             self.forget_session(&key);
         }
         if self.in_progress > 0 {
-            let too_old: Vec<SessionKey> = self
+            let too_old: Vec<ServerSessionKey> = self
                 .sessions
                 .iter()
                 .filter(|(_, s)| match &s.mode {
@@ -354,7 +360,7 @@ impl Inner {
     /// The server's beginOrContinue for a command carrying `txnNumber`.
     pub fn begin_or_continue(
         &mut self,
-        key: &SessionKey,
+        key: &ServerSessionKey,
         txn_number: i64,
         autocommit: Option<bool>,
         start_transaction: bool,
@@ -486,7 +492,7 @@ impl Inner {
 
     /// Ends the session's in-progress transaction, if any, committing or
     /// rolling back its writes and releasing its locks.
-    fn finish(&mut self, key: &SessionKey, commit: bool) {
+    fn finish(&mut self, key: &ServerSessionKey, commit: bool) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -538,14 +544,14 @@ impl Inner {
         }
     }
 
-    fn abort_in_progress(&mut self, key: &SessionKey) {
+    fn abort_in_progress(&mut self, key: &ServerSessionKey) {
         self.finish(key, false);
     }
 
     /// Aborts every transaction in progress (a primary stepping down aborts
     /// its unprepared transactions). Returns how many it aborted.
     pub fn abort_all_in_progress(&mut self) -> usize {
-        let open: Vec<SessionKey> = self
+        let open: Vec<ServerSessionKey> = self
             .sessions
             .iter()
             .filter(|(_, s)| {
@@ -567,7 +573,7 @@ impl Inner {
 
     /// Aborts the transaction `txn_number` of `key` if it is in progress
     /// (any error in a transaction aborts it on the server).
-    pub fn abort_if_in_progress(&mut self, key: &SessionKey, txn_number: i64) {
+    pub fn abort_if_in_progress(&mut self, key: &ServerSessionKey, txn_number: i64) {
         let active = self
             .sessions
             .get(key)
@@ -613,7 +619,7 @@ impl Inner {
         ctx: &TxnContext,
         db: &str,
         coll: &str,
-        id: &IdKey,
+        id: &DocId,
     ) -> Result<(), WriteRefused> {
         let owner = owner_of(ctx);
         let coll_key = coll_key(db, coll);
@@ -653,7 +659,7 @@ impl Inner {
         ctx: &TxnContext,
         db: &str,
         coll: &str,
-        id: IdKey,
+        id: DocId,
         before: Option<(Seq, Document)>,
     ) {
         match owner_of(ctx) {
@@ -670,7 +676,7 @@ impl Inner {
                         before,
                     },
                 );
-                if let Some(Session {
+                if let Some(ServerSession {
                     mode: TxnMode::Transaction { written, .. },
                     ..
                 }) = self.sessions.get_mut(key)
@@ -702,7 +708,7 @@ impl Inner {
         coll: &str,
         doc: Document,
     ) -> Result<Seq, WriteRefused> {
-        let id = id_key(doc.get("_id").unwrap_or(&Bson::Null));
+        let id = doc_id(doc.get("_id").unwrap_or(&Bson::Null));
         self.check_write(ctx, db, coll, &id)?;
         let seq = self
             .store
@@ -721,7 +727,7 @@ impl Inner {
         seq: Seq,
         doc: Document,
     ) -> Result<(), WriteRefused> {
-        let id = id_key(doc.get("_id").unwrap_or(&Bson::Null));
+        let id = doc_id(doc.get("_id").unwrap_or(&Bson::Null));
         self.check_write(ctx, db, coll, &id)?;
         if let Some(old) = self.store.replace(db, coll, seq, doc) {
             self.after_write(ctx, db, coll, id, Some((seq, old)));
@@ -740,7 +746,7 @@ impl Inner {
         let Some(current) = self.store.get(db, coll, seq) else {
             return Ok(None);
         };
-        let id = id_key(current.get("_id").unwrap_or(&Bson::Null));
+        let id = doc_id(current.get("_id").unwrap_or(&Bson::Null));
         self.check_write(ctx, db, coll, &id)?;
         let old = self.store.delete(db, coll, seq);
         if let Some(old) = &old {
@@ -769,7 +775,7 @@ impl Inner {
         let owner = owner_of(reader);
         let empty = HashMap::new();
         let locks = self.locks.get(&coll_key(db, coll)).unwrap_or(&empty);
-        let foreign = |id: &IdKey| {
+        let foreign = |id: &DocId| {
             locks
                 .get(id)
                 .is_some_and(|l| owner.is_none_or(|(k, n)| *k != l.owner || n != l.txn_number))
@@ -778,7 +784,7 @@ impl Inner {
             .store
             .scan(db, coll)
             .into_iter()
-            .filter(|(_, d)| !foreign(&id_key(d.get("_id").unwrap_or(&Bson::Null))))
+            .filter(|(_, d)| !foreign(&doc_id(d.get("_id").unwrap_or(&Bson::Null))))
             .collect();
         for (id, lock) in locks {
             if foreign(id) {
@@ -806,7 +812,7 @@ impl Inner {
         let TxnContext::Retryable { key, .. } = ctx else {
             return;
         };
-        if let Some(Session {
+        if let Some(ServerSession {
             mode: TxnMode::Retryable { executed },
             ..
         }) = self.sessions.get_mut(key)
@@ -821,21 +827,21 @@ mod tests {
     use super::*;
     use bson::doc;
 
-    fn key() -> SessionKey {
-        SessionKey {
+    fn key() -> ServerSessionKey {
+        ServerSessionKey {
             id: vec![7; 16],
             owner: None,
         }
     }
 
-    fn other_key() -> SessionKey {
-        SessionKey {
+    fn other_key() -> ServerSessionKey {
+        ServerSessionKey {
             id: vec![8; 16],
             owner: None,
         }
     }
 
-    fn begin(inner: &mut Inner, k: &SessionKey, n: i64) -> TxnContext {
+    fn begin(inner: &mut Inner, k: &ServerSessionKey, n: i64) -> TxnContext {
         inner.touch(k, Instant::now(), Duration::from_secs(60));
         inner
             .begin_or_continue(k, n, Some(false), true, "update", Instant::now())

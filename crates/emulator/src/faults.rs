@@ -44,9 +44,9 @@ use std::time::Duration;
 
 use bson::{doc, Bson, Document};
 
+use super::deployment::lock;
 use super::errors::{CommandError, BAD_VALUE, FAILED_TO_PARSE, TYPE_MISMATCH, UNAUTHORIZED};
 use super::query::as_i64;
-use super::state::lock;
 
 /// The only fail point the emulator knows.
 pub const FAIL_COMMAND: &str = "failCommand";

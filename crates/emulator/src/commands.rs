@@ -9,7 +9,7 @@
 //! aggregate ($match $sort $skip $limit $project $count $group), createIndexes,
 //! listIndexes, dropIndexes, listCollections, listDatabases, create, drop,
 //! dropDatabase, commitTransaction, abortTransaction, configureFailPoint
-//! (`faults.rs`), replSetStepDown (`state.rs`).
+//! (`faults.rs`), replSetStepDown (`deployment.rs`).
 //!
 //! Before anything else, the profile and the user's privileges may refuse a
 //! command (`profile.rs`): a refused command touches no session, cursor or
@@ -36,12 +36,14 @@ use std::time::Instant;
 use bson::{doc, oid::ObjectId, Bson, Document, Timestamp};
 
 use super::clock::packed;
+use super::dataset::doc_id;
+use super::deployment::{lock, EmulatorState};
 use super::errors::{self, CommandError, CommandResult, LabelContext};
 use super::faults::{AfterExecution, InjectedError};
 use super::query::{self, as_f64, as_i64};
-use super::sessions::{Cursor, Inner, SessionKey, StmtOutcome, TxnContext, TxnState, WriteRefused};
-use super::state::{lock, EmulatorState};
-use super::store::id_key;
+use super::server_sessions::{
+    Cursor, Inner, ServerSessionKey, StmtOutcome, TxnContext, TxnState, WriteRefused,
+};
 use super::Topology;
 
 /// Default number of documents in a first batch (the server's).
@@ -89,8 +91,8 @@ pub struct Request {
 
 impl Request {
     /// The session an lsid document names, for this request's user.
-    fn session_key(&self, lsid: &Document) -> Option<SessionKey> {
-        SessionKey::from_lsid(lsid).map(|key| key.owned_by(self.user.as_deref()))
+    fn session_key(&self, lsid: &Document) -> Option<ServerSessionKey> {
+        ServerSessionKey::from_lsid(lsid).map(|key| key.owned_by(self.user.as_deref()))
     }
 
     /// Documents given either as a kind-1 sequence or as an array in the body.
@@ -211,7 +213,7 @@ struct ReadConcern {
 struct Exec<'a> {
     state: &'a EmulatorState,
     inner: &'a mut Inner,
-    lsid: Option<SessionKey>,
+    lsid: Option<ServerSessionKey>,
     txn: TxnContext,
     writable: bool,
     read_concern: ReadConcern,
@@ -356,7 +358,7 @@ pub fn injected_error(
     let key = body
         .get_document("lsid")
         .ok()
-        .and_then(SessionKey::from_lsid)
+        .and_then(ServerSessionKey::from_lsid)
         .map(|key| key.owned_by(user));
     if let (true, Some(key), Some(txn_number)) =
         (in_transaction, key, as_i64(body.get("txnNumber")))
@@ -520,7 +522,7 @@ fn transaction_context(
     inner: &mut Inner,
     config: &super::EmulatorConfig,
     req: &Request,
-    lsid: Option<&SessionKey>,
+    lsid: Option<&ServerSessionKey>,
     txn_number: Option<i64>,
     autocommit: Option<bool>,
     start_transaction: bool,
@@ -668,7 +670,7 @@ fn get_parameter(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
     Ok(reply)
 }
 
-fn lsid_list(req: &Request) -> Result<Vec<SessionKey>, CommandError> {
+fn lsid_list(req: &Request) -> Result<Vec<ServerSessionKey>, CommandError> {
     let Some(Bson::Array(items)) = req.body.get(&req.name) else {
         return Err(CommandError::new(
             errors::TYPE_MISMATCH,
@@ -722,8 +724,8 @@ fn refresh_sessions(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
 }
 
 /// Ends every live session whose owner `keep` selects.
-fn end_sessions_where(ex: &mut Exec<'_>, keep: impl Fn(&SessionKey) -> bool) -> usize {
-    let keys: Vec<SessionKey> = ex
+fn end_sessions_where(ex: &mut Exec<'_>, keep: impl Fn(&ServerSessionKey) -> bool) -> usize {
+    let keys: Vec<ServerSessionKey> = ex
         .inner
         .all_session_keys()
         .into_iter()
@@ -898,7 +900,7 @@ fn check_all(
     for (_, doc) in docs {
         let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
         ex.inner
-            .check_write(&ex.txn, db, coll, &id_key(&id))
+            .check_write(&ex.txn, db, coll, &doc_id(&id))
             .map_err(|why| refused(why, &format!("{db}.{coll}"), &id))?;
     }
     Ok(())
@@ -1271,7 +1273,7 @@ fn find_and_modify(ex: &mut Exec<'_>, req: &Request) -> CommandResult {
         if let Some(doc) = &victim {
             let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
             ex.inner
-                .check_write(&ex.txn, &req.db, &coll, &id_key(&id))
+                .check_write(&ex.txn, &req.db, &coll, &doc_id(&id))
                 .map_err(|why| refused(why, &req.ns(&coll), &id))?;
             let seq = ex
                 .inner

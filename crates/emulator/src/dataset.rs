@@ -2,7 +2,7 @@
 //! insertion order) with a unique `_id` index and stored index specs, plus
 //! the primitives a transaction's per-document undo needs (take a document by
 //! `_id`, put one back at its old position). No sessions, no locks, no wire
-//! protocol here: who may write what is decided in `sessions.rs`.
+//! protocol here: who may write what is decided in `server_sessions.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -11,9 +11,9 @@ use bson::{doc, Bson, Document};
 /// The `_id` value in a hashable form (its BSON encoding). Numerically equal
 /// ids of different types (1 vs 1.0) are distinct here: a documented
 /// simplification.
-pub type IdKey = Vec<u8>;
+pub type DocId = Vec<u8>;
 
-pub fn id_key(id: &Bson) -> IdKey {
+pub fn doc_id(id: &Bson) -> DocId {
     let mut bytes = Vec::new();
     // Serialising a one-field document cannot fail for any Bson value.
     let _ = doc! { "": id.clone() }.to_writer(&mut bytes);
@@ -26,7 +26,7 @@ pub type Seq = u64;
 #[derive(Debug, Default)]
 pub struct Collection {
     docs: BTreeMap<Seq, Document>,
-    by_id: HashMap<IdKey, Seq>,
+    by_id: HashMap<DocId, Seq>,
     next_seq: Seq,
     /// Index specs other than `_id_`, as given to createIndexes (plus `v`).
     pub indexes: Vec<Document>,
@@ -42,12 +42,12 @@ impl Collection {
     }
 
     pub fn seq_of_id(&self, id: &Bson) -> Option<Seq> {
-        self.by_id.get(&id_key(id)).copied()
+        self.by_id.get(&doc_id(id)).copied()
     }
 
     fn put(&mut self, seq: Seq, doc: Document) {
         if let Some(id) = doc.get("_id") {
-            self.by_id.insert(id_key(id), seq);
+            self.by_id.insert(doc_id(id), seq);
         }
         self.docs.insert(seq, doc);
     }
@@ -55,7 +55,7 @@ impl Collection {
     fn take(&mut self, seq: Seq) -> Option<Document> {
         let doc = self.docs.remove(&seq)?;
         if let Some(id) = doc.get("_id") {
-            self.by_id.remove(&id_key(id));
+            self.by_id.remove(&doc_id(id));
         }
         Some(doc)
     }
@@ -66,11 +66,11 @@ impl Collection {
 pub struct DuplicateId;
 
 #[derive(Debug, Default)]
-pub struct Store {
+pub struct DataSet {
     dbs: BTreeMap<String, BTreeMap<String, Collection>>,
 }
 
-impl Store {
+impl DataSet {
     pub fn collection(&self, db: &str, coll: &str) -> Option<&Collection> {
         self.dbs.get(db)?.get(coll)
     }
@@ -140,7 +140,7 @@ impl Store {
     pub fn insert(&mut self, db: &str, coll: &str, doc: Document) -> Result<Seq, DuplicateId> {
         let c = self.collection_or_create(db, coll);
         if let Some(id) = doc.get("_id") {
-            if c.by_id.contains_key(&id_key(id)) {
+            if c.by_id.contains_key(&doc_id(id)) {
                 return Err(DuplicateId);
             }
         }
@@ -168,7 +168,7 @@ impl Store {
     }
 
     /// Removes whatever document currently has this `_id`.
-    pub fn remove_id(&mut self, db: &str, coll: &str, id: &IdKey) -> Option<(Seq, Document)> {
+    pub fn remove_id(&mut self, db: &str, coll: &str, id: &DocId) -> Option<(Seq, Document)> {
         let c = self.collection_mut(db, coll)?;
         let seq = c.by_id.get(id).copied()?;
         c.take(seq).map(|doc| (seq, doc))
@@ -189,13 +189,13 @@ mod tests {
 
     #[test]
     fn remove_and_restore_keep_positions() {
-        let mut store = Store::default();
+        let mut store = DataSet::default();
         store.insert("d", "c", doc! { "_id": 1, "v": 1 }).unwrap();
         store.insert("d", "c", doc! { "_id": 2, "v": 2 }).unwrap();
         let old = store.replace("d", "c", 0, doc! { "_id": 1, "v": 10 });
         assert_eq!(old, Some(doc! { "_id": 1, "v": 1 }));
         assert!(store.insert("d", "c", doc! { "_id": 2 }).is_err());
-        let (seq, removed) = store.remove_id("d", "c", &id_key(&Bson::Int32(1))).unwrap();
+        let (seq, removed) = store.remove_id("d", "c", &doc_id(&Bson::Int32(1))).unwrap();
         assert_eq!((seq, removed), (0, doc! { "_id": 1, "v": 10 }));
         store.restore("d", "c", 0, doc! { "_id": 1, "v": 1 });
         let docs: Vec<Document> = store.scan("d", "c").into_iter().map(|(_, d)| d).collect();
