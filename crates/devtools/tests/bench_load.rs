@@ -4,14 +4,15 @@
 //! pattern (the engine raises nothing); the idle-connections probe keeps
 //! every connection usable. The real measurements are bench/compare.sh.
 
+#[path = "../../sessionguard/tests/common/mod.rs"]
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::Stack;
-use sessionguard::bench::{idle_memory, run_load, LoadPlan};
 use sessionguard::inspector::EngineInspector;
+use sessionguard_dev::bench::{idle_memory, run_load, LoadPlan};
 use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 

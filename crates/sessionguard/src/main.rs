@@ -1,5 +1,6 @@
-//! The `sessionguard` command line: `proxy`, `exec`, `demo`, `demo-app`,
-//! `check-config`, `emulator` and `bench-load`. It parses flags (many also
+//! The `sessionguard` command line: `proxy`, `exec` and `check-config` (the
+//! demo, the emulator and the load generator are the dev tools' binary,
+//! `sessionguard-dev`). It parses flags (many also
 //! settable by a `SESSIONGUARD_*` environment variable; the README lists
 //! which), resolves the configuration before anything is
 //! bound (bad config: exit 64 naming the key), installs logging and signal
@@ -7,17 +8,15 @@
 //! through `sessionguard::reload`), and hands over to the library. No proxy
 //! logic lives here.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use sessionguard::config::{parse_duration, Config, LogConfig, LogFormat, Overrides};
-use sessionguard_emulator::{EmulatorConfig, Profile, Topology};
+use sessionguard::config::{Config, LogConfig, LogFormat, Overrides};
 
 /// Exit code for a configuration error (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -41,34 +40,13 @@ struct Cli {
 enum Command {
     /// Run the proxy in front of a MongoDB deployment.
     Proxy(ProxyArgs),
-    /// Start the built-in emulator and the proxy, run a correct workload and
-    /// three session bugs through them, print what sessionguard found, exit.
-    Demo {
-        /// Keep the proxy and its admin API running after the demo, until Ctrl-C.
-        #[arg(long)]
-        keep_running: bool,
-    },
-    /// A tiny application for trying `exec`: connects to $MONGODB_URI with the
-    /// official Rust driver and runs one pattern (good, use-after-end, abandon).
-    DemoApp {
-        /// good | use-after-end | abandon
-        #[arg(default_value = "good")]
-        pattern: String,
-        /// Exit code to end with (imitates a failing test suite).
-        #[arg(default_value_t = 0)]
-        exit_code: u8,
-    },
     /// Validate a configuration file: prints "ok: FILE" or the error (exit 64).
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
     },
-    /// Run the built-in MongoDB emulator (for manual testing and benchmarks).
-    Emulator(EmulatorArgs),
     /// CI mode: run CMD against a private proxy, report session misuse, exit 3 on violations.
     Exec(sessionguard::exec::ExecArgs),
-    /// Benchmark load generator and memory probes (see docs/performance.md).
-    BenchLoad(sessionguard::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,68 +82,6 @@ struct ProxyArgs {
     report: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum TopologyArg {
-    Standalone,
-    Replicaset,
-    Mongos,
-}
-
-#[derive(Debug, clap::Args)]
-struct EmulatorArgs {
-    /// Address to listen on.
-    #[arg(
-        long,
-        env = "SESSIONGUARD_EMULATOR_LISTEN",
-        default_value = "127.0.0.1:27017"
-    )]
-    listen: SocketAddr,
-    /// Deployment persona reported by hello.
-    #[arg(
-        long,
-        env = "SESSIONGUARD_EMULATOR_TOPOLOGY",
-        value_enum,
-        default_value = "replicaset"
-    )]
-    topology: TopologyArg,
-    /// Fixed delay added to replies (humantime: "0ms", "50ms", "1s").
-    #[arg(long, env = "SESSIONGUARD_EMULATOR_LATENCY", default_value = "0ms", value_parser = parse_duration)]
-    latency: Duration,
-    /// Benchmark upstream: answer find/insert/getMore with canned replies,
-    /// storing nothing.
-    #[arg(long)]
-    fast: bool,
-    /// Which server to behave like: mongodb (MongoDB 7.0), documentdb
-    /// (Microsoft DocumentDB / FerretDB 2 / Azure Cosmos DB vCore: a
-    /// mongos-like hello, session-management commands refused with 115) or
-    /// atlas-shared (Atlas M0/Flex: kill commands refused with AtlasError).
-    #[arg(
-        long,
-        env = "SESSIONGUARD_EMULATOR_PROFILE",
-        default_value = "mongodb",
-        value_parser = clap::builder::TypedValueParser::map(
-            clap::builder::PossibleValuesParser::new(Profile::NAMES),
-            |name| name.parse::<Profile>().expect("a listed profile")
-        )
-    )]
-    profile: Profile,
-    /// Replica-set members to start over one data set (member 0 is primary;
-    /// each listens on the next port, or on its own ephemeral port with port 0).
-    #[arg(long, env = "SESSIONGUARD_EMULATOR_MEMBERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
-    members: u16,
-    /// Log format.
-    #[arg(
-        long,
-        env = "SESSIONGUARD_LOG_FORMAT",
-        value_enum,
-        default_value = "pretty"
-    )]
-    log_format: LogFormat,
-    /// Log filter.
-    #[arg(long, env = "SESSIONGUARD_LOG_LEVEL", default_value = "info")]
-    log_level: String,
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -179,11 +95,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Proxy(args) => run_proxy(args),
-        Command::Demo { keep_running } => run_demo(keep_running),
-        Command::DemoApp { pattern, exit_code } => run_demo_app(&pattern, exit_code),
-        Command::Emulator(args) => run_emulator(args),
         Command::Exec(args) => sessionguard::exec::main(args),
-        Command::BenchLoad(args) => sessionguard::bench::main(args),
     }
 }
 
@@ -423,74 +335,4 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
     admin_shutdown.cancel();
     tracing::info!("sessionguard stopped");
     code
-}
-
-fn run_demo_app(pattern: &str, exit_code: u8) -> ExitCode {
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    match runtime.block_on(sessionguard::demo::run_app(pattern, exit_code)) {
-        Ok(()) => ExitCode::from(exit_code),
-        Err(e) => {
-            eprintln!("demo-app: error: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
-}
-
-fn run_demo(keep_running: bool) -> ExitCode {
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    match runtime.block_on(sessionguard::demo::run(keep_running)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("demo failed: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
-}
-
-fn run_emulator(args: EmulatorArgs) -> ExitCode {
-    let log = LogConfig {
-        format: args.log_format,
-        level: args.log_level,
-        ..LogConfig::default()
-    };
-    if let Err(e) = sessionguard::telemetry::init(&log) {
-        eprintln!("error: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    let topology = match args.topology {
-        TopologyArg::Standalone => Topology::Standalone,
-        TopologyArg::Replicaset => Topology::ReplicaSetPrimary {
-            set_name: "rs0".to_string(),
-        },
-        TopologyArg::Mongos => Topology::Mongos,
-    };
-    if args.members > 1 && !matches!(topology, Topology::ReplicaSetPrimary { .. }) {
-        eprintln!("error: --members needs --topology replicaset");
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    let config = EmulatorConfig {
-        topology,
-        reply_latency: args.latency,
-        fast: args.fast,
-        profile: args.profile,
-        ..EmulatorConfig::default()
-    };
-    let runtime = match runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    let members = usize::from(args.members);
-    match runtime.block_on(sessionguard_emulator::run(args.listen, config, members)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("emulator failed: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
 }

@@ -439,7 +439,17 @@ pub async fn admin_for(
 /// A test sets what it needs on the returned command. For tokio, use
 /// `tokio::process::Command::from(sessionguard_command())`.
 pub fn sessionguard_command() -> std::process::Command {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sessionguard"));
+    clean_command(&sessionguard_bin())
+}
+
+/// `sessionguard_command` for the dev tools' binary (`sessionguard-dev`:
+/// `demo`, `demo-app`, `emulator`, `bench-load`).
+pub fn dev_command() -> std::process::Command {
+    clean_command(&dev_bin())
+}
+
+fn clean_command(program: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(program);
     for (key, _) in std::env::vars_os() {
         if key
             .to_str()
@@ -450,6 +460,64 @@ pub fn sessionguard_command() -> std::process::Command {
     }
     command.env_remove("RUST_LOG").env_remove("MONGODB_URI");
     command
+}
+
+/// The shipped `sessionguard` binary: cargo's own path when the tests are
+/// this package's, else the workspace's (built first: see `workspace_bin`).
+pub fn sessionguard_bin() -> std::path::PathBuf {
+    match option_env!("CARGO_BIN_EXE_sessionguard") {
+        Some(path) => path.into(),
+        None => workspace_bin("sessionguard", "sessionguard"),
+    }
+}
+
+/// The dev tools' `sessionguard-dev` binary (as `sessionguard_bin`).
+pub fn dev_bin() -> std::path::PathBuf {
+    match option_env!("CARGO_BIN_EXE_sessionguard-dev") {
+        Some(path) => path.into(),
+        None => workspace_bin("sessionguard-dev", "sessionguard-dev"),
+    }
+}
+
+/// Binary `bin` of workspace package `package`, for the profile and target
+/// directory of the test running. Cargo hands a test the paths of its own
+/// package's binaries only, so another package's is built here, once per
+/// test process: a no-op when `cargo nextest run --workspace` (or a
+/// `cargo build` of it) already did, and it keeps a stale one from being
+/// used when only this package's tests were built.
+fn workspace_bin(package: &str, bin: &str) -> std::path::PathBuf {
+    use std::sync::{Mutex, OnceLock};
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    // <target>/<profile>/deps/<test binary>
+    let test = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = test
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("tests run from <target>/<profile>/deps");
+    let path = profile_dir.join(bin);
+    let mut built = BUILT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == bin) {
+        let target_dir = profile_dir.parent().expect("a target directory");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev",
+            Some(other) => other,
+            None => panic!("no profile directory in {}", test.display()),
+        };
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml");
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--manifest-path", manifest])
+            .args(["--package", package, "--bin", bin, "--profile", profile])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cargo build of {bin} failed");
+        built.push(bin.to_string());
+    }
+    path
 }
 
 /// The `sessionguard proxy` binary as a child process, configured by a TOML

@@ -1,10 +1,12 @@
 //! CI mode end to end: the built `sessionguard` binary runs `exec` (and
 //! `proxy --report`) in front of the emulator started here, with real child
-//! processes: `sessionguard demo-app` (the official Rust driver reading
+//! processes: `sessionguard-dev demo-app` (the official Rust driver reading
 //! `MONGODB_URI`) for traffic, `sh` for exit codes and the environment.
+//! They live with the dev tools because the child is the dev tools' binary.
 //! Each test checks the exit code, the JSON report, the JUnit report and
 //! the summary the binary prints.
 
+#[path = "../../sessionguard/tests/common/mod.rs"]
 mod common;
 
 use std::net::SocketAddr;
@@ -13,7 +15,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
-use sessionguard_engine::RuleId;
+use sessionguard_engine::{RuleId, SESSIONGUARD_VIOLATION_CODE};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -34,15 +36,13 @@ fn sessionguard() -> Command {
     command
 }
 
-/// The `misuse` example, built for the profile and target directory of the
-/// binary under test. `cargo test --test exec_cli` builds only the binary,
-/// so it is built here (a no-op when `cargo test` or `--all-targets`
-/// already did, and it keeps a stale example from being used).
-/// The child program: `sessionguard demo-app PATTERN [EXIT_CODE]`, a real
-/// application on the official Rust driver. Being a subcommand of the binary
-/// under test, it needs no build of its own inside a test.
-fn misuse_app() -> [&'static str; 2] {
-    [env!("CARGO_BIN_EXE_sessionguard"), "demo-app"]
+/// The child program: `sessionguard-dev demo-app PATTERN [EXIT_CODE]`, a
+/// real application on the official Rust driver.
+fn misuse_app() -> [String; 2] {
+    [
+        common::dev_bin().display().to_string(),
+        "demo-app".to_string(),
+    ]
 }
 
 async fn run(command: &mut Command) -> Output {
@@ -123,8 +123,10 @@ async fn exec_misuse(
     let mut flags = reports.flags();
     flags.extend(extra.iter().map(|s| s.to_string()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let child: Vec<&str> = misuse_app()
-        .into_iter()
+    let app = misuse_app();
+    let child: Vec<&str> = app
+        .iter()
+        .map(String::as_str)
         .chain(pattern.iter().copied())
         .collect();
     exec(&upstream, &flags, &child).await
@@ -623,8 +625,9 @@ async fn proxy_report_is_written_at_sigterm() {
     // Keep reading so the proxy never blocks on a full pipe.
     let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
-    let output = run(Command::new(misuse_app()[0])
-        .args([misuse_app()[1], "use-after-end"])
+    let app = misuse_app();
+    let output = run(Command::new(&app[0])
+        .args([app[1].as_str(), "use-after-end"])
         .env(
             "MONGODB_URI",
             format!("mongodb://{listen}/shop?directConnection=true"),
@@ -644,4 +647,44 @@ async fn proxy_report_is_written_at_sigterm() {
     assert_eq!(rules_in(&json), ["use-after-end"], "{json:#}");
     assert!(json["command"].is_null(), "{json:#}");
     assert_eq!(json["upstream"], emu.addr().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_reads_sessionguard_mode() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let mut command = tokio::process::Command::from(common::sessionguard_command());
+    command
+        .kill_on_drop(true)
+        .env("SESSIONGUARD_MODE", "enforce")
+        .arg("exec")
+        .arg("--upstream")
+        .arg(format!("mongodb://{}/shop", emulator.addr()))
+        .arg("--report")
+        .arg(&report)
+        .arg("--")
+        .arg(common::dev_bin())
+        .arg("demo-app")
+        .arg("use-after-end")
+        .stdin(std::process::Stdio::null());
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("exec finishes in time")
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // The child fails on the rejection: exec passes its exit code on.
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&SESSIONGUARD_VIOLATION_CODE.to_string()),
+        "the child saw the rejection: {stderr}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report written"))
+            .expect("JSON");
+    let violations = report["violations"].as_array().expect("violations");
+    assert_eq!(violations.len(), 1, "{report:#}");
+    assert_eq!(violations[0]["rule"], "use-after-end");
+    assert_eq!(violations[0]["rejected"], true, "{report:#}");
+    emulator.shutdown().await;
 }

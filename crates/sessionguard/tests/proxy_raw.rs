@@ -981,7 +981,10 @@ async fn injection_gives_up_when_the_connection_never_idles() {
 // ---------------------------------------------------------------- the binary
 
 fn example_config() -> String {
-    format!("{}/config/sessionguard.toml", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/../../config/sessionguard.toml",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 #[test]
@@ -1265,7 +1268,7 @@ async fn binary_exits_fast_on_sigint() {
 #[test]
 fn pretty_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
     let mut child = common::sessionguard_command()
-        .args(["emulator", "--listen", "127.0.0.1:0"])
+        .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -1275,7 +1278,10 @@ fn pretty_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
         .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(first_line.contains("emulator listening"), "{first_line:?}");
+    assert!(
+        first_line.contains("admin server listening"),
+        "{first_line:?}"
+    );
     assert!(
         !first_line.contains('\u{1b}'),
         "ANSI escape in a piped log line: {first_line:?}"

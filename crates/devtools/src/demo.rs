@@ -1,4 +1,4 @@
-//! `sessionguard demo`: starts the built-in emulator, the proxy in front of
+//! `sessionguard-dev demo`: starts the emulator, the proxy in front of
 //! it with the session engine and the admin API, runs a short correct
 //! workload with the official Rust driver through the proxy (nothing to
 //! report), then three bugs of the reference articles (a "global" session
@@ -27,12 +27,12 @@ use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminContext, AdminServer};
-use crate::config::ProxyConfig;
-use crate::inspector::EngineInspector;
-use crate::metrics::Metrics;
-use crate::report::ReportedFinding;
-use crate::start::start_proxy;
+use sessionguard::admin::{self, AdminContext, AdminServer};
+use sessionguard::config::ProxyConfig;
+use sessionguard::inspector::EngineInspector;
+use sessionguard::metrics::Metrics;
+use sessionguard::report::ReportedFinding;
+use sessionguard::start::start_proxy;
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, op_msg, FrameCodec, Message, MsgFlags};
@@ -271,7 +271,7 @@ pub async fn run(keep_running: bool) -> Result<(), DemoError> {
         tokio::signal::ctrl_c().await?;
     } else {
         println!(
-            "These stop with the demo (done in {} ms); `sessionguard demo --keep-running` keeps them up until Ctrl-C.",
+            "These stop with the demo (done in {} ms); `sessionguard-dev demo --keep-running` keeps them up until Ctrl-C.",
             started.elapsed().as_millis()
         );
     }
@@ -612,7 +612,7 @@ async fn use_after_end(db: &Database) -> Result<(), DemoError> {
     Ok(())
 }
 
-/// `sessionguard demo-app PATTERN [EXIT_CODE]`: a tiny application for trying
+/// `sessionguard-dev demo-app PATTERN [EXIT_CODE]`: a tiny application for trying
 /// `sessionguard exec` (and the child process of its tests). It connects to
 /// `MONGODB_URI` with the official Rust driver and runs one pattern:
 /// - `good`: an explicit session for an insert and a find, then a committed
@@ -621,7 +621,7 @@ async fn use_after_end(db: &Database) -> Result<(), DemoError> {
 ///   (a serverless handler reusing a closed client's session);
 /// - `abandon`: exits with `exit_code` 500 ms after sending an insert (a
 ///   process that quits without awaiting its work). It abandons the insert
-///   only when replies take longer than that, e.g. `sessionguard emulator
+///   only when replies take longer than that, e.g. `sessionguard-dev emulator
 ///   --latency 1s`; against a fast server the insert has already completed.
 ///
 /// It writes to the URI's database (default `test`) and prints the database

@@ -784,7 +784,7 @@ fn toml_error(text: &str, err: &toml::de::Error) -> ConfigError {
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../config/sessionguard.toml");
+    const EXAMPLE: &str = include_str!("../../../config/sessionguard.toml");
 
     fn parse_err(text: &str) -> ConfigError {
         match Config::parse(text) {

@@ -1,4 +1,4 @@
-//! `sessionguard bench-load`: the measuring stick for the data path. It owns
+//! `sessionguard-dev bench-load`: the measuring stick for the data path. It owns
 //! three modes and nothing else:
 //!
 //! - load (default): a closed-loop generator speaking raw OP_MSG over N
@@ -9,7 +9,7 @@
 //!   `--shared-session`, all connections share the same few: the misuse
 //!   flood). One line of
 //!   `key=value` results: ops/s and p50/p99/p999 round-trip latency. The op
-//!   mix assumes `sessionguard emulator --fast` upstream (every `find`
+//!   mix assumes `sessionguard-dev emulator --fast` upstream (every `find`
 //!   returns a cursor to `getMore`); against a storing server the filter
 //!   matches none of the inserted documents, so no cursor is opened and the
 //!   mix is find -> insert.
@@ -38,7 +38,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
-use crate::config::parse_duration;
+use sessionguard::config::parse_duration;
 use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 
 /// Sessions each load connection rotates over (a driver's pool of implicit

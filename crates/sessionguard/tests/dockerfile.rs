@@ -1,6 +1,7 @@
 //! The Dockerfile, checked by reading it (no Docker engine runs here): its
 //! `cargo build` is the release build the README and CI use (same profile,
-//! `--locked`, the default binary, no extra features), the build stage copies
+//! `--locked`, this package and nothing else, no extra features), the build
+//! stage copies
 //! everything that build needs and every copied path exists, and the runtime
 //! stage is wired consistently: the binary it copies is the one the build
 //! produced, it runs as a non-root user, it exposes the ports its environment
@@ -11,9 +12,13 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+/// The repository (the workspace root).
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
+
+/// This package's directory, relative to the repository.
+const PACKAGE_DIR: &str = "crates/sessionguard";
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -82,15 +87,11 @@ fn exec_form(args: &str) -> Vec<String> {
     }
 }
 
+/// The shipped package's name (its binary has the same name).
 fn package_name() -> String {
-    let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).unwrap();
-    let package = &manifest["package"];
-    package
-        .get("default-run")
-        .or_else(|| package.get("name"))
-        .and_then(|v| v.as_str())
-        .unwrap()
-        .to_string()
+    let manifest: toml::Value =
+        toml::from_str(&read(&format!("{PACKAGE_DIR}/Cargo.toml"))).unwrap();
+    manifest["package"]["name"].as_str().unwrap().to_string()
 }
 
 /// The flags of the one `cargo build` the build stage runs.
@@ -121,16 +122,16 @@ fn the_build_is_the_release_build_the_readme_and_ci_use() {
     assert!(stages.len() >= 2, "multi-stage build expected");
     let flags = cargo_build_flags(&stages[0]);
 
-    // The README's release command: its flags must all be in the image build.
+    // The README's release build: its flags must all be in the image build.
     let readme = read("README.md");
     let readme_release: Vec<String> = readme
         .lines()
-        .find(|l| l.trim_start().starts_with("cargo ") && l.contains("--release"))
+        .find(|l| l.trim_start().starts_with("cargo build") && l.contains("--release"))
         .map(|l| {
             words(l)
                 .into_iter()
                 .skip(2)
-                .take_while(|w| w != "--")
+                .take_while(|w| w != "--" && !w.starts_with('#'))
                 .collect()
         })
         .expect("README shows a release build");
@@ -145,16 +146,16 @@ fn the_build_is_the_release_build_the_readme_and_ci_use() {
     assert!(ci.contains("--locked"));
     assert!(flags.contains(&"--locked".to_string()), "{flags:?}");
 
-    // The binary is the package's default binary, and nothing else changes
-    // what is compiled (features, profiles, targets) compared with CI.
-    let bin = package_name();
+    // The package is the shipped one, and nothing else changes what is
+    // compiled (features, profiles, targets) compared with CI.
+    let package = package_name();
     let at = flags
         .iter()
-        .position(|f| f == "--bin")
-        .expect("--bin names the binary");
-    assert_eq!(flags.get(at + 1), Some(&bin));
-    assert!(root().join("src/main.rs").exists());
-    let allowed: BTreeSet<&str> = ["--release", "--locked", "--bin", bin.as_str()]
+        .position(|f| f == "-p" || f == "--package")
+        .expect("-p names the package");
+    assert_eq!(flags.get(at + 1), Some(&package));
+    assert!(root().join(PACKAGE_DIR).join("src/main.rs").exists());
+    let allowed: BTreeSet<&str> = ["--release", "--locked", "-p", "--package", package.as_str()]
         .into_iter()
         .collect();
     for flag in &flags {
@@ -233,27 +234,22 @@ fn every_copied_path_exists_and_the_build_has_what_it_needs() {
         .into_iter()
         .map(|(source, _)| source.trim_end_matches('/').to_string())
         .collect();
-    let mut needed: Vec<PathBuf> = vec!["Cargo.toml".into(), "Cargo.lock".into(), "src".into()];
-    for optional in ["build.rs", "benches", ".cargo"] {
-        if root().join(optional).exists() {
-            needed.push(optional.into());
-        }
+    // Cargo reads every workspace member's manifest (and the targets they
+    // declare), whichever package it builds.
+    let mut needed: Vec<PathBuf> = vec!["Cargo.toml".into(), "Cargo.lock".into()];
+    if root().join(".cargo").exists() {
+        needed.push(".cargo".into());
     }
-    compile_time_inputs(&root().join("src"), &mut needed);
-    let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).unwrap();
-    for kind in ["bin", "bench", "example", "test"] {
-        for target in manifest
-            .get(kind)
-            .and_then(|v| v.as_array())
-            .into_iter()
-            .flatten()
-        {
-            if let Some(path) = target.get("path").and_then(|p| p.as_str()) {
-                if kind == "bin" {
-                    needed.push(path.into());
-                }
+    let workspace: toml::Value = toml::from_str(&read("Cargo.toml")).unwrap();
+    let members = workspace["workspace"]["members"].as_array().unwrap();
+    for member in members.iter().map(|m| m.as_str().unwrap()) {
+        needed.push(format!("{member}/Cargo.toml").into());
+        for optional in ["src", "build.rs", "benches"] {
+            if root().join(member).join(optional).exists() {
+                needed.push(format!("{member}/{optional}").into());
             }
         }
+        compile_time_inputs(&root().join(member).join("src"), &mut needed);
     }
     for need in needed {
         let need = need.to_string_lossy().to_string();
@@ -323,7 +319,7 @@ fn the_runtime_stage_is_non_root_exposes_its_ports_and_checks_healthz() {
     );
 
     // Environment variables are real, and the ports they set are exposed.
-    let main = read("src/main.rs");
+    let main = read(&format!("{PACKAGE_DIR}/src/main.rs"));
     let env = env_of(runtime);
     for (key, _) in &env {
         if key.starts_with("SESSIONGUARD_") {
@@ -364,7 +360,7 @@ fn the_runtime_stage_is_non_root_exposes_its_ports_and_checks_healthz() {
             .contains(&format!(":{}/healthz", port_of(&admin))),
         "{health:?}"
     );
-    assert!(read("src/admin.rs").contains("\"/healthz\""));
+    assert!(read(&format!("{PACKAGE_DIR}/src/admin.rs")).contains("\"/healthz\""));
     // curl must be installed for it.
     assert!(runtime
         .iter()

@@ -43,7 +43,7 @@ fn admin_binds_loopback_by_default() {
     assert!(admin.ip().is_loopback());
     // The documented example file does not widen it either.
     let example =
-        Config::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sessionguard.toml"))
+        Config::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/sessionguard.toml"))
             .expect("the example config parses");
     let admin: SocketAddr = example.proxy.admin.parse().unwrap();
     assert!(admin.ip().is_loopback(), "{}", example.proxy.admin);

@@ -12,7 +12,10 @@ use sessionguard::metrics::Metrics;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 
 fn dashboard() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/sessionguard.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../dashboards/sessionguard.json"
+    );
     let text = std::fs::read_to_string(path).expect("the dashboard file exists");
     serde_json::from_str(&text).expect("the dashboard is valid JSON")
 }
