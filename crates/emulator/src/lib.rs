@@ -1,13 +1,16 @@
-//! A small in-memory MongoDB-compatible server: the upstream for
-//! `sessionguard demo`, the integration tests and the benchmarks.
+//! sessionguard-emulator: a small in-memory MongoDB-compatible server, the
+//! upstream for `sessionguard-dev demo`, the integration tests and the
+//! benchmarks. Dev tooling: the shipped proxy binary does not link it.
 //!
 //! It owns a data set (databases, collections, documents, index specs),
-//! logical sessions (keyed by `lsid.id`), their transactions and retryable-write
-//! history, cursors, and a replica-set/standalone/mongos persona for the
-//! handshake, including the streaming (exhaust) hello protocol. It speaks the
-//! wire protocol through [`sessionguard_protocol::wire`] only; it must not reach into the proxy
-//! or the session engine, and it never logs document contents (command names,
-//! namespaces, ids and counts only).
+//! the server's side of logical sessions (keyed by `lsid.id` and owner),
+//! their transactions and retryable-write history, cursors, and a
+//! replica-set/standalone/mongos persona for the handshake, including the
+//! streaming (exhaust) hello protocol. It speaks the wire protocol through
+//! `sessionguard-protocol` only (frames, and the two command facts a server
+//! needs: what a hello is, a SCRAM user name); it must not depend on the
+//! proxy or the session engine, and it never logs document contents
+//! (command names, namespaces, ids and counts only).
 //!
 //! Faithfulness: replies follow a MongoDB 7.0 server for the commands the
 //! official drivers send (see `commands.rs` for the list). Replica-set and
