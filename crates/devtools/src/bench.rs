@@ -583,7 +583,7 @@ pub async fn idle_memory(
 }
 
 /// VmRSS of `pid` (or of this process), KiB.
-pub fn rss_kib(pid: Option<u32>) -> std::io::Result<u64> {
+pub(crate) fn rss_kib(pid: Option<u32>) -> std::io::Result<u64> {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/status"),
         None => "/proc/self/status".to_string(),
@@ -600,7 +600,7 @@ pub fn rss_kib(pid: Option<u32>) -> std::io::Result<u64> {
 
 /// Results of the sessions mode.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LedgerReport {
+pub(crate) struct LedgerReport {
     pub sessions: usize,
     pub tracked: usize,
     pub rss_before_kib: u64,
@@ -630,9 +630,9 @@ impl std::fmt::Display for LedgerReport {
 
 /// Tracks `count` sessions in a fresh engine (one `find` request and its
 /// reply per lsid, from one connection) and measures this process's RSS.
-pub fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
-    use sessionguard_engine::config::{RulesConfig, SessionConfig};
+pub(crate) fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
     use sessionguard_engine::SessionEngine;
+    use sessionguard_engine::{RulesConfig, SessionConfig};
 
     let config = SessionConfig {
         max_sessions: count.max(1),
@@ -671,7 +671,7 @@ pub fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
         rss_before_kib: before,
         rss_after_kib: after,
         bytes_per_session: (after.saturating_sub(before) * 1024) as f64 / count.max(1) as f64,
-        entry_bytes: sessionguard_engine::ledger::SESSION_SLOT_BYTES,
+        entry_bytes: sessionguard_engine::SESSION_SLOT_BYTES,
         ns_per_request: elapsed.as_nanos() as f64 / count.max(1) as f64,
     })
 }

@@ -29,10 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use sessionguard::admin::{self, AdminContext, AdminServer};
 use sessionguard::config::ProxyConfig;
-use sessionguard::inspector::EngineInspector;
 use sessionguard::metrics::Metrics;
 use sessionguard::report::ReportedFinding;
-use sessionguard::start::start_proxy;
+use sessionguard::start_proxy;
+use sessionguard::EngineInspector;
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, op_msg, FrameCodec, Message, MsgFlags};

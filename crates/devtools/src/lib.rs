@@ -11,9 +11,11 @@
 //! # Layout
 //!
 //! - [`demo`]: `sessionguard-dev demo` and `demo-app`.
-//! - [`bench`]: `sessionguard-dev bench-load`: the load generator and the
+//! - [`bench`](mod@bench): `sessionguard-dev bench-load`: the load generator and the
 //!   memory measurements behind bench/compare.sh and docs/performance.md.
 #![forbid(unsafe_code)]
+// Dev tools: the demo and the load generator print to their terminal.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod bench;
 pub mod demo;

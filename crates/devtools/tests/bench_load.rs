@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Stack;
-use sessionguard::inspector::EngineInspector;
+use sessionguard::EngineInspector;
 use sessionguard_dev::bench::{idle_memory, run_load, LoadPlan};
 use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};

@@ -18,9 +18,9 @@ use std::num::NonZeroU32;
 use super::errors::{CommandError, AUTHENTICATION_FAILED, BAD_VALUE, PROTOCOL_ERROR, UNAUTHORIZED};
 
 /// The mechanism implemented here.
-pub const MECHANISM: &str = "SCRAM-SHA-256";
+pub(crate) const MECHANISM: &str = "SCRAM-SHA-256";
 /// The only database users live in.
-pub const AUTH_DB: &str = "admin";
+pub(crate) const AUTH_DB: &str = "admin";
 /// RFC 7677's minimum, and what a MongoDB server uses by default.
 const ITERATIONS: u32 = 15_000;
 const SALT_LEN: usize = 16;
@@ -66,20 +66,20 @@ struct Conversation {
 
 /// One connection's authentication state.
 #[derive(Default)]
-pub struct ConnAuth {
+pub(crate) struct ConnAuth {
     user: Option<String>,
     conversation: Option<Conversation>,
 }
 
 impl ConnAuth {
     /// The authenticated user, if any.
-    pub fn user(&self) -> Option<&str> {
+    pub(crate) fn user(&self) -> Option<&str> {
         self.user.as_deref()
     }
 
     /// Whether `name` is refused because this connection has not
     /// authenticated (the authentication commands themselves never are).
-    pub fn refuses(&self, users: &[(String, String)], name: &str) -> bool {
+    pub(crate) fn refuses(&self, users: &[(String, String)], name: &str) -> bool {
         !users.is_empty()
             && self.user.is_none()
             && !OPEN_COMMANDS.contains(&name)
@@ -88,7 +88,7 @@ impl ConnAuth {
 
     /// Handles the authentication commands and refuses everything else on an
     /// unauthenticated connection when users exist. `None`: run the command.
-    pub fn intercept(
+    pub(crate) fn intercept(
         &mut self,
         users: &[(String, String)],
         name: &str,
@@ -117,7 +117,7 @@ impl ConnAuth {
     /// The hello reply's `speculativeAuthenticate`, for a hello that asks
     /// (errors are not reported in hello: the driver then authenticates the
     /// ordinary way, as with a real server).
-    pub fn speculative(
+    pub(crate) fn speculative(
         &mut self,
         users: &[(String, String)],
         hello: &Document,
@@ -299,7 +299,7 @@ impl ConnAuth {
 }
 
 /// hello's answer to `saslSupportedMechs: "db.user"`.
-pub fn supported_mechs(users: &[(String, String)], hello: &Document) -> Option<Bson> {
+pub(crate) fn supported_mechs(users: &[(String, String)], hello: &Document) -> Option<Bson> {
     let asked = hello.get_str("saslSupportedMechs").ok()?;
     let (db, user) = asked.split_once('.')?;
     let known = db == AUTH_DB && users.iter().any(|(name, _)| name == user);

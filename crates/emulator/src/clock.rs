@@ -12,11 +12,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bson::Timestamp;
 
 /// Orders timestamps the way the server does: seconds, then increment.
-pub fn packed(ts: Timestamp) -> u64 {
+pub(crate) fn packed(ts: Timestamp) -> u64 {
     (u64::from(ts.time) << 32) | u64::from(ts.increment)
 }
 
-pub fn unpacked(value: u64) -> Timestamp {
+pub(crate) fn unpacked(value: u64) -> Timestamp {
     Timestamp {
         time: u32::try_from(value >> 32).unwrap_or(u32::MAX),
         increment: u32::try_from(value & u64::from(u32::MAX)).unwrap_or(u32::MAX),
@@ -32,7 +32,7 @@ fn wall_seconds() -> u32 {
 }
 
 #[derive(Debug)]
-pub struct ClusterClock {
+pub(crate) struct ClusterClock {
     now: AtomicU64,
 }
 
@@ -48,13 +48,13 @@ impl Default for ClusterClock {
 }
 
 impl ClusterClock {
-    pub fn current(&self) -> Timestamp {
+    pub(crate) fn current(&self) -> Timestamp {
         unpacked(self.now.load(Ordering::SeqCst))
     }
 
     /// The time of a new write: later than anything handed out before; the
     /// seconds follow the wall clock when it is ahead.
-    pub fn tick(&self) -> Timestamp {
+    pub(crate) fn tick(&self) -> Timestamp {
         let wall = wall_seconds();
         let next = |current: u64| {
             let ts = unpacked(current);
@@ -87,7 +87,7 @@ impl ClusterClock {
     }
 
     /// Moves the clock forward to `ts` (gossip, a no-op write); never back.
-    pub fn advance_to(&self, ts: Timestamp) {
+    pub(crate) fn advance_to(&self, ts: Timestamp) {
         self.now.fetch_max(packed(ts), Ordering::SeqCst);
     }
 }

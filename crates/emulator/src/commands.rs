@@ -80,7 +80,7 @@ const TRANSACTION_COMMANDS: &[&str] = &[
 
 /// A command as received: its name, database, body and kind-1 sequences.
 #[derive(Debug)]
-pub struct Request {
+pub(crate) struct Request {
     pub name: String,
     pub db: String,
     pub body: Document,
@@ -185,7 +185,7 @@ const BLOCKED_BY_TRANSACTION: i32 = -1;
 /// Where a multi-statement write stopped when it had to wait, and what it
 /// had done so far: [`execute`] continues from here.
 #[derive(Debug, Default)]
-pub struct Resume {
+pub(crate) struct Resume {
     next_statement: usize,
     n: i64,
     n_modified: i64,
@@ -195,7 +195,7 @@ pub struct Resume {
 
 /// What [`execute`] produced.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Reply(Document),
     /// A write outside any transaction reached a document an open
     /// transaction has locked: call again (same `Resume`) once a
@@ -221,7 +221,7 @@ struct Exec<'a> {
 }
 
 /// Executes one (non-hello) command.
-pub fn execute(
+pub(crate) fn execute(
     state: &EmulatorState,
     member: usize,
     req: &Request,
@@ -335,7 +335,7 @@ fn add_topology_version(state: &EmulatorState, code: i32, reply: &mut Document) 
 /// labels unless the fail point gave its own, the `topologyVersion` of a
 /// not-primary error; and, as any error in a transaction does, the
 /// transaction the command belonged to is aborted.
-pub fn injected_error(
+pub(crate) fn injected_error(
     state: &EmulatorState,
     name: &str,
     body: &Document,
@@ -378,7 +378,12 @@ pub fn injected_error(
 
 /// Applies a fail point's `writeConcernError` (and its `errorLabels`) to
 /// the reply of a command that ran.
-pub fn after_execution(name: &str, body: &Document, after: &AfterExecution, reply: &mut Document) {
+pub(crate) fn after_execution(
+    name: &str,
+    body: &Document,
+    after: &AfterExecution,
+    reply: &mut Document,
+) {
     let Some(wce) = &after.write_concern_error else {
         return;
     };

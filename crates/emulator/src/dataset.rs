@@ -11,9 +11,9 @@ use bson::{doc, Bson, Document};
 /// The `_id` value in a hashable form (its BSON encoding). Numerically equal
 /// ids of different types (1 vs 1.0) are distinct here: a documented
 /// simplification.
-pub type DocId = Vec<u8>;
+pub(crate) type DocId = Vec<u8>;
 
-pub fn doc_id(id: &Bson) -> DocId {
+pub(crate) fn doc_id(id: &Bson) -> DocId {
     let mut bytes = Vec::new();
     // Serialising a one-field document cannot fail for any Bson value.
     let _ = doc! { "": id.clone() }.to_writer(&mut bytes);
@@ -21,10 +21,10 @@ pub fn doc_id(id: &Bson) -> DocId {
 }
 
 /// Position of a document in its collection (insertion order, never reused).
-pub type Seq = u64;
+pub(crate) type Seq = u64;
 
 #[derive(Debug, Default)]
-pub struct Collection {
+pub(crate) struct Collection {
     docs: BTreeMap<Seq, Document>,
     by_id: HashMap<DocId, Seq>,
     next_seq: Seq,
@@ -33,15 +33,15 @@ pub struct Collection {
 }
 
 impl Collection {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.docs.len()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (Seq, &Document)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Seq, &Document)> {
         self.docs.iter().map(|(s, d)| (*s, d))
     }
 
-    pub fn seq_of_id(&self, id: &Bson) -> Option<Seq> {
+    pub(crate) fn seq_of_id(&self, id: &Bson) -> Option<Seq> {
         self.by_id.get(&doc_id(id)).copied()
     }
 
@@ -63,20 +63,20 @@ impl Collection {
 
 /// Why an insert was refused.
 #[derive(Debug)]
-pub struct DuplicateId;
+pub(crate) struct DuplicateId;
 
 #[derive(Debug, Default)]
-pub struct DataSet {
+pub(crate) struct DataSet {
     dbs: BTreeMap<String, BTreeMap<String, Collection>>,
 }
 
 impl DataSet {
-    pub fn collection(&self, db: &str, coll: &str) -> Option<&Collection> {
+    pub(crate) fn collection(&self, db: &str, coll: &str) -> Option<&Collection> {
         self.dbs.get(db)?.get(coll)
     }
 
     /// Creates the collection if needed; returns whether it was created.
-    pub fn ensure_collection(&mut self, db: &str, coll: &str) -> bool {
+    pub(crate) fn ensure_collection(&mut self, db: &str, coll: &str) -> bool {
         let colls = self.dbs.entry(db.to_string()).or_default();
         if colls.contains_key(coll) {
             return false;
@@ -85,7 +85,7 @@ impl DataSet {
         true
     }
 
-    pub fn collection_mut(&mut self, db: &str, coll: &str) -> Option<&mut Collection> {
+    pub(crate) fn collection_mut(&mut self, db: &str, coll: &str) -> Option<&mut Collection> {
         self.dbs.get_mut(db)?.get_mut(coll)
     }
 
@@ -98,25 +98,25 @@ impl DataSet {
             .or_default()
     }
 
-    pub fn collection_names(&self, db: &str) -> Vec<String> {
+    pub(crate) fn collection_names(&self, db: &str) -> Vec<String> {
         self.dbs
             .get(db)
             .map(|c| c.keys().cloned().collect())
             .unwrap_or_default()
     }
 
-    pub fn database_names(&self) -> Vec<String> {
+    pub(crate) fn database_names(&self) -> Vec<String> {
         self.dbs.keys().cloned().collect()
     }
 
-    pub fn database_doc_count(&self, db: &str) -> usize {
+    pub(crate) fn database_doc_count(&self, db: &str) -> usize {
         self.dbs
             .get(db)
             .map(|c| c.values().map(Collection::len).sum())
             .unwrap_or(0)
     }
 
-    pub fn drop_collection(&mut self, db: &str, coll: &str) -> Option<Collection> {
+    pub(crate) fn drop_collection(&mut self, db: &str, coll: &str) -> Option<Collection> {
         let colls = self.dbs.get_mut(db)?;
         let dropped = colls.remove(coll);
         if colls.is_empty() {
@@ -125,19 +125,24 @@ impl DataSet {
         dropped
     }
 
-    pub fn drop_database(&mut self, db: &str) -> bool {
+    pub(crate) fn drop_database(&mut self, db: &str) -> bool {
         self.dbs.remove(db).is_some()
     }
 
     /// Documents of a collection in insertion order (empty if it does not exist).
-    pub fn scan(&self, db: &str, coll: &str) -> Vec<(Seq, Document)> {
+    pub(crate) fn scan(&self, db: &str, coll: &str) -> Vec<(Seq, Document)> {
         self.collection(db, coll)
             .map(|c| c.iter().map(|(s, d)| (s, d.clone())).collect())
             .unwrap_or_default()
     }
 
     /// Inserts `doc` (which must carry `_id`).
-    pub fn insert(&mut self, db: &str, coll: &str, doc: Document) -> Result<Seq, DuplicateId> {
+    pub(crate) fn insert(
+        &mut self,
+        db: &str,
+        coll: &str,
+        doc: Document,
+    ) -> Result<Seq, DuplicateId> {
         let c = self.collection_or_create(db, coll);
         if let Some(id) = doc.get("_id") {
             if c.by_id.contains_key(&doc_id(id)) {
@@ -151,24 +156,35 @@ impl DataSet {
     }
 
     /// Replaces the document at `seq` (same `_id`); returns the old one.
-    pub fn replace(&mut self, db: &str, coll: &str, seq: Seq, doc: Document) -> Option<Document> {
+    pub(crate) fn replace(
+        &mut self,
+        db: &str,
+        coll: &str,
+        seq: Seq,
+        doc: Document,
+    ) -> Option<Document> {
         let c = self.collection_mut(db, coll)?;
         let old = c.take(seq)?;
         c.put(seq, doc);
         Some(old)
     }
 
-    pub fn delete(&mut self, db: &str, coll: &str, seq: Seq) -> Option<Document> {
+    pub(crate) fn delete(&mut self, db: &str, coll: &str, seq: Seq) -> Option<Document> {
         self.collection_mut(db, coll)?.take(seq)
     }
 
     /// The document at `seq`, if any.
-    pub fn get(&self, db: &str, coll: &str, seq: Seq) -> Option<&Document> {
+    pub(crate) fn get(&self, db: &str, coll: &str, seq: Seq) -> Option<&Document> {
         self.collection(db, coll)?.docs.get(&seq)
     }
 
     /// Removes whatever document currently has this `_id`.
-    pub fn remove_id(&mut self, db: &str, coll: &str, id: &DocId) -> Option<(Seq, Document)> {
+    pub(crate) fn remove_id(
+        &mut self,
+        db: &str,
+        coll: &str,
+        id: &DocId,
+    ) -> Option<(Seq, Document)> {
         let c = self.collection_mut(db, coll)?;
         let seq = c.by_id.get(id).copied()?;
         c.take(seq).map(|doc| (seq, doc))
@@ -176,7 +192,7 @@ impl DataSet {
 
     /// Puts a document back at its old position (undo of a transaction's
     /// write). A collection dropped meanwhile is recreated.
-    pub fn restore(&mut self, db: &str, coll: &str, seq: Seq, doc: Document) {
+    pub(crate) fn restore(&mut self, db: &str, coll: &str, seq: Seq, doc: Document) {
         let c = self.collection_or_create(db, coll);
         c.take(seq);
         c.put(seq, doc);

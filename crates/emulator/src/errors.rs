@@ -1,7 +1,7 @@
 //! Command errors shaped like the server's: `{ok: 0, errmsg, code, codeName}`
 //! plus `errorLabels` where the server adds them. Codes and names follow the
 //! server's src/mongo/base/error_codes.yml; codes that are bare assertions
-//! there ("Location<code>") are named that way, as the server does.
+//! there (`Location<code>`) are named that way, as the server does.
 //!
 //! The labels the server computes for every error (error_labels.cpp) are
 //! computed here too, from the request alone: `TransientTransactionError`
@@ -10,61 +10,61 @@
 
 use bson::{doc, Bson, Document};
 
-pub const BAD_VALUE: i32 = 2;
-pub const HOST_UNREACHABLE: i32 = 6;
-pub const HOST_NOT_FOUND: i32 = 7;
-pub const FAILED_TO_PARSE: i32 = 9;
-pub const UNAUTHORIZED: i32 = 13;
-pub const LOCK_TIMEOUT: i32 = 24;
-pub const PROTOCOL_ERROR: i32 = 17;
-pub const AUTHENTICATION_FAILED: i32 = 18;
-pub const TYPE_MISMATCH: i32 = 14;
-pub const ILLEGAL_OPERATION: i32 = 20;
-pub const NAMESPACE_NOT_FOUND: i32 = 26;
-pub const INDEX_NOT_FOUND: i32 = 27;
-pub const CURSOR_NOT_FOUND: i32 = 43;
-pub const MAX_TIME_MS_EXPIRED: i32 = 50;
-pub const NAMESPACE_EXISTS: i32 = 48;
-pub const COMMAND_NOT_FOUND: i32 = 59;
-pub const IMMUTABLE_FIELD: i32 = 66;
-pub const INVALID_OPTIONS: i32 = 72;
-pub const INVALID_NAMESPACE: i32 = 73;
-pub const NO_REPLICATION_ENABLED: i32 = 76;
-pub const NETWORK_TIMEOUT: i32 = 89;
-pub const SHUTDOWN_IN_PROGRESS: i32 = 91;
-pub const WRITE_CONFLICT: i32 = 112;
-pub const COMMAND_NOT_SUPPORTED: i32 = 115;
-pub const CONFLICTING_OPERATION_IN_PROGRESS: i32 = 117;
-pub const PRIMARY_STEPPED_DOWN: i32 = 189;
-pub const INCOMPLETE_TRANSACTION_HISTORY: i32 = 217;
-pub const TRANSACTION_TOO_OLD: i32 = 225;
-pub const SNAPSHOT_TOO_OLD: i32 = 239;
-pub const SNAPSHOT_UNAVAILABLE: i32 = 246;
-pub const NO_SUCH_TRANSACTION: i32 = 251;
-pub const TRANSACTION_COMMITTED: i32 = 256;
-pub const EXCEEDED_TIME_LIMIT: i32 = 262;
-pub const OPERATION_NOT_SUPPORTED_IN_TRANSACTION: i32 = 263;
-pub const UNSUPPORTED_OP_QUERY_COMMAND: i32 = 352;
+pub(crate) const BAD_VALUE: i32 = 2;
+pub(crate) const HOST_UNREACHABLE: i32 = 6;
+pub(crate) const HOST_NOT_FOUND: i32 = 7;
+pub(crate) const FAILED_TO_PARSE: i32 = 9;
+pub(crate) const UNAUTHORIZED: i32 = 13;
+pub(crate) const LOCK_TIMEOUT: i32 = 24;
+pub(crate) const PROTOCOL_ERROR: i32 = 17;
+pub(crate) const AUTHENTICATION_FAILED: i32 = 18;
+pub(crate) const TYPE_MISMATCH: i32 = 14;
+pub(crate) const ILLEGAL_OPERATION: i32 = 20;
+pub(crate) const NAMESPACE_NOT_FOUND: i32 = 26;
+pub(crate) const INDEX_NOT_FOUND: i32 = 27;
+pub(crate) const CURSOR_NOT_FOUND: i32 = 43;
+pub(crate) const MAX_TIME_MS_EXPIRED: i32 = 50;
+pub(crate) const NAMESPACE_EXISTS: i32 = 48;
+pub(crate) const COMMAND_NOT_FOUND: i32 = 59;
+pub(crate) const IMMUTABLE_FIELD: i32 = 66;
+pub(crate) const INVALID_OPTIONS: i32 = 72;
+pub(crate) const INVALID_NAMESPACE: i32 = 73;
+pub(crate) const NO_REPLICATION_ENABLED: i32 = 76;
+pub(crate) const NETWORK_TIMEOUT: i32 = 89;
+pub(crate) const SHUTDOWN_IN_PROGRESS: i32 = 91;
+pub(crate) const WRITE_CONFLICT: i32 = 112;
+pub(crate) const COMMAND_NOT_SUPPORTED: i32 = 115;
+pub(crate) const CONFLICTING_OPERATION_IN_PROGRESS: i32 = 117;
+pub(crate) const PRIMARY_STEPPED_DOWN: i32 = 189;
+pub(crate) const INCOMPLETE_TRANSACTION_HISTORY: i32 = 217;
+pub(crate) const TRANSACTION_TOO_OLD: i32 = 225;
+pub(crate) const SNAPSHOT_TOO_OLD: i32 = 239;
+pub(crate) const SNAPSHOT_UNAVAILABLE: i32 = 246;
+pub(crate) const NO_SUCH_TRANSACTION: i32 = 251;
+pub(crate) const TRANSACTION_COMMITTED: i32 = 256;
+pub(crate) const EXCEEDED_TIME_LIMIT: i32 = 262;
+pub(crate) const OPERATION_NOT_SUPPORTED_IN_TRANSACTION: i32 = 263;
+pub(crate) const UNSUPPORTED_OP_QUERY_COMMAND: i32 = 352;
 /// Atlas's own code for what its proxy refuses (shared tiers, bad auth).
-pub const ATLAS_ERROR: i32 = 8000;
-pub const SOCKET_EXCEPTION: i32 = 9001;
-pub const NOT_WRITABLE_PRIMARY: i32 = 10107;
-pub const DUPLICATE_KEY: i32 = 11000;
-pub const INTERRUPTED_AT_SHUTDOWN: i32 = 11600;
-pub const INTERRUPTED_DUE_TO_REPL_STATE_CHANGE: i32 = 11602;
-pub const NOT_PRIMARY_NO_SECONDARY_OK: i32 = 13435;
-pub const NOT_PRIMARY_OR_SECONDARY: i32 = 13436;
-pub const MISSING_DB: i32 = 40571;
-pub const GETMORE_NOT_IN_SESSION: i32 = 50736;
-pub const GETMORE_WITHOUT_LSID: i32 = 50737;
-pub const GETMORE_OTHER_SESSION: i32 = 50738;
-pub const TXN_NUMBER_NOT_ALLOWED: i32 = 50768;
-pub const TRANSIENT_TRANSACTION_ERROR: &str = "TransientTransactionError";
-pub const RETRYABLE_WRITE_ERROR: &str = "RetryableWriteError";
+pub(crate) const ATLAS_ERROR: i32 = 8000;
+pub(crate) const SOCKET_EXCEPTION: i32 = 9001;
+pub(crate) const NOT_WRITABLE_PRIMARY: i32 = 10107;
+pub(crate) const DUPLICATE_KEY: i32 = 11000;
+pub(crate) const INTERRUPTED_AT_SHUTDOWN: i32 = 11600;
+pub(crate) const INTERRUPTED_DUE_TO_REPL_STATE_CHANGE: i32 = 11602;
+pub(crate) const NOT_PRIMARY_NO_SECONDARY_OK: i32 = 13435;
+pub(crate) const NOT_PRIMARY_OR_SECONDARY: i32 = 13436;
+pub(crate) const MISSING_DB: i32 = 40571;
+pub(crate) const GETMORE_NOT_IN_SESSION: i32 = 50736;
+pub(crate) const GETMORE_WITHOUT_LSID: i32 = 50737;
+pub(crate) const GETMORE_OTHER_SESSION: i32 = 50738;
+pub(crate) const TXN_NUMBER_NOT_ALLOWED: i32 = 50768;
+pub(crate) const TRANSIENT_TRANSACTION_ERROR: &str = "TransientTransactionError";
+pub(crate) const RETRYABLE_WRITE_ERROR: &str = "RetryableWriteError";
 
 /// The server's RetriableError category (error_codes.yml): what a driver
 /// may retry, and what earns a retryable write the `RetryableWriteError` label.
-pub fn is_retriable(code: i32) -> bool {
+pub(crate) fn is_retriable(code: i32) -> bool {
     matches!(
         code,
         HOST_UNREACHABLE
@@ -85,7 +85,7 @@ pub fn is_retriable(code: i32) -> bool {
 /// The server's NotPrimaryError category: a replica-set member adds its
 /// current `topologyVersion` to these error replies (SDAM uses it to tell a
 /// stale error from a new one).
-pub fn is_not_primary(code: i32) -> bool {
+pub(crate) fn is_not_primary(code: i32) -> bool {
     matches!(
         code,
         NOT_WRITABLE_PRIMARY
@@ -122,7 +122,7 @@ impl<'a> LabelContext<'a> {
 /// The labels a 7.0 server computes for a failed command (`code`) or a
 /// write concern error (`wc_code`), as error_labels.cpp does: the two are
 /// exclusive, TransientTransactionError first.
-pub fn server_labels(
+pub(crate) fn server_labels(
     ctx: LabelContext<'_>,
     code: Option<i32>,
     wc_code: Option<i32>,
@@ -151,7 +151,7 @@ pub fn server_labels(
 }
 
 /// The server's codeName for a code.
-pub fn code_name(code: i32) -> String {
+pub(crate) fn code_name(code: i32) -> String {
     let name = match code {
         BAD_VALUE => "BadValue",
         FAILED_TO_PARSE => "FailedToParse",
@@ -253,7 +253,7 @@ impl CommandError {
     }
 }
 
-pub type CommandResult = Result<Document, CommandError>;
+pub(crate) type CommandResult = Result<Document, CommandError>;
 
 #[cfg(test)]
 mod tests {

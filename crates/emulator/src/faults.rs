@@ -49,9 +49,9 @@ use super::errors::{CommandError, BAD_VALUE, FAILED_TO_PARSE, TYPE_MISMATCH, UNA
 use super::query::as_i64;
 
 /// The only fail point the emulator knows.
-pub const FAIL_COMMAND: &str = "failCommand";
+pub(crate) const FAIL_COMMAND: &str = "failCommand";
 /// The message of every error `failCommand` injects (the server's).
-pub const FAIL_COMMAND_ERRMSG: &str = "Failing command via 'failCommand' failpoint";
+pub(crate) const FAIL_COMMAND_ERRMSG: &str = "Failing command via 'failCommand' failpoint";
 
 /// Commands that take a write concern (so `writeConcernError` applies).
 const WRITE_CONCERN_COMMANDS: &[&str] = &[
@@ -98,7 +98,7 @@ struct Active {
 
 /// What the fail point does to one command.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Fault {
+pub(crate) struct Fault {
     /// Wait this long before anything else (`blockConnection`).
     pub block: Option<Duration>,
     /// Close the connection without running the command or replying.
@@ -111,7 +111,7 @@ pub struct Fault {
 
 /// An `errorCode` the fail point answers with.
 #[derive(Debug, Clone, PartialEq)]
-pub struct InjectedError {
+pub(crate) struct InjectedError {
     pub code: i32,
     /// `errorLabels` as configured (replacing the computed ones), if given.
     pub labels: Option<Vec<String>>,
@@ -119,7 +119,7 @@ pub struct InjectedError {
 
 /// What happens to a command's reply once it has run.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct AfterExecution {
+pub(crate) struct AfterExecution {
     /// Added to the reply as `writeConcernError`.
     pub write_concern_error: Option<Document>,
     /// Replace the reply's computed `errorLabels` (empty: none).
@@ -130,14 +130,14 @@ pub struct AfterExecution {
 }
 
 impl AfterExecution {
-    pub fn is_noop(&self) -> bool {
+    pub(crate) fn is_noop(&self) -> bool {
         *self == AfterExecution::default()
     }
 }
 
 /// The deployment's fail points.
 #[derive(Debug, Default)]
-pub struct FailPoints {
+pub(crate) struct FailPoints {
     /// Whether a fail point may be on: commands skip the lock while it is
     /// not (the common case, and the only one a benchmark sees).
     armed: AtomicBool,
@@ -147,7 +147,7 @@ pub struct FailPoints {
 
 impl FailPoints {
     /// Runs `configureFailPoint`.
-    pub fn configure(&self, db: &str, body: &Document) -> Result<Document, CommandError> {
+    pub(crate) fn configure(&self, db: &str, body: &Document) -> Result<Document, CommandError> {
         if db != "admin" {
             return Err(CommandError::new(
                 UNAUTHORIZED,
@@ -188,13 +188,13 @@ impl FailPoints {
     }
 
     /// Times the fail point has fired so far.
-    pub fn entered(&self) -> u64 {
+    pub(crate) fn entered(&self) -> u64 {
         self.entered.load(Ordering::Relaxed)
     }
 
     /// Whether the fail point fires for `command` on a connection whose
     /// handshake named `app_name`; counts it down when it does.
-    pub fn activate(&self, command: &str, app_name: Option<&str>) -> Option<Fault> {
+    pub(crate) fn activate(&self, command: &str, app_name: Option<&str>) -> Option<Fault> {
         if !self.armed.load(Ordering::Acquire) {
             return None;
         }

@@ -13,27 +13,27 @@ use super::query::as_i64;
 use super::{Profile, Topology};
 use sessionguard_protocol::wire::Compressor;
 
-pub const MAX_BSON_OBJECT_SIZE: i32 = 16 * 1024 * 1024;
-pub const MAX_WRITE_BATCH_SIZE: i32 = 100_000;
-pub const MAX_WIRE_VERSION: i32 = 21;
+pub(crate) const MAX_BSON_OBJECT_SIZE: i32 = 16 * 1024 * 1024;
+pub(crate) const MAX_WRITE_BATCH_SIZE: i32 = 100_000;
+pub(crate) const MAX_WIRE_VERSION: i32 = 21;
 /// DocumentDB's maxWriteBatchSize (its captured hello).
 const DOCUMENTDB_MAX_WRITE_BATCH_SIZE: i32 = 25_000;
 
 /// What one connection knows about itself when answering hello.
-pub struct HelloContext<'a> {
+pub(crate) struct HelloContext<'a> {
     pub state: &'a EmulatorState,
     pub member: usize,
     pub connection_id: i32,
 }
 
 /// The client's awaitable-hello parameters, when both are present.
-pub struct AwaitParams {
+pub(crate) struct AwaitParams {
     pub process_id: ObjectId,
     pub counter: i64,
     pub max_await: Duration,
 }
 
-pub fn await_params(request: &Document) -> Option<AwaitParams> {
+pub(crate) fn await_params(request: &Document) -> Option<AwaitParams> {
     let tv = request.get_document("topologyVersion").ok()?;
     let process_id = tv.get_object_id("processId").ok()?;
     let counter = match tv.get("counter")? {
@@ -50,12 +50,12 @@ pub fn await_params(request: &Document) -> Option<AwaitParams> {
 }
 
 /// Is the client's topologyVersion current (so the server should wait)?
-pub fn is_current(params: &AwaitParams, topology: &TopologyState) -> bool {
+pub(crate) fn is_current(params: &AwaitParams, topology: &TopologyState) -> bool {
     params.process_id == topology.process_id && params.counter >= topology.counter
 }
 
 /// Picks the compressor to use with a client: the first in its list we support.
-pub fn negotiate_compression(request: &Document) -> Option<Compressor> {
+pub(crate) fn negotiate_compression(request: &Document) -> Option<Compressor> {
     let names = request.get_array("compression").ok()?;
     names.iter().filter_map(Bson::as_str).find_map(|name| {
         Compressor::from_name(name)
@@ -72,7 +72,7 @@ fn election_id(term: i64) -> ObjectId {
 
 /// Builds the hello reply. `command_name` decides between `isWritablePrimary`
 /// (hello) and `ismaster` (legacy) as the server does.
-pub fn hello_reply(
+pub(crate) fn hello_reply(
     ctx: &HelloContext<'_>,
     command_name: &str,
     request: &Document,

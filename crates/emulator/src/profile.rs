@@ -18,7 +18,7 @@
 //!   document `killSessions`, `killAllSessions` and `killAllSessionsByPattern`
 //!   as unsupported. Their proxy refuses with `code: 8000`,
 //!   `codeName: "AtlasError"`; the message follows the shape Atlas documents
-//!   for its tier limits ("command <name> is not allowed in this Atlas
+//!   for its tier limits ("command `<name>` is not allowed in this Atlas
 //!   tier"). Everything else behaves like `mongodb` (a replica set).
 //!
 //! Privileges: a user in `EmulatorConfig::users` is `root` unless
@@ -124,7 +124,7 @@ const NEEDS_CLUSTER_PRIVILEGE: &[&str] = &[
 
 /// The error `config`'s server answers instead of running `command` for
 /// `user`, if it refuses it.
-pub fn refusal(
+pub(crate) fn refusal(
     config: &EmulatorConfig,
     command: &str,
     db: &str,

@@ -58,7 +58,7 @@ pub(super) fn as_i64(value: Option<&Bson>) -> Option<i64> {
 }
 
 /// Total order over BSON values as the server sorts them.
-pub fn compare(a: &Bson, b: &Bson) -> Ordering {
+pub(crate) fn compare(a: &Bson, b: &Bson) -> Ordering {
     let (ra, rb) = (type_rank(a), type_rank(b));
     if ra != rb {
         return ra.cmp(&rb);
@@ -110,7 +110,7 @@ fn compare_documents(x: &Document, y: &Document) -> Ordering {
 }
 
 /// Server equality: numeric across types, documents field-order sensitive.
-pub fn values_equal(a: &Bson, b: &Bson) -> bool {
+pub(crate) fn values_equal(a: &Bson, b: &Bson) -> bool {
     match (a, b) {
         (Bson::Document(x), Bson::Document(y)) => documents_equal(x, y),
         (Bson::Array(x), Bson::Array(y)) => {
@@ -121,7 +121,7 @@ pub fn values_equal(a: &Bson, b: &Bson) -> bool {
 }
 
 /// `values_equal` for two documents: same keys in the same order, equal values.
-pub fn documents_equal(a: &Document, b: &Document) -> bool {
+pub(crate) fn documents_equal(a: &Document, b: &Document) -> bool {
     a.len() == b.len()
         && a.iter()
             .zip(b.iter())
@@ -141,7 +141,7 @@ fn same_leaf(a: &Bson, b: &Bson) -> bool {
 }
 
 /// Looks up a dotted path. Arrays are not traversed except by numeric index.
-pub fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
+pub(crate) fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
     let mut parts = path.split('.');
     let first = parts.next()?;
     let mut current = doc.get(first)?;
@@ -156,7 +156,7 @@ pub fn get_path<'a>(doc: &'a Document, path: &str) -> Option<&'a Bson> {
 }
 
 /// Does `doc` match `filter`?
-pub fn matches(doc: &Document, filter: &Document) -> Result<bool, CommandError> {
+pub(crate) fn matches(doc: &Document, filter: &Document) -> Result<bool, CommandError> {
     for (key, condition) in filter {
         let ok = match key.as_str() {
             "$and" => {
@@ -303,7 +303,7 @@ fn compares(value: Option<&Bson>, operand: &Bson, accept: impl Fn(Ordering) -> b
 }
 
 /// Sorts documents by a sort specification ({field: 1 | -1, ...}); stable.
-pub fn sort_documents(docs: &mut [Document], spec: &Document) {
+pub(crate) fn sort_documents(docs: &mut [Document], spec: &Document) {
     let keys: Vec<(String, bool)> = spec
         .iter()
         .map(|(k, v)| (k.clone(), as_f64(v).unwrap_or(1.0) >= 0.0))
@@ -323,7 +323,7 @@ pub fn sort_documents(docs: &mut [Document], spec: &Document) {
 
 /// Applies a projection of top-level fields (inclusion or exclusion; `_id`
 /// included unless excluded).
-pub fn project(doc: &Document, projection: &Document) -> Document {
+pub(crate) fn project(doc: &Document, projection: &Document) -> Document {
     if projection.is_empty() {
         return doc.clone();
     }
@@ -353,13 +353,13 @@ pub fn project(doc: &Document, projection: &Document) -> Document {
 }
 
 /// Is this an update with operators (`$set`, ...) rather than a replacement?
-pub fn is_operator_update(update: &Document) -> bool {
+pub(crate) fn is_operator_update(update: &Document) -> bool {
     update.keys().next().is_some_and(|k| k.starts_with('$'))
 }
 
 /// Applies an update (operators or replacement) to `doc` in place.
 /// `inserting` enables `$setOnInsert`.
-pub fn apply_update(
+pub(crate) fn apply_update(
     doc: &mut Document,
     update: &Document,
     inserting: bool,
@@ -514,7 +514,7 @@ fn unset_path(doc: &mut Document, path: &str) {
 
 /// The document an upsert starts from: the filter's equality conditions
 /// on plain fields (and `$eq`), before the update is applied.
-pub fn upsert_seed(filter: &Document) -> Document {
+pub(crate) fn upsert_seed(filter: &Document) -> Document {
     let mut seed = Document::new();
     for (key, condition) in filter {
         if key.starts_with('$') {

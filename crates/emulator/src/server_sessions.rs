@@ -49,14 +49,14 @@ const ANONYMOUS_UID: &str = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
 /// sessions by both, so two users' sessions with the same id are different
 /// sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ServerSessionKey {
+pub(crate) struct ServerSessionKey {
     pub id: Vec<u8>,
     pub owner: Option<String>,
 }
 
 impl ServerSessionKey {
     /// Reads `{id: UUID}` from an lsid document.
-    pub fn from_lsid(lsid: &Document) -> Option<ServerSessionKey> {
+    pub(crate) fn from_lsid(lsid: &Document) -> Option<ServerSessionKey> {
         match lsid.get("id") {
             Some(Bson::Binary(bin))
                 if bin.subtype == BinarySubtype::Uuid || bin.subtype == BinarySubtype::UuidOld =>
@@ -88,25 +88,25 @@ impl ServerSessionKey {
 
     /// The same lsid as a session of `user` (the server keys sessions by
     /// lsid and user: one user cannot touch another's sessions).
-    pub fn owned_by(mut self, user: Option<&str>) -> ServerSessionKey {
+    pub(crate) fn owned_by(mut self, user: Option<&str>) -> ServerSessionKey {
         self.owner = user.map(str::to_owned);
         self
     }
 
     /// The server's rendering of an lsid in error messages.
-    pub fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         format!("{} - {} -  - ", self.uuid_string(), ANONYMOUS_UID)
     }
 
     /// A short prefix for logs.
-    pub fn short(&self) -> String {
+    pub(crate) fn short(&self) -> String {
         self.uuid_string().chars().take(8).collect()
     }
 }
 
 /// What a retried statement answers instead of executing again.
 #[derive(Debug, Clone, PartialEq)]
-pub enum StmtOutcome {
+pub(crate) enum StmtOutcome {
     Write {
         n: i64,
         n_modified: i64,
@@ -116,7 +116,7 @@ pub enum StmtOutcome {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TxnState {
+pub(crate) enum TxnState {
     InProgress,
     Committed,
     Aborted,
@@ -124,14 +124,14 @@ pub enum TxnState {
 
 /// A document a transaction wrote: collection and `_id`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DocRef {
+pub(crate) struct DocRef {
     pub db: String,
     pub coll: String,
     pub id: DocId,
 }
 
 #[derive(Debug)]
-pub enum TxnMode {
+pub(crate) enum TxnMode {
     /// No txnNumber used yet.
     None,
     /// Retryable writes at the active txnNumber: statements already executed.
@@ -148,7 +148,7 @@ pub enum TxnMode {
 }
 
 #[derive(Debug)]
-pub struct ServerSession {
+pub(crate) struct ServerSession {
     pub last_use: Instant,
     pub active_txn_number: Option<i64>,
     pub mode: TxnMode,
@@ -168,7 +168,7 @@ impl ServerSession {
 }
 
 #[derive(Debug)]
-pub struct Cursor {
+pub(crate) struct Cursor {
     pub ns: String,
     pub remaining: VecDeque<Document>,
     pub session: Option<ServerSessionKey>,
@@ -177,7 +177,7 @@ pub struct Cursor {
 
 /// How a command runs with respect to transactions.
 #[derive(Debug, Clone, PartialEq)]
-pub enum TxnContext {
+pub(crate) enum TxnContext {
     None,
     Retryable {
         key: ServerSessionKey,
@@ -191,7 +191,7 @@ pub enum TxnContext {
 
 /// Why a write did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteRefused {
+pub(crate) enum WriteRefused {
     /// Another document already has this `_id`.
     Duplicate,
     /// A transaction's write hit another transaction's lock, or a write
@@ -215,7 +215,7 @@ type CollKey = (String, String);
 
 /// Everything behind the emulator's one data lock.
 #[derive(Debug, Default)]
-pub struct Inner {
+pub(crate) struct Inner {
     pub store: DataSet,
     pub sessions: HashMap<ServerSessionKey, ServerSession>,
     pub cursors: HashMap<i64, Cursor>,
@@ -243,7 +243,7 @@ fn owner_of(ctx: &TxnContext) -> Option<(&ServerSessionKey, i64)> {
 
 impl Inner {
     /// A fresh state reporting times from `clock`.
-    pub fn with_clock(clock: Arc<ClusterClock>) -> Inner {
+    pub(crate) fn with_clock(clock: Arc<ClusterClock>) -> Inner {
         Inner {
             clock,
             ..Inner::default()
@@ -253,7 +253,7 @@ impl Inner {
     /// Marks a session used now, first expiring it if it sat idle too long.
     /// Creates an unknown one, as the server's session cache does (which is
     /// all refreshSessions needs).
-    pub fn touch(&mut self, key: &ServerSessionKey, now: Instant, timeout: Duration) {
+    pub(crate) fn touch(&mut self, key: &ServerSessionKey, now: Instant, timeout: Duration) {
         let expired = self
             .sessions
             .get(key)
@@ -273,7 +273,7 @@ impl Inner {
     /// Ends (or kills) a session: kills its cursors, aborts an open
     /// transaction; keeps its txnNumber history, if it has one, until it
     /// expires. Returns whether it was live.
-    pub fn end_session(&mut self, key: &ServerSessionKey) -> bool {
+    pub(crate) fn end_session(&mut self, key: &ServerSessionKey) -> bool {
         self.cursors.retain(|_, c| c.session.as_ref() != Some(key));
         self.abort_in_progress(key);
         let Some(session) = self.sessions.get_mut(key) else {
@@ -296,11 +296,11 @@ impl Inner {
 
     /// Sessions not ended.
     #[cfg(test)]
-    pub fn live_session_count(&self) -> usize {
+    pub(crate) fn live_session_count(&self) -> usize {
         self.sessions.values().filter(|s| !s.ended).count()
     }
 
-    pub fn all_session_keys(&self) -> Vec<ServerSessionKey> {
+    pub(crate) fn all_session_keys(&self) -> Vec<ServerSessionKey> {
         self.sessions
             .iter()
             .filter(|(_, s)| !s.ended)
@@ -311,7 +311,7 @@ impl Inner {
     /// Expires idle sessions and idle session-less cursors, and aborts
     /// transactions open longer than `txn_lifetime`
     /// (transactionLifetimeLimitSeconds).
-    pub fn reap(
+    pub(crate) fn reap(
         &mut self,
         now: Instant,
         session_timeout: Duration,
@@ -358,7 +358,7 @@ impl Inner {
     }
 
     /// The server's beginOrContinue for a command carrying `txnNumber`.
-    pub fn begin_or_continue(
+    pub(crate) fn begin_or_continue(
         &mut self,
         key: &ServerSessionKey,
         txn_number: i64,
@@ -550,7 +550,7 @@ impl Inner {
 
     /// Aborts every transaction in progress (a primary stepping down aborts
     /// its unprepared transactions). Returns how many it aborted.
-    pub fn abort_all_in_progress(&mut self) -> usize {
+    pub(crate) fn abort_all_in_progress(&mut self) -> usize {
         let open: Vec<ServerSessionKey> = self
             .sessions
             .iter()
@@ -573,7 +573,7 @@ impl Inner {
 
     /// Aborts the transaction `txn_number` of `key` if it is in progress
     /// (any error in a transaction aborts it on the server).
-    pub fn abort_if_in_progress(&mut self, key: &ServerSessionKey, txn_number: i64) {
+    pub(crate) fn abort_if_in_progress(&mut self, key: &ServerSessionKey, txn_number: i64) {
         let active = self
             .sessions
             .get(key)
@@ -584,21 +584,21 @@ impl Inner {
     }
 
     /// Commits the transaction the context names (already validated).
-    pub fn commit(&mut self, ctx: &TxnContext) {
+    pub(crate) fn commit(&mut self, ctx: &TxnContext) {
         if let TxnContext::Transaction { key, .. } = ctx {
             self.finish(key, true);
         }
     }
 
     /// Aborts (rolls back) the transaction the context names, if in progress.
-    pub fn abort(&mut self, ctx: &TxnContext) {
+    pub(crate) fn abort(&mut self, ctx: &TxnContext) {
         if let TxnContext::Transaction { key, .. } = ctx {
             self.finish(key, false);
         }
     }
 
     /// The state of the transaction a context names.
-    pub fn txn_state(&self, ctx: &TxnContext) -> Option<TxnState> {
+    pub(crate) fn txn_state(&self, ctx: &TxnContext) -> Option<TxnState> {
         let TxnContext::Transaction { key, .. } = ctx else {
             return None;
         };
@@ -609,12 +609,12 @@ impl Inner {
     }
 
     /// Number of transactions in progress (for tests and logs).
-    pub fn open_transactions(&self) -> usize {
+    pub(crate) fn open_transactions(&self) -> usize {
         self.in_progress
     }
 
     /// Whether `ctx` may write the document `id` of `db.coll` now.
-    pub fn check_write(
+    pub(crate) fn check_write(
         &self,
         ctx: &TxnContext,
         db: &str,
@@ -701,7 +701,7 @@ impl Inner {
     }
 
     /// Inserts `doc` (which carries `_id`) as `ctx`.
-    pub fn insert_doc(
+    pub(crate) fn insert_doc(
         &mut self,
         ctx: &TxnContext,
         db: &str,
@@ -719,7 +719,7 @@ impl Inner {
     }
 
     /// Replaces the document at `seq` (same `_id`) as `ctx`.
-    pub fn replace_doc(
+    pub(crate) fn replace_doc(
         &mut self,
         ctx: &TxnContext,
         db: &str,
@@ -736,7 +736,7 @@ impl Inner {
     }
 
     /// Deletes the document at `seq` as `ctx`.
-    pub fn delete_doc(
+    pub(crate) fn delete_doc(
         &mut self,
         ctx: &TxnContext,
         db: &str,
@@ -757,7 +757,7 @@ impl Inner {
 
     /// Whether some transaction other than `reader` holds locks in `db.coll`
     /// (then reads must go through [`Inner::visible`]).
-    pub fn has_foreign_locks(&self, db: &str, coll: &str, reader: &TxnContext) -> bool {
+    pub(crate) fn has_foreign_locks(&self, db: &str, coll: &str, reader: &TxnContext) -> bool {
         let owner = owner_of(reader);
         self.locks.get(&coll_key(db, coll)).is_some_and(|locks| {
             locks
@@ -768,7 +768,12 @@ impl Inner {
 
     /// The documents of `db.coll` as `reader` sees them, in natural order:
     /// its own uncommitted writes, and everyone else's committed versions.
-    pub fn visible(&self, db: &str, coll: &str, reader: &TxnContext) -> Vec<(Seq, Document)> {
+    pub(crate) fn visible(
+        &self,
+        db: &str,
+        coll: &str,
+        reader: &TxnContext,
+    ) -> Vec<(Seq, Document)> {
         if !self.has_foreign_locks(db, coll, reader) {
             return self.store.scan(db, coll);
         }
@@ -798,7 +803,7 @@ impl Inner {
     }
 
     /// For a retryable write: the recorded outcome of a statement already executed.
-    pub fn recorded(&self, ctx: &TxnContext, stmt_id: i32) -> Option<StmtOutcome> {
+    pub(crate) fn recorded(&self, ctx: &TxnContext, stmt_id: i32) -> Option<StmtOutcome> {
         let TxnContext::Retryable { key, .. } = ctx else {
             return None;
         };
@@ -808,7 +813,7 @@ impl Inner {
         }
     }
 
-    pub fn record(&mut self, ctx: &TxnContext, stmt_id: i32, outcome: StmtOutcome) {
+    pub(crate) fn record(&mut self, ctx: &TxnContext, stmt_id: i32, outcome: StmtOutcome) {
         let TxnContext::Retryable { key, .. } = ctx else {
             return;
         };

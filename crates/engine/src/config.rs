@@ -16,29 +16,29 @@ use serde::{Deserialize, Serialize};
 use super::violation::{Action, RuleId, Severity};
 
 /// How long ended / killed sessions are remembered, to catch their reuse.
-pub const DEFAULT_ENDED_RETENTION: Duration = Duration::from_secs(30 * 60);
+pub(crate) const DEFAULT_ENDED_RETENTION: Duration = Duration::from_secs(30 * 60);
 /// Most sessions tracked at once; beyond it the oldest idle / ended go first.
-pub const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
+pub(crate) const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
 /// The server's default transactionLifetimeLimitSeconds.
-pub const DEFAULT_TRANSACTION_MAX_OPEN: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_TRANSACTION_MAX_OPEN: Duration = Duration::from_secs(60);
 /// How often the refresher looks for held sessions to refresh.
-pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 /// Held sessions not used by the application for longer than this are left
 /// to expire (a cursor nobody reads any more is a leak, not a hold).
-pub const DEFAULT_REFRESH_MAX_AGE: Duration = Duration::from_secs(60 * 60);
+pub(crate) const DEFAULT_REFRESH_MAX_AGE: Duration = Duration::from_secs(60 * 60);
 /// Violations kept in memory for the admin API.
-pub const DEFAULT_MAX_VIOLATIONS: usize = 10_000;
+pub(crate) const DEFAULT_MAX_VIOLATIONS: usize = 10_000;
 /// Findings (violations grouped by bug) tracked at once; violations of newer
 /// bugs are counted under one overflow finding.
-pub const DEFAULT_MAX_FINDINGS: usize = 1_000;
+pub(crate) const DEFAULT_MAX_FINDINGS: usize = 1_000;
 /// The largest `max_findings` accepted.
-pub const MAX_MAX_FINDINGS: usize = 100_000;
+pub(crate) const MAX_MAX_FINDINGS: usize = 100_000;
 /// How often a finding's violations after its first are summarised in the
 /// log (`log.finding_interval`).
 pub const DEFAULT_FINDING_INTERVAL: Duration = Duration::from_secs(60);
 /// The server's default logicalSessionTimeoutMinutes, used until a hello
 /// reply says otherwise.
-pub const DEFAULT_SERVER_SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+pub(crate) const DEFAULT_SERVER_SESSION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// `observe` reports; `enforce` also rejects requests that break an
 /// error-severity rule.
@@ -349,7 +349,7 @@ const LIVE_WORDS: usize = (RuleId::COUNT + 1).div_ceil(8);
 /// field; an `Arc` behind `arc-swap` measured ~20 ns per load, several
 /// percent of a round trip); a reload (rare, a few stores) never waits for
 /// requests.
-pub struct LiveRules {
+pub(crate) struct LiveRules {
     /// Even: stable. Odd: a store is in progress.
     seq: AtomicU64,
     words: [AtomicU64; LIVE_WORDS],
@@ -358,7 +358,7 @@ pub struct LiveRules {
 }
 
 impl LiveRules {
-    pub fn new(rules: ResolvedRules) -> LiveRules {
+    pub(crate) fn new(rules: ResolvedRules) -> LiveRules {
         let words = LiveRules::to_words(&rules);
         LiveRules {
             seq: AtomicU64::new(0),
@@ -369,7 +369,7 @@ impl LiveRules {
 
     /// A consistent copy, for the duration of one request (or reply, close,
     /// sweep).
-    pub fn load(&self) -> ResolvedRules {
+    pub(crate) fn load(&self) -> ResolvedRules {
         loop {
             let before = self.seq.load(Ordering::Acquire);
             if before & 1 == 0 {
@@ -387,7 +387,7 @@ impl LiveRules {
     }
 
     /// Puts `rules` in force for every later `load`.
-    pub fn store(&self, rules: ResolvedRules) {
+    pub(crate) fn store(&self, rules: ResolvedRules) {
         let _writer = self
             .writer
             .lock()
@@ -404,12 +404,12 @@ impl LiveRules {
     }
 
     /// One rule's settings, for code that reads a single one.
-    pub fn get(&self, rule: RuleId) -> RuleSettings {
+    pub(crate) fn get(&self, rule: RuleId) -> RuleSettings {
         self.load().get(rule)
     }
 
     /// Whether `rule` is enabled, for code that reads a single setting.
-    pub fn enabled(&self, rule: RuleId) -> bool {
+    pub(crate) fn enabled(&self, rule: RuleId) -> bool {
         self.load().enabled(rule)
     }
 

@@ -43,10 +43,10 @@ use super::timeline::{Role, Timeline};
 use super::violation::{Action, RuleId, Severity, Violation, ViolationRecord};
 
 /// Violations of each finding kept whatever other findings do (its newest).
-pub const RECENT_PER_FINDING: usize = 5;
+pub(crate) const RECENT_PER_FINDING: usize = 5;
 /// Distinct sessions / connections counted exactly per finding; past it a
 /// finding says "at least".
-pub const DISTINCT_CAP: usize = 100;
+pub(crate) const DISTINCT_CAP: usize = 100;
 /// Id keys remembered per finding slot before the cache is cleared (a fleet
 /// of application hosts gives one finding several id keys).
 const CACHE_PER_FINDING: usize = 16;
@@ -54,7 +54,7 @@ const CACHE_PER_FINDING: usize = 16;
 const CANONICAL_VERSION: &str = "sessionguard finding v1";
 
 /// A finding's public id: 12 lowercase hex digits (48 bits), the first 12
-/// of the SHA-256 of its [`canonical_text`]. Stable across processes and
+/// of the SHA-256 of its `canonical_text`. Stable across processes and
 /// versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct FindingId(u64);
@@ -156,7 +156,7 @@ pub struct FindingFields {
 /// so `printf 'sessionguard finding v1\nrule=...\n' | sha256sum | cut -c1-12`
 /// gives the id. The overflow finding's text is
 /// `sessionguard finding v1\noverflow\n`.
-pub fn canonical_text(fields: &FindingFields) -> String {
+pub(crate) fn canonical_text(fields: &FindingFields) -> String {
     let mut text = format!(
         "{CANONICAL_VERSION}\nrule={}\nseverity={}\naction={}\n",
         fields.rule,

@@ -20,15 +20,15 @@ use super::state::{ClientId, OwnerId, Sym};
 /// SipHash's flooding resistance buys little over foldhash with a
 /// per-process random seed, at several times the cost per lookup (it showed
 /// as the largest single item in the per-frame profile).
-pub type FastDashMap<K, V> = DashMap<K, V, RandomState>;
+pub(crate) type FastDashMap<K, V> = DashMap<K, V, RandomState>;
 
 /// How many distinct names / identities each table keeps.
-pub const DEFAULT_INTERN_LIMIT: usize = 100_000;
+pub(crate) const DEFAULT_INTERN_LIMIT: usize = 100_000;
 
 /// A bounded table of interned values keyed by a seeded hash. Id 0 is
 /// "unknown": what every value past the bound gets.
 #[derive(Debug)]
-pub struct InternTable<V: ?Sized> {
+pub(crate) struct InternTable<V: ?Sized> {
     ids: FastDashMap<u64, u32>,
     values: FastDashMap<u32, Arc<V>>,
     /// Seeds the hash that keys `ids`: random per process, so values that
@@ -41,13 +41,13 @@ pub struct InternTable<V: ?Sized> {
 }
 
 /// Command names, namespaces and owners.
-pub type StringTable = InternTable<str>;
+pub(crate) type StringTable = InternTable<str>;
 
 /// Interned client identities.
-pub type IdentityTable = InternTable<ClientIdentity>;
+pub(crate) type IdentityTable = InternTable<ClientIdentity>;
 
 impl<V: ?Sized> InternTable<V> {
-    pub fn new(limit: usize) -> InternTable<V> {
+    pub(crate) fn new(limit: usize) -> InternTable<V> {
         InternTable {
             ids: FastDashMap::default(),
             values: FastDashMap::default(),
@@ -107,38 +107,39 @@ impl InternTable<str> {
 
     /// The id of `parts` joined (so `db` + `.` + `collection` needs no
     /// temporary String when already known).
-    pub fn intern_parts(&self, parts: &[&str]) -> u32 {
+    pub(crate) fn intern_parts(&self, parts: &[&str]) -> u32 {
         self.intern_hashed(self.hash_joined(parts), || Arc::from(parts.concat()))
     }
 
-    pub fn intern(&self, value: &str) -> u32 {
+    pub(crate) fn intern(&self, value: &str) -> u32 {
         self.intern_parts(&[value])
     }
 
     /// The string of `id`; "?" for unknown.
-    pub fn resolve(&self, id: u32) -> Arc<str> {
+    pub(crate) fn resolve(&self, id: u32) -> Arc<str> {
         self.value(id).unwrap_or_else(|| Arc::from("?"))
     }
 
-    pub fn get(&self, id: u32) -> Option<Arc<str>> {
+    pub(crate) fn get(&self, id: u32) -> Option<Arc<str>> {
         self.value(id)
     }
 
     /// The id of `value` if it was interned (no insertion).
-    pub fn lookup(&self, value: &str) -> Option<u32> {
+    #[cfg(test)]
+    pub(crate) fn lookup(&self, value: &str) -> Option<u32> {
         self.lookup_parts(&[value])
     }
 
     /// The id of `parts` joined if it was interned (no insertion, and no
     /// temporary String).
-    pub fn lookup_parts(&self, parts: &[&str]) -> Option<u32> {
+    pub(crate) fn lookup_parts(&self, parts: &[&str]) -> Option<u32> {
         self.ids.get(&self.hash_joined(parts)).map(|id| *id)
     }
 }
 
 /// Who is on the other end of a connection, as far as the proxy can tell.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct ClientIdentity {
+pub(crate) struct ClientIdentity {
     /// The peer's address, normalised (IPv4-mapped IPv6 to IPv4, every
     /// loopback address to 127.0.0.1: one host talking to itself over
     /// several loopback addresses is still one host).
@@ -155,7 +156,7 @@ pub struct ClientIdentity {
 impl ClientIdentity {
     /// The first field in which two identities certainly differ. Unknown
     /// parts never count as different: only what both sides show is compared.
-    pub fn differs_from(&self, other: &ClientIdentity) -> Option<&'static str> {
+    pub(crate) fn differs_from(&self, other: &ClientIdentity) -> Option<&'static str> {
         if let (Some(a), Some(b)) = (self.peer, other.peer) {
             if a != b {
                 return Some("peer host");
@@ -181,7 +182,7 @@ impl ClientIdentity {
     }
 
     /// "app 'billing' (mongo-rust-driver 3.3.0) from 10.0.0.5 as alice@admin".
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut out = String::new();
         match &self.app_name {
             Some(app) => out.push_str(&format!("app '{app}'")),
@@ -205,7 +206,7 @@ impl ClientIdentity {
 }
 
 /// Canonical form of a peer address for identity comparisons.
-pub fn normalize_ip(ip: IpAddr) -> IpAddr {
+pub(crate) fn normalize_ip(ip: IpAddr) -> IpAddr {
     let ip = match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -221,26 +222,26 @@ pub fn normalize_ip(ip: IpAddr) -> IpAddr {
 }
 
 impl InternTable<ClientIdentity> {
-    pub fn intern(&self, identity: &ClientIdentity) -> ClientId {
+    pub(crate) fn intern(&self, identity: &ClientIdentity) -> ClientId {
         let hash = self.seed.hash_one(identity);
         ClientId(self.intern_hashed(hash, || Arc::new(identity.clone())))
     }
 
-    pub fn get(&self, id: ClientId) -> Option<Arc<ClientIdentity>> {
+    pub(crate) fn get(&self, id: ClientId) -> Option<Arc<ClientIdentity>> {
         self.value(id.0)
     }
 }
 
 /// All the tables of one engine.
 #[derive(Debug)]
-pub struct Tables {
+pub(crate) struct Tables {
     pub symbols: StringTable,
     pub owners: StringTable,
     pub identities: IdentityTable,
 }
 
 impl Tables {
-    pub fn new(limit: usize) -> Tables {
+    pub(crate) fn new(limit: usize) -> Tables {
         Tables {
             symbols: StringTable::new(limit),
             owners: StringTable::new(limit),
@@ -248,28 +249,28 @@ impl Tables {
         }
     }
 
-    pub fn symbol(&self, value: &str) -> Sym {
+    pub(crate) fn symbol(&self, value: &str) -> Sym {
         Sym(self.symbols.intern(value))
     }
 
-    pub fn namespace(&self, db: &str, collection: Option<&str>) -> Sym {
+    pub(crate) fn namespace(&self, db: &str, collection: Option<&str>) -> Sym {
         match collection {
             Some(collection) => Sym(self.symbols.intern_parts(&[db, ".", collection])),
             None => Sym(self.symbols.intern(db)),
         }
     }
 
-    pub fn owner(&self, user: &str, db: &str) -> OwnerId {
+    pub(crate) fn owner(&self, user: &str, db: &str) -> OwnerId {
         OwnerId(self.owners.intern_parts(&[user, "@", db]))
     }
 
     /// The owner `user@db` if one was interned (kill patterns name users
     /// the proxy may never have seen; no insertion, no allocation).
-    pub fn known_owner(&self, user: &str, db: &str) -> Option<OwnerId> {
+    pub(crate) fn known_owner(&self, user: &str, db: &str) -> Option<OwnerId> {
         self.owners.lookup_parts(&[user, "@", db]).map(OwnerId)
     }
 
-    pub fn owner_name(&self, owner: OwnerId) -> Option<Arc<str>> {
+    pub(crate) fn owner_name(&self, owner: OwnerId) -> Option<Arc<str>> {
         if owner == OwnerId::UNKNOWN {
             return None;
         }

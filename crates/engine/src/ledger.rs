@@ -26,14 +26,14 @@ use super::state::{EndKind, Millis, RequestRef, SessionKey, SessionState, TxnEve
 /// A cursor as the server names it: cursor ids are per server, so the
 /// listener (member) the client reached is part of the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CursorKey {
+pub(crate) struct CursorKey {
     pub upstream: u32,
     pub id: i64,
 }
 
 /// Who opened a cursor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CursorEntry {
+pub(crate) struct CursorEntry {
     pub owner: SessionKey,
     pub opened_by: RequestRef,
 }
@@ -82,7 +82,7 @@ impl EvictionClass {
 pub const SESSION_SLOT_BYTES: usize = std::mem::size_of::<Slot<SessionKey, SessionState>>();
 
 #[derive(Debug)]
-pub struct SessionLedger {
+pub(crate) struct SessionLedger {
     sessions: SlabMap<SessionKey, SessionState>,
     // lsids are client-chosen: a per-process random seed.
     cursors: FastDashMap<CursorKey, CursorEntry>,
@@ -97,7 +97,7 @@ pub struct SessionLedger {
 }
 
 impl SessionLedger {
-    pub fn new(max_sessions: usize) -> SessionLedger {
+    pub(crate) fn new(max_sessions: usize) -> SessionLedger {
         SessionLedger {
             sessions: SlabMap::new(),
             cursors: FastDashMap::default(),
@@ -123,7 +123,7 @@ impl SessionLedger {
     /// Runs `f` on the session, creating it (evicting first if the ledger is
     /// full) when it is not tracked yet. One map lookup unless the ledger is
     /// full.
-    pub fn with_session<R>(
+    pub(crate) fn with_session<R>(
         &self,
         key: SessionKey,
         now: Millis,
@@ -142,7 +142,7 @@ impl SessionLedger {
     }
 
     /// Runs `f` on the session if it is tracked.
-    pub fn with_existing<R>(
+    pub(crate) fn with_existing<R>(
         &self,
         key: &SessionKey,
         f: impl FnOnce(&mut SessionState) -> R,
@@ -152,7 +152,11 @@ impl SessionLedger {
     }
 
     /// Reads the session if it is tracked.
-    pub fn read<R>(&self, key: &SessionKey, f: impl FnOnce(&SessionState) -> R) -> Option<R> {
+    pub(crate) fn read<R>(
+        &self,
+        key: &SessionKey,
+        f: impl FnOnce(&SessionState) -> R,
+    ) -> Option<R> {
         self.sessions.with(key, f)
     }
 
@@ -200,19 +204,19 @@ impl SessionLedger {
 
     /// The sessions currently held (copied out, so callers can visit each
     /// without holding a shard lock).
-    pub fn held_keys(&self) -> Vec<SessionKey> {
+    pub(crate) fn held_keys(&self) -> Vec<SessionKey> {
         self.held.iter().map(|entry| *entry.key()).collect()
     }
 
     /// Every tracked session key (for `refresh = "all"` and killAllSessions).
-    pub fn all_keys(&self) -> Vec<SessionKey> {
+    pub(crate) fn all_keys(&self) -> Vec<SessionKey> {
         self.sessions.keys()
     }
 
     // ---- cursors ----
 
     /// Records a cursor opened under `owner`; true if it was new.
-    pub fn register_cursor(&self, key: CursorKey, entry: CursorEntry) -> bool {
+    pub(crate) fn register_cursor(&self, key: CursorKey, entry: CursorEntry) -> bool {
         let new = self.cursors.insert(key, entry).is_none();
         if new {
             self.with_existing(&entry.owner, |state| {
@@ -222,12 +226,12 @@ impl SessionLedger {
         new
     }
 
-    pub fn cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
+    pub(crate) fn cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
         self.cursors.get(key).map(|entry| *entry.value())
     }
 
     /// Forgets a cursor (exhausted, killed, not found).
-    pub fn remove_cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
+    pub(crate) fn remove_cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
         let (_, entry) = self.cursors.remove(key)?;
         self.with_existing(&entry.owner, |state| {
             state.open_cursors = state.open_cursors.saturating_sub(1)
@@ -247,7 +251,7 @@ impl SessionLedger {
     /// `Some` (with what the end did to its transaction) when this ended a
     /// live session; `None` when the lsid was unknown, never started or
     /// already ended.
-    pub fn end(
+    pub(crate) fn end(
         &self,
         key: SessionKey,
         kind: EndKind,
@@ -323,7 +327,12 @@ impl SessionLedger {
     /// Drops tombstones older than `ended_retention`, and sessions the
     /// server expired (idle past `session_timeout`) more than
     /// `ended_retention` ago. Returns how many went.
-    pub fn purge(&self, now: Millis, ended_retention: Millis, session_timeout: Millis) -> usize {
+    pub(crate) fn purge(
+        &self,
+        now: Millis,
+        ended_retention: Millis,
+        session_timeout: Millis,
+    ) -> usize {
         let mut removed: Vec<(SessionKey, bool)> = Vec::new();
         self.sessions.retain(|key, state| {
             let keep = match state.ended.as_deref() {
@@ -353,7 +362,7 @@ impl SessionLedger {
         removed.len()
     }
 
-    pub fn counts(&self) -> LedgerCounts {
+    pub(crate) fn counts(&self) -> LedgerCounts {
         LedgerCounts {
             sessions: self.sessions.len(),
             held: self.held.len(),

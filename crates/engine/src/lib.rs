@@ -17,52 +17,59 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `[sessions]` and `[rules.<id>]`, defaults, validation.
-//! - [`state`]: one session's state machine (pure data and transitions).
-//! - [`rules`]: one pure function per rule.
-//! - [`violation`]: rule ids, severities, actions, violation records, the
+//! - `config`: `[sessions]` and `[rules.<id>]`, defaults, validation.
+//! - `state`: one session's state machine (pure data and transitions).
+//! - `rules`: one pure function per rule.
+//! - `violation`: rule ids, severities, actions, violation records, the
 //!   enforce error code.
-//! - [`ledger`]: the bounded, shared map of sessions, cursors and held sessions.
-//! - [`slab_map`]: the sharded map under the ledger (entries in fixed slab
+//! - `ledger`: the bounded, shared map of sessions, cursors and held sessions.
+//! - `slab_map`: the sharded map under the ledger (entries in fixed slab
 //!   chunks, a small index), so a session costs its slot at every size.
-//! - [`intern`]: small ids for names and client identities.
-//! - [`web_store`]: web-session stores (`[stores]`): store documents by
+//! - `intern`: small ids for names and client identities.
+//! - `web_store`: web-session stores (`[stores]`): store documents by
 //!   `_id` and `store-session-resurrected`.
-//! - [`outcome`]: what waits on the server's reply: session commands and
+//! - `outcome`: what waits on the server's reply: session commands and
 //!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
-//! - [`findings`]: violations grouped by bug (a stable fingerprint), the log
+//! - `findings`: violations grouped by bug (a stable fingerprint), the log
 //!   policy (first in full, then periodic summaries), the kept examples.
-//! - [`timeline`]: each connection's recent session operations, merged into
+//! - `timeline`: each connection's recent session operations, merged into
 //!   a violation's timeline.
-//! - [`engine`]: `SessionEngine`, the synchronous API the connection tasks call.
-//! - [`refresh`]: which held sessions to refresh, on which connection, the
+//! - `engine`: `SessionEngine`, the synchronous API the connection tasks call.
+//! - `refresh`: which held sessions to refresh, on which connection, the
 //!   `refreshSessions` bytes and what the reply means (the sending is the
 //!   binary's).
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod engine;
-pub mod findings;
-pub mod intern;
-pub mod ledger;
-pub mod outcome;
-pub mod refresh;
-pub mod rules;
-pub mod slab_map;
-pub mod state;
-pub mod timeline;
-pub mod violation;
-pub mod web_store;
+mod config;
+mod engine;
+mod findings;
+mod intern;
+mod ledger;
+mod outcome;
+mod refresh;
+mod rules;
+mod slab_map;
+mod state;
+mod timeline;
+mod violation;
+mod web_store;
 
-pub use config::{Mode, RefreshPolicy, RulesConfig, SessionConfig};
-pub use engine::{Decision, EngineStats, SessionEngine};
+pub use config::{
+    Mode, RefreshPolicy, ResolvedRules, RuleOverride, RuleSettings, RulesConfig, SessionConfig,
+    DEFAULT_FINDING_INTERVAL,
+};
+pub use engine::{Decision, EngineStats, PerCommand, SessionEngine};
 pub use findings::{
     DistinctCount, Example, Examples, FindingDetail, FindingId, FindingSide, FindingSnapshot,
     TimelineEntry,
 };
+pub use ledger::{LedgerCounts, SESSION_SLOT_BYTES};
+pub use outcome::{Refusal, RefusalCounts, SessionCommand};
 pub use refresh::RefreshBatch;
+pub use state::{EndKind, Millis, OwnerId, SessionKey, SessionSummary, TxnPhase};
+pub use timeline::Role;
 pub use violation::{
-    Action, RuleId, Severity, StoreEvidence, ViolationRecord, SESSIONGUARD_VIOLATION_CODE,
-    SESSIONGUARD_VIOLATION_CODE_NAME,
+    Action, RequestEvidence, RuleId, Severity, StoreEvidence, ViolationRecord,
+    SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
 };
-pub use web_store::StoreConfig;
+pub use web_store::{StoreConfig, StoreCounts, StoreStats};

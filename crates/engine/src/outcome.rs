@@ -25,13 +25,13 @@ use super::web_store::StoreOp;
 /// connection, and the proxy sees that close within milliseconds; a first
 /// request still unanswered on an open connection this long after is
 /// therefore not being retried, and the overlap is concurrent use.
-pub const RETRY_VERDICT_WINDOW: Millis = 10_000;
+pub(crate) const RETRY_VERDICT_WINDOW: Millis = 10_000;
 
 /// At most this many verdicts wait at once. Past it, a new identical
 /// request is left unjudged (silent, counted): only a flood of identical
 /// overlapping requests gets here, and the verdicts already waiting report
 /// that pattern; silence is the side that cannot be a false alarm.
-pub const MAX_PENDING_VERDICTS: usize = 1_024;
+pub(crate) const MAX_PENDING_VERDICTS: usize = 1_024;
 
 /// The session commands whose effect waits for the server's ok:1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -187,7 +187,7 @@ impl RefusalCounts {
 /// Which sessions one killAllSessions(ByPattern) pattern names, resolved
 /// when the request passed (owners are interned by then).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KillTarget {
+pub(crate) enum KillTarget {
     All,
     Lsid(Lsid),
     Owner(OwnerId),
@@ -196,7 +196,7 @@ pub enum KillTarget {
 }
 
 impl KillTarget {
-    pub fn matches(self, key: &SessionKey) -> bool {
+    pub(crate) fn matches(self, key: &SessionKey) -> bool {
         match self {
             KillTarget::All => true,
             KillTarget::Lsid(lsid) => key.lsid == lsid,
@@ -208,7 +208,7 @@ impl KillTarget {
 
 /// What a session command will change once the server confirms it.
 #[derive(Debug)]
-pub enum EffectKind {
+pub(crate) enum EffectKind {
     /// endSessions / killSessions: these sessions of `owner` end.
     /// `in_flight`: end-while-in-flight violations judged when the request
     /// passed, reported when the end is confirmed.
@@ -230,7 +230,7 @@ pub enum EffectKind {
 
 /// A request's effect, held until its reply.
 #[derive(Debug)]
-pub struct Effect {
+pub(crate) struct Effect {
     /// The session command (refusals of it are counted and said); `None`
     /// for a store delete (its failure is the application's business).
     pub command: Option<SessionCommand>,
@@ -240,7 +240,7 @@ pub struct Effect {
 
 /// What became of a held effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EffectOutcome {
+pub(crate) enum EffectOutcome {
     /// The server answered ok:1.
     Confirmed,
     /// Anything else.
@@ -254,7 +254,7 @@ pub enum EffectOutcome {
 /// `second` repeated `first` exactly, on another connection, while `first`
 /// was in flight on session `key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PendingVerdict {
+pub(crate) struct PendingVerdict {
     pub key: SessionKey,
     pub first: RequestRef,
     pub second: RequestRef,
@@ -266,7 +266,7 @@ pub struct PendingVerdict {
 /// waits (the engine asks only for a request flagged `suspected`, and due
 /// deadlines are one relaxed load away), and never with a session locked.
 #[derive(Debug)]
-pub struct Verdicts {
+pub(crate) struct Verdicts {
     pending: Mutex<Vec<PendingVerdict>>,
     /// The earliest deadline waiting, `u64::MAX` when none.
     next_deadline: AtomicU64,
@@ -295,13 +295,13 @@ impl Verdicts {
 
     /// Whether a new verdict would be refused (checked before a request is
     /// flagged; `defer` checks again).
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.len() >= MAX_PENDING_VERDICTS
     }
 
     /// Records a verdict to decide later; `false` (and counted as
     /// unjudged) at the bound.
-    pub fn defer(&self, verdict: PendingVerdict) -> bool {
+    pub(crate) fn defer(&self, verdict: PendingVerdict) -> bool {
         let mut pending = self.lock();
         if pending.len() >= MAX_PENDING_VERDICTS {
             self.unjudged.fetch_add(1, Ordering::Relaxed);
@@ -313,18 +313,22 @@ impl Verdicts {
     }
 
     /// Counts an identical request left unjudged at the bound.
-    pub fn unjudged_one(&self) {
+    pub(crate) fn unjudged_one(&self) {
         self.unjudged.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes the verdicts waiting on `first` of session `key`.
-    pub fn take_waiting_on(&self, key: &SessionKey, first: &RequestRef) -> Vec<PendingVerdict> {
+    pub(crate) fn take_waiting_on(
+        &self,
+        key: &SessionKey,
+        first: &RequestRef,
+    ) -> Vec<PendingVerdict> {
         self.take(|verdict| verdict.key == *key && verdict.first == *first)
     }
 
     /// Takes the verdicts whose window ended by `now`: one relaxed load
     /// when none did.
-    pub fn take_due(&self, now: Millis) -> Vec<PendingVerdict> {
+    pub(crate) fn take_due(&self, now: Millis) -> Vec<PendingVerdict> {
         if now < self.next_deadline.load(Ordering::Relaxed) {
             return Vec::new();
         }
@@ -357,15 +361,16 @@ impl Verdicts {
         self.len.store(pending.len() as u64, Ordering::Relaxed);
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         usize::try_from(self.len.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    pub fn unjudged(&self) -> u64 {
+    pub(crate) fn unjudged(&self) -> u64 {
         self.unjudged.load(Ordering::Relaxed)
     }
 }

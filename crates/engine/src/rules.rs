@@ -60,13 +60,13 @@ use super::violation::{RuleId, Violation};
 
 /// Names for the ids a message mentions (rules format a message only when
 /// they fire, so the lookups cost nothing on the quiet path).
-pub trait Names {
+pub(crate) trait Names {
     fn symbol(&self, sym: Sym) -> Arc<str>;
     fn identity(&self, id: ClientId) -> Option<Arc<ClientIdentity>>;
 }
 
 /// What the rules need besides the event and the session.
-pub struct RuleContext<'a> {
+pub(crate) struct RuleContext<'a> {
     pub now: Millis,
     /// The server's session timeout (configured, or learned from hello).
     pub session_timeout: Millis,
@@ -76,14 +76,14 @@ pub struct RuleContext<'a> {
 
 /// A request that carries an lsid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestEvent {
+pub(crate) struct RequestEvent {
     pub key: SessionKey,
     pub facts: RequestFacts,
 }
 
 /// A getMore / killCursors on a cursor the proxy saw being opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CursorEvent {
+pub(crate) struct CursorEvent {
     pub cursor_id: i64,
     /// The request's session, if it carried one.
     pub key: Option<SessionKey>,
@@ -95,7 +95,7 @@ pub struct CursorEvent {
 
 /// `endSessions` / `killSessions` naming a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EndEvent {
+pub(crate) struct EndEvent {
     pub key: SessionKey,
     pub kind: EndKind,
     pub request: RequestRef,
@@ -110,7 +110,7 @@ fn short(key: &SessionKey) -> String {
 }
 
 /// `concurrent-use`: a request on a session that already has one in flight.
-pub fn concurrent_use(
+pub(crate) fn concurrent_use(
     ev: &RequestEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -176,7 +176,7 @@ fn same_command_elsewhere(current: &RequestFacts, other: &InFlight) -> bool {
 /// excused: the engine defers the verdict until the first request's
 /// outcome is known (retry if its connection fails without its reply,
 /// concurrent use if its reply is delivered), bounded in time and number.
-pub fn retry_suspect(ev: &RequestEvent, state: &SessionState) -> Option<InFlight> {
+pub(crate) fn retry_suspect(ev: &RequestEvent, state: &SessionState) -> Option<InFlight> {
     if ev.facts.class == CommandClass::KillCursors {
         return None;
     }
@@ -189,7 +189,7 @@ pub fn retry_suspect(ev: &RequestEvent, state: &SessionState) -> Option<InFlight
 
 /// How a deferred concurrent-use verdict was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overlap {
+pub(crate) enum Overlap {
     /// The first request's reply was delivered: both were answered.
     Answered,
     /// The first request was still unanswered, on a connection that stayed
@@ -200,7 +200,7 @@ pub enum Overlap {
 /// `concurrent-use`, decided late: `second` repeated `first` exactly on
 /// another connection while `first` was in flight, and `first`'s connection
 /// did not fail — so it was not a retry.
-pub fn concurrent_use_confirmed(
+pub(crate) fn concurrent_use_confirmed(
     key: &SessionKey,
     first: &RequestRef,
     second: &RequestRef,
@@ -236,7 +236,7 @@ pub fn concurrent_use_confirmed(
 }
 
 /// `use-after-end`: a request on a session ended by endSessions or killed.
-pub fn use_after_end(
+pub(crate) fn use_after_end(
     ev: &RequestEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -270,13 +270,13 @@ pub fn use_after_end(
 }
 
 /// Appended to a violation that rests on an end whose reply never came.
-pub const UNCONFIRMED_END: &str = " (the end is not confirmed: its reply never came — the client closed the \
+pub(crate) const UNCONFIRMED_END: &str = " (the end is not confirmed: its reply never came — the client closed the \
      connection first, or the connection failed — so the server most likely, not certainly, ended the session; \
      reported as a warning and never rejected)";
 
 /// `end-while-in-flight`: endSessions / killSessions names a session that
 /// has a request in flight.
-pub fn end_while_in_flight(
+pub(crate) fn end_while_in_flight(
     ev: &EndEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -314,7 +314,7 @@ pub fn end_while_in_flight(
 /// client closed or reset its side first: an upstream close, a network
 /// failure, a frame the proxy gave up on, a drain or a shutdown is not the
 /// application's doing (those are counted by close cause, never reported).
-pub fn closed_with_requests_in_flight(
+pub(crate) fn closed_with_requests_in_flight(
     key: &SessionKey,
     entry: &InFlight,
     closed_at: Millis,
@@ -344,7 +344,7 @@ pub fn closed_with_requests_in_flight(
 }
 
 /// `txn-regression`: a txnNumber lower than the highest seen on the session.
-pub fn txn_regression(
+pub(crate) fn txn_regression(
     ev: &RequestEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -386,7 +386,7 @@ pub fn txn_regression(
 
 /// `txn-number-reuse`: a retryable write reusing the lsid + txnNumber of a
 /// *different* write, which the server will skip as a "retry".
-pub fn txn_number_reuse(
+pub(crate) fn txn_number_reuse(
     ev: &RequestEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -430,7 +430,7 @@ pub fn txn_number_reuse(
 
 /// `txn-superseded`: a new transaction (or any higher txnNumber) on a
 /// session whose transaction is still open.
-pub fn txn_superseded(
+pub(crate) fn txn_superseded(
     ev: &RequestEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -476,7 +476,7 @@ pub fn txn_superseded(
 
 /// `txn-after-abort`: statements or commit continuing a transaction the
 /// server said it aborted (TransientTransactionError / NoSuchTransaction).
-pub fn txn_after_abort(
+pub(crate) fn txn_after_abort(
     ev: &RequestEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -519,7 +519,7 @@ pub fn txn_after_abort(
 /// `txn-after-abort`, proven late: after a statement error that did not say
 /// whether the transaction survived, the next statement's reply is
 /// NoSuchTransaction. Called with the state *before* the reply is applied.
-pub fn txn_after_abort_on_reply(
+pub(crate) fn txn_after_abort_on_reply(
     key: &SessionKey,
     entry: &InFlight,
     reply: &ReplyFacts,
@@ -559,7 +559,7 @@ pub fn txn_after_abort_on_reply(
 }
 
 /// `txn-left-open`: a transaction open longer than `transaction_max_open`.
-pub fn txn_left_open(
+pub(crate) fn txn_left_open(
     key: &SessionKey,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -594,7 +594,10 @@ pub fn txn_left_open(
 
 /// `cursor-session-mismatch`: getMore / killCursors for a cursor under a
 /// session other than the one that opened it.
-pub fn cursor_session_mismatch(ev: &CursorEvent, ctx: &RuleContext<'_>) -> Option<Violation> {
+pub(crate) fn cursor_session_mismatch(
+    ev: &CursorEvent,
+    ctx: &RuleContext<'_>,
+) -> Option<Violation> {
     let command = ctx.names.symbol(ev.facts.request.command);
     let message = match ev.key {
         Some(key) if key == ev.owner => return None,
@@ -633,7 +636,7 @@ pub fn cursor_session_mismatch(ev: &CursorEvent, ctx: &RuleContext<'_>) -> Optio
 }
 
 /// `unacknowledged-with-session`: a w:0 write carrying an lsid.
-pub fn unacknowledged_with_session(
+pub(crate) fn unacknowledged_with_session(
     ev: &RequestEvent,
     _state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -659,7 +662,7 @@ pub fn unacknowledged_with_session(
 
 /// `idle-expired-reuse`: a session used after being idle longer than the
 /// server's session timeout, with no refresh in between.
-pub fn idle_expired_reuse(
+pub(crate) fn idle_expired_reuse(
     ev: &RequestEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,
@@ -692,7 +695,7 @@ pub fn idle_expired_reuse(
 
 /// `cross-client-sharing`: one session used by two different client
 /// identities (peer host, driver/application metadata, user).
-pub fn cross_client_sharing(
+pub(crate) fn cross_client_sharing(
     ev: &RequestEvent,
     state: &SessionState,
     ctx: &RuleContext<'_>,

@@ -36,9 +36,9 @@ const CHUNK_SLOTS: usize = 1024;
 
 /// What one slab slot stores: `size_of::<Slot<K, V>>()` is the real cost of
 /// an entry, before the index.
-pub type Slot<K, V> = Option<(K, V)>;
+pub(crate) type Slot<K, V> = Option<(K, V)>;
 
-pub struct SlabMap<K, V> {
+pub(crate) struct SlabMap<K, V> {
     shards: Box<[RwLock<Shard<K, V>>]>,
     /// `64 - log2(shards.len())`: the shard is taken from the bits just
     /// below hashbrown's 7-bit tag, so shard choice and in-shard bucket
@@ -179,7 +179,7 @@ impl<K, V> fmt::Debug for SlabMap<K, V> {
 
 impl<K: Hash + Eq, V> SlabMap<K, V> {
     /// Four shards per core, rounded up to a power of two (as `DashMap`).
-    pub fn new() -> SlabMap<K, V> {
+    pub(crate) fn new() -> SlabMap<K, V> {
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         SlabMap::with_shards(cores.saturating_mul(4))
     }
@@ -203,11 +203,12 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
     }
 
     /// Entries now; exact when no call is in progress.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -227,26 +228,27 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
         &self.shards[shard as usize & (self.shards.len() - 1)]
     }
 
-    pub fn contains_key(&self, key: &K) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains_key(&self, key: &K) -> bool {
         let hash = self.hasher.hash_one(key);
         read(self.shard_of(hash)).find(hash, key).is_some()
     }
 
     /// Runs `f` on the value under a read lock.
-    pub fn with<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
+    pub(crate) fn with<R>(&self, key: &K, f: impl FnOnce(&V) -> R) -> Option<R> {
         let hash = self.hasher.hash_one(key);
         let shard = read(self.shard_of(hash));
         shard.find(hash, key).map(|(_, value)| f(value))
     }
 
     /// Runs `f` on the value under a write lock.
-    pub fn with_mut<R>(&self, key: &K, f: impl FnOnce(&mut V) -> R) -> Option<R> {
+    pub(crate) fn with_mut<R>(&self, key: &K, f: impl FnOnce(&mut V) -> R) -> Option<R> {
         self.try_with_mut(key, f).ok()
     }
 
     /// As `with_mut`, but hands `f` back when the key is absent, so the
     /// caller can still use it (say, to insert after making room).
-    pub fn try_with_mut<R, F: FnOnce(&mut V) -> R>(&self, key: &K, f: F) -> Result<R, F> {
+    pub(crate) fn try_with_mut<R, F: FnOnce(&mut V) -> R>(&self, key: &K, f: F) -> Result<R, F> {
         let hash = self.hasher.hash_one(key);
         let mut shard = write(self.shard_of(hash));
         match shard.find_mut(hash, key) {
@@ -257,7 +259,7 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
 
     /// Runs `f` on the value, first inserting `make()` if the key is absent;
     /// one lookup either way.
-    pub fn with_or_insert<R>(
+    pub(crate) fn with_or_insert<R>(
         &self,
         key: K,
         make: impl FnOnce() -> V,
@@ -298,7 +300,11 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
     /// Removes the entry if `remove(key, value)`, run under the write
     /// lock, says so (lets a caller re-check a choice made earlier, or
     /// update something that must change together with the removal).
-    pub fn remove_if(&self, key: &K, remove: impl FnOnce(&K, &mut V) -> bool) -> Option<(K, V)> {
+    pub(crate) fn remove_if(
+        &self,
+        key: &K,
+        remove: impl FnOnce(&K, &mut V) -> bool,
+    ) -> Option<(K, V)> {
         let hash = self.hasher.hash_one(key);
         let mut shard = write(self.shard_of(hash));
         let Shard { index, slab } = &mut *shard;
@@ -318,7 +324,7 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
 
     /// Keeps the entries for which `keep` is true, one shard (write lock) at
     /// a time. Removed values are dropped under the lock.
-    pub fn retain(&self, mut keep: impl FnMut(&K, &mut V) -> bool) {
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&K, &mut V) -> bool) {
         for shard in self.shards.iter() {
             let mut shard = write(shard);
             let Shard { index, slab } = &mut *shard;
@@ -338,7 +344,7 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
 
     /// Visits every entry, one shard (read lock) at a time, in no
     /// particular order.
-    pub fn for_each(&self, mut visit: impl FnMut(&K, &V)) {
+    pub(crate) fn for_each(&self, mut visit: impl FnMut(&K, &V)) {
         for shard in self.shards.iter() {
             let shard = read(shard);
             for (key, value) in shard.slab.iter() {
@@ -348,7 +354,7 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
     }
 
     /// Every key, copied out (no lock held once this returns).
-    pub fn keys(&self) -> Vec<K>
+    pub(crate) fn keys(&self) -> Vec<K>
     where
         K: Clone,
     {

@@ -34,15 +34,15 @@ impl OwnerId {
 /// A client identity (peer address, driver, application, user), interned.
 /// `ClientId::UNKNOWN` never compares as "different".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct ClientId(pub u32);
+pub(crate) struct ClientId(pub u32);
 
 impl ClientId {
-    pub const UNKNOWN: ClientId = ClientId(0);
+    pub(crate) const UNKNOWN: ClientId = ClientId(0);
 }
 
 /// An interned string (command name or namespace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Sym(pub u32);
+pub(crate) struct Sym(pub u32);
 
 /// Sessions are per user on the server: the same lsid under two users is two
 /// sessions. So the ledger key is the lsid plus the owner.
@@ -54,7 +54,7 @@ pub struct SessionKey {
 
 /// One request, by ids: enough to name it in evidence without keeping strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestRef {
+pub(crate) struct RequestRef {
     pub conn: u64,
     pub at: Millis,
     pub txn_number: Option<i64>,
@@ -66,7 +66,7 @@ pub struct RequestRef {
 
 /// What kind of command a request is, as far as the rules care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CommandClass {
+pub(crate) enum CommandClass {
     Hello,
     /// saslStart / saslContinue / authenticate.
     Auth,
@@ -86,7 +86,7 @@ pub enum CommandClass {
 }
 
 impl CommandClass {
-    pub fn of(name: &str) -> CommandClass {
+    pub(crate) fn of(name: &str) -> CommandClass {
         match name {
             "hello" | "isMaster" | "ismaster" => CommandClass::Hello,
             "saslStart" | "saslContinue" | "authenticate" => CommandClass::Auth,
@@ -110,7 +110,7 @@ impl CommandClass {
 
     /// Commands that only clean up after a session (or name sessions in a
     /// list rather than run in one): harmless after the session ended.
-    pub fn is_session_cleanup(self) -> bool {
+    pub(crate) fn is_session_cleanup(self) -> bool {
         matches!(
             self,
             CommandClass::KillCursors
@@ -123,7 +123,7 @@ impl CommandClass {
     }
 
     /// Session commands whose effect waits for the server's ok:1.
-    pub fn waits_for_outcome(self) -> bool {
+    pub(crate) fn waits_for_outcome(self) -> bool {
         matches!(
             self,
             CommandClass::EndSessions
@@ -135,14 +135,14 @@ impl CommandClass {
     }
 
     /// Commands drivers fire and forget while shutting down.
-    pub fn is_fire_and_forget_at_close(self) -> bool {
+    pub(crate) fn is_fire_and_forget_at_close(self) -> bool {
         matches!(self, CommandClass::EndSessions | CommandClass::KillCursors)
     }
 }
 
 /// A request awaiting its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     pub request: RequestRef,
     /// `RequestView::statement_hash`: recognises a retry of the same command.
     pub statement: u64,
@@ -161,7 +161,7 @@ pub struct InFlight {
 /// first lives inline and only overlaps (misuse) spill into a boxed vector
 /// (one pointer, not a vector's three words, in every session).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct InFlightSet {
+pub(crate) struct InFlightSet {
     first: Option<InFlight>,
     /// Never `Some` of an empty vector: an overlap that is over gives its
     /// memory back. Boxed on purpose: the extra allocation happens only on
@@ -171,21 +171,21 @@ pub struct InFlightSet {
 }
 
 impl InFlightSet {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.first.is_none()
     }
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         usize::from(self.first.is_some()) + self.more.as_ref().map_or(0, |more| more.len())
     }
     fn overlaps(&self) -> &[InFlight] {
         self.more.as_deref().map_or(&[], Vec::as_slice)
     }
-    pub fn iter(&self) -> impl Iterator<Item = &InFlight> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &InFlight> {
         self.first.iter().chain(self.overlaps())
     }
     /// Marks the session's in-flight getMores abandoned (their cursor was
     /// killed by the client).
-    pub fn abandon_get_mores(&mut self) {
+    pub(crate) fn abandon_get_mores(&mut self) {
         let overlaps = self
             .more
             .as_deref_mut()
@@ -197,7 +197,7 @@ impl InFlightSet {
         }
     }
     /// The in-flight request (conn, request id), if present.
-    pub fn find(&self, conn: u64, request_id: i32) -> Option<&InFlight> {
+    pub(crate) fn find(&self, conn: u64, request_id: i32) -> Option<&InFlight> {
         self.iter()
             .find(|entry| entry.request.conn == conn && entry.request.request_id == request_id)
     }
@@ -212,11 +212,11 @@ impl InFlightSet {
             .find(|entry| entry.request.conn == conn && entry.request.request_id == request_id)
     }
     /// Sets or clears the request's `suspected` flag; returns what it was.
-    pub fn set_suspected(&mut self, conn: u64, request_id: i32, suspected: bool) -> bool {
+    pub(crate) fn set_suspected(&mut self, conn: u64, request_id: i32, suspected: bool) -> bool {
         self.find_mut(conn, request_id)
             .is_some_and(|entry| std::mem::replace(&mut entry.suspected, suspected))
     }
-    pub fn insert(&mut self, entry: InFlight) {
+    pub(crate) fn insert(&mut self, entry: InFlight) {
         if self.first.is_none() {
             self.first = Some(entry);
         } else {
@@ -224,7 +224,7 @@ impl InFlightSet {
         }
     }
     /// Removes the request (conn, request id); returns it if it was there.
-    pub fn remove(&mut self, conn: u64, request_id: i32) -> Option<InFlight> {
+    pub(crate) fn remove(&mut self, conn: u64, request_id: i32) -> Option<InFlight> {
         let matches =
             |entry: &InFlight| entry.request.conn == conn && entry.request.request_id == request_id;
         let removed = if self.first.as_ref().is_some_and(matches) {
@@ -279,7 +279,7 @@ impl EndKind {
 
 /// The tombstone of an ended session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ended {
+pub(crate) struct Ended {
     pub kind: EndKind,
     pub by: RequestRef,
     /// The server answered the end ok:1. `false`: its reply never came
@@ -330,7 +330,7 @@ impl TxnPhase {
 
 /// The latest transaction on a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transaction {
+pub(crate) struct Transaction {
     pub number: i64,
     pub started_at: Millis,
     /// The request that started it (or the first statement seen, if the
@@ -376,7 +376,7 @@ impl Transaction {
 /// aborted, whatever the retries. One request can abort one transaction and
 /// start the next.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TxnEvents {
+pub(crate) struct TxnEvents {
     pub started: u8,
     pub committed: u8,
     pub aborted: u8,
@@ -384,7 +384,7 @@ pub struct TxnEvents {
 
 /// Identity of the last retryable write (outside transactions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryableWrite {
+pub(crate) struct RetryableWrite {
     pub txn_number: i64,
     pub statement: u64,
     pub request: RequestRef,
@@ -392,7 +392,7 @@ pub struct RetryableWrite {
 
 /// Everything the proxy knows about one session.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionState {
+pub(crate) struct SessionState {
     pub first_seen: Millis,
     /// Last request or reply for this session.
     pub last_used: Millis,
@@ -427,7 +427,7 @@ pub struct SessionState {
 }
 
 impl SessionState {
-    pub fn new(now: Millis) -> SessionState {
+    pub(crate) fn new(now: Millis) -> SessionState {
         SessionState {
             first_seen: now,
             last_used: now,
@@ -450,13 +450,13 @@ impl SessionState {
     }
 
     /// When the server last heard of this session (use or refresh).
-    pub fn last_activity(&self) -> Millis {
+    pub(crate) fn last_activity(&self) -> Millis {
         self.last_used.max(self.last_refreshed)
     }
 
     /// The application still holds server resources under this session: an
     /// open (or possibly open) transaction, or an open cursor.
-    pub fn is_held(&self) -> bool {
+    pub(crate) fn is_held(&self) -> bool {
         self.ended.is_none()
             && (self.open_cursors > 0
                 || self
@@ -466,18 +466,18 @@ impl SessionState {
     }
 
     /// Nothing in flight and nothing held: safe to forget under pressure.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.in_flight.is_empty() && !self.is_held()
     }
 
     /// The session was ended or killed and the tombstone is still kept.
-    pub fn is_ended(&self) -> bool {
+    pub(crate) fn is_ended(&self) -> bool {
         self.ended.is_some()
     }
 
     /// The server would treat the next use as a brand-new session (after an
     /// end, a kill, or an expiry): forget everything tied to the old one.
-    pub fn restart(&mut self, now: Millis) {
+    pub(crate) fn restart(&mut self, now: Millis) {
         let first_client = self.first_client;
         *self = SessionState::new(now);
         self.first_client = first_client;
@@ -485,7 +485,7 @@ impl SessionState {
 
     /// The server has most likely expired this session: idle (nothing in
     /// flight, no use or refresh) for longer than its session timeout.
-    pub fn expired_on_server(&self, now: Millis, session_timeout: Millis) -> bool {
+    pub(crate) fn expired_on_server(&self, now: Millis, session_timeout: Millis) -> bool {
         self.ended.is_none()
             && self.in_flight.is_empty()
             && now.saturating_sub(self.last_activity()) > session_timeout
@@ -495,7 +495,7 @@ impl SessionState {
     /// ok:1). The server aborts its transaction and kills its cursors;
     /// in-flight requests keep running until they answer. A confirmed end
     /// is never replaced by an unconfirmed one: it is the better evidence.
-    pub fn end(&mut self, kind: EndKind, by: RequestRef, confirmed: bool) -> TxnEvents {
+    pub(crate) fn end(&mut self, kind: EndKind, by: RequestRef, confirmed: bool) -> TxnEvents {
         let aborted = self
             .txn
             .as_deref_mut()
@@ -520,7 +520,7 @@ impl SessionState {
     }
 
     /// Records a request that is being forwarded.
-    pub fn apply_request(&mut self, request: &RequestFacts, now: Millis) -> TxnEvents {
+    pub(crate) fn apply_request(&mut self, request: &RequestFacts, now: Millis) -> TxnEvents {
         self.started = true;
         self.last_used = now;
         self.last_conn = request.request.conn;
@@ -637,7 +637,7 @@ impl SessionState {
 
     /// Records the reply to `request` (which was in flight on this session).
     /// `final_reply` is false for an exhaust reply with more to come.
-    pub fn apply_reply(
+    pub(crate) fn apply_reply(
         &mut self,
         request: &InFlight,
         reply: &ReplyFacts,
@@ -703,7 +703,7 @@ impl SessionState {
 
     /// The connection of an in-flight request closed before its reply.
     /// Returns whether an identical request awaited the verdict on it.
-    pub fn connection_closed(&mut self, entry: &InFlight) -> bool {
+    pub(crate) fn connection_closed(&mut self, entry: &InFlight) -> bool {
         let suspected = self
             .in_flight
             .remove(entry.request.conn, entry.request.request_id)
@@ -721,7 +721,7 @@ impl SessionState {
     /// A connection that carried statements of this session's transaction
     /// was cut by the upstream side: an open transaction's outcome is now
     /// unknown (the driver will abort or retry the whole transaction).
-    pub fn transaction_cut(&mut self) {
+    pub(crate) fn transaction_cut(&mut self) {
         if let Some(txn) = self.txn.as_deref_mut() {
             if matches!(txn.phase, TxnPhase::Open | TxnPhase::LikelyAborted) {
                 txn.phase = TxnPhase::Uncertain;
@@ -732,7 +732,7 @@ impl SessionState {
     /// Whether `request` repeats the request last cut off by its
     /// connection closing (the driver retrying it); forgets the cut-off
     /// either way, since only the very next request can be its retry.
-    pub fn take_cut_off(&mut self, request: &RequestFacts) -> bool {
+    pub(crate) fn take_cut_off(&mut self, request: &RequestFacts) -> bool {
         if self.cut_off == 0 {
             return false;
         }
@@ -744,7 +744,7 @@ impl SessionState {
 /// The facts of one request the state machine and the rules need, already
 /// extracted from the command view and resolved to ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestFacts {
+pub(crate) struct RequestFacts {
     pub request: RequestRef,
     pub class: CommandClass,
     pub statement: u64,
@@ -761,7 +761,7 @@ pub struct RequestFacts {
 
 /// What recording a reply changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ReplyApplied {
+pub(crate) struct ReplyApplied {
     pub txn: TxnEvents,
     /// The answered request had an identical request on another connection
     /// awaiting the verdict on it (now: concurrent use).
@@ -770,7 +770,7 @@ pub struct ReplyApplied {
 
 /// The identity `cut_off` keeps of a request: its statement hash (command,
 /// namespace, statements) with its txnNumber folded in, never 0.
-pub fn retry_fingerprint(statement: u64, txn_number: Option<i64>) -> u32 {
+pub(crate) fn retry_fingerprint(statement: u64, txn_number: Option<i64>) -> u32 {
     // An odd multiplier keeps different numbers apart; `| 1` keeps 0 free
     // for "none" (costing one bit).
     let number = txn_number.map_or(0, |n| n as u64);
@@ -780,7 +780,7 @@ pub fn retry_fingerprint(statement: u64, txn_number: Option<i64>) -> u32 {
 
 /// The facts of one reply the state machine needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ReplyFacts {
+pub(crate) struct ReplyFacts {
     pub ok: bool,
     /// ok and no writeErrors.
     pub clean_success: bool,

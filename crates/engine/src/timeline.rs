@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use super::state::{Millis, RequestRef, SessionKey};
 
 /// Operations each connection remembers.
-pub const OPS_PER_CONNECTION: usize = 8;
+pub(crate) const OPS_PER_CONNECTION: usize = 8;
 /// Operations a violation's timeline shows at most.
-pub const TIMELINE_LEN: usize = 8;
+pub(crate) const TIMELINE_LEN: usize = 8;
 
 const NOT_REPLIED: Millis = Millis::MAX;
 
@@ -45,7 +45,7 @@ struct Op {
 
 /// The last `OPS_PER_CONNECTION` session operations of one connection.
 #[derive(Debug, Default)]
-pub struct OpRing {
+pub(crate) struct OpRing {
     /// Grows to `OPS_PER_CONNECTION` once, then entries are overwritten in
     /// place: no allocation after the first few requests.
     ops: Vec<Op>,
@@ -55,13 +55,18 @@ pub struct OpRing {
 /// Where an operation sits in its connection's ring (kept with the pending
 /// request, so the reply can stamp its time without a search).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpSlot(u8);
+pub(crate) struct OpSlot(u8);
 
 impl OpRing {
     /// Remembers a request sent on session `key` (`None`: one that names
     /// sessions without being in one); `seq`: the engine's sequence number
     /// of the request.
-    pub fn record(&mut self, key: Option<SessionKey>, request: RequestRef, seq: u64) -> OpSlot {
+    pub(crate) fn record(
+        &mut self,
+        key: Option<SessionKey>,
+        request: RequestRef,
+        seq: u64,
+    ) -> OpSlot {
         let op = Op {
             key,
             request,
@@ -86,7 +91,7 @@ impl OpRing {
 
     /// The first reply to the request in `slot` arrived at `at` (ignored if
     /// the slot has since been reused by a later request).
-    pub fn replied(&mut self, slot: OpSlot, request_id: i32, at: Millis) {
+    pub(crate) fn replied(&mut self, slot: OpSlot, request_id: i32, at: Millis) {
         if let Some(op) = self.ops.get_mut(usize::from(slot.0)) {
             if op.request.request_id == request_id && op.replied == NOT_REPLIED {
                 op.replied = at;
@@ -113,7 +118,7 @@ pub enum Role {
 
 /// One operation of a timeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TimelineOp {
+pub(crate) struct TimelineOp {
     pub request: RequestRef,
     /// When its first reply passed the proxy; `None`: no reply (yet), or
     /// none expected.
@@ -129,7 +134,7 @@ pub struct TimelineOp {
 /// session, oldest first. Fixed size, so keeping the latest example's
 /// timeline for every violation of a flood allocates nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeline {
+pub(crate) struct Timeline {
     ops: [Option<TimelineOp>; TIMELINE_LEN],
     len: u8,
 }
@@ -144,23 +149,20 @@ impl Default for Timeline {
 }
 
 impl Timeline {
-    pub fn ops(&self) -> impl Iterator<Item = &TimelineOp> {
+    pub(crate) fn ops(&self) -> impl Iterator<Item = &TimelineOp> {
         self.ops[..usize::from(self.len)].iter().flatten()
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         usize::from(self.len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
 /// Collects a violation's timeline from the rings of the connections
 /// involved: `add` each ring, then `finish`.
 #[derive(Debug)]
-pub struct Gather {
+pub(crate) struct Gather {
     key: SessionKey,
     current: Option<RequestRef>,
     earlier: Option<RequestRef>,
@@ -174,7 +176,7 @@ fn same(a: &RequestRef, b: &RequestRef) -> bool {
 }
 
 impl Gather {
-    pub fn new(
+    pub(crate) fn new(
         key: SessionKey,
         current: Option<RequestRef>,
         earlier: Option<RequestRef>,
@@ -208,7 +210,7 @@ impl Gather {
     /// The operations of one connection on the violation's session.
     /// The evidence requests are taken whatever session they ran in (a
     /// killSessions runs outside the session it kills).
-    pub fn add(&mut self, ring: &OpRing) {
+    pub(crate) fn add(&mut self, ring: &OpRing) {
         for op in ring.in_order() {
             let role = self.role(&op.request);
             if op.key == Some(self.key) || role.is_some() {
@@ -225,7 +227,7 @@ impl Gather {
     /// Sorted by time sent, the evidence requests added if no ring had them
     /// (a rejected request, a ring that moved on), cut after the offending
     /// request, the last `TIMELINE_LEN` kept.
-    pub fn finish(mut self) -> Timeline {
+    pub(crate) fn finish(mut self) -> Timeline {
         for (request, role) in [(self.current, Role::Current), (self.earlier, Role::Earlier)] {
             let Some(request) = request else { continue };
             let present = self.found[..self.len]

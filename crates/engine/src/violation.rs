@@ -337,7 +337,7 @@ impl Action {
 /// The engine stamps severity and action from the configuration and
 /// resolves it into a [`ViolationRecord`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Violation {
+pub(crate) struct Violation {
     pub rule: RuleId,
     pub key: SessionKey,
     pub at: Millis,
@@ -357,7 +357,7 @@ pub struct Violation {
 }
 
 impl Violation {
-    pub fn new(rule: RuleId, key: SessionKey, at: Millis, message: String) -> Violation {
+    pub(crate) fn new(rule: RuleId, key: SessionKey, at: Millis, message: String) -> Violation {
         Violation {
             rule,
             key,
@@ -369,24 +369,24 @@ impl Violation {
             unconfirmed: false,
         }
     }
-    pub fn current(mut self, request: RequestRef) -> Violation {
+    pub(crate) fn current(mut self, request: RequestRef) -> Violation {
         self.current = Some(request);
         self
     }
     /// The earlier request of the evidence; takes an `Option` too, for
     /// rules whose earlier request may be unknown.
-    pub fn earlier(mut self, request: impl Into<Option<RequestRef>>) -> Violation {
+    pub(crate) fn earlier(mut self, request: impl Into<Option<RequestRef>>) -> Violation {
         self.earlier = request.into();
         self
     }
     /// Marks it as resting on an unconfirmed effect (see `unconfirmed`).
-    pub fn unconfirmed(mut self, unconfirmed: bool) -> Violation {
+    pub(crate) fn unconfirmed(mut self, unconfirmed: bool) -> Violation {
         self.unconfirmed = unconfirmed;
         self
     }
     /// The severity it is reported with: the rule's, at most a warning
     /// when it rests on an unconfirmed effect.
-    pub fn severity(&self, configured: Severity) -> Severity {
+    pub(crate) fn severity(&self, configured: Severity) -> Severity {
         if self.unconfirmed {
             configured.min(Severity::Warning)
         } else {
@@ -395,7 +395,7 @@ impl Violation {
     }
     /// Whether it rejects its request under `action` (never when it rests
     /// on an unconfirmed effect).
-    pub fn rejects(&self, action: Action) -> bool {
+    pub(crate) fn rejects(&self, action: Action) -> bool {
         action == Action::Reject && !self.unconfirmed
     }
 }

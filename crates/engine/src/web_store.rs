@@ -35,14 +35,14 @@ use super::violation::{RuleId, Violation};
 use sessionguard_protocol::command::RequestView;
 
 /// The collections treated as stores when `[stores]` says nothing.
-pub const DEFAULT_STORE_COLLECTIONS: &[&str] = &["sessions"];
+pub(crate) const DEFAULT_STORE_COLLECTIONS: &[&str] = &["sessions"];
 /// How long a request may hold a session it loaded: a read, the destroy and
 /// the resurrecting upsert must all fall within it.
-pub const DEFAULT_RESURRECTION_WINDOW: Duration = Duration::from_secs(5 * 60);
+pub(crate) const DEFAULT_RESURRECTION_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// Most store documents followed at once (least recently active go first).
-pub const DEFAULT_MAX_STORE_DOCUMENTS: usize = 100_000;
+pub(crate) const DEFAULT_MAX_STORE_DOCUMENTS: usize = 100_000;
 /// The metrics label of every auto-detected store.
-pub const AUTO_STORE_LABEL: &str = "auto";
+pub(crate) const AUTO_STORE_LABEL: &str = "auto";
 /// Auto-detection learns at most this many namespaces (a client cannot grow
 /// the set without bound by writing session-shaped documents everywhere).
 const MAX_AUTO_NAMESPACES: usize = 64;
@@ -120,22 +120,22 @@ impl StoreConfig {
 /// Which store a namespace belongs to: an index into the configured entries,
 /// or the one auto-detected store after them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct StoreIndex(u16);
+pub(crate) struct StoreIndex(u16);
 
 /// One store document, by a keyed hash of its namespace and `_id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DocKey(u64);
+pub(crate) struct DocKey(u64);
 
 impl DocKey {
     /// The form shown in evidence (random per process, not reversible).
-    pub fn fingerprint(self) -> String {
+    pub(crate) fn fingerprint(self) -> String {
         format!("{:016x}", self.0)
     }
 }
 
 /// What a statement does to one store document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreOpKind {
+pub(crate) enum StoreOpKind {
     /// find / findOne by `_id`, or the document findAndModify returns.
     Read,
     /// delete by `_id`, findOneAndDelete (findAndModify `remove: true`).
@@ -159,7 +159,7 @@ impl StoreOpKind {
 
 /// One operation on one store document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreOp {
+pub(crate) struct StoreOp {
     pub store: StoreIndex,
     pub document: DocKey,
     pub kind: StoreOpKind,
@@ -168,7 +168,7 @@ pub struct StoreOp {
 /// A resurrection: the writer read the document, someone destroyed it, the
 /// writer's upsert brings it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resurrection {
+pub(crate) struct Resurrection {
     pub store: StoreIndex,
     pub document: DocKey,
     pub read: RequestRef,
@@ -180,7 +180,7 @@ pub struct Resurrection {
 
 /// The store part of a violation's evidence (ids only, resolved later).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreFinding {
+pub(crate) struct StoreFinding {
     /// The store's label (configured name, or `auto`).
     pub store: String,
     /// The document's fingerprint.
@@ -192,7 +192,7 @@ pub struct StoreFinding {
 impl Resurrection {
     /// The violation for this resurrection; `key` is the writer's session (or
     /// an all-zero lsid when the write carried none).
-    pub fn violation(
+    pub(crate) fn violation(
         &self,
         key: SessionKey,
         label: &str,
@@ -322,7 +322,7 @@ struct Documents {
 
 /// The store side of the engine: recognition, records, the rule.
 #[derive(Debug)]
-pub struct StoreTracker {
+pub(crate) struct StoreTracker {
     config: StoreConfig,
     configured: Vec<Configured>,
     labels: Vec<String>,
@@ -343,7 +343,7 @@ impl Default for StoreTracker {
 
 impl StoreTracker {
     /// A tracker for a validated configuration.
-    pub fn new(config: &StoreConfig) -> StoreTracker {
+    pub(crate) fn new(config: &StoreConfig) -> StoreTracker {
         let configured: Vec<Configured> = config
             .collections
             .iter()
@@ -374,19 +374,16 @@ impl StoreTracker {
         }
     }
 
-    pub fn config(&self) -> &StoreConfig {
-        &self.config
-    }
-
     /// The label of a store (configured entry, or `auto`).
-    pub fn label(&self, store: StoreIndex) -> &str {
+    pub(crate) fn label(&self, store: StoreIndex) -> &str {
         self.labels
             .get(usize::from(store.0))
             .map_or(AUTO_STORE_LABEL, String::as_str)
     }
 
     /// Every label, in metrics order.
-    pub fn labels(&self) -> &[String] {
+    #[cfg(test)]
+    pub(crate) fn labels(&self) -> &[String] {
         &self.labels
     }
 
@@ -396,7 +393,7 @@ impl StoreTracker {
     }
 
     /// The store `db.collection` belongs to, if any.
-    pub fn store_of(&self, db: &str, collection: &str) -> Option<StoreIndex> {
+    pub(crate) fn store_of(&self, db: &str, collection: &str) -> Option<StoreIndex> {
         let configured = self
             .configured
             .iter()
@@ -435,7 +432,7 @@ impl StoreTracker {
 
     /// The store operations of a request (empty for everything else, without
     /// allocating).
-    pub fn classify(&self, view: &RequestView<'_>) -> Vec<StoreOp> {
+    pub(crate) fn classify(&self, view: &RequestView<'_>) -> Vec<StoreOp> {
         let (Some(db), Some(collection)) = (view.db, view.collection()) else {
             return Vec::new();
         };
@@ -505,7 +502,7 @@ impl StoreTracker {
 
     /// The resurrection `ops` would commit, if any (read-only: the engine
     /// decides whether the request is forwarded before anything changes).
-    pub fn check(&self, ops: &[StoreOp], request: &RequestRef) -> Option<Resurrection> {
+    pub(crate) fn check(&self, ops: &[StoreOp], request: &RequestRef) -> Option<Resurrection> {
         let documents = self.documents.lock().unwrap_or_else(|p| p.into_inner());
         ops.iter().find_map(|op| {
             let record = documents.records.get(&op.document)?;
@@ -543,7 +540,7 @@ impl StoreTracker {
     /// take hold only when the server confirms them: they are handed back
     /// (empty, unallocated, for every other request) for `settle_destroys`.
     #[must_use = "destroys take hold only when settled"]
-    pub fn apply(&self, ops: &[StoreOp], request: &RequestRef) -> Vec<StoreOp> {
+    pub(crate) fn apply(&self, ops: &[StoreOp], request: &RequestRef) -> Vec<StoreOp> {
         if ops.is_empty() {
             return Vec::new();
         }
@@ -604,7 +601,13 @@ impl StoreTracker {
     /// Records the destroys `apply` handed back, once they happened:
     /// `confirmed` when the server answered ok:1, not when its reply never
     /// came (they most likely happened). Refused destroys are never settled.
-    pub fn settle_destroys(&self, ops: &[StoreOp], by: &RequestRef, confirmed: bool, now: Millis) {
+    pub(crate) fn settle_destroys(
+        &self,
+        ops: &[StoreOp],
+        by: &RequestRef,
+        confirmed: bool,
+        now: Millis,
+    ) {
         let mut documents = self.documents.lock().unwrap_or_else(|p| p.into_inner());
         for op in ops {
             let counters = &self.counters[usize::from(op.store.0).min(self.counters.len() - 1)];
@@ -681,7 +684,7 @@ impl StoreTracker {
     }
 
     /// Counters and sizes, for metrics.
-    pub fn stats(&self) -> StoreStats {
+    pub(crate) fn stats(&self) -> StoreStats {
         let documents = self
             .documents
             .lock()

@@ -14,15 +14,15 @@
 use bson::RawDocument;
 
 /// BSON element types this module tells apart (the BSON spec's numbers).
-pub mod kind {
-    pub const DOUBLE: u8 = 0x01;
-    pub const STRING: u8 = 0x02;
-    pub const DOCUMENT: u8 = 0x03;
-    pub const ARRAY: u8 = 0x04;
-    pub const BINARY: u8 = 0x05;
-    pub const BOOLEAN: u8 = 0x08;
-    pub const INT32: u8 = 0x10;
-    pub const INT64: u8 = 0x12;
+pub(crate) mod kind {
+    pub(crate) const DOUBLE: u8 = 0x01;
+    pub(crate) const STRING: u8 = 0x02;
+    pub(crate) const DOCUMENT: u8 = 0x03;
+    pub(crate) const ARRAY: u8 = 0x04;
+    pub(crate) const BINARY: u8 = 0x05;
+    pub(crate) const BOOLEAN: u8 = 0x08;
+    pub(crate) const INT32: u8 = 0x10;
+    pub(crate) const INT64: u8 = 0x12;
 }
 
 /// One top-level element.
@@ -123,7 +123,7 @@ pub fn elements(doc: &RawDocument) -> Elements<'_> {
 /// Walks the top-level elements of raw document bytes (length prefix
 /// included). Bytes that are not a document (a declared length that does
 /// not fit, no terminating 0x00 there) yield nothing and are `malformed`.
-pub fn elements_of(bytes: &[u8]) -> Elements<'_> {
+pub(crate) fn elements_of(bytes: &[u8]) -> Elements<'_> {
     // The declared length bounds the walk and its last byte must be the
     // terminator; the elements lie strictly between the two.
     let declared = bytes

@@ -41,14 +41,14 @@ use sessionguard_protocol::{command_index, intern_command, OTHER_COMMAND};
 
 /// Which side of a connection pair failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Client,
     Upstream,
     Internal,
 }
 
 impl Side {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Side::Client => "client",
             Side::Upstream => "upstream",
@@ -65,7 +65,7 @@ impl fmt::Display for Side {
 
 /// Why a connection pair was closed on an error.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnError {
+pub(crate) enum ConnError {
     #[error("{side} sent a malformed frame: {source}")]
     Malformed {
         side: Side,
@@ -88,7 +88,7 @@ pub enum ConnError {
 }
 
 impl ConnError {
-    pub fn side(&self) -> Side {
+    pub(crate) fn side(&self) -> Side {
         match self {
             ConnError::Malformed { side, .. }
             | ConnError::FrameTimeout { side, .. }

@@ -33,14 +33,14 @@
 mod anchor_leaf;
 mod connection;
 mod inflight;
-pub mod inspect;
+mod inspect;
 mod listener;
 mod metrics;
 mod settings;
-pub mod tls;
-pub mod topology;
-pub mod unreachable;
-pub mod upstream;
+mod tls;
+mod topology;
+mod unreachable;
+mod upstream;
 
 use std::io;
 use std::net::SocketAddr;
@@ -53,15 +53,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use connection::{ConnError, Side};
 pub use inspect::{
     CloseCause, ConnContext, InFlightRequest, InjectError, Injector, Inspector, NoopInspector,
     ReplyVerdict, Verdict,
 };
 
-pub use metrics::{ConnectFailure, Direction, FrameSide, ProxyMetrics};
+pub use metrics::ProxyMetrics;
 pub use settings::{listener_plan, ListenerPlan, ProxySettings};
-pub use tls::{ListenTls, ListenTlsConfig, ListenTlsError, UpstreamTls};
+pub use tls::{
+    ListenTls, ListenTlsConfig, ListenTlsError, TlsOptions, UpstreamTls,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+};
+pub use upstream::{dial, ConnectionString, DialError, HostPort};
 
 use connection::ConnSettings;
 use listener::{AcceptLoop, ListenerStats};

@@ -25,13 +25,13 @@ use sessionguard_protocol::{COMMAND_LABELS, OTHER_COMMAND};
 
 /// Which way a frame travelled through the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     ClientToUpstream = 0,
     UpstreamToClient = 1,
 }
 
 impl Direction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Direction::ClientToUpstream => "client_to_upstream",
             Direction::UpstreamToClient => "upstream_to_client",
@@ -76,7 +76,7 @@ const LATENCY_BUCKETS: [f64; 16] = [
 
 /// Why dialing the upstream failed (`reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectFailure {
+pub(crate) enum ConnectFailure {
     Timeout = 0,
     Refused = 1,
     Other = 2,
@@ -90,7 +90,7 @@ const CONNECT_FAILURE_LABELS: [&str; 5] = ["timeout", "refused", "other", "dns",
 
 /// Which side sent a malformed frame (`side` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FrameSide {
+pub(crate) enum FrameSide {
     Client = 0,
     Upstream = 1,
 }
@@ -121,24 +121,24 @@ pub struct ProxyMetrics {
 
 impl ProxyMetrics {
     /// A client connection was accepted (under the cap).
-    pub fn connection_opened(&self) {
+    pub(crate) fn connection_opened(&self) {
         self.connections_accepted.inc();
         self.connections_active.inc();
     }
 
     /// An accepted client connection ended.
-    pub fn connection_closed(&self) {
+    pub(crate) fn connection_closed(&self) {
         self.connections_active.dec();
     }
 
     /// A connection was closed at accept because the cap was reached.
-    pub fn connection_rejected(&self) {
+    pub(crate) fn connection_rejected(&self) {
         self.connections_rejected.inc();
     }
 
     /// A frame of `len` bytes was read from one side.
     #[inline]
-    pub fn frame(&self, direction: Direction, op: OpCode, len: usize) {
+    pub(crate) fn frame(&self, direction: Direction, op: OpCode, len: usize) {
         let (d, o) = (direction as usize, opcode_index(op));
         self.frames[d][o].inc();
         self.bytes[d][o].inc_by(u64::try_from(len).unwrap_or(u64::MAX));
@@ -147,14 +147,14 @@ impl ProxyMetrics {
     /// A client sent the command whose [`command_index`] is `index` (found
     /// once per request by the caller, which also needs it for the latency).
     #[inline]
-    pub fn command(&self, index: usize) {
+    pub(crate) fn command(&self, index: usize) {
         self.commands[index.min(OTHER_COMMAND)].inc();
     }
 
     /// The first reply to the command with [`command_index`] `index` arrived
     /// `elapsed` after the request.
     #[inline]
-    pub fn round_trip(&self, index: usize, elapsed: Duration) {
+    pub(crate) fn round_trip(&self, index: usize, elapsed: Duration) {
         self.latency[index.min(OTHER_COMMAND)].observe(elapsed.as_secs_f64());
     }
 
@@ -162,7 +162,11 @@ impl ProxyMetrics {
     /// upstream that could not be reached, when the failure says so (a
     /// refused or timed-out connect, not a TLS handshake the probe's plain
     /// TCP connect would contradict at its next round).
-    pub fn connect_failed(&self, failure: ConnectFailure, unreachable: Option<&dyn fmt::Display>) {
+    pub(crate) fn connect_failed(
+        &self,
+        failure: ConnectFailure,
+        unreachable: Option<&dyn fmt::Display>,
+    ) {
         self.connect_errors[failure as usize].inc();
         if let Some(upstream) = unreachable {
             self.set_reachable(upstream, false);
@@ -220,18 +224,18 @@ impl ProxyMetrics {
     }
 
     /// A connection was closed because one side sent a malformed frame.
-    pub fn malformed_frame(&self, side: FrameSide) {
+    pub(crate) fn malformed_frame(&self, side: FrameSide) {
         self.malformed[side as usize].inc();
     }
 
     /// A connection was closed because a frame started but did not finish
     /// within `frame_read_timeout` (a stalled or slowloris peer).
-    pub fn frame_timed_out(&self, side: FrameSide) {
+    pub(crate) fn frame_timed_out(&self, side: FrameSide) {
         self.frame_timeouts[side as usize].inc();
     }
 
     /// The proxy started draining (or shutting down): not ready any more.
-    pub fn set_draining(&self) {
+    pub(crate) fn set_draining(&self) {
         self.draining.set(1);
     }
 

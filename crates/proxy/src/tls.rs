@@ -440,7 +440,7 @@ pub(crate) fn log_settings(upstream_tls: Option<&UpstreamTls>, listen_tls: Optio
 }
 
 /// Every certificate in a PEM file, in order (leaf first for a chain).
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -453,7 +453,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 
 /// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1); the file may
 /// also hold certificates (MongoDB's combined certificate-key files).
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => format!(
             "`{}` holds no unencrypted PRIVATE KEY block (encrypted keys are not supported)",
@@ -469,22 +469,22 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 /// A socket that is either plain TCP or TLS over TCP. `into_split` hands
 /// the connection pumps one reader and one writer, like
 /// `TcpStream::into_split`.
-pub enum Transport<T> {
+pub(crate) enum Transport<T> {
     Plain(TcpStream),
     Tls(Box<T>),
 }
 
 /// A client connection as accepted by the listener.
-pub type ClientStream = Transport<tokio_rustls::server::TlsStream<TcpStream>>;
+pub(crate) type ClientStream = Transport<tokio_rustls::server::TlsStream<TcpStream>>;
 /// A connection to the upstream as dialed.
-pub type UpstreamStream = Transport<tokio_rustls::client::TlsStream<TcpStream>>;
+pub(crate) type UpstreamStream = Transport<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// Boxed halves: one reader and one writer per direction.
-pub type ReadPart = Box<dyn AsyncRead + Send + Unpin>;
-pub type WritePart = Box<dyn AsyncWrite + Send + Unpin>;
+pub(crate) type ReadPart = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type WritePart = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// TLS stream types whose socket can be reached (for nodelay and addresses).
-pub trait OverTcp {
+pub(crate) trait OverTcp {
     fn tcp(&self) -> &TcpStream;
 }
 
@@ -511,13 +511,13 @@ where
         }
     }
 
-    pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+    pub(crate) fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
         self.tcp().set_nodelay(nodelay)
     }
 
     /// Plain TCP keeps tokio's lock-free owned halves; TLS needs one state
     /// machine for both directions, so it goes through `tokio::io::split`.
-    pub fn into_split(self) -> (ReadPart, WritePart) {
+    pub(crate) fn into_split(self) -> (ReadPart, WritePart) {
         match self {
             Transport::Plain(tcp) => {
                 let (read, write) = tcp.into_split();

@@ -47,13 +47,13 @@ const MAX_REMEMBERED_UNKNOWN: usize = 1024;
 
 /// Member address (as the replica set names it) -> advertised proxy address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MemberMap {
+pub(crate) struct MemberMap {
     by_member: HashMap<String, String>,
 }
 
 impl MemberMap {
     /// Builds the map from `(member, advertised)` pairs.
-    pub fn new(pairs: impl IntoIterator<Item = (HostPort, String)>) -> MemberMap {
+    pub(crate) fn new(pairs: impl IntoIterator<Item = (HostPort, String)>) -> MemberMap {
         MemberMap {
             by_member: pairs
                 .into_iter()
@@ -63,14 +63,14 @@ impl MemberMap {
     }
 
     /// No mapping: single-upstream mode.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.by_member.is_empty()
     }
 
     /// The advertised address for a member address from a hello reply.
     /// Host names compare case-insensitively and a missing port means
     /// 27017, as drivers compare them (server discovery spec).
-    pub fn advertised(&self, member: &str) -> Option<&str> {
+    pub(crate) fn advertised(&self, member: &str) -> Option<&str> {
         self.by_member.get(&normalize(member)).map(String::as_str)
     }
 }
@@ -92,7 +92,7 @@ fn normalize(address: &str) -> String {
 
 /// What rewriting one hello document found.
 #[derive(Debug, Default, PartialEq)]
-pub struct HelloRewrite {
+pub(crate) struct HelloRewrite {
     /// The new document, when at least one address changed.
     pub document: Option<RawDocumentBuf>,
     /// Member addresses the map does not know (left as they were).
@@ -103,7 +103,7 @@ pub struct HelloRewrite {
 
 /// Rewrites the address fields of one hello reply document. Every other
 /// field is copied as it is, in its original order. Pure.
-pub fn rewrite_hello_document(
+pub(crate) fn rewrite_hello_document(
     document: &RawDocument,
     map: &MemberMap,
 ) -> Result<HelloRewrite, bson::raw::Error> {
@@ -178,7 +178,7 @@ fn is_replica_set_hello(msg: &Message<'_>) -> bool {
 
 /// What rewriting one reply frame found.
 #[derive(Debug, Default, PartialEq)]
-pub struct ReplyRewrite {
+pub(crate) struct ReplyRewrite {
     /// The complete replacement frame, when an address changed.
     pub frame: Option<Bytes>,
     pub unknown: Vec<String>,
@@ -194,7 +194,7 @@ pub struct ReplyRewrite {
 /// (it is optional, and drivers do not send or require it). A reply that
 /// arrived compressed is compressed again with the same compressor, which
 /// the driver negotiated and therefore accepts. Pure.
-pub fn rewrite_hello_reply(
+pub(crate) fn rewrite_hello_reply(
     frame: &Frame,
     msg: &Message<'_>,
     map: &MemberMap,
@@ -304,7 +304,7 @@ fn is_hello_reply(request: Option<&InFlightRequest>, msg: &Message<'_>) -> bool 
 
 /// Applies the member map to hello replies around another inspector (the
 /// session engine), and says once when drivers are about to bypass the proxy.
-pub struct TopologyInspector {
+pub(crate) struct TopologyInspector {
     inner: Arc<dyn Inspector>,
     map: MemberMap,
     warned_unknown: Mutex<HashSet<String>>,
@@ -312,7 +312,7 @@ pub struct TopologyInspector {
 }
 
 impl TopologyInspector {
-    pub fn new(inner: Arc<dyn Inspector>, map: MemberMap) -> TopologyInspector {
+    pub(crate) fn new(inner: Arc<dyn Inspector>, map: MemberMap) -> TopologyInspector {
         TopologyInspector {
             inner,
             map,

@@ -35,11 +35,11 @@ use crate::metrics::ConnectFailure;
 use sessionguard_protocol::wire::{self, FrameCodec, Message, MsgFlags};
 
 /// The reply's `code`: HostUnreachable.
-pub const UPSTREAM_UNREACHABLE_CODE: i32 = 6;
+pub(crate) const UPSTREAM_UNREACHABLE_CODE: i32 = 6;
 /// The reply's `codeName`.
-pub const UPSTREAM_UNREACHABLE_CODE_NAME: &str = "HostUnreachable";
+pub(crate) const UPSTREAM_UNREACHABLE_CODE_NAME: &str = "HostUnreachable";
 /// The reply's `errorLabels`.
-pub const UPSTREAM_UNREACHABLE_LABELS: &[&str] = &["RetryableWriteError"];
+pub(crate) const UPSTREAM_UNREACHABLE_LABELS: &[&str] = &["RetryableWriteError"];
 
 /// The request id of the reply (the connection has no other traffic).
 const REPLY_ID: i32 = 1;
@@ -51,7 +51,7 @@ const REPLY_ID: i32 = 1;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// The `reason` label of a failed dial.
-pub fn failure_reason(error: &DialError) -> ConnectFailure {
+pub(crate) fn failure_reason(error: &DialError) -> ConnectFailure {
     match error {
         DialError::Timeout { .. } => ConnectFailure::Timeout,
         DialError::Io { source, .. } if source.kind() == io::ErrorKind::ConnectionRefused => {
@@ -65,7 +65,7 @@ pub fn failure_reason(error: &DialError) -> ConnectFailure {
 
 /// The `errmsg`: "sessionguard could not reach upstream HOST:PORT: CAUSE.
 /// Fix: FIX".
-pub fn explain(error: &DialError, tls: Option<&UpstreamTls>) -> String {
+pub(crate) fn explain(error: &DialError, tls: Option<&UpstreamTls>) -> String {
     let target = error.target();
     let (cause, fix) = match error {
         DialError::Resolve { source, .. } => (
@@ -274,7 +274,7 @@ fn utc(seconds: u64) -> String {
 }
 
 /// The error reply's body for `errmsg`.
-pub fn reply_body(errmsg: &str) -> Vec<u8> {
+pub(crate) fn reply_body(errmsg: &str) -> Vec<u8> {
     let body = bson::doc! {
         "ok": 0.0,
         "errmsg": errmsg,

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use super::tls::UpstreamTls;
 
 /// The port a host without an explicit port listens on.
-pub const DEFAULT_MONGODB_PORT: u16 = 27017;
+pub(crate) const DEFAULT_MONGODB_PORT: u16 = 27017;
 
 /// A `mongodb://` connection string, parsed far enough for the proxy.
 #[derive(Clone, PartialEq, Eq)]
@@ -303,12 +303,12 @@ impl DialError {
     }
 }
 
-pub use super::tls::UpstreamStream;
+pub(crate) use super::tls::UpstreamStream;
 
 /// Connects to `target` and, with `tls`, runs the TLS handshake, all within
 /// `timeout` (a server that accepts TCP but never answers the handshake
 /// must not hold a client forever).
-pub async fn connect(
+pub(crate) async fn connect(
     target: &HostPort,
     timeout: Duration,
     tls: Option<&UpstreamTls>,

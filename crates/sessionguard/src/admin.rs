@@ -82,14 +82,14 @@ use tracing::{debug, info, warn};
 use crate::config::{AdminToken, ProxyConfig};
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 use crate::reload::Reloader;
-use sessionguard_engine::state::{EndKind, Millis, SessionKey, SessionSummary, TxnPhase};
+use sessionguard_engine::{EndKind, Millis, SessionKey, SessionSummary, TxnPhase};
 use sessionguard_engine::{SessionEngine, ViolationRecord};
-use sessionguard_proxy::upstream::{self, HostPort};
+use sessionguard_proxy::HostPort;
 
 /// `/sessions` returns at most this many sessions unless `limit` says fewer.
-pub const DEFAULT_SESSIONS_LIMIT: usize = 1000;
+pub(crate) const DEFAULT_SESSIONS_LIMIT: usize = 1000;
 /// The largest `limit` `/sessions` accepts.
-pub const MAX_SESSIONS_LIMIT: usize = 100_000;
+pub(crate) const MAX_SESSIONS_LIMIT: usize = 100_000;
 
 /// Dials the upstreams now and then so `/readyz` notices an outage even
 /// when no client connects.
@@ -220,7 +220,12 @@ async fn run_probe(probe: UpstreamProbe, metrics: Arc<Metrics>, shutdown: Cancel
         let mut dials: FuturesUnordered<_> = probe
             .targets
             .iter()
-            .map(|target| async move { (target, upstream::dial(target, probe.timeout).await) })
+            .map(|target| async move {
+                (
+                    target,
+                    sessionguard_proxy::dial(target, probe.timeout).await,
+                )
+            })
             .collect();
         loop {
             let dialed = tokio::select! {

@@ -12,42 +12,42 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use sessionguard_engine::config::{Mode, RulesConfig, SessionConfig};
-use sessionguard_proxy::tls::{ListenTls, UpstreamTls};
-use sessionguard_proxy::upstream::ConnectionString;
+use sessionguard_engine::{Mode, RulesConfig, SessionConfig};
+use sessionguard_proxy::ConnectionString;
+use sessionguard_proxy::{ListenTls, UpstreamTls};
 use sessionguard_proxy::{ListenTlsError, ListenerPlan, ProxySettings};
 
 /// `[proxy.tls]` (defined by the proxy, which reads its files).
-pub use sessionguard_proxy::tls::{ListenTlsConfig, DEFAULT_TLS_HANDSHAKE_TIMEOUT};
+pub use sessionguard_proxy::{ListenTlsConfig, DEFAULT_TLS_HANDSHAKE_TIMEOUT};
 
 /// Address the proxy accepts application connections on.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:27018";
 /// The deployment the proxy forwards to.
-pub const DEFAULT_UPSTREAM: &str = "mongodb://127.0.0.1:27017";
+pub(crate) const DEFAULT_UPSTREAM: &str = "mongodb://127.0.0.1:27017";
 /// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
 /// `/sessions`, `/violations`, `/findings`).
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9216";
 /// How often `/readyz` dials the upstream to see whether it is reachable.
-pub const DEFAULT_UPSTREAM_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_UPSTREAM_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// Shortest accepted `admin_token`: a guessable token protects nothing.
-pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+pub(crate) const MIN_ADMIN_TOKEN_LEN: usize = 16;
 /// Maximum concurrent client connections; more are closed on accept.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Largest frame accepted in either direction (the server's maxMessageSizeBytes).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = sessionguard_protocol::wire::DEFAULT_MAX_MESSAGE_SIZE;
 /// Smallest allowed `max_message_size`: below this even a handshake fails.
-pub const MIN_MAX_MESSAGE_SIZE: usize = 1024;
+pub(crate) const MIN_MAX_MESSAGE_SIZE: usize = 1024;
 /// How long dialing the upstream may take before the client is closed.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a drain (SIGTERM) waits for in-flight requests before closing.
-pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// How long a frame may take to arrive once its first byte has arrived.
-pub const DEFAULT_FRAME_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_FRAME_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an injected request (e.g. refreshSessions) may wait for a quiet
 /// moment on its connection plus its reply.
-pub const DEFAULT_INJECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_INJECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default log verbosity (a `tracing` filter directive).
-pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub(crate) const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// The whole configuration file. (`Serialize` renders it for comparisons,
 /// e.g. what a reload would change; the admin token renders redacted.)
@@ -202,7 +202,7 @@ impl ProxyConfig {
         validate_host_port("proxy.listen", &self.listen)?;
         validate_host_port("proxy.admin", &self.admin)?;
         let upstream = self.upstream_connection_string()?;
-        sessionguard_proxy::tls::TlsOptions::parse(&upstream)
+        sessionguard_proxy::TlsOptions::parse(&upstream)
             .map_err(|e| ConfigError::key("proxy.upstream", e))?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
@@ -485,7 +485,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Pretty,
             level: DEFAULT_LOG_LEVEL.to_string(),
-            finding_interval: sessionguard_engine::config::DEFAULT_FINDING_INTERVAL,
+            finding_interval: sessionguard_engine::DEFAULT_FINDING_INTERVAL,
         }
     }
 }

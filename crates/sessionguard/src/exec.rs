@@ -11,6 +11,8 @@
 //! not inspect traffic itself (the session engine does) nor decide pass or
 //! fail (the report's policy does), and it never prints the connection
 //! string it hands to the child (it may hold credentials).
+// `exec` is a command-line mode: its errors and summary go to the terminal.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -24,30 +26,33 @@ use crate::metrics::Metrics;
 use crate::refresher::spawn_refresher;
 use crate::report::{self, ChildOutcome, FailOn, Report, RunInfo};
 use crate::start::start_proxy;
-use sessionguard_engine::config::ResolvedRules;
+use sessionguard_engine::ResolvedRules;
 use sessionguard_engine::SessionEngine;
-use sessionguard_proxy::upstream::ConnectionString;
+use sessionguard_proxy::ConnectionString;
 
 /// Environment variable set for the child when no `--env-var` is given.
-pub const DEFAULT_ENV_VAR: &str = "MONGODB_URI";
+pub(crate) const DEFAULT_ENV_VAR: &str = "MONGODB_URI";
 /// Exec logs only warnings by default: the child's own output matters more.
-pub const DEFAULT_EXEC_LOG_LEVEL: &str = "warn";
+pub(crate) const DEFAULT_EXEC_LOG_LEVEL: &str = "warn";
 /// Once the child has exited, how long the proxy may take to see its
 /// connections close, and then how long connections still open (something
 /// the child left running) may take to finish their replies before they are
 /// closed (the latter capped by `proxy.drain_grace`).
-pub const SETTLE_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const SETTLE_GRACE: Duration = Duration::from_secs(2);
 
 /// Usage error or bad configuration (sysexits EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
+pub(crate) const EXIT_USAGE: u8 = 64;
 /// The proxy could not start, or a report could not be written.
 pub const EXIT_FAILURE: u8 = 1;
 /// The command exists but cannot be executed (as shells report it).
-pub const EXIT_NOT_EXECUTABLE: u8 = 126;
+pub(crate) const EXIT_NOT_EXECUTABLE: u8 = 126;
 /// The command cannot be found or started (as shells report it).
-pub const EXIT_NOT_FOUND: u8 = 127;
+pub(crate) const EXIT_NOT_FOUND: u8 = 127;
 
 /// Flags of `sessionguard exec`.
+// The field docs are the flags' help text: `[sessions]` there names a TOML
+// table, not an item to link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, clap::Args)]
 pub struct ExecArgs {
     /// TOML configuration file ([sessions], [rules], [proxy] limits); its
@@ -363,7 +368,7 @@ fn shell_exit_code(status: std::process::ExitStatus) -> i32 {
 /// The upstream connection string taken apart so the proxy's address can
 /// replace its host list while everything else is kept as written.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ProxyUri {
+pub(crate) struct ProxyUri {
     /// `user:pass@` exactly as written (percent-encoding kept), or empty.
     userinfo: String,
     /// `/db` as written, or empty.
@@ -413,7 +418,7 @@ fn dropped_option(key: &str) -> bool {
 
 impl ProxyUri {
     /// Splits `upstream` (already validated by the configuration).
-    pub fn from_upstream(upstream: &str) -> Result<ProxyUri, String> {
+    pub(crate) fn from_upstream(upstream: &str) -> Result<ProxyUri, String> {
         let parsed = ConnectionString::parse(upstream)?;
         let scheme = "mongodb://";
         let rest = upstream
@@ -459,7 +464,7 @@ impl ProxyUri {
 
     /// The connection string for the child: same credentials, database and
     /// options, the proxy as the only host, `directConnection=true`.
-    pub fn with_address(&self, address: &str) -> String {
+    pub(crate) fn with_address(&self, address: &str) -> String {
         let mut options = self.options.clone();
         if !self.load_balanced {
             options.push("directConnection=true".to_string());

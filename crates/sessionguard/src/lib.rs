@@ -13,10 +13,11 @@
 //!
 //! - [`config`]: the TOML configuration, documented defaults, validation
 //!   naming the key, CLI/env overrides, and the proxy's settings from it.
-//! - [`start`]: starting the data path from `[proxy]`.
-//! - [`inspector`]: `EngineInspector`, the session engine behind the
+//! - `start`: [`start_proxy`], the data path as `[proxy]` configures it.
+//! - `inspector`: [`EngineInspector`], the session engine behind the
 //!   proxy's `Inspector` seam.
-//! - [`refresher`]: the refresher's driver loop (timer, injection).
+//! - `refresher`: [`spawn_refresher`], the refresher's driver loop (timer,
+//!   injection).
 //! - [`metrics`]: the Prometheus registry (the data path's handles are
 //!   registered in it) and the session engine's scrape-time collector.
 //! - [`admin`]: the admin HTTP server (`/healthz`, `/readyz`, `/metrics`,
@@ -34,10 +35,14 @@
 pub mod admin;
 pub mod config;
 pub mod exec;
-pub mod inspector;
+mod inspector;
 pub mod metrics;
-pub mod refresher;
+mod refresher;
 pub mod reload;
 pub mod report;
-pub mod start;
+mod start;
 pub mod telemetry;
+
+pub use inspector::EngineInspector;
+pub use refresher::spawn_refresher;
+pub use start::start_proxy;

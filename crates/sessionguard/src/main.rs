@@ -7,6 +7,8 @@
 //! handling (SIGTERM drains, SIGINT exits, SIGHUP reloads the configuration
 //! through `sessionguard::reload`), and hands over to the library. No proxy
 //! logic lives here.
+// The command line talks to its terminal (config errors, check-config).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -225,10 +227,8 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
             .with_stores(&config.stores)
             .with_finding_interval(config.log.finding_interval),
     );
-    let engine_inspector = Arc::new(sessionguard::inspector::EngineInspector::new(
-        engine.clone(),
-    ));
-    let _refresher = sessionguard::refresher::spawn_refresher(&engine_inspector);
+    let engine_inspector = Arc::new(sessionguard::EngineInspector::new(engine.clone()));
+    let _refresher = sessionguard::spawn_refresher(&engine_inspector);
     // One registry for the data path and the engine (read at scrape time).
     let metrics = Arc::new(sessionguard::metrics::Metrics::new());
     let reloader = Arc::new(sessionguard::reload::Reloader::new(
@@ -279,7 +279,7 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
         tracing::warn!("proxy.inspect = false: frames are forwarded without session tracking");
         Arc::new(sessionguard_proxy::NoopInspector)
     };
-    let proxy = match sessionguard::start::start_proxy(&config.proxy, inspector, &metrics).await {
+    let proxy = match sessionguard::start_proxy(&config.proxy, inspector, &metrics).await {
         Ok(proxy) => proxy,
         Err(e) => {
             tracing::error!(listen = %config.proxy.listen, error = %e, "cannot start the proxy");

@@ -11,7 +11,7 @@
 //! (zeros included) and nothing a client sends can create a series. Never
 //! an lsid, namespace, peer or user as a label.
 //!
-//! The session engine has no metrics dependency: [`SessionCollector`] reads
+//! The session engine has no metrics dependency: `SessionCollector` reads
 //! `SessionEngine::stats()` and `violation_counts()` when Prometheus scrapes.
 
 use std::sync::Arc;
@@ -22,15 +22,15 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use sessionguard_engine::config::ResolvedRules;
-use sessionguard_engine::outcome::{Refusal, SessionCommand};
+use sessionguard_engine::ResolvedRules;
+use sessionguard_engine::{Refusal, SessionCommand};
 use sessionguard_engine::{RuleId, SessionEngine};
 use sessionguard_protocol::CloseCause;
 use sessionguard_protocol::COMMAND_LABELS;
 use sessionguard_proxy::ProxyMetrics;
 
 /// Media type of the text exposition format served at `/metrics`.
-pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The process's metrics: one registry, the data path's handles, and (once
 /// registered) the session engine's collector.
@@ -92,7 +92,7 @@ impl Metrics {
 }
 
 /// Reads the session engine's counters at scrape time.
-pub struct SessionCollector {
+pub(crate) struct SessionCollector {
     engine: Arc<SessionEngine>,
     descs: Vec<Desc>,
 }
@@ -109,11 +109,11 @@ struct EngineSnapshot {
     stats: sessionguard_engine::EngineStats,
     violations: Vec<(RuleId, u64)>,
     /// Every store label (fixed by `[stores]`) with its counters.
-    stores: sessionguard_engine::web_store::StoreStats,
+    stores: sessionguard_engine::StoreStats,
 }
 
 impl SessionCollector {
-    pub fn new(engine: Arc<SessionEngine>) -> SessionCollector {
+    pub(crate) fn new(engine: Arc<SessionEngine>) -> SessionCollector {
         let template = EngineSnapshot {
             stores: engine.store_stats(),
             ..EngineSnapshot::default()

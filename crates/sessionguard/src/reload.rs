@@ -33,7 +33,7 @@ use sessionguard_engine::SessionEngine;
 
 /// The keys a reload puts in force (`rules` stands for every `[rules.<id>]`
 /// key). Everything else needs a restart.
-pub const LIVE_KEYS: [&str; 4] = [
+pub(crate) const LIVE_KEYS: [&str; 4] = [
     "sessions.mode",
     "sessions.transaction_max_open",
     "rules",
@@ -246,7 +246,7 @@ impl Reloader {
         let mut changes =
             self.engine
                 .rules()
-                .changes(&sessionguard_engine::config::ResolvedRules::resolve(
+                .changes(&sessionguard_engine::ResolvedRules::resolve(
                     new.sessions.mode,
                     &new.rules,
                 ));
@@ -433,7 +433,7 @@ mod tests {
         let rules = engine.rules();
         assert_eq!(
             rules.get(sessionguard_engine::RuleId::ConcurrentUse).action,
-            sessionguard_engine::violation::Action::Reject
+            sessionguard_engine::Action::Reject
         );
         assert!(!rules.enabled(sessionguard_engine::RuleId::TxnLeftOpen));
         // Reloading the same file again changes nothing, and the restart

@@ -9,7 +9,7 @@
 //! [`ReportedFinding::evidence_lines`], [`ReportedFinding::timeline_lines`])
 //! is shared with `demo`.
 //!
-//! JUnit is built as a list of cases ([`Report::junit_cases`]) before it is
+//! JUnit is built as a list of cases (`Report::junit_cases`) before it is
 //! rendered, so other kinds of case (per test, once findings carry the test
 //! that caused them) slot in without touching the rendering.
 //!
@@ -28,21 +28,21 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use sessionguard_engine::config::ResolvedRules;
-use sessionguard_engine::timeline::Role;
-use sessionguard_engine::violation::RequestEvidence;
+use sessionguard_engine::RequestEvidence;
+use sessionguard_engine::ResolvedRules;
+use sessionguard_engine::Role;
 use sessionguard_engine::{
     FindingDetail, FindingId, FindingSide, FindingSnapshot, RuleId, SessionEngine, Severity,
     StoreEvidence, TimelineEntry, ViolationRecord,
 };
-use sessionguard_proxy::upstream::ConnectionString;
+use sessionguard_proxy::ConnectionString;
 
 /// The JSON schema version; bumped only when a field changes meaning or
 /// disappears (adding fields keeps it).
-pub const REPORT_VERSION: u32 = 1;
+pub(crate) const REPORT_VERSION: u32 = 1;
 
 /// Exit code when the child succeeded but violations reached `--fail-on`.
-pub const EXIT_VIOLATIONS: u8 = 3;
+pub(crate) const EXIT_VIOLATIONS: u8 = 3;
 
 /// The lowest severity that fails the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -78,7 +78,7 @@ impl FailOn {
 
 /// How the child of `sessionguard exec` ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChildOutcome {
+pub(crate) struct ChildOutcome {
     /// The program only: its arguments may hold secrets.
     pub program: String,
     /// Its exit code; 128 + N when signal N ended it (as shells report it).
@@ -87,7 +87,7 @@ pub struct ChildOutcome {
 
 /// Facts about the run that the engine does not know.
 #[derive(Debug, Clone)]
-pub struct RunInfo {
+pub(crate) struct RunInfo {
     pub started: SystemTime,
     pub finished: SystemTime,
     /// The upstream's host list (never the credentials).
@@ -98,7 +98,7 @@ pub struct RunInfo {
 
 /// The report, as serialized to JSON (field order is the schema's order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub version: u32,
     pub generator: String,
     pub started_at: String,
@@ -121,7 +121,7 @@ pub struct Report {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Requests the engine inspected: 0 means the application never used the proxy.
     pub requests_inspected: u64,
     pub total: u64,
@@ -256,7 +256,7 @@ impl From<&FindingDetail> for ReportedFinding {
 impl ReportedFinding {
     /// Whether it fails a run at `fail_on`, by the severity its violations
     /// were reported with. Never the overflow finding: the configured
-    /// severity of the rules it hides decides (see [`Report::new`]).
+    /// severity of the rules it hides decides (see `Report::new`).
     pub fn fails(&self, fail_on: FailOn) -> bool {
         self.finding.severity.is_some_and(|s| fail_on.fails(s))
     }
@@ -465,14 +465,14 @@ impl ReportedFinding {
 
 /// One JUnit test case, before it is rendered.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JunitCase {
+pub(crate) struct JunitCase {
     pub classname: String,
     pub name: String,
     pub outcome: CaseOutcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaseOutcome {
+pub(crate) enum CaseOutcome {
     /// Nothing seen.
     Passed,
     /// Seen, below `fail_on`: passes, with what was seen in `<system-out>`.
@@ -490,14 +490,18 @@ pub enum CaseOutcome {
 }
 
 /// The `classname` of the cases of findings.
-pub const JUNIT_FINDINGS: &str = "sessionguard.findings";
+pub(crate) const JUNIT_FINDINGS: &str = "sessionguard.findings";
 /// The `classname` of the cases of rules that found nothing (or whose
 /// violations all went to the overflow finding).
-pub const JUNIT_RULES: &str = "sessionguard.rules";
+pub(crate) const JUNIT_RULES: &str = "sessionguard.rules";
 
 impl Report {
     /// Everything the engine recorded, as of now.
-    pub fn from_engine(info: RunInfo, engine: &SessionEngine, rules: &ResolvedRules) -> Report {
+    pub(crate) fn from_engine(
+        info: RunInfo,
+        engine: &SessionEngine,
+        rules: &ResolvedRules,
+    ) -> Report {
         // Findings before counts: a violation is counted before it is filed
         // under its finding, so the counts then cover every finding.
         let findings: Vec<FindingDetail> = engine
@@ -523,7 +527,7 @@ impl Report {
     /// with (an unconfirmed end makes an error rule's violation a warning);
     /// violations no finding holds (those of the overflow finding) with
     /// their rule's configured severity.
-    pub fn new(
+    pub(crate) fn new(
         info: RunInfo,
         rules: &ResolvedRules,
         violations: &[Arc<ViolationRecord>],
@@ -602,7 +606,7 @@ impl Report {
     }
 
     /// Pretty-printed JSON with a trailing newline.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         let mut text = serde_json::to_string_pretty(self)
             .unwrap_or_else(|e| format!("{{\"error\": \"cannot render the report: {e}\"}}"));
         text.push('\n');
@@ -629,7 +633,7 @@ impl Report {
     /// one passing case named by the rule id (`sessionguard.rules`) when the
     /// rule found nothing, `<skipped>` when it is disabled; and a case by
     /// the rule id for violations only the overflow finding holds.
-    pub fn junit_cases(&self, rules: &ResolvedRules) -> Vec<JunitCase> {
+    pub(crate) fn junit_cases(&self, rules: &ResolvedRules) -> Vec<JunitCase> {
         let mut cases = Vec::new();
         for rule in RuleId::ALL {
             let settings = rules.get(rule);
@@ -688,7 +692,7 @@ impl Report {
     }
 
     /// JUnit XML of [`Report::junit_cases`], in one test suite.
-    pub fn to_junit(&self, rules: &ResolvedRules) -> String {
+    pub(crate) fn to_junit(&self, rules: &ResolvedRules) -> String {
         let cases = self.junit_cases(rules);
         let failures = cases
             .iter()
@@ -756,7 +760,7 @@ impl Report {
     /// For a terminal or a CI log: the verdict, then each finding with its
     /// count, its first example (message, requests, the session's
     /// timeline) and the fix.
-    pub fn to_text(&self, _rules: &ResolvedRules) -> String {
+    pub(crate) fn to_text(&self, _rules: &ResolvedRules) -> String {
         let mut text = String::new();
         let verdict = if self.failed {
             format!("FAIL (--fail-on {})", self.fail_on.as_str())
@@ -798,12 +802,12 @@ impl Report {
     }
 
     /// Writes the JSON report to `path` (created or replaced).
-    pub fn write_json(&self, path: &Path) -> std::io::Result<()> {
+    pub(crate) fn write_json(&self, path: &Path) -> std::io::Result<()> {
         std::fs::write(path, self.to_json())
     }
 
     /// Writes the JUnit XML report to `path` (created or replaced).
-    pub fn write_junit(&self, path: &Path, rules: &ResolvedRules) -> std::io::Result<()> {
+    pub(crate) fn write_junit(&self, path: &Path, rules: &ResolvedRules) -> std::io::Result<()> {
         std::fs::write(path, self.to_junit(rules))
     }
 }
@@ -829,7 +833,7 @@ pub fn write_proxy_report(
 
 /// The host list of a connection string, for reports: never its
 /// credentials or options.
-pub fn upstream_hosts(uri: &str) -> String {
+pub(crate) fn upstream_hosts(uri: &str) -> String {
     match ConnectionString::parse(uri) {
         Ok(parsed) => parsed
             .hosts
@@ -863,7 +867,7 @@ pub fn check_output_path(path: &Path) -> Result<(), String> {
 /// verdict comes first), else [`EXIT_VIOLATIONS`] when violations reached
 /// `fail_on`, else 0. Codes outside 1..=255 are clamped to 1 so a failure
 /// never reads as success.
-pub fn exit_code(child_exit: Option<i32>, report: &Report) -> u8 {
+pub(crate) fn exit_code(child_exit: Option<i32>, report: &Report) -> u8 {
     match child_exit {
         Some(code) if code != 0 => u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1),
         _ if report.failed => EXIT_VIOLATIONS,
@@ -937,7 +941,7 @@ fn duration_seconds(started: &str, finished: &str) -> f64 {
 
 /// Escapes text for XML content and attributes, and drops characters XML
 /// 1.0 cannot carry at all (control characters other than tab/newline/CR).
-pub fn xml_escape(text: &str) -> String {
+pub(crate) fn xml_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -959,8 +963,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use sessionguard_engine::config::{Mode, RuleOverride, RulesConfig};
     use sessionguard_engine::{Action, DistinctCount, Example, Examples};
+    use sessionguard_engine::{Mode, RuleOverride, RulesConfig};
 
     fn evidence(command: &str) -> RequestEvidence {
         RequestEvidence {

@@ -145,7 +145,7 @@ async fn warnings_and_disabled_rules_never_reject() {
     let mut rules = sessionguard_engine::RulesConfig::default();
     rules.rules.insert(
         "concurrent-use".into(),
-        sessionguard_engine::config::RuleOverride {
+        sessionguard_engine::RuleOverride {
             action: Some(sessionguard_engine::Action::Log),
             ..Default::default()
         },

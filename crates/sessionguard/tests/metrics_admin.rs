@@ -593,7 +593,7 @@ async fn one_replica_set_member_down_keeps_readyz_ready_and_all_down_does_not() 
         ..ProxyConfig::default()
     };
     let metrics = Arc::new(Metrics::new());
-    let proxy = sessionguard::start::start_proxy(
+    let proxy = sessionguard::start_proxy(
         &config,
         Arc::new(sessionguard_proxy::NoopInspector),
         &metrics,

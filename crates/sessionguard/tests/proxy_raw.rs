@@ -20,7 +20,7 @@ use common::Stack;
 use futures_util::StreamExt;
 use sessionguard::config::ProxyConfig;
 use sessionguard::metrics::Metrics;
-use sessionguard::start::start_proxy;
+use sessionguard::start_proxy;
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_protocol::wire::{
     self, legacy, op_compressed, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode,

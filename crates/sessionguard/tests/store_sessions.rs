@@ -17,9 +17,9 @@ use bson::{doc, DateTime, Document};
 use common::Stack;
 use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection};
-use sessionguard::inspector::EngineInspector;
+use sessionguard::EngineInspector;
 use sessionguard_emulator::EmulatorConfig;
-use sessionguard_engine::web_store::StoreStats;
+use sessionguard_engine::StoreStats;
 use sessionguard_engine::{
     Mode, RuleId, RulesConfig, SessionConfig, SessionEngine, StoreConfig, ViolationRecord,
     SESSIONGUARD_VIOLATION_CODE,
@@ -68,7 +68,7 @@ impl Guarded {
         self.engine.violations().iter().map(|v| v.rule).collect()
     }
 
-    fn store(&self, label: &str) -> sessionguard_engine::web_store::StoreCounts {
+    fn store(&self, label: &str) -> sessionguard_engine::StoreCounts {
         let StoreStats { stores, .. } = self.engine.store_stats();
         stores
             .into_iter()

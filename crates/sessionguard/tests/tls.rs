@@ -23,7 +23,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use sessionguard::config::{ListenTlsConfig, ProxyConfig};
 use sessionguard::metrics::Metrics;
-use sessionguard::start::start_proxy;
+use sessionguard::start_proxy;
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_proxy::{NoopInspector, ProxyHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

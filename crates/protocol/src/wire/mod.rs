@@ -5,8 +5,8 @@
 //! decompression, which must materialise the payload), and every length read
 //! from the wire goes through checked i32 -> usize math before it is used.
 
-pub mod codec;
-pub mod header;
+mod codec;
+mod header;
 pub mod legacy;
 pub mod op_compressed;
 pub mod op_msg;

@@ -10,11 +10,11 @@ use std::time::Duration;
 use mongodb::Client;
 use sessionguard::config::ProxyConfig;
 use sessionguard::metrics::Metrics;
-use sessionguard::start::start_proxy;
+use sessionguard::start_proxy;
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_proxy::{Inspector, NoopInspector, ProxyHandle};
 
-pub struct Stack {
+pub(crate) struct Stack {
     pub emulator: EmulatorHandle,
     pub proxy: ProxyHandle,
     /// The registry the proxy records into.
@@ -23,11 +23,11 @@ pub struct Stack {
 
 impl Stack {
     /// Emulator with `emulator_config`, proxy with defaults and no inspector.
-    pub async fn start(emulator_config: EmulatorConfig) -> Stack {
+    pub(crate) async fn start(emulator_config: EmulatorConfig) -> Stack {
         Stack::start_with(emulator_config, Arc::new(NoopInspector)).await
     }
 
-    pub async fn start_with(
+    pub(crate) async fn start_with(
         emulator_config: EmulatorConfig,
         inspector: Arc<dyn Inspector>,
     ) -> Stack {
@@ -52,7 +52,7 @@ impl Stack {
     }
 
     /// A connection string through the proxy (`extra` is appended to the options).
-    pub fn proxy_uri(&self, extra: &str) -> String {
+    pub(crate) fn proxy_uri(&self, extra: &str) -> String {
         format!(
             "mongodb://{}/?directConnection=true{extra}",
             self.proxy.local_addr()
@@ -60,18 +60,18 @@ impl Stack {
     }
 
     /// A Rust driver client that reaches the emulator through the proxy.
-    pub async fn client(&self) -> Client {
+    pub(crate) async fn client(&self) -> Client {
         self.client_with("").await
     }
 
-    pub async fn client_with(&self, extra: &str) -> Client {
+    pub(crate) async fn client_with(&self, extra: &str) -> Client {
         Client::with_uri_str(self.proxy_uri(extra))
             .await
             .expect("client options parse")
     }
 
     /// Polls `condition` until it holds or `timeout` passes.
-    pub async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    pub(crate) async fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if condition() {
@@ -84,7 +84,7 @@ impl Stack {
         }
     }
 
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.proxy.shutdown_now();
         self.proxy.wait().await;
         self.emulator.shutdown().await;
@@ -97,18 +97,18 @@ impl Stack {
 
 /// A running proxy and the registry it records into (the session engine's
 /// collector included). Derefs to the proxy's handle.
-pub struct GuardedProxy {
+pub(super) struct GuardedProxy {
     pub handle: ProxyHandle,
     pub metrics: Arc<Metrics>,
 }
 
 impl GuardedProxy {
     /// The registry (`metrics().render()` is what `/metrics` serves).
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(super) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    pub async fn wait(self) {
+    pub(super) async fn wait(self) {
         self.handle.wait().await;
     }
 }
@@ -122,7 +122,7 @@ impl std::ops::Deref for GuardedProxy {
 
 /// A proxy in front of a running emulator, with the session engine as its
 /// inspector and `tweak` applied to the test defaults (loopback, port 0).
-pub async fn guarded_proxy(
+pub(super) async fn guarded_proxy(
     upstream: SocketAddr,
     engine: Arc<sessionguard_engine::SessionEngine>,
     tweak: impl FnOnce(&mut ProxyConfig),
@@ -138,7 +138,7 @@ pub async fn guarded_proxy(
     metrics
         .register_session_engine(engine.clone())
         .expect("engine collector registers");
-    let inspector = Arc::new(sessionguard::inspector::EngineInspector::new(engine));
+    let inspector = Arc::new(sessionguard::EngineInspector::new(engine));
     let handle = start_proxy(&config, inspector, &metrics)
         .await
         .expect("proxy starts");
@@ -148,7 +148,7 @@ pub async fn guarded_proxy(
 /// Hands `doc` to `engine` as an OP_MSG request (request id `id`, `flags`)
 /// on connection `conn` at engine time `now`: the engine alone, time driven
 /// by the test.
-pub fn engine_request(
+pub(super) fn engine_request(
     engine: &sessionguard_engine::SessionEngine,
     conn: u64,
     id: i32,
@@ -162,7 +162,7 @@ pub fn engine_request(
 }
 
 /// Hands `doc` to `engine` as the reply to request `to` on `conn` at `now`.
-pub fn engine_reply(
+pub(super) fn engine_reply(
     engine: &sessionguard_engine::SessionEngine,
     conn: u64,
     to: i32,
@@ -190,7 +190,7 @@ fn as_op_msg<R>(
 
 /// The value of one series in a Prometheus text exposition (`name{labels}`
 /// exactly as the encoder writes it); `None` when absent.
-pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+pub(super) fn metric(exposition: &str, series: &str) -> Option<f64> {
     exposition
         .lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
@@ -201,7 +201,7 @@ pub fn metric(exposition: &str, series: &str) -> Option<f64> {
 /// subscriber (installed once, DEBUG and up). Tests running in parallel
 /// share it, so each one picks its lines by something only it has (a peer
 /// address, a marker).
-pub mod logs {
+pub(crate) mod logs {
     use std::sync::OnceLock;
 
     use super::ThreadLogs as Sink;
@@ -209,13 +209,13 @@ pub mod logs {
     static SINK: OnceLock<Sink> = OnceLock::new();
 
     /// Installs the capture at DEBUG (idempotent).
-    pub fn install() {
+    pub(crate) fn install() {
         install_at(tracing::Level::DEBUG);
     }
 
     /// Installs the capture at `level` (the first call in a test binary
     /// decides; later calls change nothing).
-    pub fn install_at(level: tracing::Level) {
+    pub(crate) fn install_at(level: tracing::Level) {
         SINK.get_or_init(|| {
             let sink = Sink::default();
             tracing::subscriber::set_global_default(sink.subscriber(level))
@@ -225,7 +225,7 @@ pub mod logs {
     }
 
     /// Every captured line so far.
-    pub fn lines() -> Vec<String> {
+    pub(crate) fn lines() -> Vec<String> {
         let Some(sink) = SINK.get() else {
             return Vec::new();
         };
@@ -233,18 +233,18 @@ pub mod logs {
     }
 
     /// Captured lines containing `needle`.
-    pub fn containing(needle: &str) -> Vec<String> {
+    pub(crate) fn containing(needle: &str) -> Vec<String> {
         lines().into_iter().filter(|l| l.contains(needle)).collect()
     }
 
     /// How many lines have been captured so far (see `containing_since`).
-    pub fn mark() -> usize {
+    pub(crate) fn mark() -> usize {
         lines().len()
     }
 
     /// Lines captured after `mark` containing `needle` (a peer address
     /// can recur in older lines once the kernel reuses its port).
-    pub fn containing_since(mark: usize, needle: &str) -> Vec<String> {
+    pub(crate) fn containing_since(mark: usize, needle: &str) -> Vec<String> {
         lines()
             .into_iter()
             .skip(mark)
@@ -255,20 +255,20 @@ pub mod logs {
 
 /// A well-behaved Rust driver workload (insert, find by _id, update,
 /// count) looping on `workers` tasks until stopped; every error is kept.
-pub struct Workload {
+pub(super) struct Workload {
     stop: tokio_util::sync::CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>)>>,
 }
 
 /// What a workload did.
 #[derive(Debug)]
-pub struct WorkloadResult {
+pub(super) struct WorkloadResult {
     pub operations: u64,
     pub errors: Vec<String>,
 }
 
 impl Workload {
-    pub fn start(client: &Client, database: &str, workers: usize) -> Workload {
+    pub(super) fn start(client: &Client, database: &str, workers: usize) -> Workload {
         let stop = tokio_util::sync::CancellationToken::new();
         let tasks = (0..workers)
             .map(|worker| {
@@ -325,7 +325,7 @@ impl Workload {
         Workload { stop, tasks }
     }
 
-    pub async fn stop(self) -> WorkloadResult {
+    pub(super) async fn stop(self) -> WorkloadResult {
         self.stop.cancel();
         let mut result = WorkloadResult {
             operations: 0,
@@ -342,20 +342,20 @@ impl Workload {
 
 /// One admin HTTP response.
 #[derive(Debug)]
-pub struct HttpReply {
+pub(crate) struct HttpReply {
     pub status: u16,
     pub headers: std::collections::HashMap<String, String>,
     pub body: String,
 }
 
 /// A plain HTTP/1.1 GET (an admin API needs no client crate).
-pub async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> HttpReply {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> HttpReply {
     http_request(addr, "GET", path, token).await
 }
 
 /// A plain HTTP/1.1 request without a body (`POST /reload`, or a method a
 /// route refuses).
-pub async fn http_request(
+pub(super) async fn http_request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -402,7 +402,7 @@ pub async fn http_request(
 
 /// Serves the admin API for `proxy` (its metrics), probing `upstream`
 /// every 100 ms so `/readyz` follows the upstream quickly.
-pub async fn admin_for(
+pub(super) async fn admin_for(
     proxy: &GuardedProxy,
     engine: Option<Arc<sessionguard_engine::SessionEngine>>,
     upstream: SocketAddr,
@@ -416,7 +416,7 @@ pub async fn admin_for(
         engine,
         token: token.map(sessionguard::config::AdminToken::new),
         probe: Some(sessionguard::admin::UpstreamProbe {
-            targets: vec![sessionguard_proxy::upstream::HostPort {
+            targets: vec![sessionguard_proxy::HostPort {
                 host: upstream.ip().to_string(),
                 port: upstream.port(),
             }],
@@ -438,13 +438,13 @@ pub async fn admin_for(
 /// no `MONGODB_URI` (what `exec` hands its child, and what `demo-app` reads).
 /// A test sets what it needs on the returned command. For tokio, use
 /// `tokio::process::Command::from(sessionguard_command())`.
-pub fn sessionguard_command() -> std::process::Command {
+pub(super) fn sessionguard_command() -> std::process::Command {
     clean_command(&sessionguard_bin())
 }
 
 /// `sessionguard_command` for the dev tools' binary (`sessionguard-dev`:
 /// `demo`, `demo-app`, `emulator`, `bench-load`).
-pub fn dev_command() -> std::process::Command {
+pub(super) fn dev_command() -> std::process::Command {
     clean_command(&dev_bin())
 }
 
@@ -464,7 +464,7 @@ fn clean_command(program: &std::path::Path) -> std::process::Command {
 
 /// The shipped `sessionguard` binary: cargo's own path when the tests are
 /// this package's, else the workspace's (built first: see `workspace_bin`).
-pub fn sessionguard_bin() -> std::path::PathBuf {
+pub(super) fn sessionguard_bin() -> std::path::PathBuf {
     match option_env!("CARGO_BIN_EXE_sessionguard") {
         Some(path) => path.into(),
         None => workspace_bin("sessionguard", "sessionguard"),
@@ -472,7 +472,7 @@ pub fn sessionguard_bin() -> std::path::PathBuf {
 }
 
 /// The dev tools' `sessionguard-dev` binary (as `sessionguard_bin`).
-pub fn dev_bin() -> std::path::PathBuf {
+pub(super) fn dev_bin() -> std::path::PathBuf {
     match option_env!("CARGO_BIN_EXE_sessionguard-dev") {
         Some(path) => path.into(),
         None => workspace_bin("sessionguard-dev", "sessionguard-dev"),
@@ -522,7 +522,7 @@ fn workspace_bin(package: &str, bin: &str) -> std::path::PathBuf {
 
 /// The `sessionguard proxy` binary as a child process, configured by a TOML
 /// text, logging JSON to a file (the tests read bound addresses from it).
-pub struct ProxyProcess {
+pub(super) struct ProxyProcess {
     pub child: std::process::Child,
     pub log: std::path::PathBuf,
     pub dir: tempfile::TempDir,
@@ -534,12 +534,12 @@ impl ProxyProcess {
     /// Starts `sessionguard proxy --config <config_toml> [extra args]` with no
     /// `SESSIONGUARD_*` variables inherited; waits until it listens. `{dir}`
     /// in an extra argument is the process's temporary directory.
-    pub fn start(config_toml: &str, extra_args: &[&str]) -> ProxyProcess {
+    pub(super) fn start(config_toml: &str, extra_args: &[&str]) -> ProxyProcess {
         ProxyProcess::start_with_env(config_toml, extra_args, &[])
     }
 
     /// `start` with these `SESSIONGUARD_*` (or other) variables set.
-    pub fn start_with_env(
+    pub(super) fn start_with_env(
         config_toml: &str,
         extra_args: &[&str],
         env: &[(&str, &str)],
@@ -583,12 +583,12 @@ impl ProxyProcess {
     }
 
     /// The log so far.
-    pub fn log_text(&self) -> String {
+    pub(super) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The `field` of the first JSON log line whose message is `message`.
-    pub fn wait_for_field(&mut self, message: &str, field: &str) -> String {
+    pub(super) fn wait_for_field(&mut self, message: &str, field: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while std::time::Instant::now() < deadline {
             let text = self.log_text();
@@ -611,7 +611,7 @@ impl ProxyProcess {
     }
 
     /// Resident memory of the process in KiB (`VmRSS` in /proc/PID/status).
-    pub fn rss_kib(&self) -> u64 {
+    pub(super) fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("/proc/PID/status is readable");
         status
@@ -622,7 +622,7 @@ impl ProxyProcess {
     }
 
     /// SIGTERM, then waits (up to 15 s) for a clean exit.
-    pub fn terminate(&mut self) {
+    pub(super) fn terminate(&mut self) {
         let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap())
             .expect("a child pid");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("signal sent");
@@ -651,7 +651,7 @@ impl Drop for ProxyProcess {
 /// thread). Unlike `logs`, which installs one global subscriber per test
 /// binary, each test gets its own capture at its own level.
 #[derive(Clone, Default)]
-pub struct ThreadLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+pub(crate) struct ThreadLogs(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for ThreadLogs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -668,12 +668,15 @@ impl std::io::Write for ThreadLogs {
 
 impl ThreadLogs {
     /// Captures this thread's events at `level` and above until the guard drops.
-    pub fn install_at(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
+    pub(crate) fn install_at(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
         tracing::subscriber::set_default(self.subscriber(level))
     }
 
     /// A plain-text subscriber writing here, at `level` and above.
-    pub fn subscriber(&self, level: tracing::Level) -> impl tracing::Subscriber + Send + Sync {
+    pub(crate) fn subscriber(
+        &self,
+        level: tracing::Level,
+    ) -> impl tracing::Subscriber + Send + Sync {
         let capture = self.clone();
         tracing_subscriber::fmt()
             .with_writer(move || capture.clone())
@@ -682,12 +685,12 @@ impl ThreadLogs {
             .finish()
     }
 
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
     }
 
     /// The proxy's lines (the emulator may log on the same thread).
-    pub fn proxy_lines(&self) -> Vec<String> {
+    pub(crate) fn proxy_lines(&self) -> Vec<String> {
         self.text()
             .lines()
             .filter(|l| l.contains("sessionguard_proxy"))
@@ -696,7 +699,7 @@ impl ThreadLogs {
     }
 
     /// The proxy's WARN lines.
-    pub fn proxy_warn_lines(&self) -> Vec<String> {
+    pub(crate) fn proxy_warn_lines(&self) -> Vec<String> {
         self.proxy_lines()
             .into_iter()
             .filter(|l| l.contains(" WARN "))
@@ -709,7 +712,7 @@ impl ThreadLogs {
 /// What a fresh plain connection got for its first frame: the reply (if
 /// any) and whether the peer then closed the connection.
 #[derive(Debug)]
-pub struct HandshakeOutcome {
+pub(super) struct HandshakeOutcome {
     /// The opcode of the reply (OP_MSG for a hello, OP_REPLY for a legacy
     /// OP_QUERY isMaster), its `responseTo` and its body.
     pub reply: Option<(sessionguard_protocol::wire::OpCode, i32, bson::Document)>,
@@ -720,7 +723,7 @@ pub struct HandshakeOutcome {
 /// `hello` as OP_MSG, or (`legacy`) an `isMaster` as OP_QUERY on
 /// `admin.$cmd`, request id 7. Reads one reply, then waits (bounded) for
 /// the peer to close.
-pub async fn handshake_once(addr: SocketAddr, legacy: bool) -> HandshakeOutcome {
+pub(super) async fn handshake_once(addr: SocketAddr, legacy: bool) -> HandshakeOutcome {
     use futures_util::StreamExt;
     use sessionguard_protocol::wire::{self, legacy as wire_legacy, op_msg, Message, MsgFlags};
     use tokio::io::AsyncWriteExt;

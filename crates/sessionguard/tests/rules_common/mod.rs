@@ -13,8 +13,8 @@ use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document};
 use mongodb::options::FindOptions;
 use mongodb::Client;
-use sessionguard::inspector::EngineInspector;
-use sessionguard::refresher::spawn_refresher;
+use sessionguard::spawn_refresher;
+use sessionguard::EngineInspector;
 use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RuleId, RulesConfig, SessionConfig, SessionEngine, ViolationRecord};
 use sessionguard_protocol::wire::{self, op_msg, Frame, Message, MsgFlags, MsgHeader, HEADER_LEN};
@@ -24,25 +24,28 @@ use tokio::task::JoinHandle;
 
 #[path = "../common/mod.rs"]
 mod common;
-pub use common::Stack;
+pub(crate) use common::Stack;
 // Re-exported for the test binaries that use them; the others do not.
 #[allow(unused_imports)]
-pub use common::{http_get, logs, ThreadLogs};
+pub(crate) use common::{http_get, logs, ThreadLogs};
 
-pub const WAIT: Duration = Duration::from_secs(10);
+pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 /// An emulated server session timeout short enough for a test to sit idle
 /// past it (`EmulatorConfig::session_timeout`, and `SessionConfig`'s
 /// override, since hello reports whole minutes).
-pub const SERVER_TIMEOUT: Duration = Duration::from_millis(1_500);
+pub(crate) const SERVER_TIMEOUT: Duration = Duration::from_millis(1_500);
 /// How long `hold_a_cursor_idle` pauses: over twice `SERVER_TIMEOUT`.
-pub const IDLE: Duration = Duration::from_millis(3_500);
+pub(crate) const IDLE: Duration = Duration::from_millis(3_500);
 
 /// Inserts 20 rows into `collection` of database `app`, opens a cursor in
 /// batches of 4, reads the first batch, sits idle for `IDLE` (a slow
 /// consumer, a user reading a page), then reads the rest; returns how many
 /// rows it saw, and shuts `client` down either way.
-pub async fn hold_a_cursor_idle(client: Client, collection: &str) -> mongodb::error::Result<usize> {
+pub(crate) async fn hold_a_cursor_idle(
+    client: Client,
+    collection: &str,
+) -> mongodb::error::Result<usize> {
     let rows = client.database("app").collection::<Document>(collection);
     let result = async {
         rows.insert_many((0..20).map(|i| doc! { "_id": i }).collect::<Vec<_>>())
@@ -69,18 +72,18 @@ pub async fn hold_a_cursor_idle(client: Client, collection: &str) -> mongodb::er
 }
 
 /// The emulator, the proxy with a session engine, and (optionally) the refresher.
-pub struct Guarded {
+pub(crate) struct Guarded {
     pub stack: Stack,
     pub engine: Arc<SessionEngine>,
     refresher: Option<JoinHandle<()>>,
 }
 
 impl Guarded {
-    pub async fn start(emulator: EmulatorConfig, sessions: SessionConfig) -> Guarded {
+    pub(crate) async fn start(emulator: EmulatorConfig, sessions: SessionConfig) -> Guarded {
         Guarded::start_with(emulator, sessions, RulesConfig::default(), false).await
     }
 
-    pub async fn start_with(
+    pub(crate) async fn start_with(
         emulator: EmulatorConfig,
         sessions: SessionConfig,
         rules: RulesConfig,
@@ -100,19 +103,19 @@ impl Guarded {
     }
 
     /// A driver client through the proxy, with an application name.
-    pub async fn client(&self, app: &str) -> Client {
+    pub(crate) async fn client(&self, app: &str) -> Client {
         self.stack.client_with(&format!("&appName={app}")).await
     }
 
-    pub fn proxy_addr(&self) -> SocketAddr {
+    pub(crate) fn proxy_addr(&self) -> SocketAddr {
         self.stack.proxy.local_addr()
     }
 
-    pub fn fired(&self) -> Vec<RuleId> {
+    pub(crate) fn fired(&self) -> Vec<RuleId> {
         self.engine.violations().iter().map(|v| v.rule).collect()
     }
 
-    pub fn violations_of(&self, rule: RuleId) -> Vec<Arc<ViolationRecord>> {
+    pub(crate) fn violations_of(&self, rule: RuleId) -> Vec<Arc<ViolationRecord>> {
         self.engine
             .violations()
             .into_iter()
@@ -122,7 +125,7 @@ impl Guarded {
 
     /// Waits until `rule` has fired (violations may be raised by a reply or a
     /// close that the proxy processes just after the client saw its result).
-    pub async fn wait_for(&self, rule: RuleId) -> Arc<ViolationRecord> {
+    pub(crate) async fn wait_for(&self, rule: RuleId) -> Arc<ViolationRecord> {
         let engine = self.engine.clone();
         let fired =
             Stack::eventually(WAIT, || engine.violations().iter().any(|v| v.rule == rule)).await;
@@ -131,12 +134,12 @@ impl Guarded {
     }
 
     /// Lets in-flight closes and replies settle, then returns what fired.
-    pub async fn settle(&self) -> Vec<RuleId> {
+    pub(crate) async fn settle(&self) -> Vec<RuleId> {
         tokio::time::sleep(Duration::from_millis(300)).await;
         self.fired()
     }
 
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         if let Some(task) = self.refresher {
             task.abort();
         }
@@ -145,7 +148,7 @@ impl Guarded {
 }
 
 /// An lsid document `{id: UUID(n...)}`.
-pub fn lsid(n: u8) -> Document {
+pub(crate) fn lsid(n: u8) -> Document {
     let mut bytes = [n; 16];
     // Version 4, variant 1, like a driver would generate.
     bytes[6] = 0x40 | (n & 0x0F);
@@ -154,12 +157,12 @@ pub fn lsid(n: u8) -> Document {
 }
 
 /// The lsid document of a driver session (`ClientSession::id()`).
-pub fn session_lsid(session: &mongodb::ClientSession) -> Document {
+pub(crate) fn session_lsid(session: &mongodb::ClientSession) -> Document {
     session.id().clone()
 }
 
 /// The short form sessionguard logs for an lsid document.
-pub fn short_of(lsid: &Document) -> String {
+pub(crate) fn short_of(lsid: &Document) -> String {
     match lsid.get("id") {
         Some(Bson::Binary(binary)) => binary.bytes[..4]
             .iter()
@@ -171,13 +174,13 @@ pub fn short_of(lsid: &Document) -> String {
 
 /// A hand-driven client connection speaking OP_MSG, for misuse the driver
 /// cannot express. It sends the same handshake metadata a driver would.
-pub struct RawClient {
+pub(crate) struct RawClient {
     stream: TcpStream,
     next_id: i32,
 }
 
 impl RawClient {
-    pub async fn connect(addr: SocketAddr, app: &str) -> RawClient {
+    pub(crate) async fn connect(addr: SocketAddr, app: &str) -> RawClient {
         let stream = TcpStream::connect(addr)
             .await
             .expect("connect to the proxy");
@@ -197,11 +200,11 @@ impl RawClient {
     }
 
     /// Sends a command; returns its request id.
-    pub async fn send(&mut self, body: Document) -> i32 {
+    pub(crate) async fn send(&mut self, body: Document) -> i32 {
         self.send_with_flags(body, 0).await
     }
 
-    pub async fn send_with_flags(&mut self, body: Document, flags: u32) -> i32 {
+    pub(crate) async fn send_with_flags(&mut self, body: Document, flags: u32) -> i32 {
         let id = self.next_id;
         self.next_id += 1;
         let frame = op_msg::encode(id, 0, MsgFlags(flags), &bson::to_vec(&body).unwrap());
@@ -210,7 +213,7 @@ impl RawClient {
     }
 
     /// Reads one reply and returns its body document.
-    pub async fn read_reply(&mut self) -> Document {
+    pub(crate) async fn read_reply(&mut self) -> Document {
         let mut header = [0u8; HEADER_LEN];
         tokio::time::timeout(WAIT, self.stream.read_exact(&mut header))
             .await
@@ -235,19 +238,19 @@ impl RawClient {
         }
     }
 
-    pub async fn command(&mut self, body: Document) -> Document {
+    pub(crate) async fn command(&mut self, body: Document) -> Document {
         self.send(body).await;
         self.read_reply().await
     }
 
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let mut stream = self.stream;
         let _ = stream.shutdown().await;
     }
 }
 
 /// `{find: coll, filter: {}, lsid, $db}` with an optional batch size.
-pub fn find_cmd(db: &str, coll: &str, lsid: &Document, batch_size: Option<i32>) -> Document {
+pub(crate) fn find_cmd(db: &str, coll: &str, lsid: &Document, batch_size: Option<i32>) -> Document {
     let mut cmd = doc! { "find": coll, "filter": {}, "lsid": lsid.clone() };
     if let Some(size) = batch_size {
         cmd.insert("batchSize", size);
@@ -257,7 +260,7 @@ pub fn find_cmd(db: &str, coll: &str, lsid: &Document, batch_size: Option<i32>) 
 }
 
 /// A retryable insert: `{insert, documents, lsid, txnNumber, $db}`.
-pub fn insert_cmd(
+pub(crate) fn insert_cmd(
     db: &str,
     coll: &str,
     docs: Vec<Document>,
@@ -268,7 +271,7 @@ pub fn insert_cmd(
 }
 
 /// The same inside a transaction.
-pub fn txn_insert_cmd(
+pub(crate) fn txn_insert_cmd(
     db: &str,
     coll: &str,
     docs: Vec<Document>,
@@ -286,7 +289,7 @@ pub fn txn_insert_cmd(
     cmd
 }
 
-pub fn txn_end_cmd(name: &str, lsid: &Document, txn: i64) -> Document {
+pub(crate) fn txn_end_cmd(name: &str, lsid: &Document, txn: i64) -> Document {
     let mut cmd = Document::new();
     cmd.insert(name, 1);
     cmd.insert("lsid", lsid.clone());
@@ -297,7 +300,7 @@ pub fn txn_end_cmd(name: &str, lsid: &Document, txn: i64) -> Document {
 }
 
 /// Emulator config with every reply delayed, so overlaps are certain.
-pub fn slow_emulator(latency: Duration) -> EmulatorConfig {
+pub(crate) fn slow_emulator(latency: Duration) -> EmulatorConfig {
     EmulatorConfig {
         reply_latency: latency,
         ..EmulatorConfig::default()
@@ -305,7 +308,7 @@ pub fn slow_emulator(latency: Duration) -> EmulatorConfig {
 }
 
 /// Emulator config with only the named commands delayed.
-pub fn emulator_with_latency(commands: &[(&str, Duration)]) -> EmulatorConfig {
+pub(crate) fn emulator_with_latency(commands: &[(&str, Duration)]) -> EmulatorConfig {
     EmulatorConfig {
         command_latency: commands
             .iter()
