@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
+echo "== no module-level import cycle inside a crate (cargo forbids them between crates)"
+python3 scripts/module_cycles.py
+
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -37,14 +37,15 @@ use bson::{doc, oid::ObjectId, Bson, Document, Timestamp};
 
 use super::clock::packed;
 use super::dataset::doc_id;
-use super::deployment::{lock, EmulatorState};
+use super::deployment::EmulatorState;
+use super::emulator_config::Topology;
 use super::errors::{self, CommandError, CommandResult, LabelContext};
 use super::faults::{AfterExecution, InjectedError};
+use super::locks::lock;
 use super::query::{self, as_f64, as_i64};
 use super::server_sessions::{
     Cursor, Inner, ServerSessionKey, StmtOutcome, TxnContext, TxnState, WriteRefused,
 };
-use super::Topology;
 
 /// Default number of documents in a first batch (the server's).
 const DEFAULT_FIRST_BATCH: usize = 101;
@@ -229,9 +230,14 @@ pub(crate) fn execute(
 ) -> Outcome {
     let now = Instant::now();
     let config = state.config();
-    if let Some(refused) =
-        super::profile::refusal(config, &req.name, &req.db, &req.body, req.user.as_deref())
-    {
+    if let Some(refused) = super::profile::refusal(
+        config.profile,
+        &config.user_roles,
+        &req.name,
+        &req.db,
+        &req.body,
+        req.user.as_deref(),
+    ) {
         tracing::debug!(command = %req.name, code = refused.code, profile = %config.profile, "command refused; nothing changed");
         return Outcome::Reply(error_reply(state, &req.name, &req.body, refused));
     }
@@ -525,7 +531,7 @@ fn show_ts(ts: Timestamp) -> String {
 #[allow(clippy::too_many_arguments)]
 fn transaction_context(
     inner: &mut Inner,
-    config: &super::EmulatorConfig,
+    config: &super::emulator_config::EmulatorConfig,
     req: &Request,
     lsid: Option<&ServerSessionKey>,
     txn_number: Option<i64>,

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Document};
@@ -29,20 +29,14 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::clock::ClusterClock;
+use super::emulator_config::{EmulatorConfig, Topology};
 use super::errors::{
     CommandError, BAD_VALUE, EXCEEDED_TIME_LIMIT, NOT_WRITABLE_PRIMARY, NO_REPLICATION_ENABLED,
 };
 use super::faults::FailPoints;
+use super::locks::lock;
+use super::profile::Profile;
 use super::server_sessions::Inner;
-use super::{EmulatorConfig, Profile, Topology};
-
-/// Locks a mutex, recovering the data if a panicking thread poisoned it
-/// (the emulator never panics while holding one, but must not cascade).
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Replica-set view: who is primary, and the topologyVersion.
 #[derive(Debug, Clone)]

@@ -44,8 +44,8 @@ use std::time::Duration;
 
 use bson::{doc, Bson, Document};
 
-use super::deployment::lock;
 use super::errors::{CommandError, BAD_VALUE, FAILED_TO_PARSE, TYPE_MISMATCH, UNAUTHORIZED};
+use super::locks::lock;
 use super::query::as_i64;
 
 /// The only fail point the emulator knows.

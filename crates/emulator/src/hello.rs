@@ -9,8 +9,9 @@ use std::time::Duration;
 use bson::{doc, oid::ObjectId, Bson, DateTime, Document};
 
 use super::deployment::{EmulatorState, TopologyState};
+use super::emulator_config::Topology;
+use super::profile::Profile;
 use super::query::as_i64;
-use super::{Profile, Topology};
 use sessionguard_protocol::wire::Compressor;
 
 pub(crate) const MAX_BSON_OBJECT_SIZE: i32 = 16 * 1024 * 1024;
@@ -158,7 +159,11 @@ pub(crate) fn hello_reply(
 }
 
 /// The size limits, clock and session timeout every hello reports.
-fn insert_limits(reply: &mut Document, config: &super::EmulatorConfig, max_write_batch: i32) {
+fn insert_limits(
+    reply: &mut Document,
+    config: &super::emulator_config::EmulatorConfig,
+    max_write_batch: i32,
+) {
     reply.insert("maxBsonObjectSize", MAX_BSON_OBJECT_SIZE);
     reply.insert(
         "maxMessageSizeBytes",

@@ -31,13 +31,13 @@
 //! <command>"`. `killSessions` needs no privilege: it only ever kills the
 //! caller's own sessions (the server keys sessions by lsid and user).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
 use bson::Document;
 
 use super::errors::{CommandError, ATLAS_ERROR, COMMAND_NOT_SUPPORTED, UNAUTHORIZED};
-use super::EmulatorConfig;
 
 /// Which server the emulator behaves like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -122,16 +122,17 @@ const NEEDS_CLUSTER_PRIVILEGE: &[&str] = &[
     "replSetStepDown",
 ];
 
-/// The error `config`'s server answers instead of running `command` for
-/// `user`, if it refuses it.
+/// The error a server of `profile` answers instead of running `command` for
+/// `user` (whose role `user_roles` gives), if it refuses it.
 pub(crate) fn refusal(
-    config: &EmulatorConfig,
+    profile: Profile,
+    user_roles: &HashMap<String, UserRole>,
     command: &str,
     db: &str,
     body: &Document,
     user: Option<&str>,
 ) -> Option<CommandError> {
-    match config.profile {
+    match profile {
         Profile::DocumentDb if DOCUMENTDB_UNSUPPORTED.contains(&command) => {
             return Some(CommandError::new(
                 COMMAND_NOT_SUPPORTED,
@@ -147,7 +148,7 @@ pub(crate) fn refusal(
         _ => {}
     }
     let role = user
-        .and_then(|u| config.user_roles.get(u))
+        .and_then(|u| user_roles.get(u))
         .copied()
         .unwrap_or_default();
     if role == UserRole::ReadWriteAnyDatabase && NEEDS_CLUSTER_PRIVILEGE.contains(&command) {
@@ -162,6 +163,7 @@ pub(crate) fn refusal(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::emulator_config::EmulatorConfig;
     use bson::doc;
 
     #[test]
@@ -183,7 +185,14 @@ mod tests {
                 profile,
                 ..EmulatorConfig::default()
             };
-            refusal(&config, "killAllSessions", "admin", &body, None)
+            refusal(
+                config.profile,
+                &config.user_roles,
+                "killAllSessions",
+                "admin",
+                &body,
+                None,
+            )
         };
         assert_eq!(refused(Profile::MongoDb), None);
         let documentdb = refused(Profile::DocumentDb).unwrap();
@@ -202,18 +211,40 @@ mod tests {
             ..EmulatorConfig::default()
         };
         let body = doc! { "killAllSessions": [], "$db": "admin" };
-        let err = refusal(&config, "killAllSessions", "admin", &body, Some("app")).unwrap();
+        let err = refusal(
+            config.profile,
+            &config.user_roles,
+            "killAllSessions",
+            "admin",
+            &body,
+            Some("app"),
+        )
+        .unwrap();
         assert_eq!(err.code, UNAUTHORIZED);
         assert!(err
             .errmsg
             .starts_with("not authorized on admin to execute command { \"killAllSessions\""));
         assert_eq!(
-            refusal(&config, "killAllSessions", "admin", &body, Some("admin")),
+            refusal(
+                config.profile,
+                &config.user_roles,
+                "killAllSessions",
+                "admin",
+                &body,
+                Some("admin")
+            ),
             None
         );
         let own = doc! { "killSessions": [], "$db": "admin" };
         assert_eq!(
-            refusal(&config, "killSessions", "admin", &own, Some("app")),
+            refusal(
+                config.profile,
+                &config.user_roles,
+                "killSessions",
+                "admin",
+                &own,
+                Some("app")
+            ),
             None
         );
     }

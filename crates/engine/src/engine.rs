@@ -38,17 +38,19 @@ use sessionguard_protocol::{command_index, COMMAND_LABELS};
 use super::config::DEFAULT_FINDING_INTERVAL;
 use super::config::{LiveRules, ResolvedRules, SessionConfig, DEFAULT_SERVER_SESSION_TIMEOUT};
 use super::config::{RefreshPolicy, RulesConfig};
+use super::finding_id::FindingId;
 use super::findings::{
-    self, Examples, FindingDetail, FindingId, FindingSnapshot, FindingTable, IdKey, Kept, LogNow,
-    Summary,
+    self, Examples, FindingDetail, FindingSnapshot, FindingTable, IdKey, Kept, LogNow, Summary,
 };
-use super::intern::{normalize_ip, ClientIdentity, FastDashMap, Tables, DEFAULT_INTERN_LIMIT};
+use super::intern::{
+    normalize_ip, ClientIdentity, FastDashMap, Names, Tables, DEFAULT_INTERN_LIMIT,
+};
 use super::ledger::{CursorEntry, CursorKey, LedgerCounts, SessionLedger};
 use super::outcome::{
     Effect, EffectKind, EffectOutcome, KillTarget, PendingVerdict, Refusal, RefusalCounts,
     SessionCommand, Verdicts, RETRY_VERDICT_WINDOW,
 };
-use super::rules::{self, CursorEvent, EndEvent, Names, Overlap, RequestEvent, RuleContext};
+use super::rules::{self, CursorEvent, EndEvent, Overlap, RequestEvent, RuleContext};
 use super::state::{
     millis, ClientId, CommandClass, EndKind, InFlight, Millis, OwnerId, ReplyFacts, RequestFacts,
     RequestRef, SessionKey, SessionSummary, Sym, TxnEvents,

@@ -32,12 +32,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::rules::Names;
+use super::finding_id::FindingId;
+use super::intern::Names;
 use super::state::{ClientId, Millis, SessionKey, Sym};
 use super::timeline::{Role, Timeline};
 use super::violation::{Action, RuleId, Severity, Violation, ViolationRecord};
@@ -53,21 +53,7 @@ const CACHE_PER_FINDING: usize = 16;
 /// The version line of the canonical text.
 const CANONICAL_VERSION: &str = "sessionguard finding v1";
 
-/// A finding's public id: 12 lowercase hex digits (48 bits), the first 12
-/// of the SHA-256 of its `canonical_text`. Stable across processes and
-/// versions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct FindingId(u64);
-
 impl FindingId {
-    /// The id of a canonical text.
-    pub fn of_text(text: &str) -> FindingId {
-        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-        let mut bytes = [0u8; 8];
-        bytes[2..].copy_from_slice(&digest.as_ref()[..6]);
-        FindingId(u64::from_be_bytes(bytes))
-    }
-
     /// The id of the finding these fields describe.
     pub fn of(fields: &FindingFields) -> FindingId {
         FindingId::of_text(&canonical_text(fields))
@@ -76,37 +62,6 @@ impl FindingId {
     /// The overflow finding's id (violations past `sessions.max_findings`).
     pub fn overflow() -> FindingId {
         FindingId::of_text(&format!("{CANONICAL_VERSION}\noverflow\n"))
-    }
-}
-
-impl fmt::Display for FindingId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:012x}", self.0)
-    }
-}
-
-impl FromStr for FindingId {
-    type Err = ();
-    /// Exactly 12 hex digits.
-    fn from_str(s: &str) -> Result<FindingId, ()> {
-        if s.len() != 12 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(());
-        }
-        u64::from_str_radix(s, 16).map(FindingId).map_err(|_| ())
-    }
-}
-
-impl Serialize for FindingId {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for FindingId {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<FindingId, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse()
-            .map_err(|()| serde::de::Error::custom("a finding id is 12 hex digits"))
     }
 }
 

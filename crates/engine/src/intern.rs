@@ -4,7 +4,8 @@
 //! Each table is bounded; past the bound new names share the "unknown" id
 //! (evidence then says "?"), so a client inventing names cannot grow memory.
 //!
-//! No policy here and no logging: just the tables.
+//! No policy here and no logging: just the tables, and `Names`, the way
+//! rules and findings turn ids back into names.
 
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
@@ -135,6 +136,13 @@ impl InternTable<str> {
     pub(crate) fn lookup_parts(&self, parts: &[&str]) -> Option<u32> {
         self.ids.get(&self.hash_joined(parts)).map(|id| *id)
     }
+}
+
+/// Names for the ids a message mentions (rules format a message only when
+/// they fire, so the lookups cost nothing on the quiet path).
+pub(crate) trait Names {
+    fn symbol(&self, sym: Sym) -> Arc<str>;
+    fn identity(&self, id: ClientId) -> Option<Arc<ClientIdentity>>;
 }
 
 /// Who is on the other end of a connection, as far as the proxy can tell.

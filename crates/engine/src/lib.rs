@@ -30,6 +30,7 @@
 //!   `_id` and `store-session-resurrected`.
 //! - `outcome`: what waits on the server's reply: session commands and
 //!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
+//! - `finding_id`: [`FindingId`], a finding's public id (the value only).
 //! - `findings`: violations grouped by bug (a stable fingerprint), the log
 //!   policy (first in full, then periodic summaries), the kept examples.
 //! - `timeline`: each connection's recent session operations, merged into
@@ -42,6 +43,7 @@
 
 mod config;
 mod engine;
+mod finding_id;
 mod findings;
 mod intern;
 mod ledger;
@@ -59,9 +61,9 @@ pub use config::{
     DEFAULT_FINDING_INTERVAL,
 };
 pub use engine::{Decision, EngineStats, PerCommand, SessionEngine};
+pub use finding_id::FindingId;
 pub use findings::{
-    DistinctCount, Example, Examples, FindingDetail, FindingId, FindingSide, FindingSnapshot,
-    TimelineEntry,
+    DistinctCount, Example, Examples, FindingDetail, FindingSide, FindingSnapshot, TimelineEntry,
 };
 pub use ledger::{LedgerCounts, SESSION_SLOT_BYTES};
 pub use outcome::{Refusal, RefusalCounts, SessionCommand};

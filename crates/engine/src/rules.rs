@@ -48,22 +48,14 @@
 //!   and forgotten at close by specification (drivers ignore their errors
 //!   and do not wait); and only a close the client made counts at all.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::intern::ClientIdentity;
+use super::intern::Names;
 use super::state::{
     ClientId, CommandClass, EndKind, InFlight, Millis, ReplyFacts, RequestFacts, RequestRef,
-    SessionKey, SessionState, Sym, TxnPhase,
+    SessionKey, SessionState, TxnPhase,
 };
 use super::violation::{RuleId, Violation};
-
-/// Names for the ids a message mentions (rules format a message only when
-/// they fire, so the lookups cost nothing on the quiet path).
-pub(crate) trait Names {
-    fn symbol(&self, sym: Sym) -> Arc<str>;
-    fn identity(&self, id: ClientId) -> Option<Arc<ClientIdentity>>;
-}
 
 /// What the rules need besides the event and the session.
 pub(crate) struct RuleContext<'a> {
@@ -733,10 +725,12 @@ pub(crate) fn cross_client_sharing(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::intern::normalize_ip;
+    use crate::intern::{normalize_ip, ClientIdentity};
     use crate::state::tests::{facts, request};
-    use crate::state::{OwnerId, RetryableWrite, Transaction};
+    use crate::state::{OwnerId, RetryableWrite, Sym, Transaction};
     use sessionguard_protocol::command::Lsid;
 
     struct TestNames {

@@ -12,9 +12,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::findings::FindingId;
+use super::finding_id::FindingId;
 use super::state::{Millis, RequestRef, SessionKey};
-use super::web_store::StoreFinding;
 
 /// The code of every reply sessionguard writes when it rejects a request.
 ///
@@ -331,6 +330,17 @@ impl Action {
             Action::Reject => "reject",
         }
     }
+}
+
+/// The store part of a violation's evidence (ids only, resolved later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoreFinding {
+    /// The store's label (configured name, or `auto`).
+    pub store: String,
+    /// The document's fingerprint.
+    pub document: String,
+    pub read: RequestRef,
+    pub destroy: RequestRef,
 }
 
 /// What a rule function returns: compact (ids, not names), cheap to build.

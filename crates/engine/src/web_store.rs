@@ -31,7 +31,7 @@ use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
 use super::state::{millis, ClientId, Millis, RequestRef, SessionKey};
-use super::violation::{RuleId, Violation};
+use super::violation::{RuleId, StoreFinding, Violation};
 use sessionguard_protocol::command::RequestView;
 
 /// The collections treated as stores when `[stores]` says nothing.
@@ -178,17 +178,6 @@ pub(crate) struct Resurrection {
     pub unconfirmed: bool,
 }
 
-/// The store part of a violation's evidence (ids only, resolved later).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct StoreFinding {
-    /// The store's label (configured name, or `auto`).
-    pub store: String,
-    /// The document's fingerprint.
-    pub document: String,
-    pub read: RequestRef,
-    pub destroy: RequestRef,
-}
-
 impl Resurrection {
     /// The violation for this resurrection; `key` is the writer's session (or
     /// an all-zero lsid when the write carried none).
@@ -196,7 +185,7 @@ impl Resurrection {
         &self,
         key: SessionKey,
         label: &str,
-        names: &dyn super::rules::Names,
+        names: &dyn super::intern::Names,
     ) -> Violation {
         let command = names.symbol(self.write.command);
         let namespace = names.symbol(self.write.namespace);

@@ -32,9 +32,9 @@ use super::inspect::{
     CloseCause, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector, Inspector,
     ReplyVerdict, Verdict, INJECT_QUEUE,
 };
-use super::tls::{ClientStream, UpstreamTls};
+use super::tls::{self, ClientStream, UpstreamTls};
 use super::unreachable;
-use super::upstream::{self, DialError, HostPort};
+use super::upstream::{DialError, HostPort};
 use crate::metrics::{Direction, FrameSide, ProxyMetrics};
 use sessionguard_protocol::wire::{self, Frame, FrameCodec, Message, MsgFlags, WireError};
 use sessionguard_protocol::{command_index, intern_command, OTHER_COMMAND};
@@ -178,7 +178,7 @@ pub(crate) async fn serve(
     debug!(conn = id, %peer, "connection opened");
 
     let dialed = tokio::select! {
-        dialed = upstream::connect(&settings.upstream, settings.connect_timeout, settings.upstream_tls.as_ref()) => dialed,
+        dialed = tls::connect(&settings.upstream, settings.connect_timeout, settings.upstream_tls.as_ref()) => dialed,
         _ = kill.cancelled() => return,
     };
     let upstream = match dialed {

@@ -1,10 +1,12 @@
 //! TLS on both sides of the proxy, with rustls and its `ring` provider (the
 //! same rustls the MongoDB driver links): the client configuration for the
 //! upstream built from the connection string's `tls*` options, the server
-//! configuration for the listener built from `[proxy.tls]`, and the stream
-//! type that is either plain TCP or TLS over TCP. It owns certificate and key
-//! loading and certificate verification policy; it never looks at frames, and
-//! it never logs key material (paths and rustls' error names only).
+//! configuration for the listener built from `[proxy.tls]`, the stream
+//! type that is either plain TCP or TLS over TCP, and `connect`: dial the
+//! upstream (`upstream::dial`) and run the handshake when one is asked
+//! for. It owns certificate and key loading and certificate verification
+//! policy; it never looks at frames, and it never logs key material (paths
+//! and rustls' error names only).
 //!
 //! Verification is strict unless the connection string asks otherwise, as a
 //! driver's is: `tlsAllowInvalidCertificates=true` accepts any certificate,
@@ -34,7 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::anchor_leaf::WebPkiOrAnchorLeaf;
-use super::upstream::ConnectionString;
+use super::upstream::{dial, ConnectionString, DialError, HostPort};
 
 /// Connection-string options this module reads. Any other `tls*` / `ssl*`
 /// option is refused rather than silently ignored: a setting the operator
@@ -568,6 +570,33 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Transport<T> {
             Transport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
             Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// Connects to `target` and, with `tls`, runs the TLS handshake, all within
+/// `timeout` (a server that accepts TCP but never answers the handshake
+/// must not hold a client forever).
+pub(crate) async fn connect(
+    target: &HostPort,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<UpstreamStream, DialError> {
+    let Some(tls) = tls else {
+        return dial(target, timeout).await.map(UpstreamStream::Plain);
+    };
+    let started = tokio::time::Instant::now();
+    let tcp = dial(target, timeout).await?;
+    let left = timeout.saturating_sub(started.elapsed());
+    match tokio::time::timeout(left, tls.connect(&target.host, tcp)).await {
+        Err(_) => Err(DialError::TlsTimeout {
+            target: target.clone(),
+            timeout,
+        }),
+        Ok(Err(source)) => Err(DialError::Tls {
+            target: target.clone(),
+            source,
+        }),
+        Ok(Ok(stream)) => Ok(UpstreamStream::Tls(Box::new(stream))),
     }
 }
 

@@ -2,16 +2,14 @@
 //! given as `--upstream`, and dialing the upstream member with a timeout.
 //! It owns nothing about frames or sessions, and it must never log
 //! credentials from the connection string (the password is redacted in
-//! `Debug`). `connect` adds the TLS handshake (see `tls`) when the
-//! connection string asks for it; callers only see an `UpstreamStream`.
+//! `Debug`). It knows nothing of TLS: `tls::connect` dials through here
+//! and adds the handshake when the connection string asks for it.
 
 use std::fmt;
 use std::io;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-
-use super::tls::UpstreamTls;
 
 /// The port a host without an explicit port listens on.
 pub(crate) const DEFAULT_MONGODB_PORT: u16 = 27017;
@@ -300,35 +298,6 @@ impl DialError {
     /// would say so at its next round).
     pub fn reached_the_upstream(&self) -> bool {
         matches!(self, DialError::TlsTimeout { .. } | DialError::Tls { .. })
-    }
-}
-
-pub(crate) use super::tls::UpstreamStream;
-
-/// Connects to `target` and, with `tls`, runs the TLS handshake, all within
-/// `timeout` (a server that accepts TCP but never answers the handshake
-/// must not hold a client forever).
-pub(crate) async fn connect(
-    target: &HostPort,
-    timeout: Duration,
-    tls: Option<&UpstreamTls>,
-) -> Result<UpstreamStream, DialError> {
-    let Some(tls) = tls else {
-        return dial(target, timeout).await.map(UpstreamStream::Plain);
-    };
-    let started = tokio::time::Instant::now();
-    let tcp = dial(target, timeout).await?;
-    let left = timeout.saturating_sub(started.elapsed());
-    match tokio::time::timeout(left, tls.connect(&target.host, tcp)).await {
-        Err(_) => Err(DialError::TlsTimeout {
-            target: target.clone(),
-            timeout,
-        }),
-        Ok(Err(source)) => Err(DialError::Tls {
-            target: target.clone(),
-            source,
-        }),
-        Ok(Ok(stream)) => Ok(UpstreamStream::Tls(Box::new(stream))),
     }
 }
 
