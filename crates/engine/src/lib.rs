@@ -25,7 +25,8 @@
 //! - `ledger`: the bounded, shared map of sessions, cursors and held sessions.
 //! - `slab_map`: the sharded map under the ledger (entries in fixed slab
 //!   chunks, a small index), so a session costs its slot at every size.
-//! - `intern`: small ids for names and client identities.
+//! - `intern`: small ids for names and client identities, and `Names`,
+//!   which turns them back into names.
 //! - `web_store`: web-session stores (`[stores]`): store documents by
 //!   `_id` and `store-session-resurrected`.
 //! - `outcome`: what waits on the server's reply: session commands and
@@ -35,7 +36,8 @@
 //!   policy (first in full, then periodic summaries), the kept examples.
 //! - `timeline`: each connection's recent session operations, merged into
 //!   a violation's timeline.
-//! - `engine`: `SessionEngine`, the synchronous API the connection tasks call.
+//! - `engine`: [`SessionEngine`], the synchronous API the connection tasks
+//!   call (through the binary's `Inspector` adapter).
 //! - `refresh`: which held sessions to refresh, on which connection, the
 //!   `refreshSessions` bytes and what the reply means (the sending is the
 //!   binary's).

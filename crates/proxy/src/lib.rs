@@ -17,10 +17,11 @@
 //! - `listener`: accept loop, connection cap, accept back-off, drain.
 //! - `connection`: one client connection and its two pumps.
 //! - `inflight`: the per-connection map of requests awaiting replies.
-//! - `upstream`: connection-string parsing and dialing.
+//! - `upstream`: connection-string parsing and dialing (TCP).
 //! - `topology`: replica-set mode's hello rewriting (member -> proxy
 //!   addresses), applied around the caller's inspector.
-//! - `tls`: rustls on both sides (listener certificate, upstream options).
+//! - `tls`: rustls on both sides (listener certificate, upstream options),
+//!   and `connect`: dial, then the upstream handshake when one is asked for.
 //! - `anchor_leaf`: the upstream verifier accepting a self-signed CA
 //!   certificate given as `tlsCAFile`, as OpenSSL-based drivers do.
 //! - `unreachable`: the error reply that answers a client's handshake when
