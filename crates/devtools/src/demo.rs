@@ -264,11 +264,16 @@ pub async fn run(keep_running: bool) -> Result<(), DemoError> {
     }
     println!();
     if keep_running {
+        // The handler is installed before the line that invites Ctrl-C is
+        // printed: `ctrl_c()` would install it only when first polled, and
+        // a Ctrl-C in between would kill the process instead of stopping it.
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         println!(
             "The proxy and the admin API keep running (connect with {}); Ctrl-C stops them.",
             stack.client_uri()
         );
-        tokio::signal::ctrl_c().await?;
+        interrupt.recv().await;
     } else {
         println!(
             "These stop with the demo (done in {} ms); `sessionguard-dev demo --keep-running` keeps them up until Ctrl-C.",
