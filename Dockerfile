@@ -3,12 +3,11 @@
 # Debian base as a non-root user. Build: docker build -t sessionguard .
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
+# The whole workspace (cargo reads every member's manifest), but only the
+# shipped binary is built: it links neither the emulator nor the driver.
 COPY Cargo.toml Cargo.lock ./
-COPY src ./src
-# Cargo.toml declares the criterion bench target, so cargo needs its source
-# present even for a plain build.
-COPY benches ./benches
-RUN cargo build --release --locked --bin sessionguard
+COPY crates ./crates
+RUN cargo build --release --locked -p sessionguard
 
 FROM debian:bookworm-slim
 RUN apt-get update \

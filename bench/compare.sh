@@ -23,7 +23,9 @@
 #   BENCH_MEMORY=1             0 skips the memory probes
 #   BENCH_IDLE_CONNECTIONS=10000   BENCH_SESSIONS=1000000
 #   BENCH_PIN=1                0: no taskset pinning
-#   SESSIONGUARD_BIN=path      use this binary instead of building (cargo build --release)
+#   SESSIONGUARD_BIN=path      use this proxy binary instead of building (cargo build --release)
+#   SESSIONGUARD_DEV_BIN=path  the dev tools' binary (emulator, bench-load; default:
+#                              sessionguard-dev next to SESSIONGUARD_BIN, built with it)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -38,13 +40,18 @@ PIN=${BENCH_PIN:-1}
 die() { echo "compare.sh: $*" >&2; exit 1; }
 
 # ---- binary -----------------------------------------------------------------
+# The proxy (sessionguard) and the dev tools (sessionguard-dev: the emulator
+# and the load generator), both release builds.
 if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
     BIN=$SESSIONGUARD_BIN
 else
-    cargo build --release --quiet || die "cargo build --release failed"
+    cargo build --release --quiet -p sessionguard -p sessionguard-dev ||
+        die "cargo build --release failed"
     BIN=${CARGO_TARGET_DIR:-target}/release/sessionguard
 fi
+DEV_BIN=${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}
 [[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
+[[ -x "$DEV_BIN" ]] || die "no sessionguard-dev binary at $DEV_BIN (cargo build --release -p sessionguard-dev)"
 
 # ---- HAProxy ----------------------------------------------------------------
 if ! command -v haproxy >/dev/null; then
@@ -115,7 +122,7 @@ wait_port() {
 }
 
 P_EMU=$(free_port)
-on "$CPU_UPSTREAM" "$BIN" emulator --fast --listen "127.0.0.1:$P_EMU" --log-level warn >"$WORK/emulator.log" 2>&1 &
+on "$CPU_UPSTREAM" "$DEV_BIN" emulator --fast --listen "127.0.0.1:$P_EMU" --log-level warn >"$WORK/emulator.log" 2>&1 &
 PID_EMU=$!; PIDS+=("$PID_EMU")
 wait_port "$P_EMU" emulator "$PID_EMU"
 
@@ -200,7 +207,7 @@ for conns in $CONNECTIONS; do
         fi
         ticks_before=$(cpu_ticks "${MIDDLE[$config]}")
         # shellcheck disable=SC2086 # LOAD_FLAGS holds zero or one flag
-        line=$(on "$CPU_CLIENT" "$BIN" bench-load --target "127.0.0.1:${PORT[$config]}" ${LOAD_FLAGS[$config]:-} \
+        line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --target "127.0.0.1:${PORT[$config]}" ${LOAD_FLAGS[$config]:-} \
             --connections "$conns" --duration "${SECONDS_PER_POINT}s" --warmup "${WARMUP}s") ||
             die "bench-load failed for $config at $conns connections"
         ticks=$(($(cpu_ticks "${MIDDLE[$config]}") - ticks_before))
@@ -259,10 +266,10 @@ done
 
 if [[ "$MEMORY" == 1 ]]; then
     echo
-    line=$(on "$CPU_CLIENT" "$BIN" bench-load --target "127.0.0.1:$P_SG" \
+    line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --target "127.0.0.1:$P_SG" \
         --idle-connections "$IDLE" --pid "$PID_SG") || die "idle-connections probe failed"
     echo "idle connections through sg-observe: $line"
-    line=$(on "$CPU_CLIENT" "$BIN" bench-load --sessions "$SESSIONS") || die "sessions probe failed"
+    line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --sessions "$SESSIONS") || die "sessions probe failed"
     echo "ledger: $line"
 fi
 

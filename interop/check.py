@@ -184,7 +184,7 @@ def parse_entry(name, entry, expected_path):
     return Expectation(rules, also, pending, false_positives, metrics)
 
 
-# JUnit classnames (src/report.rs): a case per finding, a case per rule that found nothing.
+# JUnit classnames (crates/sessionguard/src/report.rs): a case per finding, a case per rule that found nothing.
 JUNIT_FINDINGS = "sessionguard.findings"
 JUNIT_RULES = "sessionguard.rules"
 FINDING_CASE = re.compile(r"^(?P<rule>[a-z][a-z-]*)(?:: .*)? \[(?P<finding>[0-9a-f]{12})\]$")

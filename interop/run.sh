@@ -5,7 +5,7 @@
 # (threads and its asyncio API), each scenario against the deployment it
 # names (see "Deployments" below: one emulator, a three-member replica set
 # for failovers, or an emulator that refuses session kills) (a) straight
-# against `sessionguard emulator`, (b) through a shared `sessionguard proxy`
+# against `sessionguard-dev emulator`, (b) through a shared `sessionguard proxy`
 # in front of it, (c) through a shared proxy in enforce mode (refusing
 # deployments) and (d) under `sessionguard exec` (CI mode: a private proxy per
 # scenario, its JSON and JUnit reports checked against expected.json by
@@ -22,7 +22,10 @@
 # (falls back to `pip install --target` when the venv module is unavailable).
 #
 # Environment:
-#   SESSIONGUARD_BIN   binary to use (default: `cargo build`, then the target dir's debug binary)
+#   SESSIONGUARD_BIN   the proxy binary to use (default: `cargo build`, then the
+#                      target dir's debug binary)
+#   SESSIONGUARD_DEV_BIN  the dev tools' binary (the emulator) to use (default:
+#                      `sessionguard-dev` next to SESSIONGUARD_BIN, built with it)
 #   INTEROP_MODES      "direct proxy enforce exec" (default) or any of them, in
 #                      any order; each deployment runs the modes it supports
 #   INTEROP_ONLY       a grep -E pattern: run only the scenarios whose name matches
@@ -63,16 +66,20 @@ say() { printf '%s\n' "$*"; }
 die() { printf 'interop: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- binaries
+# The proxy (sessionguard) and the dev tools (sessionguard-dev: the emulator).
 if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
   BIN="$SESSIONGUARD_BIN"
+  DEV_BIN="${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}"
 else
-  say "== building sessionguard"
-  (cd "$REPO_ROOT" && cargo build --locked --quiet --bin sessionguard)
+  say "== building sessionguard and sessionguard-dev"
+  (cd "$REPO_ROOT" && cargo build --locked --quiet -p sessionguard -p sessionguard-dev)
   target_dir="$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
   BIN="$target_dir/debug/sessionguard"
+  DEV_BIN="${SESSIONGUARD_DEV_BIN:-$target_dir/debug/sessionguard-dev}"
 fi
 [[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
+[[ -x "$DEV_BIN" ]] || die "no sessionguard-dev binary at $DEV_BIN (cargo build -p sessionguard-dev)"
 # The suites pass every setting as a flag; a SESSIONGUARD_* variable left in
 # the caller's environment (a config file, --fail-on, an emulator topology)
 # would change what the scenarios and the exec reports are checked against.
@@ -289,7 +296,7 @@ start_emulator() {
   local deployment="$1" log="$2" members=1 pid
   shift 2
   [[ " $* " == *" --members 3 "* ]] && members=3
-  "$BIN" emulator --listen 127.0.0.1:0 --latency "$LATENCY" --log-format json "$@" \
+  "$DEV_BIN" emulator --listen 127.0.0.1:0 --latency "$LATENCY" --log-format json "$@" \
     >"$LOG_DIR/$log.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Soak test: a mixed workload through `sessionguard proxy` (in front of
-# `sessionguard emulator`) for SOAK_SECONDS, with three drivers in parallel
+# `sessionguard-dev emulator`) for SOAK_SECONDS, with three drivers in parallel
 # lanes, each cycling through good and bad patterns:
 #   node   — interop/node scenarios, each with mongodb 7 and with mongodb 6
 #            (NAME@node7, NAME@node6): good-* and bad-global-session,
@@ -10,7 +10,7 @@
 #            py-explicit-sessions, the bad py-shared-session-threads, and the
 #            asyncio ones (py-async-sessions, py-async-transaction, the bad
 #            py-async-shared-session)
-#   rust   — sessionguard demo-app (the Rust driver): good and use-after-end
+#   rust   — sessionguard-dev demo-app (the Rust driver): good and use-after-end
 # Every run uses a database of its own (soak_<lane>_<scenario>_<n>, '-' and '@' as '_'), so each
 # violation can be traced back to the run that caused it. The proxy's
 # resident memory (VmRSS) is sampled every SOAK_SAMPLE_SECONDS.
@@ -33,7 +33,9 @@
 #   SOAK_LATENCY          emulator reply latency (default 20ms, as interop/run.sh:
 #                         concurrent requests then overlap on the wire)
 #   SOAK_LOG_DIR          where logs and figures go (default: a new temp dir)
-#   SESSIONGUARD_BIN      the binary (default: cargo build --release)
+#   SESSIONGUARD_BIN      the proxy binary (default: cargo build --release)
+#   SESSIONGUARD_DEV_BIN  the dev tools' binary: emulator, demo-app (default:
+#                         sessionguard-dev next to SESSIONGUARD_BIN, built with it)
 #   SOAK_PROFILE          release (default) or debug, when building
 set -euo pipefail
 
@@ -54,21 +56,23 @@ cargo_flags=(--locked --quiet)
 target_dir="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 if [[ -z "${SESSIONGUARD_BIN:-}" ]]; then
-  say "== cargo build ($PROFILE): sessionguard"
-  (cd "$ROOT" && cargo build "${cargo_flags[@]}" --bin sessionguard)
+  say "== cargo build ($PROFILE): sessionguard, sessionguard-dev"
+  (cd "$ROOT" && cargo build "${cargo_flags[@]}" -p sessionguard -p sessionguard-dev)
   BIN="$target_dir/$PROFILE/sessionguard"
 else
   BIN="$SESSIONGUARD_BIN"
 fi
-# The Rust driver lane is the binary's own demo-app subcommand.
-MISUSE="$BIN demo-app"
+DEV_BIN="${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}"
+# The Rust driver lane is the dev tools' demo-app.
+MISUSE="$DEV_BIN demo-app"
 [[ -x "$BIN" ]] || die "missing $BIN"
+[[ -x "$DEV_BIN" ]] || die "missing $DEV_BIN (cargo build -p sessionguard-dev)"
 
 # The interop installs (npm ci, the PyMongo virtualenv) are run.sh's job; it
 # compares the lock file and requirements.txt with what is installed and
 # does nothing when they match.
 say "== interop drivers (interop/run.sh installs what is missing)"
-SESSIONGUARD_BIN="$BIN" INTEROP_INSTALL_ONLY=1 INTEROP_LOG_DIR="$LOG_DIR/interop-install" \
+SESSIONGUARD_BIN="$BIN" SESSIONGUARD_DEV_BIN="$DEV_BIN" INTEROP_INSTALL_ONLY=1 INTEROP_LOG_DIR="$LOG_DIR/interop-install" \
   "$ROOT/interop/run.sh" >/dev/null
 PYTHON="$ROOT/interop/python/.venv/bin/python"
 PY_PATH_EXTRA=""
@@ -112,7 +116,7 @@ PY
   die "timed out waiting for '$2' in $1"
 }
 
-"$BIN" emulator --listen 127.0.0.1:0 --latency "$LATENCY" --log-format json \
+"$DEV_BIN" emulator --listen 127.0.0.1:0 --latency "$LATENCY" --log-format json \
   >"$LOG_DIR/emulator.log" 2>&1 &
 EMU_PID=$!
 PIDS+=("$EMU_PID")

@@ -3,25 +3,33 @@
 # README.md, and the one .ci/run calls. It needs the Rust toolchain (and, for
 # the interop suites, Node.js 20.19+ and Python 3, whose packages it installs into
 # the project's own folders); .ci/run installs the system packages.
+# Every cargo step covers the whole workspace (crates/*), not only the
+# default member (the shipped binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
-echo "== cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --locked -- -D warnings
+echo "== no module-level import cycle inside a crate (cargo forbids them between crates)"
+python3 scripts/module_cycles.py
+
+echo "== cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== Rust tests: unit, property and integration (real drivers through the proxy)"
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest kills a hung test after 2 minutes (.config/nextest.toml).
-  cargo nextest run --all-targets --locked
-  cargo test --doc --locked
+  cargo nextest run --workspace --all-targets --locked
+  cargo test --doc --workspace --locked
 else
-  cargo test --all-targets --locked
+  cargo test --workspace --all-targets --locked
 fi
 
 echo "== interop: Node.js driver 6 and 7, Express + connect-mongo, Mongoose, PyMongo sync and asyncio (direct, through the proxy, and under sessionguard exec; failover on a replica set; servers refusing session kills, in enforce mode too)"
-cargo build --locked --quiet --bin sessionguard
+# The proxy and the dev tools (the emulator the suites run against).
+cargo build --locked --quiet -p sessionguard -p sessionguard-dev
 target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-SESSIONGUARD_BIN="$target_dir/debug/sessionguard" bash interop/run.sh
+SESSIONGUARD_BIN="$target_dir/debug/sessionguard" \
+  SESSIONGUARD_DEV_BIN="$target_dir/debug/sessionguard-dev" \
+  bash interop/run.sh

@@ -16,7 +16,7 @@ import re
 import statistics
 import sys
 
-# The Rust lane's patterns (sessionguard demo-app), in expected.json's shape.
+# The Rust lane's patterns (sessionguard-dev demo-app), in expected.json's shape.
 RUST_EXPECTED = {
     "rust-good": {"rules": [], "also": []},
     "rust-use-after-end": {"rules": ["use-after-end"], "also": []},

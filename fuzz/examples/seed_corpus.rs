@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 
 use bson::{doc, spec::BinarySubtype, Binary, Document};
-use sessionguard::wire::{legacy, op_compressed, op_msg, Compressor, MsgFlags, OpCode};
+use sessionguard_protocol::wire::{legacy, op_compressed, op_msg, Compressor, MsgFlags, OpCode};
 
 fn bson(doc: &Document) -> Vec<u8> {
     bson::to_vec(doc).expect("encodable")

@@ -12,9 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bson::RawDocument;
 use bytes::BytesMut;
-use sessionguard::command::{auth_user, Handshake, ReplyView, RequestView};
-use sessionguard::wire::{self, op_compressed, FrameCodec, Message, OpCode, OpMsg, HEADER_LEN};
-use tokio_util::codec::Decoder;
+use sessionguard_protocol::command::{auth_user, Handshake, ReplyView, RequestView};
+use sessionguard_protocol::wire::{self, op_compressed, FrameCodec, Message, OpCode, OpMsg, HEADER_LEN};
 
 /// The message size limit the targets run with: small enough that a bomb
 /// built from a few KiB of fuzz input exceeds it many times over.
@@ -276,7 +275,7 @@ fn touch_request(view: &RequestView<'_>) {
     }
     let _ = Handshake::from_request(view);
     let _ = auth_user(view);
-    let _ = sessionguard::command::is_hello(view.name);
+    let _ = sessionguard_protocol::command::is_hello(view.name);
 }
 
 fn touch_reply(reply: &ReplyView<'_>) {

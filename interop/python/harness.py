@@ -227,7 +227,7 @@ def sleep_ms(ms):
 
 
 # ------------------------------------------------------------------ faults
-# For the failover scenarios (run.sh runs them against `sessionguard emulator
+# For the failover scenarios (run.sh runs them against `sessionguard-dev emulator
 # --members 3`, directly and through the proxy's per-member listeners): the
 # emulator's `failCommand` fail point and `replSetStepDown`, sent by a
 # separate "operator" client as a test harness or an operator would, never by

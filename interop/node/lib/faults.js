@@ -2,7 +2,7 @@
 // Fault injection for the failover scenarios: the emulator's `failCommand`
 // fail point and `replSetStepDown`, sent by a separate "operator" client as a
 // test harness (or an operator) would, never by the application's own client.
-// run.sh runs these scenarios against `sessionguard emulator --members 3`,
+// run.sh runs these scenarios against `sessionguard-dev emulator --members 3`,
 // directly and through the proxy's per-member listeners
 // (interop/README.md, "Failover scenarios").
 //

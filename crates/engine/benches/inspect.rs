@@ -1,0 +1,224 @@
+//! Per-frame cost of the data path's CPU work, without sockets: frame
+//! decoding (`FrameCodec`), opening and parsing (`wire::open` / `parse`),
+//! and the session engine's inspection with its ledger update, for a small
+//! command and for a 1 MiB insert. Target: <= 1 us per small frame
+//! (docs/performance.md). `flood` runs the same small find when every one
+//! of them is a violation of one finding (concurrent use of a shared
+//! session), logged to a JSON sink as in production, next to the clean
+//! round trip: the cost a misbehaving application adds per operation.
+//! Run with `cargo bench --bench inspect`.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+
+use bson::spec::BinarySubtype;
+use bson::{rawdoc, Binary, RawDocumentBuf};
+use bytes::{Bytes, BytesMut};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
+
+fn lsid(n: u8) -> RawDocumentBuf {
+    let mut bytes = [0x5e_u8; 16];
+    bytes[0] = n;
+    rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: bytes.to_vec() } }
+}
+
+fn find_frame(request_id: i32) -> Bytes {
+    let body = rawdoc! {
+        "find": "orders",
+        "filter": { "status": "active" },
+        "batchSize": 2_i32,
+        "lsid": lsid(1),
+        "$db": "shop",
+    };
+    op_msg::encode(request_id, 0, MsgFlags(0), body.as_bytes())
+}
+
+fn find_reply(response_to: i32) -> Bytes {
+    let body = rawdoc! {
+        "cursor": {
+            "firstBatch": [ { "_id": 1_i32, "status": "active" }, { "_id": 2_i32, "status": "active" } ],
+            "id": 0_i64,
+            "ns": "shop.orders",
+        },
+        "ok": 1.0,
+    };
+    op_msg::encode(1, response_to, MsgFlags(0), body.as_bytes())
+}
+
+fn insert_1mib_frame(request_id: i32, txn_number: i64) -> Bytes {
+    let body = rawdoc! {
+        "insert": "blobs",
+        "ordered": true,
+        "lsid": lsid(2),
+        "txnNumber": txn_number,
+        "$db": "shop",
+    };
+    let doc = rawdoc! { "_id": 1_i64, "payload": "x".repeat(1024 * 1024) };
+    op_msg::encode_with_sequences(
+        request_id,
+        0,
+        MsgFlags(0),
+        body.as_bytes(),
+        &[("documents", &[doc.as_bytes()])],
+    )
+}
+
+fn insert_reply(response_to: i32) -> Bytes {
+    op_msg::encode(
+        1,
+        response_to,
+        MsgFlags(0),
+        rawdoc! { "n": 1_i32, "ok": 1.0 }.as_bytes(),
+    )
+}
+
+/// What the connection task does with one received chunk: split a frame
+/// off the buffer, open it and parse its sections.
+fn decode(codec: &mut FrameCodec, buffer: &mut BytesMut, bytes: &[u8]) -> Frame {
+    buffer.extend_from_slice(bytes);
+    codec
+        .decode(buffer)
+        .expect("valid frame")
+        .expect("a whole frame")
+}
+
+/// Decode + inspect + ledger update for one request and its reply.
+fn round_trip(
+    engine: &SessionEngine,
+    codec: &mut FrameCodec,
+    buffer: &mut BytesMut,
+    request: &[u8],
+    reply: &[u8],
+) {
+    let frame = decode(codec, buffer, request);
+    let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
+    let msg = opened.parse(&frame).unwrap();
+    black_box(engine.request(1, frame.header.request_id, &msg));
+
+    let frame = decode(codec, buffer, reply);
+    let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
+    let msg = opened.parse(&frame).unwrap();
+    engine.reply(1, frame.header.response_to, &msg);
+}
+
+fn engine() -> SessionEngine {
+    let engine = SessionEngine::new(&SessionConfig::default(), &RulesConfig::default());
+    let peer: SocketAddr = ([10, 0, 0, 1], 50000).into();
+    let local: SocketAddr = ([127, 0, 0, 1], 27018).into();
+    engine.connect(1, peer, local, false);
+    engine
+}
+
+fn small(c: &mut Criterion) {
+    let mut group = c.benchmark_group("small_find");
+    group.throughput(Throughput::Elements(1));
+    let request = find_frame(7);
+    let reply = find_reply(7);
+    let mut codec = FrameCodec::default();
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+
+    group.bench_function("decode_parse_request", |b| {
+        b.iter(|| {
+            let frame = decode(&mut codec, &mut buffer, &request);
+            let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
+            let parsed = opened.parse(&frame).unwrap();
+            black_box(matches!(parsed, Message::Msg(_)));
+        })
+    });
+
+    let engine = engine();
+    group.bench_function("request_and_reply_inspected", |b| {
+        b.iter(|| round_trip(&engine, &mut codec, &mut buffer, &request, &reply))
+    });
+    // The violation counter proves the loop exercised a clean pattern.
+    assert_eq!(engine.stats().violations, 0);
+    group.finish();
+}
+
+fn large(c: &mut Criterion) {
+    let mut group = c.benchmark_group("insert_1mib");
+    let reply = insert_reply(9);
+    let mut codec = FrameCodec::default();
+    let mut buffer = BytesMut::with_capacity(2 * 1024 * 1024);
+    let engine = engine();
+    // Retryable writes: every insert carries the next txnNumber, as a driver
+    // sends them, written into the prepared frame in place.
+    let mut template = insert_1mib_frame(9, 1).to_vec();
+    let marker = b"txnNumber\0";
+    let txn_at = template
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("txnNumber in the frame")
+        + marker.len();
+    group.throughput(Throughput::Bytes(template.len() as u64));
+    let mut txn_number = 1i64;
+    group.bench_function("request_and_reply_inspected", |b| {
+        b.iter(|| {
+            txn_number += 1;
+            template[txn_at..txn_at + 8].copy_from_slice(&txn_number.to_le_bytes());
+            round_trip(&engine, &mut codec, &mut buffer, &template, &reply);
+        })
+    });
+    assert_eq!(engine.stats().violations, 0);
+    group.finish();
+}
+
+fn flood(c: &mut Criterion) {
+    // As in production: a JSON subscriber at INFO (writing nowhere), so
+    // whatever the engine logs is formatted.
+    let _ = tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(std::io::sink)
+            .finish(),
+    );
+    let mut group = c.benchmark_group("flood");
+    group.throughput(Throughput::Elements(1));
+    let mut codec = FrameCodec::default();
+    let mut buffer = BytesMut::with_capacity(64 * 1024);
+    let request = find_frame(7);
+    let reply = find_reply(7);
+
+    let clean = engine();
+    group.bench_function("clean_find", |b| {
+        b.iter(|| round_trip(&clean, &mut codec, &mut buffer, &request, &reply))
+    });
+    assert_eq!(clean.stats().violations, 0);
+
+    // The shared session has an insert in flight on another connection
+    // that never answers: every find on it is concurrent use.
+    let violating = engine();
+    violating.connect(
+        2,
+        ([10, 0, 0, 1], 50001).into(),
+        ([127, 0, 0, 1], 27018).into(),
+        false,
+    );
+    let blocker = rawdoc! {
+        "insert": "orders", "lsid": lsid(1), "txnNumber": 1_i64, "$db": "shop",
+    };
+    let blocker = op_msg::encode(1, 0, MsgFlags(0), blocker.as_bytes());
+    let frame = decode(&mut codec, &mut buffer, &blocker);
+    let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
+    let msg = opened.parse(&frame).unwrap();
+    violating.request(2, 1, &msg);
+    // The pattern violates (checked before measuring: `--list` runs no
+    // iteration).
+    round_trip(&violating, &mut codec, &mut buffer, &request, &reply);
+    assert_eq!(violating.stats().violations, 1);
+    group.bench_function("every_find_violates", |b| {
+        b.iter(|| round_trip(&violating, &mut codec, &mut buffer, &request, &reply))
+    });
+    // One finding counts them all.
+    let findings = violating.findings();
+    assert_eq!(findings.len(), 1);
+    assert_eq!(findings[0].count, violating.stats().violations);
+    group.finish();
+}
+
+criterion_group!(benches, small, large, flood);
+criterion_main!(benches);

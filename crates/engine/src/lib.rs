@@ -1,0 +1,79 @@
+//! sessionguard-engine: session hygiene, judged from the traffic alone.
+//!
+//! It owns the ledger of every MongoDB logical session the proxy sees, the
+//! rules that detect misuse, the violations they raise (and, in enforce
+//! mode, the rejections), findings (violations grouped by bug), the
+//! web-session stores it follows (`[stores]`), and what the refresher
+//! decides. It is handed parsed messages (`sessionguard-protocol` views)
+//! and the time; it must not do I/O: no tokio, no sockets, no clock of its
+//! own beyond `now()` (every `*_at` entry point takes the time, so a test
+//! replays any sequence deterministically), and it must never log document
+//! contents. It knows nothing of the proxy: the binary adapts it to the
+//! proxy's `Inspector` seam and drives the refresher.
+//!
+//! "Session" here always means a MongoDB logical session (`lsid`); the HTTP
+//! sessions applications keep in MongoDB are "web-session stores"
+//! (`web_store`).
+//!
+//! # Layout
+//!
+//! - `config`: `[sessions]` and `[rules.<id>]`, defaults, validation.
+//! - `state`: one session's state machine (pure data and transitions).
+//! - `rules`: one pure function per rule.
+//! - `violation`: rule ids, severities, actions, violation records, the
+//!   enforce error code.
+//! - `ledger`: the bounded, shared map of sessions, cursors and held sessions.
+//! - `slab_map`: the sharded map under the ledger (entries in fixed slab
+//!   chunks, a small index), so a session costs its slot at every size.
+//! - `intern`: small ids for names and client identities, and `Names`,
+//!   which turns them back into names.
+//! - `web_store`: web-session stores (`[stores]`): store documents by
+//!   `_id` and `store-session-resurrected`.
+//! - `outcome`: what waits on the server's reply: session commands and
+//!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
+//! - `finding_id`: [`FindingId`], a finding's public id (the value only).
+//! - `findings`: violations grouped by bug (a stable fingerprint), the log
+//!   policy (first in full, then periodic summaries), the kept examples.
+//! - `timeline`: each connection's recent session operations, merged into
+//!   a violation's timeline.
+//! - `engine`: [`SessionEngine`], the synchronous API the connection tasks
+//!   call (through the binary's `Inspector` adapter).
+//! - `refresh`: which held sessions to refresh, on which connection, the
+//!   `refreshSessions` bytes and what the reply means (the sending is the
+//!   binary's).
+#![forbid(unsafe_code)]
+
+mod config;
+mod engine;
+mod finding_id;
+mod findings;
+mod intern;
+mod ledger;
+mod outcome;
+mod refresh;
+mod rules;
+mod slab_map;
+mod state;
+mod timeline;
+mod violation;
+mod web_store;
+
+pub use config::{
+    Mode, RefreshPolicy, ResolvedRules, RuleOverride, RuleSettings, RulesConfig, SessionConfig,
+    DEFAULT_FINDING_INTERVAL,
+};
+pub use engine::{Decision, EngineStats, PerCommand, SessionEngine};
+pub use finding_id::FindingId;
+pub use findings::{
+    DistinctCount, Example, Examples, FindingDetail, FindingSide, FindingSnapshot, TimelineEntry,
+};
+pub use ledger::{LedgerCounts, SESSION_SLOT_BYTES};
+pub use outcome::{Refusal, RefusalCounts, SessionCommand};
+pub use refresh::RefreshBatch;
+pub use state::{EndKind, Millis, OwnerId, SessionKey, SessionSummary, TxnPhase};
+pub use timeline::Role;
+pub use violation::{
+    Action, RequestEvidence, RuleId, Severity, StoreEvidence, ViolationRecord,
+    SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
+};
+pub use web_store::{StoreConfig, StoreCounts, StoreStats};

@@ -1,0 +1,262 @@
+//! The seam between the data path and policy: the `Inspector` trait that the
+//! session engine implements, the per-connection context it is handed, and
+//! the `Injector` through which it may send its own requests (the
+//! refresher's `refreshSessions`) on a client's upstream connection.
+//! Inspector callbacks are synchronous and run on the connection's task:
+//! they must be quick, must not block, and must never log document contents.
+//! Nothing here does I/O itself; the connection task performs what the
+//! verdicts ask for.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use sessionguard_protocol::wire::{Frame, Message};
+pub use sessionguard_protocol::CloseCause;
+
+/// Policy hooks called by every proxied connection. All methods have
+/// no-op defaults, so an implementation overrides only what it needs.
+pub trait Inspector: Send + Sync + 'static {
+    /// A client connected and its upstream connection is established.
+    fn on_connect(&self, conn: &ConnContext) {
+        let _ = conn;
+    }
+
+    /// Called for each client request before it is forwarded. `Reject` =>
+    /// not forwarded; `reply` (a full OP_MSG body document, raw BSON bytes)
+    /// is sent to the client as a reply with responseTo = the request id
+    /// (unless the request had `moreToCome`, which expects no reply).
+    fn on_request(&self, conn: &ConnContext, frame: &Frame, msg: &Message<'_>) -> Verdict {
+        let _ = (conn, frame, msg);
+        Verdict::Forward
+    }
+
+    /// Called for each upstream reply, with the matched request's record
+    /// when known; may replace the reply bytes (seam for hello rewriting in
+    /// replica-set mode). Replies to injected requests are not shown here.
+    fn on_reply(
+        &self,
+        conn: &ConnContext,
+        request: Option<&InFlightRequest>,
+        frame: &Frame,
+        msg: &Message<'_>,
+    ) -> ReplyVerdict {
+        let _ = (conn, request, frame, msg);
+        ReplyVerdict::Forward
+    }
+
+    /// The connection is closing because of `cause`; `still_in_flight` are
+    /// the client requests that never got their (final) reply. Called
+    /// before the client's socket is closed, so whatever the inspector
+    /// releases here is released before the client can notice the close
+    /// and retry elsewhere.
+    fn on_close(&self, conn: &ConnContext, cause: CloseCause, still_in_flight: &[InFlightRequest]) {
+        let _ = (conn, cause, still_in_flight);
+    }
+}
+
+/// An inspector that lets everything through (plain proxy, tests, benchmarks).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopInspector;
+
+impl Inspector for NoopInspector {}
+
+/// What to do with a client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    /// Do not forward; answer the client with this OP_MSG body document.
+    Reject {
+        reply: Vec<u8>,
+    },
+}
+
+/// What to do with an upstream reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyVerdict {
+    Forward,
+    /// Send these bytes (a complete frame, header included) instead.
+    Replace(Bytes),
+}
+
+/// A client request that awaits its reply (or, for exhaust streams, its
+/// final reply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlightRequest {
+    /// The client's requestID (for injected requests: the proxy's negative id).
+    pub request_id: i32,
+    /// The command name, when the request is a command.
+    pub command: Option<Cow<'static, str>>,
+    /// `command`'s index in `metrics::COMMAND_LABELS`, found once per
+    /// request for both the command counter and the latency histogram.
+    pub command_metric: usize,
+    pub started: Instant,
+    /// The request set `exhaustAllowed`: the reply may be a stream.
+    pub exhaust_allowed: bool,
+    /// A hello / isMaster that may legitimately wait for a topology change
+    /// (streaming or awaitable): such a request is monitoring, not work, so
+    /// it does not hold up a drain.
+    pub awaitable_hello: bool,
+    /// Replies received so far with `moreToCome` set.
+    pub streamed_replies: u32,
+}
+
+/// What a connection's inspector callbacks know about it.
+#[derive(Debug, Clone)]
+pub struct ConnContext {
+    /// Unique per process, increasing.
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The listener address the client connected to.
+    pub local: SocketAddr,
+    /// Sends the proxy's own requests on this connection's upstream.
+    pub injector: Injector,
+}
+
+impl ConnContext {
+    /// A context whose injector is not connected to anything (every
+    /// injection fails with `InjectError::Closed`): for unit tests of
+    /// inspectors.
+    pub fn detached(id: u64, peer: SocketAddr, local: SocketAddr) -> ConnContext {
+        ConnContext {
+            id,
+            peer,
+            local,
+            injector: Injector::detached(),
+        }
+    }
+}
+
+/// Why an injected request produced no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    #[error("the connection is closed")]
+    Closed,
+    #[error("the connection is draining")]
+    Draining,
+    #[error("too many injected requests are already queued on this connection")]
+    QueueFull,
+    #[error(
+        "no reply within {0:?} (the connection never became idle, or the upstream did not answer)"
+    )]
+    Timeout(Duration),
+}
+
+/// A queued injection, owned by the connection until it is sent.
+#[derive(Debug)]
+pub(crate) struct InjectRequest {
+    pub body: Vec<u8>,
+    pub reply: oneshot::Sender<Result<Bytes, InjectError>>,
+    /// After this instant the request is dropped unsent.
+    pub deadline: tokio::time::Instant,
+}
+
+/// How many injections may wait per connection; the refresher sends at most
+/// one per connection at a time, so a full queue means something is stuck.
+pub(crate) const INJECT_QUEUE: usize = 16;
+
+/// Handle to send requests on a connection's upstream (cheap to clone).
+#[derive(Clone)]
+pub struct Injector {
+    tx: Option<mpsc::Sender<InjectRequest>>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Injector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Injector")
+            .field("connected", &self.tx.is_some())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl Injector {
+    pub(crate) fn new(tx: mpsc::Sender<InjectRequest>, timeout: Duration) -> Injector {
+        Injector {
+            tx: Some(tx),
+            timeout,
+        }
+    }
+
+    /// An injector that is connected to nothing.
+    pub fn detached() -> Injector {
+        Injector {
+            tx: None,
+            timeout: Duration::ZERO,
+        }
+    }
+
+    /// Sends `body` (a complete OP_MSG body document, raw BSON, including
+    /// `$db`) as an OP_MSG request with a proxy-owned negative request id,
+    /// at a moment when the connection has nothing in flight, and resolves
+    /// to the reply frame (never forwarded to the client). Gives up after the
+    /// configured `inject_timeout`.
+    pub fn inject(
+        &self,
+        body: Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<Bytes, InjectError>> + Send + 'static {
+        let tx = self.tx.clone();
+        let timeout = self.timeout;
+        async move {
+            let tx = tx.ok_or(InjectError::Closed)?;
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let request = InjectRequest {
+                body,
+                reply: reply_tx,
+                deadline: tokio::time::Instant::now() + timeout,
+            };
+            tx.try_send(request).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => InjectError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => InjectError::Closed,
+            })?;
+            match tokio::time::timeout(timeout, reply_rx).await {
+                Err(_) => Err(InjectError::Timeout(timeout)),
+                Ok(Err(_)) => Err(InjectError::Closed),
+                Ok(Ok(result)) => result,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn detached_injector_fails_closed() {
+        let err = Injector::detached().inject(vec![]).await.unwrap_err();
+        assert_eq!(err, InjectError::Closed);
+    }
+
+    #[tokio::test]
+    async fn injector_reports_full_queue_and_closed_receiver() {
+        let (tx, rx) = mpsc::channel(1);
+        let injector = Injector::new(tx, Duration::from_millis(50));
+        // First fills the queue and then times out waiting for a reply.
+        let first = injector.inject(vec![1]);
+        let second = injector.inject(vec![2]);
+        let first = tokio::spawn(first);
+        tokio::task::yield_now().await;
+        let mut rx = rx;
+        // Make sure the first request is in the queue before the second.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(second.await.unwrap_err(), InjectError::QueueFull);
+        assert_eq!(
+            first.await.unwrap().unwrap_err(),
+            InjectError::Timeout(Duration::from_millis(50))
+        );
+        let queued = rx.recv().await.unwrap();
+        assert_eq!(queued.body, vec![1]);
+        drop(rx);
+        assert_eq!(
+            injector.inject(vec![3]).await.unwrap_err(),
+            InjectError::Closed
+        );
+    }
+}

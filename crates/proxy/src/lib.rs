@@ -1,0 +1,301 @@
+//! sessionguard-proxy: the data path.
+//!
+//! It accepts client connections, dials one upstream connection per client,
+//! and forwards every frame unchanged in both directions while showing each
+//! one (parsed, zero-copy) to an [`Inspector`]. It owns sockets, TLS,
+//! correlation of requests and replies, lifecycle (connection cap, drain,
+//! shutdown), replica-set hello rewriting, the data path's metrics, and the
+//! seams for policy ([`Inspector`]) and injected requests ([`Injector`]).
+//! It holds no session logic and must not depend on the session engine
+//! (policy stays behind the `Inspector` trait: the binary adapts the engine
+//! to it), nor on the binary's configuration file: [`Proxy::start`] takes
+//! [`ProxySettings`], already validated. It never logs document contents.
+//!
+//! # Layout
+//!
+//! - `inspect`: the `Inspector` trait, verdicts, `ConnContext`, `Injector`.
+//! - `listener`: accept loop, connection cap, accept back-off, drain.
+//! - `connection`: one client connection and its two pumps.
+//! - `inflight`: the per-connection map of requests awaiting replies.
+//! - `upstream`: connection-string parsing and dialing (TCP).
+//! - `topology`: replica-set mode's hello rewriting (member -> proxy
+//!   addresses), applied around the caller's inspector.
+//! - `tls`: rustls on both sides (listener certificate, upstream options),
+//!   and `connect`: dial, then the upstream handshake when one is asked for.
+//! - `anchor_leaf`: the upstream verifier accepting a self-signed CA
+//!   certificate given as `tlsCAFile`, as OpenSSL-based drivers do.
+//! - `unreachable`: the error reply that answers a client's handshake when
+//!   its upstream cannot be dialed (cause and fix in `errmsg`).
+//! - `metrics`: [`ProxyMetrics`], the pre-resolved handles the connection
+//!   and listener update (atomic adds, no allocation per frame).
+//! - `settings`: [`ProxySettings`], what [`Proxy::start`] needs.
+#![forbid(unsafe_code)]
+
+mod anchor_leaf;
+mod connection;
+mod inflight;
+mod inspect;
+mod listener;
+mod metrics;
+mod settings;
+mod tls;
+mod topology;
+mod unreachable;
+mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use inspect::{
+    CloseCause, ConnContext, InFlightRequest, InjectError, Injector, Inspector, NoopInspector,
+    ReplyVerdict, Verdict,
+};
+
+pub use metrics::ProxyMetrics;
+pub use settings::{listener_plan, ListenerPlan, ProxySettings};
+pub use tls::{
+    ListenTls, ListenTlsConfig, ListenTlsError, TlsOptions, UpstreamTls,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+};
+pub use upstream::{dial, ConnectionString, DialError, HostPort};
+
+use connection::ConnSettings;
+use listener::{AcceptLoop, ListenerStats};
+use topology::TopologyInspector;
+
+/// Entry point of the data path.
+pub struct Proxy;
+
+impl Proxy {
+    /// Binds `settings.listen` (or, in replica-set mode, one listener per
+    /// member, each dialing its member; all share `inspector`) and starts
+    /// accepting, recording into `metrics`. Returns once every listener is
+    /// bound (so `local_addr` / `listeners` are known, e.g. for port 0).
+    pub async fn start(
+        settings: ProxySettings,
+        inspector: Arc<dyn Inspector>,
+        metrics: ProxyMetrics,
+    ) -> io::Result<ProxyHandle> {
+        let ProxySettings {
+            listen,
+            upstream,
+            members,
+            upstream_tls,
+            listen_tls,
+            max_connections,
+            max_message_size,
+            connect_timeout,
+            drain_grace,
+            frame_read_timeout,
+            inject_timeout,
+            clients_connect_directly,
+        } = settings;
+        tls::log_settings(upstream_tls.as_ref(), listen_tls.as_ref());
+        let member_mode = !members.is_empty();
+        if !member_mode && upstream.hosts.len() > 1 {
+            info!(
+                upstream = %upstream.primary_target(),
+                hosts = upstream.hosts.len(),
+                "the upstream lists several hosts; without a member mapping ([[members]] or \
+                 proxy.member_base_port) only the first is dialed"
+            );
+        }
+        let targets = listener_plan(&listen, &upstream, members);
+        metrics.register_upstreams(
+            targets
+                .iter()
+                .map(|target| &target.upstream as &dyn std::fmt::Display),
+        );
+        // Every listener is bound before any accepts, so a taken port fails
+        // the start as a whole.
+        let mut bound = Vec::with_capacity(targets.len());
+        for ListenerPlan {
+            upstream: member,
+            listen,
+            advertise,
+        } in targets
+        {
+            let listener = TcpListener::bind(&listen).await?;
+            let local = listener.local_addr()?;
+            // Port 0 (tests) is advertised as the port actually bound.
+            let advertised = member_mode.then(|| {
+                advertise.unwrap_or_else(|| {
+                    if listen.ends_with(":0") {
+                        local.to_string()
+                    } else {
+                        listen.clone()
+                    }
+                })
+            });
+            bound.push((
+                listener,
+                ListenerInfo {
+                    upstream: member,
+                    local_addr: local,
+                    advertised,
+                },
+            ));
+        }
+        let map = topology::MemberMap::new(bound.iter().filter_map(|(_, info)| {
+            let advertised = info.advertised.clone()?;
+            Some((info.upstream.clone(), advertised))
+        }));
+        // Without a map the decorator only warns about drivers bypassing the
+        // proxy, which cannot happen when every client connects directly.
+        let inspector: Arc<dyn Inspector> = if map.is_empty() && clients_connect_directly {
+            inspector
+        } else {
+            Arc::new(TopologyInspector::new(inspector, map))
+        };
+
+        let drain = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let active = Arc::new(watch::Sender::new(0usize));
+        let stats = Arc::new(ListenerStats::default());
+        let next_id = Arc::new(AtomicU64::new(1));
+        let mut listeners = Vec::with_capacity(bound.len());
+        let mut loops = Vec::with_capacity(bound.len());
+        for (listener, info) in bound {
+            match &info.advertised {
+                Some(advertised) => info!(listen = %info.local_addr, upstream = %info.upstream,
+                    %advertised, "proxy listening for a replica-set member"),
+                None => {
+                    info!(listen = %info.local_addr, upstream = %info.upstream, "proxy listening")
+                }
+            }
+            let settings = Arc::new(ConnSettings {
+                upstream: info.upstream.clone(),
+                upstream_tls: upstream_tls.clone(),
+                max_message_size,
+                connect_timeout,
+                frame_read_timeout,
+                inject_timeout,
+                metrics: metrics.clone(),
+            });
+            let accept_loop = AcceptLoop {
+                listener,
+                local: info.local_addr,
+                settings,
+                inspector: inspector.clone(),
+                max_connections,
+                drain_grace,
+                drain: drain.clone(),
+                kill: kill.clone(),
+                active: active.clone(),
+                stats: stats.clone(),
+                next_id: next_id.clone(),
+                metrics: metrics.clone(),
+                tls: listen_tls.clone(),
+            };
+            loops.push(tokio::spawn(accept_loop.run()));
+            listeners.push(info);
+        }
+        let local = listeners[0].local_addr;
+        let task = tokio::spawn(async move {
+            for accept_loop in loops {
+                let _ = accept_loop.await;
+            }
+        });
+        Ok(ProxyHandle {
+            local_addr: local,
+            listeners,
+            drain,
+            kill,
+            active,
+            stats,
+            metrics,
+            task,
+        })
+    }
+}
+
+/// One bound listener and the upstream it dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerInfo {
+    pub upstream: upstream::HostPort,
+    pub local_addr: SocketAddr,
+    /// The address hello replies name instead of `upstream` (replica-set
+    /// mode only).
+    pub advertised: Option<String>,
+}
+
+/// Controls a running proxy listener.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    local_addr: SocketAddr,
+    listeners: Vec<ListenerInfo>,
+    drain: CancellationToken,
+    kill: CancellationToken,
+    active: Arc<watch::Sender<usize>>,
+    stats: Arc<ListenerStats>,
+    metrics: ProxyMetrics,
+    task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// The bound listen address (the first member's in replica-set mode).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Every listener: one in single-upstream mode, one per member otherwise.
+    pub fn listeners(&self) -> &[ListenerInfo] {
+        &self.listeners
+    }
+
+    /// Stops accepting; each connection closes as soon as it has nothing in
+    /// flight (a monitoring hello stream counts as nothing); whatever is
+    /// left is closed after `drain_grace`.
+    pub fn drain(&self) {
+        self.metrics.set_draining();
+        self.drain.cancel();
+    }
+
+    /// Closes the listener and every connection now.
+    pub fn shutdown_now(&self) {
+        self.metrics.set_draining();
+        self.kill.cancel();
+    }
+
+    /// Whether `drain` or `shutdown_now` was called.
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled() || self.kill.is_cancelled()
+    }
+
+    /// Resolves when the listener has stopped and every connection is closed
+    /// (after `drain` or `shutdown_now`).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+
+    /// Client connections currently open.
+    pub fn active_connections(&self) -> usize {
+        *self.active.borrow()
+    }
+
+    /// Resolves once no client connection is open (at once when none is),
+    /// every close having been judged by the inspector first.
+    pub async fn no_connections(&self) {
+        let mut active = self.active.subscribe();
+        // The sender lives as long as `self`: this cannot fail.
+        let _ = active.wait_for(|open| *open == 0).await;
+    }
+
+    /// Connections accepted since start (not counting those over the cap).
+    pub fn accepted_connections(&self) -> u64 {
+        self.stats.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections closed at once because the cap was reached.
+    pub fn rejected_connections(&self) -> u64 {
+        self.stats.rejected_over_cap.load(Ordering::Relaxed)
+    }
+}
