@@ -104,7 +104,11 @@ async fn run_with(compressor: &str, compressor_id: u8) {
 
     drop(session);
     client.shutdown().await;
-    assert_eq!(g.settle().await, vec![RuleId::UseAfterEnd], "{compressor}");
+    assert_eq!(
+        g.settle_closed().await,
+        vec![RuleId::UseAfterEnd],
+        "{compressor}"
+    );
     g.stop().await;
 }
 

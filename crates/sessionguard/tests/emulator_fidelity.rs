@@ -664,7 +664,7 @@ async fn with_transaction_retries_converge_and_raise_no_violation() {
         g.stack.emulator.command_count("update")
     );
     client.shutdown().await;
-    let fired = g.settle().await;
+    let fired = g.settle_closed().await;
     assert!(
         fired.is_empty(),
         "no violation for correct retries: {fired:?}"

@@ -208,7 +208,7 @@ async fn a_realistic_workload_raises_zero_violations() {
     let stats = g.engine.stats();
     assert!(stats.requests_inspected > 500, "{stats:?}");
     assert!(stats.ledger.sessions >= 2, "{stats:?}");
-    let fired = g.settle().await;
+    let fired = g.settle_closed().await;
     assert!(
         fired.is_empty(),
         "false positives: {:#?}",
@@ -262,7 +262,7 @@ async fn pooled_implicit_sessions_reused_sequentially_raise_nothing() {
     assert!(stats.requests_inspected >= 241, "{stats:?}");
     assert!(stats.ledger.sessions >= 1, "{stats:?}");
     assert!(stats.sessions_started >= 1, "{stats:?}");
-    assert_eq!(g.settle().await, vec![]);
+    assert_eq!(g.settle_closed().await, vec![]);
     g.stop().await;
 }
 
@@ -332,7 +332,7 @@ async fn with_transaction_retrying_real_write_conflicts_raises_nothing() {
     assert!(stats.transactions_started > increments, "{stats:?}");
     assert!(stats.transactions_committed >= increments, "{stats:?}");
     assert!(stats.transactions_aborted >= 1, "{stats:?}");
-    let fired = g.settle().await;
+    let fired = g.settle_closed().await;
     assert!(
         fired.is_empty(),
         "false positives: {:#?}",

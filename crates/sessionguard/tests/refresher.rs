@@ -57,7 +57,7 @@ async fn a_held_cursor_survives_an_idle_period_longer_than_the_session_timeout()
     assert!(stats.sessions_refreshed >= 2, "{stats:?}");
     assert_eq!(stats.refresh_failures, 0, "{stats:?}");
     // Nothing was misused: the refresher kept the session alive.
-    assert_eq!(g.settle().await, vec![]);
+    assert_eq!(g.settle_closed().await, vec![]);
     g.stop().await;
 }
 

@@ -114,6 +114,6 @@ async fn driver_cursors_on_explicit_and_implicit_sessions_raise_nothing() {
     drop(session);
     client.shutdown().await;
     assert!(g.stack.emulator.command_count("getMore") >= 26);
-    assert_eq!(g.settle().await, vec![]);
+    assert_eq!(g.settle_closed().await, vec![]);
     g.stop().await;
 }

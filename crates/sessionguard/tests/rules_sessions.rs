@@ -159,7 +159,7 @@ async fn use_after_kill_sessions_with_the_rust_driver() {
     );
     drop(session);
     client.shutdown().await;
-    assert_eq!(g.settle().await, vec![RuleId::UseAfterEnd]);
+    assert_eq!(g.settle_closed().await, vec![RuleId::UseAfterEnd]);
     g.stop().await;
 }
 

@@ -232,7 +232,7 @@ async fn a_swallowed_error_inside_a_transaction_with_the_rust_driver() {
     drop(session);
     client.shutdown().await;
     assert_eq!(
-        g.settle().await,
+        g.settle_closed().await,
         vec![RuleId::TxnAfterAbort, RuleId::TxnAfterAbort]
     );
     g.stop().await;

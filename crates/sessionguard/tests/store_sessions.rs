@@ -62,9 +62,12 @@ impl Guarded {
             .collect()
     }
 
-    /// Lets replies and closes settle, then returns every rule that fired.
+    /// Waits until the engine has inspected every request the proxy read
+    /// (its clients stay open), then returns every rule that fired.
     async fn settle(&self) -> Vec<RuleId> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.stack
+            .engine_caught_up(&self.engine, false, Duration::from_secs(10))
+            .await;
         self.engine.violations().iter().map(|v| v.rule).collect()
     }
 

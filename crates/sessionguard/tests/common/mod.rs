@@ -84,6 +84,52 @@ impl Stack {
         }
     }
 
+    /// Requests the proxy has read from its clients (every opcode), from
+    /// its own `sessionguard_frames_total`: counted before the inspector is
+    /// asked, so it is what the engine must have inspected.
+    pub(crate) fn requests_read(&self) -> u64 {
+        let prefix = "sessionguard_frames_total{direction=\"client_to_upstream\",";
+        self.metrics
+            .render()
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Waits (up to `timeout`) until `engine` has caught up with the traffic
+    /// the proxy carried, so that "nothing fired" means the engine looked:
+    /// it inspected at least one request and every request the proxy read
+    /// from a client; with `all_closed`, every client connection has also
+    /// closed and its close was judged (the proxy counts a connection open
+    /// until the inspector has seen its close, and every reply read on it
+    /// was inspected before that). Panics, saying what was missing, at the
+    /// deadline: a stack whose traffic never reached the engine cannot pass.
+    pub(crate) async fn engine_caught_up(
+        &self,
+        engine: &sessionguard_engine::SessionEngine,
+        all_closed: bool,
+        timeout: Duration,
+    ) {
+        let caught_up = || {
+            let inspected = engine.stats().requests_inspected;
+            let closed = !all_closed
+                || (self.proxy.active_connections() == 0 && engine.stats().connections == 0);
+            inspected > 0 && inspected >= self.requests_read() && closed
+        };
+        if !Stack::eventually(timeout, caught_up).await {
+            panic!(
+                "the engine did not catch up with the traffic within {timeout:?}: \
+                 it inspected {} of the {} requests the proxy read; \
+                 open connections: proxy {}, engine {} (all closed expected: {all_closed})",
+                engine.stats().requests_inspected,
+                self.requests_read(),
+                self.proxy.active_connections(),
+                engine.stats().connections,
+            );
+        }
+    }
+
     pub(crate) async fn stop(self) {
         self.proxy.shutdown_now();
         self.proxy.wait().await;

@@ -133,9 +133,19 @@ impl Guarded {
         self.violations_of(rule).remove(0)
     }
 
-    /// Lets in-flight closes and replies settle, then returns what fired.
+    /// Waits until the engine has inspected every request the proxy read
+    /// (and at least one), then returns what fired. For a test whose
+    /// connections are still open: each reply its clients got was inspected
+    /// before it was forwarded.
     pub(crate) async fn settle(&self) -> Vec<RuleId> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.stack.engine_caught_up(&self.engine, false, WAIT).await;
+        self.fired()
+    }
+
+    /// `settle` once every client connection has closed and the engine has
+    /// judged each close (after `Client::shutdown` or closing raw clients).
+    pub(crate) async fn settle_closed(&self) -> Vec<RuleId> {
+        self.stack.engine_caught_up(&self.engine, true, WAIT).await;
         self.fired()
     }
 
