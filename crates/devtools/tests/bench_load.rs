@@ -4,8 +4,7 @@
 //! pattern (the engine raises nothing); the idle-connections probe keeps
 //! every connection usable. The real measurements are bench/compare.sh.
 
-#[path = "../../sessionguard/tests/common/mod.rs"]
-mod common;
+use sessionguard_test_support as common;
 
 use std::sync::Arc;
 use std::time::Duration;

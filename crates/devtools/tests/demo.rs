@@ -3,8 +3,7 @@
 //! workload, then three session bugs and what sessionguard found, exactly as
 //! README's copy of its output says.
 
-#[path = "../../sessionguard/tests/common/mod.rs"]
-mod common;
+use sessionguard_test_support as common;
 
 use std::time::Duration;
 

@@ -6,8 +6,7 @@
 //! Each test checks the exit code, the JSON report, the JUnit report and
 //! the summary the binary prints.
 
-#[path = "../../sessionguard/tests/common/mod.rs"]
-mod common;
+use sessionguard_test_support as common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

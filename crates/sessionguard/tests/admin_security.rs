@@ -7,7 +7,7 @@
 //! token, SCRAM payload or document content in the binary's logs (at
 //! `trace`), its JSON report or any admin API answer.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -10,23 +10,21 @@
 //! the wrong user refreshes nothing of the owner's, and the cursor dies).
 //! Nothing secret reaches the log.
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, Document};
 use bytes::Bytes;
+use common::{hold_a_cursor_idle, Guarded, Relay, SERVER_TIMEOUT};
 use mongodb::options::FindOptions;
 use mongodb::Client;
-use rules_common::{hold_a_cursor_idle, Guarded, SERVER_TIMEOUT};
 use sessionguard::admin::{self, AdminContext};
 use sessionguard::metrics::Metrics;
 use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RefreshPolicy, RulesConfig, SessionConfig, SessionEngine};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 const ALICE: (&str, &str) = ("alice", "Wonder-Land-2024");
@@ -55,76 +53,6 @@ async fn user_client(proxy: SocketAddr, user: (&str, &str)) -> Client {
     Client::with_uri_str(uri(proxy, user, &format!("&appName={}", user.0)))
         .await
         .unwrap()
-}
-
-/// A TCP relay in front of the proxy that keeps every byte clients send,
-/// so the test can compare what the driver sent with what the emulator got.
-struct Tap {
-    addr: SocketAddr,
-    sent: Arc<Mutex<Vec<Vec<u8>>>>,
-}
-
-impl Tap {
-    async fn start(target: SocketAddr) -> Tap {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sent = Arc::new(Mutex::new(Vec::new()));
-        let streams = sent.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let upstream = TcpStream::connect(target).await.unwrap();
-                let index = {
-                    let mut streams = streams.lock().unwrap();
-                    streams.push(Vec::new());
-                    streams.len() - 1
-                };
-                let streams = streams.clone();
-                tokio::spawn(async move {
-                    let (mut client_read, mut client_write) = client.into_split();
-                    let (mut upstream_read, mut upstream_write) = upstream.into_split();
-                    let up = async {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            match client_read.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    streams.lock().unwrap()[index].extend_from_slice(&buf[..n]);
-                                    if upstream_write.write_all(&buf[..n]).await.is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                        let _ = upstream_write.shutdown().await;
-                    };
-                    let down = async {
-                        let _ = tokio::io::copy(&mut upstream_read, &mut client_write).await;
-                        let _ = client_write.shutdown().await;
-                    };
-                    tokio::join!(up, down);
-                });
-            }
-        });
-        Tap { addr, sent }
-    }
-
-    /// Every frame clients sent, split by the length prefix.
-    fn frames(&self) -> Vec<Vec<u8>> {
-        let mut frames = Vec::new();
-        for stream in self.sent.lock().unwrap().iter() {
-            let mut rest = stream.as_slice();
-            while rest.len() >= 4 {
-                let len = i32::from_le_bytes(rest[..4].try_into().unwrap());
-                let len = usize::try_from(len).unwrap();
-                if rest.len() < len {
-                    break;
-                }
-                frames.push(rest[..len].to_vec());
-                rest = &rest[len..];
-            }
-        }
-        frames
-    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -166,7 +94,7 @@ async fn session_owners(engine: Arc<SessionEngine>) -> Vec<Option<String>> {
     let server = admin::serve_with("127.0.0.1:0", context, shutdown.clone())
         .await
         .unwrap();
-    let reply = rules_common::http_get(server.local_addr, "/sessions", None).await;
+    let reply = common::http_get(server.local_addr, "/sessions", None).await;
     shutdown.cancel();
     assert_eq!(reply.status, 200, "GET /sessions: {reply:?}");
     let listing: serde_json::Value = serde_json::from_str(&reply.body)
@@ -180,7 +108,7 @@ async fn session_owners(engine: Arc<SessionEngine>) -> Vec<Option<String>> {
 }
 
 async fn authenticated_run(speculative: bool) {
-    let logs = rules_common::ThreadLogs::default();
+    let logs = common::ThreadLogs::default();
     let _guard = logs.install_at(tracing::Level::TRACE);
     let emulator = EmulatorConfig {
         users: users(),
@@ -189,7 +117,7 @@ async fn authenticated_run(speculative: bool) {
         ..EmulatorConfig::default()
     };
     let g = Guarded::start(emulator, SessionConfig::default()).await;
-    let tap = Tap::start(g.stack.proxy.local_addr()).await;
+    let tap = Relay::tap(g.stack.proxy.local_addr()).await;
 
     // Wrong password: refused, as it would be directly.
     let wrong = Client::with_uri_str(uri(tap.addr, (ALICE.0, "not-the-password"), ""))

@@ -16,7 +16,7 @@
 //! was measured) — well under what the unbounded case would take — and
 //! prints the samples.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -5,10 +5,10 @@
 //! commands inside OP_COMPRESSED. The emulator's recorded frames prove the
 //! traffic really was compressed with the expected compressor.
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use bson::{doc, Document};
-use rules_common::{session_lsid, short_of, Guarded};
+use common::{session_lsid, short_of, Guarded};
 use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RuleId, SessionConfig};
 

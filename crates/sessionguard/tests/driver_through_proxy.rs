@@ -1,7 +1,7 @@
 //! The official Rust driver runs ordinary workloads through the proxy in front
 //! of the emulator: everything must behave exactly as it would directly.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bson::{doc, spec::BinarySubtype, Binary, Bson, Document};
+use bson::{doc, Bson, Document};
 use futures_util::StreamExt;
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::event::sdam::SdamEvent;
@@ -16,15 +16,9 @@ use mongodb::{Client, IndexModel, ServerType};
 use sessionguard_emulator::{
     Emulator, EmulatorConfig, EmulatorHandle, Profile, Topology, UserRole,
 };
-use sessionguard_protocol::wire::{
-    self, legacy, op_msg, Frame, FrameCodec, Message, MsgFlags, OpCode,
-};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-use tokio_util::codec::FramedRead;
+use sessionguard_protocol::wire::{self, legacy, MsgFlags, OpCode};
 
-const WAIT: Duration = Duration::from_secs(10);
+use sessionguard_test_support::{lsid, RawClient, WAIT};
 
 async fn start(config: EmulatorConfig) -> EmulatorHandle {
     // RUST_LOG=sessionguard=debug shows the emulator's command log.
@@ -62,84 +56,6 @@ fn error_code(err: &mongodb::error::Error) -> Option<i32> {
         ErrorKind::Write(WriteFailure::WriteError(e)) => Some(e.code),
         ErrorKind::InsertMany(e) => e.write_errors.as_ref()?.first().map(|w| w.code),
         _ => None,
-    }
-}
-
-fn lsid(byte: u8) -> Document {
-    doc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: vec![byte; 16] } }
-}
-
-/// A bare wire-protocol client, for requests a driver would never send.
-struct Raw {
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: OwnedWriteHalf,
-    next_id: i32,
-}
-
-struct RawReply {
-    request_id: i32,
-    response_to: i32,
-    flags: MsgFlags,
-    op_code: OpCode,
-    doc: Document,
-}
-
-impl Raw {
-    async fn connect(handle: &EmulatorHandle) -> Raw {
-        let stream = TcpStream::connect(handle.addr()).await.expect("connect");
-        let (read, writer) = stream.into_split();
-        Raw {
-            reader: FramedRead::new(read, FrameCodec::default()),
-            writer,
-            next_id: 100,
-        }
-    }
-
-    fn encode(&mut self, flags: u32, body: &Document) -> (i32, bytes::Bytes) {
-        self.next_id += 1;
-        let mut bytes = Vec::new();
-        body.to_writer(&mut bytes).unwrap();
-        (
-            self.next_id,
-            op_msg::encode(self.next_id, 0, MsgFlags(flags), &bytes),
-        )
-    }
-
-    async fn send(&mut self, flags: u32, body: &Document) -> i32 {
-        let (id, bytes) = self.encode(flags, body);
-        self.writer.write_all(&bytes).await.expect("write");
-        id
-    }
-
-    async fn recv(&mut self) -> Option<RawReply> {
-        let frame: Frame = tokio::time::timeout(WAIT, self.reader.next())
-            .await
-            .expect("reply within the timeout")?
-            .ok()?;
-        let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).expect("open");
-        let message = opened.parse(&frame).expect("parse");
-        let (flags, doc) = match message {
-            Message::Msg(m) => (m.flags, Document::try_from(m.body).unwrap()),
-            Message::Reply(r) => (
-                MsgFlags(0),
-                Document::try_from(r.first().expect("one document")).unwrap(),
-            ),
-            other => panic!("unexpected reply {other:?}"),
-        };
-        Some(RawReply {
-            request_id: frame.header.request_id,
-            response_to: frame.header.response_to,
-            flags,
-            op_code: frame.header.op_code,
-            doc,
-        })
-    }
-
-    async fn command(&mut self, body: Document) -> Document {
-        let id = self.send(0, &body).await;
-        let reply = self.recv().await.expect("a reply");
-        assert_eq!(reply.response_to, id, "reply answers the request");
-        reply.doc
     }
 }
 
@@ -435,7 +351,7 @@ async fn transactions_commit_and_abort_over_replica_set_discovery() {
 #[tokio::test]
 async fn transaction_number_rules_with_crafted_txn_numbers() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let l = lsid(1);
     let start = |n: i64| {
         doc! { "insert": "t", "documents": [ { "_id": n } ], "lsid": lsid(1), "txnNumber": n,
@@ -505,7 +421,7 @@ async fn standalone_rejects_txn_numbers() {
         ..EmulatorConfig::default()
     })
     .await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let hello = raw.command(doc! { "hello": 1, "$db": "admin" }).await;
     assert!(hello.get("setName").is_none());
     assert!(hello.get_bool("isWritablePrimary").unwrap());
@@ -523,7 +439,7 @@ async fn standalone_rejects_txn_numbers() {
 #[tokio::test]
 async fn retryable_write_with_reused_txn_number_is_silently_skipped() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let insert = |id: i32, txn: i64| {
         doc! { "insert": "lost", "documents": [ { "_id": id } ], "lsid": lsid(3), "txnNumber": txn, "$db": "app" }
     };
@@ -592,7 +508,7 @@ async fn retryable_write_with_reused_txn_number_is_silently_skipped() {
 #[tokio::test]
 async fn cursors_belong_to_their_session() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     raw.command(doc! { "insert": "c", "documents": (0..6).map(|i| doc! { "_id": i }).collect::<Vec<_>>(), "$db": "app" })
         .await;
     let opened = raw
@@ -707,7 +623,7 @@ async fn idle_session_expiry_kills_its_cursor() {
     drop(cursor);
 
     // refreshSessions keeps a session (and its cursor) alive past the timeout.
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let opened = raw
         .command(doc! { "find": "exp", "batchSize": 2, "lsid": lsid(6), "$db": "app" })
         .await;
@@ -804,7 +720,7 @@ async fn streaming_hello_keeps_the_driver_monitor_happy() {
 #[tokio::test]
 async fn exhaust_hello_stream_over_raw_frames() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let first = raw
         .command(doc! { "hello": 1, "helloOk": true, "$db": "admin" })
         .await;
@@ -847,7 +763,7 @@ async fn exhaust_hello_stream_over_raw_frames() {
     }
     // A topology change is pushed without waiting for maxAwaitTimeMS... use a long wait to prove it.
     drop(raw);
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     raw.send(
         MsgFlags::EXHAUST_ALLOWED,
         &doc! { "hello": 1, "topologyVersion": tv.clone(), "maxAwaitTimeMS": 10_000_i64, "$db": "admin" },
@@ -879,13 +795,13 @@ async fn legacy_op_query_handshake_and_pipelining() {
         ..EmulatorConfig::default()
     })
     .await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let mut query = Vec::new();
     doc! { "isMaster": 1, "helloOk": true, "compression": ["zstd", "snappy"] }
         .to_writer(&mut query)
         .unwrap();
     let bytes = legacy::encode_query(7, 0, "admin.$cmd", 0, -1, &query);
-    raw.writer.write_all(&bytes).await.unwrap();
+    raw.send_bytes(&bytes).await;
     let reply = raw.recv().await.unwrap();
     assert_eq!(reply.op_code, OpCode::Reply);
     assert_eq!(reply.response_to, 7);
@@ -906,7 +822,7 @@ async fn legacy_op_query_handshake_and_pipelining() {
     let mut all = a.to_vec();
     all.extend_from_slice(&b);
     all.extend_from_slice(&c);
-    raw.writer.write_all(&all).await.unwrap();
+    raw.send_bytes(&all).await;
     let rb = raw.recv().await.unwrap();
     assert_eq!(rb.response_to, id_b);
     assert_eq!(
@@ -931,13 +847,11 @@ async fn legacy_op_query_handshake_and_pipelining() {
 #[tokio::test]
 async fn malformed_frame_closes_only_that_connection() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut bad = Raw::connect(&emu).await;
-    let mut good = Raw::connect(&emu).await;
+    let mut bad = RawClient::connect(emu.addr()).await;
+    let mut good = RawClient::connect(emu.addr()).await;
     // Length 5 is below the 16-byte header.
-    bad.writer
-        .write_all(&[5, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
-        .await
-        .unwrap();
+    bad.send_bytes(&[5, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+        .await;
     assert!(bad.recv().await.is_none(), "the bad connection is closed");
     let pong = good.command(doc! { "ping": 1, "$db": "admin" }).await;
     assert_eq!(pong.get_f64("ok").unwrap(), 1.0);
@@ -988,7 +902,7 @@ async fn reply_latency_delays_commands_but_not_the_handshake() {
         ..EmulatorConfig::default()
     })
     .await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let started = Instant::now();
     raw.command(doc! { "hello": 1, "$db": "admin" }).await;
     assert!(started.elapsed() < Duration::from_millis(40));
@@ -1015,7 +929,7 @@ async fn three_members_share_one_data_set_and_fail_over() {
     let coll = client.database("app").collection::<Document>("rs");
     coll.insert_one(doc! { "_id": 1 }).await.unwrap();
 
-    let mut raw = Raw::connect(&third).await;
+    let mut raw = RawClient::connect(third.addr()).await;
     let hello = raw.command(doc! { "hello": 1, "$db": "admin" }).await;
     assert_eq!(hello.get_array("hosts").unwrap().len(), 3);
     assert!(!hello.get_bool("isWritablePrimary").unwrap());
@@ -1040,7 +954,7 @@ async fn three_members_share_one_data_set_and_fail_over() {
         2,
         "one data set behind every member"
     );
-    let old_primary = Raw::connect(&first)
+    let old_primary = RawClient::connect(first.addr())
         .await
         .command(doc! { "hello": 1, "$db": "admin" })
         .await;
@@ -1054,7 +968,7 @@ async fn three_members_share_one_data_set_and_fail_over() {
 #[tokio::test]
 async fn exhaust_get_more_over_zlib_streams_compressed_replies() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     raw.command(doc! { "insert": "z", "documents": (0..9).map(|i| doc! { "_id": i }).collect::<Vec<_>>(), "$db": "app" })
         .await;
     let opened = raw
@@ -1077,7 +991,7 @@ async fn exhaust_get_more_over_zlib_streams_compressed_replies() {
         wire::Compressor::Zlib,
         &plain[wire::HEADER_LEN..],
     );
-    raw.writer.write_all(&compressed).await.unwrap();
+    raw.send_bytes(&compressed).await;
     let (mut answering, mut seen, mut replies) = (id, 2, 0);
     loop {
         let reply = raw.recv().await.expect("a streamed reply");
@@ -1160,7 +1074,7 @@ async fn documentdb_profile_answers_and_refuses_like_documentdb() {
         ..EmulatorConfig::default()
     })
     .await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let hello = raw.command(doc! { "hello": 1, "$db": "admin" }).await;
     assert_eq!(hello.get_str("msg").unwrap(), "isdbgrid");
     assert_eq!(hello.get_i32("maxWireVersion").unwrap(), 21);
@@ -1241,7 +1155,7 @@ async fn atlas_shared_profile_refuses_kills_with_atlas_error() {
     .await;
     let client = direct_client(&emu).await;
     let (mut session, mut cursor) = session_cursor(&client, "atlas").await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     for mut kill in kill_commands(session.id()) {
         let name = kill.keys().next().unwrap().clone();
         kill.insert("$db", "admin");
@@ -1335,7 +1249,7 @@ async fn a_user_without_kill_any_session_is_refused_but_kills_its_own_sessions()
 #[tokio::test]
 async fn a_fail_point_fails_the_handshake_over_op_query_too() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut admin = Raw::connect(&emu).await;
+    let mut admin = RawClient::connect(emu.addr()).await;
     let configure = |mode: Bson, data: Document| {
         doc! { "configureFailPoint": "failCommand", "mode": mode, "data": data, "$db": "admin" }
     };
@@ -1352,12 +1266,12 @@ async fn a_fail_point_fails_the_handshake_over_op_query_too() {
             .unwrap();
         legacy::encode_query(id, 0, "admin.$cmd", 0, -1, &query)
     };
-    let mut raw = Raw::connect(&emu).await;
-    raw.writer.write_all(&legacy_hello(1)).await.unwrap();
+    let mut raw = RawClient::connect(emu.addr()).await;
+    raw.send_bytes(&legacy_hello(1)).await;
     let failed = raw.recv().await.unwrap();
     assert_eq!(failed.op_code, OpCode::Reply);
     assert_eq!(code_of(&failed.doc), 2);
-    raw.writer.write_all(&legacy_hello(2)).await.unwrap();
+    raw.send_bytes(&legacy_hello(2)).await;
     let ok = raw.recv().await.unwrap();
     assert!(ok.doc.get_bool("ismaster").unwrap(), "{:?}", ok.doc);
 
@@ -1368,8 +1282,8 @@ async fn a_fail_point_fails_the_handshake_over_op_query_too() {
             "blockConnection": true, "blockTimeMS": 10 },
         ))
         .await;
-    let mut closed = Raw::connect(&emu).await;
-    closed.writer.write_all(&legacy_hello(3)).await.unwrap();
+    let mut closed = RawClient::connect(emu.addr()).await;
+    closed.send_bytes(&legacy_hello(3)).await;
     assert!(closed.recv().await.is_none(), "closed without a reply");
 
     admin

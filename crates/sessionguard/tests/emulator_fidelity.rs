@@ -7,7 +7,7 @@
 //! `afterClusterTime` / `atClusterTime`, and converge under `with_transaction`
 //! retries, with the session engine raising nothing); raw frames show the rest.
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,19 +15,17 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, spec::BinarySubtype, Binary, Bson, Document, Timestamp};
 use bytes::BytesMut;
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use futures_util::{FutureExt, TryStreamExt};
 use mongodb::error::Error as DriverError;
 use mongodb::options::{FindOptions, SessionOptions};
 use mongodb::Client;
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle, Topology};
 use sessionguard_engine::SessionConfig;
-use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
+use sessionguard_protocol::wire::{self, FrameCodec, Message, MsgFlags};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::FramedRead;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{lsid, RawClient, WAIT};
 
 async fn start(config: EmulatorConfig) -> EmulatorHandle {
     Emulator::start("127.0.0.1:0".parse().unwrap(), config)
@@ -49,10 +47,6 @@ async fn direct_client(handle: &EmulatorHandle) -> Client {
     ))
     .await
     .expect("client")
-}
-
-fn lsid(byte: u8) -> Document {
-    doc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: vec![byte; 16] } }
 }
 
 fn packed(ts: Timestamp) -> u64 {
@@ -103,69 +97,6 @@ fn commands_received(handle: &EmulatorHandle) -> Vec<Document> {
         .collect()
 }
 
-/// A bare wire-protocol client.
-struct Raw {
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: OwnedWriteHalf,
-    next_id: i32,
-}
-
-struct RawReply {
-    request_id: i32,
-    response_to: i32,
-    flags: MsgFlags,
-    doc: Document,
-}
-
-impl Raw {
-    async fn connect(handle: &EmulatorHandle) -> Raw {
-        let stream = TcpStream::connect(handle.addr()).await.expect("connect");
-        let (read, writer) = stream.into_split();
-        Raw {
-            reader: FramedRead::new(read, FrameCodec::default()),
-            writer,
-            next_id: 1000,
-        }
-    }
-
-    async fn send(&mut self, flags: u32, body: &Document) -> i32 {
-        self.next_id += 1;
-        let mut bytes = Vec::new();
-        body.to_writer(&mut bytes).unwrap();
-        let frame = op_msg::encode(self.next_id, 0, MsgFlags(flags), &bytes);
-        self.writer.write_all(&frame).await.expect("write");
-        self.next_id
-    }
-
-    async fn recv_within(&mut self, wait: Duration) -> Option<RawReply> {
-        let frame: Frame = tokio::time::timeout(wait, self.reader.next())
-            .await
-            .ok()??
-            .ok()?;
-        let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).expect("open");
-        let Message::Msg(m) = opened.parse(&frame).expect("parse") else {
-            panic!("expected OP_MSG");
-        };
-        Some(RawReply {
-            request_id: frame.header.request_id,
-            response_to: frame.header.response_to,
-            flags: m.flags,
-            doc: Document::try_from(m.body).unwrap(),
-        })
-    }
-
-    async fn recv(&mut self) -> RawReply {
-        self.recv_within(WAIT).await.expect("a reply in time")
-    }
-
-    async fn command(&mut self, body: Document) -> Document {
-        let id = self.send(0, &body).await;
-        let reply = self.recv().await;
-        assert_eq!(reply.response_to, id, "reply answers the request");
-        reply.doc
-    }
-}
-
 // ------------------------------------------------------------------ G1
 
 #[tokio::test]
@@ -185,7 +116,7 @@ async fn replica_set_and_mongos_replies_carry_cluster_time_standalone_does_not()
             ..EmulatorConfig::default()
         })
         .await;
-        let mut raw = Raw::connect(&emu).await;
+        let mut raw = RawClient::connect(emu.addr()).await;
         let replies = [
             raw.command(doc! { "hello": 1, "$db": "admin" }).await,
             raw.command(doc! { "ping": 1, "$db": "admin" }).await,
@@ -224,7 +155,7 @@ async fn replica_set_and_mongos_replies_carry_cluster_time_standalone_does_not()
 #[tokio::test]
 async fn writes_advance_the_cluster_time_and_gossip_moves_it_forward() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let before = operation_time(&raw.command(doc! { "ping": 1, "$db": "admin" }).await);
     let read = operation_time(&raw.command(doc! { "find": "c", "$db": "app" }).await);
     assert_eq!(read, before, "reads do not advance the clock");
@@ -264,7 +195,7 @@ async fn writes_advance_the_cluster_time_and_gossip_moves_it_forward() {
 #[tokio::test]
 async fn read_concern_cluster_times_are_checked_and_snapshot_reads_report_theirs() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let now = operation_time(
         &raw.command(doc! { "insert": "c", "documents": [{ "_id": 1, "k": "a" }, { "_id": 2, "k": "b" }], "$db": "app" })
             .await,
@@ -359,7 +290,7 @@ async fn read_concern_cluster_times_are_checked_and_snapshot_reads_report_theirs
         ..EmulatorConfig::default()
     })
     .await;
-    let mut raw = Raw::connect(&standalone).await;
+    let mut raw = RawClient::connect(standalone.addr()).await;
     let refused = raw
         .command(doc! { "find": "c", "readConcern": { "afterClusterTime": now }, "$db": "app" })
         .await;
@@ -483,7 +414,7 @@ fn end_txn(command: &str, session: u8, txn: i64) -> Document {
     doc! { command: 1, "lsid": lsid(session), "txnNumber": txn, "autocommit": false, "$db": "admin" }
 }
 
-async fn value_of(raw: &mut Raw, id: i32) -> i32 {
+async fn value_of(raw: &mut RawClient, id: i32) -> i32 {
     let reply = raw
         .command(doc! { "find": "acct", "filter": { "_id": id }, "$db": "app" })
         .await;
@@ -493,7 +424,7 @@ async fn value_of(raw: &mut Raw, id: i32) -> i32 {
 #[tokio::test]
 async fn the_second_transaction_writing_a_document_gets_a_write_conflict() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     raw.command(doc! { "insert": "acct", "documents": [{ "_id": 1, "v": 100 }, { "_id": 2, "v": 200 }], "$db": "app" })
         .await;
     let a = raw.command(txn_update(1, 1, true, 1, -1)).await;
@@ -552,8 +483,8 @@ async fn the_second_transaction_writing_a_document_gets_a_write_conflict() {
 #[tokio::test]
 async fn a_plain_write_waits_for_the_transaction_holding_its_document() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut owner = Raw::connect(&emu).await;
-    let mut writer = Raw::connect(&emu).await;
+    let mut owner = RawClient::connect(emu.addr()).await;
+    let mut writer = RawClient::connect(emu.addr()).await;
     owner
         .command(doc! { "insert": "acct", "documents": [{ "_id": 1, "v": 10 }, { "_id": 2, "v": 0 }], "$db": "app" })
         .await;
@@ -579,7 +510,7 @@ async fn a_plain_write_waits_for_the_transaction_holding_its_document() {
     assert_eq!(value_of(&mut owner, 2).await, 1, "statement 0 already ran");
     let started = Instant::now();
     owner.command(end_txn("commitTransaction", 1, 1)).await;
-    let reply = writer.recv().await;
+    let reply = writer.reply().await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "woken by the commit"
@@ -612,7 +543,7 @@ async fn a_plain_write_waits_for_the_transaction_holding_its_document() {
 #[tokio::test]
 async fn with_transaction_retries_converge_and_raise_no_violation() {
     const TASKS: i32 = 6;
-    let g = rules_common::Guarded::start(EmulatorConfig::default(), SessionConfig::default()).await;
+    let g = common::Guarded::start(EmulatorConfig::default(), SessionConfig::default()).await;
     let client = g.client("fidelity").await;
     let counters = client.database("bank").collection::<Document>("counters");
     counters
@@ -677,7 +608,7 @@ async fn with_transaction_retries_converge_and_raise_no_violation() {
 #[tokio::test]
 async fn an_exhaust_get_more_streams_the_rest_of_the_cursor() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     raw.command(doc! { "insert": "e", "documents": (0..12).map(|i| doc! { "_id": i }).collect::<Vec<_>>(), "$db": "app" })
         .await;
     let opened = raw
@@ -698,7 +629,7 @@ async fn an_exhaust_get_more_streams_the_rest_of_the_cursor() {
     let mut answering = request;
     let mut replies = 0;
     loop {
-        let reply = raw.recv().await;
+        let reply = raw.reply().await;
         replies += 1;
         assert_eq!(
             reply.response_to, answering,
@@ -738,7 +669,7 @@ async fn an_exhaust_get_more_streams_the_rest_of_the_cursor() {
             &doc! { "getMore": id, "collection": "e", "batchSize": 3, "$db": "app" },
         )
         .await;
-    let reply = raw.recv().await;
+    let reply = raw.reply().await;
     assert_eq!(reply.response_to, one);
     assert!(!reply.flags.more_to_come());
     assert!(raw.recv_within(Duration::from_millis(200)).await.is_none());
@@ -754,7 +685,7 @@ async fn transactions_past_the_lifetime_limit_are_aborted() {
         ..EmulatorConfig::default()
     })
     .await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let parameter = raw
         .command(doc! { "getParameter": 1, "transactionLifetimeLimitSeconds": 1, "$db": "admin" })
         .await;
@@ -785,7 +716,7 @@ async fn transactions_past_the_lifetime_limit_are_aborted() {
 #[tokio::test]
 async fn ended_and_killed_sessions_keep_their_txn_number_history() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let insert = |id: i32, txn: i64| {
         doc! { "insert": "h", "documents": [{ "_id": id }], "lsid": lsid(5), "txnNumber": txn, "$db": "app" }
     };
@@ -807,7 +738,7 @@ async fn ended_and_killed_sessions_keep_their_txn_number_history() {
 
 #[tokio::test]
 async fn a_peer_reset_is_logged_at_debug_and_a_malformed_frame_warns() {
-    rules_common::logs::install();
+    common::logs::install();
     let emu = start(EmulatorConfig::default()).await;
     // Half a frame, then a reset (linger 0).
     let reset = TcpStream::connect(emu.addr()).await.unwrap();
@@ -825,9 +756,8 @@ async fn a_peer_reset_is_logged_at_debug_and_a_malformed_frame_warns() {
     bad.write_all(&[4, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xdd, 7, 0, 0])
         .await
         .unwrap();
-    let lines_of =
-        |peer: std::net::SocketAddr| rules_common::logs::containing(&format!("peer={peer}"));
-    let seen = rules_common::Stack::eventually(WAIT, || {
+    let lines_of = |peer: std::net::SocketAddr| common::logs::containing(&format!("peer={peer}"));
+    let seen = common::Stack::eventually(WAIT, || {
         lines_of(reset_peer)
             .iter()
             .any(|l| l.contains("emulator connection closed"))
@@ -918,22 +848,10 @@ fn labels_of(reply: &Document) -> Vec<String> {
         .unwrap_or_default()
 }
 
-impl Raw {
-    /// Whether the emulator closes this connection (without sending
-    /// anything) within `wait`.
-    async fn closed_within(&mut self, wait: Duration) -> bool {
-        match tokio::time::timeout(wait, self.reader.next()).await {
-            Ok(None) | Ok(Some(Err(_))) => true,
-            Ok(Some(Ok(frame))) => panic!("expected a close, got a frame {:?}", frame.header),
-            Err(_) => false,
-        }
-    }
-}
-
 #[tokio::test]
 async fn fail_command_error_code_answers_before_the_command_runs() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let armed = raw
         .command(fail_point(
             times(1),
@@ -1076,7 +994,7 @@ async fn times_and_skip_count_only_the_commands_they_match() {
 #[tokio::test]
 async fn close_connection_closes_without_a_reply_and_the_driver_retries() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     raw.command(fail_point(
         times(1),
         doc! { "failCommands": ["insert"], "closeConnection": true },
@@ -1088,7 +1006,7 @@ async fn close_connection_closes_without_a_reply_and_the_driver_retries() {
     )
     .await;
     assert!(raw.closed_within(WAIT).await, "closed without a reply");
-    let mut other = Raw::connect(&emu).await;
+    let mut other = RawClient::connect(emu.addr()).await;
     assert!(
         first_batch(&other.command(doc! { "find": "c", "$db": "app" }).await).is_empty(),
         "the command did not run"
@@ -1120,8 +1038,8 @@ async fn close_connection_closes_without_a_reply_and_the_driver_retries() {
 #[tokio::test]
 async fn block_connection_holds_only_that_connection_then_answers() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut blocked = Raw::connect(&emu).await;
-    let mut bystander = Raw::connect(&emu).await;
+    let mut blocked = RawClient::connect(emu.addr()).await;
+    let mut bystander = RawClient::connect(emu.addr()).await;
     blocked
         .command(fail_point(
             times(1),
@@ -1139,7 +1057,7 @@ async fn block_connection_holds_only_that_connection_then_answers() {
     // The wait holds no lock: another connection is answered meanwhile.
     let pong = bystander.command(doc! { "ping": 1, "$db": "admin" }).await;
     assert_eq!(pong.get_f64("ok").unwrap(), 1.0);
-    let reply = blocked.recv().await;
+    let reply = blocked.reply().await;
     assert_eq!(reply.response_to, id);
     assert!(started.elapsed() >= Duration::from_millis(400));
     assert_eq!(code_of(&reply.doc), 50, "the error follows the wait");
@@ -1190,7 +1108,7 @@ async fn app_name_limits_the_fail_point_to_that_applications_connections() {
         .await
         .unwrap();
     // hello is failed too when named (the handshake's own appName counts).
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     raw.command(fail_point(
         Bson::String("alwaysOn".into()),
         doc! { "failCommands": ["hello"], "errorCode": 2, "appName": "probe" },
@@ -1202,7 +1120,7 @@ async fn app_name_limits_the_fail_point_to_that_applications_connections() {
         )
         .await;
     assert_eq!(code_of(&refused), 2);
-    let mut plain = Raw::connect(&emu).await;
+    let mut plain = RawClient::connect(emu.addr()).await;
     let hello = plain.command(doc! { "hello": 1, "$db": "admin" }).await;
     assert!(hello.get_bool("isWritablePrimary").unwrap());
     raw.command(fail_point(Bson::String("off".into()), doc! {}))
@@ -1215,7 +1133,7 @@ async fn app_name_limits_the_fail_point_to_that_applications_connections() {
 #[tokio::test]
 async fn a_write_concern_error_comes_after_the_write_applied_and_the_retry_is_deduplicated() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let wce = doc! { "code": 91, "codeName": "ShutdownInProgress", "errmsg": "Replication is being shut down" };
     raw.command(fail_point(
         times(1),
@@ -1399,7 +1317,7 @@ fn replica_set_uri(seed: &EmulatorHandle) -> String {
 }
 
 async fn hello_of(member: &EmulatorHandle) -> Document {
-    Raw::connect(member)
+    RawClient::connect(member.addr())
         .await
         .command(doc! { "hello": 1, "$db": "admin" })
         .await
@@ -1436,10 +1354,10 @@ async fn step_down_elects_the_next_member_and_the_driver_follows() {
         .unwrap()
         .get_i64("counter")
         .unwrap();
-    let mut on_old_primary = Raw::connect(&members[0]).await;
-    let mut on_member_1 = Raw::connect(&members[1]).await;
-    let mut stepper = Raw::connect(&members[0]).await;
-    assert!(rules_common::Stack::eventually(WAIT, || written.load(Ordering::Relaxed) >= 20).await);
+    let mut on_old_primary = RawClient::connect(members[0].addr()).await;
+    let mut on_member_1 = RawClient::connect(members[1].addr()).await;
+    let mut stepper = RawClient::connect(members[0].addr()).await;
+    assert!(common::Stack::eventually(WAIT, || written.load(Ordering::Relaxed) >= 20).await);
     let stepped = stepper.command(STEP_DOWN(60)).await;
     assert_eq!(stepped.get_f64("ok").unwrap(), 1.0, "{stepped:?}");
     assert!(
@@ -1479,7 +1397,10 @@ async fn step_down_elects_the_next_member_and_the_driver_follows() {
         );
     }
     // Stepped down, member 0 is not primary and not electable for 60 s.
-    let again = Raw::connect(&members[0]).await.command(STEP_DOWN(60)).await;
+    let again = RawClient::connect(members[0].addr())
+        .await
+        .command(STEP_DOWN(60))
+        .await;
     assert_eq!(code_of(&again), 10107);
     assert_eq!(
         again.get_str("errmsg").unwrap(),
@@ -1489,8 +1410,7 @@ async fn step_down_elects_the_next_member_and_the_driver_follows() {
     // The writes go on, on the new primary.
     let after = written.load(Ordering::Relaxed);
     assert!(
-        rules_common::Stack::eventually(WAIT, || written.load(Ordering::Relaxed) >= after + 50)
-            .await
+        common::Stack::eventually(WAIT, || written.load(Ordering::Relaxed) >= after + 50).await
     );
     stop.store(true, Ordering::Relaxed);
     let total = writer
@@ -1520,7 +1440,7 @@ async fn with_reply_latency_the_step_down_still_answers_before_closing() {
     let members = Emulator::start_replica_set("127.0.0.1:0".parse().unwrap(), 3, config)
         .await
         .unwrap();
-    let mut stepper = Raw::connect(&members[0]).await;
+    let mut stepper = RawClient::connect(members[0].addr()).await;
     let id = stepper.send(0, &STEP_DOWN(1)).await;
     let reply = stepper.recv_within(WAIT).await;
     let reply = reply.expect("the step-down's reply, not a closed connection");
@@ -1542,7 +1462,7 @@ async fn writes_on_a_secondary_and_bad_step_downs_are_refused_like_the_server() 
         Emulator::start_replica_set("127.0.0.1:0".parse().unwrap(), 2, EmulatorConfig::default())
             .await
             .unwrap();
-    let mut secondary = Raw::connect(&members[1]).await;
+    let mut secondary = RawClient::connect(members[1].addr()).await;
     let refused = secondary
         .command(
             doc! { "insert": "s", "documents": [ { "_id": 1 } ], "lsid": lsid(1),
@@ -1564,7 +1484,7 @@ async fn writes_on_a_secondary_and_bad_step_downs_are_refused_like_the_server() 
         .await;
     assert!(secondary.closed_within(WAIT).await);
 
-    let mut primary = Raw::connect(&members[0]).await;
+    let mut primary = RawClient::connect(members[0].addr()).await;
     let short = primary
         .command(doc! { "replSetStepDown": 5, "$db": "admin" })
         .await;
@@ -1582,7 +1502,10 @@ async fn writes_on_a_secondary_and_bad_step_downs_are_refused_like_the_server() 
     assert!(members[1].is_primary());
     // Member 0 is in its step-down period: nobody is electable, so without
     // force the new primary cannot step down.
-    let alone = Raw::connect(&members[1]).await.command(STEP_DOWN(60)).await;
+    let alone = RawClient::connect(members[1].addr())
+        .await
+        .command(STEP_DOWN(60))
+        .await;
     assert_eq!(code_of(&alone), 262, "{alone:?}");
     assert!(members[1].is_primary());
     for member in members {
@@ -1593,7 +1516,7 @@ async fn writes_on_a_secondary_and_bad_step_downs_are_refused_like_the_server() 
 #[tokio::test]
 async fn a_forced_step_down_of_a_lone_primary_is_reelected_after_its_period() {
     let emu = start(EmulatorConfig::default()).await;
-    let mut raw = Raw::connect(&emu).await;
+    let mut raw = RawClient::connect(emu.addr()).await;
     let stepped = raw
         .command(doc! { "replSetStepDown": 2, "force": true, "$db": "admin" })
         .await;
@@ -1601,7 +1524,7 @@ async fn a_forced_step_down_of_a_lone_primary_is_reelected_after_its_period() {
     let hello = hello_of(&emu).await;
     assert!(!hello.get_bool("isWritablePrimary").unwrap());
     assert!(hello.get_str("primary").is_err(), "no primary meanwhile");
-    let back = rules_common::Stack::eventually(WAIT, || emu.is_primary()).await;
+    let back = common::Stack::eventually(WAIT, || emu.is_primary()).await;
     assert!(back, "re-elected once its period ended");
     emu.shutdown().await;
 }
@@ -1616,7 +1539,7 @@ async fn step_down_aborts_transactions_and_may_keep_connections_and_delay_the_el
     let members = Emulator::start_replica_set("127.0.0.1:0".parse().unwrap(), 2, config)
         .await
         .unwrap();
-    let mut old = Raw::connect(&members[0]).await;
+    let mut old = RawClient::connect(members[0].addr()).await;
     let started = old.command(txn_update(1, 1, true, 1, 1)).await;
     assert_eq!(started.get_f64("ok").unwrap(), 1.0);
     old.command(STEP_DOWN(60)).await;
@@ -1629,8 +1552,8 @@ async fn step_down_aborts_transactions_and_may_keep_connections_and_delay_the_el
         hello.get_str("primary").is_err(),
         "no primary during the election delay"
     );
-    assert!(rules_common::Stack::eventually(WAIT, || members[1].is_primary()).await);
-    let mut new = Raw::connect(&members[1]).await;
+    assert!(common::Stack::eventually(WAIT, || members[1].is_primary()).await);
+    let mut new = RawClient::connect(members[1].addr()).await;
     let commit = new.command(end_txn("commitTransaction", 1, 1)).await;
     assert_eq!(
         code_of(&commit),

@@ -5,13 +5,13 @@
 //! (MongoDB-compatible servers, Atlas shared tiers, users without the
 //! privilege) are as alive as before, in both modes.
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use std::time::Duration;
 
 use bson::{doc, Document};
+use common::{emulator_with_latency, find_cmd, lsid, session_lsid, Guarded, RawClient};
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR};
-use rules_common::{emulator_with_latency, find_cmd, lsid, session_lsid, Guarded, RawClient};
 use sessionguard_emulator::{EmulatorConfig, Profile, UserRole};
 use sessionguard_engine::{
     Mode, RuleId, SessionConfig, SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
@@ -151,20 +151,20 @@ async fn warnings_and_disabled_rules_never_reject() {
         },
     );
     let g = Guarded::start_with(
-        rules_common::slow_emulator(Duration::from_millis(200)),
+        common::slow_emulator(Duration::from_millis(200)),
         enforce(),
         rules,
         false,
     )
     .await;
     let shared = lsid(7);
-    let mut a = RawClient::connect(g.proxy_addr(), "web").await;
-    let mut b = RawClient::connect(g.proxy_addr(), "web").await;
-    a.send(find_cmd("app", "items", &shared, None)).await;
+    let mut a = RawClient::hello(g.proxy_addr(), "web").await;
+    let mut b = RawClient::hello(g.proxy_addr(), "web").await;
+    a.send(0, &find_cmd("app", "items", &shared, None)).await;
     tokio::time::sleep(Duration::from_millis(40)).await;
     // A different read (an identical one is judged later, once the first
     // is answered, and is never rejected: it could have been a retry).
-    b.send(find_cmd("app", "items", &shared, Some(5))).await;
+    b.send(0, &find_cmd("app", "items", &shared, Some(5))).await;
     assert_eq!(a.read_reply().await.get_f64("ok").unwrap(), 1.0);
     assert_eq!(
         b.read_reply().await.get_f64("ok").unwrap(),
@@ -246,7 +246,7 @@ fn kill_command(name: &str, lsid: &Document) -> Document {
 
 async fn refused_kills_change_nothing(mode: Mode) {
     for server in refusing_servers() {
-        let logs = rules_common::ThreadLogs::default();
+        let logs = common::ThreadLogs::default();
         let _guard = logs.install_at(tracing::Level::WARN);
         let sessions = SessionConfig {
             mode,

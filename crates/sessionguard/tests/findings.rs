@@ -5,7 +5,7 @@
 //! findings are read back over the admin API, the counts from `/metrics`,
 //! the log lines from the captured log.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,15 +7,15 @@
 //! work. Zero violations is the only acceptable result: a false positive is
 //! the worst bug sessionguard can have.
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use std::time::Duration;
 
 use bson::{doc, Document};
+use common::{lsid, Guarded, RawClient};
 use futures_util::{FutureExt, TryStreamExt};
 use mongodb::options::{FindOptions, ReturnDocument};
 use mongodb::{Client, Collection};
-use rules_common::{lsid, Guarded, RawClient};
 use sessionguard_engine::SessionConfig;
 
 const TASKS: i32 = 12;
@@ -167,7 +167,7 @@ async fn explicit_session_work(client: Client, accounts: Collection<Document>, t
 async fn a_realistic_workload_raises_zero_violations() {
     // A little latency so the tasks' operations really overlap.
     let g = Guarded::start_with(
-        rules_common::slow_emulator(Duration::from_millis(2)),
+        common::slow_emulator(Duration::from_millis(2)),
         SessionConfig::default(),
         Default::default(),
         true,
@@ -193,12 +193,12 @@ async fn a_realistic_workload_raises_zero_violations() {
 
     // The Node.js driver's client.close(): endSessions is sent and the
     // socket closed without reading the reply.
-    let mut closing = RawClient::connect(g.proxy_addr(), "node-app").await;
+    let mut closing = RawClient::hello(g.proxy_addr(), "node-app").await;
     closing
         .command(doc! { "find": "items", "filter": {}, "lsid": lsid(42), "$db": "app" })
         .await;
     closing
-        .send(doc! { "endSessions": [lsid(42)], "$db": "admin" })
+        .send(0, &doc! { "endSessions": [lsid(42)], "$db": "admin" })
         .await;
     closing.close().await;
 
@@ -226,7 +226,7 @@ async fn pooled_implicit_sessions_reused_sequentially_raise_nothing() {
     // A small pool forces every operation to reuse the same few sessions
     // and connections, one operation after another.
     let g = Guarded::start(
-        rules_common::slow_emulator(Duration::from_millis(1)),
+        common::slow_emulator(Duration::from_millis(1)),
         SessionConfig::default(),
     )
     .await;
@@ -273,7 +273,7 @@ async fn with_transaction_retrying_real_write_conflicts_raises_nothing() {
     // with_transaction aborts and retries with a new txnNumber. Correct
     // behaviour from end to end, so nothing may be reported.
     let g = Guarded::start(
-        rules_common::slow_emulator(Duration::from_millis(15)),
+        common::slow_emulator(Duration::from_millis(15)),
         SessionConfig::default(),
     )
     .await;

@@ -8,23 +8,21 @@
 //! `sessionguard_frame_timeouts_total`), while a well-behaved Rust driver
 //! workload through the same proxy, running the whole time, sees no error.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
-use mongodb::Client;
-use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use common::{logs, metric, Workload};
+use common::{logs, metric, Guarded, Workload};
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::WAIT;
 const OP_MSG: i32 = 2013;
 const OP_COMPRESSED: i32 = 2012;
 const FRAME_READ_TIMEOUT: Duration = Duration::from_millis(400);
@@ -34,55 +32,18 @@ const FRAME_READ_TIMEOUT: Duration = Duration::from_millis(400);
 /// mistaken for another test's close line (lines are matched by peer).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-struct Guarded {
-    emulator: EmulatorHandle,
-    engine: Arc<SessionEngine>,
-    proxy: common::GuardedProxy,
-}
-
-impl Guarded {
-    async fn start() -> Guarded {
-        // WARN is what the close lines of hostile clients are logged at;
-        // formatting every DEBUG line of 10,000 connections would only
-        // slow the test down.
-        logs::install_at(tracing::Level::WARN);
-        let emulator = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default())
-            .await
-            .expect("emulator starts");
-        let engine = Arc::new(SessionEngine::new(
-            &SessionConfig::default(),
-            &RulesConfig::default(),
-        ));
-        let proxy = common::guarded_proxy(emulator.addr(), engine.clone(), |c| {
-            c.frame_read_timeout = FRAME_READ_TIMEOUT;
-        })
-        .await;
-        Guarded {
-            emulator,
-            engine,
-            proxy,
-        }
-    }
-
-    async fn client(&self) -> Client {
-        Client::with_uri_str(format!(
-            "mongodb://{}/?directConnection=true&appName=wellbehaved",
-            self.proxy.local_addr()
-        ))
-        .await
-        .expect("client options parse")
-    }
-
-    fn counter(&self, series: &str) -> f64 {
-        metric(&self.proxy.metrics().render(), series)
-            .unwrap_or_else(|| panic!("{series} missing from the exposition"))
-    }
-
-    async fn stop(self) {
-        self.proxy.shutdown_now();
-        self.proxy.wait().await;
-        self.emulator.shutdown().await;
-    }
+/// The emulator and the proxy with the session engine, its frame read
+/// timeout short enough for slowloris cases to close quickly.
+async fn start() -> Guarded {
+    // WARN is what the close lines of hostile clients are logged at;
+    // formatting every DEBUG line of 10,000 connections would only
+    // slow the test down.
+    logs::install_at(tracing::Level::WARN);
+    let engine = SessionEngine::new(&SessionConfig::default(), &RulesConfig::default());
+    Guarded::with_engine(EmulatorConfig::default(), engine, false, |c| {
+        c.frame_read_timeout = FRAME_READ_TIMEOUT;
+    })
+    .await
 }
 
 // ------------------------------------------------------------ frame builders
@@ -304,8 +265,8 @@ async fn close_line((peer, mark): (SocketAddr, usize)) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
     let _serial = SERIAL.lock().await;
-    let g = Guarded::start().await;
-    let client = g.client().await;
+    let g = start().await;
+    let client = g.client("wellbehaved").await;
     client
         .database("admin")
         .run_command(doc! { "ping": 1 })
@@ -315,9 +276,11 @@ async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
 
     let cases = malformed_cases();
     for (n, case) in cases.iter().enumerate() {
-        let before = g.counter("sessionguard_malformed_frames_total{side=\"client\"}");
+        let before = g
+            .stack
+            .metric("sessionguard_malformed_frames_total{side=\"client\"}");
         let started = Instant::now();
-        let peer = send_and_expect_close(g.proxy.local_addr(), &case.bytes, WAIT).await;
+        let peer = send_and_expect_close(g.stack.proxy.local_addr(), &case.bytes, WAIT).await;
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{}: closed only after {:?}",
@@ -334,7 +297,9 @@ async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
         );
         assert!(line.contains("side=client"), "{}: {line}", case.name);
         let counted = common::Stack::eventually(WAIT, || {
-            g.counter("sessionguard_malformed_frames_total{side=\"client\"}") == before + 1.0
+            g.stack
+                .metric("sessionguard_malformed_frames_total{side=\"client\"}")
+                == before + 1.0
         })
         .await;
         assert!(
@@ -355,9 +320,11 @@ async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
         ("all but the last byte", good[..good.len() - 1].to_vec()),
     ];
     for (name, bytes) in &stalls {
-        let before = g.counter("sessionguard_frame_timeouts_total{side=\"client\"}");
+        let before = g
+            .stack
+            .metric("sessionguard_frame_timeouts_total{side=\"client\"}");
         let started = Instant::now();
-        let peer = send_and_expect_close(g.proxy.local_addr(), bytes, WAIT).await;
+        let peer = send_and_expect_close(g.stack.proxy.local_addr(), bytes, WAIT).await;
         let took = started.elapsed();
         assert!(
             took >= FRAME_READ_TIMEOUT / 2 && took < FRAME_READ_TIMEOUT * 5,
@@ -366,7 +333,9 @@ async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
         let line = close_line(peer).await;
         assert!(line.contains("client stopped mid-frame"), "{name}: {line}");
         let counted = common::Stack::eventually(WAIT, || {
-            g.counter("sessionguard_frame_timeouts_total{side=\"client\"}") == before + 1.0
+            g.stack
+                .metric("sessionguard_frame_timeouts_total{side=\"client\"}")
+                == before + 1.0
         })
         .await;
         assert!(counted, "{name}: not counted exactly once");
@@ -375,7 +344,9 @@ async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
     // Slowloris: a valid frame one byte at a time, slower than the timeout
     // allows for the whole frame.
     let mark = logs::mark();
-    let mut slow = TcpStream::connect(g.proxy.local_addr()).await.unwrap();
+    let mut slow = TcpStream::connect(g.stack.proxy.local_addr())
+        .await
+        .unwrap();
     let slow_peer = (slow.local_addr().unwrap(), mark);
     let started = Instant::now();
     let mut cut_off = false;
@@ -408,15 +379,18 @@ async fn malformed_frames_close_only_their_client_with_a_reason_and_a_count() {
     );
     assert!(result.operations >= 40, "{result:?}");
     assert_eq!(
-        g.counter("sessionguard_malformed_frames_total{side=\"client\"}"),
+        g.stack
+            .metric("sessionguard_malformed_frames_total{side=\"client\"}"),
         cases.len() as f64
     );
     assert_eq!(
-        g.counter("sessionguard_malformed_frames_total{side=\"upstream\"}"),
+        g.stack
+            .metric("sessionguard_malformed_frames_total{side=\"upstream\"}"),
         0.0
     );
     assert_eq!(
-        g.counter("sessionguard_frame_timeouts_total{side=\"client\"}"),
+        g.stack
+            .metric("sessionguard_frame_timeouts_total{side=\"client\"}"),
         (stalls.len() + 1) as f64
     );
     assert!(
@@ -441,18 +415,18 @@ async fn ten_thousand_connections_opened_and_dropped() {
     const CONNECTIONS: usize = 10_000;
     const AT_ONCE: usize = 200;
     let _serial = SERIAL.lock().await;
-    let g = Guarded::start().await;
-    let client = g.client().await;
+    let g = start().await;
+    let client = g.client("wellbehaved").await;
     client
         .database("admin")
         .run_command(doc! { "ping": 1 })
         .await
         .unwrap();
-    let baseline = g.proxy.accepted_connections();
+    let baseline = g.stack.proxy.accepted_connections();
     let workload = Workload::start(&client, "churn", 2);
 
     let started = Instant::now();
-    let addr = g.proxy.local_addr();
+    let addr = g.stack.proxy.local_addr();
     let mut done = 0usize;
     while done < CONNECTIONS {
         let batch: Vec<_> = (done..(done + AT_ONCE).min(CONNECTIONS))
@@ -481,21 +455,21 @@ async fn ten_thousand_connections_opened_and_dropped() {
     let expected = CONNECTIONS as u64 * 99 / 100;
     assert!(
         common::Stack::eventually(Duration::from_secs(30), || {
-            g.proxy.accepted_connections() - baseline >= expected
+            g.stack.proxy.accepted_connections() - baseline >= expected
         })
         .await,
         "accepted {} of {CONNECTIONS}",
-        g.proxy.accepted_connections() - baseline
+        g.stack.proxy.accepted_connections() - baseline
     );
     // Every dropped connection is gone again; only the driver's pool remains.
     let driver_connections = 8;
     assert!(
         common::Stack::eventually(Duration::from_secs(60), || {
-            g.proxy.active_connections() <= driver_connections
+            g.stack.proxy.active_connections() <= driver_connections
         })
         .await,
         "{} connections still open",
-        g.proxy.active_connections()
+        g.stack.proxy.active_connections()
     );
     let result = workload.stop().await;
     assert!(
@@ -504,7 +478,7 @@ async fn ten_thousand_connections_opened_and_dropped() {
         result.errors
     );
     assert!(result.operations > 0);
-    let text = g.proxy.metrics().render();
+    let text = g.stack.metrics.render();
     assert!(
         metric(&text, "sessionguard_connections_accepted_total").unwrap()
             >= (baseline + expected) as f64

@@ -5,7 +5,7 @@
 //! (Debian package `prometheus`, binary `/usr/bin/promtool`; override the
 //! path with `PROMTOOL`); without promtool the test fails.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -26,7 +26,7 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = "test-token-0123456789abcdef";
-const WAIT: Duration = Duration::from_secs(10);
+use common::{lsid_string, WAIT};
 
 struct Harness {
     emulator: Option<EmulatorHandle>,
@@ -548,23 +548,6 @@ async fn readyz_is_503_while_the_upstream_is_unreachable() {
         1.0
     );
     h.stop().await;
-}
-
-/// An lsid document's UUID in the 8-4-4-4-12 form the admin API uses.
-fn lsid_string(lsid: &Document) -> String {
-    let bytes = match lsid.get("id") {
-        Some(bson::Bson::Binary(binary)) => binary.bytes.clone(),
-        other => panic!("lsid without a binary id: {other:?}"),
-    };
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
 }
 
 /// With replica-set members mapped, every member is probed and the proxy

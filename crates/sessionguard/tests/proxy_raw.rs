@@ -6,7 +6,7 @@
 //! precedence, signals). A hand-written upstream is used only where the
 //! emulator cannot misbehave (a malformed upstream frame).
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -16,25 +16,22 @@ use std::time::{Duration, Instant};
 
 use bson::{doc, Document};
 use bytes::Bytes;
-use common::Stack;
-use futures_util::StreamExt;
+use common::{decode_reply, ok, RawClient, Stack};
 use sessionguard::config::ProxyConfig;
 use sessionguard::metrics::Metrics;
 use sessionguard::start_proxy;
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_protocol::wire::{
-    self, legacy, op_compressed, op_msg, Compressor, Frame, FrameCodec, Message, MsgFlags, OpCode,
+    self, legacy, op_compressed, op_msg, Compressor, Frame, Message, MsgFlags, OpCode,
 };
 use sessionguard_proxy::{
     CloseCause, ConnContext, InFlightRequest, InjectError, Inspector, NoopInspector, ProxyHandle,
     ReplyVerdict, Verdict,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::FramedRead;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::WAIT;
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
@@ -70,113 +67,6 @@ async fn proxy(config: ProxyConfig, inspector: Arc<dyn Inspector>) -> ProxyHandl
     start_proxy(&config, inspector, &Metrics::new())
         .await
         .expect("proxy starts")
-}
-
-/// A bare wire-protocol client.
-struct Raw {
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: OwnedWriteHalf,
-    local: SocketAddr,
-    next_id: i32,
-}
-
-#[derive(Debug)]
-struct Reply {
-    request_id: i32,
-    response_to: i32,
-    flags: MsgFlags,
-    doc: Document,
-}
-
-impl Raw {
-    async fn connect(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        let local = stream.local_addr().unwrap();
-        let (read, writer) = stream.into_split();
-        Raw {
-            reader: FramedRead::new(read, FrameCodec::default()),
-            writer,
-            local,
-            next_id: 0,
-        }
-    }
-
-    fn msg(&mut self, flags: u32, body: &Document) -> (i32, Bytes) {
-        self.next_id += 1;
-        let bytes = op_msg::encode(self.next_id, 0, MsgFlags(flags), &bson_bytes(body));
-        (self.next_id, bytes)
-    }
-
-    async fn send_bytes(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).await.expect("write");
-    }
-
-    async fn send(&mut self, flags: u32, body: &Document) -> i32 {
-        let (id, bytes) = self.msg(flags, body);
-        self.send_bytes(&bytes).await;
-        id
-    }
-
-    /// The next frame; None when the proxy closed the connection.
-    async fn recv(&mut self) -> Option<Reply> {
-        let frame = tokio::time::timeout(WAIT, self.reader.next())
-            .await
-            .expect("a frame or a close within the timeout")?
-            .ok()?;
-        Some(decode_reply(&frame))
-    }
-
-    async fn command(&mut self, body: Document) -> Document {
-        let id = self.send(0, &body).await;
-        let reply = self.recv().await.expect("a reply");
-        assert_eq!(reply.response_to, id, "the reply answers the request");
-        reply.doc
-    }
-
-    /// Asserts the connection gets closed (EOF or reset) within `within`.
-    async fn expect_closed(&mut self, within: Duration) {
-        let started = Instant::now();
-        match tokio::time::timeout(within, self.reader.next()).await {
-            Err(_) => panic!("connection still open after {within:?}"),
-            Ok(None) | Ok(Some(Err(_))) => {}
-            Ok(Some(Ok(frame))) => panic!(
-                "expected a close after {:?}, got a frame {:?}",
-                started.elapsed(),
-                frame.header
-            ),
-        }
-    }
-
-    /// Asserts nothing arrives for `quiet`.
-    async fn expect_silence(&mut self, quiet: Duration) {
-        if let Ok(next) = tokio::time::timeout(quiet, self.reader.next()).await {
-            panic!("expected silence, got {next:?}");
-        }
-    }
-}
-
-fn decode_reply(frame: &Frame) -> Reply {
-    let opened = wire::open(frame, wire::DEFAULT_MAX_MESSAGE_SIZE).expect("open");
-    let message = opened.parse(frame).expect("parse");
-    let (flags, doc) = match message {
-        Message::Msg(m) => (m.flags, Document::try_from(m.body).unwrap()),
-        Message::Reply(r) => (
-            MsgFlags(0),
-            Document::try_from(r.first().expect("a document")).unwrap(),
-        ),
-        other => panic!("unexpected reply {other:?}"),
-    };
-    Reply {
-        request_id: frame.header.request_id,
-        response_to: frame.header.response_to,
-        flags,
-        doc,
-    }
-}
-
-fn ok(doc: &Document) -> bool {
-    matches!(doc.get("ok"), Some(bson::Bson::Double(v)) if *v == 1.0)
-        || matches!(doc.get("ok"), Some(bson::Bson::Int32(1)))
 }
 
 /// An inspector that records what it is shown and can reject one command.
@@ -246,7 +136,7 @@ impl Inspector for Recorder {
 async fn frames_reach_the_upstream_byte_for_byte() {
     let emu = emulator(recording()).await;
     let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
-    let mut client = Raw::connect(proxy.local_addr()).await;
+    let mut client = RawClient::connect(proxy.local_addr()).await;
     let mut sent = Vec::new();
 
     // Legacy OP_QUERY handshake, answered with OP_REPLY.
@@ -323,8 +213,8 @@ async fn frames_reach_the_upstream_byte_for_byte() {
     assert_eq!(batch.len(), 2);
 
     // Two frames in one write: both forwarded, both answered in order.
-    let (a, first) = client.msg(0, &doc! { "ping": 1, "$db": "admin" });
-    let (b, second) = client.msg(0, &doc! { "count": "items", "$db": "raw" });
+    let (a, first) = client.encode(0, &doc! { "ping": 1, "$db": "admin" });
+    let (b, second) = client.encode(0, &doc! { "count": "items", "$db": "raw" });
     let mut both = first.to_vec();
     both.extend_from_slice(&second);
     client.send_bytes(&both).await;
@@ -345,7 +235,7 @@ async fn more_to_come_request_gets_no_reply_and_leaves_nothing_in_flight() {
     let emu = emulator(EmulatorConfig::default()).await;
     let recorder = Arc::new(Recorder::default());
     let proxy = proxy(proxy_config(emu.addr()), recorder.clone()).await;
-    let mut client = Raw::connect(proxy.local_addr()).await;
+    let mut client = RawClient::connect(proxy.local_addr()).await;
 
     for i in 0..3 {
         client
@@ -391,7 +281,7 @@ async fn exhaust_hello_stream_forwards_every_reply() {
     let emu = emulator(EmulatorConfig::default()).await;
     let recorder = Arc::new(Recorder::default());
     let proxy = proxy(proxy_config(emu.addr()), recorder.clone()).await;
-    let mut client = Raw::connect(proxy.local_addr()).await;
+    let mut client = RawClient::connect(proxy.local_addr()).await;
 
     let first = client.command(doc! { "hello": 1, "$db": "admin" }).await;
     let tv = first.get_document("topologyVersion").unwrap().clone();
@@ -477,8 +367,8 @@ async fn the_close_line_counts_both_directions() {
     let emu = emulator(EmulatorConfig::default()).await;
     let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
 
-    let mut client = Raw::connect(proxy.local_addr()).await;
-    let peer = client.local.to_string();
+    let mut client = RawClient::connect(proxy.local_addr()).await;
+    let peer = client.local_addr().to_string();
     for _ in 0..3 {
         assert!(ok(&client
             .command(doc! { "ping": 1, "$db": "admin" })
@@ -499,13 +389,13 @@ async fn malformed_client_frames_close_only_that_client_with_one_log_line() {
     let emu = emulator(EmulatorConfig::default()).await;
     let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
 
-    let mut healthy = Raw::connect(proxy.local_addr()).await;
+    let mut healthy = RawClient::connect(proxy.local_addr()).await;
     assert!(ok(&healthy
         .command(doc! { "ping": 1, "$db": "admin" })
         .await));
 
     // A length below the 16-byte header: refused by the decoder.
-    let mut short = Raw::connect(proxy.local_addr()).await;
+    let mut short = RawClient::connect(proxy.local_addr()).await;
     let mut bogus = Vec::new();
     bogus.extend_from_slice(&5i32.to_le_bytes());
     bogus.extend_from_slice(&[0u8; 12]);
@@ -513,8 +403,8 @@ async fn malformed_client_frames_close_only_that_client_with_one_log_line() {
     short.expect_closed(WAIT).await;
 
     // A whole frame whose OP_MSG section kind is unknown: refused by the parser.
-    let mut bad_section = Raw::connect(proxy.local_addr()).await;
-    let (_, good) = bad_section.msg(0, &doc! { "ping": 1, "$db": "admin" });
+    let mut bad_section = RawClient::connect(proxy.local_addr()).await;
+    let (_, good) = bad_section.encode(0, &doc! { "ping": 1, "$db": "admin" });
     let mut broken = good.to_vec();
     broken[20] = 7; // the first section's kind byte
     bad_section.send_bytes(&broken).await;
@@ -535,7 +425,7 @@ async fn malformed_client_frames_close_only_that_client_with_one_log_line() {
     assert_eq!(warns.len(), 2, "one line per bad client: {warns:#?}");
     let short_line = warns
         .iter()
-        .find(|l| l.contains(&short.local.to_string()))
+        .find(|l| l.contains(&short.local_addr().to_string()))
         .expect("names the peer");
     assert!(
         short_line.contains("client sent a malformed frame"),
@@ -549,7 +439,7 @@ async fn malformed_client_frames_close_only_that_client_with_one_log_line() {
     assert!(short_line.contains("side=client"), "{short_line}");
     let section_line = warns
         .iter()
-        .find(|l| l.contains(&bad_section.local.to_string()))
+        .find(|l| l.contains(&bad_section.local_addr().to_string()))
         .expect("names the peer");
     assert!(
         section_line.contains("unknown section kind 7"),
@@ -567,7 +457,7 @@ async fn oversized_and_stalled_frames_close_the_client() {
     };
     let proxy = proxy(config, Arc::new(NoopInspector)).await;
 
-    let mut big = Raw::connect(proxy.local_addr()).await;
+    let mut big = RawClient::connect(proxy.local_addr()).await;
     let huge = "x".repeat(2000);
     big.send(
         0,
@@ -577,14 +467,14 @@ async fn oversized_and_stalled_frames_close_the_client() {
     big.expect_closed(WAIT).await;
 
     // Half a header, then nothing: closed once the frame timeout passes.
-    let mut stalled = Raw::connect(proxy.local_addr()).await;
+    let mut stalled = RawClient::connect(proxy.local_addr()).await;
     stalled.send_bytes(&[64, 0, 0, 0, 1, 0]).await;
     let started = Instant::now();
     stalled.expect_closed(WAIT).await;
     assert!(started.elapsed() >= Duration::from_millis(150));
 
     // An idle connection (no partial frame) is not timed out.
-    let mut idle = Raw::connect(proxy.local_addr()).await;
+    let mut idle = RawClient::connect(proxy.local_addr()).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(ok(&idle.command(doc! { "ping": 1, "$db": "admin" }).await));
 }
@@ -612,7 +502,7 @@ async fn malformed_upstream_frame_closes_that_pair_as_an_upstream_error() {
         }
     });
     let proxy = proxy(proxy_config(fake_addr), Arc::new(NoopInspector)).await;
-    let mut client = Raw::connect(proxy.local_addr()).await;
+    let mut client = RawClient::connect(proxy.local_addr()).await;
     client.send(0, &doc! { "ping": 1, "$db": "admin" }).await;
     client.expect_closed(WAIT).await;
 
@@ -633,7 +523,7 @@ async fn unreachable_upstream_answers_the_hello_with_the_reason_and_closes() {
     let dead = free.local_addr().unwrap();
     drop(free);
     let proxy = proxy(proxy_config(dead), Arc::new(NoopInspector)).await;
-    let mut client = Raw::connect(proxy.local_addr()).await;
+    let mut client = RawClient::connect(proxy.local_addr()).await;
     let id = client.send(0, &doc! { "hello": 1, "$db": "admin" }).await;
     let reply = client
         .recv()
@@ -653,7 +543,7 @@ async fn unreachable_upstream_answers_the_hello_with_the_reason_and_closes() {
     client.expect_closed(WAIT).await;
     // The listener keeps serving (and failing) for the next client, even
     // one that never sends its handshake.
-    let mut again = Raw::connect(proxy.local_addr()).await;
+    let mut again = RawClient::connect(proxy.local_addr()).await;
     again.expect_closed(WAIT).await;
     assert!(Stack::eventually(WAIT, || proxy.active_connections() == 0).await);
 }
@@ -668,22 +558,22 @@ async fn connections_over_the_cap_are_closed_at_once() {
         ..proxy_config(emu.addr())
     };
     let proxy = proxy(config, Arc::new(NoopInspector)).await;
-    let mut first = Raw::connect(proxy.local_addr()).await;
-    let mut second = Raw::connect(proxy.local_addr()).await;
+    let mut first = RawClient::connect(proxy.local_addr()).await;
+    let mut second = RawClient::connect(proxy.local_addr()).await;
     assert!(ok(&first.command(doc! { "ping": 1, "$db": "admin" }).await));
     assert!(ok(&second
         .command(doc! { "ping": 1, "$db": "admin" })
         .await));
     assert_eq!(proxy.active_connections(), 2);
 
-    let mut third = Raw::connect(proxy.local_addr()).await;
+    let mut third = RawClient::connect(proxy.local_addr()).await;
     third.expect_closed(WAIT).await;
     assert_eq!(proxy.rejected_connections(), 1);
     assert!(ok(&first.command(doc! { "ping": 1, "$db": "admin" }).await));
 
     drop(first);
     assert!(Stack::eventually(WAIT, || proxy.active_connections() == 1).await);
-    let mut fourth = Raw::connect(proxy.local_addr()).await;
+    let mut fourth = RawClient::connect(proxy.local_addr()).await;
     assert!(ok(&fourth
         .command(doc! { "ping": 1, "$db": "admin" })
         .await));
@@ -700,11 +590,11 @@ async fn drain_finishes_in_flight_work_then_closes() {
     let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
     let addr = proxy.local_addr();
 
-    let mut idle = Raw::connect(addr).await;
+    let mut idle = RawClient::connect(addr).await;
     assert!(ok(&idle.command(doc! { "ping": 1, "$db": "admin" }).await));
 
     // A monitoring connection with a streaming hello outstanding.
-    let mut monitor = Raw::connect(addr).await;
+    let mut monitor = RawClient::connect(addr).await;
     let tv = monitor.command(doc! { "hello": 1, "$db": "admin" }).await;
     let tv = tv.get_document("topologyVersion").unwrap().clone();
     monitor
@@ -714,7 +604,7 @@ async fn drain_finishes_in_flight_work_then_closes() {
         )
         .await;
 
-    let mut busy = Raw::connect(addr).await;
+    let mut busy = RawClient::connect(addr).await;
     let find = busy
         .send(0, &doc! { "find": "c", "filter": {}, "$db": "raw" })
         .await;
@@ -757,7 +647,7 @@ async fn drain_grace_cuts_off_requests_that_take_too_long() {
         ..proxy_config(emu.addr())
     };
     let proxy = proxy(config, recorder.clone()).await;
-    let mut busy = Raw::connect(proxy.local_addr()).await;
+    let mut busy = RawClient::connect(proxy.local_addr()).await;
     busy.send(0, &doc! { "find": "c", "filter": {}, "$db": "raw" })
         .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -789,7 +679,7 @@ async fn shutdown_now_closes_everything() {
     })
     .await;
     let proxy = proxy(proxy_config(emu.addr()), Arc::new(NoopInspector)).await;
-    let mut busy = Raw::connect(proxy.local_addr()).await;
+    let mut busy = RawClient::connect(proxy.local_addr()).await;
     busy.send(0, &doc! { "find": "c", "filter": {}, "$db": "raw" })
         .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -810,7 +700,7 @@ async fn rejected_requests_are_answered_by_the_proxy_and_not_forwarded() {
         ..Recorder::default()
     });
     let proxy = proxy(proxy_config(emu.addr()), recorder.clone()).await;
-    let mut client = Raw::connect(proxy.local_addr()).await;
+    let mut client = RawClient::connect(proxy.local_addr()).await;
 
     let request = client
         .send(0, &doc! { "drop": "precious", "$db": "raw" })
@@ -865,7 +755,7 @@ async fn injected_requests_get_their_reply_and_the_client_sees_nothing() {
     .await;
     let recorder = Arc::new(Recorder::default());
     let proxy = proxy(proxy_config(emu.addr()), recorder.clone()).await;
-    let mut client = Raw::connect(proxy.local_addr()).await;
+    let mut client = RawClient::connect(proxy.local_addr()).await;
     assert!(ok(&client
         .command(doc! { "ping": 1, "$db": "admin" })
         .await));
@@ -943,7 +833,7 @@ async fn injection_gives_up_when_the_connection_never_idles() {
         ..proxy_config(emu.addr())
     };
     let proxy = proxy(config, recorder.clone()).await;
-    let mut client = Raw::connect(proxy.local_addr()).await;
+    let mut client = RawClient::connect(proxy.local_addr()).await;
     assert!(ok(&client
         .command(doc! { "ping": 1, "$db": "admin" })
         .await));
@@ -1217,7 +1107,7 @@ async fn binary_serves_healthz_forwards_and_drains_on_sigterm() {
         "{response}"
     );
 
-    let mut client = Raw::connect(listen).await;
+    let mut client = RawClient::connect(listen).await;
     assert!(ok(&client
         .command(doc! { "ping": 1, "$db": "admin" })
         .await));
@@ -1246,7 +1136,7 @@ async fn binary_exits_fast_on_sigint() {
     })
     .await;
     let (mut child, listen, _admin, _stderr) = spawn_proxy(emu.addr());
-    let mut client = Raw::connect(listen).await;
+    let mut client = RawClient::connect(listen).await;
     client
         .send(0, &doc! { "find": "c", "filter": {}, "$db": "raw" })
         .await;

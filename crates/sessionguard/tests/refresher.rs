@@ -5,15 +5,13 @@
 //! refreshes). Without the refresher the very same workload loses its cursor
 //! (CursorNotFound).
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use std::time::Duration;
 
 use bson::{doc, Document};
+use common::{find_cmd, hold_a_cursor_idle, lsid, Guarded, RawClient, Stack, SERVER_TIMEOUT, WAIT};
 use mongodb::error::ErrorKind;
-use rules_common::{
-    find_cmd, hold_a_cursor_idle, lsid, Guarded, RawClient, Stack, SERVER_TIMEOUT, WAIT,
-};
 use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RefreshPolicy, RuleId, SessionConfig};
 
@@ -104,7 +102,7 @@ async fn ended_and_unheld_sessions_are_never_refreshed() {
     // A session that was held (a cursor left open after its first batch)
     // and then ended by endSessions. Were the end ignored, the session would
     // stay held and be due for a refresh after `refresh_after` (400 ms).
-    let mut raw = RawClient::connect(g.proxy_addr(), "ended").await;
+    let mut raw = RawClient::hello(g.proxy_addr(), "ended").await;
     let ended = lsid(7);
     let reply = raw.command(find_cmd("app", "rows", &ended, Some(2))).await;
     let cursor_id = reply

@@ -9,7 +9,7 @@
 //! changed but need a restart. Every wait is on something the process shows
 //! (a log line, an admin answer), never a bare sleep.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -31,10 +31,10 @@ use sessionguard_proxy::{CloseCause, ProxyHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-mod rules_common;
-use rules_common::{lsid, RawClient, Stack};
+use common::{lsid, RawClient, Stack};
+use sessionguard_test_support as common;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::WAIT;
 
 /// Emulator members over one data set, and the proxy with one listener per
 /// member around one session engine.
@@ -400,21 +400,27 @@ async fn one_ledger_sees_a_session_misused_across_two_member_listeners() {
     let session = lsid(7);
     let on_primary: SocketAddr = rs.proxy_addr(0).parse().unwrap();
     let on_secondary: SocketAddr = rs.proxy_addr(1).parse().unwrap();
-    let mut first = RawClient::connect(on_primary, "worker").await;
-    let mut second = RawClient::connect(on_secondary, "worker").await;
+    let mut first = RawClient::hello(on_primary, "worker").await;
+    let mut second = RawClient::hello(on_secondary, "worker").await;
 
     // The same session in flight on two members' listeners at once.
     first
-        .send(doc! { "find": "jobs", "filter": {}, "lsid": session.clone(), "$db": "app" })
+        .send(
+            0,
+            &doc! { "find": "jobs", "filter": {}, "lsid": session.clone(), "$db": "app" },
+        )
         .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     second
-        .send(doc! {
-            // Another operation, not a retry of the find (which a driver
-            // may legitimately send to another member).
-            "count": "jobs", "query": {}, "lsid": session.clone(), "$db": "app",
-            "$readPreference": { "mode": "secondaryPreferred" },
-        })
+        .send(
+            0,
+            &doc! {
+                // Another operation, not a retry of the find (which a driver
+                // may legitimately send to another member).
+                "count": "jobs", "query": {}, "lsid": session.clone(), "$db": "app",
+                "$readPreference": { "mode": "secondaryPreferred" },
+            },
+        )
         .await;
     first.read_reply().await;
     second.read_reply().await;
@@ -524,7 +530,7 @@ async fn a_primary_stepping_down_under_load_raises_nothing_and_the_retries_are_c
             && primary.command_count("update") >= 3)
         .await
     );
-    let mut stepper = RawClient::connect(rs.proxy_addr(0).parse().unwrap(), "ops").await;
+    let mut stepper = RawClient::hello(rs.proxy_addr(0).parse().unwrap(), "ops").await;
     let stepped = stepper
         .command(doc! { "replSetStepDown": 60, "secondaryCatchUpPeriodSecs": 0, "$db": "admin" })
         .await;

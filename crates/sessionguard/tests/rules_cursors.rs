@@ -3,12 +3,12 @@
 //! to its session and cannot do this), and the driver's own cursors, which
 //! always continue on their session, raising nothing.
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use bson::{doc, Document};
+use common::{find_cmd, lsid, short_of, Guarded, RawClient};
 use futures_util::TryStreamExt;
 use mongodb::options::FindOptions;
-use rules_common::{find_cmd, lsid, short_of, Guarded, RawClient};
 use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RuleId, SessionConfig};
 
@@ -24,7 +24,7 @@ fn get_more(cursor_id: i64, session: Option<&Document>) -> Document {
 #[tokio::test]
 async fn get_more_under_another_session() {
     let g = Guarded::start(EmulatorConfig::default(), SessionConfig::default()).await;
-    let mut raw = RawClient::connect(g.proxy_addr(), "web").await;
+    let mut raw = RawClient::hello(g.proxy_addr(), "web").await;
     let owner = lsid(1);
     let intruder = lsid(2);
     for i in 0..5 {
@@ -58,10 +58,7 @@ async fn get_more_under_another_session() {
     assert_eq!(violation.current.as_ref().unwrap().command, "getMore");
     raw.command(get_more(cursor_id, None)).await;
     let engine = g.engine.clone();
-    assert!(
-        rules_common::Stack::eventually(rules_common::WAIT, || engine.violations().len() == 2)
-            .await
-    );
+    assert!(common::Stack::eventually(common::WAIT, || engine.violations().len() == 2).await);
 
     // killCursors without a session is what cursor reapers do: fine.
     raw.command(doc! { "killCursors": "events", "cursors": [cursor_id], "$db": "app" })

@@ -4,12 +4,12 @@
 //! makes the misuse impossible), and the violation read back from the engine
 //! with its evidence.
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use std::time::Duration;
 
 use bson::{doc, Document};
-use rules_common::{
+use common::{
     find_cmd, insert_cmd, lsid, session_lsid, short_of, slow_emulator, Guarded, RawClient,
 };
 use sessionguard_emulator::EmulatorConfig;
@@ -26,18 +26,17 @@ async fn concurrent_use_of_a_shared_global_session() {
     )
     .await;
     let shared = lsid(1);
-    let mut first = RawClient::connect(g.proxy_addr(), "web").await;
-    let mut second = RawClient::connect(g.proxy_addr(), "web").await;
-    first.send(find_cmd("app", "items", &shared, None)).await;
+    let mut first = RawClient::hello(g.proxy_addr(), "web").await;
+    let mut second = RawClient::hello(g.proxy_addr(), "web").await;
+    first
+        .send(0, &find_cmd("app", "items", &shared, None))
+        .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     second
-        .send(insert_cmd(
-            "app",
-            "items",
-            vec![doc! { "x": 1 }],
-            &shared,
-            1,
-        ))
+        .send(
+            0,
+            &insert_cmd("app", "items", vec![doc! { "x": 1 }], &shared, 1),
+        )
         .await;
     assert_eq!(first.read_reply().await.get_f64("ok").unwrap(), 1.0);
     assert_eq!(second.read_reply().await.get_f64("ok").unwrap(), 1.0);
@@ -73,10 +72,12 @@ async fn identical_finds_sharing_one_session_are_concurrent_use_not_retries() {
     let shared = lsid(4);
     let mut handlers = Vec::new();
     for _ in 0..3 {
-        handlers.push(RawClient::connect(g.proxy_addr(), "web").await);
+        handlers.push(RawClient::hello(g.proxy_addr(), "web").await);
     }
     for handler in &mut handlers {
-        handler.send(find_cmd("app", "items", &shared, None)).await;
+        handler
+            .send(0, &find_cmd("app", "items", &shared, None))
+            .await;
     }
     for handler in &mut handlers {
         assert_eq!(handler.read_reply().await.get_f64("ok").unwrap(), 1.0);
@@ -98,7 +99,7 @@ async fn identical_finds_sharing_one_session_are_concurrent_use_not_retries() {
     assert_ne!(current.connection_id, earlier.connection_id);
     let engine = g.engine.clone();
     assert!(
-        rules_common::Stack::eventually(rules_common::WAIT, || {
+        common::Stack::eventually(common::WAIT, || {
             engine.violation_counts()[RuleId::ConcurrentUse.index()].1 == 2
         })
         .await,
@@ -184,7 +185,7 @@ async fn use_after_end_sessions_from_a_later_invocation() {
         "the driver ended its pooled sessions at shutdown"
     );
 
-    let mut later = RawClient::connect(g.proxy_addr(), "lambda").await;
+    let mut later = RawClient::hello(g.proxy_addr(), "lambda").await;
     let reply = later.command(find_cmd("app", "items", &id, None)).await;
     assert_eq!(
         reply.get_f64("ok").unwrap(),
@@ -205,7 +206,7 @@ async fn use_after_end_sessions_from_a_later_invocation() {
 #[tokio::test]
 async fn end_sessions_while_an_operation_is_in_flight() {
     let g = Guarded::start(
-        rules_common::emulator_with_latency(&[("find", Duration::from_millis(600))]),
+        common::emulator_with_latency(&[("find", Duration::from_millis(600))]),
         SessionConfig::default(),
     )
     .await;
@@ -245,19 +246,22 @@ async fn connection_closed_with_a_write_in_flight() {
     // "client.close() before insertMany completes": the socket goes away
     // while the insert runs.
     let g = Guarded::start(
-        rules_common::emulator_with_latency(&[("insert", Duration::from_millis(400))]),
+        common::emulator_with_latency(&[("insert", Duration::from_millis(400))]),
         SessionConfig::default(),
     )
     .await;
-    let mut raw = RawClient::connect(g.proxy_addr(), "web").await;
+    let mut raw = RawClient::hello(g.proxy_addr(), "web").await;
     let session = lsid(9);
-    raw.send(insert_cmd(
-        "app",
-        "users",
-        vec![doc! { "u": 1 }, doc! { "u": 2 }],
-        &session,
-        1,
-    ))
+    raw.send(
+        0,
+        &insert_cmd(
+            "app",
+            "users",
+            vec![doc! { "u": 1 }, doc! { "u": 2 }],
+            &session,
+            1,
+        ),
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     raw.close().await;
@@ -283,7 +287,7 @@ async fn one_session_used_from_two_clients() {
     let id = session_lsid(&session);
     // Another process (here a raw client with its own metadata) got the id,
     // e.g. through a cache, and uses it.
-    let mut worker = RawClient::connect(g.proxy_addr(), "worker").await;
+    let mut worker = RawClient::hello(g.proxy_addr(), "worker").await;
     let reply = worker.command(find_cmd("app", "items", &id, None)).await;
     assert_eq!(reply.get_f64("ok").unwrap(), 1.0);
     // The first client keeps using it too: reported once per pair.
@@ -353,11 +357,11 @@ async fn unacknowledged_write_with_a_session() {
     // The Rust driver refuses unacknowledged writes outright, so a client
     // that sends one with a session is played with raw frames. First a
     // correct one: w:0 without an lsid raises nothing.
-    let mut raw = RawClient::connect(g.proxy_addr(), "legacy-app").await;
+    let mut raw = RawClient::hello(g.proxy_addr(), "legacy-app").await;
     let mut plain = doc! { "insert": "items", "documents": [{ "_id": 1 }] };
     plain.insert("writeConcern", doc! { "w": 0 });
     plain.insert("$db", "app");
-    raw.send_with_flags(plain, sessionguard_protocol::wire::MsgFlags::MORE_TO_COME)
+    raw.send(sessionguard_protocol::wire::MsgFlags::MORE_TO_COME, &plain)
         .await;
     raw.command(doc! { "ping": 1, "$db": "admin" }).await;
     assert_eq!(g.settle().await, vec![]);
@@ -368,7 +372,7 @@ async fn unacknowledged_write_with_a_session() {
         doc! { "insert": "items", "documents": [{ "_id": 2 }], "lsid": session.clone() };
     insert.insert("writeConcern", doc! { "w": 0 });
     insert.insert("$db", "app");
-    raw.send_with_flags(insert, sessionguard_protocol::wire::MsgFlags::MORE_TO_COME)
+    raw.send(sessionguard_protocol::wire::MsgFlags::MORE_TO_COME, &insert)
         .await;
     let ping = raw.command(doc! { "ping": 1, "$db": "admin" }).await;
     assert_eq!(ping.get_f64("ok").unwrap(), 1.0);

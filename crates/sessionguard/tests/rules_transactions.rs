@@ -4,12 +4,12 @@
 //! driver where it can misbehave, raw frames where its API forbids the
 //! misuse (it numbers transactions itself and owns the session mutably).
 
-mod rules_common;
+use sessionguard_test_support as common;
 
 use std::time::Duration;
 
 use bson::{doc, Document};
-use rules_common::{
+use common::{
     emulator_with_latency, insert_cmd, lsid, session_lsid, short_of, txn_end_cmd, txn_insert_cmd,
     Guarded, RawClient,
 };
@@ -26,24 +26,18 @@ async fn promise_all_on_one_session_loses_a_write() {
     )
     .await;
     let session = lsid(2);
-    let mut a = RawClient::connect(g.proxy_addr(), "web").await;
-    let mut b = RawClient::connect(g.proxy_addr(), "web").await;
-    a.send(insert_cmd(
-        "shop",
-        "orders",
-        vec![doc! { "_id": "a" }],
-        &session,
-        1,
-    ))
+    let mut a = RawClient::hello(g.proxy_addr(), "web").await;
+    let mut b = RawClient::hello(g.proxy_addr(), "web").await;
+    a.send(
+        0,
+        &insert_cmd("shop", "orders", vec![doc! { "_id": "a" }], &session, 1),
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(30)).await;
-    b.send(insert_cmd(
-        "shop",
-        "orders",
-        vec![doc! { "_id": "b" }],
-        &session,
-        1,
-    ))
+    b.send(
+        0,
+        &insert_cmd("shop", "orders", vec![doc! { "_id": "b" }], &session, 1),
+    )
     .await;
     let reply_a = a.read_reply().await;
     let reply_b = b.read_reply().await;
@@ -80,7 +74,7 @@ async fn a_genuine_retry_with_the_same_txn_number_is_not_reuse() {
         &session,
         7,
     );
-    let mut first = RawClient::connect(g.proxy_addr(), "web").await;
+    let mut first = RawClient::hello(g.proxy_addr(), "web").await;
     assert_eq!(first.command(insert.clone()).await.get_i32("n").unwrap(), 1);
     first.close().await;
     // Retried on a new connection (the driver never saw the reply), with a
@@ -90,7 +84,7 @@ async fn a_genuine_retry_with_the_same_txn_number_is_not_reuse() {
         "$clusterTime",
         doc! { "clusterTime": bson::Timestamp { time: 99, increment: 1 } },
     );
-    let mut second = RawClient::connect(g.proxy_addr(), "web").await;
+    let mut second = RawClient::hello(g.proxy_addr(), "web").await;
     assert_eq!(second.command(retry).await.get_i32("n").unwrap(), 1);
     let count = second
         .command(doc! { "count": "orders", "$db": "shop" })
@@ -105,7 +99,7 @@ async fn a_genuine_retry_with_the_same_txn_number_is_not_reuse() {
 async fn txn_number_going_backwards() {
     let g = Guarded::start(EmulatorConfig::default(), SessionConfig::default()).await;
     let session = lsid(5);
-    let mut raw = RawClient::connect(g.proxy_addr(), "web").await;
+    let mut raw = RawClient::hello(g.proxy_addr(), "web").await;
     raw.command(insert_cmd(
         "shop",
         "orders",
@@ -141,7 +135,7 @@ async fn txn_number_going_backwards() {
 async fn a_new_transaction_silently_aborts_the_open_one() {
     let g = Guarded::start(EmulatorConfig::default(), SessionConfig::default()).await;
     let session = lsid(6);
-    let mut raw = RawClient::connect(g.proxy_addr(), "web").await;
+    let mut raw = RawClient::hello(g.proxy_addr(), "web").await;
     let first = raw
         .command(txn_insert_cmd(
             "bank",

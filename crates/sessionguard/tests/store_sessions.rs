@@ -7,19 +7,16 @@
 //! destroyed it. Observe reports the three operations; the fixed patterns
 //! report nothing; enforce rejects the write and the document stays deleted.
 
-#[path = "common/mod.rs"]
-mod common;
+use sessionguard_test_support as common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, DateTime, Document};
-use common::Stack;
+use common::Guarded;
 use mongodb::error::ErrorKind;
 use mongodb::{Client, Collection};
-use sessionguard::EngineInspector;
 use sessionguard_emulator::EmulatorConfig;
-use sessionguard_engine::StoreStats;
 use sessionguard_engine::{
     Mode, RuleId, RulesConfig, SessionConfig, SessionEngine, StoreConfig, ViolationRecord,
     SESSIONGUARD_VIOLATION_CODE,
@@ -28,57 +25,19 @@ use sessionguard_engine::{
 /// Stands for what a session holds; must never appear in evidence.
 const SECRET_MARKER: &str = "user-alice-cart-7c1d";
 
-struct Guarded {
-    stack: Stack,
-    engine: Arc<SessionEngine>,
+/// The emulator and the proxy with an engine following `stores` in `mode`.
+async fn guarded(mode: Mode, stores: StoreConfig) -> Guarded {
+    let sessions = SessionConfig {
+        mode,
+        ..SessionConfig::default()
+    };
+    stores.validate().expect("valid [stores]");
+    let engine = SessionEngine::new(&sessions, &RulesConfig::default()).with_stores(&stores);
+    Guarded::with_engine(EmulatorConfig::default(), engine, false, |_| {}).await
 }
 
-impl Guarded {
-    async fn start(mode: Mode, stores: StoreConfig) -> Guarded {
-        let sessions = SessionConfig {
-            mode,
-            ..SessionConfig::default()
-        };
-        stores.validate().expect("valid [stores]");
-        let engine =
-            Arc::new(SessionEngine::new(&sessions, &RulesConfig::default()).with_stores(&stores));
-        let stack = Stack::start_with(
-            EmulatorConfig::default(),
-            Arc::new(EngineInspector::new(engine.clone())),
-        )
-        .await;
-        Guarded { stack, engine }
-    }
-
-    async fn client(&self, app: &str) -> Client {
-        self.stack.client_with(&format!("&appName={app}")).await
-    }
-
-    fn resurrections(&self) -> Vec<Arc<ViolationRecord>> {
-        self.engine
-            .violations()
-            .into_iter()
-            .filter(|v| v.rule == RuleId::StoreSessionResurrected)
-            .collect()
-    }
-
-    /// Waits until the engine has inspected every request the proxy read
-    /// (its clients stay open), then returns every rule that fired.
-    async fn settle(&self) -> Vec<RuleId> {
-        self.stack
-            .engine_caught_up(&self.engine, false, Duration::from_secs(10))
-            .await;
-        self.engine.violations().iter().map(|v| v.rule).collect()
-    }
-
-    fn store(&self, label: &str) -> sessionguard_engine::StoreCounts {
-        let StoreStats { stores, .. } = self.engine.store_stats();
-        stores
-            .into_iter()
-            .find(|(l, _)| l == label)
-            .unwrap_or_else(|| panic!("no store {label}"))
-            .1
-    }
+fn resurrections(g: &Guarded) -> Vec<Arc<ViolationRecord>> {
+    g.violations_of(RuleId::StoreSessionResurrected)
 }
 
 /// The session store of one application, speaking connect-mongo 5.
@@ -146,7 +105,7 @@ impl Store {
 
 #[tokio::test]
 async fn a_save_after_another_connection_destroyed_the_session_is_reported_with_three_operations() {
-    let g = Guarded::start(Mode::Observe, StoreConfig::default()).await;
+    let g = guarded(Mode::Observe, StoreConfig::default()).await;
     let web = g.client("web").await;
     let admin = g.client("admin-tool").await;
     let app = Store::of(&web, "shop", "sessions");
@@ -161,7 +120,7 @@ async fn a_save_after_another_connection_destroyed_the_session_is_reported_with_
     let fired = g.settle().await;
     assert_eq!(fired, [RuleId::StoreSessionResurrected], "{fired:?}");
     assert!(app.exists("sid-race").await, "observe forwards: it is back");
-    let record = &g.resurrections()[0];
+    let record = &resurrections(&g)[0];
     assert!(!record.rejected);
     let store = record.store.as_ref().expect("store evidence");
     assert_eq!(store.store, "sessions");
@@ -216,7 +175,7 @@ async fn a_save_after_another_connection_destroyed_the_session_is_reported_with_
 
 #[tokio::test]
 async fn the_fixed_patterns_and_ordinary_session_life_report_nothing() {
-    let g = Guarded::start(Mode::Observe, StoreConfig::default()).await;
+    let g = guarded(Mode::Observe, StoreConfig::default()).await;
     let web = g.client("web").await;
     let admin = g.client("admin-tool").await;
     let app = Store::of(&web, "shop", "sessions");
@@ -282,7 +241,7 @@ async fn the_fixed_patterns_and_ordinary_session_life_report_nothing() {
 
 #[tokio::test]
 async fn enforce_rejects_the_resurrecting_write_and_the_session_stays_deleted() {
-    let g = Guarded::start(Mode::Enforce, StoreConfig::default()).await;
+    let g = guarded(Mode::Enforce, StoreConfig::default()).await;
     let web = g.client("web").await;
     let admin = g.client("admin-tool").await;
     let app = Store::of(&web, "shop", "sessions");
@@ -313,7 +272,7 @@ async fn enforce_rejects_the_resurrecting_write_and_the_session_stays_deleted() 
     // Retried: rejected again (nothing was recorded as written).
     assert!(app.set("sid-x", "v2").await.is_err());
     assert!(!app.exists("sid-x").await);
-    let records = g.resurrections();
+    let records = resurrections(&g);
     assert_eq!(records.len(), 2);
     assert!(records.iter().all(|r| r.rejected));
     // Nothing was brought back: the store metric counts forwarded
@@ -322,7 +281,7 @@ async fn enforce_rejects_the_resurrecting_write_and_the_session_stays_deleted() 
     // A new session (a new login) goes through.
     app.set("sid-y", "v1").await.unwrap();
     assert!(app.exists("sid-y").await);
-    assert_eq!(g.resurrections().len(), 2);
+    assert_eq!(resurrections(&g).len(), 2);
     web.shutdown().await;
     admin.shutdown().await;
     g.stack.stop().await;
@@ -334,7 +293,7 @@ async fn configured_and_auto_detected_stores_are_followed_under_their_labels() {
         collections: vec!["accounts.web_sessions".into()],
         ..StoreConfig::default()
     };
-    let g = Guarded::start(Mode::Observe, stores).await;
+    let g = guarded(Mode::Observe, stores).await;
     let web = g.client("web").await;
     let admin = g.client("admin-tool").await;
     // Configured with its database: only there.
@@ -364,8 +323,7 @@ async fn configured_and_auto_detected_stores_are_followed_under_their_labels() {
         .unwrap();
 
     let _ = g.settle().await;
-    let labels: Vec<String> = g
-        .resurrections()
+    let labels: Vec<String> = resurrections(&g)
         .iter()
         .map(|r| r.store.as_ref().unwrap().store.clone())
         .collect();

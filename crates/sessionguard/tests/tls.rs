@@ -8,7 +8,7 @@
 //! missing client certificate is refused. A self-signed certificate that is
 //! its own CA, given as `tlsCAFile`, is accepted as the drivers accept it.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

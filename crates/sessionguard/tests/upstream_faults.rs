@@ -10,7 +10,7 @@
 //! naming the upstream, the cause and the fix (OP_MSG and legacy OP_QUERY),
 //! so the driver's error says why.
 
-mod common;
+use sessionguard_test_support as common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -24,12 +24,11 @@ use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle, EmulatorSt
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_proxy::{CloseCause, ProxyHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use common::http_get;
 
-const WAIT: Duration = Duration::from_secs(10);
+use common::{Relay, WAIT};
 /// How soon a client must be closed once its upstream is gone.
 const PROMPTLY: Duration = Duration::from_secs(2);
 
@@ -96,72 +95,6 @@ impl Upstream {
         // it is the one serving now, so it is the primary.
         handle.set_primary(true);
         self.handle = Some(handle);
-    }
-}
-
-/// A TCP relay between the proxy and the emulator that can reset every
-/// connection it carries (RST, as a crashed host or a middlebox does).
-struct Relay {
-    addr: SocketAddr,
-    reset: Arc<tokio::sync::watch::Sender<u64>>,
-    carried: Arc<AtomicU64>,
-    stop: CancellationToken,
-}
-
-impl Relay {
-    async fn start(target: SocketAddr) -> Relay {
-        let listener = TcpListener::bind(loopback()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let reset = Arc::new(tokio::sync::watch::Sender::new(0u64));
-        let carried = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let (reset_tx, carried_count, stop_token) = (reset.clone(), carried.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    _ = stop_token.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(pair) => pair,
-                        Err(_) => continue,
-                    },
-                };
-                carried_count.fetch_add(1, Ordering::Relaxed);
-                let mut resets = reset_tx.subscribe();
-                let stop = stop_token.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else {
-                        let _ = inbound.set_zero_linger();
-                        return;
-                    };
-                    let reset = tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
-                        _ = resets.changed() => true,
-                        _ = stop.cancelled() => true,
-                    };
-                    if reset {
-                        let _ = inbound.set_zero_linger();
-                        let _ = outbound.set_zero_linger();
-                    }
-                });
-            }
-        });
-        Relay {
-            addr,
-            reset,
-            carried,
-            stop,
-        }
-    }
-
-    /// Resets every connection open now (new ones are carried normally).
-    fn reset_all(&self) {
-        self.reset.send_modify(|n| *n += 1);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
@@ -687,7 +620,7 @@ async fn connection_resets_close_the_affected_clients_and_drivers_carry_on() {
     );
     assert!(result.operations >= 20, "{result:?}");
     assert!(
-        relay.carried.load(Ordering::Relaxed) > 2,
+        relay.carried() > 2,
         "the relay carried the proxy's connections"
     );
     assert_eq!(

@@ -1,0 +1,119 @@
+//! Log capture: every line of the test process through one global
+//! `tracing` subscriber (`logs`), or one thread's lines (`ThreadLogs`).
+//! It captures; it must not filter out what a test asserts is absent.
+
+use std::sync::Arc;
+
+/// Every log line of this test process, captured by a global `tracing`
+/// subscriber (installed once, DEBUG and up). Tests running in parallel
+/// share it, so each one picks its lines by something only it has (a peer
+/// address, a marker).
+pub mod logs {
+    use std::sync::OnceLock;
+
+    use super::ThreadLogs as Sink;
+
+    static SINK: OnceLock<Sink> = OnceLock::new();
+
+    /// Installs the capture at DEBUG (idempotent).
+    pub fn install() {
+        install_at(tracing::Level::DEBUG);
+    }
+
+    /// Installs the capture at `level` (the first call in a test binary
+    /// decides; later calls change nothing).
+    pub fn install_at(level: tracing::Level) {
+        SINK.get_or_init(|| {
+            let sink = Sink::default();
+            tracing::subscriber::set_global_default(sink.subscriber(level))
+                .expect("no other global subscriber in this test binary");
+            sink
+        });
+    }
+
+    /// Every captured line so far.
+    pub fn lines() -> Vec<String> {
+        let Some(sink) = SINK.get() else {
+            return Vec::new();
+        };
+        sink.text().lines().map(str::to_string).collect()
+    }
+
+    /// Captured lines containing `needle`.
+    pub fn containing(needle: &str) -> Vec<String> {
+        lines().into_iter().filter(|l| l.contains(needle)).collect()
+    }
+
+    /// How many lines have been captured so far (see `containing_since`).
+    pub fn mark() -> usize {
+        lines().len()
+    }
+
+    /// Lines captured after `mark` containing `needle` (a peer address
+    /// can recur in older lines once the kernel reuses its port).
+    pub fn containing_since(mark: usize, needle: &str) -> Vec<String> {
+        lines()
+            .into_iter()
+            .skip(mark)
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+}
+
+/// Log output of the current thread, for tests on a current-thread runtime
+/// (the proxy's, engine's and emulator's tasks then log on the test's
+/// thread). Unlike `logs`, which installs one global subscriber per test
+/// binary, each test gets its own capture at its own level.
+#[derive(Clone, Default)]
+pub struct ThreadLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for ThreadLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ThreadLogs {
+    /// Captures this thread's events at `level` and above until the guard drops.
+    pub fn install_at(&self, level: tracing::Level) -> tracing::subscriber::DefaultGuard {
+        tracing::subscriber::set_default(self.subscriber(level))
+    }
+
+    /// A plain-text subscriber writing here, at `level` and above.
+    pub fn subscriber(&self, level: tracing::Level) -> impl tracing::Subscriber + Send + Sync {
+        let capture = self.clone();
+        tracing_subscriber::fmt()
+            .with_writer(move || capture.clone())
+            .with_ansi(false)
+            .with_max_level(level)
+            .finish()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// The proxy's lines (the emulator may log on the same thread).
+    pub fn proxy_lines(&self) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains("sessionguard_proxy"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The proxy's WARN lines.
+    pub fn proxy_warn_lines(&self) -> Vec<String> {
+        self.proxy_lines()
+            .into_iter()
+            .filter(|l| l.contains(" WARN "))
+            .collect()
+    }
+}
