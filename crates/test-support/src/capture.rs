@@ -11,29 +11,47 @@ use std::sync::Arc;
 pub mod logs {
     use std::sync::OnceLock;
 
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::{fmt, reload, Registry};
+
     use super::ThreadLogs as Sink;
 
-    static SINK: OnceLock<Sink> = OnceLock::new();
+    /// The capture and the handle that raises its level.
+    static SINK: OnceLock<(Sink, reload::Handle<LevelFilter, Registry>)> = OnceLock::new();
 
     /// Installs the capture at DEBUG (idempotent).
     pub fn install() {
         install_at(tracing::Level::DEBUG);
     }
 
-    /// Installs the capture at `level` (the first call in a test binary
-    /// decides; later calls change nothing).
+    /// Installs the capture at `level`, or lowers an installed capture's
+    /// threshold to `level`: the suites share one test process under
+    /// `cargo test`, and one asking for WARN (to go faster) must not take
+    /// another's DEBUG lines away. It never raises the threshold.
     pub fn install_at(level: tracing::Level) {
-        SINK.get_or_init(|| {
+        let wanted = LevelFilter::from_level(level);
+        let (_, handle) = SINK.get_or_init(|| {
             let sink = Sink::default();
-            tracing::subscriber::set_global_default(sink.subscriber(level))
+            let (filter, handle) = reload::Layer::new(wanted);
+            let writer = sink.clone();
+            let subscriber = Registry::default().with(filter).with(
+                fmt::layer()
+                    .with_writer(move || writer.clone())
+                    .with_ansi(false),
+            );
+            tracing::subscriber::set_global_default(subscriber)
                 .expect("no other global subscriber in this test binary");
-            sink
+            (sink, handle)
         });
+        handle
+            .modify(|current| *current = (*current).max(wanted))
+            .expect("the capture is installed");
     }
 
     /// Every captured line so far.
     pub fn lines() -> Vec<String> {
-        let Some(sink) = SINK.get() else {
+        let Some((sink, _)) = SINK.get() else {
             return Vec::new();
         };
         sink.text().lines().map(str::to_string).collect()

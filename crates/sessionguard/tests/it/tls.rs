@@ -645,7 +645,7 @@ async fn bad_tls_files_fail_the_start_naming_the_key() {
 
 #[test]
 fn the_example_config_documents_proxy_tls_with_its_defaults() {
-    let example = include_str!("../../../config/sessionguard.toml");
+    let example = include_str!("../../../../config/sessionguard.toml");
     let block: String = example
         .lines()
         .skip_while(|l| l.trim() != "#     [proxy.tls]")
