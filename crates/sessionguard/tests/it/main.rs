@@ -10,6 +10,7 @@ mod auth;
 mod bounded_memory;
 mod compression;
 mod dashboard;
+mod dockerfile;
 mod driver_through_proxy;
 mod emulator_direct;
 mod emulator_fidelity;
