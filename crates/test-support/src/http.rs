@@ -1,21 +1,11 @@
-//! The admin API from a test: a plain HTTP/1.1 client (no client crate),
-//! an admin server for a test's proxy, and reading one series out of a
-//! Prometheus exposition.
+//! The admin API from a test: a plain HTTP/1.1 client (no client crate)
+//! and an admin server for a test's proxy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::stack::GuardedProxy;
-
-/// The value of one series in a Prometheus text exposition (`name{labels}`
-/// exactly as the encoder writes it); `None` when absent.
-pub fn metric(exposition: &str, series: &str) -> Option<f64> {
-    exposition
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.parse().ok())
-}
 
 /// One admin HTTP response.
 #[derive(Debug)]

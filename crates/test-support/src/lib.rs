@@ -19,7 +19,8 @@
 //! - `wait`: `WAIT` and `eventually`.
 //! - `relay`: `Relay` (reset-capable, or a tap that keeps what clients sent).
 //! - `capture`: log capture, process-wide (`logs`) or per thread (`ThreadLogs`).
-//! - `http`: the admin API (`http_get`, `admin_for`) and `metric`.
+//! - `http`: the admin API (`http_get`, `admin_for`).
+//! - `exposition`: one series of a Prometheus exposition (`metric`).
 //! - `process`: the `sessionguard` / `sessionguard-dev` binaries and
 //!   `ProxyProcess`.
 //! - `engine_direct`: requests and replies handed to an engine alone.
@@ -29,6 +30,7 @@
 
 pub mod capture;
 pub mod engine_direct;
+pub mod exposition;
 pub mod http;
 pub mod lsid;
 pub mod process;
@@ -41,7 +43,8 @@ pub mod workload;
 
 pub use capture::{logs, ThreadLogs};
 pub use engine_direct::{engine_reply, engine_request};
-pub use http::{admin_for, http_get, http_request, metric, HttpReply};
+pub use exposition::metric;
+pub use http::{admin_for, http_get, http_request, HttpReply};
 pub use lsid::{lsid, lsid_raw, lsid_string, session_lsid, short_of};
 pub use process::{dev_bin, dev_command, sessionguard_bin, sessionguard_command, ProxyProcess};
 pub use raw::{

@@ -21,7 +21,7 @@ use sessionguard_engine::{
 use sessionguard_proxy::{Inspector, NoopInspector, ProxyHandle};
 use tokio::task::JoinHandle;
 
-use crate::http::metric;
+use crate::exposition::metric;
 use crate::wait::{eventually, WAIT};
 
 pub struct Stack {
