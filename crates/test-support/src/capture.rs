@@ -11,9 +11,9 @@ use std::sync::Arc;
 pub mod logs {
     use std::sync::OnceLock;
 
-    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter};
     use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::{fmt, reload, Registry};
+    use tracing_subscriber::{fmt, reload, Layer, Registry};
 
     use super::ThreadLogs as Sink;
 
@@ -35,11 +35,22 @@ pub mod logs {
             let sink = Sink::default();
             let (filter, handle) = reload::Layer::new(wanted);
             let writer = sink.clone();
-            let subscriber = Registry::default().with(filter).with(
+            // RUST_LOG (e.g. sessionguard=debug) also shows the lines on the
+            // test's output: a process has one global subscriber, so this
+            // is the only place a suite can ask for that.
+            let echo = std::env::var_os("RUST_LOG").map(|_| {
                 fmt::layer()
-                    .with_writer(move || writer.clone())
-                    .with_ansi(false),
-            );
+                    .with_test_writer()
+                    .with_filter(EnvFilter::from_default_env())
+            });
+            let subscriber = Registry::default()
+                .with(filter)
+                .with(
+                    fmt::layer()
+                        .with_writer(move || writer.clone())
+                        .with_ansi(false),
+                )
+                .with(echo);
             tracing::subscriber::set_global_default(subscriber)
                 .expect("no other global subscriber in this test binary");
             (sink, handle)

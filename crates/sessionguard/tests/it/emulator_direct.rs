@@ -22,10 +22,7 @@ use sessionguard_test_support::{lsid, RawClient, WAIT};
 
 async fn start(config: EmulatorConfig) -> EmulatorHandle {
     // RUST_LOG=sessionguard=debug shows the emulator's command log.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    sessionguard_test_support::logs::install();
     Emulator::start("127.0.0.1:0".parse().unwrap(), config)
         .await
         .expect("emulator starts")

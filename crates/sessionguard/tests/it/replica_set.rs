@@ -46,10 +46,8 @@ struct ReplicaSet {
 
 impl ReplicaSet {
     async fn start(count: usize, config: EmulatorConfig) -> ReplicaSet {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        // RUST_LOG=sessionguard=debug shows the emulator's command log.
+        sessionguard_test_support::logs::install();
         let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let first = Emulator::start(loopback, config)
             .await
