@@ -22,6 +22,13 @@ echo "== Dockerfile: hadolint and the project's own checks (scripts/dockerfile.s
 bash scripts/dockerfile.sh
 
 echo "== Rust tests: unit, property and integration (real drivers through the proxy)"
+# A test that runs another package's binary builds it with exactly these
+# commands (crates/test-support/src/process.rs). Cargo unifies features over
+# the packages it is asked to build, so that build's dependencies differ from
+# the workspace build's: doing it here, once, keeps a test from compiling them
+# under nextest's per-test timeout. Later, the same commands are no-ops.
+cargo build --locked --quiet --package sessionguard --bin sessionguard
+cargo build --locked --quiet --package sessionguard-dev --bin sessionguard-dev
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest kills a hung test after 2 minutes (.config/nextest.toml).
   cargo nextest run --workspace --all-targets --locked
@@ -32,7 +39,8 @@ fi
 
 echo "== interop: Node.js driver 6 and 7, Express + connect-mongo, Mongoose, PyMongo sync and asyncio (direct, through the proxy, and under sessionguard exec; failover on a replica set; servers refusing session kills, in enforce mode too)"
 # The proxy and the dev tools (the emulator the suites run against).
-cargo build --locked --quiet -p sessionguard -p sessionguard-dev
+cargo build --locked --quiet --package sessionguard --bin sessionguard
+cargo build --locked --quiet --package sessionguard-dev --bin sessionguard-dev
 target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 SESSIONGUARD_BIN="$target_dir/debug/sessionguard" \
   SESSIONGUARD_DEV_BIN="$target_dir/debug/sessionguard-dev" \
