@@ -1,7 +1,7 @@
 //! `SessionEngine`: the synchronous heart of sessionguard. The connection
 //! tasks call it for every request, reply, connect and close; it reads the
 //! command views, keeps the per-connection facts (handshake identity,
-//! authenticated owner, requests awaiting replies), drives the session
+//! authenticated owner, recent operations), drives the session
 //! ledger, runs the enabled rules, decides whether a request is rejected
 //! (enforce), and reports violations: per-rule counters for every one, and
 //! through `findings` (grouped by bug) the log lines, the kept examples and
@@ -17,6 +17,15 @@
 //! or reset its side first. Two identical requests on one session at once
 //! are told apart by what happens to the first: a retry if its connection
 //! fails without its reply, concurrent use if its reply is delivered.
+//!
+//! It keeps no table of the requests awaiting replies: `request` returns a
+//! [`PendingRequest`] for each one it follows (its session, class, cursor,
+//! and the effect a session command will have once confirmed), which the
+//! caller — the proxy's per-connection in-flight table, through the
+//! binary's inspector — owns and hands back with the reply (`reply`) or at
+//! the close (`close`). What the session entries keep in flight
+//! (`state::InFlightSet`) is per session, across connections, which that
+//! table cannot answer: it is what `concurrent-use` reads.
 //!
 //! It never blocks and never awaits: every call takes a few map locks for a
 //! few microseconds and returns. No lock is held across a call boundary and
@@ -178,9 +187,16 @@ impl Lifecycle {
     }
 }
 
-/// A request of one connection that awaits its reply.
-#[derive(Debug, Clone, Copy)]
-struct Pending {
+/// What the engine needs, at its reply or at its connection's close, about
+/// one forwarded request: returned by `request` and owned by the caller
+/// (the proxy keeps it in its per-connection in-flight table, beside its own
+/// record) until the final reply (`reply`) or the close (`close`). The
+/// engine keeps no per-connection table of pending requests: the caller's
+/// is the only one. Only requests the engine follows get one (session
+/// requests, session commands, store deletes, handshakes and auth); a
+/// request that expects no reply never does.
+#[derive(Debug)]
+pub struct PendingRequest {
     key: Option<SessionKey>,
     entry: InFlight,
     in_transaction: bool,
@@ -188,6 +204,17 @@ struct Pending {
     cursor: Option<i64>,
     /// Its entry in the connection's operation ring (session requests).
     op: Option<OpSlot>,
+    /// A session command's (or store delete's) effect, held until the
+    /// server answers: settled by the final reply, or as unconfirmed at
+    /// close. Boxed: rare, and it would double every pending record.
+    effect: Option<Box<Effect>>,
+}
+
+impl PendingRequest {
+    /// The client's request id.
+    pub fn request_id(&self) -> i32 {
+        self.entry.request.request_id
+    }
 }
 
 /// An authentication the connection started; the server's reply decides.
@@ -207,10 +234,10 @@ pub(crate) struct ConnState {
     pub(crate) client: ClientId,
     pub(crate) owner: OwnerId,
     pending_auth: Option<PendingAuth>,
-    pending: Vec<Pending>,
-    /// Effects of this connection's session commands, held until their
-    /// replies (empty, unallocated, on connections that send none).
-    effects: Vec<(i32, Effect)>,
+    /// How many `PendingRequest`s of this connection are out (handed to the
+    /// caller, not yet finally answered): a count, not a copy of them —
+    /// only the refresher's "quiet connection first" reads it.
+    awaiting_replies: u32,
     /// Recent session operations, for violations' timelines.
     ops: OpRing,
     /// The proxy can send the engine's own requests (a refresh) on it.
@@ -234,7 +261,7 @@ const TXN_SESSIONS_PER_CONN: usize = 64;
 
 impl ConnState {
     pub(crate) fn is_quiet(&self) -> bool {
-        self.pending.is_empty()
+        self.awaiting_replies == 0
     }
 }
 
@@ -531,8 +558,7 @@ impl SessionEngine {
                 client,
                 owner: OwnerId::UNKNOWN,
                 pending_auth: None,
-                pending: Vec::new(),
-                effects: Vec::new(),
+                awaiting_replies: 0,
                 ops: OpRing::default(),
                 can_inject,
                 refresh_in_progress: false,
@@ -618,8 +644,16 @@ impl SessionEngine {
 
     // ---- requests ----
 
-    /// Inspects a client request before it is forwarded.
-    pub fn request(&self, conn: u64, request_id: i32, message: &Message<'_>) -> Decision {
+    /// Inspects a client request before it is forwarded. A forwarded
+    /// request the engine follows comes with its `PendingRequest`, which
+    /// the caller keeps until the request's final reply (`reply`) or its
+    /// connection's close (`close`); a rejected one never has one.
+    pub fn request(
+        &self,
+        conn: u64,
+        request_id: i32,
+        message: &Message<'_>,
+    ) -> (Decision, Option<PendingRequest>) {
         self.request_at(conn, request_id, message, self.now())
     }
 
@@ -630,9 +664,9 @@ impl SessionEngine {
         request_id: i32,
         message: &Message<'_>,
         now: Millis,
-    ) -> Decision {
+    ) -> (Decision, Option<PendingRequest>) {
         let Some(view) = RequestView::from_message(message) else {
-            return Decision::Forward;
+            return (Decision::Forward, None);
         };
         // The count doubles as the request's sequence number (timelines).
         let seq = self.requests_inspected.fetch_add(1, Ordering::Relaxed);
@@ -720,6 +754,7 @@ impl SessionEngine {
             rejected = found.iter().any(|v| rejects(&rules, v));
         }
 
+        let mut pending = None;
         if !rejected {
             let destroys = self.stores.apply(&store_ops, &inspected.facts.request);
             if let (Some(key), Some(first)) = (inspected.key, suspect) {
@@ -728,7 +763,8 @@ impl SessionEngine {
             if retried {
                 self.count_retry(inspected.view.name);
             }
-            self.apply_request_effects(&inspected, end_kind, ended_in_flight, destroys, now);
+            pending =
+                self.apply_request_effects(&inspected, end_kind, ended_in_flight, destroys, now);
         }
 
         let reply = if rejected {
@@ -746,8 +782,8 @@ impl SessionEngine {
             self.emit(violation, rejected && rejects);
         }
         match reply {
-            Some(reply) => Decision::Reject { reply },
-            None => Decision::Forward,
+            Some(reply) => (Decision::Reject { reply }, None),
+            None => (Decision::Forward, pending),
         }
     }
 
@@ -997,7 +1033,8 @@ impl SessionEngine {
     /// State changes of a forwarded request outside its own session entry.
     /// A session command's effect is held until its reply (`settle_effect`);
     /// what the client itself let go of (a getMore whose cursor it kills)
-    /// changes now.
+    /// changes now. Returns what the reply (or the close) will need, when
+    /// the engine follows the request and a reply is due.
     fn apply_request_effects(
         &self,
         inspected: &Inspected<'_>,
@@ -1005,7 +1042,7 @@ impl SessionEngine {
         ended_in_flight: Vec<Violation>,
         destroys: Vec<super::web_store::StoreOp>,
         now: Millis,
-    ) {
+    ) -> Option<PendingRequest> {
         let facts = &inspected.facts;
         if facts.class == CommandClass::KillCursors {
             // A getMore still waiting on a cursor the client kills (a change
@@ -1058,13 +1095,11 @@ impl SessionEngine {
                 // moreToCome: no reply will ever say.
                 self.settle_effect(effect, EffectOutcome::Unconfirmed, facts.upstream, now);
             }
-            return;
+            return None;
         }
-        let Some(mut conn) = self.conns.get_mut(&facts.request.conn) else {
-            return;
-        };
+        let mut conn = self.conns.get_mut(&facts.request.conn)?;
         let op = in_ring.then(|| conn.ops.record(inspected.key, facts.request, inspected.seq));
-        let pending = Pending {
+        let pending = PendingRequest {
             key: inspected.key,
             entry: InFlight {
                 request: facts.request,
@@ -1076,8 +1111,9 @@ impl SessionEngine {
             in_transaction: facts.in_transaction,
             cursor: inspected.targets.get_more_cursor,
             op,
+            effect: effect.map(Box::new),
         };
-        conn.pending.push(pending);
+        conn.awaiting_replies = conn.awaiting_replies.saturating_add(1);
         conn.carried_sessions |= inspected.key.is_some();
         if let Some(key) = inspected.key.filter(|_| facts.in_transaction) {
             if conn.txn_sessions.last() != Some(&key) {
@@ -1088,9 +1124,7 @@ impl SessionEngine {
                 conn.txn_sessions.push(key);
             }
         }
-        if let Some(effect) = effect {
-            conn.effects.push((facts.request.request_id, effect));
-        }
+        Some(pending)
     }
 
     /// The effect a session command will have once the server confirms it.
@@ -1292,36 +1326,37 @@ impl SessionEngine {
 
     // ---- replies ----
 
-    /// Inspects a reply before it is forwarded.
-    pub fn reply(&self, conn: u64, response_to: i32, message: &Message<'_>) {
-        self.reply_at(conn, response_to, message, self.now())
+    /// Inspects a reply to the request `pending` stands for (its record,
+    /// from `request`) before it is forwarded. After a final reply (no
+    /// `moreToCome`) the caller drops `pending`; after a streamed one it
+    /// keeps it for the next. Replies that match no request are not
+    /// shown to the engine.
+    pub fn reply(&self, conn: u64, pending: &mut PendingRequest, message: &Message<'_>) {
+        self.reply_at(conn, pending, message, self.now())
     }
 
-    pub fn reply_at(&self, conn: u64, response_to: i32, message: &Message<'_>, now: Millis) {
+    pub fn reply_at(
+        &self,
+        conn: u64,
+        pending: &mut PendingRequest,
+        message: &Message<'_>,
+        now: Millis,
+    ) {
         let Some(reply) = ReplyView::from_message(message) else {
             return;
         };
         self.decide_due_verdicts(now);
         let final_reply = !reply.more_to_come;
-        // One connection lookup per reply: the pending request, the upstream
-        // its cursors live on and the handshake / auth outcome all come from
-        // (or go to) the same entry.
-        let (pending, upstream, effect) = {
+        let response_to = pending.entry.request.request_id;
+        // One connection lookup per reply: the upstream its cursors live on
+        // and the handshake / auth outcome come from (or go to) one entry.
+        let upstream = {
             let Some(mut state) = self.conns.get_mut(&conn) else {
                 return;
             };
-            let Some(position) = state
-                .pending
-                .iter()
-                .position(|p| p.entry.request.request_id == response_to)
-            else {
-                return;
-            };
-            let pending = if final_reply {
-                state.pending.swap_remove(position)
-            } else {
-                state.pending[position]
-            };
+            if final_reply {
+                state.awaiting_replies = state.awaiting_replies.saturating_sub(1);
+            }
             if let Some(op) = pending.op {
                 state.ops.replied(op, response_to, now);
             }
@@ -1338,20 +1373,16 @@ impl SessionEngine {
                 }
                 _ => {}
             }
-            // Only session commands and store deletes hold an effect: no
-            // search otherwise.
-            let effect = if final_reply && !state.effects.is_empty() {
-                state
-                    .effects
-                    .iter()
-                    .position(|(id, _)| *id == response_to)
-                    .map(|position| state.effects.swap_remove(position).1)
-            } else {
-                None
-            };
-            (pending, state.upstream, effect)
+            state.upstream
+        };
+        // Only session commands and store deletes hold an effect.
+        let effect = if final_reply {
+            pending.effect.take()
+        } else {
+            None
         };
         if let Some(effect) = effect {
+            let effect = *effect;
             // A delete with writeErrors deleted nothing it was refused.
             let done = match effect.kind {
                 EffectKind::StoreDestroy { .. } => reply.is_clean_success(),
@@ -1383,7 +1414,7 @@ impl SessionEngine {
         if suspected {
             self.decide_verdicts(&key, &pending.entry.request, true, now);
         }
-        self.cursor_reply(&key, &pending, upstream, &reply);
+        self.cursor_reply(&key, pending, upstream, &reply);
         if let Some(violation) = found {
             self.emit(violation, false);
         }
@@ -1419,7 +1450,7 @@ impl SessionEngine {
     fn cursor_reply(
         &self,
         key: &SessionKey,
-        pending: &Pending,
+        pending: &PendingRequest,
         upstream: u32,
         reply: &ReplyView<'_>,
     ) {
@@ -1449,9 +1480,16 @@ impl SessionEngine {
 
     // ---- close ----
 
-    /// The client connection closed, because of `cause`.
-    pub fn close(&self, conn: u64, cause: CloseCause) {
-        self.close_at(conn, cause, self.now())
+    /// The client connection closed, because of `cause`, with
+    /// `still_in_flight` never (finally) answered: the records `request`
+    /// handed out for them, oldest first.
+    pub fn close(
+        &self,
+        conn: u64,
+        cause: CloseCause,
+        still_in_flight: impl IntoIterator<Item = PendingRequest>,
+    ) {
+        self.close_at(conn, cause, still_in_flight, self.now())
     }
 
     /// `close` at a given engine time. Every request still in flight on the
@@ -1460,14 +1498,25 @@ impl SessionEngine {
     /// judges them only when the client closed or reset its side first.
     /// Verdicts waiting on them are decided: retries. Held effects are
     /// settled as unconfirmed.
-    pub fn close_at(&self, conn: u64, cause: CloseCause, now: Millis) {
+    pub fn close_at(
+        &self,
+        conn: u64,
+        cause: CloseCause,
+        still_in_flight: impl IntoIterator<Item = PendingRequest>,
+        now: Millis,
+    ) {
         let Some((_, state)) = self.conns.remove(&conn) else {
             return;
         };
         let ctx = self.context(now);
         let judge =
             cause.client_went_first() && self.rules.enabled(RuleId::ClosedWithRequestsInFlight);
-        for pending in &state.pending {
+        // Settled after every request is released, as unconfirmed.
+        let mut effects: Vec<Effect> = Vec::new();
+        for mut pending in still_in_flight {
+            if let Some(effect) = pending.effect.take() {
+                effects.push(*effect);
+            }
             let Some(key) = pending.key else { continue };
             self.in_flight_abandoned[cause.index()].fetch_add(1, Ordering::Relaxed);
             let mut found = None;
@@ -1504,7 +1553,7 @@ impl SessionEngine {
                     .with_existing(key, |session| session.transaction_cut());
             }
         }
-        for (_, effect) in state.effects {
+        for effect in effects {
             self.settle_effect(effect, EffectOutcome::Unconfirmed, state.upstream, now);
         }
     }
@@ -2006,15 +2055,86 @@ pub(crate) mod tests {
         rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: vec![n; 16] } }
     }
 
-    pub(crate) fn engine_with(config: SessionConfig, rules: RulesConfig) -> SessionEngine {
-        SessionEngine::new(&config, &rules)
+    /// The engine as the tests drive it, with the caller's side of the seam:
+    /// the `PendingRequest`s it hands out are kept here, as the proxy keeps
+    /// them with its in-flight records, given back with their replies and,
+    /// at close, as what is still in flight. Its `request_at` / `reply_at` /
+    /// `close_at` shadow the engine's; everything else derefs to it.
+    pub(crate) struct TestEngine {
+        engine: SessionEngine,
+        /// (connection, request id, record), oldest first.
+        in_flight: std::sync::Mutex<Vec<(u64, i32, PendingRequest)>>,
     }
 
-    fn engine() -> SessionEngine {
+    impl std::ops::Deref for TestEngine {
+        type Target = SessionEngine;
+        fn deref(&self) -> &SessionEngine {
+            &self.engine
+        }
+    }
+
+    impl TestEngine {
+        fn table(&self) -> std::sync::MutexGuard<'_, Vec<(u64, i32, PendingRequest)>> {
+            self.in_flight.lock().unwrap()
+        }
+
+        pub(crate) fn request_at(
+            &self,
+            conn: u64,
+            request_id: i32,
+            message: &Message<'_>,
+            now: Millis,
+        ) -> Decision {
+            let (decision, pending) = self.engine.request_at(conn, request_id, message, now);
+            if let Some(pending) = pending {
+                assert_eq!(
+                    decision,
+                    Decision::Forward,
+                    "a rejected request has no record"
+                );
+                self.table().push((conn, request_id, pending));
+            }
+            decision
+        }
+
+        /// A reply to the latest request `to` of `conn` (as the proxy
+        /// matches it); none is shown to the engine if nothing matches.
+        pub(crate) fn reply_at(&self, conn: u64, to: i32, message: &Message<'_>, now: Millis) {
+            let more_to_come = matches!(message, Message::Msg(m) if m.flags.more_to_come());
+            let mut table = self.table();
+            let Some(position) = table.iter().rposition(|(c, id, _)| (*c, *id) == (conn, to))
+            else {
+                return;
+            };
+            self.engine
+                .reply_at(conn, &mut table[position].2, message, now);
+            if !more_to_come {
+                table.remove(position);
+            }
+        }
+
+        pub(crate) fn close_at(&self, conn: u64, cause: CloseCause, now: Millis) {
+            let table = std::mem::take(&mut *self.table());
+            let (left, kept): (Vec<_>, Vec<_>) =
+                table.into_iter().partition(|(c, _, _)| *c == conn);
+            *self.table() = kept;
+            self.engine
+                .close_at(conn, cause, left.into_iter().map(|(_, _, p)| p), now);
+        }
+    }
+
+    pub(crate) fn engine_with(config: SessionConfig, rules: RulesConfig) -> TestEngine {
+        TestEngine {
+            engine: SessionEngine::new(&config, &rules),
+            in_flight: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn engine() -> TestEngine {
         engine_with(SessionConfig::default(), RulesConfig::default())
     }
 
-    pub(crate) fn connect(engine: &SessionEngine, conn: u64, peer: &str, app: &str) {
+    pub(crate) fn connect(engine: &TestEngine, conn: u64, peer: &str, app: &str) {
         // Refreshes may be planned on it (the tests hand the engine their
         // outcomes).
         engine.connect(conn, peer.parse().unwrap(), LISTENER.parse().unwrap(), true);
@@ -2034,7 +2154,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn send(
-        engine: &SessionEngine,
+        engine: &TestEngine,
         conn: u64,
         id: i32,
         doc: &RawDocumentBuf,
@@ -2047,7 +2167,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn reply(
-        engine: &SessionEngine,
+        engine: &TestEngine,
         conn: u64,
         to: i32,
         doc: &RawDocumentBuf,
@@ -2060,7 +2180,7 @@ pub(crate) mod tests {
 
     /// Sends `doc` and answers it with `answer`, both at `at`.
     pub(crate) fn exchange(
-        engine: &SessionEngine,
+        engine: &TestEngine,
         conn: u64,
         id: i32,
         doc: &RawDocumentBuf,
@@ -2379,7 +2499,7 @@ pub(crate) mod tests {
 
     // ---- judged by outcome (issue 12) ----
 
-    fn enforcing() -> SessionEngine {
+    fn enforcing() -> TestEngine {
         engine_with(
             SessionConfig {
                 mode: Mode::Enforce,

@@ -30,14 +30,18 @@
 //! - `web_store`: web-session stores (`[stores]`): store documents by
 //!   `_id` and `store-session-resurrected`.
 //! - `outcome`: what waits on the server's reply: session commands and
-//!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
+//!   their refusals, effects (held until ok:1 in the request's
+//!   `PendingRequest`, which the caller keeps), deferred concurrent-use
+//!   verdicts.
 //! - `finding_id`: [`FindingId`], a finding's public id (the value only).
 //! - `findings`: violations grouped by bug (a stable fingerprint), the log
 //!   policy (first in full, then periodic summaries), the kept examples.
 //! - `timeline`: each connection's recent session operations, merged into
 //!   a violation's timeline.
 //! - `engine`: [`SessionEngine`], the synchronous API the connection tasks
-//!   call (through the binary's `Inspector` adapter).
+//!   call (through the binary's `Inspector` adapter), and
+//!   [`PendingRequest`], its record of a request awaiting its reply, which
+//!   the caller (the proxy's in-flight table) owns.
 //! - `refresh`: which held sessions to refresh, on which connection, the
 //!   `refreshSessions` bytes and what the reply means (the sending is the
 //!   binary's).
@@ -62,7 +66,7 @@ pub use config::{
     Mode, RefreshPolicy, ResolvedRules, RuleOverride, RuleSettings, RulesConfig, SessionConfig,
     DEFAULT_FINDING_INTERVAL,
 };
-pub use engine::{Decision, EngineStats, PerCommand, SessionEngine};
+pub use engine::{Decision, EngineStats, PendingRequest, PerCommand, SessionEngine};
 pub use finding_id::FindingId;
 pub use findings::{
     DistinctCount, Example, Examples, FindingDetail, FindingSide, FindingSnapshot, TimelineEntry,

@@ -265,14 +265,16 @@ mod tests {
 
     use super::*;
     use crate::config::{RulesConfig, SessionConfig};
-    use crate::engine::tests::{connect, engine_with, find, lsid, ok, reply, send, PEER};
+    use crate::engine::tests::{
+        connect, engine_with, find, lsid, ok, reply, send, TestEngine, PEER,
+    };
     use bson::rawdoc;
     use sessionguard_protocol::wire::op_msg::encode;
     use sessionguard_protocol::wire::MsgFlags;
 
     const SECOND: Millis = 1_000;
 
-    fn engine(policy: RefreshPolicy) -> SessionEngine {
+    fn engine(policy: RefreshPolicy) -> TestEngine {
         let config = SessionConfig {
             refresh: policy,
             session_timeout: Some(Duration::from_secs(10)),
@@ -283,7 +285,7 @@ mod tests {
     }
 
     /// Opens a cursor under session `n` on connection `conn` at time 0.
-    fn hold_cursor(engine: &SessionEngine, conn: u64, n: u8, request_id: i32) {
+    fn hold_cursor(engine: &TestEngine, conn: u64, n: u8, request_id: i32) {
         send(engine, conn, request_id, &find(n), 0, 0);
         let cursor_id = 1_000 + i64::from(n);
         reply(
