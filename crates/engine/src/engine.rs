@@ -679,11 +679,9 @@ impl SessionEngine {
         let mut found: Vec<Violation> = Vec::new();
 
         // Read-only checks first: nothing changes until the verdict is known.
-        let cursor_event = self.cursor_event(&inspected);
-        if let Some(event) = &cursor_event {
-            if rules.enabled(RuleId::CursorSessionMismatch) {
-                found.extend(rules::cursor_session_mismatch(event, &ctx));
-            }
+        let enabled = |rule| rules.enabled(rule);
+        if let Some(event) = &self.cursor_event(&inspected) {
+            rules::on_cursor(enabled, event, &ctx, &mut found);
         }
         let end_kind = match inspected.facts.class {
             CommandClass::EndSessions => Some(EndKind::Ended),
@@ -697,7 +695,7 @@ impl SessionEngine {
         // as an unconfirmed warning if the reply never comes).
         let mut ended_in_flight: Vec<Violation> = Vec::new();
         if let Some(kind) = end_kind {
-            if rules.enabled(RuleId::EndWhileInFlight) {
+            if rules::any_on(enabled, |hook| matches!(hook, rules::Hook::End(_))) {
                 for &lsid in &inspected.targets.sessions {
                     let event = EndEvent {
                         key: SessionKey {
@@ -707,29 +705,34 @@ impl SessionEngine {
                         kind,
                         request: inspected.facts.request,
                     };
-                    if let Some(v) = self.ledger.read(&event.key, |state| {
-                        rules::end_while_in_flight(&event, state, &ctx)
-                    }) {
-                        ended_in_flight.extend(v);
-                    }
+                    self.ledger.read(&event.key, |state| {
+                        rules::on_end(enabled, &event, state, &ctx, &mut ended_in_flight)
+                    });
                 }
             }
-            if can_reply && rules.get(RuleId::EndWhileInFlight).action == Action::Reject {
-                found.append(&mut ended_in_flight);
+            if can_reply {
+                // Those whose action rejects are judged with the request.
+                let (now, held) = ended_in_flight
+                    .into_iter()
+                    .partition(|v| rules.get(v.rule).action == Action::Reject);
+                found.extend::<Vec<Violation>>(now);
+                ended_in_flight = held;
             }
         }
 
         // Web-session stores: a resurrecting write is judged before anything
         // changes, like every rule (enforce rejects it).
         let store_ops = self.stores.classify(&inspected.view);
-        if !store_ops.is_empty() && rules.enabled(RuleId::StoreSessionResurrected) {
+        if !store_ops.is_empty()
+            && rules::any_on(enabled, |hook| matches!(hook, rules::Hook::StoreWrite(_)))
+        {
             if let Some(resurrection) = self.stores.check(&store_ops, &inspected.facts.request) {
                 let key = inspected.key.unwrap_or(SessionKey {
                     lsid: Default::default(),
                     owner: inspected.owner,
                 });
                 let label = self.stores.label(resurrection.store);
-                found.push(resurrection.violation(key, label, self));
+                rules::on_store_write(enabled, &resurrection, key, label, &ctx, &mut found);
             }
         }
 
@@ -742,7 +745,7 @@ impl SessionEngine {
                 facts: inspected.facts,
             };
             rejected = self.ledger.with_session(key, now, |state| {
-                self.session_rules(&rules, &event, state, &ctx, &mut found);
+                rules::on_request(enabled, &event, state, &ctx, &mut found);
                 let reject = can_reply && found.iter().any(|v| rejects(&rules, v));
                 if !reject {
                     suspect = self.retry_suspect(&event, state, &found);
@@ -879,15 +882,7 @@ impl SessionEngine {
         for verdict in waiting {
             if answered {
                 // Both were answered: nothing failed, nothing was retried.
-                let ctx = self.context(now);
-                let violation = rules::concurrent_use_confirmed(
-                    &verdict.key,
-                    &verdict.first,
-                    &verdict.second,
-                    Overlap::Answered,
-                    &ctx,
-                );
-                self.emit(violation, false);
+                self.verdict(&verdict, Overlap::Answered, now);
             } else {
                 // The first never answered: the second was its retry. Every
                 // identical request that overlapped it is taken for one — a
@@ -905,15 +900,24 @@ impl SessionEngine {
         if due.is_empty() {
             return;
         }
-        let ctx = self.context(now);
         for verdict in due {
-            let violation = rules::concurrent_use_confirmed(
-                &verdict.key,
-                &verdict.first,
-                &verdict.second,
-                Overlap::StillInFlight(RETRY_VERDICT_WINDOW),
-                &ctx,
-            );
+            self.verdict(&verdict, Overlap::StillInFlight(RETRY_VERDICT_WINDOW), now);
+        }
+    }
+
+    /// Reports a deferred verdict that was not a retry.
+    fn verdict(&self, verdict: &PendingVerdict, overlap: Overlap, now: Millis) {
+        let ctx = self.context(now);
+        let mut found = Vec::new();
+        rules::on_verdict(
+            &verdict.key,
+            &verdict.first,
+            &verdict.second,
+            overlap,
+            &ctx,
+            &mut found,
+        );
+        for violation in found {
             self.emit(violation, false);
         }
     }
@@ -966,42 +970,6 @@ impl SessionEngine {
             key,
             owner,
             seq,
-        }
-    }
-
-    fn session_rules(
-        &self,
-        rules: &ResolvedRules,
-        event: &RequestEvent,
-        state: &super::state::SessionState,
-        ctx: &RuleContext<'_>,
-        found: &mut Vec<Violation>,
-    ) {
-        type Rule =
-            fn(&RequestEvent, &super::state::SessionState, &RuleContext<'_>) -> Option<Violation>;
-        const RULES: [(RuleId, Rule); 9] = [
-            (RuleId::UseAfterEnd, rules::use_after_end),
-            (RuleId::ConcurrentUse, rules::concurrent_use),
-            (RuleId::CrossClientSharing, rules::cross_client_sharing),
-            (RuleId::TxnRegression, rules::txn_regression),
-            (RuleId::TxnNumberReuse, rules::txn_number_reuse),
-            (RuleId::TxnSuperseded, rules::txn_superseded),
-            (RuleId::TxnAfterAbort, rules::txn_after_abort),
-            (
-                RuleId::UnacknowledgedWithSession,
-                rules::unacknowledged_with_session,
-            ),
-            (RuleId::IdleExpiredReuse, rules::idle_expired_reuse),
-        ];
-        for (rule, check) in RULES {
-            if rules.enabled(rule) {
-                // Not `extend`: moving each (almost always empty) Option
-                // through an iterator copied the whole Violation nine
-                // times per request.
-                if let Some(violation) = check(event, state, ctx) {
-                    found.push(violation);
-                }
-            }
         }
     }
 
@@ -1401,12 +1369,19 @@ impl SessionEngine {
         let Some(key) = pending.key else { return };
         let facts = reply_facts(&reply, pending.in_transaction);
         let ctx = self.context(now);
-        let mut found = None;
+        let mut found = Vec::new();
         let mut suspected = false;
+        let enabled = |rule| self.rules.enabled(rule);
         self.ledger.with_existing(&key, |state| {
-            if self.rules.enabled(RuleId::TxnAfterAbort) {
-                found = rules::txn_after_abort_on_reply(&key, &pending.entry, &facts, state, &ctx);
-            }
+            rules::on_reply(
+                enabled,
+                &key,
+                &pending.entry,
+                &facts,
+                state,
+                &ctx,
+                &mut found,
+            );
             let applied = state.apply_reply(&pending.entry, &facts, final_reply, now);
             self.lifecycle.transactions(applied.txn);
             suspected = applied.suspected;
@@ -1415,7 +1390,7 @@ impl SessionEngine {
             self.decide_verdicts(&key, &pending.entry.request, true, now);
         }
         self.cursor_reply(&key, pending, upstream, &reply);
-        if let Some(violation) = found {
+        for violation in found {
             self.emit(violation, false);
         }
     }
@@ -1509,8 +1484,9 @@ impl SessionEngine {
             return;
         };
         let ctx = self.context(now);
-        let judge =
-            cause.client_went_first() && self.rules.enabled(RuleId::ClosedWithRequestsInFlight);
+        // Only a close the client made is judged (see `rules::Hook::Close`).
+        let judge = cause.client_went_first();
+        let enabled = |rule| self.rules.enabled(rule);
         // Settled after every request is released, as unconfirmed.
         let mut effects: Vec<Effect> = Vec::new();
         for mut pending in still_in_flight {
@@ -1519,7 +1495,7 @@ impl SessionEngine {
             }
             let Some(key) = pending.key else { continue };
             self.in_flight_abandoned[cause.index()].fetch_add(1, Ordering::Relaxed);
-            let mut found = None;
+            let mut found = Vec::new();
             let mut suspected = false;
             self.ledger.with_existing(&key, |session| {
                 // The session's copy knows whether the client abandoned it.
@@ -1529,14 +1505,14 @@ impl SessionEngine {
                     .copied()
                     .unwrap_or(pending.entry);
                 if judge {
-                    found = rules::closed_with_requests_in_flight(&key, &entry, now, &ctx);
+                    rules::on_close(enabled, &key, &entry, now, &ctx, &mut found);
                 }
                 suspected = session.connection_closed(&entry);
             });
             if suspected {
                 self.decide_verdicts(&key, &pending.entry.request, false, now);
             }
-            if let Some(violation) = found {
+            for violation in found {
                 // The connection has left the map: its ring comes along.
                 self.emit_from(violation, false, Some((conn, &state)));
             }
@@ -1574,23 +1550,26 @@ impl SessionEngine {
             log_summary(summary);
         }
         let ctx = self.context(now);
-        // Walked even with txn-left-open disabled: the count is a metric.
-        let report_left_open = self.rules.enabled(RuleId::TxnLeftOpen);
+        // Sweep rules run even when disabled: their findings are metrics.
         for key in self.ledger.held_keys() {
             let found = self.ledger.with_existing(&key, |state| {
-                let violation = rules::txn_left_open(&key, state, &ctx);
-                if violation.is_some() {
+                let mut found = Vec::new();
+                rules::on_sweep(&key, state, &ctx, &mut found);
+                if found.iter().any(|v| v.rule == RuleId::TxnLeftOpen) {
+                    // Reported once per transaction.
                     if let Some(txn) = state.txn.as_deref_mut() {
                         txn.left_open_reported = true;
                     }
                 }
-                violation
+                found
             });
-            if let Some(Some(violation)) = found {
-                self.lifecycle
-                    .transactions_left_open
-                    .fetch_add(1, Ordering::Relaxed);
-                if report_left_open {
+            for violation in found.into_iter().flatten() {
+                if violation.rule == RuleId::TxnLeftOpen {
+                    self.lifecycle
+                        .transactions_left_open
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if self.rules.enabled(violation.rule) {
                     self.emit(violation, false);
                 }
             }

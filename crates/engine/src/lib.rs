@@ -19,7 +19,8 @@
 //!
 //! - `config`: `[sessions]` and `[rules.<id>]`, defaults, validation.
 //! - `state`: one session's state machine (pure data and transitions).
-//! - `rules`: one pure function per rule.
+//! - `rules`: one pure function per rule, and the registry of the hooks
+//!   each runs on (the engine runs the registry, never a rule by name).
 //! - `violation`: rule ids, severities, actions, violation records, the
 //!   enforce error code.
 //! - `ledger`: the bounded, shared map of sessions, cursors and held sessions.
@@ -28,7 +29,7 @@
 //! - `intern`: small ids for names and client identities, and `Names`,
 //!   which turns them back into names.
 //! - `web_store`: web-session stores (`[stores]`): store documents by
-//!   `_id` and `store-session-resurrected`.
+//!   `_id`, and the resurrections `store-session-resurrected` reports.
 //! - `outcome`: what waits on the server's reply: session commands and
 //!   their refusals, effects (held until ok:1 in the request's
 //!   `PendingRequest`, which the caller keeps), deferred concurrent-use

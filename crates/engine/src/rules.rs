@@ -1,8 +1,12 @@
 //! The session hygiene rules, one plain function each:
 //! `(event, &state, &context) -> Option<Violation>`. They read; they never
 //! change state, touch a map, log or look at a clock (the time is in the
-//! context). The engine decides which rules are enabled, calls them, and
-//! applies the state transition afterwards.
+//! context). Every rule is listed once in [`REGISTRY`] with the hooks it
+//! runs on ([`Hook`]: request, end, cursor, reply, close, sweep, store
+//! write, deferred verdict); the engine runs the registry at each point of
+//! its pipeline (the `on_*` runners below) for the rules enabled, and
+//! applies the state transition afterwards. No rule is called by hand
+//! anywhere else.
 //!
 //! Every rule is written to stay silent on what drivers legitimately do:
 //! retryable writes resent with the same txnNumber and statements, commit and
@@ -55,7 +59,264 @@ use super::state::{
     ClientId, CommandClass, EndKind, InFlight, Millis, ReplyFacts, RequestFacts, RequestRef,
     SessionKey, SessionState, TxnPhase,
 };
-use super::violation::{RuleId, Violation};
+use super::violation::{RuleId, StoreFinding, Violation};
+use super::web_store::Resurrection;
+
+/// A point of the engine's pipeline where rules run, with the function the
+/// rule runs there. What each one sees, and when:
+#[derive(Clone, Copy)]
+pub(crate) enum Hook {
+    /// A request carrying an lsid, with its session as it is before the
+    /// request changes anything (the verdict may reject it).
+    Request(fn(&RequestEvent, &SessionState, &RuleContext<'_>) -> Option<Violation>),
+    /// endSessions / killSessions naming a session, at request time: a
+    /// `Reject` action rejects the end; otherwise the finding waits for the
+    /// server to confirm the end.
+    End(fn(&EndEvent, &SessionState, &RuleContext<'_>) -> Option<Violation>),
+    /// getMore / killCursors on a cursor the proxy saw opened, at request time.
+    Cursor(fn(&CursorEvent, &RuleContext<'_>) -> Option<Violation>),
+    /// The reply to a session request, with the session as it is before the
+    /// reply is applied.
+    Reply(
+        fn(
+            &SessionKey,
+            &InFlight,
+            &ReplyFacts,
+            &SessionState,
+            &RuleContext<'_>,
+        ) -> Option<Violation>,
+    ),
+    /// A session request still in flight when the client closed (or reset)
+    /// its connection, at the close time given.
+    Close(fn(&SessionKey, &InFlight, Millis, &RuleContext<'_>) -> Option<Violation>),
+    /// The periodic sweep, for each session the ledger holds. Evaluated
+    /// even when the rule is disabled: its finding is also a metric (the
+    /// engine counts it, and reports it only when enabled).
+    Sweep(fn(&SessionKey, &SessionState, &RuleContext<'_>) -> Option<Violation>),
+    /// A web-session store write that would bring back a destroyed
+    /// document (`web_store` finds it), with the writer's session (all-zero
+    /// lsid when it carried none) and the store's label.
+    StoreWrite(fn(&Resurrection, SessionKey, &str, &RuleContext<'_>) -> Option<Violation>),
+    /// A deferred verdict on two identical requests of one session
+    /// (`retry_suspect`) that turned out not to be a retry. Decided even if
+    /// a reload disabled the rule since it was deferred.
+    Verdict(fn(&SessionKey, &RequestRef, &RequestRef, Overlap, &RuleContext<'_>) -> Violation),
+}
+
+/// A rule and the hooks it runs on.
+pub(crate) struct Rule {
+    pub id: RuleId,
+    pub hooks: &'static [Hook],
+}
+
+/// Every rule, once. Rules run in this order at a hook (it decides the
+/// order of the findings of one request, and which error a rejection
+/// quotes when two rules with the same severity reject it).
+pub(crate) const REGISTRY: [Rule; RuleId::COUNT] = [
+    Rule {
+        id: RuleId::UseAfterEnd,
+        hooks: &[Hook::Request(use_after_end)],
+    },
+    Rule {
+        id: RuleId::ConcurrentUse,
+        hooks: &[
+            Hook::Request(concurrent_use),
+            Hook::Verdict(concurrent_use_confirmed),
+        ],
+    },
+    Rule {
+        id: RuleId::CrossClientSharing,
+        hooks: &[Hook::Request(cross_client_sharing)],
+    },
+    Rule {
+        id: RuleId::TxnRegression,
+        hooks: &[Hook::Request(txn_regression)],
+    },
+    Rule {
+        id: RuleId::TxnNumberReuse,
+        hooks: &[Hook::Request(txn_number_reuse)],
+    },
+    Rule {
+        id: RuleId::TxnSuperseded,
+        hooks: &[Hook::Request(txn_superseded)],
+    },
+    Rule {
+        id: RuleId::TxnAfterAbort,
+        hooks: &[
+            Hook::Request(txn_after_abort),
+            Hook::Reply(txn_after_abort_on_reply),
+        ],
+    },
+    Rule {
+        id: RuleId::UnacknowledgedWithSession,
+        hooks: &[Hook::Request(unacknowledged_with_session)],
+    },
+    Rule {
+        id: RuleId::IdleExpiredReuse,
+        hooks: &[Hook::Request(idle_expired_reuse)],
+    },
+    Rule {
+        id: RuleId::EndWhileInFlight,
+        hooks: &[Hook::End(end_while_in_flight)],
+    },
+    Rule {
+        id: RuleId::ClosedWithRequestsInFlight,
+        hooks: &[Hook::Close(closed_with_requests_in_flight)],
+    },
+    Rule {
+        id: RuleId::TxnLeftOpen,
+        hooks: &[Hook::Sweep(txn_left_open)],
+    },
+    Rule {
+        id: RuleId::CursorSessionMismatch,
+        hooks: &[Hook::Cursor(cursor_session_mismatch)],
+    },
+    Rule {
+        id: RuleId::StoreSessionResurrected,
+        hooks: &[Hook::StoreWrite(store_session_resurrected)],
+    },
+];
+
+/// The hooks of the rules `enabled` says are on, in registry order.
+fn hooks(enabled: impl Fn(RuleId) -> bool) -> impl Iterator<Item = (RuleId, &'static Hook)> {
+    REGISTRY
+        .iter()
+        .filter(move |rule| enabled(rule.id))
+        .flat_map(|rule| rule.hooks.iter().map(move |hook| (rule.id, hook)))
+}
+
+/// Whether any enabled rule runs on the hook `is` matches (to skip the
+/// work of building that hook's event).
+pub(crate) fn any_on(enabled: impl Fn(RuleId) -> bool, is: impl Fn(&Hook) -> bool) -> bool {
+    hooks(enabled).any(|(_, hook)| is(hook))
+}
+
+/// Runs the enabled request rules.
+pub(crate) fn on_request(
+    enabled: impl Fn(RuleId) -> bool,
+    ev: &RequestEvent,
+    state: &SessionState,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::Request(check) = hook {
+            // Not `extend`: moving each (almost always empty) Option
+            // through an iterator copied the whole Violation per rule.
+            if let Some(violation) = check(ev, state, ctx) {
+                found.push(violation);
+            }
+        }
+    }
+}
+
+/// Runs the enabled end rules.
+pub(crate) fn on_end(
+    enabled: impl Fn(RuleId) -> bool,
+    ev: &EndEvent,
+    state: &SessionState,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::End(check) = hook {
+            found.extend(check(ev, state, ctx));
+        }
+    }
+}
+
+/// Runs the enabled cursor rules.
+pub(crate) fn on_cursor(
+    enabled: impl Fn(RuleId) -> bool,
+    ev: &CursorEvent,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::Cursor(check) = hook {
+            found.extend(check(ev, ctx));
+        }
+    }
+}
+
+/// Runs the enabled reply rules.
+pub(crate) fn on_reply(
+    enabled: impl Fn(RuleId) -> bool,
+    key: &SessionKey,
+    entry: &InFlight,
+    reply: &ReplyFacts,
+    state: &SessionState,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::Reply(check) = hook {
+            found.extend(check(key, entry, reply, state, ctx));
+        }
+    }
+}
+
+/// Runs the enabled close rules on one request left in flight.
+pub(crate) fn on_close(
+    enabled: impl Fn(RuleId) -> bool,
+    key: &SessionKey,
+    entry: &InFlight,
+    closed_at: Millis,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::Close(check) = hook {
+            found.extend(check(key, entry, closed_at, ctx));
+        }
+    }
+}
+
+/// Runs every sweep rule, enabled or not (see `Hook::Sweep`).
+pub(crate) fn on_sweep(
+    key: &SessionKey,
+    state: &SessionState,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(|_| true) {
+        if let Hook::Sweep(check) = hook {
+            found.extend(check(key, state, ctx));
+        }
+    }
+}
+
+/// Runs the enabled store-write rules on a resurrection.
+pub(crate) fn on_store_write(
+    enabled: impl Fn(RuleId) -> bool,
+    resurrection: &Resurrection,
+    key: SessionKey,
+    label: &str,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::StoreWrite(check) = hook {
+            found.extend(check(resurrection, key, label, ctx));
+        }
+    }
+}
+
+/// Decides a deferred verdict (every verdict rule, see `Hook::Verdict`).
+pub(crate) fn on_verdict(
+    key: &SessionKey,
+    first: &RequestRef,
+    second: &RequestRef,
+    overlap: Overlap,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(|_| true) {
+        if let Hook::Verdict(decide) = hook {
+            found.push(decide(key, first, second, overlap, ctx));
+        }
+    }
+}
 
 /// What the rules need besides the event and the session.
 pub(crate) struct RuleContext<'a> {
@@ -723,11 +984,75 @@ pub(crate) fn cross_client_sharing(
     )
 }
 
+/// `store-session-resurrected`: a web-session store write brings back a
+/// document destroyed after the writer read it (`web_store` finds the
+/// three operations; this says what they mean).
+pub(crate) fn store_session_resurrected(
+    found: &Resurrection,
+    key: SessionKey,
+    label: &str,
+    ctx: &RuleContext<'_>,
+) -> Option<Violation> {
+    let command = ctx.names.symbol(found.write.command);
+    let namespace = ctx.names.symbol(found.write.namespace);
+    let destroy_command = ctx.names.symbol(found.destroy.command);
+    let mut message = format!(
+        "{command} on {namespace} (store \"{label}\") brings back store document {} that {destroy_command} on \
+         connection {} destroyed {} ago; this client last read it on connection {} {} before the destroy, \
+         so one of its requests is saving a copy loaded before the destroy (a logout or kill that does \
+         not stick)",
+        found.document.fingerprint(),
+        found.destroy.conn,
+        duration(found.write.at.saturating_sub(found.destroy.at)),
+        found.read.conn,
+        duration(found.destroy.at.saturating_sub(found.read.at)),
+    );
+    if found.unconfirmed {
+        message.push_str(
+            " (the destroy is not confirmed: its reply never came, so the server most likely, not certainly, \
+             deleted the document; reported as a warning and never rejected)",
+        );
+    }
+    let mut violation = Violation::new(
+        RuleId::StoreSessionResurrected,
+        key,
+        found.write.at,
+        message,
+    )
+    .current(found.write)
+    .earlier(found.destroy)
+    .unconfirmed(found.unconfirmed);
+    violation.store = Some(Box::new(StoreFinding {
+        store: label.to_string(),
+        document: found.document.fingerprint(),
+        read: found.read,
+        destroy: found.destroy,
+    }));
+    Some(violation)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn the_registry_lists_every_rule_once_with_a_hook() {
+        for rule in RuleId::ALL {
+            let entries: Vec<&Rule> = REGISTRY.iter().filter(|r| r.id == rule).collect();
+            assert_eq!(entries.len(), 1, "{rule} is in the registry once");
+            assert!(!entries[0].hooks.is_empty(), "{rule} runs somewhere");
+        }
+    }
+
+    #[test]
+    fn any_on_sees_only_the_enabled_rules() {
+        let request = |hook: &Hook| matches!(hook, Hook::Request(_));
+        assert!(any_on(|rule| rule == RuleId::UseAfterEnd, request));
+        assert!(!any_on(|rule| rule == RuleId::TxnLeftOpen, request));
+        assert!(!any_on(|_| false, |_| true));
+    }
     use crate::intern::{normalize_ip, ClientIdentity};
     use crate::state::tests::{facts, request};
     use crate::state::{OwnerId, RetryableWrite, Sym, Transaction};
