@@ -40,12 +40,20 @@
 //! - `timeline`: each connection's recent session operations, merged into
 //!   a violation's timeline.
 //! - `engine`: [`SessionEngine`], the synchronous API the connection tasks
-//!   call (through the binary's `Inspector` adapter), and
-//!   [`PendingRequest`], its record of a request awaiting its reply, which
-//!   the caller (the proxy's in-flight table) owns.
+//!   call (through the binary's `Inspector` adapter), split by concern:
+//!   - `engine/mod.rs`: the struct, construction, configuration, reload.
+//!   - `conns` (data in `conn_state`): connection identity — handshake
+//!     metadata, authenticated owner, upstreams.
+//!   - `pipeline`: the request / reply / close pipeline and the sweep;
+//!     `pending`: [`PendingRequest`], its record of a request awaiting its
+//!     reply, which the caller (the proxy's in-flight table) owns.
+//!   - `log` (data in `violation_log`): the violation log, findings,
+//!     evidence and the log lines.
+//!   - `stats` (data in `counters`): [`EngineStats`] and the admin views.
+//!   - `refresh_api`: the small API the refresh planner uses.
 //! - `refresh`: which held sessions to refresh, on which connection, the
 //!   `refreshSessions` bytes and what the reply means (the sending is the
-//!   binary's).
+//!   binary's), through `engine::refresh_api` only.
 #![forbid(unsafe_code)]
 
 mod config;
