@@ -735,6 +735,7 @@ mod tests {
     use super::*;
     use crate::intern::ClientIdentity;
     use crate::state::{OwnerId, RequestRef};
+    use crate::violation::Says;
     use sessionguard_protocol::command::Lsid;
 
     /// Symbols 1.. are "find", "insert", "app.items", "app.orders";
@@ -793,7 +794,7 @@ mod tests {
             lsid: Lsid([lsid; 16]),
             owner: OwnerId::UNKNOWN,
         };
-        Violation::new(RuleId::ConcurrentUse, key, 0, "message".into())
+        Violation::new(RuleId::ConcurrentUse, key, 0, Says::ConcurrentUse)
             .current(current)
             .earlier(earlier)
     }
@@ -827,7 +828,7 @@ mod tests {
             lsid_short: kept.violation.key.lsid.short().to_string(),
             owner: None,
             at: String::new(),
-            message: kept.violation.message.clone(),
+            message: String::new(),
             current: None,
             earlier: None,
             store: None,

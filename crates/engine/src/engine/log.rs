@@ -12,6 +12,7 @@ use crate::finding_id::FindingId;
 use crate::findings::{
     self, Examples, FindingDetail, FindingSnapshot, FindingTable, IdKey, Kept, LogNow,
 };
+use crate::rules;
 use crate::state::{Millis, RequestRef};
 use crate::timeline::{Gather, Timeline};
 use crate::violation::{RequestEvidence, RuleId, StoreEvidence, Violation, ViolationRecord};
@@ -178,7 +179,7 @@ impl SessionEngine {
                 .owner_name(violation.key.owner)
                 .map(|o| o.to_string()),
             at: self.wall(violation.at),
-            message: violation.message.clone(),
+            message: rules::wording(violation, self),
             current: violation
                 .current
                 .as_ref()

@@ -651,14 +651,8 @@ impl SessionEngine {
                     }
                 }
                 for violation in in_flight {
-                    let violation = if confirmed {
-                        violation
-                    } else {
-                        let mut violation = violation.unconfirmed(true);
-                        violation.message.push_str(rules::UNCONFIRMED_END);
-                        violation
-                    };
-                    self.emit(violation, false);
+                    // Unconfirmed, its words say so (`rules::wording`).
+                    self.emit(violation.unconfirmed(!confirmed), false);
                 }
             }
             EffectKind::KillAll { targets } => {
@@ -741,7 +735,9 @@ impl SessionEngine {
     }
 
     pub(super) fn reject_reply(&self, violation: &Violation) -> Vec<u8> {
-        let errmsg = format!("sessionguard: {}: {}", violation.rule, violation.message);
+        // The one place a message is worded at request time: a rejection.
+        let message = rules::wording(violation, self);
+        let errmsg = format!("sessionguard: {}: {message}", violation.rule);
         let doc = bson::rawdoc! {
             "ok": 0.0,
             "errmsg": errmsg,
