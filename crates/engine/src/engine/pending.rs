@@ -30,13 +30,6 @@ pub struct PendingRequest {
     pub(super) effect: Option<Box<Effect>>,
 }
 
-impl PendingRequest {
-    /// The client's request id.
-    pub fn request_id(&self) -> i32 {
-        self.entry.request.request_id
-    }
-}
-
 #[cfg(test)]
 mod tests {
     /// It sits inline in every entry of the proxy's in-flight table (and
