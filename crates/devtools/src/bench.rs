@@ -658,9 +658,11 @@ pub(crate) fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
         let request_id = i32::try_from(index % (i32::MAX as usize)).unwrap_or(1);
         let frame = op_msg::encode(request_id, 0, MsgFlags(0), body.as_bytes());
         let request = parse_frame(&frame)?;
-        engine.request(1, request_id, &Message::Msg(request));
+        let (_, pending) = engine.request(1, request_id, &Message::Msg(request));
         let reply = parse_frame(&reply_frame)?;
-        engine.reply(1, request_id, &Message::Msg(reply));
+        if let Some(mut pending) = pending {
+            engine.reply(1, &mut pending, &Message::Msg(reply));
+        }
     }
     let elapsed = started.elapsed();
     let after = rss_kib(None).map_err(|e| format!("reading RSS: {e}"))?;

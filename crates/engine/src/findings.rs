@@ -735,6 +735,7 @@ mod tests {
     use super::*;
     use crate::intern::ClientIdentity;
     use crate::state::{OwnerId, RequestRef};
+    use crate::violation::Says;
     use sessionguard_protocol::command::Lsid;
 
     /// Symbols 1.. are "find", "insert", "app.items", "app.orders";
@@ -793,7 +794,7 @@ mod tests {
             lsid: Lsid([lsid; 16]),
             owner: OwnerId::UNKNOWN,
         };
-        Violation::new(RuleId::ConcurrentUse, key, 0, "message".into())
+        Violation::new(RuleId::ConcurrentUse, key, 0, Says::ConcurrentUse)
             .current(current)
             .earlier(earlier)
     }
@@ -827,7 +828,7 @@ mod tests {
             lsid_short: kept.violation.key.lsid.short().to_string(),
             owner: None,
             at: String::new(),
-            message: kept.violation.message.clone(),
+            message: String::new(),
             current: None,
             earlier: None,
             store: None,
@@ -1070,19 +1071,21 @@ mod engine_tests {
 
     use super::*;
     use crate::config::SessionConfig;
-    use crate::engine::tests::{connect, engine_with, find, insert, lsid, ok, reply, send, PEER};
+    use crate::engine::tests::{
+        connect, engine_with, find, insert, lsid, ok, reply, send, TestEngine, PEER,
+    };
     use crate::timeline::TIMELINE_LEN;
-    use crate::{RulesConfig, SessionEngine};
+    use crate::RulesConfig;
     use sessionguard_protocol::command::Lsid;
     use sessionguard_protocol::wire::MsgFlags;
 
-    fn engine() -> SessionEngine {
+    fn engine() -> TestEngine {
         engine_with(SessionConfig::default(), RulesConfig::default())
     }
 
     /// Session `n`'s request overlaps `insert` on connection `a` with
     /// `find` on connection `b`: concurrent use.
-    fn overlap(engine: &SessionEngine, n: u8, a: u64, b: u64, at: Millis) {
+    fn overlap(engine: &TestEngine, n: u8, a: u64, b: u64, at: Millis) {
         let id = i32::from(n) * 100;
         send(engine, a, id, &insert(n, 1, 1), 0, at);
         send(engine, b, id + 1, &find(n), 0, at + 1);

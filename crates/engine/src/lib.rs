@@ -19,7 +19,8 @@
 //!
 //! - `config`: `[sessions]` and `[rules.<id>]`, defaults, validation.
 //! - `state`: one session's state machine (pure data and transitions).
-//! - `rules`: one pure function per rule.
+//! - `rules`: one pure function per rule, and the registry of the hooks
+//!   each runs on (the engine runs the registry, never a rule by name).
 //! - `violation`: rule ids, severities, actions, violation records, the
 //!   enforce error code.
 //! - `ledger`: the bounded, shared map of sessions, cursors and held sessions.
@@ -28,19 +29,31 @@
 //! - `intern`: small ids for names and client identities, and `Names`,
 //!   which turns them back into names.
 //! - `web_store`: web-session stores (`[stores]`): store documents by
-//!   `_id` and `store-session-resurrected`.
+//!   `_id`, and the resurrections `store-session-resurrected` reports.
 //! - `outcome`: what waits on the server's reply: session commands and
-//!   their refusals, effects held until ok:1, deferred concurrent-use verdicts.
+//!   their refusals, effects (held until ok:1 in the request's
+//!   `PendingRequest`, which the caller keeps), deferred concurrent-use
+//!   verdicts.
 //! - `finding_id`: [`FindingId`], a finding's public id (the value only).
 //! - `findings`: violations grouped by bug (a stable fingerprint), the log
 //!   policy (first in full, then periodic summaries), the kept examples.
 //! - `timeline`: each connection's recent session operations, merged into
 //!   a violation's timeline.
 //! - `engine`: [`SessionEngine`], the synchronous API the connection tasks
-//!   call (through the binary's `Inspector` adapter).
+//!   call (through the binary's `Inspector` adapter), split by concern:
+//!   - `engine/mod.rs`: the struct, construction, configuration, reload.
+//!   - `conns` (data in `conn_state`): connection identity — handshake
+//!     metadata, authenticated owner, upstreams.
+//!   - `pipeline`: the request / reply / close pipeline and the sweep;
+//!     `pending`: [`PendingRequest`], its record of a request awaiting its
+//!     reply, which the caller (the proxy's in-flight table) owns.
+//!   - `log` (data in `violation_log`): the violation log, findings,
+//!     evidence and the log lines.
+//!   - `stats` (data in `counters`): [`EngineStats`] and the admin views.
+//!   - `refresh_api`: the small API the refresh planner uses.
 //! - `refresh`: which held sessions to refresh, on which connection, the
 //!   `refreshSessions` bytes and what the reply means (the sending is the
-//!   binary's).
+//!   binary's), through `engine::refresh_api` only.
 #![forbid(unsafe_code)]
 
 mod config;
@@ -62,7 +75,7 @@ pub use config::{
     Mode, RefreshPolicy, ResolvedRules, RuleOverride, RuleSettings, RulesConfig, SessionConfig,
     DEFAULT_FINDING_INTERVAL,
 };
-pub use engine::{Decision, EngineStats, PerCommand, SessionEngine};
+pub use engine::{Decision, EngineStats, PendingRequest, PerCommand, SessionEngine};
 pub use finding_id::FindingId;
 pub use findings::{
     DistinctCount, Example, Examples, FindingDetail, FindingSide, FindingSnapshot, TimelineEntry,

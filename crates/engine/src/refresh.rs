@@ -5,6 +5,10 @@
 //! means. The sending (a timer, the connection's injector) is the binary's
 //! driver loop: this module does no I/O and keeps no clock of its own.
 //!
+//! It talks to the engine only through the engine's refresh API
+//! (`engine::refresh_api`: settings, the ledger, carrier connections, marks
+//! and counters); it writes none of the engine's fields.
+//!
 //! A round ([`SessionEngine::plan_refresh`]) picks held sessions idle longer
 //! than `refresh_after` (default: half the server's session timeout) and
 //! younger than `refresh_max_age` since the application last used them, and
@@ -20,7 +24,6 @@
 //! said once per upstream and command), like the application's own.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use bson::{RawArrayBuf, RawDocumentBuf};
 use bytes::Bytes;
@@ -29,6 +32,7 @@ use sessionguard_protocol::command::ReplyView;
 use sessionguard_protocol::wire;
 
 use super::config::RefreshPolicy;
+use super::engine::refresh_api::RefreshCount;
 use super::engine::SessionEngine;
 use super::outcome::{Refusal, SessionCommand};
 use super::state::{millis, Millis, OwnerId, SessionKey};
@@ -70,150 +74,151 @@ impl RefreshBatch {
 
 impl SessionEngine {
     /// Chooses the sessions to refresh now and the connection for each
-    /// batch; marks them pending so the next round does not pick them again.
+    /// batch; marks them pending so the next round does not pick them
+    /// again.
     pub fn plan_refresh(&self, now: Millis) -> Vec<RefreshBatch> {
-        let policy = self.config.refresh;
-        if policy == RefreshPolicy::Off {
-            return Vec::new();
-        }
-        let refresh_after = millis(self.refresh_after());
-        let max_age = millis(self.config.refresh_max_age);
-        let keys = match policy {
-            RefreshPolicy::Held => self.ledger.held_keys(),
-            RefreshPolicy::All => self.ledger.all_keys(),
-            RefreshPolicy::Off => Vec::new(),
-        };
-        // Which sessions are due, and where they were last used.
-        let mut due: Vec<(SessionKey, u64, u32)> = Vec::new();
-        for key in keys {
-            let pick = self.ledger.read(&key, |state| {
-                let idle = now.saturating_sub(state.last_activity());
-                let unused = now.saturating_sub(state.last_used);
-                let wanted = match policy {
-                    RefreshPolicy::Held => state.is_held(),
-                    _ => true,
-                };
-                (wanted
-                    && !state.is_ended()
-                    && !state.refresh_pending
-                    && state.in_flight.is_empty()
-                    && idle >= refresh_after
-                    && unused <= max_age)
-                    .then_some((state.last_conn, state.upstream))
-            });
-            if let Some(Some((last_conn, upstream))) = pick {
-                if !self.refresh_unsupported(upstream) {
-                    due.push((key, last_conn, upstream));
-                }
-            }
-        }
-        if due.is_empty() {
-            return Vec::new();
-        }
-        // Connections that can carry a refresh, per (owner, upstream).
-        let mut candidates: HashMap<(OwnerId, u32), Vec<(u64, bool)>> = HashMap::new();
-        for conn in self.conns.iter() {
-            if conn.can_inject && conn.carried_sessions && !conn.refresh_in_progress {
-                candidates
-                    .entry((conn.owner, conn.upstream))
-                    .or_default()
-                    .push((*conn.key(), conn.is_quiet()));
-            }
-        }
-        for list in candidates.values_mut() {
-            // Quiet connections first; the injector waits for quiet anyway.
-            list.sort_by_key(|(id, quiet)| (!quiet, *id));
-        }
-        let mut batches: HashMap<u64, Vec<SessionKey>> = HashMap::new();
-        for (key, last_conn, upstream) in due {
-            let Some(list) = candidates.get(&(key.owner, upstream)) else {
-                continue;
-            };
-            let conn = list
-                .iter()
-                .find(|(id, quiet)| *id == last_conn && *quiet)
-                .or_else(|| list.first())
-                .map(|(id, _)| *id);
-            if let Some(conn) = conn {
-                let batch = batches.entry(conn).or_default();
-                if batch.len() < MAX_SESSIONS_PER_REFRESH {
-                    batch.push(key);
-                }
-            }
-        }
-        let mut plans = Vec::with_capacity(batches.len());
-        for (conn, keys) in batches {
-            let Some(mut state) = self.conns.get_mut(&conn) else {
-                continue;
-            };
-            state.refresh_in_progress = true;
-            let upstream = state.upstream;
-            drop(state);
-            for key in &keys {
-                self.ledger
-                    .with_existing(key, |session| session.refresh_pending = true);
-            }
-            plans.push(RefreshBatch {
-                conn,
-                upstream,
-                keys,
-            });
-        }
-        plans
-    }
-
-    fn refresh_unsupported(&self, upstream: u32) -> bool {
-        self.upstreams
-            .get(&upstream)
-            .is_some_and(|u| u.refresh_unsupported.load(Ordering::Relaxed))
+        plan(self, now)
     }
 
     /// Records the outcome of an injected refresh: the reply frame, or why
     /// none came (the connection closed, the injection timed out...).
     pub fn finish_refresh(&self, batch: &RefreshBatch, result: Result<Bytes, String>, now: Millis) {
-        if let Some(mut conn) = self.conns.get_mut(&batch.conn) {
-            conn.refresh_in_progress = false;
+        finish(self, batch, result, now)
+    }
+}
+
+/// `plan_refresh`, through the engine's refresh API only.
+fn plan(engine: &SessionEngine, now: Millis) -> Vec<RefreshBatch> {
+    let (policy, refresh_after) = engine.refresh_settings();
+    if policy == RefreshPolicy::Off {
+        return Vec::new();
+    }
+    let refresh_after = millis(refresh_after);
+    let max_age = millis(engine.refresh_max_age());
+    let ledger = engine.ledger();
+    let keys = match policy {
+        RefreshPolicy::Held => ledger.held_keys(),
+        RefreshPolicy::All => ledger.all_keys(),
+        RefreshPolicy::Off => Vec::new(),
+    };
+    // Which sessions are due, and where they were last used.
+    let mut due: Vec<(SessionKey, u64, u32)> = Vec::new();
+    for key in keys {
+        let pick = ledger.read(&key, |state| {
+            let idle = now.saturating_sub(state.last_activity());
+            let unused = now.saturating_sub(state.last_used);
+            let wanted = match policy {
+                RefreshPolicy::Held => state.is_held(),
+                _ => true,
+            };
+            (wanted
+                && !state.is_ended()
+                && !state.refresh_pending
+                && state.in_flight.is_empty()
+                && idle >= refresh_after
+                && unused <= max_age)
+                .then_some((state.last_conn, state.upstream))
+        });
+        if let Some(Some((last_conn, upstream))) = pick {
+            if !engine.refresh_unsupported(upstream) {
+                due.push((key, last_conn, upstream));
+            }
         }
-        let outcome = match &result {
-            Ok(frame) => reply_outcome(frame),
-            Err(error) => RefreshOutcome::Failed(error.clone()),
+    }
+    if due.is_empty() {
+        return Vec::new();
+    }
+    // Connections that can carry a refresh, per (owner, upstream).
+    let mut candidates: HashMap<(OwnerId, u32), Vec<(u64, bool)>> = HashMap::new();
+    for carrier in engine.refresh_carriers() {
+        candidates
+            .entry((carrier.owner, carrier.upstream))
+            .or_default()
+            .push((carrier.conn, carrier.quiet));
+    }
+    for list in candidates.values_mut() {
+        // Quiet connections first; the injector waits for quiet anyway.
+        list.sort_by_key(|(id, quiet)| (!quiet, *id));
+    }
+    let mut batches: HashMap<u64, Vec<SessionKey>> = HashMap::new();
+    for (key, last_conn, upstream) in due {
+        let Some(list) = candidates.get(&(key.owner, upstream)) else {
+            continue;
         };
-        self.refreshes_sent.fetch_add(1, Ordering::Relaxed);
-        let refreshed = outcome == RefreshOutcome::Refreshed;
-        for key in &batch.keys {
-            self.ledger.with_existing(key, |session| {
-                session.refresh_pending = false;
-                if refreshed && !session.is_ended() {
-                    session.last_refreshed = now;
-                    session.refreshes = session.refreshes.saturating_add(1);
-                }
-            });
+        let conn = list
+            .iter()
+            .find(|(id, quiet)| *id == last_conn && *quiet)
+            .or_else(|| list.first())
+            .map(|(id, _)| *id);
+        if let Some(conn) = conn {
+            let batch = batches.entry(conn).or_default();
+            if batch.len() < MAX_SESSIONS_PER_REFRESH {
+                batch.push(key);
+            }
         }
-        match outcome {
-            RefreshOutcome::Refreshed => {
-                self.sessions_refreshed
-                    .fetch_add(batch.keys.len() as u64, Ordering::Relaxed);
-                tracing::info!(
-                    conn = batch.conn,
-                    sessions = batch.keys.len(),
-                    first_lsid = %batch.keys.first().map(|k| k.lsid.short().to_string()).unwrap_or_default(),
-                    "refreshed held sessions"
-                );
+    }
+    let mut plans = Vec::with_capacity(batches.len());
+    for (conn, keys) in batches {
+        let Some(upstream) = engine.start_refresh_on(conn) else {
+            continue;
+        };
+        for key in &keys {
+            ledger.with_existing(key, |session| session.refresh_pending = true);
+        }
+        plans.push(RefreshBatch {
+            conn,
+            upstream,
+            keys,
+        });
+    }
+    plans
+}
+
+/// `finish_refresh`, through the engine's refresh API only.
+fn finish(
+    engine: &SessionEngine,
+    batch: &RefreshBatch,
+    result: Result<Bytes, String>,
+    now: Millis,
+) {
+    engine.end_refresh_on(batch.conn);
+    let outcome = match &result {
+        Ok(frame) => reply_outcome(frame),
+        Err(error) => RefreshOutcome::Failed(error.clone()),
+    };
+    let refreshed = outcome == RefreshOutcome::Refreshed;
+    for key in &batch.keys {
+        engine.ledger().with_existing(key, |session| {
+            session.refresh_pending = false;
+            if refreshed && !session.is_ended() {
+                session.last_refreshed = now;
+                session.refreshes = session.refreshes.saturating_add(1);
             }
-            RefreshOutcome::Refused { refusal, code } => {
-                self.refresh_failures.fetch_add(1, Ordering::Relaxed);
-                self.refused(
-                    batch.upstream,
-                    batch.conn,
-                    SessionCommand::RefreshSessions,
-                    refusal,
-                    code,
-                );
-            }
-            RefreshOutcome::Failed(reason) => {
-                self.refresh_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(conn = batch.conn, sessions = batch.keys.len(), %reason, "refreshSessions failed");
-            }
+        });
+    }
+    match outcome {
+        RefreshOutcome::Refreshed => {
+            engine.count_refresh(RefreshCount::Refreshed(batch.keys.len() as u64));
+            tracing::info!(
+                conn = batch.conn,
+                sessions = batch.keys.len(),
+                first_lsid = %batch.keys.first().map(|k| k.lsid.short().to_string()).unwrap_or_default(),
+                "refreshed held sessions"
+            );
+        }
+        RefreshOutcome::Refused { refusal, code } => {
+            engine.count_refresh(RefreshCount::Failed);
+            engine.refused(
+                batch.upstream,
+                batch.conn,
+                SessionCommand::RefreshSessions,
+                refusal,
+                code,
+            );
+        }
+        RefreshOutcome::Failed(reason) => {
+            engine.count_refresh(RefreshCount::Failed);
+            tracing::warn!(conn = batch.conn, sessions = batch.keys.len(), %reason, "refreshSessions failed");
         }
     }
 }
@@ -265,14 +270,16 @@ mod tests {
 
     use super::*;
     use crate::config::{RulesConfig, SessionConfig};
-    use crate::engine::tests::{connect, engine_with, find, lsid, ok, reply, send, PEER};
+    use crate::engine::tests::{
+        connect, engine_with, find, lsid, ok, reply, send, TestEngine, PEER,
+    };
     use bson::rawdoc;
     use sessionguard_protocol::wire::op_msg::encode;
     use sessionguard_protocol::wire::MsgFlags;
 
     const SECOND: Millis = 1_000;
 
-    fn engine(policy: RefreshPolicy) -> SessionEngine {
+    fn engine(policy: RefreshPolicy) -> TestEngine {
         let config = SessionConfig {
             refresh: policy,
             session_timeout: Some(Duration::from_secs(10)),
@@ -283,7 +290,7 @@ mod tests {
     }
 
     /// Opens a cursor under session `n` on connection `conn` at time 0.
-    fn hold_cursor(engine: &SessionEngine, conn: u64, n: u8, request_id: i32) {
+    fn hold_cursor(engine: &TestEngine, conn: u64, n: u8, request_id: i32) {
         send(engine, conn, request_id, &find(n), 0, 0);
         let cursor_id = 1_000 + i64::from(n);
         reply(

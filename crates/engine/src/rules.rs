@@ -1,8 +1,14 @@
 //! The session hygiene rules, one plain function each:
-//! `(event, &state, &context) -> Option<Violation>`. They read; they never
+//! `(event, &state, &context) -> Option<Violation>`, what was found kept as
+//! data ([`Says`]) and put into words by [`wording`] only when a violation
+//! is logged, listed or answers a rejected request. They read; they never
 //! change state, touch a map, log or look at a clock (the time is in the
-//! context). The engine decides which rules are enabled, calls them, and
-//! applies the state transition afterwards.
+//! context). Every rule is listed once in [`REGISTRY`] with the hooks it
+//! runs on ([`Hook`]: request, end, cursor, reply, close, sweep, store
+//! write, deferred verdict); the engine runs the registry at each point of
+//! its pipeline (the `on_*` runners below) for the rules enabled, and
+//! applies the state transition afterwards. No rule is called by hand
+//! anywhere else.
 //!
 //! Every rule is written to stay silent on what drivers legitimately do:
 //! retryable writes resent with the same txnNumber and statements, commit and
@@ -55,7 +61,264 @@ use super::state::{
     ClientId, CommandClass, EndKind, InFlight, Millis, ReplyFacts, RequestFacts, RequestRef,
     SessionKey, SessionState, TxnPhase,
 };
-use super::violation::{RuleId, Violation};
+use super::violation::{RuleId, Says, StoreFinding, Violation};
+use super::web_store::Resurrection;
+
+/// A point of the engine's pipeline where rules run, with the function the
+/// rule runs there. What each one sees, and when:
+#[derive(Clone, Copy)]
+pub(crate) enum Hook {
+    /// A request carrying an lsid, with its session as it is before the
+    /// request changes anything (the verdict may reject it).
+    Request(fn(&RequestEvent, &SessionState, &RuleContext<'_>) -> Option<Violation>),
+    /// endSessions / killSessions naming a session, at request time: a
+    /// `Reject` action rejects the end; otherwise the finding waits for the
+    /// server to confirm the end.
+    End(fn(&EndEvent, &SessionState, &RuleContext<'_>) -> Option<Violation>),
+    /// getMore / killCursors on a cursor the proxy saw opened, at request time.
+    Cursor(fn(&CursorEvent, &RuleContext<'_>) -> Option<Violation>),
+    /// The reply to a session request, with the session as it is before the
+    /// reply is applied.
+    Reply(
+        fn(
+            &SessionKey,
+            &InFlight,
+            &ReplyFacts,
+            &SessionState,
+            &RuleContext<'_>,
+        ) -> Option<Violation>,
+    ),
+    /// A session request still in flight when the client closed (or reset)
+    /// its connection, at the close time given.
+    Close(fn(&SessionKey, &InFlight, Millis, &RuleContext<'_>) -> Option<Violation>),
+    /// The periodic sweep, for each session the ledger holds. Evaluated
+    /// even when the rule is disabled: its finding is also a metric (the
+    /// engine counts it, and reports it only when enabled).
+    Sweep(fn(&SessionKey, &SessionState, &RuleContext<'_>) -> Option<Violation>),
+    /// A web-session store write that would bring back a destroyed
+    /// document (`web_store` finds it), with the writer's session (all-zero
+    /// lsid when it carried none) and the store's label.
+    StoreWrite(fn(&Resurrection, SessionKey, &str, &RuleContext<'_>) -> Option<Violation>),
+    /// A deferred verdict on two identical requests of one session
+    /// (`retry_suspect`) that turned out not to be a retry. Decided even if
+    /// a reload disabled the rule since it was deferred.
+    Verdict(fn(&SessionKey, &RequestRef, &RequestRef, Overlap, &RuleContext<'_>) -> Violation),
+}
+
+/// A rule and the hooks it runs on.
+pub(crate) struct Rule {
+    pub id: RuleId,
+    pub hooks: &'static [Hook],
+}
+
+/// Every rule, once. Rules run in this order at a hook (it decides the
+/// order of the findings of one request, and which error a rejection
+/// quotes when two rules with the same severity reject it).
+pub(crate) const REGISTRY: [Rule; RuleId::COUNT] = [
+    Rule {
+        id: RuleId::UseAfterEnd,
+        hooks: &[Hook::Request(use_after_end)],
+    },
+    Rule {
+        id: RuleId::ConcurrentUse,
+        hooks: &[
+            Hook::Request(concurrent_use),
+            Hook::Verdict(concurrent_use_confirmed),
+        ],
+    },
+    Rule {
+        id: RuleId::CrossClientSharing,
+        hooks: &[Hook::Request(cross_client_sharing)],
+    },
+    Rule {
+        id: RuleId::TxnRegression,
+        hooks: &[Hook::Request(txn_regression)],
+    },
+    Rule {
+        id: RuleId::TxnNumberReuse,
+        hooks: &[Hook::Request(txn_number_reuse)],
+    },
+    Rule {
+        id: RuleId::TxnSuperseded,
+        hooks: &[Hook::Request(txn_superseded)],
+    },
+    Rule {
+        id: RuleId::TxnAfterAbort,
+        hooks: &[
+            Hook::Request(txn_after_abort),
+            Hook::Reply(txn_after_abort_on_reply),
+        ],
+    },
+    Rule {
+        id: RuleId::UnacknowledgedWithSession,
+        hooks: &[Hook::Request(unacknowledged_with_session)],
+    },
+    Rule {
+        id: RuleId::IdleExpiredReuse,
+        hooks: &[Hook::Request(idle_expired_reuse)],
+    },
+    Rule {
+        id: RuleId::EndWhileInFlight,
+        hooks: &[Hook::End(end_while_in_flight)],
+    },
+    Rule {
+        id: RuleId::ClosedWithRequestsInFlight,
+        hooks: &[Hook::Close(closed_with_requests_in_flight)],
+    },
+    Rule {
+        id: RuleId::TxnLeftOpen,
+        hooks: &[Hook::Sweep(txn_left_open)],
+    },
+    Rule {
+        id: RuleId::CursorSessionMismatch,
+        hooks: &[Hook::Cursor(cursor_session_mismatch)],
+    },
+    Rule {
+        id: RuleId::StoreSessionResurrected,
+        hooks: &[Hook::StoreWrite(store_session_resurrected)],
+    },
+];
+
+/// The hooks of the rules `enabled` says are on, in registry order.
+fn hooks(enabled: impl Fn(RuleId) -> bool) -> impl Iterator<Item = (RuleId, &'static Hook)> {
+    REGISTRY
+        .iter()
+        .filter(move |rule| enabled(rule.id))
+        .flat_map(|rule| rule.hooks.iter().map(move |hook| (rule.id, hook)))
+}
+
+/// Whether any enabled rule runs on the hook `is` matches (to skip the
+/// work of building that hook's event).
+pub(crate) fn any_on(enabled: impl Fn(RuleId) -> bool, is: impl Fn(&Hook) -> bool) -> bool {
+    hooks(enabled).any(|(_, hook)| is(hook))
+}
+
+/// Runs the enabled request rules.
+pub(crate) fn on_request(
+    enabled: impl Fn(RuleId) -> bool,
+    ev: &RequestEvent,
+    state: &SessionState,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::Request(check) = hook {
+            // Not `extend`: moving each (almost always empty) Option
+            // through an iterator copied the whole Violation per rule.
+            if let Some(violation) = check(ev, state, ctx) {
+                found.push(violation);
+            }
+        }
+    }
+}
+
+/// Runs the enabled end rules.
+pub(crate) fn on_end(
+    enabled: impl Fn(RuleId) -> bool,
+    ev: &EndEvent,
+    state: &SessionState,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::End(check) = hook {
+            found.extend(check(ev, state, ctx));
+        }
+    }
+}
+
+/// Runs the enabled cursor rules.
+pub(crate) fn on_cursor(
+    enabled: impl Fn(RuleId) -> bool,
+    ev: &CursorEvent,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::Cursor(check) = hook {
+            found.extend(check(ev, ctx));
+        }
+    }
+}
+
+/// Runs the enabled reply rules.
+pub(crate) fn on_reply(
+    enabled: impl Fn(RuleId) -> bool,
+    key: &SessionKey,
+    entry: &InFlight,
+    reply: &ReplyFacts,
+    state: &SessionState,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::Reply(check) = hook {
+            found.extend(check(key, entry, reply, state, ctx));
+        }
+    }
+}
+
+/// Runs the enabled close rules on one request left in flight.
+pub(crate) fn on_close(
+    enabled: impl Fn(RuleId) -> bool,
+    key: &SessionKey,
+    entry: &InFlight,
+    closed_at: Millis,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::Close(check) = hook {
+            found.extend(check(key, entry, closed_at, ctx));
+        }
+    }
+}
+
+/// Runs every sweep rule, enabled or not (see `Hook::Sweep`).
+pub(crate) fn on_sweep(
+    key: &SessionKey,
+    state: &SessionState,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(|_| true) {
+        if let Hook::Sweep(check) = hook {
+            found.extend(check(key, state, ctx));
+        }
+    }
+}
+
+/// Runs the enabled store-write rules on a resurrection.
+pub(crate) fn on_store_write(
+    enabled: impl Fn(RuleId) -> bool,
+    resurrection: &Resurrection,
+    key: SessionKey,
+    label: &str,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(enabled) {
+        if let Hook::StoreWrite(check) = hook {
+            found.extend(check(resurrection, key, label, ctx));
+        }
+    }
+}
+
+/// Decides a deferred verdict (every verdict rule, see `Hook::Verdict`).
+pub(crate) fn on_verdict(
+    key: &SessionKey,
+    first: &RequestRef,
+    second: &RequestRef,
+    overlap: Overlap,
+    ctx: &RuleContext<'_>,
+    found: &mut Vec<Violation>,
+) {
+    for (_, hook) in hooks(|_| true) {
+        if let Hook::Verdict(decide) = hook {
+            found.push(decide(key, first, second, overlap, ctx));
+        }
+    }
+}
 
 /// What the rules need besides the event and the session.
 pub(crate) struct RuleContext<'a> {
@@ -119,25 +382,10 @@ pub(crate) fn concurrent_use(
         .in_flight
         .iter()
         .find(|other| still_using(other) && !same_command_elsewhere(current, other))?;
-    let command = ctx.names.symbol(current.request.command);
-    let other_command = ctx.names.symbol(other.request.command);
     Some(
-        Violation::new(
-            RuleId::ConcurrentUse,
-            ev.key,
-            ctx.now,
-            format!(
-                "{command} on session {} was sent while {other_command} (connection {}, request {}, sent {} earlier) \
-                 was still in flight on the same session; a session may be used by one operation at a time — the \
-                 server runs them interleaved and a transaction or retryable write on it can be corrupted or lost",
-                short(&ev.key),
-                other.request.conn,
-                other.request.request_id,
-                duration(ctx.now.saturating_sub(other.request.at)),
-            ),
-        )
-        .current(current.request)
-        .earlier(other.request),
+        Violation::new(RuleId::ConcurrentUse, ev.key, ctx.now, Says::ConcurrentUse)
+            .current(current.request)
+            .earlier(other.request),
     )
 }
 
@@ -199,29 +447,15 @@ pub(crate) fn concurrent_use_confirmed(
     overlap: Overlap,
     ctx: &RuleContext<'_>,
 ) -> Violation {
-    let command = ctx.names.symbol(second.command);
-    let outcome = match overlap {
-        Overlap::Answered => "both were answered".to_string(),
-        Overlap::StillInFlight(window) => format!(
-            "the first was still unanswered on its open connection {} later",
-            duration(window)
-        ),
+    let unanswered_after = match overlap {
+        Overlap::Answered => None,
+        Overlap::StillInFlight(window) => Some(window),
     };
     Violation::new(
         RuleId::ConcurrentUse,
         *key,
         ctx.now,
-        format!(
-            "{command} on session {} was sent on connection {} while the same {command} (connection {}, request {}, \
-             sent {} earlier) was still in flight on the same session, and {outcome} — not a driver retry; a session \
-             may be used by one operation at a time — the server runs them interleaved and a transaction or \
-             retryable write on it can be corrupted or lost",
-            short(key),
-            second.conn,
-            first.conn,
-            first.request_id,
-            duration(second.at.saturating_sub(first.at)),
-        ),
+        Says::ConcurrentUseConfirmed { unanswered_after },
     )
     .current(*second)
     .earlier(*first)
@@ -239,22 +473,11 @@ pub(crate) fn use_after_end(
     if ev.facts.class.is_session_cleanup() {
         return None;
     }
-    let command = ctx.names.symbol(ev.facts.request.command);
-    let mut message = format!(
-        "{command} used session {} after it was {} (connection {}, request {}, {} earlier); the server does \
-         not refuse this — it silently starts a new session under the same id, so the application's \
-         transaction, retry and cursor guarantees no longer hold",
-        short(&ev.key),
-        ended.kind.verb(),
-        ended.by.conn,
-        ended.by.request_id,
-        duration(ctx.now.saturating_sub(ended.by.at)),
-    );
-    if !ended.confirmed {
-        message.push_str(UNCONFIRMED_END);
-    }
+    let says = Says::UseAfterEnd {
+        ended: ended.kind.verb(),
+    };
     Some(
-        Violation::new(RuleId::UseAfterEnd, ev.key, ctx.now, message)
+        Violation::new(RuleId::UseAfterEnd, ev.key, ctx.now, says)
             .current(ev.facts.request)
             .earlier(ended.by)
             .unconfirmed(!ended.confirmed),
@@ -262,7 +485,7 @@ pub(crate) fn use_after_end(
 }
 
 /// Appended to a violation that rests on an end whose reply never came.
-pub(crate) const UNCONFIRMED_END: &str = " (the end is not confirmed: its reply never came — the client closed the \
+const UNCONFIRMED_END: &str = " (the end is not confirmed: its reply never came — the client closed the \
      connection first, or the connection failed — so the server most likely, not certainly, ended the session; \
      reported as a warning and never rejected)";
 
@@ -281,20 +504,12 @@ pub(crate) fn end_while_in_flight(
         EndKind::Ended => "endSessions",
         EndKind::Killed | EndKind::KilledByPattern => "killSessions",
     };
-    let other_command = ctx.names.symbol(other.request.command);
     Some(
         Violation::new(
             RuleId::EndWhileInFlight,
             ev.key,
             ctx.now,
-            format!(
-                "{verb} named session {} while {other_command} (connection {}, request {}) was still in flight on \
-                 it; the session was ended before the work using it finished (a client closed or a session ended \
-                 without awaiting its operations)",
-                short(&ev.key),
-                other.request.conn,
-                other.request.request_id,
-            ),
+            Says::EndWhileInFlight { verb },
         )
         .current(ev.request)
         .earlier(other.request),
@@ -310,26 +525,17 @@ pub(crate) fn closed_with_requests_in_flight(
     key: &SessionKey,
     entry: &InFlight,
     closed_at: Millis,
-    ctx: &RuleContext<'_>,
+    _ctx: &RuleContext<'_>,
 ) -> Option<Violation> {
     if entry.class.is_fire_and_forget_at_close() || entry.abandoned {
         return None;
     }
-    let command = ctx.names.symbol(entry.request.command);
     Some(
         Violation::new(
             RuleId::ClosedWithRequestsInFlight,
             *key,
             closed_at,
-            format!(
-                "connection {} closed while {command} on session {} (request {}, sent {} earlier) was awaiting its \
-                 reply; the operation may still run on the server while the application believes it failed or \
-                 moves on (a client closed before its work was awaited, or a timeout)",
-                entry.request.conn,
-                short(key),
-                entry.request.request_id,
-                duration(closed_at.saturating_sub(entry.request.at)),
-            ),
+            Says::ClosedWithRequestsInFlight,
         )
         .earlier(entry.request),
     )
@@ -358,18 +564,11 @@ pub(crate) fn txn_regression(
                 .filter(|w| w.txn_number == highest)
                 .map(|w| w.request)
         });
-    let command = ctx.names.symbol(ev.facts.request.command);
     let violation = Violation::new(
         RuleId::TxnRegression,
         ev.key,
         ctx.now,
-        format!(
-            "{command} on session {} carries txnNumber {number}, lower than {highest} already used on it; the \
-             server will refuse it (TransactionTooOld) if it arrives after {highest} — requests on different \
-             connections can reach the server in either order — two holders of the session are numbering \
-             independently",
-            short(&ev.key),
-        ),
+        Says::TxnRegression { highest },
     )
     .current(ev.facts.request)
     .earlier(earlier);
@@ -396,24 +595,12 @@ pub(crate) fn txn_number_reuse(
     if last.statement == ev.facts.statement {
         return None;
     }
-    let command = ctx.names.symbol(ev.facts.request.command);
-    let namespace = ctx.names.symbol(ev.facts.request.namespace);
-    let other_command = ctx.names.symbol(last.request.command);
-    let other_namespace = ctx.names.symbol(last.request.namespace);
     Some(
         Violation::new(
             RuleId::TxnNumberReuse,
             ev.key,
             ctx.now,
-            format!(
-                "{command} on {namespace} reuses session {} with txnNumber {number}, already used by a different \
-                 write ({other_command} on {other_namespace}, connection {}, request {}); the server takes it for a \
-                 retry of that write and skips it — this write is lost without an error (several writes awaited \
-                 together on one session, e.g. Promise.all)",
-                short(&ev.key),
-                last.request.conn,
-                last.request.request_id,
-            ),
+            Says::TxnNumberReuse,
         )
         .current(ev.facts.request)
         .earlier(last.request),
@@ -440,29 +627,16 @@ pub(crate) fn txn_superseded(
     if ctx.now.saturating_sub(txn.started_at) > ctx.transaction_max_open {
         return None;
     }
-    let what = if ev.facts.start_transaction {
-        "a new transaction"
-    } else {
-        "a retryable write"
+    let says = Says::TxnSuperseded {
+        new_transaction: ev.facts.start_transaction,
+        open: txn.number,
+        started_at: txn.started_at,
+        statements: txn.statements,
     };
     Some(
-        Violation::new(
-            RuleId::TxnSuperseded,
-            ev.key,
-            ctx.now,
-            format!(
-                "{what} with txnNumber {number} on session {} while transaction {} (started {} earlier, {} \
-                 statement(s)) is still open without commit or abort; the server silently aborts transaction {} \
-                 and its writes are lost",
-                short(&ev.key),
-                txn.number,
-                duration(ctx.now.saturating_sub(txn.started_at)),
-                txn.statements,
-                txn.number,
-            ),
-        )
-        .current(ev.facts.request)
-        .earlier(txn.started_by),
+        Violation::new(RuleId::TxnSuperseded, ev.key, ctx.now, says)
+            .current(ev.facts.request)
+            .earlier(txn.started_by),
     )
 }
 
@@ -491,20 +665,9 @@ pub(crate) fn txn_after_abort(
     {
         return None;
     }
-    let command = ctx.names.symbol(ev.facts.request.command);
-    let violation = Violation::new(
-        RuleId::TxnAfterAbort,
-        ev.key,
-        ctx.now,
-        format!(
-            "{command} continues transaction {number} on session {} after the server aborted it (an earlier reply \
-             was TransientTransactionError / NoSuchTransaction); the error was swallowed instead of retrying the \
-             whole transaction, and this statement cannot succeed",
-            short(&ev.key),
-        ),
-    )
-    .current(ev.facts.request)
-    .earlier(txn.aborted_by);
+    let violation = Violation::new(RuleId::TxnAfterAbort, ev.key, ctx.now, Says::TxnAfterAbort)
+        .current(ev.facts.request)
+        .earlier(txn.aborted_by);
     Some(violation)
 }
 
@@ -530,20 +693,12 @@ pub(crate) fn txn_after_abort_on_reply(
     if aborted_by == entry.request {
         return None;
     }
-    let command = ctx.names.symbol(entry.request.command);
-    let earlier_command = ctx.names.symbol(aborted_by.command);
     Some(
         Violation::new(
             RuleId::TxnAfterAbort,
             *key,
             ctx.now,
-            format!(
-                "{command} continued transaction {number} on session {} after {earlier_command} (request {}) failed \
-                 inside it; the failure had aborted the transaction on the server, which now answers \
-                 NoSuchTransaction — the error was swallowed instead of aborting and retrying the transaction",
-                short(key),
-                aborted_by.request_id,
-            ),
+            Says::TxnAfterAbortOnReply,
         )
         .current(entry.request)
         .earlier(aborted_by),
@@ -564,24 +719,13 @@ pub(crate) fn txn_left_open(
     if age <= ctx.transaction_max_open {
         return None;
     }
-    Some(
-        Violation::new(
-            RuleId::TxnLeftOpen,
-            *key,
-            ctx.now,
-            format!(
-                "transaction {} on session {} has been open for {} ({} statement(s)) without commitTransaction or \
-                 abortTransaction (limit {}); the server aborts transactions past transactionLifetimeLimitSeconds \
-                 and its writes will be lost — a code path forgot to commit or abort",
-                txn.number,
-                short(key),
-                duration(age),
-                txn.statements,
-                duration(ctx.transaction_max_open),
-            ),
-        )
-        .earlier(txn.started_by),
-    )
+    let says = Says::TxnLeftOpen {
+        number: txn.number,
+        started_at: txn.started_at,
+        statements: txn.statements,
+        limit: ctx.transaction_max_open,
+    };
+    Some(Violation::new(RuleId::TxnLeftOpen, *key, ctx.now, says).earlier(txn.started_by))
 }
 
 /// `cursor-session-mismatch`: getMore / killCursors for a cursor under a
@@ -590,37 +734,25 @@ pub(crate) fn cursor_session_mismatch(
     ev: &CursorEvent,
     ctx: &RuleContext<'_>,
 ) -> Option<Violation> {
-    let command = ctx.names.symbol(ev.facts.request.command);
-    let message = match ev.key {
+    match ev.key {
         Some(key) if key == ev.owner => return None,
-        Some(key) => format!(
-            "{command} for cursor {} under session {} but the cursor was opened under session {} (connection {}, \
-             request {}); getMore must use the cursor's own session — the server refuses it, or the cursor's \
-             session is being shared",
-            ev.cursor_id,
-            short(&key),
-            short(&ev.owner),
-            ev.opened_by.conn,
-            ev.opened_by.request_id,
-        ),
+        Some(_) => {}
         // Drivers may omit the lsid on killCursors (the spec allows it for
         // cursor reapers); getMore must carry it.
         None if ev.facts.class == CommandClass::KillCursors => return None,
-        None => format!(
-            "{command} for cursor {} without a session, but the cursor was opened under session {} (connection {}, \
-             request {}); getMore must use the cursor's own session",
-            ev.cursor_id,
-            short(&ev.owner),
-            ev.opened_by.conn,
-            ev.opened_by.request_id,
-        ),
+        None => {}
+    }
+    let says = Says::CursorSessionMismatch {
+        cursor_id: ev.cursor_id,
+        owner: ev.owner,
+        without_session: ev.key.is_none(),
     };
     Some(
         Violation::new(
             RuleId::CursorSessionMismatch,
             ev.key.unwrap_or(ev.owner),
             ctx.now,
-            message,
+            says,
         )
         .current(ev.facts.request)
         .earlier(ev.opened_by),
@@ -636,17 +768,12 @@ pub(crate) fn unacknowledged_with_session(
     if !ev.facts.unacknowledged {
         return None;
     }
-    let command = ctx.names.symbol(ev.facts.request.command);
     Some(
         Violation::new(
             RuleId::UnacknowledgedWithSession,
             ev.key,
             ctx.now,
-            format!(
-                "{command} with an unacknowledged write concern (w:0) carries session {}; nobody waits for it to \
-                 finish, so the session can be reused while it still runs — drivers must not send an lsid with w:0",
-                short(&ev.key),
-            ),
+            Says::UnacknowledgedWithSession,
         )
         .current(ev.facts.request),
     )
@@ -666,23 +793,11 @@ pub(crate) fn idle_expired_reuse(
         return None;
     }
     let idle = ctx.now.saturating_sub(state.last_activity());
-    let command = ctx.names.symbol(ev.facts.request.command);
-    Some(
-        Violation::new(
-            RuleId::IdleExpiredReuse,
-            ev.key,
-            ctx.now,
-            format!(
-                "{command} used session {} after it was idle for {} with no refresh, longer than the server's session \
-                 timeout ({}); the server has expired it — its transaction and cursors are gone and it continues as \
-                 a new session",
-                short(&ev.key),
-                duration(idle),
-                duration(ctx.session_timeout),
-            ),
-        )
-        .current(ev.facts.request),
-    )
+    let says = Says::IdleExpiredReuse {
+        idle,
+        timeout: ctx.session_timeout,
+    };
+    Some(Violation::new(RuleId::IdleExpiredReuse, ev.key, ctx.now, says).current(ev.facts.request))
 }
 
 /// `cross-client-sharing`: one session used by two different client
@@ -704,23 +819,248 @@ pub(crate) fn cross_client_sharing(
     let first_identity = ctx.names.identity(first)?;
     let current_identity = ctx.names.identity(current)?;
     let field = first_identity.differs_from(&current_identity)?;
-    let command = ctx.names.symbol(ev.facts.request.command);
     Some(
         Violation::new(
             RuleId::CrossClientSharing,
             ev.key,
             ctx.now,
-            format!(
-                "{command} on session {} comes from {} but the session was first used by {} (different {field}); \
-                 a session id must stay inside the client that created it — sharing it across processes or \
-                 clients breaks its ordering and transaction guarantees",
-                short(&ev.key),
-                current_identity.describe(),
-                first_identity.describe(),
-            ),
+            Says::CrossClientSharing { first, field },
         )
         .current(ev.facts.request),
     )
+}
+
+/// `store-session-resurrected`: a web-session store write brings back a
+/// document destroyed after the writer read it (`web_store` finds the
+/// three operations; this says what they mean).
+pub(crate) fn store_session_resurrected(
+    found: &Resurrection,
+    key: SessionKey,
+    label: &str,
+    _ctx: &RuleContext<'_>,
+) -> Option<Violation> {
+    let mut violation = Violation::new(
+        RuleId::StoreSessionResurrected,
+        key,
+        found.write.at,
+        Says::StoreSessionResurrected,
+    )
+    .current(found.write)
+    .earlier(found.destroy)
+    .unconfirmed(found.unconfirmed);
+    violation.store = Some(Box::new(StoreFinding {
+        store: label.to_string(),
+        document: found.document.fingerprint(),
+        read: found.read,
+        destroy: found.destroy,
+    }));
+    Some(violation)
+}
+
+/// A violation in words: what happened and why it is a problem (no
+/// document contents). Called only when a violation is logged, listed or
+/// answers a rejected request — never per counted violation — with the
+/// names resolved then (`names`).
+pub(crate) fn wording(v: &Violation, names: &dyn Names) -> String {
+    let session = short(&v.key);
+    let command = |request: Option<&RequestRef>| {
+        request.map_or_else(|| "?".into(), |r| names.symbol(r.command))
+    };
+    let namespace = |request: Option<&RequestRef>| {
+        request.map_or_else(|| "?".into(), |r| names.symbol(r.namespace))
+    };
+    let current = v.current.as_ref();
+    let earlier = v.earlier.as_ref();
+    let (earlier_conn, earlier_request, earlier_at) =
+        earlier.map_or((0, 0, v.at), |r| (r.conn, r.request_id, r.at));
+    let txn_number = current.and_then(|r| r.txn_number).unwrap_or_default();
+    let mut text = match v.says {
+        Says::ConcurrentUse => format!(
+            "{} on session {session} was sent while {} (connection {earlier_conn}, request {earlier_request}, sent \
+             {} earlier) was still in flight on the same session; a session may be used by one operation at a time \
+             — the server runs them interleaved and a transaction or retryable write on it can be corrupted or lost",
+            command(current),
+            command(earlier),
+            duration(v.at.saturating_sub(earlier_at)),
+        ),
+        Says::ConcurrentUseConfirmed { unanswered_after } => {
+            let outcome = match unanswered_after {
+                None => "both were answered".to_string(),
+                Some(window) => format!(
+                    "the first was still unanswered on its open connection {} later",
+                    duration(window)
+                ),
+            };
+            let command = command(current);
+            let (second_conn, second_at) = current.map_or((0, v.at), |r| (r.conn, r.at));
+            format!(
+                "{command} on session {session} was sent on connection {second_conn} while the same {command} \
+                 (connection {earlier_conn}, request {earlier_request}, sent {} earlier) was still in flight on the \
+                 same session, and {outcome} — not a driver retry; a session may be used by one operation at a time \
+                 — the server runs them interleaved and a transaction or retryable write on it can be corrupted or \
+                 lost",
+                duration(second_at.saturating_sub(earlier_at)),
+            )
+        }
+        Says::UseAfterEnd { ended } => format!(
+            "{} used session {session} after it was {ended} (connection {earlier_conn}, request {earlier_request}, {} \
+             earlier); the server does not refuse this — it silently starts a new session under the same id, so the \
+             application's transaction, retry and cursor guarantees no longer hold",
+            command(current),
+            duration(v.at.saturating_sub(earlier_at)),
+        ),
+        Says::EndWhileInFlight { verb } => format!(
+            "{verb} named session {session} while {} (connection {earlier_conn}, request {earlier_request}) was still \
+             in flight on it; the session was ended before the work using it finished (a client closed or a session \
+             ended without awaiting its operations)",
+            command(earlier),
+        ),
+        Says::ClosedWithRequestsInFlight => format!(
+            "connection {earlier_conn} closed while {} on session {session} (request {earlier_request}, sent {} \
+             earlier) was awaiting its reply; the operation may still run on the server while the application \
+             believes it failed or moves on (a client closed before its work was awaited, or a timeout)",
+            command(earlier),
+            duration(v.at.saturating_sub(earlier_at)),
+        ),
+        Says::TxnRegression { highest } => format!(
+            "{} on session {session} carries txnNumber {txn_number}, lower than {highest} already used on it; the \
+             server will refuse it (TransactionTooOld) if it arrives after {highest} — requests on different \
+             connections can reach the server in either order — two holders of the session are numbering \
+             independently",
+            command(current),
+        ),
+        Says::TxnNumberReuse => format!(
+            "{} on {} reuses session {session} with txnNumber {txn_number}, already used by a different write ({} on \
+             {}, connection {earlier_conn}, request {earlier_request}); the server takes it for a retry of that \
+             write and skips it — this write is lost without an error (several writes awaited together on one \
+             session, e.g. Promise.all)",
+            command(current),
+            namespace(current),
+            command(earlier),
+            namespace(earlier),
+        ),
+        Says::TxnSuperseded {
+            new_transaction,
+            open,
+            started_at,
+            statements,
+        } => format!(
+            "{} with txnNumber {txn_number} on session {session} while transaction {open} (started {} earlier, \
+             {statements} statement(s)) is still open without commit or abort; the server silently aborts \
+             transaction {open} and its writes are lost",
+            if new_transaction {
+                "a new transaction"
+            } else {
+                "a retryable write"
+            },
+            duration(v.at.saturating_sub(started_at)),
+        ),
+        Says::TxnAfterAbort => format!(
+            "{} continues transaction {txn_number} on session {session} after the server aborted it (an earlier \
+             reply was TransientTransactionError / NoSuchTransaction); the error was swallowed instead of retrying \
+             the whole transaction, and this statement cannot succeed",
+            command(current),
+        ),
+        Says::TxnAfterAbortOnReply => format!(
+            "{} continued transaction {txn_number} on session {session} after {} (request {earlier_request}) failed \
+             inside it; the failure had aborted the transaction on the server, which now answers \
+             NoSuchTransaction — the error was swallowed instead of aborting and retrying the transaction",
+            command(current),
+            command(earlier),
+        ),
+        Says::TxnLeftOpen {
+            number,
+            started_at,
+            statements,
+            limit,
+        } => format!(
+            "transaction {number} on session {session} has been open for {} ({statements} statement(s)) without \
+             commitTransaction or abortTransaction (limit {}); the server aborts transactions past \
+             transactionLifetimeLimitSeconds and its writes will be lost — a code path forgot to commit or abort",
+            duration(v.at.saturating_sub(started_at)),
+            duration(limit),
+        ),
+        Says::CursorSessionMismatch {
+            cursor_id,
+            owner,
+            without_session: false,
+        } => format!(
+            "{} for cursor {cursor_id} under session {session} but the cursor was opened under session {} \
+             (connection {earlier_conn}, request {earlier_request}); getMore must use the cursor's own session — the \
+             server refuses it, or the cursor's session is being shared",
+            command(current),
+            short(&owner),
+        ),
+        Says::CursorSessionMismatch {
+            cursor_id,
+            owner,
+            without_session: true,
+        } => format!(
+            "{} for cursor {cursor_id} without a session, but the cursor was opened under session {} (connection \
+             {earlier_conn}, request {earlier_request}); getMore must use the cursor's own session",
+            command(current),
+            short(&owner),
+        ),
+        Says::UnacknowledgedWithSession => format!(
+            "{} with an unacknowledged write concern (w:0) carries session {session}; nobody waits for it to \
+             finish, so the session can be reused while it still runs — drivers must not send an lsid with w:0",
+            command(current),
+        ),
+        Says::IdleExpiredReuse { idle, timeout } => format!(
+            "{} used session {session} after it was idle for {} with no refresh, longer than the server's session \
+             timeout ({}); the server has expired it — its transaction and cursors are gone and it continues as a \
+             new session",
+            command(current),
+            duration(idle),
+            duration(timeout),
+        ),
+        Says::CrossClientSharing { first, field } => {
+            let describe = |id: ClientId| {
+                names
+                    .identity(id)
+                    .map_or_else(|| "an unknown client".to_string(), |i| i.describe())
+            };
+            format!(
+                "{} on session {session} comes from {} but the session was first used by {} (different {field}); a \
+                 session id must stay inside the client that created it — sharing it across processes or clients \
+                 breaks its ordering and transaction guarantees",
+                command(current),
+                describe(current.map_or(ClientId::UNKNOWN, |r| r.client)),
+                describe(first),
+            )
+        }
+        Says::StoreSessionResurrected => {
+            let (label, document, read) = v
+                .store
+                .as_deref()
+                .map_or(("?", "?", None), |s| (&*s.store, &*s.document, Some(s.read)));
+            let (read_conn, read_at) = read.map_or((0, earlier_at), |r| (r.conn, r.at));
+            format!(
+                "{} on {} (store \"{label}\") brings back store document {document} that {} on connection \
+                 {earlier_conn} destroyed {} ago; this client last read it on connection {read_conn} {} before the \
+                 destroy, so one of its requests is saving a copy loaded before the destroy (a logout or kill that \
+                 does not stick)",
+                command(current),
+                namespace(current),
+                command(earlier),
+                duration(v.at.saturating_sub(earlier_at)),
+                duration(earlier_at.saturating_sub(read_at)),
+            )
+        }
+    };
+    if v.unconfirmed {
+        match v.says {
+            Says::UseAfterEnd { .. } | Says::EndWhileInFlight { .. } => {
+                text.push_str(UNCONFIRMED_END)
+            }
+            Says::StoreSessionResurrected => text.push_str(
+                " (the destroy is not confirmed: its reply never came, so the server most likely, not certainly, \
+                 deleted the document; reported as a warning and never rejected)",
+            ),
+            _ => {}
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -728,6 +1068,23 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn the_registry_lists_every_rule_once_with_a_hook() {
+        for rule in RuleId::ALL {
+            let entries: Vec<&Rule> = REGISTRY.iter().filter(|r| r.id == rule).collect();
+            assert_eq!(entries.len(), 1, "{rule} is in the registry once");
+            assert!(!entries[0].hooks.is_empty(), "{rule} runs somewhere");
+        }
+    }
+
+    #[test]
+    fn any_on_sees_only_the_enabled_rules() {
+        let request = |hook: &Hook| matches!(hook, Hook::Request(_));
+        assert!(any_on(|rule| rule == RuleId::UseAfterEnd, request));
+        assert!(!any_on(|rule| rule == RuleId::TxnLeftOpen, request));
+        assert!(!any_on(|_| false, |_| true));
+    }
     use crate::intern::{normalize_ip, ClientIdentity};
     use crate::state::tests::{facts, request};
     use crate::state::{OwnerId, RetryableWrite, Sym, Transaction};
@@ -894,9 +1251,9 @@ mod tests {
             (Some(second), Some(first))
         );
         assert!(
-            answered.message.contains("both were answered"),
+            wording(&answered, &names).contains("both were answered"),
             "{}",
-            answered.message
+            wording(&answered, &names)
         );
         let late = concurrent_use_confirmed(
             &KEY,
@@ -906,10 +1263,9 @@ mod tests {
             &ctx(&names, 9),
         );
         assert!(
-            late.message
-                .contains("unanswered on its open connection 10s later"),
+            wording(&late, &names).contains("unanswered on its open connection 10s later"),
             "{}",
-            late.message
+            wording(&late, &names)
         );
     }
 
@@ -922,9 +1278,9 @@ mod tests {
         let violation = use_after_end(&event(find), &state, &ctx(&names, 20)).expect("reported");
         assert!(violation.unconfirmed);
         assert!(
-            violation.message.contains("not confirmed"),
+            wording(&violation, &names).contains("not confirmed"),
             "{}",
-            violation.message
+            wording(&violation, &names)
         );
         // A later confirmed end replaces it; an unconfirmed one never
         // replaces a confirmed one.
@@ -971,12 +1327,10 @@ mod tests {
         let find = facts(request(1, 2, 20, None), CommandClass::CursorOpen);
         let violation = use_after_end(&event(find), &state, &ctx(&names, 20)).expect("reuse");
         assert_eq!(violation.earlier.unwrap().conn, 9);
-        assert!(violation.message.contains("ended by endSessions"));
+        assert!(wording(&violation, &names).contains("ended by endSessions"));
         state.end(EndKind::Killed, request(9, 1, 10, None), true);
-        assert!(use_after_end(&event(find), &state, &ctx(&names, 20))
-            .unwrap()
-            .message
-            .contains("killSessions"));
+        let killed = use_after_end(&event(find), &state, &ctx(&names, 20)).unwrap();
+        assert!(wording(&killed, &names).contains("killSessions"));
     }
 
     #[test]
@@ -1079,11 +1433,10 @@ mod tests {
         // Over two connections the lower number may reach the server first:
         // the refusal is conditional on the order.
         assert!(
-            violation
-                .message
+            wording(&violation, &names)
                 .contains("will refuse it (TransactionTooOld) if it arrives after 5"),
             "{}",
-            violation.message
+            wording(&violation, &names)
         );
         let no_txn = facts(request(1, 4, 1, None), CommandClass::CursorOpen);
         assert_eq!(
@@ -1102,7 +1455,7 @@ mod tests {
         let violation =
             txn_number_reuse(&event(retryable(1, 2, 1, 5, 200)), &state, &ctx(&names, 1))
                 .expect("reuse");
-        assert!(violation.message.contains("lost"));
+        assert!(wording(&violation, &names).contains("lost"));
         assert_eq!(violation.earlier.unwrap().request_id, 1);
     }
 
@@ -1429,7 +1782,7 @@ mod tests {
         state.first_client = ClientId(1);
         let violation =
             cross_client_sharing(&event(from_client(2)), &state, &ctx(&names, 0)).expect("shared");
-        assert!(violation.message.contains("peer host"));
+        assert!(wording(&violation, &names).contains("peer host"));
         state.shared_with = ClientId(2);
         assert_eq!(
             cross_client_sharing(&event(from_client(2)), &state, &ctx(&names, 0)),

@@ -5,6 +5,13 @@
 //! aborted it), the last retryable write's identity, open cursors, the client
 //! identities that used it, refreshes, last use.
 //!
+//! The session's in-flight set is not a copy of the proxy's per-connection
+//! in-flight table (which owns each request's record, the engine's
+//! `PendingRequest`): it indexes the same requests by session, across every
+//! connection, which is what `concurrent-use` asks ("is anything of this
+//! session in flight anywhere?"), and it carries what only the session
+//! knows of them (abandoned getMores, requests awaiting a retry verdict).
+//!
 //! Pure data and pure transitions: no maps, no clocks (times are passed in as
 //! `Millis` since the engine's origin), no logging. Kept small on purpose —
 //! ids instead of strings, rarely used parts boxed — because a busy proxy

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::finding_id::FindingId;
-use super::state::{Millis, RequestRef, SessionKey};
+use super::state::{ClientId, Millis, RequestRef, SessionKey};
 
 /// The code of every reply sessionguard writes when it rejects a request.
 ///
@@ -343,6 +343,67 @@ pub(crate) struct StoreFinding {
     pub destroy: RequestRef,
 }
 
+/// What a violation says, kept as data: the values its words quote beyond
+/// the violation's own fields (session, time, the requests of its
+/// evidence). `rules::wording` words it — with the time spans, names and
+/// identities resolved then — only when a violation is logged, listed or
+/// answers a rejected request, so a flood of one finding is counted
+/// without formatting a message per violation. Copy, no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Says {
+    ConcurrentUse,
+    /// Decided late (`current` repeated `earlier` exactly): both were
+    /// answered (`None`), or the first was still unanswered this long after.
+    ConcurrentUseConfirmed {
+        unanswered_after: Option<Millis>,
+    },
+    UseAfterEnd {
+        /// How the session ended ("ended by endSessions", ...).
+        ended: &'static str,
+    },
+    EndWhileInFlight {
+        verb: &'static str,
+    },
+    ClosedWithRequestsInFlight,
+    TxnRegression {
+        highest: i64,
+    },
+    TxnNumberReuse,
+    TxnSuperseded {
+        new_transaction: bool,
+        open: i64,
+        started_at: Millis,
+        statements: u32,
+    },
+    TxnAfterAbort,
+    TxnAfterAbortOnReply,
+    TxnLeftOpen {
+        number: i64,
+        started_at: Millis,
+        statements: u32,
+        limit: Millis,
+    },
+    CursorSessionMismatch {
+        cursor_id: i64,
+        /// The session that opened the cursor.
+        owner: SessionKey,
+        /// The getMore carried no session at all.
+        without_session: bool,
+    },
+    UnacknowledgedWithSession,
+    IdleExpiredReuse {
+        idle: Millis,
+        timeout: Millis,
+    },
+    CrossClientSharing {
+        first: ClientId,
+        /// What differs between the two identities ("peer host", ...).
+        field: &'static str,
+    },
+    /// Everything it quotes is in the violation's `store` and evidence.
+    StoreSessionResurrected,
+}
+
 /// What a rule function returns: compact (ids, not names), cheap to build.
 /// The engine stamps severity and action from the configuration and
 /// resolves it into a [`ViolationRecord`].
@@ -351,8 +412,9 @@ pub(crate) struct Violation {
     pub rule: RuleId,
     pub key: SessionKey,
     pub at: Millis,
-    /// What happened and why it is a problem, in words (no document contents).
-    pub message: String,
+    /// What happened, as data: put into words (`rules::wording`) only when
+    /// the violation is logged, listed or answers a rejected request.
+    pub says: Says,
     /// The request that broke the rule (absent for time-driven rules).
     pub current: Option<RequestRef>,
     /// The earlier request it conflicts with, when there is one.
@@ -367,12 +429,12 @@ pub(crate) struct Violation {
 }
 
 impl Violation {
-    pub(crate) fn new(rule: RuleId, key: SessionKey, at: Millis, message: String) -> Violation {
+    pub(crate) fn new(rule: RuleId, key: SessionKey, at: Millis, says: Says) -> Violation {
         Violation {
             rule,
             key,
             at,
-            message,
+            says,
             current: None,
             earlier: None,
             store: None,

@@ -3,10 +3,11 @@
 //! recognises store collections (configured names, plus auto-detection of the
 //! common document shape), reduces each store command to the operations it
 //! performs on one store document (read, destroy, upsert, update, touch,
-//! insert), keeps a small bounded record per store document id, and decides
-//! `store-session-resurrected`: an upsert that brings back a document destroyed
-//! after the writer had read it (a logout undone by a request that loaded the
-//! session before the logout and saved it afterwards).
+//! insert), keeps a small bounded record per store document id, and finds
+//! what `store-session-resurrected` (in `rules`, as every rule) reports: an
+//! upsert that brings back a document destroyed after the writer had read it
+//! (a logout undone by a request that loaded the session before the logout
+//! and saved it afterwards).
 //!
 //! A destroy takes hold when the server confirms the delete (judged by
 //! outcome, like the session engine's effects): `apply` hands the destroys
@@ -15,7 +16,7 @@
 //! never comes (a resurrection of it is then reported at most as a warning).
 //!
 //! It is pure bookkeeping: the engine hands it request views and request
-//! references and turns its findings into violations. It never logs, and it
+//! references, and the rule turns its findings into violations. It never logs, and it
 //! never keeps a session's contents or even its id: a store document is known
 //! by a keyed 64-bit hash of its namespace and `_id` (a session id is a bearer
 //! credential), shown in evidence only as that hash.
@@ -30,8 +31,7 @@ use bson::raw::{RawBsonRef, RawDocument};
 use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 
-use super::state::{millis, ClientId, Millis, RequestRef, SessionKey};
-use super::violation::{RuleId, StoreFinding, Violation};
+use super::state::{millis, ClientId, Millis, RequestRef};
 use sessionguard_protocol::command::RequestView;
 
 /// The collections treated as stores when `[stores]` says nothing.
@@ -176,55 +176,6 @@ pub(crate) struct Resurrection {
     pub write: RequestRef,
     /// The destroy's reply never came: it most likely, not certainly, happened.
     pub unconfirmed: bool,
-}
-
-impl Resurrection {
-    /// The violation for this resurrection; `key` is the writer's session (or
-    /// an all-zero lsid when the write carried none).
-    pub(crate) fn violation(
-        &self,
-        key: SessionKey,
-        label: &str,
-        names: &dyn super::intern::Names,
-    ) -> Violation {
-        let command = names.symbol(self.write.command);
-        let namespace = names.symbol(self.write.namespace);
-        let destroy_command = names.symbol(self.destroy.command);
-        let message = format!(
-            "{command} on {namespace} (store \"{label}\") brings back store document {} that {destroy_command} on \
-             connection {} destroyed {} ago; this client last read it on connection {} {} before the destroy, \
-             so one of its requests is saving a copy loaded before the destroy (a logout or kill that does \
-             not stick)",
-            self.document.fingerprint(),
-            self.destroy.conn,
-            ms(self.write.at.saturating_sub(self.destroy.at)),
-            self.read.conn,
-            ms(self.destroy.at.saturating_sub(self.read.at)),
-        );
-        let mut message = message;
-        if self.unconfirmed {
-            message.push_str(
-                " (the destroy is not confirmed: its reply never came, so the server most likely, not certainly, \
-                 deleted the document; reported as a warning and never rejected)",
-            );
-        }
-        let mut violation =
-            Violation::new(RuleId::StoreSessionResurrected, key, self.write.at, message)
-                .current(self.write)
-                .earlier(self.destroy)
-                .unconfirmed(self.unconfirmed);
-        violation.store = Some(Box::new(StoreFinding {
-            store: label.to_string(),
-            document: self.document.fingerprint(),
-            read: self.read,
-            destroy: self.destroy,
-        }));
-        violation
-    }
-}
-
-fn ms(millis: Millis) -> String {
-    humantime::format_duration(Duration::from_millis(millis)).to_string()
 }
 
 /// Per-store counters, for metrics.

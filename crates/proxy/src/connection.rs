@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use super::inflight::{InFlight, ReplyOwner};
 use super::inspect::{
     CloseCause, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector, Inspector,
-    ReplyVerdict, Verdict, INJECT_QUEUE,
+    ReplyVerdict, Verdict as RequestVerdict, INJECT_QUEUE,
 };
 use super::tls::{self, ClientStream, UpstreamTls};
 use super::unreachable;
@@ -123,8 +123,8 @@ pub(crate) struct ConnSettings {
 }
 
 /// State both pumps touch.
-struct Shared {
-    in_flight: Mutex<InFlight>,
+struct Shared<P> {
+    in_flight: Mutex<InFlight<P>>,
     /// Signalled when the in-flight map may have become idle (for pending
     /// injections and for drain).
     became_idle: Notify,
@@ -135,8 +135,8 @@ struct Shared {
     replies: AtomicU64,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, InFlight> {
+impl<P> Shared<P> {
+    fn lock(&self) -> MutexGuard<'_, InFlight<P>> {
         // A panic while holding this lock would be a bug in synchronous map
         // code; the map is still structurally sound, so keep going.
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
@@ -159,11 +159,36 @@ pub(crate) struct Lifecycle {
     pub kill: CancellationToken,
 }
 
+/// Serves connections for one inspector type, behind a trait object so the
+/// accept loop has no type parameter (the replica-set decorator wraps the
+/// inspector or not, decided at start). `serve` is monomorphised per
+/// inspector, so the per-frame path calls the inspector statically and
+/// keeps its `Pending` records inline; the one box is per connection.
+pub(crate) trait ServeConnection: Send + Sync + 'static {
+    fn serve_connection(
+        self: Arc<Self>,
+        accepted: Accepted,
+        settings: Arc<ConnSettings>,
+        lifecycle: Lifecycle,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+impl<I: Inspector> ServeConnection for I {
+    fn serve_connection(
+        self: Arc<Self>,
+        accepted: Accepted,
+        settings: Arc<ConnSettings>,
+        lifecycle: Lifecycle,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(serve(accepted, settings, self, lifecycle))
+    }
+}
+
 /// Serves one accepted client connection to completion.
-pub(crate) async fn serve(
+pub(crate) async fn serve<I: Inspector>(
     accepted: Accepted,
     settings: Arc<ConnSettings>,
-    inspector: Arc<dyn Inspector>,
+    inspector: Arc<I>,
     lifecycle: Lifecycle,
 ) {
     let Accepted {
@@ -239,7 +264,7 @@ pub(crate) async fn serve(
         settings: &settings,
         drain: &drain,
     };
-    let (outcome, still_in_flight) = {
+    let (outcome, in_flight) = {
         let requests = pumps.client_to_upstream(
             FramedRead::new(client_read, FrameCodec::new(settings.max_message_size)),
             upstream_write,
@@ -264,12 +289,12 @@ pub(crate) async fn serve(
         // releases is released before the client can see the close and
         // retry on another connection.
         let still_in_flight = shared.lock().take_client_requests();
-        inspector.on_close(&ctx, outcome.cause(), &still_in_flight);
-        (outcome, still_in_flight)
+        let in_flight = still_in_flight.len();
+        inspector.on_close(&ctx, outcome.cause(), still_in_flight);
+        (outcome, in_flight)
     };
 
     let lifetime = opened_at.elapsed();
-    let in_flight = still_in_flight.len();
     let frame_side = |side: &Side| match side {
         Side::Client => FrameSide::Client,
         Side::Upstream | Side::Internal => FrameSide::Upstream,
@@ -354,23 +379,28 @@ impl Outcome {
     }
 }
 
-/// What the request pump learned from one client frame.
-struct RequestInfo {
-    record: Option<InFlightRequest>,
-    verdict: Verdict,
-    /// OP_QUERY expects an OP_REPLY, not an OP_MSG, as the rejection reply.
-    legacy: bool,
+/// What the request pump does with one client frame.
+enum RequestAction<P> {
+    /// Forward it; the record (with the inspector's) when a reply is due.
+    Forward(Option<InFlightRequest<P>>),
+    /// Answer it with this body, if it expects a reply; OP_QUERY expects an
+    /// OP_REPLY, not an OP_MSG (`legacy`).
+    Reject {
+        reply: Vec<u8>,
+        expects_reply: bool,
+        legacy: bool,
+    },
 }
 
-struct Pumps<'a> {
+struct Pumps<'a, I: Inspector> {
     ctx: &'a ConnContext,
-    shared: &'a Shared,
-    inspector: &'a dyn Inspector,
+    shared: &'a Shared<I::Pending>,
+    inspector: &'a I,
     settings: &'a ConnSettings,
     drain: &'a CancellationToken,
 }
 
-impl Pumps<'_> {
+impl<I: Inspector> Pumps<'_, I> {
     /// Client -> upstream: reads requests, records those that expect a
     /// reply, asks the inspector, forwards (or answers a rejection), and
     /// sends queued injections when the connection is idle.
@@ -449,20 +479,19 @@ impl Pumps<'_> {
                 frame.bytes.len(),
             );
 
-            let info = match self.inspect_request(&frame) {
-                Ok(info) => info,
+            let action = match self.inspect_request(&frame) {
+                Ok(action) => action,
                 Err(e) => return Outcome::Failed(e),
             };
-            match info.verdict {
-                Verdict::Forward => {
-                    if let Some(record) = info.record {
+            match action {
+                RequestAction::Forward(record) => {
+                    if let Some(record) = record {
                         // Recorded before forwarding so the reply can never
                         // arrive before its request is known.
-                        if let Some(old) = self.shared.lock().insert_client(record) {
+                        if let Some(request_id) = self.shared.lock().insert_client(record) {
                             debug!(
                                 conn = self.ctx.id,
-                                request_id = old.request_id,
-                                "client reused a request id that was still in flight"
+                                request_id, "client reused a request id that was still in flight"
                             );
                         }
                     }
@@ -474,14 +503,18 @@ impl Pumps<'_> {
                         });
                     }
                 }
-                Verdict::Reject { reply } => {
+                RequestAction::Reject {
+                    reply,
+                    expects_reply,
+                    legacy,
+                } => {
                     // A moreToCome request expects no reply, so it gets none.
-                    if info.record.is_none() {
+                    if !expects_reply {
                         continue;
                     }
                     let reply_id = self.shared.lock().next_proxy_id();
                     let request_id = frame.header.request_id;
-                    let bytes = if info.legacy {
+                    let bytes = if legacy {
                         wire::legacy::encode_reply(reply_id, request_id, 0, 0, &[&reply])
                     } else {
                         wire::op_msg::encode(reply_id, request_id, MsgFlags::default(), &reply)
@@ -506,16 +539,7 @@ impl Pumps<'_> {
         }
         let request = pending.pop_front()?;
         let id = map.next_proxy_id();
-        let record = InFlightRequest {
-            request_id: id,
-            command: None,
-            command_metric: OTHER_COMMAND,
-            started: Instant::now(),
-            exhaust_allowed: false,
-            awaitable_hello: false,
-            streamed_replies: 0,
-        };
-        map.insert_injected(record, request.reply);
+        map.insert_injected(id, request.reply);
         drop(map);
         Some(wire::op_msg::encode(
             id,
@@ -525,7 +549,7 @@ impl Pumps<'_> {
         ))
     }
 
-    fn inspect_request(&self, frame: &Frame) -> Result<RequestInfo, ConnError> {
+    fn inspect_request(&self, frame: &Frame) -> Result<RequestAction<I::Pending>, ConnError> {
         let malformed = |source| ConnError::Malformed {
             side: Side::Client,
             source,
@@ -555,20 +579,26 @@ impl Pumps<'_> {
         if command.is_some() {
             self.settings.metrics.command(command_metric);
         }
-        let record = expects_reply.then(|| InFlightRequest {
-            request_id: frame.header.request_id,
-            command: command.map(|name| intern_command(name, command_metric)),
-            command_metric,
-            started: Instant::now(),
-            exhaust_allowed,
-            awaitable_hello,
-            streamed_replies: 0,
-        });
-        let verdict = self.inspector.on_request(self.ctx, frame, &msg);
-        Ok(RequestInfo {
-            record,
-            verdict,
-            legacy: matches!(msg, Message::Query(_)),
+        // Before the inspector runs: its time is part of the round trip.
+        let started = Instant::now();
+        Ok(match self.inspector.on_request(self.ctx, frame, &msg) {
+            RequestVerdict::Forward(pending) => {
+                RequestAction::Forward(expects_reply.then(|| InFlightRequest {
+                    request_id: frame.header.request_id,
+                    command: command.map(|name| intern_command(name, command_metric)),
+                    command_metric,
+                    started,
+                    exhaust_allowed,
+                    awaitable_hello,
+                    streamed_replies: 0,
+                    pending,
+                }))
+            }
+            RequestVerdict::Reject { reply } => RequestAction::Reject {
+                reply,
+                expects_reply,
+                legacy: matches!(msg, Message::Query(_)),
+            },
         })
     }
 
@@ -634,7 +664,7 @@ impl Pumps<'_> {
     /// Records the latency of a request's first reply. Awaitable hellos wait
     /// for a topology change on purpose, so they would only blur the
     /// histogram; later replies of an exhaust stream are not round trips.
-    fn observe_round_trip(&self, request: &InFlightRequest, more_to_come: bool) {
+    fn observe_round_trip(&self, request: &InFlightRequest<I::Pending>, more_to_come: bool) {
         let first_reply = request.streamed_replies <= u32::from(more_to_come);
         if request.awaitable_hello || !first_reply {
             return;
@@ -657,29 +687,41 @@ impl Pumps<'_> {
         let msg = opened.parse(frame).map_err(malformed)?;
         let more_to_come = matches!(&msg, Message::Msg(m) if m.flags.more_to_come());
 
-        let (owner, became_idle) = {
-            let mut map = self.shared.lock();
-            let owner = map.on_reply(
-                frame.header.response_to,
-                frame.header.request_id,
-                more_to_come,
-            );
-            let idle = map.idle_for_inject() || map.idle_for_drain();
-            (owner, idle)
-        };
+        let mut map = self.shared.lock();
+        let owner = map.on_reply(
+            frame.header.response_to,
+            frame.header.request_id,
+            more_to_come,
+        );
+        let became_idle = map.idle_for_inject() || map.idle_for_drain();
         let verdict = match owner {
             ReplyOwner::Injected(waiter) => {
+                drop(map);
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(Ok(frame.bytes.clone()));
                 }
                 return Ok((None, became_idle));
             }
-            ReplyOwner::Client(request) => {
+            ReplyOwner::Client(mut request) => {
+                // Complete: the record is ours now, and dropped after this.
+                drop(map);
                 self.observe_round_trip(&request, more_to_come);
                 self.inspector
-                    .on_reply(self.ctx, Some(&request), frame, &msg)
+                    .on_reply(self.ctx, Some(&mut request), frame, &msg)
+            }
+            ReplyOwner::Streaming(key) => {
+                // The stream continues: the record stays in the table, so
+                // the inspector updates it there, under the lock (a
+                // synchronous call; the other pump only ever waits for
+                // short sections). Exhaust streams only.
+                let request = map.client_mut(key);
+                if let Some(request) = &request {
+                    self.observe_round_trip(request, more_to_come);
+                }
+                self.inspector.on_reply(self.ctx, request, frame, &msg)
             }
             ReplyOwner::Unmatched => {
+                drop(map);
                 debug!(
                     conn = self.ctx.id,
                     response_to = frame.header.response_to,

@@ -1,9 +1,12 @@
 //! The per-connection map of requests awaiting replies, keyed by the
-//! `responseTo` the next reply will carry. It is shared by the connection's
-//! two pumps behind a `std::sync::Mutex` and is never held across `.await`,
-//! so it is plain synchronous code with no I/O. It also hands out the
-//! proxy's own (negative) request ids, which cannot collide with drivers'
-//! ids (drivers count up from small positive numbers).
+//! `responseTo` the next reply will carry. It is the only owner of the
+//! connection's in-flight state: each client request's entry holds the
+//! inspector's record of it too (`InFlightRequest::pending`), handed back
+//! with the reply or at close, so no layer keeps a second table. It is
+//! shared by the connection's two pumps behind a `std::sync::Mutex` and is
+//! never held across `.await`, so it is plain synchronous code with no I/O.
+//! It also hands out the proxy's own (negative) request ids, which cannot
+//! collide with drivers' ids (drivers count up from small positive numbers).
 
 use std::collections::HashMap;
 
@@ -16,23 +19,21 @@ use super::inspect::{InFlightRequest, InjectError};
 type InjectReply = oneshot::Sender<Result<Bytes, InjectError>>;
 
 #[derive(Debug)]
-enum Waiter {
-    Client,
-    /// The proxy's own request: its reply goes to this sender, never to the client.
+enum Entry<P> {
+    Client(InFlightRequest<P>),
+    /// The proxy's own request: its reply goes to this sender, never to the
+    /// client (taken by the first reply).
     Injected(Option<InjectReply>),
-}
-
-#[derive(Debug)]
-struct Entry {
-    request: InFlightRequest,
-    waiter: Waiter,
 }
 
 /// Who a reply belongs to.
 #[derive(Debug)]
-pub(crate) enum ReplyOwner {
-    /// A client request; forward the reply.
-    Client(InFlightRequest),
+pub(crate) enum ReplyOwner<P> {
+    /// A client request, now complete (no `moreToCome`); forward the reply.
+    Client(InFlightRequest<P>),
+    /// A client request whose stream continues: it stays in flight under
+    /// this key (`client_mut` reaches it); forward the reply.
+    Streaming(i32),
     /// An injected request; hand the reply to the sender (if still waiting).
     Injected(Option<InjectReply>),
     /// No request is waiting for this responseTo; forward anyway.
@@ -40,24 +41,29 @@ pub(crate) enum ReplyOwner {
 }
 
 #[derive(Debug)]
-pub(crate) struct InFlight {
+pub(crate) struct InFlight<P> {
     /// foldhash, seeded per map: one insert and one remove per request,
     /// where SipHash's cost showed in the profile; the random seed keeps a
     /// client from choosing request ids that collide.
-    entries: HashMap<i32, Entry, RandomState>,
+    entries: HashMap<i32, Entry<P>, RandomState>,
+    /// Client requests displaced by a later request reusing their id (a
+    /// misbehaving client): no reply can be matched to them any more, but
+    /// they are still in flight for the inspector, which gets them at close.
+    displaced: Vec<InFlightRequest<P>>,
     next_proxy_id: i32,
 }
 
-impl Default for InFlight {
+impl<P> Default for InFlight<P> {
     fn default() -> Self {
         InFlight {
             entries: HashMap::default(),
+            displaced: Vec::new(),
             next_proxy_id: -1,
         }
     }
 }
 
-impl InFlight {
+impl<P> InFlight<P> {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
@@ -69,29 +75,23 @@ impl InFlight {
     }
 
     /// Records a client request that expects a reply. A request id that is
-    /// already waiting is replaced (a misbehaving client); the old record is
-    /// returned so the caller can log it.
-    pub(crate) fn insert_client(&mut self, request: InFlightRequest) -> Option<InFlightRequest> {
-        self.entries
-            .insert(
-                request.request_id,
-                Entry {
-                    request,
-                    waiter: Waiter::Client,
-                },
-            )
-            .map(|old| old.request)
+    /// already waiting is displaced (a misbehaving client): its id is
+    /// returned so the caller can log it, and its record is kept for close.
+    pub(crate) fn insert_client(&mut self, request: InFlightRequest<P>) -> Option<i32> {
+        let id = request.request_id;
+        match self.entries.insert(id, Entry::Client(request))? {
+            Entry::Client(old) => {
+                self.displaced.push(old);
+                Some(id)
+            }
+            // Dropping the waiter fails the injection with `Closed`.
+            Entry::Injected(_) => Some(id),
+        }
     }
 
-    /// Records an injected request.
-    pub(crate) fn insert_injected(&mut self, request: InFlightRequest, reply: InjectReply) {
-        self.entries.insert(
-            request.request_id,
-            Entry {
-                request,
-                waiter: Waiter::Injected(Some(reply)),
-            },
-        );
+    /// Records an injected request under `id` (from `next_proxy_id`).
+    pub(crate) fn insert_injected(&mut self, id: i32, reply: InjectReply) {
+        self.entries.insert(id, Entry::Injected(Some(reply)));
     }
 
     /// A fresh negative id that no waiting entry uses.
@@ -107,32 +107,59 @@ impl InFlight {
 
     /// Matches an upstream reply. With `more_to_come` the request stays in
     /// flight, re-keyed under the reply's own requestID, because the next
-    /// reply of an exhaust stream answers to that (OP_MSG spec); the caller
-    /// gets a copy. Without it the request completes and is handed over.
+    /// reply of an exhaust stream answers to that (OP_MSG spec). Without it
+    /// the request completes and is handed over.
     pub(crate) fn on_reply(
         &mut self,
         response_to: i32,
         reply_request_id: i32,
         more_to_come: bool,
-    ) -> ReplyOwner {
-        let Some(mut entry) = self.entries.remove(&response_to) else {
-            return ReplyOwner::Unmatched;
+    ) -> ReplyOwner<P> {
+        let Some(entry) = self.entries.remove(&response_to) else {
+            return self.displaced_reply(response_to, more_to_come);
         };
-        if more_to_come {
-            entry.request.streamed_replies = entry.request.streamed_replies.saturating_add(1);
-            let owner = match &mut entry.waiter {
-                Waiter::Client => ReplyOwner::Client(entry.request.clone()),
-                // An injected request never sets exhaustAllowed, so a
-                // streamed reply is unexpected; deliver the first one.
-                Waiter::Injected(reply) => ReplyOwner::Injected(reply.take()),
-            };
-            self.entries.insert(reply_request_id, entry);
-            owner
-        } else {
-            match entry.waiter {
-                Waiter::Client => ReplyOwner::Client(entry.request),
-                Waiter::Injected(reply) => ReplyOwner::Injected(reply),
+        match (entry, more_to_come) {
+            (Entry::Client(request), false) => ReplyOwner::Client(request),
+            (Entry::Client(mut request), true) => {
+                request.streamed_replies = request.streamed_replies.saturating_add(1);
+                self.entries
+                    .insert(reply_request_id, Entry::Client(request));
+                ReplyOwner::Streaming(reply_request_id)
             }
+            (Entry::Injected(reply), false) => ReplyOwner::Injected(reply),
+            // An injected request never sets exhaustAllowed, so a streamed
+            // reply is unexpected; deliver the first one.
+            (Entry::Injected(mut reply), true) => {
+                let owner = ReplyOwner::Injected(reply.take());
+                self.entries
+                    .insert(reply_request_id, Entry::Injected(reply));
+                owner
+            }
+        }
+    }
+
+    /// A final reply to an id whose request was displaced: the later
+    /// request took the first reply, so this one is the displaced one's
+    /// (oldest first), which completes it.
+    fn displaced_reply(&mut self, response_to: i32, more_to_come: bool) -> ReplyOwner<P> {
+        if more_to_come || self.displaced.is_empty() {
+            return ReplyOwner::Unmatched;
+        }
+        match self
+            .displaced
+            .iter()
+            .position(|r| r.request_id == response_to)
+        {
+            Some(position) => ReplyOwner::Client(self.displaced.remove(position)),
+            None => ReplyOwner::Unmatched,
+        }
+    }
+
+    /// The client request in flight under `key` (a stream's current key).
+    pub(crate) fn client_mut(&mut self, key: i32) -> Option<&mut InFlightRequest<P>> {
+        match self.entries.get_mut(&key)? {
+            Entry::Client(request) => Some(request),
+            Entry::Injected(_) => None,
         }
     }
 
@@ -144,18 +171,21 @@ impl InFlight {
     /// Nothing but monitoring (awaitable / streaming hello) in flight: a
     /// draining connection may close now without cutting off real work.
     pub(crate) fn idle_for_drain(&self) -> bool {
-        self.entries.values().all(|e| e.request.awaitable_hello)
+        self.entries.values().all(|e| match e {
+            Entry::Client(request) => request.awaitable_hello,
+            Entry::Injected(_) => false,
+        })
     }
 
-    /// Removes and returns the client requests still waiting (at close).
-    /// Injected waiters are dropped, which fails them with `Closed`.
-    pub(crate) fn take_client_requests(&mut self) -> Vec<InFlightRequest> {
-        let mut out: Vec<InFlightRequest> = self
-            .entries
-            .drain()
-            .filter(|(_, e)| matches!(e.waiter, Waiter::Client))
-            .map(|(_, e)| e.request)
-            .collect();
+    /// Removes and returns the client requests still waiting (at close),
+    /// oldest first. Injected waiters are dropped, which fails them with
+    /// `Closed`.
+    pub(crate) fn take_client_requests(&mut self) -> Vec<InFlightRequest<P>> {
+        let mut out = std::mem::take(&mut self.displaced);
+        out.extend(self.entries.drain().filter_map(|(_, e)| match e {
+            Entry::Client(request) => Some(request),
+            Entry::Injected(_) => None,
+        }));
         out.sort_by_key(|r| r.started);
         out
     }
@@ -167,7 +197,7 @@ mod tests {
 
     use super::*;
 
-    fn request(id: i32, command: &'static str) -> InFlightRequest {
+    fn request(id: i32, command: &'static str) -> InFlightRequest<u32> {
         InFlightRequest {
             request_id: id,
             command: Some(command.into()),
@@ -176,6 +206,7 @@ mod tests {
             exhaust_allowed: false,
             awaitable_hello: false,
             streamed_replies: 0,
+            pending: 0,
         }
     }
 
@@ -203,24 +234,27 @@ mod tests {
         hello.awaitable_hello = true;
         map.insert_client(hello);
 
-        // reply 100 answers request 3 and promises more.
-        let ReplyOwner::Client(r) = map.on_reply(3, 100, true) else {
+        // reply 100 answers request 3 and promises more; the inspector's
+        // record is updated in place and stays with the request.
+        let ReplyOwner::Streaming(key) = map.on_reply(3, 100, true) else {
             panic!()
         };
+        let r = map.client_mut(key).unwrap();
         assert_eq!((r.request_id, r.streamed_replies), (3, 1));
+        r.pending += 1;
         assert_eq!(map.len(), 1);
         // The old key is gone; a reply to it is now unmatched.
         assert!(matches!(map.on_reply(3, 999, true), ReplyOwner::Unmatched));
         // reply 101 answers reply 100.
-        let ReplyOwner::Client(r) = map.on_reply(100, 101, true) else {
+        let ReplyOwner::Streaming(key) = map.on_reply(100, 101, true) else {
             panic!()
         };
-        assert_eq!(r.streamed_replies, 2);
+        assert_eq!(map.client_mut(key).unwrap().streamed_replies, 2);
         // the final reply (no moreToCome) completes it.
         let ReplyOwner::Client(r) = map.on_reply(101, 102, false) else {
             panic!()
         };
-        assert_eq!((r.request_id, r.streamed_replies), (3, 2));
+        assert_eq!((r.request_id, r.streamed_replies, r.pending), (3, 2, 1));
         assert!(map.is_empty());
     }
 
@@ -238,11 +272,46 @@ mod tests {
     }
 
     #[test]
-    fn proxy_ids_are_negative_unique_and_wrap() {
+    fn a_reused_id_is_answered_latest_first_then_the_displaced_one() {
         let mut map = InFlight::default();
+        let mut first = request(5, "find");
+        first.pending = 1;
+        let mut second = request(5, "insert");
+        second.pending = 2;
+        map.insert_client(first);
+        map.insert_client(second);
+        let ReplyOwner::Client(r) = map.on_reply(5, 100, false) else {
+            panic!()
+        };
+        assert_eq!(r.pending, 2);
+        let ReplyOwner::Client(r) = map.on_reply(5, 101, false) else {
+            panic!()
+        };
+        assert_eq!(r.pending, 1);
+        assert!(matches!(map.on_reply(5, 102, false), ReplyOwner::Unmatched));
+        assert!(map.take_client_requests().is_empty());
+    }
+
+    #[test]
+    fn a_displaced_request_is_still_handed_back_at_close() {
+        let mut map = InFlight::default();
+        let mut first = request(5, "find");
+        first.pending = 1;
+        let mut second = request(5, "insert");
+        second.pending = 2;
+        assert_eq!(map.insert_client(first), None);
+        assert_eq!(map.insert_client(second), Some(5));
+        let left = map.take_client_requests();
+        let pendings: Vec<u32> = left.iter().map(|r| r.pending).collect();
+        assert_eq!(pendings, vec![1, 2], "oldest first");
+    }
+
+    #[test]
+    fn proxy_ids_are_negative_unique_and_wrap() {
+        let mut map = InFlight::<()>::default();
         let (tx, _rx) = oneshot::channel();
         let a = map.next_proxy_id();
-        map.insert_injected(request(a, "ping"), tx);
+        map.insert_injected(a, tx);
         let b = map.next_proxy_id();
         assert!(a < 0 && b < 0 && a != b);
 
@@ -258,7 +327,8 @@ mod tests {
         let mut map = InFlight::default();
         let (tx, rx) = oneshot::channel();
         let id = map.next_proxy_id();
-        map.insert_injected(request(id, "ping"), tx);
+        map.insert_injected(id, tx);
+        assert!(!map.idle_for_drain(), "an injection is work");
         match map.on_reply(id, 5, false) {
             ReplyOwner::Injected(Some(sender)) => {
                 sender.send(Ok(Bytes::from_static(b"r"))).unwrap()
@@ -269,7 +339,7 @@ mod tests {
 
         let (tx, rx) = oneshot::channel();
         let id = map.next_proxy_id();
-        map.insert_injected(request(id, "ping"), tx);
+        map.insert_injected(id, tx);
         map.insert_client(request(9, "insert"));
         let left = map.take_client_requests();
         assert_eq!(left.len(), 1);

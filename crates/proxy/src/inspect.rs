@@ -18,9 +18,24 @@ use tokio::sync::{mpsc, oneshot};
 use sessionguard_protocol::wire::{Frame, Message};
 pub use sessionguard_protocol::CloseCause;
 
-/// Policy hooks called by every proxied connection. All methods have
-/// no-op defaults, so an implementation overrides only what it needs.
+/// Policy hooks called by every proxied connection. Every method but
+/// `on_request` has a no-op default.
+///
+/// One owner of in-flight state per connection: what an inspector needs to
+/// remember about a forwarded request until its reply (`Pending`) is
+/// returned by `on_request` and kept by the connection, next to the proxy's
+/// own record of the request, in the connection's in-flight table. It comes
+/// back with every reply to that request (`on_reply`) and, if the reply
+/// never came, in `on_close`'s `still_in_flight`. An inspector therefore
+/// keeps no per-connection table of requests of its own.
 pub trait Inspector: Send + Sync + 'static {
+    /// What the inspector keeps about one forwarded request until its final
+    /// reply; `()` for an inspector that needs nothing. Stored inline in the
+    /// connection's in-flight table (no allocation of its own), so keep it
+    /// small. Dropped without a callback when the request expects no reply
+    /// (`moreToCome`) or is rejected.
+    type Pending: Send + 'static;
+
     /// A client connected and its upstream connection is established.
     fn on_connect(&self, conn: &ConnContext) {
         let _ = conn;
@@ -30,18 +45,27 @@ pub trait Inspector: Send + Sync + 'static {
     /// not forwarded; `reply` (a full OP_MSG body document, raw BSON bytes)
     /// is sent to the client as a reply with responseTo = the request id
     /// (unless the request had `moreToCome`, which expects no reply).
-    fn on_request(&self, conn: &ConnContext, frame: &Frame, msg: &Message<'_>) -> Verdict {
-        let _ = (conn, frame, msg);
-        Verdict::Forward
-    }
+    /// `Forward` carries the inspector's record of the request, kept with
+    /// the proxy's while the request is in flight.
+    fn on_request(
+        &self,
+        conn: &ConnContext,
+        frame: &Frame,
+        msg: &Message<'_>,
+    ) -> Verdict<Self::Pending>;
 
-    /// Called for each upstream reply, with the matched request's record
-    /// when known; may replace the reply bytes (seam for hello rewriting in
-    /// replica-set mode). Replies to injected requests are not shown here.
+    /// Called for each upstream reply, with the matched request (and the
+    /// inspector's record of it) when known; may replace the reply bytes
+    /// (seam for hello rewriting in replica-set mode). After a reply
+    /// without `moreToCome` the request is complete and the proxy drops its
+    /// record when this returns; after one with `moreToCome` (an exhaust
+    /// stream) it stays in flight. Replies to injected requests are not
+    /// shown here. For a streamed reply this runs under the connection's
+    /// in-flight lock (the record lives in the table): it must not block.
     fn on_reply(
         &self,
         conn: &ConnContext,
-        request: Option<&InFlightRequest>,
+        request: Option<&mut InFlightRequest<Self::Pending>>,
         frame: &Frame,
         msg: &Message<'_>,
     ) -> ReplyVerdict {
@@ -50,11 +74,16 @@ pub trait Inspector: Send + Sync + 'static {
     }
 
     /// The connection is closing because of `cause`; `still_in_flight` are
-    /// the client requests that never got their (final) reply. Called
-    /// before the client's socket is closed, so whatever the inspector
-    /// releases here is released before the client can notice the close
-    /// and retry elsewhere.
-    fn on_close(&self, conn: &ConnContext, cause: CloseCause, still_in_flight: &[InFlightRequest]) {
+    /// the client requests that never got their (final) reply, oldest
+    /// first, each with the inspector's record. Called before the client's
+    /// socket is closed, so whatever the inspector releases here is
+    /// released before the client can notice the close and retry elsewhere.
+    fn on_close(
+        &self,
+        conn: &ConnContext,
+        cause: CloseCause,
+        still_in_flight: Vec<InFlightRequest<Self::Pending>>,
+    ) {
         let _ = (conn, cause, still_in_flight);
     }
 }
@@ -63,16 +92,21 @@ pub trait Inspector: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoopInspector;
 
-impl Inspector for NoopInspector {}
+impl Inspector for NoopInspector {
+    type Pending = ();
+
+    fn on_request(&self, _: &ConnContext, _: &Frame, _: &Message<'_>) -> Verdict {
+        Verdict::Forward(())
+    }
+}
 
 /// What to do with a client request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Forward,
+pub enum Verdict<P = ()> {
+    /// Forward it; `P` is the inspector's record of it while it is in flight.
+    Forward(P),
     /// Do not forward; answer the client with this OP_MSG body document.
-    Reject {
-        reply: Vec<u8>,
-    },
+    Reject { reply: Vec<u8> },
 }
 
 /// What to do with an upstream reply.
@@ -84,10 +118,10 @@ pub enum ReplyVerdict {
 }
 
 /// A client request that awaits its reply (or, for exhaust streams, its
-/// final reply).
+/// final reply), with the inspector's record of it (`pending`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InFlightRequest {
-    /// The client's requestID (for injected requests: the proxy's negative id).
+pub struct InFlightRequest<P = ()> {
+    /// The client's requestID.
     pub request_id: i32,
     /// The command name, when the request is a command.
     pub command: Option<Cow<'static, str>>,
@@ -103,6 +137,9 @@ pub struct InFlightRequest {
     pub awaitable_hello: bool,
     /// Replies received so far with `moreToCome` set.
     pub streamed_replies: u32,
+    /// The inspector's record (`Inspector::Pending`), returned by
+    /// `on_request`; owned here and nowhere else.
+    pub pending: P,
 }
 
 /// What a connection's inspector callbacks know about it.

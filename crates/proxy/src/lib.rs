@@ -15,8 +15,11 @@
 //!
 //! - `inspect`: the `Inspector` trait, verdicts, `ConnContext`, `Injector`.
 //! - `listener`: accept loop, connection cap, accept back-off, drain.
-//! - `connection`: one client connection and its two pumps.
-//! - `inflight`: the per-connection map of requests awaiting replies.
+//! - `connection`: one client connection and its two pumps, generic over
+//!   the inspector (static calls, its records inline).
+//! - `inflight`: the per-connection map of requests awaiting replies, the
+//!   only owner of in-flight state: each entry carries the inspector's
+//!   record of the request (`Inspector::Pending`) too.
 //! - `upstream`: connection-string parsing and dialing (TCP).
 //! - `topology`: replica-set mode's hello rewriting (member -> proxy
 //!   addresses), applied around the caller's inspector.
@@ -67,7 +70,7 @@ pub use tls::{
 };
 pub use upstream::{dial, ConnectionString, DialError, HostPort};
 
-use connection::ConnSettings;
+use connection::{ConnSettings, ServeConnection};
 use listener::{AcceptLoop, ListenerStats};
 use topology::TopologyInspector;
 
@@ -79,9 +82,9 @@ impl Proxy {
     /// member, each dialing its member; all share `inspector`) and starts
     /// accepting, recording into `metrics`. Returns once every listener is
     /// bound (so `local_addr` / `listeners` are known, e.g. for port 0).
-    pub async fn start(
+    pub async fn start<I: Inspector>(
         settings: ProxySettings,
-        inspector: Arc<dyn Inspector>,
+        inspector: Arc<I>,
         metrics: ProxyMetrics,
     ) -> io::Result<ProxyHandle> {
         let ProxySettings {
@@ -150,7 +153,7 @@ impl Proxy {
         }));
         // Without a map the decorator only warns about drivers bypassing the
         // proxy, which cannot happen when every client connects directly.
-        let inspector: Arc<dyn Inspector> = if map.is_empty() && clients_connect_directly {
+        let inspector: Arc<dyn ServeConnection> = if map.is_empty() && clients_connect_directly {
             inspector
         } else {
             Arc::new(TopologyInspector::new(inspector, map))

@@ -19,8 +19,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::connection::{self, Accepted, ConnSettings, Lifecycle};
-use super::inspect::Inspector;
+use super::connection::{Accepted, ConnSettings, Lifecycle, ServeConnection};
 use super::tls::{ClientStream, ListenTls};
 use crate::metrics::ProxyMetrics;
 
@@ -44,7 +43,8 @@ pub(crate) struct AcceptLoop {
     pub listener: TcpListener,
     pub local: SocketAddr,
     pub settings: Arc<ConnSettings>,
-    pub inspector: Arc<dyn Inspector>,
+    /// The inspector, as the server of its connections.
+    pub inspector: Arc<dyn ServeConnection>,
     pub max_connections: usize,
     pub drain_grace: Duration,
     pub drain: CancellationToken,
@@ -152,7 +152,9 @@ impl AcceptLoop {
                     peer,
                     local,
                 };
-                connection::serve(accepted, settings, inspector, lifecycle).await;
+                inspector
+                    .serve_connection(accepted, settings, lifecycle)
+                    .await;
             });
         }
         // Stop accepting now: new clients get "connection refused" at once

@@ -282,7 +282,7 @@ fn compressor_of(frame: &Frame) -> Option<Compressor> {
 /// Whether a reply is a hello reply: the answer to a hello request (every
 /// reply of a streamed hello carries that request's record), or, for a
 /// reply no request claims, a body shaped like one.
-fn is_hello_reply(request: Option<&InFlightRequest>, msg: &Message<'_>) -> bool {
+fn is_hello_reply<P>(request: Option<&InFlightRequest<P>>, msg: &Message<'_>) -> bool {
     match request {
         Some(request) => request
             .command
@@ -304,15 +304,15 @@ fn is_hello_reply(request: Option<&InFlightRequest>, msg: &Message<'_>) -> bool 
 
 /// Applies the member map to hello replies around another inspector (the
 /// session engine), and says once when drivers are about to bypass the proxy.
-pub(crate) struct TopologyInspector {
-    inner: Arc<dyn Inspector>,
+pub(crate) struct TopologyInspector<I> {
+    inner: Arc<I>,
     map: MemberMap,
     warned_unknown: Mutex<HashSet<String>>,
     warned_bypass: AtomicBool,
 }
 
-impl TopologyInspector {
-    pub(crate) fn new(inner: Arc<dyn Inspector>, map: MemberMap) -> TopologyInspector {
+impl<I: Inspector> TopologyInspector<I> {
+    pub(crate) fn new(inner: Arc<I>, map: MemberMap) -> TopologyInspector<I> {
         TopologyInspector {
             inner,
             map,
@@ -387,25 +387,34 @@ impl TopologyInspector {
     }
 }
 
-impl Inspector for TopologyInspector {
+impl<I: Inspector> Inspector for TopologyInspector<I> {
+    type Pending = I::Pending;
+
     fn on_connect(&self, conn: &ConnContext) {
         self.inner.on_connect(conn);
     }
 
-    fn on_request(&self, conn: &ConnContext, frame: &Frame, msg: &Message<'_>) -> Verdict {
+    fn on_request(
+        &self,
+        conn: &ConnContext,
+        frame: &Frame,
+        msg: &Message<'_>,
+    ) -> Verdict<I::Pending> {
         self.inner.on_request(conn, frame, msg)
     }
 
     fn on_reply(
         &self,
         conn: &ConnContext,
-        request: Option<&InFlightRequest>,
+        mut request: Option<&mut InFlightRequest<I::Pending>>,
         frame: &Frame,
         msg: &Message<'_>,
     ) -> ReplyVerdict {
         // The wrapped inspector sees the reply as the member sent it.
-        let verdict = self.inner.on_reply(conn, request, frame, msg);
-        if !is_hello_reply(request, msg) {
+        let verdict = self
+            .inner
+            .on_reply(conn, request.as_deref_mut(), frame, msg);
+        if !is_hello_reply(request.as_deref(), msg) {
             return verdict;
         }
         match verdict {
@@ -416,7 +425,12 @@ impl Inspector for TopologyInspector {
         }
     }
 
-    fn on_close(&self, conn: &ConnContext, cause: CloseCause, still_in_flight: &[InFlightRequest]) {
+    fn on_close(
+        &self,
+        conn: &ConnContext,
+        cause: CloseCause,
+        still_in_flight: Vec<InFlightRequest<I::Pending>>,
+    ) {
         self.inner.on_close(conn, cause, still_in_flight);
     }
 }
@@ -490,6 +504,7 @@ mod tests {
             exhaust_allowed: true,
             awaitable_hello: true,
             streamed_replies: streamed,
+            pending: (),
         }
     }
 
@@ -654,10 +669,16 @@ mod tests {
     struct Seen(Mutex<Vec<Document>>);
 
     impl Inspector for Seen {
+        type Pending = ();
+
+        fn on_request(&self, _: &ConnContext, _: &Frame, _: &Message<'_>) -> Verdict {
+            Verdict::Forward(())
+        }
+
         fn on_reply(
             &self,
             _conn: &ConnContext,
-            _request: Option<&InFlightRequest>,
+            _request: Option<&mut InFlightRequest>,
             _frame: &Frame,
             msg: &Message<'_>,
         ) -> ReplyVerdict {
@@ -689,7 +710,8 @@ mod tests {
             let frame = msg_frame(&original, MsgFlags(MsgFlags::MORE_TO_COME));
             let opened = wire::open(&frame, usize::MAX).unwrap();
             let msg = opened.parse(&frame).unwrap();
-            let verdict = inspector.on_reply(&ctx(), Some(&hello_request(streamed)), &frame, &msg);
+            let verdict =
+                inspector.on_reply(&ctx(), Some(&mut hello_request(streamed)), &frame, &msg);
             let ReplyVerdict::Replace(bytes) = verdict else {
                 panic!("streamed reply {streamed} not rewritten");
             };
@@ -710,7 +732,7 @@ mod tests {
         let mut find = hello_request(0);
         find.command = Some(Cow::Borrowed("find"));
         assert_eq!(
-            inspector.on_reply(&ctx(), Some(&find), &frame, &msg),
+            inspector.on_reply(&ctx(), Some(&mut find), &frame, &msg),
             ReplyVerdict::Forward
         );
         // An unmatched reply is rewritten only when it is shaped like a hello.
@@ -741,7 +763,7 @@ mod tests {
         // Without a map the reply is forwarded unchanged, and the bypass
         // warning is spent on the first one.
         assert_eq!(
-            single.on_reply(&ctx(), Some(&hello_request(0)), &frame, &msg),
+            single.on_reply(&ctx(), Some(&mut hello_request(0)), &frame, &msg),
             ReplyVerdict::Forward
         );
         assert!(single.warned_bypass.load(Ordering::Relaxed));

@@ -2,14 +2,18 @@
 //! data path's callbacks and the engine's synchronous API (the engine knows
 //! nothing of the proxy, the proxy nothing of sessions). It adds no policy
 //! of its own and must stay non-blocking (the callbacks run on connection
-//! tasks). It also keeps each open connection's `Injector`, by connection
-//! id, for the refresher's driver loop (`crate::refresher`): the engine
-//! plans refreshes by connection id and never holds a socket-side handle.
+//! tasks). The engine's record of each forwarded request
+//! (`PendingRequest`) is the inspector's `Pending`: the proxy's
+//! per-connection in-flight table owns it, hands it back with the reply and
+//! at close, and neither this adapter nor the engine keeps a second table.
+//! It also keeps each open connection's `Injector`, by connection id, for
+//! the refresher's driver loop (`crate::refresher`): the engine plans
+//! refreshes by connection id and never holds a socket-side handle.
 
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use sessionguard_engine::{Decision, SessionEngine};
+use sessionguard_engine::{Decision, PendingRequest, SessionEngine};
 use sessionguard_protocol::wire::{Frame, Message};
 use sessionguard_protocol::CloseCause;
 use sessionguard_proxy::{
@@ -44,29 +48,40 @@ impl EngineInspector {
 }
 
 impl Inspector for EngineInspector {
+    /// `None` for requests the engine does not follow (no session, no
+    /// effect): they cost the table nothing more than the proxy's record.
+    type Pending = Option<PendingRequest>;
+
     fn on_connect(&self, conn: &ConnContext) {
         self.injectors.insert(conn.id, conn.injector.clone());
         self.engine.connect(conn.id, conn.peer, conn.local, true);
     }
 
-    fn on_request(&self, conn: &ConnContext, frame: &Frame, msg: &Message<'_>) -> Verdict {
+    fn on_request(
+        &self,
+        conn: &ConnContext,
+        frame: &Frame,
+        msg: &Message<'_>,
+    ) -> Verdict<Self::Pending> {
         match self.engine.request(conn.id, frame.header.request_id, msg) {
-            Decision::Forward => Verdict::Forward,
-            Decision::Reject { reply } => Verdict::Reject { reply },
+            (Decision::Forward, pending) => Verdict::Forward(pending),
+            (Decision::Reject { reply }, _) => Verdict::Reject { reply },
         }
     }
 
     fn on_reply(
         &self,
         conn: &ConnContext,
-        request: Option<&InFlightRequest>,
-        frame: &Frame,
+        request: Option<&mut InFlightRequest<Self::Pending>>,
+        _frame: &Frame,
         msg: &Message<'_>,
     ) -> ReplyVerdict {
-        // Exhaust replies chain responseTo to the previous reply; the proxy
-        // knows which request they answer.
-        let request_id = request.map_or(frame.header.response_to, |r| r.request_id);
-        self.engine.reply(conn.id, request_id, msg);
+        // A reply that matches no request the engine follows tells it
+        // nothing (exhaust replies chain responseTo to the previous reply;
+        // the proxy's table knows which request they answer).
+        if let Some(pending) = request.and_then(|r| r.pending.as_mut()) {
+            self.engine.reply(conn.id, pending, msg);
+        }
         ReplyVerdict::Forward
     }
 
@@ -74,11 +89,94 @@ impl Inspector for EngineInspector {
         &self,
         conn: &ConnContext,
         cause: CloseCause,
-        _still_in_flight: &[InFlightRequest],
+        still_in_flight: Vec<InFlightRequest<Self::Pending>>,
     ) {
-        // The engine keeps its own list of what was in flight (with the
-        // sessions and effects the proxy's records do not carry).
-        self.engine.close(conn.id, cause);
+        self.engine.close(
+            conn.id,
+            cause,
+            still_in_flight.into_iter().filter_map(|r| r.pending),
+        );
         self.injectors.remove(&conn.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::spec::BinarySubtype;
+    use bson::{rawdoc, Binary, RawDocumentBuf};
+    use sessionguard_engine::{RuleId, RulesConfig, SessionConfig};
+    use sessionguard_protocol::wire::{self, op_msg, MsgFlags, MsgHeader};
+    use std::time::Instant;
+
+    fn frame(request_id: i32, response_to: i32, doc: &RawDocumentBuf) -> Frame {
+        let bytes = op_msg::encode(request_id, response_to, MsgFlags::default(), doc.as_bytes());
+        Frame {
+            header: MsgHeader::parse(&bytes).unwrap(),
+            bytes,
+        }
+    }
+
+    fn insert(session: u8, collection: &str) -> RawDocumentBuf {
+        let lsid =
+            rawdoc! { "id": Binary { subtype: BinarySubtype::Uuid, bytes: vec![session; 16] } };
+        rawdoc! { "insert": collection, "documents": [{ "v": 1 }], "lsid": lsid, "$db": "shop" }
+    }
+
+    /// The proxy's table keeps one request per request id: when a client
+    /// reuses an id still in flight, the reply goes to the later request and
+    /// the earlier one is what the proxy still holds at close. The engine
+    /// must judge what the proxy hands back, not a list of its own that
+    /// matched the reply to the other request.
+    #[test]
+    fn close_judges_the_requests_the_proxy_still_holds() {
+        let engine = Arc::new(SessionEngine::new(
+            &SessionConfig::default(),
+            &RulesConfig::default(),
+        ));
+        let inspector = EngineInspector::new(engine.clone());
+        let ctx = ConnContext::detached(
+            1,
+            "10.0.0.1:5000".parse().unwrap(),
+            "127.0.0.1:27017".parse().unwrap(),
+        );
+        inspector.on_connect(&ctx);
+        let mut sent = Vec::new();
+        for (session, collection) in [(1, "first"), (2, "second")] {
+            let request = frame(5, 0, &insert(session, collection));
+            let opened = wire::open(&request, usize::MAX).unwrap();
+            let msg = opened.parse(&request).unwrap();
+            let Verdict::Forward(pending) = inspector.on_request(&ctx, &request, &msg) else {
+                panic!("rejected");
+            };
+            sent.push(InFlightRequest {
+                request_id: 5,
+                command: Some("insert".into()),
+                command_metric: 0,
+                started: Instant::now(),
+                exhaust_allowed: false,
+                awaitable_hello: false,
+                streamed_replies: 0,
+                pending,
+            });
+        }
+        let (first, mut second) = (sent.remove(0), sent.remove(0));
+
+        let reply = frame(100, 5, &rawdoc! { "n": 1, "ok": 1.0 });
+        let opened = wire::open(&reply, usize::MAX).unwrap();
+        let msg = opened.parse(&reply).unwrap();
+        inspector.on_reply(&ctx, Some(&mut second), &reply, &msg);
+        inspector.on_close(&ctx, CloseCause::ClientClosed, vec![first]);
+
+        let fired = engine.violations();
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        assert_eq!(fired[0].rule, RuleId::ClosedWithRequestsInFlight);
+        let evidence = fired[0].current.as_ref().or(fired[0].earlier.as_ref());
+        assert_eq!(
+            evidence.map(|e| e.namespace.as_str()),
+            Some("shop.first"),
+            "{:?}",
+            fired[0]
+        );
     }
 }

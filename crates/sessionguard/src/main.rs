@@ -273,13 +273,15 @@ async fn serve_proxy(config: Config, source: ConfigSource, report: Option<PathBu
         }
     };
     // `proxy.inspect = false`: a plain forwarder (the benchmark's baseline).
-    let inspector: Arc<dyn sessionguard_proxy::Inspector> = if config.proxy.inspect {
-        engine_inspector
+    // (Two calls: each inspector type gets its own monomorphised data path.)
+    let proxy_started = if config.proxy.inspect {
+        sessionguard::start_proxy(&config.proxy, engine_inspector, &metrics).await
     } else {
         tracing::warn!("proxy.inspect = false: frames are forwarded without session tracking");
-        Arc::new(sessionguard_proxy::NoopInspector)
+        let noop = Arc::new(sessionguard_proxy::NoopInspector);
+        sessionguard::start_proxy(&config.proxy, noop, &metrics).await
     };
-    let proxy = match sessionguard::start_proxy(&config.proxy, inspector, &metrics).await {
+    let proxy = match proxy_started {
         Ok(proxy) => proxy,
         Err(e) => {
             tracing::error!(listen = %config.proxy.listen, error = %e, "cannot start the proxy");

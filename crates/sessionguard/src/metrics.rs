@@ -559,12 +559,13 @@ mod tests {
         };
         let frame = encode(5, 0, MsgFlags(0), delete.as_bytes());
         let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
-        engine.request(1, 5, &Message::Msg(msg));
+        let (_, pending) = engine.request(1, 5, &Message::Msg(msg));
+        let mut pending = pending.expect("the engine follows a store delete");
         // A destroy counts once the server confirms the delete.
         let answer = bson::rawdoc! { "n": 1, "ok": 1.0 };
         let frame = encode(6, 5, MsgFlags(0), answer.as_bytes());
         let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
-        engine.reply(1, 5, &Message::Msg(msg));
+        engine.reply(1, &mut pending, &Message::Msg(msg));
         let text = metrics.render();
         assert_eq!(
             value_of(

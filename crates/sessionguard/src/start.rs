@@ -15,9 +15,9 @@ use crate::metrics::Metrics;
 /// `Proxy::start` with the settings `config` resolves to, recording into
 /// `metrics`. A configuration error is `InvalidInput`, its message naming
 /// the key (`proxy.tls.cert_file: ...`).
-pub async fn start_proxy(
+pub async fn start_proxy<I: Inspector>(
     config: &ProxyConfig,
-    inspector: Arc<dyn Inspector>,
+    inspector: Arc<I>,
     metrics: &Metrics,
 ) -> io::Result<ProxyHandle> {
     let settings = config

@@ -74,7 +74,7 @@ fn violation_log_lines_carry_evidence_but_never_document_contents() {
         &rawdoc! { "find": "orders", "filter": { "card": "4111-SECRET" }, "lsid": lsid(5), "$db": "shop" },
         2,
     );
-    engine.close_at(1, CloseCause::ClientClosed, 3);
+    common::engine_close(&engine, 1, CloseCause::ClientClosed, 3);
     assert_eq!(engine.violations().len(), 2);
 
     let text = log.text();

@@ -42,7 +42,7 @@ pub mod wait;
 pub mod workload;
 
 pub use capture::{logs, ThreadLogs};
-pub use engine_direct::{engine_reply, engine_request};
+pub use engine_direct::{engine_close, engine_reply, engine_request};
 pub use exposition::metric;
 pub use http::{admin_for, http_get, http_request, HttpReply};
 pub use lsid::{lsid, lsid_raw, lsid_string, session_lsid, short_of};

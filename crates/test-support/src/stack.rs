@@ -39,7 +39,7 @@ impl Stack {
 
     pub async fn start_with(
         emulator_config: EmulatorConfig,
-        inspector: Arc<dyn Inspector>,
+        inspector: Arc<impl Inspector>,
     ) -> Stack {
         Stack::start_tweaked(emulator_config, inspector, Arc::new(Metrics::new()), |_| {}).await
     }
@@ -48,7 +48,7 @@ impl Stack {
     /// proxy's test defaults (loopback, port 0).
     pub async fn start_tweaked(
         emulator_config: EmulatorConfig,
-        inspector: Arc<dyn Inspector>,
+        inspector: Arc<impl Inspector>,
         metrics: Arc<Metrics>,
         tweak: impl FnOnce(&mut ProxyConfig),
     ) -> Stack {

@@ -63,7 +63,7 @@ fn proxy_config(upstream: SocketAddr) -> ProxyConfig {
     }
 }
 
-async fn proxy(config: ProxyConfig, inspector: Arc<dyn Inspector>) -> ProxyHandle {
+async fn proxy(config: ProxyConfig, inspector: Arc<impl Inspector>) -> ProxyHandle {
     start_proxy(&config, inspector, &Metrics::new())
         .await
         .expect("proxy starts")
@@ -80,6 +80,8 @@ struct Recorder {
 }
 
 impl Inspector for Recorder {
+    type Pending = ();
+
     fn on_connect(&self, conn: &ConnContext) {
         self.contexts.lock().unwrap().push(conn.clone());
     }
@@ -105,13 +107,13 @@ impl Inspector for Recorder {
                 reply: bson_bytes(&reply),
             };
         }
-        Verdict::Forward
+        Verdict::Forward(())
     }
 
     fn on_reply(
         &self,
         _conn: &ConnContext,
-        request: Option<&InFlightRequest>,
+        request: Option<&mut InFlightRequest>,
         frame: &Frame,
         _msg: &Message<'_>,
     ) -> ReplyVerdict {
@@ -122,11 +124,16 @@ impl Inspector for Recorder {
         ReplyVerdict::Forward
     }
 
-    fn on_close(&self, conn: &ConnContext, cause: CloseCause, still_in_flight: &[InFlightRequest]) {
+    fn on_close(
+        &self,
+        conn: &ConnContext,
+        cause: CloseCause,
+        still_in_flight: Vec<InFlightRequest>,
+    ) {
         self.closes
             .lock()
             .unwrap()
-            .push((conn.id, cause, still_in_flight.to_vec()));
+            .push((conn.id, cause, still_in_flight));
     }
 }
 
