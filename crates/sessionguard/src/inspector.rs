@@ -5,10 +5,17 @@
 //! tasks). It also keeps each open connection's `Injector`, by connection
 //! id, for the refresher's driver loop (`crate::refresher`): the engine
 //! plans refreshes by connection id and never holds a socket-side handle.
+//! In `exec` mode ([`EngineInspector::with_attribution`]) it also stamps
+//! each request's receive time and hands each new connection's owner
+//! lookup to the blocking pool, for the report to name the process and the
+//! test behind a finding; neither ever waits on the data path.
 
 use std::sync::Arc;
 
 use dashmap::DashMap;
+
+use crate::peer_process::{self, Owner, ProcessTable};
+use crate::request_times::RequestTimes;
 use sessionguard_engine::{Decision, SessionEngine};
 use sessionguard_protocol::wire::{Frame, Message};
 use sessionguard_protocol::CloseCause;
@@ -22,6 +29,15 @@ pub struct EngineInspector {
     engine: Arc<SessionEngine>,
     /// Open connections' injectors: inserted at connect, removed at close.
     injectors: DashMap<u64, Injector>,
+    /// `exec` mode: who opened each connection, when each request came.
+    attribution: Option<Attribution>,
+}
+
+/// What `exec` records for attributing findings to processes and tests.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Attribution {
+    pub processes: Arc<ProcessTable>,
+    pub times: Arc<RequestTimes>,
 }
 
 impl EngineInspector {
@@ -29,7 +45,15 @@ impl EngineInspector {
         EngineInspector {
             engine,
             injectors: DashMap::new(),
+            attribution: None,
         }
+    }
+
+    /// Also records connection owners and request receive times in
+    /// `attribution` (`exec` mode).
+    pub(crate) fn with_attribution(mut self, attribution: Attribution) -> EngineInspector {
+        self.attribution = Some(attribution);
+        self
     }
 
     /// The engine this inspector feeds.
@@ -47,9 +71,28 @@ impl Inspector for EngineInspector {
     fn on_connect(&self, conn: &ConnContext) {
         self.injectors.insert(conn.id, conn.injector.clone());
         self.engine.connect(conn.id, conn.peer, conn.local, true);
+        if let Some(attribution) = &self.attribution {
+            // At once, while the client is surely still connected; on the
+            // blocking pool, since it reads every process's descriptors.
+            let table = attribution.processes.clone();
+            let (id, peer, local) = (conn.id, conn.peer, conn.local);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let guard = table.start_lookup();
+                    runtime.spawn_blocking(move || {
+                        table.insert(id, peer_process::lookup(peer, local));
+                        drop(guard);
+                    });
+                }
+                Err(_) => table.insert(id, Owner::Unknown("no runtime to look it up".into())),
+            }
+        }
     }
 
     fn on_request(&self, conn: &ConnContext, frame: &Frame, msg: &Message<'_>) -> Verdict {
+        if let Some(attribution) = &self.attribution {
+            attribution.times.stamp(conn.id, frame.header.request_id);
+        }
         match self.engine.request(conn.id, frame.header.request_id, msg) {
             Decision::Forward => Verdict::Forward,
             Decision::Reject { reply } => Verdict::Reject { reply },
