@@ -86,9 +86,14 @@ impl RequestAttribution {
     }
 }
 
-/// `test/orders.test.js › orders create inserts one`.
+/// `test/orders.test.js › orders create inserts one`; a name that already
+/// holds its file (pytest's node ids, `tests/test_x.py::test_y`) alone.
 pub(crate) fn test_label(test: &TestRef) -> String {
-    let mut label = if test.file.is_empty() {
+    let holds_file = test
+        .test
+        .strip_prefix(test.file.as_str())
+        .is_some_and(|rest| rest.starts_with("::"));
+    let mut label = if test.file.is_empty() || holds_file {
         test.test.clone()
     } else {
         format!("{} › {}", test.file, test.test)
@@ -379,6 +384,22 @@ mod tests {
         ]);
         assert_eq!(names(&zero.attribute(&owner(4, &[]), 1.0, 1.0)), ["z"]);
         assert!(!zero.attribute(&owner(4, &[]), 1.0, 1.0).tests[0].did_not_finish);
+    }
+
+    #[test]
+    fn labels_name_the_file_once() {
+        let test = |file: &str, name: &str| TestRef {
+            file: file.into(),
+            test: name.into(),
+            pid: 1,
+            did_not_finish: false,
+        };
+        assert_eq!(test_label(&test("a.test.js", "a one")), "a.test.js › a one");
+        assert_eq!(
+            test_label(&test("tests/test_a.py", "tests/test_a.py::test_one")),
+            "tests/test_a.py::test_one"
+        );
+        assert_eq!(test_label(&test("", "one")), "one");
     }
 
     #[test]

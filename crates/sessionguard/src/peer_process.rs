@@ -213,22 +213,21 @@ pub(crate) fn parse_hex_addr(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// The pid whose descriptors hold `socket:[inode]`. Several (a socket
-/// inherited across fork): the lowest pid, the likeliest opener.
+/// The pid whose descriptors hold `socket:[inode]`. Newest processes
+/// first (a test worker is younger than most of the machine), stopping at
+/// the first: the scan must end before the client closes the connection,
+/// and a socket inherited across fork, held by several, is rare.
 fn socket_owner(proc: &Path, inode: u64) -> Result<u32, String> {
     let target = format!("socket:[{inode}]");
     let mut denied = 0usize;
-    let mut owners = Vec::new();
-    let entries = std::fs::read_dir(proc).map_err(|e| format!("cannot read /proc: {e}"))?;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let fds = match std::fs::read_dir(entry.path().join("fd")) {
+    let mut pids: Vec<u32> = std::fs::read_dir(proc)
+        .map_err(|e| format!("cannot read /proc: {e}"))?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .collect();
+    pids.sort_unstable_by(|a, b| b.cmp(a));
+    for pid in pids {
+        let fds = match std::fs::read_dir(proc.join(pid.to_string()).join("fd")) {
             Ok(fds) => fds,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 denied += 1;
@@ -239,16 +238,19 @@ fn socket_owner(proc: &Path, inode: u64) -> Result<u32, String> {
         if fds.flatten().any(|fd| {
             std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str())
         }) {
-            owners.push(pid);
+            return Ok(pid);
         }
     }
-    match owners.into_iter().min() {
-        Some(pid) => Ok(pid),
-        None if denied > 0 => Err(format!(
+    if denied > 0 {
+        Err(format!(
             "no permission to read the descriptors of {denied} other process{} (another user's?)",
             if denied == 1 { "" } else { "es" }
-        )),
-        None => Err("no process holds the socket (it exited before the lookup)".to_string()),
+        ))
+    } else {
+        Err(
+            "no process held the socket any more: the connection closed before the lookup ended"
+                .to_string(),
+        )
     }
 }
 
