@@ -80,8 +80,8 @@ pub struct ExecArgs {
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
-    /// Write a JUnit XML report here (one test case per finding, one per
-    /// rule that found nothing).
+    /// Write a JUnit XML report here (one test case per test that caused a
+    /// finding, one per finding, one per rule that found nothing).
     #[arg(long, value_name = "FILE.xml")]
     pub junit: Option<PathBuf>,
     /// Lowest violation severity that fails the run (exit 3).

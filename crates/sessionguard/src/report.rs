@@ -9,13 +9,18 @@
 //! [`ReportedFinding::evidence_lines`], [`ReportedFinding::timeline_lines`])
 //! is shared with `demo`.
 //!
-//! JUnit is built as a list of cases (`Report::junit_cases`) before it is
-//! rendered, so other kinds of case (per test, once findings carry the test
-//! that caused them) slot in without touching the rendering.
+//! In `exec`, `Report::attribute` adds who caused each finding: the process
+//! and the tests open in it when the offending request came
+//! (`crate::attribution`); the text names them per finding, the JSON per
+//! finding and per example, and JUnit gets one case per offending test
+//! (classname = its file) before the per-finding and per-rule cases. JUnit
+//! is built as a list of cases (`Report::junit_cases`) before it is
+//! rendered.
 //!
 //! It only reads what the engine already recorded (rule ids, severities,
 //! actions, lsids, times and request evidence: command names, namespaces,
-//! ids, peers, driver and application names); it must never carry document
+//! ids, peers, driver and application names) and, in `exec`, test names,
+//! files, pids and shortened command lines; it must never carry document
 //! contents or credentials, and it does no I/O beyond writing a report file
 //! it was asked to write.
 
@@ -987,8 +992,7 @@ impl Report {
                     summary = format!("time-window guess: {summary}");
                 }
                 let mut detail = String::new();
-                for (finding, culprit) in &findings {
-                    let _ = writeln!(detail, "{}", culprit.process);
+                for (finding, _) in &findings {
                     detail.push_str(&finding.text(""));
                     detail.push('\n');
                 }
