@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-use crate::peer_process::{self, Owner, ProcessTable};
+use crate::peer_process::{Owner, ProcessTable};
 use crate::request_times::RequestTimes;
 use sessionguard_engine::{Decision, SessionEngine};
 use sessionguard_protocol::wire::{Frame, Message};
@@ -80,7 +80,7 @@ impl Inspector for EngineInspector {
                 Ok(runtime) => {
                     let guard = table.start_lookup();
                     runtime.spawn_blocking(move || {
-                        table.insert(id, peer_process::lookup(peer, local));
+                        table.look_up(id, peer, local);
                         drop(guard);
                     });
                 }

@@ -27,6 +27,8 @@ pub(crate) const MAX_CONNECTIONS: usize = 200_000;
 const MAX_CMDLINE: usize = 160;
 /// Parents followed at most (a loop in a corrupt table must end).
 const MAX_PARENTS: usize = 32;
+/// Recent owners tried first by the next lookup.
+const HINTS: usize = 16;
 
 /// A process that owns a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +66,10 @@ impl Owner {
 #[derive(Debug, Default)]
 pub(crate) struct ProcessTable {
     owners: Mutex<HashMap<u64, Owner>>,
+    /// The latest owners found, most recent first: a test worker opens a
+    /// pool of connections, so the next one is most likely one of its own,
+    /// and checking those few processes first keeps the lookup short.
+    hints: Mutex<Vec<u32>>,
     /// Lookups started and not finished.
     pending: AtomicUsize,
     finished: tokio::sync::Notify,
@@ -100,6 +106,19 @@ impl ProcessTable {
         }
     }
 
+    /// Looks up the owner of connection `conn` (see [`lookup`]) and keeps it.
+    pub(crate) fn look_up(&self, conn: u64, client: SocketAddr, server: SocketAddr) {
+        let hints = self.hints.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let owner = lookup(client, server, &hints);
+        if let Owner::Known(info) = &owner {
+            let mut hints = self.hints.lock().unwrap_or_else(|e| e.into_inner());
+            hints.retain(|pid| *pid != info.pid);
+            hints.insert(0, info.pid);
+            hints.truncate(HINTS);
+        }
+        self.insert(conn, owner);
+    }
+
     pub(crate) fn insert(&self, conn: u64, owner: Owner) {
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
         if owners.len() < MAX_CONNECTIONS {
@@ -117,13 +136,13 @@ impl ProcessTable {
 
 /// The process that owns the client end of a connection: `client` is the
 /// client's address as the proxy sees it (its peer), `server` the proxy's
-/// address it connected to.
-pub(crate) fn lookup(client: SocketAddr, server: SocketAddr) -> Owner {
-    lookup_in(Path::new("/proc"), client, server)
+/// address it connected to. `hints`: pids to check first.
+pub(crate) fn lookup(client: SocketAddr, server: SocketAddr, hints: &[u32]) -> Owner {
+    lookup_in(Path::new("/proc"), client, server, hints)
 }
 
-/// [`lookup`] against another `/proc` root (tests).
-pub(crate) fn lookup_in(proc: &Path, client: SocketAddr, server: SocketAddr) -> Owner {
+/// [`lookup`] against another `/proc` root.
+fn lookup_in(proc: &Path, client: SocketAddr, server: SocketAddr, hints: &[u32]) -> Owner {
     if !cfg!(target_os = "linux") {
         return Owner::Unknown("process attribution needs Linux /proc".to_string());
     }
@@ -144,7 +163,7 @@ pub(crate) fn lookup_in(proc: &Path, client: SocketAddr, server: SocketAddr) -> 
             "socket not in /proc/net/tcp (the connection closed before the lookup)".to_string(),
         );
     };
-    match socket_owner(proc, inode) {
+    match socket_owner(proc, inode, hints) {
         Ok(pid) => Owner::Known(ProcessInfo {
             pid,
             cmdline: std::fs::read(proc.join(pid.to_string()).join("cmdline"))
@@ -217,28 +236,36 @@ pub(crate) fn parse_hex_addr(text: &str) -> Option<SocketAddr> {
 /// first (a test worker is younger than most of the machine), stopping at
 /// the first: the scan must end before the client closes the connection,
 /// and a socket inherited across fork, held by several, is rare.
-fn socket_owner(proc: &Path, inode: u64) -> Result<u32, String> {
+fn socket_owner(proc: &Path, inode: u64, hints: &[u32]) -> Result<u32, String> {
     let target = format!("socket:[{inode}]");
     let mut denied = 0usize;
+    let holds = |pid: u32| -> Result<bool, std::io::Error> {
+        Ok(std::fs::read_dir(proc.join(pid.to_string()).join("fd"))?
+            .flatten()
+            .any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str())
+            }))
+    };
+    if let Some(pid) = hints
+        .iter()
+        .copied()
+        .find(|pid| holds(*pid).unwrap_or(false))
+    {
+        return Ok(pid);
+    }
     let mut pids: Vec<u32> = std::fs::read_dir(proc)
         .map_err(|e| format!("cannot read /proc: {e}"))?
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| !hints.contains(pid))
         .collect();
     pids.sort_unstable_by(|a, b| b.cmp(a));
     for pid in pids {
-        let fds = match std::fs::read_dir(proc.join(pid.to_string()).join("fd")) {
-            Ok(fds) => fds,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                denied += 1;
-                continue;
-            }
-            Err(_) => continue, // exited meanwhile
-        };
-        if fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str())
-        }) {
-            return Ok(pid);
+        match holds(pid) {
+            Ok(true) => return Ok(pid),
+            Ok(false) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => denied += 1,
+            Err(_) => {} // exited meanwhile
         }
     }
     if denied > 0 {
@@ -392,6 +419,7 @@ mod tests {
         let owner = lookup(
             "10.1.2.3:5000".parse().unwrap(),
             "127.0.0.1:40000".parse().unwrap(),
+            &[],
         );
         assert_eq!(
             owner,
@@ -409,7 +437,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server_end, peer) = listener.accept().unwrap();
-        let owner = lookup(peer, listener.local_addr().unwrap());
+        let owner = lookup(peer, listener.local_addr().unwrap(), &[]);
         let Owner::Known(info) = owner else {
             panic!("{owner:?}")
         };
@@ -420,10 +448,24 @@ mod tests {
             parent_of(&std::fs::read_to_string("/proc/self/stat").unwrap())
                 .filter(|ppid| *ppid > 1)
         );
+        // Hints are tried first, and a wrong one does not hide the owner.
+        let hinted = lookup(
+            peer,
+            listener.local_addr().unwrap(),
+            &[1, std::process::id()],
+        );
+        assert!(
+            matches!(&hinted, Owner::Known(i) if i.pid == std::process::id()),
+            "{hinted:?}"
+        );
+        let table = ProcessTable::default();
+        table.look_up(7, peer, listener.local_addr().unwrap());
+        assert_eq!(*table.hints.lock().unwrap(), [std::process::id()]);
+        assert!(matches!(table.snapshot().get(&7), Some(Owner::Known(_))));
         // Gone: closed sockets leave the table; say so.
         drop(client);
         drop(_server_end);
-        let closed = lookup(peer, listener.local_addr().unwrap());
+        let closed = lookup(peer, listener.local_addr().unwrap(), &[]);
         assert!(
             matches!(&closed, Owner::Unknown(why) if why.contains("socket not in")),
             "{closed:?}"
