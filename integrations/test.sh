@@ -148,6 +148,21 @@ REFUSED="http://127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind
 passed=0
 failures=()
 
+# wait_for PID OUT: waits for PID with a deadline (polling it: `wait` has
+# none), kills it past CASE_TIMEOUT (noted in OUT); returns its status.
+wait_for() {
+  local pid="$1" out="$2" waited=0
+  while kill -0 "$pid" 2>/dev/null && [[ $waited -lt $((CASE_TIMEOUT * 10)) ]]; do
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -- "$pid" 2>/dev/null || true
+    say "    (timed out after ${CASE_TIMEOUT}s)" >>"$out"
+  fi
+  wait "$pid"
+}
+
 # run_case NAME ENDPOINT CWD EXPECTED CHECK_ARGS -- COMMAND...
 # ENDPOINT: marks | drop | delay | unset | refused | invalid | slow | error. CHECK_ARGS: extra
 # check.py flags; "RUNNER" in them stands for the runner's own pid.
@@ -179,17 +194,7 @@ run_case() {
     exec "$@"
   ) >"$out" 2>&1 &
   runner=$!
-  # Wait for the runner with a deadline (polling its pid: `wait` has none).
-  local waited=0
-  while kill -0 "$runner" 2>/dev/null && [[ $waited -lt $((CASE_TIMEOUT * 10)) ]]; do
-    sleep 0.1
-    waited=$((waited + 1))
-  done
-  if kill -0 "$runner" 2>/dev/null; then
-    kill -- "$runner" 2>/dev/null || true
-    say "    (timed out after ${CASE_TIMEOUT}s)" >>"$out"
-  fi
-  wait "$runner" || status=$?
+  wait_for "$runner" "$out" || status=$?
   elapsed="$(( ($(date +%s%N) - started) / 1000000 ))"
   local verdict=0 detail check=()
   read -ra check <<<"${check_args//RUNNER/$runner}"
@@ -333,16 +338,7 @@ run_e2e() {
     exec "$BIN" exec --upstream "mongodb://$EMULATOR/" --report "$WORK/$name.json" --junit "$WORK/$name.xml" -- "$@"
   ) >"$out" 2>&1 &
   runner=$!
-  local waited=0
-  while kill -0 "$runner" 2>/dev/null && [[ $waited -lt $((CASE_TIMEOUT * 10)) ]]; do
-    sleep 0.1
-    waited=$((waited + 1))
-  done
-  if kill -0 "$runner" 2>/dev/null; then
-    kill -- "$runner" 2>/dev/null || true
-    say "    (timed out after ${CASE_TIMEOUT}s)" >>"$out"
-  fi
-  wait "$runner" || status=$?
+  wait_for "$runner" "$out" || status=$?
   elapsed="$(( ($(date +%s%N) - started) / 1000000 ))"
   local verdict=0 detail check=()
   read -ra check <<<"$check_args"
