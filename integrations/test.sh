@@ -14,6 +14,13 @@
 # with the endpoint unset, refusing connections, not a URL, hanging and
 # answering 500: every test still passes, tests go on while a mark hangs, and
 # each process stops after its first failure.
+# Then end to end (the `e2e-*` cases): small suites in node/e2e and python/e2e,
+# several files and tests that use MongoDB with the real drivers (Node.js
+# `mongodb`, PyMongo), one of which shares a session across concurrent
+# operations, run by each real runner - serially and with parallel workers -
+# under `sessionguard exec` against the emulator; test/check_report.py then
+# checks that the JSON, JUnit and text reports name exactly that test, from
+# the process that ran it, and no other.
 # Ends with "N passed, N failed"; exits 1 on any failure.
 #
 # Installs what is missing, from the package registries only: `npm ci` in
@@ -25,6 +32,10 @@
 #   INTEGRATIONS_ONLY     a grep -E pattern: run only the cases whose name matches
 #   INTEGRATIONS_TIMEOUT  seconds per case, default 120
 #   INTEGRATIONS_INSTALL_ONLY  1: install what is missing, then exit
+#   SESSIONGUARD_BIN      the sessionguard binary for the e2e cases (default:
+#                         `cargo build`, then the target dir's debug binary)
+#   SESSIONGUARD_DEV_BIN  the dev tools' binary (the emulator; default:
+#                         `sessionguard-dev` next to SESSIONGUARD_BIN)
 set -euo pipefail
 
 DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,12 +45,15 @@ CASE_TIMEOUT="${INTEGRATIONS_TIMEOUT:-120}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/sessionguard-integrations.XXXXXX")"
 
 STUB_PID=""
+EMULATOR_PID=""
 failed=0
 cleanup() {
-  if [[ -n "$STUB_PID" ]]; then
-    kill "$STUB_PID" 2>/dev/null || true
-    wait "$STUB_PID" 2>/dev/null || true
-  fi
+  local pid
+  for pid in "$STUB_PID" "$EMULATOR_PID"; do
+    [[ -n "$pid" ]] || continue
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   # Kept when a case failed: the FAIL lines point into it.
   [[ $failed -eq 0 ]] && rm -rf "$WORK"
   return 0
@@ -93,6 +107,28 @@ if [[ "${INTEGRATIONS_INSTALL_ONLY:-}" == 1 ]]; then
   exit 0
 fi
 
+# ---------------------------------------------------------------- binaries
+# For the e2e cases: sessionguard (exec) and sessionguard-dev (the emulator).
+REPO_ROOT="$(cd "$DIR/.." && pwd)"
+if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
+  BIN="$SESSIONGUARD_BIN"
+  DEV_BIN="${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}"
+else
+  say "== building sessionguard and sessionguard-dev"
+  (cd "$REPO_ROOT" && cargo build --locked --quiet -p sessionguard -p sessionguard-dev)
+  target_dir="$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+  BIN="$target_dir/debug/sessionguard"
+  DEV_BIN="${SESSIONGUARD_DEV_BIN:-$target_dir/debug/sessionguard-dev}"
+fi
+[[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
+[[ -x "$DEV_BIN" ]] || die "no sessionguard-dev binary at $DEV_BIN"
+# Every exec setting is passed as a flag: a SESSIONGUARD_* variable left in
+# the caller's environment (a config file, --fail-on) would change the verdicts.
+while read -r var; do
+  unset "$var"
+done < <(compgen -e | grep '^SESSIONGUARD_' || true)
+
 # ---------------------------------------------------------------- the stub
 STUB_LOG="$WORK/marks.jsonl"
 : >"$STUB_LOG"
@@ -111,6 +147,21 @@ REFUSED="http://127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind
 # ---------------------------------------------------------------- cases
 passed=0
 failures=()
+
+# wait_for PID OUT: waits for PID with a deadline (polling it: `wait` has
+# none), kills it past CASE_TIMEOUT (noted in OUT); returns its status.
+wait_for() {
+  local pid="$1" out="$2" waited=0
+  while kill -0 "$pid" 2>/dev/null && [[ $waited -lt $((CASE_TIMEOUT * 10)) ]]; do
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -- "$pid" 2>/dev/null || true
+    say "    (timed out after ${CASE_TIMEOUT}s)" >>"$out"
+  fi
+  wait "$pid"
+}
 
 # run_case NAME ENDPOINT CWD EXPECTED CHECK_ARGS -- COMMAND...
 # ENDPOINT: marks | drop | delay | unset | refused | invalid | slow | error. CHECK_ARGS: extra
@@ -143,17 +194,7 @@ run_case() {
     exec "$@"
   ) >"$out" 2>&1 &
   runner=$!
-  # Wait for the runner with a deadline (polling its pid: `wait` has none).
-  local waited=0
-  while kill -0 "$runner" 2>/dev/null && [[ $waited -lt $((CASE_TIMEOUT * 10)) ]]; do
-    sleep 0.1
-    waited=$((waited + 1))
-  done
-  if kill -0 "$runner" 2>/dev/null; then
-    kill -- "$runner" 2>/dev/null || true
-    say "    (timed out after ${CASE_TIMEOUT}s)" >>"$out"
-  fi
-  wait "$runner" || status=$?
+  wait_for "$runner" "$out" || status=$?
   elapsed="$(( ($(date +%s%N) - started) / 1000000 ))"
   local verdict=0 detail check=()
   read -ra check <<<"${check_args//RUNNER/$runner}"
@@ -252,6 +293,87 @@ for endpoint in unset refused invalid slow error; do
   run_case "pytest-xdist-$endpoint" "$endpoint" "$PY_DIR/sample" "$PY_DIR/sample/tests/expected.json" "" -- \
     "${PYTEST[@]}" -n 2
 done
+
+# ---------------------------------------------------------------- end to end
+# The emulator answers 20 ms late, as over a network: the operations the
+# culprit runs at the same time are then surely in flight together.
+EMULATOR=""
+start_emulator() {
+  "$DEV_BIN" emulator --listen 127.0.0.1:0 --latency 20ms --log-format json >"$WORK/emulator.log" 2>&1 &
+  EMULATOR_PID=$!
+  for _ in $(seq 100); do
+    EMULATOR="$(python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        continue
+    if entry.get("message") == "emulator listening" and "addr" in entry:
+        print(entry["addr"]); break
+' "$WORK/emulator.log" 2>/dev/null || true)"
+    [[ -n "$EMULATOR" ]] && return 0
+    kill -0 "$EMULATOR_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$WORK/emulator.log" >&2
+  die "the emulator did not start"
+}
+
+# run_e2e NAME CWD FILE TEST CHECK_ARGS -- COMMAND...: COMMAND under
+# `sessionguard exec`; FILE and TEST name the one test that misuses a session.
+run_e2e() {
+  local name="e2e-$1" cwd="$2" file="$3" test="$4" check_args="$5"
+  shift 6
+  if [[ -n "${INTEGRATIONS_ONLY:-}" ]] && ! grep -qE "$INTEGRATIONS_ONLY" <<<"$name"; then
+    return 0
+  fi
+  [[ -n "$EMULATOR" ]] || start_emulator
+  local out="$WORK/$name.out" status=0 started runner elapsed
+  started="$(date +%s%N)"
+  (
+    cd "$cwd"
+    unset SESSIONGUARD_MARKS_URL
+    export PYTHONPATH="$PY_SITE"
+    exec "$BIN" exec --upstream "mongodb://$EMULATOR/" --report "$WORK/$name.json" --junit "$WORK/$name.xml" -- "$@"
+  ) >"$out" 2>&1 &
+  runner=$!
+  wait_for "$runner" "$out" || status=$?
+  elapsed="$(( ($(date +%s%N) - started) / 1000000 ))"
+  local verdict=0 detail check=()
+  read -ra check <<<"$check_args"
+  detail="$(python3 "$DIR/test/check_report.py" "$WORK/$name.json" "$WORK/$name.xml" "$out" "$status" \
+    "$file" "$test" "${check[@]}")" || verdict=$?
+  if [[ $verdict -eq 0 ]]; then
+    passed=$((passed + 1))
+    say "PASS $name (${elapsed} ms) $detail"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    say "FAIL $name (${elapsed} ms) $detail"
+    say "    output ($out):"
+    sed 's/^/    | /' "$out" | tail -n 40
+  fi
+}
+
+E2E="$NODE_DIR/e2e"
+say "== end to end: a suite where one test shares a session, under sessionguard exec (real drivers, the emulator)"
+run_e2e jest-in-band "$E2E" jest/checkout.test.js "checkout reserves stock concurrently" "" -- \
+  "${JEST[@]}" --runInBand --cacheDirectory "$WORK/jest-cache-e2e-1"
+run_e2e jest-workers "$E2E" jest/checkout.test.js "checkout reserves stock concurrently" "--min-processes 2" -- \
+  "${JEST[@]}" --maxWorkers=2 --cacheDirectory "$WORK/jest-cache-e2e-2"
+run_e2e pytest-serial "$PY_DIR/e2e" tests/test_checkout.py "tests/test_checkout.py::test_reserves_stock_concurrently" "" -- \
+  "${PYTEST[@]}"
+run_e2e pytest-xdist "$PY_DIR/e2e" tests/test_checkout.py "tests/test_checkout.py::test_reserves_stock_concurrently" "--min-processes 2" -- \
+  "${PYTEST[@]}" -n 2
+run_e2e vitest-forks "$E2E" vitest/checkout.test.mjs "checkout > reserves stock concurrently" "--min-processes 2" -- \
+  "${VITEST[@]}"
+run_e2e mocha-serial "$E2E" mocha/checkout.spec.js "checkout reserves stock concurrently" "" -- \
+  "${MOCHA[@]}"
+run_e2e mocha-parallel "$E2E" mocha/checkout.spec.js "checkout reserves stock concurrently" "--min-processes 2" -- \
+  "${MOCHA[@]}" --parallel --jobs 2
+run_e2e node-test "$E2E" node-test/checkout.test.mjs "checkout > reserves stock concurrently" "--min-processes 3" -- \
+  "${NODE_TEST[@]}"
 
 if [[ ${#failures[@]} -gt 0 ]]; then
   say "failed: ${failures[*]}"

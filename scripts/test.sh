@@ -45,3 +45,8 @@ target_dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import j
 SESSIONGUARD_BIN="$target_dir/debug/sessionguard" \
   SESSIONGUARD_DEV_BIN="$target_dir/debug/sessionguard-dev" \
   bash interop/run.sh
+
+echo "== integrations: the test-runner marks clients (Jest, Vitest, Mocha, node --test, pytest, serial and parallel) against a stub endpoint, then end to end under sessionguard exec: the reports name the one test that misused a session"
+SESSIONGUARD_BIN="$target_dir/debug/sessionguard" \
+  SESSIONGUARD_DEV_BIN="$target_dir/debug/sessionguard-dev" \
+  bash integrations/test.sh

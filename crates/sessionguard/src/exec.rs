@@ -11,6 +11,13 @@
 //! not inspect traffic itself (the session engine does) nor decide pass or
 //! fail (the report's policy does), and it never prints the connection
 //! string it hands to the child (it may hold credentials).
+//!
+//! It also runs the marks endpoint (`crate::marks`, URL in
+//! `SESSIONGUARD_MARKS_URL` for the child) and records who opened each
+//! connection and when each request came (`EngineInspector::with_attribution`),
+//! so the report can name the test and process behind each finding; the
+//! attribution itself is done at report time, once the child is gone and
+//! every mark is in (`crate::attribution`).
 // `exec` is a command-line mode: its errors and summary go to the terminal.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -20,11 +27,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::attribution::Intervals;
 use crate::config::{Config, LogFormat, Overrides, ProxyConfig};
-use crate::inspector::EngineInspector;
+use crate::inspector::{Attribution, EngineInspector};
+use crate::marks::{MarksServer, MARKS_ENV_VAR};
 use crate::metrics::Metrics;
 use crate::refresher::spawn_refresher;
-use crate::report::{self, ChildOutcome, FailOn, Report, RunInfo};
+use crate::report::{self, AttributionInput, ChildOutcome, FailOn, MarksSummary, Report, RunInfo};
 use crate::start::start_proxy;
 use sessionguard_engine::ResolvedRules;
 use sessionguard_engine::SessionEngine;
@@ -71,8 +80,8 @@ pub struct ExecArgs {
     /// Write the JSON report here.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
-    /// Write a JUnit XML report here (one test case per finding, one per
-    /// rule that found nothing).
+    /// Write a JUnit XML report here (one test case per test that caused a
+    /// finding, one per finding, one per rule that found nothing).
     #[arg(long, value_name = "FILE.xml")]
     pub junit: Option<PathBuf>,
     /// Lowest violation severity that fails the run (exit 3).
@@ -225,7 +234,16 @@ async fn run(plan: Plan) -> u8 {
             .with_stores(&plan.config.stores)
             .with_finding_interval(plan.config.log.finding_interval),
     );
-    let inspector = Arc::new(EngineInspector::new(engine.clone()));
+    let attribution = Attribution::default();
+    let inspector =
+        Arc::new(EngineInspector::new(engine.clone()).with_attribution(attribution.clone()));
+    let marks = match MarksServer::start().await {
+        Ok(marks) => marks,
+        Err(e) => {
+            eprintln!("sessionguard exec: error: cannot start the marks endpoint: {e}");
+            return EXIT_FAILURE;
+        }
+    };
     let refresher = spawn_refresher(&inspector);
     let proxy_config = ProxyConfig {
         clients_connect_directly: true,
@@ -237,6 +255,7 @@ async fn run(plan: Plan) -> u8 {
         Err(e) => {
             eprintln!("sessionguard exec: error: cannot start the proxy: {e}");
             refresher.abort();
+            marks.stop().await;
             return EXIT_FAILURE;
         }
     };
@@ -254,6 +273,7 @@ async fn run(plan: Plan) -> u8 {
     for name in &plan.env_vars {
         command.env(name, &uri);
     }
+    command.env(MARKS_ENV_VAR, marks.url());
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -264,6 +284,7 @@ async fn run(plan: Plan) -> u8 {
             proxy.shutdown_now();
             proxy.wait().await;
             refresher.abort();
+            marks.stop().await;
             return if e.kind() == std::io::ErrorKind::PermissionDenied {
                 EXIT_NOT_EXECUTABLE
             } else {
@@ -302,7 +323,17 @@ async fn run(plan: Plan) -> u8 {
     engine.sweep();
     engine.flush_finding_summaries();
 
-    let report = Report::from_engine(
+    // Every client awaited its last 204 before its process ended, so every
+    // mark is in; owner lookups still running finish within their /proc scan.
+    let store = marks.store.clone();
+    marks.stop().await;
+    if tokio::time::timeout(SETTLE_GRACE, attribution.processes.lookups_done())
+        .await
+        .is_err()
+    {
+        tracing::warn!("process lookups still running; their connections are reported as unknown");
+    }
+    let mut report = Report::from_engine(
         RunInfo {
             started,
             finished: SystemTime::now(),
@@ -316,6 +347,14 @@ async fn run(plan: Plan) -> u8 {
         &engine,
         &rules,
     );
+    let received = store.snapshot();
+    let intervals = Intervals::from_marks(&received);
+    report.attribute(AttributionInput {
+        intervals: &intervals,
+        owners: &attribution.processes.snapshot(),
+        times: &attribution.times,
+        marks: MarksSummary::of(&received, store.dropped(), store.rejected()),
+    });
     eprint!("{}", report.to_text(&rules));
 
     let mut write_failed = false;

@@ -9,10 +9,17 @@
 //! It also keeps each open connection's `Injector`, by connection id, for
 //! the refresher's driver loop (`crate::refresher`): the engine plans
 //! refreshes by connection id and never holds a socket-side handle.
+//! In `exec` mode ([`EngineInspector::with_attribution`]) it also stamps
+//! each request's receive time and hands each new connection's owner
+//! lookup to the blocking pool, for the report to name the process and the
+//! test behind a finding; neither ever waits on the data path.
 
 use std::sync::Arc;
 
 use dashmap::DashMap;
+
+use crate::peer_process::{Owner, ProcessTable};
+use crate::request_times::RequestTimes;
 use sessionguard_engine::{Decision, PendingRequest, SessionEngine};
 use sessionguard_protocol::wire::{Frame, Message};
 use sessionguard_protocol::CloseCause;
@@ -26,6 +33,19 @@ pub struct EngineInspector {
     engine: Arc<SessionEngine>,
     /// Open connections' injectors: inserted at connect, removed at close.
     injectors: DashMap<u64, Injector>,
+    /// `exec` mode: who opened each connection, when each request came.
+    attribution: Option<Attribution>,
+    /// Where owner lookups run: the runtime `with_attribution` was called
+    /// on, not the connection's thread's (a data path may run its
+    /// connections on threads that have no tokio runtime).
+    lookups: Option<tokio::runtime::Handle>,
+}
+
+/// What `exec` records for attributing findings to processes and tests.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Attribution {
+    pub processes: Arc<ProcessTable>,
+    pub times: Arc<RequestTimes>,
 }
 
 impl EngineInspector {
@@ -33,7 +53,18 @@ impl EngineInspector {
         EngineInspector {
             engine,
             injectors: DashMap::new(),
+            attribution: None,
+            lookups: None,
         }
+    }
+
+    /// Also records connection owners and request receive times in
+    /// `attribution` (`exec` mode). Owner lookups run on the blocking pool
+    /// of the tokio runtime this is called on, if any.
+    pub(crate) fn with_attribution(mut self, attribution: Attribution) -> EngineInspector {
+        self.attribution = Some(attribution);
+        self.lookups = tokio::runtime::Handle::try_current().ok();
+        self
     }
 
     /// The engine this inspector feeds.
@@ -55,6 +86,22 @@ impl Inspector for EngineInspector {
     fn on_connect(&self, conn: &ConnContext) {
         self.injectors.insert(conn.id, conn.injector.clone());
         self.engine.connect(conn.id, conn.peer, conn.local, true);
+        if let Some(attribution) = &self.attribution {
+            // At once, while the client is surely still connected; on the
+            // blocking pool, since it reads every process's descriptors.
+            let table = attribution.processes.clone();
+            let (id, peer, local) = (conn.id, conn.peer, conn.local);
+            match &self.lookups {
+                Some(runtime) => {
+                    let guard = table.start_lookup();
+                    runtime.spawn_blocking(move || {
+                        table.look_up(id, peer, local);
+                        drop(guard);
+                    });
+                }
+                None => table.insert(id, Owner::Unknown("no runtime to look it up".into())),
+            }
+        }
     }
 
     fn on_request(
@@ -63,6 +110,9 @@ impl Inspector for EngineInspector {
         frame: &Frame,
         msg: &Message<'_>,
     ) -> Verdict<Self::Pending> {
+        if let Some(attribution) = &self.attribution {
+            attribution.times.stamp(conn.id, frame.header.request_id);
+        }
         match self.engine.request(conn.id, frame.header.request_id, msg) {
             (Decision::Forward, pending) => Verdict::Forward(pending),
             (Decision::Reject { reply }, _) => Verdict::Reject { reply },

@@ -30,16 +30,27 @@
 //!   policy of CI mode.
 //! - [`exec`]: `sessionguard exec -- CMD`: a private proxy around one child
 //!   process (CI mode).
+//! - `marks`: the marks endpoint of `exec` (`SESSIONGUARD_MARKS_URL`): test
+//!   runners post when each test began and ended (`integrations/PROTOCOL.md`).
+//! - `peer_process`: which local process opened a client connection
+//!   (Linux `/proc`), looked up off the data path.
+//! - `request_times`: each request's receive time to the microsecond (`exec`).
+//! - `attribution`: pairs marks into test intervals and names the tests
+//!   and process behind a request, at report time.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod attribution;
 pub mod config;
 pub mod exec;
 mod inspector;
+mod marks;
 pub mod metrics;
+mod peer_process;
 mod refresher;
 pub mod reload;
 pub mod report;
+mod request_times;
 mod start;
 pub mod telemetry;
 

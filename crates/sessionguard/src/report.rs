@@ -9,17 +9,22 @@
 //! [`ReportedFinding::evidence_lines`], [`ReportedFinding::timeline_lines`])
 //! is shared with `demo`.
 //!
-//! JUnit is built as a list of cases (`Report::junit_cases`) before it is
-//! rendered, so other kinds of case (per test, once findings carry the test
-//! that caused them) slot in without touching the rendering.
+//! In `exec`, `Report::attribute` adds who caused each finding: the process
+//! and the tests open in it when the offending request came
+//! (`crate::attribution`); the text names them per finding, the JSON per
+//! finding and per example, and JUnit gets one case per offending test
+//! (classname = its file) before the per-finding and per-rule cases. JUnit
+//! is built as a list of cases (`Report::junit_cases`) before it is
+//! rendered.
 //!
 //! It only reads what the engine already recorded (rule ids, severities,
 //! actions, lsids, times and request evidence: command names, namespaces,
-//! ids, peers, driver and application names); it must never carry document
+//! ids, peers, driver and application names) and, in `exec`, test names,
+//! files, pids and shortened command lines; it must never carry document
 //! contents or credentials, and it does no I/O beyond writing a report file
 //! it was asked to write.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -27,7 +32,10 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::attribution::{test_label, Basis, Intervals, RequestAttribution, TestRef};
 use crate::config::Config;
+use crate::peer_process::Owner;
+use crate::request_times::RequestTimes;
 use sessionguard_engine::RequestEvidence;
 use sessionguard_engine::ResolvedRules;
 use sessionguard_engine::Role;
@@ -118,6 +126,123 @@ pub(crate) struct Report {
     pub violations: Vec<ReportedViolation>,
     /// Violations counted but no longer held in memory (over `max_violations`).
     pub violations_omitted: u64,
+    /// `exec`: the test marks received (absent outside `exec`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marks: Option<MarksSummary>,
+}
+
+/// What the marks endpoint received during the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarksSummary {
+    pub received: u64,
+    /// Distinct `(pid, file, test)`.
+    pub tests: u64,
+    pub processes: u64,
+    /// Refused because the store was full.
+    pub dropped: u64,
+    /// Requests answered with an error (bad marks, wrong path, ...).
+    pub rejected_requests: u64,
+}
+
+impl MarksSummary {
+    pub(crate) fn of(
+        marks: &[crate::marks::Mark],
+        dropped: u64,
+        rejected_requests: u64,
+    ) -> MarksSummary {
+        let tests: std::collections::HashSet<(u32, &str, &str)> = marks
+            .iter()
+            .map(|m| (m.pid, m.file.as_str(), m.test.as_str()))
+            .collect();
+        let processes: std::collections::HashSet<u32> = marks.iter().map(|m| m.pid).collect();
+        MarksSummary {
+            received: marks.len() as u64,
+            tests: tests.len() as u64,
+            processes: processes.len() as u64,
+            dropped,
+            rejected_requests,
+        }
+    }
+
+    /// `test marks: 24 tests from 2 processes`, or what is missing.
+    fn line(&self) -> String {
+        let mut line = if self.received == 0 {
+            "no test marks received: to name the test behind each finding, add the one line \
+             for your test runner (integrations/README.md)"
+                .to_string()
+        } else {
+            format!(
+                "test marks: {} test{} from {} process{}",
+                self.tests,
+                plural(self.tests),
+                self.processes,
+                if self.processes == 1 { "" } else { "es" }
+            )
+        };
+        if self.dropped > 0 {
+            let _ = write!(line, "; {} marks dropped (store full)", self.dropped);
+        }
+        if self.rejected_requests > 0 {
+            let _ = write!(
+                line,
+                "; {} requests to the marks endpoint refused",
+                self.rejected_requests
+            );
+        }
+        line
+    }
+}
+
+/// Who sent the requests of a violation: process and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViolationAttribution {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<RequestAttribution>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earlier: Option<RequestAttribution>,
+}
+
+impl ViolationAttribution {
+    /// The tests that caused it: those of the offending request's process;
+    /// and those of the earlier request's when it came from another
+    /// process (or when there is no offending request: a close, a timeout).
+    fn culprits(&self) -> Vec<(&TestRef, &RequestAttribution)> {
+        let mut sides = Vec::new();
+        if let Some(current) = &self.current {
+            sides.push(current);
+        }
+        if let Some(earlier) = &self.earlier {
+            let other_process = self
+                .current
+                .as_ref()
+                .is_none_or(|current| current.pid.is_none() || current.pid != earlier.pid);
+            if other_process {
+                sides.push(earlier);
+            }
+        }
+        sides
+            .into_iter()
+            .flat_map(|side| side.tests.iter().map(move |test| (test, side)))
+            .collect()
+    }
+}
+
+/// A test behind a finding, and how it was found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindingTest {
+    #[serde(flatten)]
+    pub test: TestRef,
+    pub basis: Basis,
+    /// The process that sent the request (`pid N (cmdline)` or `unknown: why`).
+    pub process: String,
+}
+
+/// What `exec` recorded to attribute findings (see `crate::attribution`).
+pub(crate) struct AttributionInput<'a> {
+    pub intervals: &'a Intervals,
+    pub owners: &'a HashMap<u64, Owner>,
+    pub times: &'a RequestTimes,
+    pub marks: MarksSummary,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +264,10 @@ pub struct ReportedFinding {
     /// Its first violation, with the session's timeline up to it; `null`
     /// for the overflow finding.
     pub first_example: Option<ReportedExample>,
+    /// `exec` with test marks: the tests that caused it, over its first
+    /// example and every violation of it still held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<FindingTest>,
 }
 
 /// A violation of a finding and the last operations on its session.
@@ -166,6 +295,9 @@ pub struct ReportedViolation {
     pub owner: Option<String>,
     pub at: String,
     pub evidence: Evidence,
+    /// `exec`: the process and the tests behind its requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<ViolationAttribution>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +365,7 @@ impl From<&ViolationRecord> for ReportedViolation {
                 earlier: v.earlier.as_ref().map(RequestSeen::from),
                 store: v.store.clone(),
             },
+            attribution: None,
         }
     }
 }
@@ -249,6 +382,7 @@ impl From<&FindingDetail> for ReportedFinding {
                     violation: ReportedViolation::from(&example.violation),
                     timeline: example.timeline.clone(),
                 }),
+            tests: Vec::new(),
         }
     }
 }
@@ -348,12 +482,25 @@ impl ReportedFinding {
             ];
         };
         let evidence = &example.violation.evidence;
+        let attribution = example.violation.attribution.as_ref();
+        let process = |side: Option<&RequestAttribution>| {
+            side.map(|a| format!(" · {}", a.process))
+                .unwrap_or_default()
+        };
         let mut lines = vec![evidence.message.clone()];
         if let Some(current) = &evidence.current {
-            lines.push(format!("request: {}", request_line(current)));
+            lines.push(format!(
+                "request: {}{}",
+                request_line(current),
+                process(attribution.and_then(|a| a.current.as_ref()))
+            ));
         }
         if let Some(earlier) = &evidence.earlier {
-            lines.push(format!("earlier: {}", request_line(earlier)));
+            lines.push(format!(
+                "earlier: {}{}",
+                request_line(earlier),
+                process(attribution.and_then(|a| a.earlier.as_ref()))
+            ));
         }
         if let Some(store) = &evidence.store {
             for (what, request) in [
@@ -429,6 +576,41 @@ impl ReportedFinding {
             .collect()
     }
 
+    /// `exec` with attribution: one `test: <file> › <name> (pid N ...)`
+    /// line per test that caused it, or, when none did, where its first
+    /// example came from. Empty without attribution.
+    pub fn test_lines(&self) -> Vec<String> {
+        if !self.tests.is_empty() {
+            return self
+                .tests
+                .iter()
+                .map(|t| {
+                    let how = match t.basis {
+                        Basis::TimeWindowGuess => {
+                            " — a time-window guess: the connection's process sent no marks"
+                        }
+                        Basis::ParentProcess => " — through a parent process",
+                        Basis::Process | Basis::NoMarks => "",
+                    };
+                    format!("test: {} — {}{how}", test_label(&t.test), t.process)
+                })
+                .collect();
+        }
+        let side = self
+            .first_example
+            .as_ref()
+            .and_then(|e| e.violation.attribution.as_ref())
+            .and_then(|a| a.current.as_ref().or(a.earlier.as_ref()));
+        match side {
+            Some(side) => vec![format!(
+                "test: none, {} — {}",
+                side.tests_phrase(),
+                side.process
+            )],
+            None => Vec::new(),
+        }
+    }
+
     /// The whole finding for a CI log: title, tally, evidence, timeline and
     /// the fix, one item per line, indented by `indent`.
     pub fn text(&self, indent: &str) -> String {
@@ -440,6 +622,9 @@ impl ReportedFinding {
             self.tally(),
             self.finding.fingerprint
         );
+        for line in self.test_lines() {
+            let _ = writeln!(text, "{indent}{line}");
+        }
         for line in self.evidence_lines() {
             let _ = writeln!(text, "{indent}{line}");
         }
@@ -491,6 +676,8 @@ pub(crate) enum CaseOutcome {
 
 /// The `classname` of the cases of findings.
 pub(crate) const JUNIT_FINDINGS: &str = "sessionguard.findings";
+/// The `classname` of a test's case when its runner gave no file.
+pub(crate) const JUNIT_TESTS: &str = "sessionguard.tests";
 /// The `classname` of the cases of rules that found nothing (or whose
 /// violations all went to the overflow finding).
 pub(crate) const JUNIT_RULES: &str = "sessionguard.rules";
@@ -602,7 +789,86 @@ impl Report {
             findings,
             violations_omitted: total.saturating_sub(held),
             violations,
+            marks: None,
         }
+    }
+
+    /// Attributes every violation held and every finding's first example
+    /// to the processes and tests that sent its requests, at the time the
+    /// proxy received them (to the microsecond when `times` has it, else
+    /// the engine's millisecond, a 2 ms window since the engine's clock
+    /// starts mid-millisecond).
+    pub(crate) fn attribute(&mut self, input: AttributionInput<'_>) {
+        let attribute_request = |request: &RequestSeen| {
+            let owner = input
+                .owners
+                .get(&request.connection_id)
+                .cloned()
+                .unwrap_or_else(|| {
+                    Owner::Unknown("the connection's owner was not looked up".into())
+                });
+            let (lo, hi) = match input
+                .times
+                .received(request.connection_id, request.request_id)
+            {
+                Some(at) => (at, at),
+                None => match humantime::parse_rfc3339(&request.at)
+                    .ok()
+                    .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                {
+                    Some(at) => {
+                        let ms = at.as_secs_f64() * 1000.0;
+                        (ms, ms + 2.0)
+                    }
+                    None => (f64::MIN, f64::MAX),
+                },
+            };
+            input.intervals.attribute(&owner, lo, hi)
+        };
+        let attribute = |violation: &mut ReportedViolation| {
+            violation.attribution = Some(ViolationAttribution {
+                current: violation.evidence.current.as_ref().map(attribute_request),
+                earlier: violation.evidence.earlier.as_ref().map(attribute_request),
+            });
+        };
+        self.violations.iter_mut().for_each(attribute);
+        for finding in &mut self.findings {
+            if let Some(example) = &mut finding.first_example {
+                attribute(&mut example.violation);
+            }
+        }
+        let violations = &self.violations;
+        for finding in &mut self.findings {
+            let mut tests: Vec<FindingTest> = Vec::new();
+            let held = violations
+                .iter()
+                .filter(|v| v.finding == finding.finding.fingerprint);
+            for violation in finding
+                .first_example
+                .as_ref()
+                .map(|e| &e.violation)
+                .into_iter()
+                .chain(held)
+            {
+                let Some(attribution) = &violation.attribution else {
+                    continue;
+                };
+                for (test, side) in attribution.culprits() {
+                    if !tests
+                        .iter()
+                        .any(|t| t.test.file == test.file && t.test.test == test.test)
+                    {
+                        tests.push(FindingTest {
+                            test: test.clone(),
+                            basis: side.basis,
+                            process: side.process.clone(),
+                        });
+                    }
+                }
+            }
+            finding.tests = tests;
+        }
+        self.marks = Some(input.marks);
     }
 
     /// Pretty-printed JSON with a trailing newline.
@@ -634,7 +900,7 @@ impl Report {
     /// rule found nothing, `<skipped>` when it is disabled; and a case by
     /// the rule id for violations only the overflow finding holds.
     pub(crate) fn junit_cases(&self, rules: &ResolvedRules) -> Vec<JunitCase> {
-        let mut cases = Vec::new();
+        let mut cases = self.junit_test_cases();
         for rule in RuleId::ALL {
             let settings = rules.get(rule);
             let rule_case = |outcome| JunitCase {
@@ -689,6 +955,70 @@ impl Report {
             }
         }
         cases
+    }
+
+    /// One case per test that caused a finding (`exec` with marks), first
+    /// in the report: classname = the test's file, name = its full name,
+    /// so a CI system shows the culprit by name. A `<failure>` when one of
+    /// its findings fails the run (message: the findings' titles; body:
+    /// each finding with its example), else passing with them in
+    /// `<system-out>`.
+    fn junit_test_cases(&self) -> Vec<JunitCase> {
+        let mut by_test: Vec<(&TestRef, Vec<(&ReportedFinding, &FindingTest)>)> = Vec::new();
+        for finding in &self.findings {
+            for culprit in &finding.tests {
+                let key = &culprit.test;
+                match by_test
+                    .iter_mut()
+                    .find(|(t, _)| t.file == key.file && t.test == key.test)
+                {
+                    Some((_, findings)) => findings.push((finding, culprit)),
+                    None => by_test.push((key, vec![(finding, culprit)])),
+                }
+            }
+        }
+        by_test
+            .into_iter()
+            .map(|(test, findings)| {
+                let guess = findings
+                    .iter()
+                    .all(|(_, c)| c.basis == Basis::TimeWindowGuess);
+                let mut summary = findings
+                    .iter()
+                    .map(|(f, _)| f.title())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if guess {
+                    summary = format!("time-window guess: {summary}");
+                }
+                let mut detail = String::new();
+                for (finding, _) in &findings {
+                    detail.push_str(&finding.text(""));
+                    detail.push('\n');
+                }
+                let failing = findings
+                    .iter()
+                    .filter(|(f, _)| f.fails(self.fail_on))
+                    .filter_map(|(f, _)| f.finding.severity)
+                    .max();
+                JunitCase {
+                    classname: if test.file.is_empty() {
+                        JUNIT_TESTS.to_string()
+                    } else {
+                        test.file.clone()
+                    },
+                    name: test.test.clone(),
+                    outcome: match failing {
+                        Some(severity) => CaseOutcome::Failed {
+                            summary,
+                            severity,
+                            detail,
+                        },
+                        None => CaseOutcome::PassedWithOutput { summary, detail },
+                    },
+                }
+            })
+            .collect()
     }
 
     /// JUnit XML of [`Report::junit_cases`], in one test suite.
@@ -788,6 +1118,9 @@ impl Report {
                 self.counts.by_severity.get("warning").copied().unwrap_or(0),
                 plural(requests),
             );
+            if let Some(marks) = &self.marks {
+                let _ = writeln!(text, "sessionguard: {}", marks.line());
+            }
             for (index, finding) in self.findings.iter().enumerate() {
                 let _ = writeln!(text, "\n[{}]", index + 1);
                 text.push_str(&finding.text("  "));
@@ -1496,6 +1829,223 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("no request went through the proxy"), "{text}");
+    }
+
+    /// 2026-01-01T00:00:00.000Z, when `sample`'s requests were seen.
+    const SAMPLE_AT: f64 = 1_767_225_600_000.0;
+
+    fn attributed(owners: &[(u64, Owner)]) -> Report {
+        use crate::marks::{Event, Mark};
+        let mark = |event, pid, file: &str, test: &str, offset: f64| Mark {
+            event,
+            test: test.into(),
+            file: file.into(),
+            pid,
+            time: SAMPLE_AT + offset,
+        };
+        let marks = [
+            mark(
+                Event::Begin,
+                4242,
+                "test/orders.test.js",
+                "orders inserts one",
+                -10.0,
+            ),
+            mark(
+                Event::End,
+                4242,
+                "test/orders.test.js",
+                "orders inserts one",
+                0.6,
+            ),
+            mark(
+                Event::Begin,
+                4242,
+                "test/orders.test.js",
+                "orders inserts two",
+                0.7,
+            ),
+            mark(
+                Event::End,
+                4242,
+                "test/orders.test.js",
+                "orders inserts two",
+                30.0,
+            ),
+            // Another worker, at the same time.
+            mark(
+                Event::Begin,
+                5000,
+                "test/users.test.js",
+                "users logs in",
+                -5.0,
+            ),
+            mark(Event::End, 5000, "test/users.test.js", "users logs in", 5.0),
+        ];
+        let intervals = Intervals::from_marks(&marks);
+        let times = RequestTimes::default();
+        // Received half a millisecond in: the engine's millisecond alone
+        // could not tell "inserts one" from "inserts two".
+        times.stamp_at(
+            3,
+            12,
+            std::time::UNIX_EPOCH + Duration::from_micros(1_767_225_600_000_500),
+        );
+        let mut report = sample(FailOn::Error);
+        report.attribute(AttributionInput {
+            intervals: &intervals,
+            owners: &owners.iter().cloned().collect(),
+            times: &times,
+            marks: MarksSummary::of(&marks, 0, 0),
+        });
+        report
+    }
+
+    fn jest_worker() -> Owner {
+        Owner::Known(crate::peer_process::ProcessInfo {
+            pid: 4242,
+            cmdline: "node .../jest-worker/build/processChild.js".into(),
+            parents: vec![4200],
+        })
+    }
+
+    #[test]
+    fn findings_name_the_test_and_process_that_caused_them() {
+        let report = attributed(&[(3, jest_worker())]);
+        let rules = ResolvedRules::default();
+        let text = report.to_text(&rules);
+        assert!(
+            text.contains("sessionguard: test marks: 3 tests from 2 processes\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n  test: test/orders.test.js › orders inserts one — pid 4242 (node .../jest-worker/build/processChild.js)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("request: insert shop.orders conn 3 request 12 txnNumber 4 app \"ci <&> \\\"app\\\"\" driver nodejs 6.9.0 from 127.0.0.1:5000 · pid 4242 (node"),
+            "{text}"
+        );
+        assert!(!text.contains("users logs in"), "another worker: {text}");
+        assert!(!text.contains("inserts two"), "the next test: {text}");
+
+        let cases = report.junit_cases(&rules);
+        let tests: Vec<_> = cases
+            .iter()
+            .filter(|c| c.classname.starts_with("test/"))
+            .collect();
+        assert_eq!(tests.len(), 1, "{tests:?}");
+        assert_eq!(tests[0].classname, "test/orders.test.js");
+        assert_eq!(tests[0].name, "orders inserts one");
+        let CaseOutcome::Failed {
+            summary, detail, ..
+        } = &tests[0].outcome
+        else {
+            panic!("{:?}", tests[0].outcome)
+        };
+        assert!(
+            summary.starts_with("use-after-end: insert on shop.orders"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("; txn-left-open"),
+            "both its findings: {summary}"
+        );
+        assert!(
+            detail.contains("session used after endSessions"),
+            "{detail}"
+        );
+        assert!(detail.contains("timeline of session"), "{detail}");
+        // The per-rule cases as before, after the tests'.
+        assert_eq!(cases.len(), RuleId::COUNT + 1);
+        assert_eq!(
+            cases
+                .iter()
+                .filter(|c| c.classname == JUNIT_FINDINGS)
+                .count(),
+            2
+        );
+        let xml = report.to_junit(&rules);
+        assert!(
+            xml.contains("<testcase classname=\"test/orders.test.js\" name=\"orders inserts one\" time=\"0\">\n      <failure message=\"use-after-end: insert on shop.orders"),
+            "{xml}"
+        );
+        assert_eq!(
+            xml.matches("<failure ").count(),
+            2,
+            "the test and the finding"
+        );
+
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        let finding = &json["findings"][0];
+        assert_eq!(finding["tests"][0]["test"], "orders inserts one");
+        assert_eq!(finding["tests"][0]["file"], "test/orders.test.js");
+        assert_eq!(finding["tests"][0]["pid"], 4242);
+        assert_eq!(finding["tests"][0]["basis"], "process");
+        assert_eq!(finding["tests"].as_array().unwrap().len(), 1);
+        let current = &finding["first_example"]["attribution"]["current"];
+        assert_eq!(current["pid"], 4242);
+        assert_eq!(current["tests"][0]["test"], "orders inserts one");
+        assert_eq!(
+            json["violations"][0]["attribution"]["current"]["basis"],
+            "process"
+        );
+        assert_eq!(json["marks"]["received"], 6);
+        let back: Report = serde_json::from_value(json).unwrap();
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn an_unknown_owner_gives_a_labelled_time_window_guess() {
+        let report = attributed(&[(
+            3,
+            Owner::Unknown("connection from another host (10.0.0.5)".into()),
+        )]);
+        let rules = ResolvedRules::default();
+        let text = report.to_text(&rules);
+        assert!(
+            text.contains("test: test/orders.test.js › orders inserts one — unknown: connection from another host (10.0.0.5) — a time-window guess"),
+            "{text}"
+        );
+        assert!(
+            text.contains("test: test/users.test.js › users logs in"),
+            "{text}"
+        );
+        let cases = report.junit_cases(&rules);
+        let guessed: Vec<_> = cases
+            .iter()
+            .filter(|c| c.classname.starts_with("test/"))
+            .collect();
+        assert_eq!(guessed.len(), 2);
+        assert!(guessed.iter().all(|c| matches!(
+            &c.outcome,
+            CaseOutcome::Failed { summary, .. } if summary.starts_with("time-window guess: ")
+        )));
+    }
+
+    #[test]
+    fn without_marks_the_report_says_how_to_get_them() {
+        let mut report = attributed(&[(3, jest_worker())]);
+        let intervals = Intervals::from_marks(&[]);
+        report.attribute(AttributionInput {
+            intervals: &intervals,
+            owners: &[(3, jest_worker())].into_iter().collect(),
+            times: &RequestTimes::default(),
+            marks: MarksSummary::of(&[], 0, 0),
+        });
+        let text = report.to_text(&ResolvedRules::default());
+        assert!(
+            text.contains("test: none, no test marks received — pid 4242"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no test marks received: to name the test"),
+            "{text}"
+        );
+        assert!(report
+            .junit_cases(&ResolvedRules::default())
+            .iter()
+            .all(|c| !c.classname.starts_with("test/")));
     }
 
     #[test]

@@ -687,3 +687,104 @@ async fn exec_reads_sessionguard_mode() {
     assert_eq!(violations[0]["rejected"], true, "{report:#}");
     emulator.shutdown().await;
 }
+
+/// A shell command that posts one mark to `SESSIONGUARD_MARKS_URL` with the
+/// shell's pid (python3's parent) and prints the status, as a runner
+/// integration would (integrations/PROTOCOL.md).
+fn post_mark(event: &str, test: &str) -> String {
+    format!(
+        "python3 -c 'import json, os, time, urllib.request as u; \
+         body = json.dumps({{\"event\": \"{event}\", \"test\": \"{test}\", \"file\": \"test/orders.test.js\", \
+         \"pid\": os.getppid(), \"time\": time.time_ns() / 1e6}}).encode(); \
+         print(u.urlopen(u.Request(os.environ[\"SESSIONGUARD_MARKS_URL\"], data=body, method=\"POST\")).status)'"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_name_the_test_and_a_test_child_is_matched_through_its_parent() {
+    // Replies 200 ms late: the application then keeps its connection for
+    // a second or so, as a test process keeps its pool, not a few
+    // milliseconds (its owner is looked up while the connection is open,
+    // on a machine the parallel tests load).
+    let emu = emulator(EmulatorConfig {
+        reply_latency: Duration::from_millis(200),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let reports = Reports::new();
+    let upstream = format!("mongodb://{}/shop?appName=exec-test", emu.addr());
+    let app = misuse_app().join(" ");
+    // The shell is the "test process": it marks the test and starts the
+    // application, a child that sends no marks of its own. A test that ran
+    // before it in the same process must not be blamed.
+    let script = [
+        post_mark("begin", "orders warms up"),
+        post_mark("end", "orders warms up"),
+        post_mark("begin", "orders reuses an ended session"),
+        format!("{app} use-after-end"),
+        post_mark("end", "orders reuses an ended session"),
+    ]
+    .join(" && ");
+    let mut flags = reports.flags();
+    flags.extend(["--env-var".to_string(), "MONGODB_URI".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let output = exec(&upstream, &flags, &["sh", "-c", &script]).await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(3), "{err}");
+    assert_eq!(stdout(&output).matches("204").count(), 4, "{err}");
+
+    let report = read_json(&reports.json);
+    assert_eq!(report["marks"]["received"], 4, "{report:#}");
+    assert_eq!(report["marks"]["processes"], 1, "{report:#}");
+    let finding = &report["findings"][0];
+    assert_eq!(finding["rule"], "use-after-end", "{report:#}");
+    let tests = finding["tests"].as_array().expect("the finding's tests");
+    assert_eq!(tests.len(), 1, "{finding:#}");
+    assert_eq!(tests[0]["test"], "orders reuses an ended session");
+    assert_eq!(tests[0]["file"], "test/orders.test.js");
+    assert_eq!(tests[0]["basis"], "parent-process", "{finding:#}");
+    let current = &finding["first_example"]["attribution"]["current"];
+    // The connection's owner is the application, not the shell that marked.
+    assert_ne!(current["pid"], tests[0]["pid"], "{current:#}");
+    assert!(
+        current["process"]
+            .as_str()
+            .is_some_and(|p| p.contains("demo-app")),
+        "{current:#}"
+    );
+    assert!(
+        err.contains("test: test/orders.test.js › orders reuses an ended session — pid "),
+        "{err}"
+    );
+    assert!(err.contains("— through a parent process"), "{err}");
+    assert!(!err.contains("orders warms up"), "{err}");
+    let junit = std::fs::read_to_string(&reports.junit).unwrap();
+    assert!(
+        junit.contains(
+            "<testcase classname=\"test/orders.test.js\" name=\"orders reuses an ended session\" time=\"0\">\n      <failure message=\"use-after-end: insert on shop.orders"
+        ),
+        "{junit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_marks_the_report_says_how_to_add_them() {
+    let emu = emulator(EmulatorConfig::default()).await;
+    let reports = Reports::new();
+    let output = exec_misuse(&emu, &reports, &[], &["use-after-end"]).await;
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("sessionguard: no test marks received: to name the test behind each finding"),
+        "{err}"
+    );
+    // Where it came from is still said: the connection's owner from /proc
+    // (or why it is unknown: this application closes within milliseconds).
+    assert!(
+        err.contains("test: none, no test marks received — "),
+        "{err}"
+    );
+    let report = read_json(&reports.json);
+    assert_eq!(report["marks"]["received"], 0, "{report:#}");
+    assert!(report["findings"][0].get("tests").is_none(), "{report:#}");
+}

@@ -1,0 +1,12 @@
+import { beforeAll, afterAll, describe, test } from 'vitest';
+import shop from '../shop.cjs';
+
+let client;
+beforeAll(() => { client = shop.connect('e2e-vitest-checkout'); });
+afterAll(() => client.close());
+
+describe('checkout', () => {
+  test('adds an item', () => shop.insertAndRead(client, 'carts'));
+  test('reserves stock concurrently', () => shop.shareOneSession(client, 'stock'));
+  test('pays', () => shop.inOneSession(client, 'payments'));
+});
