@@ -583,13 +583,23 @@ fn idle_slot<A, B, F: Future>(_f: impl Fn(A, B) -> F) -> Fuse<F> {
 /// Splits the complete frames off the front of `buf` (one `Bytes`, the
 /// batch; frames are sliced out of it without copying), checking each
 /// declared length before waiting for its bytes. Room for a partial
-/// frame's declared length is reserved.
-fn complete_frames(buf: &mut BytesMut, max: usize, side: Side) -> Result<Option<Bytes>, ConnError> {
+/// frame's declared length is reserved. A length out of bounds ends the
+/// batch and comes back as the error to close with once the frames before
+/// it are dealt with (they were sent first).
+fn complete_frames(
+    buf: &mut BytesMut,
+    max: usize,
+    side: Side,
+) -> (Option<Bytes>, Option<ConnError>) {
     let mut at = 0;
     let mut partial = None;
+    let mut refused = None;
     loop {
         match wire::frame_len(&buf[at..], max) {
-            Err(source) => return Err(ConnError::Malformed { side, source }),
+            Err(source) => {
+                refused = Some(ConnError::Malformed { side, source });
+                break;
+            }
             Ok(None) => break,
             Ok(Some(n)) if at + n > buf.len() => {
                 partial = Some(n);
@@ -604,7 +614,7 @@ fn complete_frames(buf: &mut BytesMut, max: usize, side: Side) -> Result<Option<
             buf.reserve(n - buf.len());
         }
     }
-    Ok(batch)
+    (batch, refused)
 }
 
 /// Each frame of a batch, as the `Frame` the inspector sees (a slice of
@@ -755,8 +765,8 @@ where
                     .await;
                     return;
                 }
-                let output = match request_pass(&pair, &mut buf) {
-                    Ok(output) => output,
+                let (output, refused) = match request_pass(&pair, &mut buf) {
+                    Ok(passed) => passed,
                     Err(e) => return pair.finish(Outcome::Failed(e)),
                 };
                 if !pair.to_client.borrow().is_empty() {
@@ -781,6 +791,9 @@ where
                         return pair.finish(upstream_error(e));
                     }
                     upstream = Some(w);
+                }
+                if let Some(e) = refused {
+                    return pair.finish(Outcome::Failed(e));
                 }
                 read.set(read_into(half, buf).fuse());
             }
@@ -864,8 +877,8 @@ where
                     }
                     Ok(_) => {}
                 }
-                let output = match reply_pass(&pair, &mut buf) {
-                    Ok(output) => output,
+                let (output, refused) = match reply_pass(&pair, &mut buf) {
+                    Ok(passed) => passed,
                     Err(e) => return pair.finish(Outcome::Failed(e)),
                 };
                 let progressed = !matches!(output, Output::Nothing);
@@ -883,6 +896,9 @@ where
                     }
                 };
                 client = Some(w);
+                if let Some(e) = refused {
+                    return pair.finish(Outcome::Failed(e));
+                }
                 read.set(read_into(half, buf).fuse());
                 // Only after the reply reached the client: a draining
                 // connection closes now, and must not cut it off.
@@ -900,10 +916,14 @@ where
 /// One pass over the client's complete frames: count, inspect, record the
 /// requests that expect a reply (before they are forwarded, so a reply can
 /// never arrive before its request is known), queue rejection replies.
-fn request_pass<I: Inspector>(pair: &Pair<I>, buf: &mut BytesMut) -> Result<Output, ConnError> {
+fn request_pass<I: Inspector>(
+    pair: &Pair<I>,
+    buf: &mut BytesMut,
+) -> Result<(Output, Option<ConnError>), ConnError> {
     let settings = &pair.settings;
-    let Some(batch) = complete_frames(buf, settings.max_message_size, Side::Client)? else {
-        return Ok(Output::Nothing);
+    let (batch, refused) = complete_frames(buf, settings.max_message_size, Side::Client);
+    let Some(batch) = batch else {
+        return Ok((Output::Nothing, refused));
     };
     let mut rebuilt: Option<Vec<u8>> = None;
     let mut kept = 0;
@@ -952,10 +972,11 @@ fn request_pass<I: Inspector>(pair: &Pair<I>, buf: &mut BytesMut) -> Result<Outp
         }
     }
     pair.requests.set(pair.requests.get() + count);
-    Ok(match rebuilt {
+    let output = match rebuilt {
         None => Output::Batch(batch),
         Some(out) => Output::Rebuilt(out),
-    })
+    };
+    Ok((output, refused))
 }
 
 fn inspect_request<I: Inspector>(
@@ -1037,10 +1058,14 @@ fn observe_round_trip<P>(
 /// One pass over the upstream's complete frames: match each to its
 /// request, hand injected replies to their waiters (cut out), ask the
 /// inspector (which may replace a reply: hello rewriting).
-fn reply_pass<I: Inspector>(pair: &Pair<I>, buf: &mut BytesMut) -> Result<Output, ConnError> {
+fn reply_pass<I: Inspector>(
+    pair: &Pair<I>,
+    buf: &mut BytesMut,
+) -> Result<(Output, Option<ConnError>), ConnError> {
     let settings = &pair.settings;
-    let Some(batch) = complete_frames(buf, settings.max_message_size, Side::Upstream)? else {
-        return Ok(Output::Nothing);
+    let (batch, refused) = complete_frames(buf, settings.max_message_size, Side::Upstream);
+    let Some(batch) = batch else {
+        return Ok((Output::Nothing, refused));
     };
     let malformed = |source| ConnError::Malformed {
         side: Side::Upstream,
@@ -1115,8 +1140,9 @@ fn reply_pass<I: Inspector>(pair: &Pair<I>, buf: &mut BytesMut) -> Result<Output
         }
     }
     pair.replies.set(pair.replies.get() + count);
-    Ok(match rebuilt {
+    let output = match rebuilt {
         None => Output::Batch(batch),
         Some(out) => Output::Rebuilt(out),
-    })
+    };
+    Ok((output, refused))
 }
