@@ -14,23 +14,37 @@
 //! # Layout
 //!
 //! - `inspect`: the `Inspector` trait, verdicts, `ConnContext`, `Injector`.
-//! - `listener`: accept loop, connection cap, accept back-off, drain.
-//! - `connection`: one client connection and its two pumps, generic over
-//!   the inspector (static calls, its records inline).
+//! - `driver`: the I/O driver (io_uring or epoll), chosen once at start
+//!   and logged with the reason (`proxy.io`, `SESSIONGUARD_IO`); each data
+//!   thread's runtime.
+//! - `listener`: the data threads (one monoio runtime per core, an
+//!   `SO_REUSEPORT` socket per listen address each), accept loop,
+//!   connection cap, accept back-off, drain, off-thread name resolution.
+//! - `ctl`: how the tokio control plane reaches a data thread without any
+//!   per-frame cost: per-thread inbox + doorbell, the registry of
+//!   connections and their signals (drain, kill, injection).
+//! - `connection`: one client connection: TLS accept, upstream dial, then
+//!   two same-thread tasks (one per direction) sharing the in-flight table
+//!   without a lock; reusable buffers, frames inspected in place, one
+//!   write per batch. Generic over the inspector (static calls, its
+//!   records inline).
 //! - `inflight`: the per-connection map of requests awaiting replies, the
 //!   only owner of in-flight state: each entry carries the inspector's
 //!   record of the request (`Inspector::Pending`) too.
-//! - `upstream`: connection-string parsing and dialing (TCP).
+//! - `upstream`: connection-string parsing and dialing (TCP; tokio for the
+//!   readiness probe, monoio on the data threads).
 //! - `topology`: replica-set mode's hello rewriting (member -> proxy
 //!   addresses), applied around the caller's inspector.
-//! - `tls`: rustls on both sides (listener certificate, upstream options),
-//!   and `connect`: dial, then the upstream handshake when one is asked for.
+//! - `tls`: rustls on both sides (listener certificate, upstream options;
+//!   monoio-rustls streams, on either driver), and `connect`: dial, then
+//!   the upstream handshake when one is asked for.
 //! - `anchor_leaf`: the upstream verifier accepting a self-signed CA
 //!   certificate given as `tlsCAFile`, as OpenSSL-based drivers do.
 //! - `unreachable`: the error reply that answers a client's handshake when
 //!   its upstream cannot be dialed (cause and fix in `errmsg`).
 //! - `metrics`: [`ProxyMetrics`], the pre-resolved handles the connection
-//!   and listener update (atomic adds, no allocation per frame).
+//!   and listener update from any data thread (atomic adds, no allocation
+//!   per frame).
 //! - `settings`: [`ProxySettings`], what [`Proxy::start`] needs.
 #![forbid(unsafe_code)]
 
