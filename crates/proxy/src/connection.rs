@@ -653,6 +653,27 @@ impl Output {
     }
 }
 
+/// How a read ends the connection, if it does: the peer closed (0 bytes)
+/// or failed.
+fn read_end(res: io::Result<usize>, side: Side) -> Option<Outcome> {
+    match res {
+        Ok(0) => Some(match side {
+            Side::Client => Outcome::ClientClosed,
+            Side::Upstream | Side::Internal => Outcome::UpstreamClosed,
+        }),
+        Ok(_) => None,
+        Err(source) => Some(io_failed(side, "reading", source)),
+    }
+}
+
+fn io_failed(side: Side, action: &'static str, source: io::Error) -> Outcome {
+    Outcome::Failed(ConnError::Io {
+        side,
+        action,
+        source,
+    })
+}
+
 /// Arms the frame-read timer while a partial frame is buffered, re-arms it
 /// when a frame completed (each frame gets the full timeout), and disarms
 /// it otherwise: most frames arrive whole in one read.
@@ -713,13 +734,7 @@ where
         })
         .await;
         let Some(ev) = ev else { return };
-        let upstream_error = |source| {
-            Outcome::Failed(ConnError::Io {
-                side: Side::Upstream,
-                action: "writing",
-                source,
-            })
-        };
+        let upstream_error = |source| io_failed(Side::Upstream, "writing", source);
         match ev {
             Ev::Timeout => {
                 return pair.finish(Outcome::Failed(ConnError::FrameTimeout {
@@ -739,16 +754,8 @@ where
                 upstream = Some(half);
             }
             Ev::Read((half, mut buf, res)) => {
-                match res {
-                    Ok(0) => return pair.finish(Outcome::ClientClosed),
-                    Err(source) => {
-                        return pair.finish(Outcome::Failed(ConnError::Io {
-                            side: Side::Client,
-                            action: "reading",
-                            source,
-                        }))
-                    }
-                    Ok(_) => {}
+                if let Some(end) = read_end(res, Side::Client) {
+                    return pair.finish(end);
                 }
                 if pair.draining.get() {
                     // Not forwarded (as before v2, where it stayed unread):
@@ -813,13 +820,7 @@ where
     let mut client = Some(client);
     let mut read = pin!(read_into(upstream, BytesMut::with_capacity(BUF_SIZE)).fuse());
     let mut timer = pin!(Fuse::<monoio::time::Sleep>::terminated());
-    let client_error = |source| {
-        Outcome::Failed(ConnError::Io {
-            side: Side::Client,
-            action: "writing",
-            source,
-        })
-    };
+    let client_error = |source| io_failed(Side::Client, "writing", source);
     loop {
         enum Ev<A> {
             Read(A),
@@ -866,16 +867,8 @@ where
                 }
             }
             Ev::Read((half, mut buf, res)) => {
-                match res {
-                    Ok(0) => return pair.finish(Outcome::UpstreamClosed),
-                    Err(source) => {
-                        return pair.finish(Outcome::Failed(ConnError::Io {
-                            side: Side::Upstream,
-                            action: "reading",
-                            source,
-                        }))
-                    }
-                    Ok(_) => {}
+                if let Some(end) = read_end(res, Side::Upstream) {
+                    return pair.finish(end);
                 }
                 let (output, refused) = match reply_pass(&pair, &mut buf) {
                     Ok(passed) => passed,

@@ -339,13 +339,7 @@ async fn resolve_and_connect(target: &HostPort) -> Result<TcpStream, DialError> 
             Err(e) => last_error = Some(e),
         }
     }
-    Err(match last_error {
-        Some(source) => DialError::Io {
-            target: target.clone(),
-            source,
-        },
-        None => no_address(target),
-    })
+    Err(none_accepted(target, last_error))
 }
 
 /// Name resolution for a data thread, which must never block on DNS: a
@@ -383,13 +377,7 @@ pub(crate) async fn dial_data(
                 Err(e) => last_error = Some(e),
             }
         }
-        Err(match last_error {
-            Some(source) => DialError::Io {
-                target: target.clone(),
-                source,
-            },
-            None => no_address(target),
-        })
+        Err(none_accepted(target, last_error))
     };
     match monoio::time::timeout(timeout, Box::pin(connect)).await {
         Err(_) => Err(DialError::Timeout {
@@ -404,10 +392,17 @@ pub(crate) async fn dial_data(
     }
 }
 
-fn no_address(target: &HostPort) -> DialError {
-    DialError::Resolve {
-        target: target.clone(),
-        source: io::Error::new(io::ErrorKind::NotFound, "the name has no address"),
+/// No address accepted: the last one's error, or none resolved at all.
+fn none_accepted(target: &HostPort, last_error: Option<io::Error>) -> DialError {
+    match last_error {
+        Some(source) => DialError::Io {
+            target: target.clone(),
+            source,
+        },
+        None => DialError::Resolve {
+            target: target.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "the name has no address"),
+        },
     }
 }
 
