@@ -247,3 +247,79 @@ impl Registry {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    fn request() -> (
+        InjectRequest,
+        oneshot::Receiver<Result<bytes::Bytes, InjectError>>,
+    ) {
+        let (reply, rx) = oneshot::channel();
+        let request = InjectRequest {
+            body: vec![1],
+            reply,
+        };
+        (request, rx)
+    }
+
+    #[test]
+    fn a_stale_slot_reaches_no_later_connection() {
+        let registry = Registry::default();
+        let (slot, generation, _) = registry.insert();
+        assert!(registry.get(slot, generation).is_some());
+        registry.remove(slot);
+        let (reused, later, _) = registry.insert();
+        assert_eq!(reused, slot, "the slot is reused");
+        assert!(registry.get(slot, generation).is_none());
+        assert!(registry.get(slot, later).is_some());
+        assert_eq!(registry.live(), 1);
+    }
+
+    #[test]
+    fn injections_queue_up_to_the_limit_and_not_while_draining() {
+        let signal = ConnSignal::default();
+        let mut waiting = Vec::new();
+        for _ in 0..INJECT_QUEUE {
+            let (r, rx) = request();
+            signal.queue_injection(r);
+            waiting.push(rx);
+        }
+        assert_ne!(signal.take() & SIG_INJECT, 0);
+        let (r, mut rx) = request();
+        signal.queue_injection(r);
+        assert_eq!(rx.try_recv().unwrap(), Err(InjectError::QueueFull));
+        // A waiter that gave up frees its place.
+        drop(waiting.pop());
+        let (r, mut rx) = request();
+        signal.queue_injection(r);
+        assert!(rx.try_recv().is_err(), "queued, not answered");
+
+        signal.raise(SIG_DRAIN);
+        let (r, mut rx) = request();
+        signal.queue_injection(r);
+        assert_eq!(rx.try_recv().unwrap(), Err(InjectError::Draining));
+        signal.fail_injections(InjectError::Closed);
+        assert_eq!(waiting[0].try_recv().unwrap(), Err(InjectError::Closed));
+        assert_eq!(signal.take() & SIG_DRAIN, SIG_DRAIN, "drain stays raised");
+    }
+
+    #[test]
+    fn the_doorbell_rings_once_per_batch() {
+        use std::io::Read;
+        let (inbox, mut bell) = Inbox::new().unwrap();
+        inbox.send(Ctl::Kill);
+        inbox.send(Ctl::Drain);
+        let mut bytes = [0u8; 8];
+        assert_eq!(bell.read(&mut bytes).unwrap(), 1);
+        assert_eq!(inbox.take().len(), 2);
+        inbox.send(Ctl::Kill);
+        assert_eq!(
+            bell.read(&mut bytes).unwrap(),
+            1,
+            "rings again after a take"
+        );
+    }
+}
