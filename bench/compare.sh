@@ -111,9 +111,12 @@ trap cleanup EXIT
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
+    # Below the kernel's ephemeral range (32768+ by default): a listen port
+    # there can be taken by an outgoing connection's source port (bind then
+    # fails), and the idle probe leaves thousands of TIME_WAIT ports behind.
     local port
     while :; do
-        port=$((20000 + RANDOM % 40000))
+        port=$((20000 + RANDOM % 12000))
         port_open "$port" || { echo "$port"; return; }
     done
 }
