@@ -20,7 +20,37 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use crate::inspect::{InjectError, InjectRequest, INJECT_QUEUE};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+/// Why an injected request produced no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    #[error("the connection is closed")]
+    Closed,
+    #[error("the connection is draining")]
+    Draining,
+    #[error("too many injected requests are already queued on this connection")]
+    QueueFull,
+    #[error(
+        "no reply within {0:?} (the connection never became idle, or the upstream did not answer)"
+    )]
+    Timeout(Duration),
+}
+
+/// A queued injection, owned by the connection until it is sent.
+#[derive(Debug)]
+pub(crate) struct InjectRequest {
+    pub body: Vec<u8>,
+    /// A waiter that gave up (its timeout) is skipped: `is_closed`.
+    pub reply: oneshot::Sender<Result<Bytes, InjectError>>,
+}
+
+/// How many injections may wait per connection; the refresher sends at most
+/// one per connection at a time, so a full queue means something is stuck.
+pub(crate) const INJECT_QUEUE: usize = 16;
 
 /// A message to one data thread.
 pub(crate) enum Ctl {

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::ctl::{Ctl, Inbox};
+pub use crate::ctl::InjectError;
+use crate::ctl::{Ctl, Inbox, InjectRequest};
 
 use sessionguard_protocol::wire::{Frame, Message};
 pub use sessionguard_protocol::CloseCause;
@@ -174,33 +175,6 @@ impl ConnContext {
         }
     }
 }
-
-/// Why an injected request produced no reply.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InjectError {
-    #[error("the connection is closed")]
-    Closed,
-    #[error("the connection is draining")]
-    Draining,
-    #[error("too many injected requests are already queued on this connection")]
-    QueueFull,
-    #[error(
-        "no reply within {0:?} (the connection never became idle, or the upstream did not answer)"
-    )]
-    Timeout(Duration),
-}
-
-/// A queued injection, owned by the connection until it is sent.
-#[derive(Debug)]
-pub(crate) struct InjectRequest {
-    pub body: Vec<u8>,
-    /// A waiter that gave up (its timeout) is skipped: `is_closed`.
-    pub reply: oneshot::Sender<Result<Bytes, InjectError>>,
-}
-
-/// How many injections may wait per connection; the refresher sends at most
-/// one per connection at a time, so a full queue means something is stuck.
-pub(crate) const INJECT_QUEUE: usize = 16;
 
 /// Handle to send requests on a connection's upstream (cheap to clone,
 /// `Send`): the connection's data thread's inbox and its registry slot.
