@@ -653,6 +653,29 @@ impl Output {
     }
 }
 
+/// Runs a write unless the connection is finished first (`None`): a peer
+/// that stops reading must not hold a kill, a drain's grace or the other
+/// direction's close. Dropping the write cancels it (monoio's
+/// `async-cancel`) and drops the socket half it owns.
+async fn unless_closed<I: Inspector, F: Future>(
+    pair: &Pair<I>,
+    wake: &Cell<Option<Waker>>,
+    write: F,
+) -> Option<F::Output> {
+    let mut write = pin!(write);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = write.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if pair.closed.get() {
+            return Poll::Ready(None);
+        }
+        register(wake, cx.waker());
+        Poll::Pending
+    })
+    .await
+}
+
 /// How a read ends the connection, if it does: the peer closed (0 bytes)
 /// or failed.
 fn read_end(res: io::Result<usize>, side: Side) -> Option<Outcome> {
@@ -786,14 +809,22 @@ where
                     let w = match upstream.take() {
                         Some(w) => w,
                         None => {
-                            let (w, res) = injecting.as_mut().await;
+                            let Some((w, res)) =
+                                unless_closed(&pair, &pair.wake_requests, injecting.as_mut()).await
+                            else {
+                                return;
+                            };
                             if let Err(e) = res {
                                 return pair.finish(upstream_error(e));
                             }
                             w
                         }
                     };
-                    let (w, res) = write_from(w, bytes).await;
+                    let write = write_from(w, bytes);
+                    let Some((w, res)) = unless_closed(&pair, &pair.wake_requests, write).await
+                    else {
+                        return;
+                    };
                     if let Err(e) = res {
                         return pair.finish(upstream_error(e));
                     }
@@ -856,7 +887,10 @@ where
             Ev::Local => {
                 let local = std::mem::take(&mut *pair.to_client.borrow_mut());
                 pair.client_writing.set(true);
-                let (w, res) = write_from(w, Bytes::from(local)).await;
+                let write = write_from(w, Bytes::from(local));
+                let Some((w, res)) = unless_closed(&pair, &pair.wake_replies, write).await else {
+                    return;
+                };
                 pair.client_writing.set(false);
                 if let Err(e) = res {
                     return pair.finish(client_error(e));
@@ -880,7 +914,11 @@ where
                     None => w,
                     Some(bytes) => {
                         pair.client_writing.set(true);
-                        let (w, res) = write_from(w, bytes).await;
+                        let write = write_from(w, bytes);
+                        let Some((w, res)) = unless_closed(&pair, &pair.wake_replies, write).await
+                        else {
+                            return;
+                        };
                         pair.client_writing.set(false);
                         if let Err(e) = res {
                             return pair.finish(client_error(e));
