@@ -23,6 +23,10 @@ COPY config/sessionguard.toml /etc/sessionguard/sessionguard.toml
 ENV SESSIONGUARD_LISTEN=0.0.0.0:27018 \
     SESSIONGUARD_ADMIN=0.0.0.0:9216 \
     SESSIONGUARD_LOG_FORMAT=json
+# The data path prefers io_uring, which Docker's default seccomp profile
+# blocks: it then runs on epoll and its "data path I/O driver" log line says
+# why. Run with a seccomp profile that allows io_uring_setup, io_uring_enter
+# and io_uring_register to get io_uring (see README, Deploying).
 USER 10001
 EXPOSE 27018 9216
 # Shell form on purpose: `|| exit 1` maps every curl failure to the one

@@ -9,6 +9,11 @@
 #              shares the same lsids (bench-load --shared-session): nearly every
 #              request breaks a rule, the findings flood of issue 13 (at 2 or
 #              more connections; at 1 there is nothing to overlap, so no point)
+#   sg-epoll   as sg-observe with proxy.io = "epoll": the fallback data path
+#              (containers whose seccomp profile blocks io_uring)
+#   base-observe / base-off   with SESSIONGUARD_BASELINE_BIN: sg-observe and
+#              sg-off run by that (older) binary in the same run, for a
+#              before/after comparison on equal terms
 # at 1, 16 and 256 connections, then the memory probes (10,000 idle
 # connections through sessionguard; 1,000,000 sessions in a ledger).
 #
@@ -26,6 +31,7 @@
 #   SESSIONGUARD_BIN=path      use this proxy binary instead of building (cargo build --release)
 #   SESSIONGUARD_DEV_BIN=path  the dev tools' binary (emulator, bench-load; default:
 #                              sessionguard-dev next to SESSIONGUARD_BIN, built with it)
+#   SESSIONGUARD_BASELINE_BIN=path  also measure this sessionguard binary (base-*)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -105,9 +111,12 @@ trap cleanup EXIT
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 free_port() {
+    # Below the kernel's ephemeral range (32768+ by default): a listen port
+    # there can be taken by an outgoing connection's source port (bind then
+    # fails), and the idle probe leaves thousands of TIME_WAIT ports behind.
     local port
     while :; do
-        port=$((20000 + RANDOM % 40000))
+        port=$((20000 + RANDOM % 12000))
         port_open "$port" || { echo "$port"; return; }
     done
 }
@@ -149,8 +158,8 @@ PID_HA=$!; PIDS+=("$PID_HA")
 wait_port "$P_HA" haproxy "$PID_HA"
 
 declare -A ADMIN
-start_sessionguard() { # name inspect -> sets SG_PORT SG_PID
-    local name=$1 inspect=$2
+start_sessionguard() { # name inspect [io] [binary] -> sets SG_PORT SG_PID
+    local name=$1 inspect=$2 io=${3:-} bin=${4:-$BIN}
     SG_PORT=$(free_port)
     ADMIN[$name]=$(free_port)
     {
@@ -160,6 +169,8 @@ start_sessionguard() { # name inspect -> sets SG_PORT SG_PID
         echo "admin = \"127.0.0.1:${ADMIN[$name]}\""
         echo "max_connections = 40000"
         echo "inspect = $inspect"
+        # Only set when asked: an older binary does not know the key.
+        [[ -n "$io" ]] && echo "io = \"$io\""
         echo "[log]"
         echo "level = \"warn\""
         echo "[sessions]"
@@ -167,7 +178,7 @@ start_sessionguard() { # name inspect -> sets SG_PORT SG_PID
         # No [rules] section: every rule is enabled by default, so the
         # observe path runs all of them.
     } >"$WORK/$name.toml"
-    on "$CPU_MIDDLE" "$BIN" proxy --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
+    on "$CPU_MIDDLE" "$bin" proxy --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
     SG_PID=$!; PIDS+=("$SG_PID")
     wait_port "$SG_PORT" "$name" "$SG_PID"
 }
@@ -178,12 +189,25 @@ P_OFF=$SG_PORT PID_OFF=$SG_PID
 start_sessionguard sg-flood true
 P_FLOOD=$SG_PORT PID_FLOOD=$SG_PID
 
-declare -A PORT=([direct]=$P_EMU [haproxy]=$P_HA [sg-observe]=$P_SG [sg-off]=$P_OFF [sg-flood]=$P_FLOOD)
+start_sessionguard sg-epoll true epoll
+P_EPOLL=$SG_PORT PID_EPOLL=$SG_PID
+
+declare -A PORT=([direct]=$P_EMU [haproxy]=$P_HA [sg-observe]=$P_SG [sg-off]=$P_OFF [sg-flood]=$P_FLOOD
+    [sg-epoll]=$P_EPOLL)
 # The process in the middle of each path, whose CPU time per operation is
 # reported: a figure the other tenants of a shared machine disturb little.
-declare -A MIDDLE=([direct]="" [haproxy]=$PID_HA [sg-observe]=$PID_SG [sg-off]=$PID_OFF [sg-flood]=$PID_FLOOD)
+declare -A MIDDLE=([direct]="" [haproxy]=$PID_HA [sg-observe]=$PID_SG [sg-off]=$PID_OFF [sg-flood]=$PID_FLOOD
+    [sg-epoll]=$PID_EPOLL)
 declare -A LOAD_FLAGS=([sg-flood]=--shared-session)
-CONFIGS="direct haproxy sg-observe sg-off sg-flood"
+CONFIGS="direct haproxy sg-observe sg-off sg-flood sg-epoll"
+if [[ -n "${SESSIONGUARD_BASELINE_BIN:-}" ]]; then
+    [[ -x "$SESSIONGUARD_BASELINE_BIN" ]] || die "no baseline binary at $SESSIONGUARD_BASELINE_BIN"
+    start_sessionguard base-observe true "" "$SESSIONGUARD_BASELINE_BIN"
+    PORT[base-observe]=$SG_PORT MIDDLE[base-observe]=$SG_PID
+    start_sessionguard base-off false "" "$SESSIONGUARD_BASELINE_BIN"
+    PORT[base-off]=$SG_PORT MIDDLE[base-off]=$SG_PID
+    CONFIGS="$CONFIGS base-observe base-off"
+fi
 
 load_average() { cut -d' ' -f1-3 /proc/loadavg; }
 echo "# sessionguard bench/compare.sh — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -192,6 +216,7 @@ echo "# machine: $CPUS cpu ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 
 echo "# haproxy: $(haproxy -v 2>/dev/null | head -1)"
 echo "# placement: $PLACEMENT; ${SECONDS_PER_POINT}s per point after ${WARMUP}s warm-up"
 echo "# load average at start: $(load_average)"
+echo "# sessionguard: $BIN (proxy.io = auto; sg-epoll: epoll)${SESSIONGUARD_BASELINE_BIN:+; baseline: $SESSIONGUARD_BASELINE_BIN}"
 
 field() { grep -o "$2=[0-9.]*" <<<"$1" | cut -d= -f2; }
 # utime + stime of a process, in clock ticks (the comm field may hold spaces).
@@ -247,6 +272,29 @@ for conns in $CONNECTIONS; do
         "$(sub "${P99[sg-observe,$conns]}" "${P99[direct,$conns]}")"
 done
 
+# Middle CPU per operation against HAProxy's in the same run, and how each
+# middle's CPU per operation grows from 16 to 256 connections.
+echo
+printf '%-6s' conns
+for config in $CONFIGS; do [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] && printf ' %-14s' "$config/ha"; done
+echo "   (middle cpu/op)"
+for conns in $CONNECTIONS; do
+    printf '%-6s' "$conns"
+    for config in $CONFIGS; do
+        [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] || continue
+        printf ' %-14s' "$(div "${CPU[$config,$conns]}" "${CPU[haproxy,$conns]}")"
+    done
+    echo
+done
+if [[ " $CONNECTIONS " == *" 16 "* && " $CONNECTIONS " == *" 256 "* ]]; then
+    printf '%-6s' 256/16
+    for config in $CONFIGS; do
+        [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] || continue
+        printf ' %-14s' "$(div "${CPU[$config,256]}" "${CPU[$config,16]}")"
+    done
+    echo "   (middle cpu/op at 256 over 16; haproxy: $(div "${CPU[haproxy,256]}" "${CPU[haproxy,16]}"))"
+fi
+
 # The flood: violations per inspected request and its CPU per operation
 # against the clean run of the same build (sg-observe).
 metric_sum() { # admin-port metric-name
@@ -269,6 +317,11 @@ if [[ "$MEMORY" == 1 ]]; then
     line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --target "127.0.0.1:$P_SG" \
         --idle-connections "$IDLE" --pid "$PID_SG") || die "idle-connections probe failed"
     echo "idle connections through sg-observe: $line"
+    if [[ -n "${PORT[base-observe]:-}" ]]; then
+        line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --target "127.0.0.1:${PORT[base-observe]}" \
+            --idle-connections "$IDLE" --pid "${MIDDLE[base-observe]}") || die "idle-connections probe failed"
+        echo "idle connections through base-observe: $line"
+    fi
     line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --sessions "$SESSIONS") || die "sessions probe failed"
     echo "ledger: $line"
 fi

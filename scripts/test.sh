@@ -37,6 +37,13 @@ else
   cargo test --workspace --all-targets --locked
 fi
 
+echo "== the data path's tests again on the epoll fallback (what containers without io_uring run)"
+if cargo nextest --version >/dev/null 2>&1; then
+  SESSIONGUARD_IO=epoll cargo nextest run -p sessionguard-proxy -p sessionguard --all-targets --locked
+else
+  SESSIONGUARD_IO=epoll cargo test -p sessionguard-proxy -p sessionguard --all-targets --locked
+fi
+
 echo "== interop: Node.js driver 6 and 7, Express + connect-mongo, Mongoose, PyMongo sync and asyncio (direct, through the proxy, and under sessionguard exec; failover on a replica set; servers refusing session kills, in enforce mode too)"
 # The proxy and the dev tools (the emulator the suites run against).
 cargo build --locked --quiet --package sessionguard --bin sessionguard

@@ -1,42 +1,47 @@
-//! One client connection and its upstream connection: the two pumps
-//! (client -> upstream and upstream -> client), request/reply correlation,
-//! the inspector calls, rejected-request replies, injected requests, drain
-//! and the close log line. Frames are forwarded as the exact bytes received.
-//! The pumps run concurrently, each owning one reader and one writer, so a
-//! write blocked in one direction never stops the other. The shared
-//! in-flight map is locked only for short synchronous sections, never
-//! across `.await`. Document contents are never logged.
+//! One client connection and its upstream connection, on the data thread
+//! that accepted it: the client's TLS handshake, the upstream dial (or the
+//! error reply that answers a client whose upstream cannot be reached),
+//! then two same-thread tasks sharing one `Pair`: `requests` is the only
+//! reader of the client and the only writer to the upstream, `replies` the
+//! only reader of the upstream and the only writer to the client, so a
+//! write blocked in one direction never stops the other. Each reads into
+//! its own reusable buffer, shows every complete frame (sliced out of the
+//! batch, not copied) to the inspector in place, and writes the batch with
+//! one write. Request/reply correlation, rejection replies, injected
+//! requests, drain and the close log line live here too. Frames are
+//! forwarded as the exact bytes received. The shared state is borrowed
+//! only inside synchronous passes, never across `.await`. Document
+//! contents are never logged.
 
-use std::collections::VecDeque;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::{poll_fn, Future};
+use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Notify};
-use tokio::time::Sleep;
-use tokio_util::codec::FramedRead;
-use tokio_util::sync::CancellationToken;
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{Fuse, FusedFuture, FutureExt};
+use monoio::buf::SliceMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
+use monoio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use super::ctl::{poke, register, ConnSignal, SIG_DRAIN, SIG_INJECT, SIG_KILL};
 use super::inflight::{InFlight, ReplyOwner};
 use super::inspect::{
-    CloseCause, ConnContext, InFlightRequest, InjectError, InjectRequest, Injector, Inspector,
-    ReplyVerdict, Verdict as RequestVerdict, INJECT_QUEUE,
+    CloseCause, ConnContext, InFlightRequest, InjectError, Injector, Inspector, ReplyVerdict,
+    Verdict as RequestVerdict,
 };
-use super::tls::{self, ClientStream, UpstreamTls};
+use super::tls::{self, ClientStream, ListenTls, Transport, UpstreamTls};
 use super::unreachable;
-use super::upstream::{DialError, HostPort};
+use super::upstream::{DialError, HostPort, Resolve};
 use crate::metrics::{Direction, FrameSide, ProxyMetrics};
-use sessionguard_protocol::wire::{self, Frame, FrameCodec, Message, MsgFlags, WireError};
+use sessionguard_protocol::wire::{self, Frame, Message, MsgFlags, MsgHeader, WireError};
 use sessionguard_protocol::{command_index, intern_command, OTHER_COMMAND};
 
 /// Which side of a connection pair failed.
@@ -122,55 +127,33 @@ pub(crate) struct ConnSettings {
     pub metrics: ProxyMetrics,
 }
 
-/// State both pumps touch.
-struct Shared<P> {
-    in_flight: Mutex<InFlight<P>>,
-    /// Signalled when the in-flight map may have become idle (for pending
-    /// injections and for drain).
-    became_idle: Notify,
-    /// Frames each pump read, for the close line. Shared rather than
-    /// returned: when one pump ends, the other is dropped mid-loop and its
-    /// count would be lost.
-    requests: AtomicU64,
-    replies: AtomicU64,
-}
-
-impl<P> Shared<P> {
-    fn lock(&self) -> MutexGuard<'_, InFlight<P>> {
-        // A panic while holding this lock would be a bug in synchronous map
-        // code; the map is still structurally sound, so keep going.
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// A freshly accepted client connection.
+/// A freshly accepted client connection, registered on its data thread.
 pub(crate) struct Accepted {
     pub id: u64,
-    pub client: ClientStream,
+    pub client: TcpStream,
     pub peer: SocketAddr,
     pub local: SocketAddr,
-}
-
-/// The listener's lifecycle signals: `drain` asks connections to finish
-/// their in-flight work and close; `kill` closes them now.
-#[derive(Clone)]
-pub(crate) struct Lifecycle {
-    pub drain: CancellationToken,
-    pub kill: CancellationToken,
+    /// Raised by the thread's control task: drain, kill, injection, wake.
+    pub signal: Rc<ConnSignal>,
+    /// Where the connection's injector sends (this thread's inbox, slot).
+    pub injector: Injector,
+    /// Name resolution off this thread, waking this connection.
+    pub resolver: Box<dyn Resolve>,
 }
 
 /// Serves connections for one inspector type, behind a trait object so the
 /// accept loop has no type parameter (the replica-set decorator wraps the
 /// inspector or not, decided at start). `serve` is monomorphised per
 /// inspector, so the per-frame path calls the inspector statically and
-/// keeps its `Pending` records inline; the one box is per connection.
+/// keeps its `Pending` records inline; the one box is per connection. The
+/// future is the data thread's own (not `Send`).
 pub(crate) trait ServeConnection: Send + Sync + 'static {
     fn serve_connection(
         self: Arc<Self>,
         accepted: Accepted,
         settings: Arc<ConnSettings>,
-        lifecycle: Lifecycle,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+        tls: Option<ListenTls>,
+    ) -> Pin<Box<dyn Future<Output = ()>>>;
 }
 
 impl<I: Inspector> ServeConnection for I {
@@ -178,10 +161,25 @@ impl<I: Inspector> ServeConnection for I {
         self: Arc<Self>,
         accepted: Accepted,
         settings: Arc<ConnSettings>,
-        lifecycle: Lifecycle,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        Box::pin(serve(accepted, settings, self, lifecycle))
+        tls: Option<ListenTls>,
+    ) -> Pin<Box<dyn Future<Output = ()>>> {
+        Box::pin(serve(accepted, settings, self, tls))
     }
+}
+
+/// Runs `future` unless the connection is killed first (`None`).
+async fn unless_killed<F: Future>(signal: &ConnSignal, future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        match signal.poll_raised(SIG_KILL, cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Serves one accepted client connection to completion.
@@ -189,22 +187,53 @@ pub(crate) async fn serve<I: Inspector>(
     accepted: Accepted,
     settings: Arc<ConnSettings>,
     inspector: Arc<I>,
-    lifecycle: Lifecycle,
+    tls: Option<ListenTls>,
 ) {
     let Accepted {
         id,
         client,
         peer,
         local,
+        signal,
+        injector,
+        resolver,
     } = accepted;
-    let Lifecycle { drain, kill } = lifecycle;
     let opened_at = Instant::now();
     let _ = client.set_nodelay(true);
     debug!(conn = id, %peer, "connection opened");
 
-    let dialed = tokio::select! {
-        dialed = tls::connect(&settings.upstream, settings.connect_timeout, settings.upstream_tls.as_ref()) => dialed,
-        _ = kill.cancelled() => return,
+    // The client's TLS handshake runs in this connection's task (a slow
+    // handshake never stalls accepting), bounded by `handshake_timeout`.
+    let client: ClientStream = match &tls {
+        None => Transport::Plain(client),
+        Some(tls) => {
+            let handshake = monoio::time::timeout(tls.handshake_timeout, tls.accept(client));
+            match unless_killed(&signal, handshake).await {
+                None => return,
+                Some(Err(_)) => {
+                    warn!(conn = id, %peer, side = "client",
+                        "connection closed: client TLS handshake not completed within {:?}",
+                        tls.handshake_timeout);
+                    return;
+                }
+                Some(Ok(Err(e))) => {
+                    warn!(conn = id, %peer, side = "client",
+                        "connection closed: client TLS handshake failed: {e}");
+                    return;
+                }
+                Some(Ok(Ok(stream))) => Transport::Tls(Box::new(stream)),
+            }
+        }
+    };
+
+    let dialing = tls::connect(
+        &settings.upstream,
+        settings.connect_timeout,
+        settings.upstream_tls.as_ref(),
+        resolver.as_ref(),
+    );
+    let Some(dialed) = unless_killed(&signal, Box::pin(dialing)).await else {
+        return;
     };
     let upstream = match dialed {
         Ok(stream) => {
@@ -222,77 +251,67 @@ pub(crate) async fn serve<I: Inspector>(
             // Answer the driver's handshake with the cause rather than a
             // bare reset, so the application's error says why.
             let errmsg = unreachable::explain(&e, settings.upstream_tls.as_ref());
-            let mut client = client;
-            let answered = tokio::select! {
-                answered = unreachable::answer_first_frame(
-                    &mut client,
-                    &errmsg,
-                    settings.max_message_size,
-                    settings.connect_timeout.min(settings.frame_read_timeout),
-                ) => answered.as_str(),
-                _ = kill.cancelled() => "shutdown",
+            let wait = settings.connect_timeout.min(settings.frame_read_timeout);
+            let max = settings.max_message_size;
+            let answered = match client {
+                Transport::Plain(mut c) => {
+                    let answer = unreachable::answer_first_frame(&mut c, &errmsg, max, wait);
+                    unless_killed(&signal, Box::pin(answer)).await
+                }
+                Transport::Tls(mut c) => {
+                    let answer = unreachable::answer_first_frame(c.as_mut(), &errmsg, max, wait);
+                    unless_killed(&signal, Box::pin(answer)).await
+                }
             };
+            let answered = answered.map_or("shutdown", |a| a.as_str());
             let e = ConnError::from(e);
             warn!(conn = id, %peer, side = %e.side(), error = %e, answered, "connection closed: {e}");
             return;
         }
     };
 
-    let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
     let ctx = ConnContext {
         id,
         peer,
         local,
-        injector: Injector::new(inject_tx, settings.inject_timeout),
+        injector,
     };
     inspector.on_connect(&ctx);
-
-    let shared = Shared {
-        in_flight: Mutex::new(InFlight::default()),
-        became_idle: Notify::new(),
-        requests: AtomicU64::new(0),
-        replies: AtomicU64::new(0),
-    };
-    let (client_read, client_write) = client.into_split();
-    let (upstream_read, upstream_write) = upstream.into_split();
-    let (local_tx, local_rx) = mpsc::channel::<Bytes>(4);
-
-    let pumps = Pumps {
-        ctx: &ctx,
-        shared: &shared,
-        inspector: inspector.as_ref(),
-        settings: &settings,
-        drain: &drain,
-    };
-    let (outcome, in_flight) = {
-        let requests = pumps.client_to_upstream(
-            FramedRead::new(client_read, FrameCodec::new(settings.max_message_size)),
-            upstream_write,
-            local_tx,
-            inject_rx,
-        );
-        let replies = pumps.upstream_to_client(
-            FramedRead::new(upstream_read, FrameCodec::new(settings.max_message_size)),
-            client_write,
-            local_rx,
-        );
-        tokio::pin!(requests, replies);
-        let mut killed = polled_when_woken(kill.cancelled());
-        let outcome = tokio::select! {
-            biased;
-            _ = killed.next() => Outcome::Killed,
-            outcome = &mut requests => outcome,
-            outcome = &mut replies => outcome,
-        };
-        // Told while both sockets are still open (they close when the pumps
-        // are dropped at the end of this block): what the inspector
-        // releases is released before the client can see the close and
-        // retry on another connection.
-        let still_in_flight = shared.lock().take_client_requests();
-        let in_flight = still_in_flight.len();
-        inspector.on_close(&ctx, outcome.cause(), still_in_flight);
-        (outcome, in_flight)
-    };
+    let pair = Rc::new(Pair {
+        ctx,
+        inspector,
+        settings: settings.clone(),
+        signal,
+        table: RefCell::new(InFlight::default()),
+        to_client: RefCell::new(Vec::new()),
+        draining: Cell::new(false),
+        closed: Cell::new(false),
+        outcome: RefCell::new(None),
+        in_flight_at_close: Cell::new(0),
+        client_writing: Cell::new(false),
+        requests: Cell::new(0),
+        replies: Cell::new(0),
+        wake_requests: Cell::new(None),
+        wake_replies: Cell::new(None),
+        wake_owner: Cell::new(None),
+    });
+    // Boxed: rustc lays the four arms out side by side in this future; the
+    // box keeps only the relay that runs resident.
+    match (client, upstream) {
+        (Transport::Plain(c), Transport::Plain(u)) => Box::pin(relay(c, u, pair.clone())).await,
+        (Transport::Tls(c), Transport::Plain(u)) => Box::pin(relay(*c, u, pair.clone())).await,
+        (Transport::Plain(c), Transport::Tls(u)) => Box::pin(relay(c, *u, pair.clone())).await,
+        (Transport::Tls(c), Transport::Tls(u)) => Box::pin(relay(*c, *u, pair.clone())).await,
+    }
+    let outcome = pair
+        .outcome
+        .borrow_mut()
+        .take()
+        .unwrap_or(Outcome::Failed(ConnError::Internal(
+            "relay ended without a cause",
+        )));
+    let in_flight = pair.in_flight_at_close.get();
+    let (requests, replies) = (pair.requests.get(), pair.replies.get());
 
     let lifetime = opened_at.elapsed();
     let frame_side = |side: &Side| match side {
@@ -335,8 +354,8 @@ pub(crate) async fn serve<I: Inspector>(
         ),
         _ => debug!(
             conn = id, %peer, in_flight, lifetime = ?lifetime,
-            requests = shared.requests.load(Ordering::Relaxed),
-            replies = shared.replies.load(Ordering::Relaxed),
+            requests,
+            replies,
             reason, "connection closed"
         ),
     }
@@ -392,155 +411,79 @@ enum RequestAction<P> {
     },
 }
 
-struct Pumps<'a, I: Inspector> {
-    ctx: &'a ConnContext,
-    shared: &'a Shared<I::Pending>,
-    inspector: &'a I,
-    settings: &'a ConnSettings,
-    drain: &'a CancellationToken,
+/// What both tasks of a connection share (one `Rc`, on one thread): the
+/// in-flight table and the proxy's own replies in `RefCell`s borrowed only
+/// inside synchronous passes, everything else in `Cell`s. No mutex, no
+/// atomics, no cross-thread wake.
+struct Pair<I: Inspector> {
+    ctx: ConnContext,
+    inspector: Arc<I>,
+    settings: Arc<ConnSettings>,
+    signal: Rc<ConnSignal>,
+    table: RefCell<InFlight<I::Pending>>,
+    /// Replies the proxy makes itself (rejections), waiting for the client
+    /// writer (the replies task).
+    to_client: RefCell<Vec<u8>>,
+    draining: Cell<bool>,
+    closed: Cell<bool>,
+    outcome: RefCell<Option<Outcome>>,
+    in_flight_at_close: Cell<usize>,
+    /// The replies task is writing to the client: a drain must not cut it.
+    client_writing: Cell<bool>,
+    /// Frames read per direction, for the close line.
+    requests: Cell<u64>,
+    replies: Cell<u64>,
+    /// Local wake-ups: the requests task (an injection may be due), the
+    /// replies task (a rejection reply is queued), the owner (closed).
+    wake_requests: Cell<Option<Waker>>,
+    wake_replies: Cell<Option<Waker>>,
+    wake_owner: Cell<Option<Waker>>,
 }
 
-impl<I: Inspector> Pumps<'_, I> {
-    /// Client -> upstream: reads requests, records those that expect a
-    /// reply, asks the inspector, forwards (or answers a rejection), and
-    /// sends queued injections when the connection is idle.
-    async fn client_to_upstream<R, W>(
-        &self,
-        mut reader: FramedRead<R, FrameCodec>,
-        mut upstream: W,
-        local_tx: mpsc::Sender<Bytes>,
-        mut inject_rx: mpsc::Receiver<InjectRequest>,
-    ) -> Outcome
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        let mut pending: VecDeque<InjectRequest> = VecDeque::new();
-        // Created once: a fresh cancellation future per frame would register
-        // and unregister a waiter on the token every time.
-        let mut drain_started = polled_when_woken(self.drain.cancelled());
-        // Set when `drain_started` fires (its first poll sees a drain that
-        // began before this connection). Not `drain.is_cancelled()` per
-        // frame: that locks the token, which every connection shares.
-        let mut draining = false;
-        loop {
-            expire(&mut pending, self.settings.inject_timeout);
-            if draining {
-                for request in pending.drain(..) {
-                    let _ = request.reply.send(Err(InjectError::Draining));
-                }
-                while let Ok(request) = inject_rx.try_recv() {
-                    let _ = request.reply.send(Err(InjectError::Draining));
-                }
-                if self.shared.lock().idle_for_drain() {
-                    return Outcome::Drained;
-                }
-            } else if let Some(frame) = self.take_injection(&mut pending) {
-                if let Err(source) = upstream.write_all(&frame).await {
-                    return Outcome::Failed(ConnError::Io {
-                        side: Side::Upstream,
-                        action: "writing",
-                        source,
-                    });
-                }
-                continue;
-            }
-            let next_deadline = pending.iter().map(|p| p.deadline).min();
-            // Idleness only matters to a queued injection or a drain; the
-            // reply pump signals it after every reply, and waking for that
-            // on the hot path would cost a second pass per request.
-            let awaiting_idle = draining || !pending.is_empty();
-
-            let frame = tokio::select! {
-                biased;
-                _ = drain_started.next(), if !draining => {
-                    draining = true;
-                    continue;
-                }
-                _ = self.shared.became_idle.notified(), if awaiting_idle => continue,
-                injected = inject_rx.recv(), if !draining => {
-                    if let Some(request) = injected {
-                        pending.push_back(request);
-                    }
-                    continue;
-                }
-                _ = sleep_until_opt(next_deadline), if next_deadline.is_some() => continue,
-                frame = next_frame(&mut reader, self.settings.frame_read_timeout, Side::Client), if !draining => frame,
-            };
-            let frame = match frame {
-                None => return Outcome::ClientClosed,
-                Some(Err(e)) => return Outcome::Failed(e),
-                Some(Ok(frame)) => frame,
-            };
-            self.shared.requests.fetch_add(1, Ordering::Relaxed);
-            self.settings.metrics.frame(
-                Direction::ClientToUpstream,
-                frame.header.op_code,
-                frame.bytes.len(),
-            );
-
-            let action = match self.inspect_request(&frame) {
-                Ok(action) => action,
-                Err(e) => return Outcome::Failed(e),
-            };
-            match action {
-                RequestAction::Forward(record) => {
-                    if let Some(record) = record {
-                        // Recorded before forwarding so the reply can never
-                        // arrive before its request is known.
-                        if let Some(request_id) = self.shared.lock().insert_client(record) {
-                            debug!(
-                                conn = self.ctx.id,
-                                request_id, "client reused a request id that was still in flight"
-                            );
-                        }
-                    }
-                    if let Err(source) = upstream.write_all(&frame.bytes).await {
-                        return Outcome::Failed(ConnError::Io {
-                            side: Side::Upstream,
-                            action: "writing",
-                            source,
-                        });
-                    }
-                }
-                RequestAction::Reject {
-                    reply,
-                    expects_reply,
-                    legacy,
-                } => {
-                    // A moreToCome request expects no reply, so it gets none.
-                    if !expects_reply {
-                        continue;
-                    }
-                    let reply_id = self.shared.lock().next_proxy_id();
-                    let request_id = frame.header.request_id;
-                    let bytes = if legacy {
-                        wire::legacy::encode_reply(reply_id, request_id, 0, 0, &[&reply])
-                    } else {
-                        wire::op_msg::encode(reply_id, request_id, MsgFlags::default(), &reply)
-                    };
-                    if local_tx.send(bytes).await.is_err() {
-                        return Outcome::Failed(ConnError::Internal("reply pump stopped"));
-                    }
-                }
-            }
+impl<I: Inspector> Pair<I> {
+    /// Ends the connection once, whoever sees the end first: the inspector
+    /// is told while both sockets are still open (the tasks hold them), so
+    /// what it releases is released before the client can see the close
+    /// and retry on another connection; then every task is woken to return
+    /// (dropping a pending read cancels it).
+    fn finish(&self, outcome: Outcome) {
+        if self.closed.replace(true) {
+            return;
         }
+        let still_in_flight = self.table.borrow_mut().take_client_requests();
+        self.in_flight_at_close.set(still_in_flight.len());
+        self.inspector
+            .on_close(&self.ctx, outcome.cause(), still_in_flight);
+        self.signal.fail_injections(InjectError::Closed);
+        *self.outcome.borrow_mut() = Some(outcome);
+        poke(&self.wake_requests);
+        poke(&self.wake_replies);
+        poke(&self.wake_owner);
     }
 
-    /// Pops the oldest pending injection if the connection is idle, records
-    /// it as in flight and returns the frame to write.
-    fn take_injection(&self, pending: &mut VecDeque<InjectRequest>) -> Option<Bytes> {
-        if pending.is_empty() {
-            return None;
-        }
-        let mut map = self.shared.lock();
-        if !map.idle_for_inject() {
-            return None;
-        }
-        let request = pending.pop_front()?;
-        let id = map.next_proxy_id();
-        map.insert_injected(id, request.reply);
-        drop(map);
+    fn idle_for_drain(&self) -> bool {
+        !self.client_writing.get() && self.table.borrow().idle_for_drain()
+    }
+
+    /// An injection can be written now: nothing in flight, not draining.
+    fn injection_due(&self) -> bool {
+        !self.draining.get()
+            && !self.signal.injections.borrow().is_empty()
+            && self.table.borrow().idle_for_inject()
+    }
+
+    /// Pops the oldest live injection (the refresher may have given up on
+    /// some), records it as in flight, and returns the frame to write.
+    fn take_injection(&self) -> Option<Bytes> {
+        let request = loop {
+            let request = self.signal.injections.borrow_mut().pop_front()?;
+            if !request.reply.is_closed() {
+                break request;
+            }
+        };
+        let mut table = self.table.borrow_mut();
+        let id = table.next_proxy_id();
+        table.insert_injected(id, request.reply);
         Some(wire::op_msg::encode(
             id,
             0,
@@ -548,274 +491,689 @@ impl<I: Inspector> Pumps<'_, I> {
             &request.body,
         ))
     }
+}
 
-    fn inspect_request(&self, frame: &Frame) -> Result<RequestAction<I::Pending>, ConnError> {
-        let malformed = |source| ConnError::Malformed {
-            side: Side::Client,
-            source,
-        };
-        let opened = wire::open(frame, self.settings.max_message_size).map_err(malformed)?;
-        let msg = opened.parse(frame).map_err(malformed)?;
-
-        let (command, expects_reply, exhaust_allowed, awaitable_hello) = match &msg {
-            Message::Msg(m) => {
-                let name = m.command_name();
-                let awaitable = name.is_some_and(sessionguard_protocol::command::is_hello)
-                    && (m.flags.exhaust_allowed()
-                        || m.body.get("maxAwaitTimeMS").ok().flatten().is_some());
-                (
-                    name,
-                    !m.flags.more_to_come(),
-                    m.flags.exhaust_allowed(),
-                    awaitable,
-                )
-            }
-            Message::Query(q) => (q.command_name(), true, false, false),
-            // Clients do not send replies; unknown opcodes are carried
-            // through without expecting anything back.
-            Message::Reply(_) | Message::Other(_) => (None, false, false, false),
-        };
-        let command_metric = command.map_or(OTHER_COMMAND, command_index);
-        if command.is_some() {
-            self.settings.metrics.command(command_metric);
+/// Relays until either side closes, a drain finishes, or a kill: spawns the
+/// two direction tasks on this thread and watches the connection's signal.
+async fn relay<I, C, U>(client: C, upstream: U, pair: Rc<Pair<I>>)
+where
+    I: Inspector,
+    C: AsyncReadRent + AsyncWriteRent + Split + 'static,
+    U: AsyncReadRent + AsyncWriteRent + Split + 'static,
+{
+    let (client_read, client_write) = client.into_split();
+    let (upstream_read, upstream_write) = upstream.into_split();
+    let requests = monoio::spawn(requests(client_read, upstream_write, pair.clone()));
+    let replies = monoio::spawn(replies(upstream_read, client_write, pair.clone()));
+    // The owner wakes only for the signal or the end: no per-frame cost.
+    poll_fn(|cx| {
+        if pair.closed.get() {
+            return Poll::Ready(());
         }
-        // Before the inspector runs: its time is part of the round trip.
-        let started = Instant::now();
-        Ok(match self.inspector.on_request(self.ctx, frame, &msg) {
-            RequestVerdict::Forward(pending) => {
-                RequestAction::Forward(expects_reply.then(|| InFlightRequest {
-                    request_id: frame.header.request_id,
-                    command: command.map(|name| intern_command(name, command_metric)),
-                    command_metric,
-                    started,
-                    exhaust_allowed,
-                    awaitable_hello,
-                    streamed_replies: 0,
-                    pending,
+        register(&pair.wake_owner, cx.waker());
+        pair.signal.register(cx);
+        let flags = pair.signal.take();
+        if flags & SIG_KILL != 0 {
+            pair.finish(Outcome::Killed);
+            return Poll::Ready(());
+        }
+        if flags & SIG_DRAIN != 0 && !pair.draining.replace(true) {
+            pair.signal.fail_injections(InjectError::Draining);
+            if pair.idle_for_drain() {
+                pair.finish(Outcome::Drained);
+                return Poll::Ready(());
+            }
+        }
+        if flags & SIG_INJECT != 0 {
+            if pair.draining.get() {
+                pair.signal.fail_injections(InjectError::Draining);
+            } else {
+                poke(&pair.wake_requests);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    // Both tasks return once woken after `finish`; their halves (and so
+    // the sockets) are dropped with them.
+    let _ = (requests.await, replies.await);
+}
+
+/// Read buffer size per direction: most frames fit, and a buffer grows to a
+/// larger frame's declared length only while that frame is read.
+const BUF_SIZE: usize = 16 * 1024;
+/// A buffer grown past this for a big frame is replaced once empty.
+const BUF_KEEP: usize = 4 * BUF_SIZE;
+
+/// Makes room for the next read, reusing the allocation once the previous
+/// batch has been written (its `Bytes` dropped): `reserve` then moves the
+/// partial tail to the front instead of allocating.
+fn ready_for_read(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > BUF_KEEP {
+        *buf = BytesMut::with_capacity(BUF_SIZE);
+    }
+    let spare = buf.capacity() - buf.len();
+    if spare < BUF_SIZE / 4 {
+        buf.reserve(BUF_SIZE.max(buf.len() + BUF_SIZE / 4) - buf.len());
+    }
+}
+
+async fn read_into<R: AsyncReadRent>(
+    mut half: R,
+    mut buf: BytesMut,
+) -> (R, BytesMut, io::Result<usize>) {
+    ready_for_read(&mut buf);
+    // Into the spare capacity: a monoio read of a whole buffer writes from
+    // its start.
+    let (len, cap) = (buf.len(), buf.capacity());
+    let (res, slice) = half.read(SliceMut::new(buf, len, cap)).await;
+    (half, slice.into_inner(), res)
+}
+
+async fn write_from<W: AsyncWriteRent>(mut half: W, bytes: Bytes) -> (W, io::Result<usize>) {
+    let (res, _) = half.write_all(bytes).await;
+    (half, res)
+}
+
+/// `Fuse::terminated()` of the future type `f` returns (which cannot be named).
+fn idle_slot<A, B, F: Future>(_f: impl Fn(A, B) -> F) -> Fuse<F> {
+    Fuse::terminated()
+}
+
+/// Splits the complete frames off the front of `buf` (one `Bytes`, the
+/// batch; frames are sliced out of it without copying), checking each
+/// declared length before waiting for its bytes. Room for a partial
+/// frame's declared length is reserved. A length out of bounds ends the
+/// batch and comes back as the error to close with once the frames before
+/// it are dealt with (they were sent first).
+fn complete_frames(
+    buf: &mut BytesMut,
+    max: usize,
+    side: Side,
+) -> (Option<Bytes>, Option<ConnError>) {
+    let mut at = 0;
+    let mut partial = None;
+    let mut refused = None;
+    loop {
+        match wire::frame_len(&buf[at..], max) {
+            Err(source) => {
+                refused = Some(ConnError::Malformed { side, source });
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(n)) if at + n > buf.len() => {
+                partial = Some(n);
+                break;
+            }
+            Ok(Some(n)) => at += n,
+        }
+    }
+    let batch = (at > 0).then(|| buf.split_to(at).freeze());
+    if let Some(n) = partial {
+        if n > buf.capacity() {
+            buf.reserve(n - buf.len());
+        }
+    }
+    (batch, refused)
+}
+
+/// Each frame of a batch, as the `Frame` the inspector sees (a slice of
+/// the batch: a reference count, no allocation).
+fn frames(batch: &Bytes) -> impl Iterator<Item = Frame> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let rest = batch.get(at..)?;
+        let header = MsgHeader::parse(rest)?;
+        let n = usize::try_from(header.message_length).ok()?;
+        let frame = Frame {
+            header,
+            bytes: batch.slice(at..at + n),
+        };
+        at += n;
+        Some(frame)
+    })
+}
+
+/// What a pass leaves to write: the batch untouched (the common case), or,
+/// when a frame was cut or replaced, the bytes rebuilt (rare).
+enum Output {
+    Nothing,
+    Batch(Bytes),
+    Rebuilt(Vec<u8>),
+}
+
+impl Output {
+    fn into_bytes(self) -> Option<Bytes> {
+        match self {
+            Output::Nothing => None,
+            Output::Batch(bytes) => Some(bytes),
+            Output::Rebuilt(bytes) if bytes.is_empty() => None,
+            Output::Rebuilt(bytes) => Some(Bytes::from(bytes)),
+        }
+    }
+}
+
+/// Runs a write unless the connection is finished first (`None`): a peer
+/// that stops reading must not hold a kill, a drain's grace or the other
+/// direction's close. Dropping the write cancels it (monoio's
+/// `async-cancel`) and drops the socket half it owns.
+async fn unless_closed<I: Inspector, F: Future>(
+    pair: &Pair<I>,
+    wake: &Cell<Option<Waker>>,
+    write: F,
+) -> Option<F::Output> {
+    let mut write = pin!(write);
+    poll_fn(|cx| {
+        if let Poll::Ready(out) = write.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if pair.closed.get() {
+            return Poll::Ready(None);
+        }
+        register(wake, cx.waker());
+        Poll::Pending
+    })
+    .await
+}
+
+/// How a read ends the connection, if it does: the peer closed (0 bytes)
+/// or failed.
+fn read_end(res: io::Result<usize>, side: Side) -> Option<Outcome> {
+    match res {
+        Ok(0) => Some(match side {
+            Side::Client => Outcome::ClientClosed,
+            Side::Upstream | Side::Internal => Outcome::UpstreamClosed,
+        }),
+        Ok(_) => None,
+        Err(source) => Some(io_failed(side, "reading", source)),
+    }
+}
+
+fn io_failed(side: Side, action: &'static str, source: io::Error) -> Outcome {
+    Outcome::Failed(ConnError::Io {
+        side,
+        action,
+        source,
+    })
+}
+
+/// Arms the frame-read timer while a partial frame is buffered, re-arms it
+/// when a frame completed (each frame gets the full timeout), and disarms
+/// it otherwise: most frames arrive whole in one read.
+fn arm_timer(
+    timer: Pin<&mut Fuse<monoio::time::Sleep>>,
+    partial: bool,
+    progressed: bool,
+    timeout: Duration,
+) {
+    let mut timer = timer;
+    if partial {
+        if timer.is_terminated() || progressed {
+            timer.set(monoio::time::sleep(timeout).fuse());
+        }
+    } else if !timer.is_terminated() {
+        timer.set(Fuse::terminated());
+    }
+}
+
+/// Client -> upstream: the only reader of the client and the only writer
+/// to the upstream (forwarded requests and injected ones).
+async fn requests<I, R, W>(client: R, upstream: W, pair: Rc<Pair<I>>)
+where
+    I: Inspector,
+    R: AsyncReadRent,
+    W: AsyncWriteRent,
+{
+    let timeout = pair.settings.frame_read_timeout;
+    let mut upstream = Some(upstream);
+    let mut read = pin!(read_into(client, BytesMut::with_capacity(BUF_SIZE)).fuse());
+    let mut injecting = pin!(idle_slot(write_from::<W>));
+    let mut timer = pin!(Fuse::<monoio::time::Sleep>::terminated());
+    loop {
+        enum Ev<A, B> {
+            Read(A),
+            Injected(B),
+            Timeout,
+            InjectionDue,
+        }
+        let ev = poll_fn(|cx| {
+            if pair.closed.get() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(v) = read.as_mut().poll(cx) {
+                return Poll::Ready(Some(Ev::Read(v)));
+            }
+            if let Poll::Ready(v) = injecting.as_mut().poll(cx) {
+                return Poll::Ready(Some(Ev::Injected(v)));
+            }
+            if !timer.is_terminated() && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Ev::Timeout));
+            }
+            if upstream.is_some() && pair.injection_due() {
+                return Poll::Ready(Some(Ev::InjectionDue));
+            }
+            register(&pair.wake_requests, cx.waker());
+            Poll::Pending
+        })
+        .await;
+        let Some(ev) = ev else { return };
+        let upstream_error = |source| io_failed(Side::Upstream, "writing", source);
+        match ev {
+            Ev::Timeout => {
+                return pair.finish(Outcome::Failed(ConnError::FrameTimeout {
+                    side: Side::Client,
+                    timeout,
                 }))
             }
-            RequestVerdict::Reject { reply } => RequestAction::Reject {
+            Ev::InjectionDue => {
+                if let (Some(frame), Some(w)) = (pair.take_injection(), upstream.take()) {
+                    injecting.set(write_from(w, frame).fuse());
+                }
+            }
+            Ev::Injected((half, res)) => {
+                if let Err(e) = res {
+                    return pair.finish(upstream_error(e));
+                }
+                upstream = Some(half);
+            }
+            Ev::Read((half, mut buf, res)) => {
+                if let Some(end) = read_end(res, Side::Client) {
+                    return pair.finish(end);
+                }
+                if pair.draining.get() {
+                    // Not forwarded (as before v2, where it stayed unread):
+                    // the connection closes once idle. Parks, holding the
+                    // half, until the pair is finished.
+                    let _keep = (half, buf);
+                    poll_fn(|cx| {
+                        if pair.closed.get() {
+                            return Poll::Ready(());
+                        }
+                        register(&pair.wake_requests, cx.waker());
+                        Poll::Pending
+                    })
+                    .await;
+                    return;
+                }
+                let (output, refused) = match request_pass(&pair, &mut buf) {
+                    Ok(passed) => passed,
+                    Err(e) => return pair.finish(Outcome::Failed(e)),
+                };
+                if !pair.to_client.borrow().is_empty() {
+                    poke(&pair.wake_replies);
+                }
+                let progressed = !matches!(output, Output::Nothing);
+                arm_timer(timer.as_mut(), !buf.is_empty(), progressed, timeout);
+                if let Some(bytes) = output.into_bytes() {
+                    // An injection being written finishes first (one writer).
+                    let w = match upstream.take() {
+                        Some(w) => w,
+                        None => {
+                            let Some((w, res)) =
+                                unless_closed(&pair, &pair.wake_requests, injecting.as_mut()).await
+                            else {
+                                return;
+                            };
+                            if let Err(e) = res {
+                                return pair.finish(upstream_error(e));
+                            }
+                            w
+                        }
+                    };
+                    let write = write_from(w, bytes);
+                    let Some((w, res)) = unless_closed(&pair, &pair.wake_requests, write).await
+                    else {
+                        return;
+                    };
+                    if let Err(e) = res {
+                        return pair.finish(upstream_error(e));
+                    }
+                    upstream = Some(w);
+                }
+                if let Some(e) = refused {
+                    return pair.finish(Outcome::Failed(e));
+                }
+                read.set(read_into(half, buf).fuse());
+            }
+        }
+    }
+}
+
+/// Upstream -> client: the only reader of the upstream and the only writer
+/// to the client (forwarded replies and the proxy's own).
+async fn replies<I, R, W>(upstream: R, client: W, pair: Rc<Pair<I>>)
+where
+    I: Inspector,
+    R: AsyncReadRent,
+    W: AsyncWriteRent,
+{
+    let timeout = pair.settings.frame_read_timeout;
+    let mut client = Some(client);
+    let mut read = pin!(read_into(upstream, BytesMut::with_capacity(BUF_SIZE)).fuse());
+    let mut timer = pin!(Fuse::<monoio::time::Sleep>::terminated());
+    let client_error = |source| io_failed(Side::Client, "writing", source);
+    loop {
+        enum Ev<A> {
+            Read(A),
+            Local,
+            Timeout,
+        }
+        let ev = poll_fn(|cx| {
+            if pair.closed.get() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(v) = read.as_mut().poll(cx) {
+                return Poll::Ready(Some(Ev::Read(v)));
+            }
+            if !timer.is_terminated() && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Ev::Timeout));
+            }
+            if !pair.to_client.borrow().is_empty() {
+                return Poll::Ready(Some(Ev::Local));
+            }
+            register(&pair.wake_replies, cx.waker());
+            Poll::Pending
+        })
+        .await;
+        let Some(ev) = ev else { return };
+        let Some(w) = client.take() else { return };
+        match ev {
+            Ev::Timeout => {
+                return pair.finish(Outcome::Failed(ConnError::FrameTimeout {
+                    side: Side::Upstream,
+                    timeout,
+                }))
+            }
+            Ev::Local => {
+                let local = std::mem::take(&mut *pair.to_client.borrow_mut());
+                pair.client_writing.set(true);
+                let write = write_from(w, Bytes::from(local));
+                let Some((w, res)) = unless_closed(&pair, &pair.wake_replies, write).await else {
+                    return;
+                };
+                pair.client_writing.set(false);
+                if let Err(e) = res {
+                    return pair.finish(client_error(e));
+                }
+                client = Some(w);
+                if pair.draining.get() && pair.idle_for_drain() {
+                    return pair.finish(Outcome::Drained);
+                }
+            }
+            Ev::Read((half, mut buf, res)) => {
+                if let Some(end) = read_end(res, Side::Upstream) {
+                    return pair.finish(end);
+                }
+                let (output, refused) = match reply_pass(&pair, &mut buf) {
+                    Ok(passed) => passed,
+                    Err(e) => return pair.finish(Outcome::Failed(e)),
+                };
+                let progressed = !matches!(output, Output::Nothing);
+                arm_timer(timer.as_mut(), !buf.is_empty(), progressed, timeout);
+                let w = match output.into_bytes() {
+                    None => w,
+                    Some(bytes) => {
+                        pair.client_writing.set(true);
+                        let write = write_from(w, bytes);
+                        let Some((w, res)) = unless_closed(&pair, &pair.wake_replies, write).await
+                        else {
+                            return;
+                        };
+                        pair.client_writing.set(false);
+                        if let Err(e) = res {
+                            return pair.finish(client_error(e));
+                        }
+                        w
+                    }
+                };
+                client = Some(w);
+                if let Some(e) = refused {
+                    return pair.finish(Outcome::Failed(e));
+                }
+                read.set(read_into(half, buf).fuse());
+                // Only after the reply reached the client: a draining
+                // connection closes now, and must not cut it off.
+                if pair.draining.get() && pair.idle_for_drain() {
+                    return pair.finish(Outcome::Drained);
+                }
+                if pair.injection_due() {
+                    poke(&pair.wake_requests);
+                }
+            }
+        }
+    }
+}
+
+/// One pass over the client's complete frames: count, inspect, record the
+/// requests that expect a reply (before they are forwarded, so a reply can
+/// never arrive before its request is known), queue rejection replies.
+fn request_pass<I: Inspector>(
+    pair: &Pair<I>,
+    buf: &mut BytesMut,
+) -> Result<(Output, Option<ConnError>), ConnError> {
+    let settings = &pair.settings;
+    let (batch, refused) = complete_frames(buf, settings.max_message_size, Side::Client);
+    let Some(batch) = batch else {
+        return Ok((Output::Nothing, refused));
+    };
+    let mut rebuilt: Option<Vec<u8>> = None;
+    let mut kept = 0;
+    let mut count = 0;
+    for frame in frames(&batch) {
+        count += 1;
+        settings.metrics.frame(
+            Direction::ClientToUpstream,
+            frame.header.op_code,
+            frame.bytes.len(),
+        );
+        match inspect_request(pair, &frame)? {
+            RequestAction::Forward(record) => {
+                if let Some(record) = record {
+                    if let Some(request_id) = pair.table.borrow_mut().insert_client(record) {
+                        debug!(
+                            conn = pair.ctx.id,
+                            request_id, "client reused a request id that was still in flight"
+                        );
+                    }
+                }
+                match &mut rebuilt {
+                    Some(out) => out.extend_from_slice(&frame.bytes),
+                    None => kept += frame.bytes.len(),
+                }
+            }
+            RequestAction::Reject {
                 reply,
                 expects_reply,
-                legacy: matches!(msg, Message::Query(_)),
-            },
-        })
-    }
-
-    /// Upstream -> client: reads replies, matches them to requests, hands
-    /// injected replies to their waiters, asks the inspector, forwards.
-    async fn upstream_to_client<R, W>(
-        &self,
-        mut reader: FramedRead<R, FrameCodec>,
-        mut client: W,
-        mut local_rx: mpsc::Receiver<Bytes>,
-    ) -> Outcome
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        let client_write_error = |source| ConnError::Io {
-            side: Side::Client,
-            action: "writing",
-            source,
-        };
-        loop {
-            let frame = tokio::select! {
-                biased;
-                local = local_rx.recv() => {
-                    if let Some(bytes) = local {
-                        if let Err(e) = client.write_all(&bytes).await {
-                            return Outcome::Failed(client_write_error(e));
-                        }
-                    }
+                legacy,
+            } => {
+                rebuilt.get_or_insert_with(|| batch[..kept].to_vec());
+                // A moreToCome request expects no reply, so it gets none.
+                if !expects_reply {
                     continue;
                 }
-                frame = next_frame(&mut reader, self.settings.frame_read_timeout, Side::Upstream) => frame,
-            };
-            let frame = match frame {
-                None => return Outcome::UpstreamClosed,
-                Some(Err(e)) => return Outcome::Failed(e),
-                Some(Ok(frame)) => frame,
-            };
-            self.shared.replies.fetch_add(1, Ordering::Relaxed);
-            self.settings.metrics.frame(
-                Direction::UpstreamToClient,
-                frame.header.op_code,
-                frame.bytes.len(),
-            );
-
-            let (to_client, became_idle) = match self.inspect_reply(&frame) {
-                Ok(r) => r,
-                Err(e) => return Outcome::Failed(e),
-            };
-            if let Some(bytes) = to_client {
-                if let Err(e) = client.write_all(&bytes).await {
-                    return Outcome::Failed(client_write_error(e));
-                }
-            }
-            // Only after the reply reached the client: a draining
-            // connection closes when woken, and must not cut it off.
-            if became_idle {
-                self.shared.became_idle.notify_one();
+                let reply_id = pair.table.borrow_mut().next_proxy_id();
+                let request_id = frame.header.request_id;
+                let bytes = if legacy {
+                    wire::legacy::encode_reply(reply_id, request_id, 0, 0, &[&reply])
+                } else {
+                    wire::op_msg::encode(reply_id, request_id, MsgFlags::default(), &reply)
+                };
+                pair.to_client.borrow_mut().extend_from_slice(&bytes);
             }
         }
     }
+    pair.requests.set(pair.requests.get() + count);
+    let output = match rebuilt {
+        None => Output::Batch(batch),
+        Some(out) => Output::Rebuilt(out),
+    };
+    Ok((output, refused))
+}
 
-    /// Records the latency of a request's first reply. Awaitable hellos wait
-    /// for a topology change on purpose, so they would only blur the
-    /// histogram; later replies of an exhaust stream are not round trips.
-    fn observe_round_trip(&self, request: &InFlightRequest<I::Pending>, more_to_come: bool) {
-        let first_reply = request.streamed_replies <= u32::from(more_to_come);
-        if request.awaitable_hello || !first_reply {
-            return;
+fn inspect_request<I: Inspector>(
+    pair: &Pair<I>,
+    frame: &Frame,
+) -> Result<RequestAction<I::Pending>, ConnError> {
+    let malformed = |source| ConnError::Malformed {
+        side: Side::Client,
+        source,
+    };
+    let settings = &pair.settings;
+    let opened = wire::open(frame, settings.max_message_size).map_err(malformed)?;
+    let msg = opened.parse(frame).map_err(malformed)?;
+
+    let (command, expects_reply, exhaust_allowed, awaitable_hello) = match &msg {
+        Message::Msg(m) => {
+            let name = m.command_name();
+            let awaitable = name.is_some_and(sessionguard_protocol::command::is_hello)
+                && (m.flags.exhaust_allowed()
+                    || m.body.get("maxAwaitTimeMS").ok().flatten().is_some());
+            (
+                name,
+                !m.flags.more_to_come(),
+                m.flags.exhaust_allowed(),
+                awaitable,
+            )
         }
-        if request.command.is_some() {
-            self.settings
-                .metrics
-                .round_trip(request.command_metric, request.started.elapsed());
-        }
+        Message::Query(q) => (q.command_name(), true, false, false),
+        // Clients do not send replies; unknown opcodes are carried
+        // through without expecting anything back.
+        Message::Reply(_) | Message::Other(_) => (None, false, false, false),
+    };
+    let command_metric = command.map_or(OTHER_COMMAND, command_index);
+    if command.is_some() {
+        settings.metrics.command(command_metric);
     }
+    // Before the inspector runs: its time is part of the round trip.
+    let started = Instant::now();
+    Ok(match pair.inspector.on_request(&pair.ctx, frame, &msg) {
+        RequestVerdict::Forward(pending) => {
+            RequestAction::Forward(expects_reply.then(|| InFlightRequest {
+                request_id: frame.header.request_id,
+                command: command.map(|name| intern_command(name, command_metric)),
+                command_metric,
+                started,
+                exhaust_allowed,
+                awaitable_hello,
+                streamed_replies: 0,
+                pending,
+            }))
+        }
+        RequestVerdict::Reject { reply } => RequestAction::Reject {
+            reply,
+            expects_reply,
+            legacy: matches!(msg, Message::Query(_)),
+        },
+    })
+}
 
-    /// Returns the bytes to send to the client (None for injected replies)
-    /// and whether the in-flight map may now be idle.
-    fn inspect_reply(&self, frame: &Frame) -> Result<(Option<Bytes>, bool), ConnError> {
-        let malformed = |source| ConnError::Malformed {
-            side: Side::Upstream,
-            source,
-        };
-        let opened = wire::open(frame, self.settings.max_message_size).map_err(malformed)?;
-        let msg = opened.parse(frame).map_err(malformed)?;
+/// Records the latency of a request's first reply. Awaitable hellos wait
+/// for a topology change on purpose, so they would only blur the
+/// histogram; later replies of an exhaust stream are not round trips.
+fn observe_round_trip<P>(
+    settings: &ConnSettings,
+    request: &InFlightRequest<P>,
+    more_to_come: bool,
+) {
+    let first_reply = request.streamed_replies <= u32::from(more_to_come);
+    if request.awaitable_hello || !first_reply {
+        return;
+    }
+    if request.command.is_some() {
+        settings
+            .metrics
+            .round_trip(request.command_metric, request.started.elapsed());
+    }
+}
+
+/// One pass over the upstream's complete frames: match each to its
+/// request, hand injected replies to their waiters (cut out), ask the
+/// inspector (which may replace a reply: hello rewriting).
+fn reply_pass<I: Inspector>(
+    pair: &Pair<I>,
+    buf: &mut BytesMut,
+) -> Result<(Output, Option<ConnError>), ConnError> {
+    let settings = &pair.settings;
+    let (batch, refused) = complete_frames(buf, settings.max_message_size, Side::Upstream);
+    let Some(batch) = batch else {
+        return Ok((Output::Nothing, refused));
+    };
+    let malformed = |source| ConnError::Malformed {
+        side: Side::Upstream,
+        source,
+    };
+    let mut rebuilt: Option<Vec<u8>> = None;
+    let mut kept = 0;
+    let mut count = 0;
+    for frame in frames(&batch) {
+        count += 1;
+        settings.metrics.frame(
+            Direction::UpstreamToClient,
+            frame.header.op_code,
+            frame.bytes.len(),
+        );
+        let opened = wire::open(&frame, settings.max_message_size).map_err(malformed)?;
+        let msg = opened.parse(&frame).map_err(malformed)?;
         let more_to_come = matches!(&msg, Message::Msg(m) if m.flags.more_to_come());
-
-        let mut map = self.shared.lock();
-        let owner = map.on_reply(
+        let mut table = pair.table.borrow_mut();
+        let owner = table.on_reply(
             frame.header.response_to,
             frame.header.request_id,
             more_to_come,
         );
-        let became_idle = map.idle_for_inject() || map.idle_for_drain();
         let verdict = match owner {
             ReplyOwner::Injected(waiter) => {
-                drop(map);
+                drop(table);
                 if let Some(waiter) = waiter {
-                    let _ = waiter.send(Ok(frame.bytes.clone()));
+                    // A copy, so the read buffer is not held by the waiter.
+                    let _ = waiter.send(Ok(Bytes::copy_from_slice(&frame.bytes)));
                 }
-                return Ok((None, became_idle));
+                rebuilt.get_or_insert_with(|| batch[..kept].to_vec());
+                continue;
             }
             ReplyOwner::Client(mut request) => {
                 // Complete: the record is ours now, and dropped after this.
-                drop(map);
-                self.observe_round_trip(&request, more_to_come);
-                self.inspector
-                    .on_reply(self.ctx, Some(&mut request), frame, &msg)
+                drop(table);
+                observe_round_trip(settings, &request, more_to_come);
+                pair.inspector
+                    .on_reply(&pair.ctx, Some(&mut request), &frame, &msg)
             }
             ReplyOwner::Streaming(key) => {
-                // The stream continues: the record stays in the table, so
-                // the inspector updates it there, under the lock (a
-                // synchronous call; the other pump only ever waits for
-                // short sections). Exhaust streams only.
-                let request = map.client_mut(key);
+                // The stream continues: the record stays in the table and
+                // the inspector updates it there (exhaust streams only).
+                let request = table.client_mut(key);
                 if let Some(request) = &request {
-                    self.observe_round_trip(request, more_to_come);
+                    observe_round_trip(settings, request, more_to_come);
                 }
-                self.inspector.on_reply(self.ctx, request, frame, &msg)
+                pair.inspector.on_reply(&pair.ctx, request, &frame, &msg)
             }
             ReplyOwner::Unmatched => {
-                drop(map);
+                drop(table);
                 debug!(
-                    conn = self.ctx.id,
+                    conn = pair.ctx.id,
                     response_to = frame.header.response_to,
                     op = frame.header.op_code.name(),
                     "reply matches no request in flight; forwarding it anyway"
                 );
-                self.inspector.on_reply(self.ctx, None, frame, &msg)
+                pair.inspector.on_reply(&pair.ctx, None, &frame, &msg)
             }
         };
-        let bytes = match verdict {
-            ReplyVerdict::Forward => frame.bytes.clone(),
-            ReplyVerdict::Replace(bytes) => bytes,
-        };
-        Ok((Some(bytes), became_idle))
-    }
-}
-
-/// Reads the next frame. An idle connection waits forever; once part of a
-/// frame has arrived, the rest must come within `frame_timeout`. Cancel-safe
-/// (the partial frame stays in the reader's buffer).
-///
-/// The timer is armed only while a partial frame is buffered: most frames
-/// arrive whole in one read, and registering and cancelling a timer around
-/// every read would cost two timer-wheel operations per frame.
-async fn next_frame<R: AsyncRead + Unpin>(
-    reader: &mut FramedRead<R, FrameCodec>,
-    frame_timeout: Duration,
-    side: Side,
-) -> Option<Result<Frame, ConnError>> {
-    let mut partial_deadline: Option<Pin<Box<Sleep>>> = None;
-    let next = poll_fn(|cx| {
-        if let Poll::Ready(item) = reader.poll_next_unpin(cx) {
-            return Poll::Ready(item.map(|result| result.map_err(|e| read_error(side, e))));
-        }
-        if reader.read_buffer().is_empty() {
-            partial_deadline = None;
-            return Poll::Pending;
-        }
-        let deadline =
-            partial_deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(frame_timeout)));
-        match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(ConnError::FrameTimeout {
-                side,
-                timeout: frame_timeout,
-            }))),
-            Poll::Pending => Poll::Pending,
-        }
-    });
-    next.await
-}
-
-fn read_error(side: Side, error: WireError) -> ConnError {
-    match error {
-        WireError::Io(source) => ConnError::Io {
-            side,
-            action: "reading",
-            source,
-        },
-        source => ConnError::Malformed { side, source },
-    }
-}
-
-/// Wraps a rarely-ready future (shutdown, drain) so the task polls it only
-/// after its own waker fired. Every wake-up of a connection task polls
-/// every branch of its `select!`, and polling a cancellation future takes
-/// the token's locks each time: once per frame, for a signal that comes
-/// once per process.
-fn polled_when_woken<F: Future>(future: F) -> FuturesUnordered<F> {
-    std::iter::once(future).collect()
-}
-
-/// Fails queued injections whose deadline passed.
-fn expire(pending: &mut VecDeque<InjectRequest>, timeout: Duration) {
-    if pending.is_empty() {
-        return;
-    }
-    let now = tokio::time::Instant::now();
-    let mut index = 0;
-    while index < pending.len() {
-        if pending[index].deadline > now {
-            index += 1;
-            continue;
-        }
-        if let Some(request) = pending.remove(index) {
-            // The waiter may already have given up on its own timer; the
-            // send then fails, which is fine.
-            let _ = request.reply.send(Err(InjectError::Timeout(timeout)));
+        match verdict {
+            ReplyVerdict::Forward => match &mut rebuilt {
+                Some(out) => out.extend_from_slice(&frame.bytes),
+                None => kept += frame.bytes.len(),
+            },
+            ReplyVerdict::Replace(bytes) => {
+                rebuilt
+                    .get_or_insert_with(|| batch[..kept].to_vec())
+                    .extend_from_slice(&bytes);
+            }
         }
     }
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
+    pair.replies.set(pair.replies.get() + count);
+    let output = match rebuilt {
+        None => Output::Batch(batch),
+        Some(out) => Output::Rebuilt(out),
+    };
+    Ok((output, refused))
 }

@@ -3,8 +3,9 @@
 //! connection's in-flight state: each client request's entry holds the
 //! inspector's record of it too (`InFlightRequest::pending`), handed back
 //! with the reply or at close, so no layer keeps a second table. It is
-//! shared by the connection's two pumps behind a `std::sync::Mutex` and is
-//! never held across `.await`, so it is plain synchronous code with no I/O.
+//! shared by the connection's two same-thread tasks in a `RefCell`,
+//! borrowed only inside synchronous passes (never across `.await`), so it
+//! is plain synchronous code with no I/O.
 //! It also hands out the proxy's own (negative) request ids, which cannot
 //! collide with drivers' ids (drivers count up from small positive numbers).
 

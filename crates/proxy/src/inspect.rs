@@ -2,8 +2,10 @@
 //! session engine implements, the per-connection context it is handed, and
 //! the `Injector` through which it may send its own requests (the
 //! refresher's `refreshSessions`) on a client's upstream connection.
-//! Inspector callbacks are synchronous and run on the connection's task:
-//! they must be quick, must not block, and must never log document contents.
+//! Inspector callbacks are synchronous and run on the connection's data
+//! thread (one inspector is shared by every data thread, hence `Send +
+//! Sync`): they must be quick, must not block, and must never log document
+//! contents.
 //! Nothing here does I/O itself; the connection task performs what the
 //! verdicts ask for.
 
@@ -13,7 +15,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+pub use crate::ctl::InjectError;
+use crate::ctl::{Ctl, Inbox, InjectRequest};
 
 use sessionguard_protocol::wire::{Frame, Message};
 pub use sessionguard_protocol::CloseCause;
@@ -60,8 +67,8 @@ pub trait Inspector: Send + Sync + 'static {
     /// without `moreToCome` the request is complete and the proxy drops its
     /// record when this returns; after one with `moreToCome` (an exhaust
     /// stream) it stays in flight. Replies to injected requests are not
-    /// shown here. For a streamed reply this runs under the connection's
-    /// in-flight lock (the record lives in the table): it must not block.
+    /// shown here. For a streamed reply the record is borrowed from the
+    /// connection's in-flight table: it must not block.
     fn on_reply(
         &self,
         conn: &ConnContext,
@@ -169,54 +176,32 @@ impl ConnContext {
     }
 }
 
-/// Why an injected request produced no reply.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InjectError {
-    #[error("the connection is closed")]
-    Closed,
-    #[error("the connection is draining")]
-    Draining,
-    #[error("too many injected requests are already queued on this connection")]
-    QueueFull,
-    #[error(
-        "no reply within {0:?} (the connection never became idle, or the upstream did not answer)"
-    )]
-    Timeout(Duration),
-}
-
-/// A queued injection, owned by the connection until it is sent.
-#[derive(Debug)]
-pub(crate) struct InjectRequest {
-    pub body: Vec<u8>,
-    pub reply: oneshot::Sender<Result<Bytes, InjectError>>,
-    /// After this instant the request is dropped unsent.
-    pub deadline: tokio::time::Instant,
-}
-
-/// How many injections may wait per connection; the refresher sends at most
-/// one per connection at a time, so a full queue means something is stuck.
-pub(crate) const INJECT_QUEUE: usize = 16;
-
-/// Handle to send requests on a connection's upstream (cheap to clone).
+/// Handle to send requests on a connection's upstream (cheap to clone,
+/// `Send`): the connection's data thread's inbox and its registry slot.
 #[derive(Clone)]
 pub struct Injector {
-    tx: Option<mpsc::Sender<InjectRequest>>,
+    target: Option<(Arc<Inbox>, usize, u64)>,
     timeout: Duration,
 }
 
 impl fmt::Debug for Injector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Injector")
-            .field("connected", &self.tx.is_some())
+            .field("connected", &self.target.is_some())
             .field("timeout", &self.timeout)
             .finish()
     }
 }
 
 impl Injector {
-    pub(crate) fn new(tx: mpsc::Sender<InjectRequest>, timeout: Duration) -> Injector {
+    pub(crate) fn new(
+        inbox: Arc<Inbox>,
+        slot: usize,
+        generation: u64,
+        timeout: Duration,
+    ) -> Injector {
         Injector {
-            tx: Some(tx),
+            target: Some((inbox, slot, generation)),
             timeout,
         }
     }
@@ -224,7 +209,7 @@ impl Injector {
     /// An injector that is connected to nothing.
     pub fn detached() -> Injector {
         Injector {
-            tx: None,
+            target: None,
             timeout: Duration::ZERO,
         }
     }
@@ -233,25 +218,25 @@ impl Injector {
     /// `$db`) as an OP_MSG request with a proxy-owned negative request id,
     /// at a moment when the connection has nothing in flight, and resolves
     /// to the reply frame (never forwarded to the client). Gives up after the
-    /// configured `inject_timeout`.
+    /// configured `inject_timeout`. Awaitable on any executor (the
+    /// refresher runs on tokio; the connection on its data thread).
     pub fn inject(
         &self,
         body: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<Bytes, InjectError>> + Send + 'static {
-        let tx = self.tx.clone();
+        let target = self.target.clone();
         let timeout = self.timeout;
         async move {
-            let tx = tx.ok_or(InjectError::Closed)?;
+            let (inbox, slot, generation) = target.ok_or(InjectError::Closed)?;
             let (reply_tx, reply_rx) = oneshot::channel();
-            let request = InjectRequest {
-                body,
-                reply: reply_tx,
-                deadline: tokio::time::Instant::now() + timeout,
-            };
-            tx.try_send(request).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => InjectError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => InjectError::Closed,
-            })?;
+            inbox.send(Ctl::Inject {
+                slot,
+                generation,
+                request: InjectRequest {
+                    body,
+                    reply: reply_tx,
+                },
+            });
             match tokio::time::timeout(timeout, reply_rx).await {
                 Err(_) => Err(InjectError::Timeout(timeout)),
                 Ok(Err(_)) => Err(InjectError::Closed),
@@ -272,28 +257,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn injector_reports_full_queue_and_closed_receiver() {
-        let (tx, rx) = mpsc::channel(1);
-        let injector = Injector::new(tx, Duration::from_millis(50));
-        // First fills the queue and then times out waiting for a reply.
-        let first = injector.inject(vec![1]);
-        let second = injector.inject(vec![2]);
-        let first = tokio::spawn(first);
-        tokio::task::yield_now().await;
-        let mut rx = rx;
-        // Make sure the first request is in the queue before the second.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        assert_eq!(second.await.unwrap_err(), InjectError::QueueFull);
+    async fn an_unanswered_injection_times_out_and_reaches_the_inbox() {
+        let (inbox, _bell) = Inbox::new().unwrap();
+        let injector = Injector::new(inbox.clone(), 3, 7, Duration::from_millis(20));
         assert_eq!(
-            first.await.unwrap().unwrap_err(),
-            InjectError::Timeout(Duration::from_millis(50))
+            injector.inject(vec![1]).await.unwrap_err(),
+            InjectError::Timeout(Duration::from_millis(20))
         );
-        let queued = rx.recv().await.unwrap();
-        assert_eq!(queued.body, vec![1]);
-        drop(rx);
-        assert_eq!(
-            injector.inject(vec![3]).await.unwrap_err(),
-            InjectError::Closed
-        );
+        let queued = inbox.take();
+        assert!(matches!(
+            queued.as_slice(),
+            [Ctl::Inject { slot: 3, generation: 7, request }] if request.body == vec![1]
+        ));
     }
 }

@@ -14,28 +14,44 @@
 //! # Layout
 //!
 //! - `inspect`: the `Inspector` trait, verdicts, `ConnContext`, `Injector`.
-//! - `listener`: accept loop, connection cap, accept back-off, drain.
-//! - `connection`: one client connection and its two pumps, generic over
-//!   the inspector (static calls, its records inline).
+//! - `driver`: the I/O driver (io_uring or epoll), chosen once at start
+//!   and logged with the reason (`proxy.io`, `SESSIONGUARD_IO`); each data
+//!   thread's runtime.
+//! - `listener`: the data threads (one monoio runtime per core, an
+//!   `SO_REUSEPORT` socket per listen address each), accept loop,
+//!   connection cap, accept back-off, drain, off-thread name resolution.
+//! - `ctl`: how the tokio control plane reaches a data thread without any
+//!   per-frame cost: per-thread inbox + doorbell, the registry of
+//!   connections and their signals (drain, kill, injection).
+//! - `connection`: one client connection: TLS accept, upstream dial, then
+//!   two same-thread tasks (one per direction) sharing the in-flight table
+//!   without a lock; reusable buffers, frames inspected in place, one
+//!   write per batch. Generic over the inspector (static calls, its
+//!   records inline).
 //! - `inflight`: the per-connection map of requests awaiting replies, the
 //!   only owner of in-flight state: each entry carries the inspector's
 //!   record of the request (`Inspector::Pending`) too.
-//! - `upstream`: connection-string parsing and dialing (TCP).
+//! - `upstream`: connection-string parsing and dialing (TCP; tokio for the
+//!   readiness probe, monoio on the data threads).
 //! - `topology`: replica-set mode's hello rewriting (member -> proxy
 //!   addresses), applied around the caller's inspector.
-//! - `tls`: rustls on both sides (listener certificate, upstream options),
-//!   and `connect`: dial, then the upstream handshake when one is asked for.
+//! - `tls`: rustls on both sides (listener certificate, upstream options;
+//!   monoio-rustls streams, on either driver), and `connect`: dial, then
+//!   the upstream handshake when one is asked for.
 //! - `anchor_leaf`: the upstream verifier accepting a self-signed CA
 //!   certificate given as `tlsCAFile`, as OpenSSL-based drivers do.
 //! - `unreachable`: the error reply that answers a client's handshake when
 //!   its upstream cannot be dialed (cause and fix in `errmsg`).
 //! - `metrics`: [`ProxyMetrics`], the pre-resolved handles the connection
-//!   and listener update (atomic adds, no allocation per frame).
+//!   and listener update from any data thread (atomic adds, no allocation
+//!   per frame).
 //! - `settings`: [`ProxySettings`], what [`Proxy::start`] needs.
 #![forbid(unsafe_code)]
 
 mod anchor_leaf;
 mod connection;
+mod ctl;
+mod driver;
 mod inflight;
 mod inspect;
 mod listener;
@@ -51,10 +67,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use std::sync::atomic::AtomicBool;
+
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 pub use inspect::{
@@ -70,8 +85,10 @@ pub use tls::{
 };
 pub use upstream::{dial, ConnectionString, DialError, HostPort};
 
+pub use driver::{io_uring_unavailable, Driver, DriverChoice, IoMode, IO_ENV};
+
 use connection::{ConnSettings, ServeConnection};
-use listener::{AcceptLoop, ListenerStats};
+use listener::{BoundListener, ListenerStats, Shared};
 use topology::TopologyInspector;
 
 /// Entry point of the data path.
@@ -100,7 +117,11 @@ impl Proxy {
             frame_read_timeout,
             inject_timeout,
             clients_connect_directly,
+            io,
         } = settings;
+        // Once, for every data thread, with the reason.
+        let choice = driver::choose(io)?;
+        info!(driver = %choice.driver, reason = %choice.reason, "data path I/O driver");
         tls::log_settings(upstream_tls.as_ref(), listen_tls.as_ref());
         let member_mode = !members.is_empty();
         if !member_mode && upstream.hosts.len() > 1 {
@@ -117,8 +138,11 @@ impl Proxy {
                 .iter()
                 .map(|target| &target.upstream as &dyn std::fmt::Display),
         );
-        // Every listener is bound before any accepts, so a taken port fails
-        // the start as a whole.
+        // One data thread per core this process may run on (honours
+        // taskset / cgroup CPU limits).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Every listener is bound (on every thread's socket) before any
+        // accepts, so a taken port fails the start as a whole.
         let mut bound = Vec::with_capacity(targets.len());
         for ListenerPlan {
             upstream: member,
@@ -126,8 +150,8 @@ impl Proxy {
             advertise,
         } in targets
         {
-            let listener = TcpListener::bind(&listen).await?;
-            let local = listener.local_addr()?;
+            let sockets = listener::bind_all(&listen, threads)?;
+            let local = sockets[0].local_addr()?;
             // Port 0 (tests) is advertised as the port actually bound.
             let advertised = member_mode.then(|| {
                 advertise.unwrap_or_else(|| {
@@ -139,7 +163,7 @@ impl Proxy {
                 })
             });
             bound.push((
-                listener,
+                sockets,
                 ListenerInfo {
                     upstream: member,
                     local_addr: local,
@@ -159,14 +183,11 @@ impl Proxy {
             Arc::new(TopologyInspector::new(inspector, map))
         };
 
-        let drain = CancellationToken::new();
-        let kill = CancellationToken::new();
         let active = Arc::new(watch::Sender::new(0usize));
         let stats = Arc::new(ListenerStats::default());
-        let next_id = Arc::new(AtomicU64::new(1));
         let mut listeners = Vec::with_capacity(bound.len());
-        let mut loops = Vec::with_capacity(bound.len());
-        for (listener, info) in bound {
+        let mut to_serve = Vec::with_capacity(bound.len());
+        for (sockets, info) in bound {
             match &info.advertised {
                 Some(advertised) => info!(listen = %info.local_addr, upstream = %info.upstream,
                     %advertised, "proxy listening for a replica-set member"),
@@ -183,39 +204,37 @@ impl Proxy {
                 inject_timeout,
                 metrics: metrics.clone(),
             });
-            let accept_loop = AcceptLoop {
-                listener,
+            to_serve.push(BoundListener {
                 local: info.local_addr,
                 settings,
-                inspector: inspector.clone(),
-                max_connections,
-                drain_grace,
-                drain: drain.clone(),
-                kill: kill.clone(),
-                active: active.clone(),
-                stats: stats.clone(),
-                next_id: next_id.clone(),
-                metrics: metrics.clone(),
                 tls: listen_tls.clone(),
-            };
-            loops.push(tokio::spawn(accept_loop.run()));
+                sockets,
+            });
             listeners.push(info);
         }
-        let local = listeners[0].local_addr;
-        let task = tokio::spawn(async move {
-            for accept_loop in loops {
-                let _ = accept_loop.await;
-            }
+        let shared = Arc::new(Shared {
+            inspector,
+            max_connections,
+            drain_grace,
+            active: active.clone(),
+            stats: stats.clone(),
+            next_id: AtomicU64::new(1),
+            metrics: metrics.clone(),
         });
+        let data = listener::start(choice.driver, to_serve, shared)?;
+        let local = listeners[0].local_addr;
         Ok(ProxyHandle {
             local_addr: local,
             listeners,
-            drain,
-            kill,
+            driver: choice,
+            inboxes: data.inboxes,
+            threads: data.threads,
+            running: data.running,
+            draining: AtomicBool::new(false),
+            drain_grace,
             active,
             stats,
             metrics,
-            task,
         })
     }
 }
@@ -230,17 +249,31 @@ pub struct ListenerInfo {
     pub advertised: Option<String>,
 }
 
-/// Controls a running proxy listener.
-#[derive(Debug)]
+/// Controls a running proxy: its data threads. Dropping it without `wait`
+/// closes every connection and joins the threads (a failing test leaks
+/// none).
 pub struct ProxyHandle {
     local_addr: SocketAddr,
     listeners: Vec<ListenerInfo>,
-    drain: CancellationToken,
-    kill: CancellationToken,
+    driver: DriverChoice,
+    inboxes: Vec<Arc<ctl::Inbox>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    running: watch::Receiver<usize>,
+    draining: AtomicBool,
+    drain_grace: std::time::Duration,
     active: Arc<watch::Sender<usize>>,
     stats: Arc<ListenerStats>,
     metrics: ProxyMetrics,
-    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ProxyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyHandle")
+            .field("local_addr", &self.local_addr)
+            .field("driver", &self.driver)
+            .field("threads", &self.threads.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ProxyHandle {
@@ -254,29 +287,51 @@ impl ProxyHandle {
         &self.listeners
     }
 
+    /// The I/O driver the data threads run, and why it was chosen.
+    pub fn driver(&self) -> &DriverChoice {
+        &self.driver
+    }
+
     /// Stops accepting; each connection closes as soon as it has nothing in
     /// flight (a monitoring hello stream counts as nothing); whatever is
     /// left is closed after `drain_grace`.
     pub fn drain(&self) {
         self.metrics.set_draining();
-        self.drain.cancel();
+        if !self.draining.swap(true, Ordering::AcqRel) {
+            info!(open_connections = self.active_connections(), grace = ?self.drain_grace,
+                "draining: no longer accepting; waiting for in-flight requests");
+        }
+        for inbox in &self.inboxes {
+            inbox.send(ctl::Ctl::Drain);
+        }
     }
 
-    /// Closes the listener and every connection now.
+    /// Closes the listeners and every connection now.
     pub fn shutdown_now(&self) {
         self.metrics.set_draining();
-        self.kill.cancel();
+        self.draining.store(true, Ordering::Release);
+        for inbox in &self.inboxes {
+            inbox.send(ctl::Ctl::Kill);
+        }
     }
 
     /// Whether `drain` or `shutdown_now` was called.
     pub fn is_draining(&self) -> bool {
-        self.drain.is_cancelled() || self.kill.is_cancelled()
+        self.draining.load(Ordering::Acquire)
     }
 
-    /// Resolves when the listener has stopped and every connection is closed
-    /// (after `drain` or `shutdown_now`).
-    pub async fn wait(self) {
-        let _ = self.task.await;
+    /// Resolves when the listeners have stopped and every connection is
+    /// closed (after `drain` or `shutdown_now`).
+    pub async fn wait(mut self) {
+        let _ = self.running.wait_for(|n| *n == 0).await;
+        self.join_threads();
+        info!("listener stopped");
+    }
+
+    fn join_threads(&mut self) {
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
     }
 
     /// Client connections currently open.
@@ -300,5 +355,16 @@ impl ProxyHandle {
     /// Connections closed at once because the cap was reached.
     pub fn rejected_connections(&self) -> u64 {
         self.stats.rejected_over_cap.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ProxyHandle {
+    /// Kills and joins: the data threads close their connections without
+    /// waiting for peers, so this takes milliseconds.
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shutdown_now();
+            self.join_threads();
+        }
     }
 }

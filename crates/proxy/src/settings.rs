@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::driver::IoMode;
 use crate::tls::{ListenTls, UpstreamTls};
 use crate::upstream::{ConnectionString, HostPort};
 
@@ -30,6 +31,8 @@ pub struct ProxySettings {
     /// Every client connects to the listeners directly (`exec`): without a
     /// member map there is nothing to rewrite or warn about in hello.
     pub clients_connect_directly: bool,
+    /// The data path's I/O driver (`proxy.io`; `SESSIONGUARD_IO` wins).
+    pub io: IoMode,
 }
 
 /// One listener: the upstream it dials, the address it binds, and (replica-set

@@ -2,9 +2,9 @@
 //! same rustls the MongoDB driver links): the client configuration for the
 //! upstream built from the connection string's `tls*` options, the server
 //! configuration for the listener built from `[proxy.tls]`, the stream
-//! type that is either plain TCP or TLS over TCP, and `connect`: dial the
-//! upstream (`upstream::dial`) and run the handshake when one is asked
-//! for. It owns certificate and key loading and certificate verification
+//! type that is either plain TCP or TLS over TCP (monoio-rustls, on either
+//! I/O driver), and `connect`: dial the upstream (`upstream::dial`) and run
+//! the handshake when one is asked for. It owns certificate and key loading and certificate verification
 //! policy; it never looks at frames, and it never logs key material (paths
 //! and rustls' error names only).
 //!
@@ -19,11 +19,10 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+use monoio::net::TcpStream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -32,11 +31,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use super::anchor_leaf::WebPkiOrAnchorLeaf;
-use super::upstream::{dial, ConnectionString, DialError, HostPort};
+use super::upstream::{dial_data, ConnectionString, DialError, HostPort, Resolve};
 
 /// Connection-string options this module reads. Any other `tls*` / `ssl*`
 /// option is refused rather than silently ignored: a setting the operator
@@ -58,7 +55,7 @@ fn provider() -> Arc<CryptoProvider> {
 /// How the proxy talks TLS to the upstream, from the connection string.
 #[derive(Clone)]
 pub struct UpstreamTls {
-    connector: tokio_rustls::TlsConnector,
+    connector: monoio_rustls::TlsConnector,
     /// Whether `tlsCAFile` chose the trusted certificates (else the
     /// Mozilla roots): the explanation of a refused certificate says so.
     pub trusts_ca_file: bool,
@@ -205,7 +202,7 @@ impl UpstreamTls {
             }
         };
         Ok(Some(UpstreamTls {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            connector: monoio_rustls::TlsConnector::from(Arc::new(config)),
             trusts_ca_file: options.ca_file.is_some(),
             allow_invalid_certificates: options.allow_invalid_certificates,
             allow_invalid_hostnames: options.allow_invalid_hostnames,
@@ -215,18 +212,21 @@ impl UpstreamTls {
     /// Runs the TLS handshake over a connected socket. SNI and certificate
     /// name checks use `host` as written in the connection string (an IP
     /// address sends no SNI and is checked against the IP SANs).
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         host: &str,
         tcp: TcpStream,
-    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    ) -> io::Result<monoio_rustls::ClientTlsStream<TcpStream>> {
         let name = ServerName::try_from(host.to_string()).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("`{host}` is not a valid TLS server name"),
             )
         })?;
-        self.connector.connect(name, tcp).await
+        // Boxed: the handshake future is large and runs once per connection.
+        Box::pin(self.connector.connect(name, tcp))
+            .await
+            .map_err(io::Error::from)
     }
 }
 
@@ -354,7 +354,7 @@ fn listen_error(key: &'static str, problem: impl Into<String>) -> ListenTlsError
 /// The listener's TLS settings as the accept loop uses them.
 #[derive(Clone)]
 pub struct ListenTls {
-    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    pub(crate) acceptor: monoio_rustls::TlsAcceptor,
     pub(crate) handshake_timeout: Duration,
     client_cert_required: bool,
 }
@@ -380,7 +380,7 @@ impl ListenTls {
     }
 }
 
-fn listen_acceptor(config: &ListenTlsConfig) -> Result<tokio_rustls::TlsAcceptor, ListenTlsError> {
+fn listen_acceptor(config: &ListenTlsConfig) -> Result<monoio_rustls::TlsAcceptor, ListenTlsError> {
     let provider = provider();
     let certs =
         load_certs(&config.cert_file).map_err(|e| listen_error("proxy.tls.cert_file", e))?;
@@ -418,7 +418,7 @@ fn listen_acceptor(config: &ListenTlsConfig) -> Result<tokio_rustls::TlsAcceptor
             format!("does not match proxy.tls.cert_file: {e}"),
         )
     })?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+    Ok(monoio_rustls::TlsAcceptor::from(Arc::new(server)))
 }
 
 /// One log line saying what TLS is in force (and a warning when the
@@ -468,108 +468,28 @@ pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     })
 }
 
-/// A socket that is either plain TCP or TLS over TCP. `into_split` hands
-/// the connection pumps one reader and one writer, like
-/// `TcpStream::into_split`.
+/// A socket that is either plain TCP or TLS over TCP (boxed: a TLS stream
+/// is over a kilobyte, and most connections are plain).
 pub(crate) enum Transport<T> {
     Plain(TcpStream),
     Tls(Box<T>),
 }
 
-/// A client connection as accepted by the listener.
-pub(crate) type ClientStream = Transport<tokio_rustls::server::TlsStream<TcpStream>>;
-/// A connection to the upstream as dialed.
-pub(crate) type UpstreamStream = Transport<tokio_rustls::client::TlsStream<TcpStream>>;
+/// A client connection, TLS or not.
+pub(crate) type ClientStream = Transport<monoio_rustls::ServerTlsStream<TcpStream>>;
+/// A connection to the upstream, TLS or not.
+pub(crate) type UpstreamStream = Transport<monoio_rustls::ClientTlsStream<TcpStream>>;
 
-/// Boxed halves: one reader and one writer per direction.
-pub(crate) type ReadPart = Box<dyn AsyncRead + Send + Unpin>;
-pub(crate) type WritePart = Box<dyn AsyncWrite + Send + Unpin>;
-
-/// TLS stream types whose socket can be reached (for nodelay and addresses).
-pub(crate) trait OverTcp {
-    fn tcp(&self) -> &TcpStream;
-}
-
-impl OverTcp for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-impl OverTcp for tokio_rustls::client::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-impl<T> Transport<T>
-where
-    T: OverTcp + AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Transport::Plain(tcp) => tcp,
-            Transport::Tls(tls) => tls.tcp(),
-        }
-    }
-
-    pub(crate) fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
-        self.tcp().set_nodelay(nodelay)
-    }
-
-    /// Plain TCP keeps tokio's lock-free owned halves; TLS needs one state
-    /// machine for both directions, so it goes through `tokio::io::split`.
-    pub(crate) fn into_split(self) -> (ReadPart, WritePart) {
-        match self {
-            Transport::Plain(tcp) => {
-                let (read, write) = tcp.into_split();
-                (Box::new(read), Box::new(write))
-            }
-            Transport::Tls(tls) => {
-                let (read, write) = tokio::io::split(*tls);
-                (Box::new(read), Box::new(write))
-            }
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Transport<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Transport<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-        }
+impl ListenTls {
+    /// The server side of the handshake (in the connection's task, bounded
+    /// by `handshake_timeout` by the caller).
+    pub(crate) async fn accept(
+        &self,
+        tcp: TcpStream,
+    ) -> io::Result<monoio_rustls::ServerTlsStream<TcpStream>> {
+        Box::pin(self.acceptor.accept(tcp))
+            .await
+            .map_err(io::Error::from)
     }
 }
 
@@ -580,14 +500,15 @@ pub(crate) async fn connect(
     target: &HostPort,
     timeout: Duration,
     tls: Option<&UpstreamTls>,
+    resolver: &dyn Resolve,
 ) -> Result<UpstreamStream, DialError> {
+    let started = std::time::Instant::now();
+    let tcp = dial_data(target, timeout, resolver).await?;
     let Some(tls) = tls else {
-        return dial(target, timeout).await.map(UpstreamStream::Plain);
+        return Ok(Transport::Plain(tcp));
     };
-    let started = tokio::time::Instant::now();
-    let tcp = dial(target, timeout).await?;
     let left = timeout.saturating_sub(started.elapsed());
-    match tokio::time::timeout(left, tls.connect(&target.host, tcp)).await {
+    match monoio::time::timeout(left, tls.connect(&target.host, tcp)).await {
         Err(_) => Err(DialError::TlsTimeout {
             target: target.clone(),
             timeout,
@@ -596,7 +517,7 @@ pub(crate) async fn connect(
             target: target.clone(),
             source,
         }),
-        Ok(Ok(stream)) => Ok(UpstreamStream::Tls(Box::new(stream))),
+        Ok(Ok(stream)) => Ok(Transport::Tls(Box::new(stream))),
     }
 }
 

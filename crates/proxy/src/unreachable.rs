@@ -24,9 +24,9 @@
 use std::io;
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::FramedRead;
+use bytes::BytesMut;
+use monoio::buf::SliceMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 use super::anchor_leaf::is_ca_used_as_end_entity;
 use super::tls::UpstreamTls;
@@ -317,17 +317,39 @@ pub(crate) async fn answer_first_frame<S>(
     wait: Duration,
 ) -> Answered
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncReadRent + AsyncWriteRent,
 {
-    let mut reader = FramedRead::new(&mut *client, FrameCodec::new(max_message_size));
-    let frame = match tokio::time::timeout(wait, reader.next()).await {
-        Err(_) => return Answered::Not("no request in time"),
-        Ok(None) => return Answered::Not("the client closed without a request"),
-        Ok(Some(Err(_))) => return Answered::Not("the client's first frame was unreadable"),
-        Ok(Some(Ok(frame))) => frame,
+    let read_first = async {
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut codec = FrameCodec::new(max_message_size);
+        loop {
+            match codec.decode(&mut buf) {
+                Err(_) => return Err("the client's first frame was unreadable"),
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+            }
+            if buf.capacity() == buf.len() {
+                buf.reserve(4096);
+            }
+            // Into the spare capacity (a whole-buffer read writes from 0).
+            let (len, cap) = (buf.len(), buf.capacity());
+            let (res, back) = client.read(SliceMut::new(buf, len, cap)).await;
+            buf = back.into_inner();
+            match res {
+                Ok(0) => return Err("the client closed without a request"),
+                Err(_) => return Err("the client's first frame was unreadable"),
+                Ok(_) => {}
+            }
+        }
     };
-    // The rest of the buffer (a pipelined request) is dropped with `reader`.
-    drop(reader);
+    // Boxed: once per failed dial, and it would otherwise sit inline in
+    // every connection's future.
+    let frame = match monoio::time::timeout(wait, Box::pin(read_first)).await {
+        Err(_) => return Answered::Not("no request in time"),
+        Ok(Err(why)) => return Answered::Not(why),
+        Ok(Ok(frame)) => frame,
+    };
+    // Anything after the first frame (a pipelined request) is dropped.
     let Ok(opened) = wire::open(&frame, max_message_size) else {
         return Answered::Not("the client's first frame was malformed");
     };
@@ -348,16 +370,24 @@ where
         Ok(_) => return Answered::Not("the first frame was not a request"),
         Err(_) => return Answered::Not("the client's first frame was malformed"),
     };
-    if client.write_all(&bytes).await.is_err() || client.flush().await.is_err() {
+    let (written, _) = client.write_all(bytes).await;
+    if written.is_err() || client.flush().await.is_err() {
         return Answered::Not("the client left before the reply");
     }
     let _ = client.shutdown().await;
     // Wait for the client's close (bounded), discarding anything it sends.
-    let mut scratch = [0u8; 1024];
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        while matches!(client.read(&mut scratch).await, Ok(n) if n > 0) {}
-    })
-    .await;
+    let drain = async {
+        let mut scratch = vec![0u8; 1024];
+        loop {
+            let (res, back) = client.read(scratch).await;
+            scratch = back;
+            scratch.clear();
+            if !matches!(res, Ok(n) if n > 0) {
+                break;
+            }
+        }
+    };
+    let _ = monoio::time::timeout(CLOSE_GRACE, Box::pin(drain)).await;
     answered
 }
 
@@ -486,8 +516,17 @@ mod tests {
         assert_eq!(presented_name("DirectoryName"), "DirectoryName");
     }
 
-    #[tokio::test]
-    async fn the_first_frame_is_answered_in_its_own_opcode_and_more_to_come_is_not() {
+    /// On both drivers: a real socket pair, the client a blocking std
+    /// socket on its own thread.
+    #[test]
+    fn the_first_frame_is_answered_in_its_own_opcode_and_more_to_come_is_not() {
+        for driver in [crate::Driver::IoUring, crate::Driver::Epoll] {
+            answers_on(driver);
+        }
+    }
+
+    fn answers_on(driver: crate::Driver) {
+        use std::io::{Read, Write};
         let hello = bson::to_vec(&bson::doc! { "hello": 1, "$db": "admin" }).unwrap();
         let cases = [
             (
@@ -504,15 +543,31 @@ mod tests {
             ),
         ];
         for (request, expected) in cases {
-            let (mut proxy_side, mut client_side) = tokio::io::duplex(64 * 1024);
-            client_side.write_all(&request).await.unwrap();
-            let answering = tokio::spawn(async move {
-                answer_first_frame(&mut proxy_side, "why", 1 << 20, Duration::from_secs(5)).await
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let client = std::thread::spawn(move || {
+                let mut client = std::net::TcpStream::connect(addr).unwrap();
+                client.write_all(&request).unwrap();
+                let mut received = Vec::new();
+                client.read_to_end(&mut received).unwrap();
+                received
             });
-            let mut received = Vec::new();
-            client_side.read_to_end(&mut received).await.unwrap();
-            client_side.shutdown().await.unwrap();
-            assert_eq!(answering.await.unwrap(), expected);
+            let (accepted, _) = listener.accept().unwrap();
+            accepted.set_nonblocking(true).unwrap();
+            let mut rt = crate::driver::build_runtime(driver).unwrap();
+            let answered = rt.block_on(async move {
+                let mut proxy_side = monoio::net::TcpStream::from_std(accepted).unwrap();
+                let answered =
+                    answer_first_frame(&mut proxy_side, "why", 1 << 20, Duration::from_secs(5))
+                        .await;
+                // Unanswered, the caller drops the socket; io_uring closes
+                // it on the next loop turn, which a test's `block_on` does
+                // not run: end the client's read explicitly.
+                let _ = proxy_side.shutdown().await;
+                answered
+            });
+            let received = client.join().unwrap();
+            assert_eq!(answered, expected, "{driver}");
             if let Answered::Not(_) = expected {
                 assert!(received.is_empty());
                 continue;

@@ -3,10 +3,12 @@
 //! It owns nothing about frames or sessions, and it must never log
 //! credentials from the connection string (the password is redacted in
 //! `Debug`). It knows nothing of TLS: `tls::connect` dials through here
-//! and adds the handshake when the connection string asks for it.
+//! and adds the handshake when the connection string asks for it. `dial`
+//! runs on tokio (the readiness probe); `dial_data` on a data thread.
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -337,7 +339,62 @@ async fn resolve_and_connect(target: &HostPort) -> Result<TcpStream, DialError> 
             Err(e) => last_error = Some(e),
         }
     }
-    Err(match last_error {
+    Err(none_accepted(target, last_error))
+}
+
+/// Name resolution for a data thread, which must never block on DNS: a
+/// name is looked up elsewhere and the connection's task is woken when the
+/// answer is in (see `listener`). IP literals never get here.
+pub(crate) trait Resolve {
+    fn resolve<'a>(
+        &'a self,
+        target: &'a HostPort,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<Vec<SocketAddr>>> + 'a>>;
+}
+
+/// `dial` on a data thread (monoio): the same errors, timeout and nodelay,
+/// with names resolved through `resolver` (IP literals directly).
+pub(crate) async fn dial_data(
+    target: &HostPort,
+    timeout: Duration,
+    resolver: &dyn Resolve,
+) -> Result<monoio::net::TcpStream, DialError> {
+    let connect = async {
+        let addresses = match target.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, target.port)],
+            Err(_) => resolver
+                .resolve(target)
+                .await
+                .map_err(|source| DialError::Resolve {
+                    target: target.clone(),
+                    source,
+                })?,
+        };
+        let mut last_error = None;
+        for address in addresses {
+            match monoio::net::TcpStream::connect_addr(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(none_accepted(target, last_error))
+    };
+    match monoio::time::timeout(timeout, Box::pin(connect)).await {
+        Err(_) => Err(DialError::Timeout {
+            target: target.clone(),
+            timeout,
+        }),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+    }
+}
+
+/// No address accepted: the last one's error, or none resolved at all.
+fn none_accepted(target: &HostPort, last_error: Option<io::Error>) -> DialError {
+    match last_error {
         Some(source) => DialError::Io {
             target: target.clone(),
             source,
@@ -346,7 +403,7 @@ async fn resolve_and_connect(target: &HostPort) -> Result<TcpStream, DialError> 
             target: target.clone(),
             source: io::Error::new(io::ErrorKind::NotFound, "the name has no address"),
         },
-    })
+    }
 }
 
 #[cfg(test)]

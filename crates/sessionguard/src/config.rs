@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use sessionguard_engine::{Mode, RulesConfig, SessionConfig};
-use sessionguard_proxy::ConnectionString;
+use sessionguard_proxy::{ConnectionString, IoMode};
 use sessionguard_proxy::{ListenTls, UpstreamTls};
 use sessionguard_proxy::{ListenTlsError, ListenerPlan, ProxySettings};
 
@@ -92,6 +92,9 @@ pub struct ProxyConfig {
     pub frame_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub inject_timeout: Duration,
+    /// The data path's I/O driver: `auto` (io_uring, else epoll), `io_uring`
+    /// or `epoll`; `SESSIONGUARD_IO` overrides it.
+    pub io: IoMode,
     /// Bearer token required by the admin routes other than `/healthz` and
     /// `/metrics`; `None` leaves them open (the admin address is loopback
     /// by default).
@@ -184,6 +187,7 @@ impl Default for ProxyConfig {
             drain_grace: DEFAULT_DRAIN_GRACE,
             frame_read_timeout: DEFAULT_FRAME_READ_TIMEOUT,
             inject_timeout: DEFAULT_INJECT_TIMEOUT,
+            io: IoMode::Auto,
             admin_token: None,
             upstream_probe_interval: DEFAULT_UPSTREAM_PROBE_INTERVAL,
             inspect: true,
@@ -462,6 +466,7 @@ impl ProxyConfig {
             frame_read_timeout: self.frame_read_timeout,
             inject_timeout: self.inject_timeout,
             clients_connect_directly: self.clients_connect_directly,
+            io: self.io,
         })
     }
 }
@@ -876,6 +881,16 @@ mod tests {
         let config = Config::parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(config.proxy, ProxyConfig::default(), "{uncommented}");
         assert_eq!(config.log, LogConfig::default());
+    }
+
+    #[test]
+    fn the_io_driver_is_a_word_and_a_wrong_one_names_the_choices() {
+        let config = Config::parse("[proxy]\nio = \"epoll\"\n").unwrap();
+        assert_eq!(config.proxy.io, IoMode::Epoll);
+        let config = Config::parse("[proxy]\nio = \"io_uring\"\n").unwrap();
+        assert_eq!(config.proxy.io, IoMode::IoUring);
+        let err = Config::parse("[proxy]\nio = \"uring\"\n").unwrap_err();
+        assert!(err.to_string().contains("io_uring"), "{err}");
     }
 
     #[test]

@@ -75,13 +75,9 @@ impl FrameCodec {
     pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         // The length is judged as soon as its 4 bytes are here, so a hostile
         // prefix is refused without waiting for (or buffering) anything more.
-        let Some(prefix) = src.get(..4) else {
+        let Some(frame_len) = frame_len(src, self.max_message_size)? else {
             return Ok(None);
         };
-        let mut length_bytes = [0u8; 4];
-        length_bytes.copy_from_slice(prefix);
-        let declared = i32::from_le_bytes(length_bytes);
-        let frame_len = checked_frame_len(declared, self.max_message_size)?;
         if src.len() < frame_len {
             // Safe to reserve now: frame_len is within [16, max].
             src.reserve(frame_len - src.len());
@@ -100,6 +96,18 @@ impl tokio_util::codec::Decoder for FrameCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         FrameCodec::decode(self, src)
     }
+}
+
+/// The length the frame at the front of `buf` declares, once its 4 length
+/// bytes are there (`Ok(None)` before), refused when outside [16, max]:
+/// what a reader that slices frames out of its own buffer checks first.
+pub fn frame_len(buf: &[u8], max_message_size: usize) -> Result<Option<usize>, WireError> {
+    let Some(prefix) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let mut length_bytes = [0u8; 4];
+    length_bytes.copy_from_slice(prefix);
+    checked_frame_len(i32::from_le_bytes(length_bytes), max_message_size).map(Some)
 }
 
 /// A declared message length as a usize, if it is within [16, max].

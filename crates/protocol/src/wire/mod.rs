@@ -16,7 +16,7 @@ mod reader;
 
 use std::borrow::Cow;
 
-pub use codec::{Frame, FrameCodec, DEFAULT_MAX_MESSAGE_SIZE};
+pub use codec::{frame_len, Frame, FrameCodec, DEFAULT_MAX_MESSAGE_SIZE};
 pub use error::WireError;
 pub use header::{MsgHeader, OpCode, HEADER_LEN};
 pub use legacy::{OpQuery, OpReply};

@@ -18,6 +18,7 @@ mod enforce;
 mod findings;
 mod good_patterns;
 mod hostile_clients;
+mod io_driver;
 mod metrics_admin;
 mod proxy_raw;
 mod refresher;

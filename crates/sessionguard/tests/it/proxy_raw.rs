@@ -697,6 +697,64 @@ async fn shutdown_now_closes_everything() {
         .unwrap();
 }
 
+/// A client that stops reading must not hold up a shutdown: the reply
+/// being written to it (more than both socket buffers hold) is abandoned.
+#[tokio::test]
+async fn shutdown_now_does_not_wait_for_a_client_that_stopped_reading() {
+    // One reply of 32 MiB, larger than the kernel buffers between the
+    // proxy and a client that never reads.
+    let fake = TcpListener::bind(loopback()).await.unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = fake.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let Ok(n) = socket.read(&mut buf).await else {
+                    return;
+                };
+                let request_id = i32::from_le_bytes(buf[4..8].try_into().unwrap());
+                assert!(n >= 16);
+                // BSON documents stop at 16 MiB: four of 8 MiB in a
+                // document sequence.
+                let pad = bson_bytes(&doc! {
+                    "pad": bson::Binary {
+                        subtype: bson::spec::BinarySubtype::Generic,
+                        bytes: vec![7u8; 8 << 20],
+                    },
+                });
+                let pads: Vec<&[u8]> = vec![&pad; 4];
+                let reply = op_msg::encode_with_sequences(
+                    1,
+                    request_id,
+                    MsgFlags::default(),
+                    &bson_bytes(&doc! { "ok": 1.0 }),
+                    &[("pads", &pads)],
+                );
+                let _ = socket.write_all(&reply).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let recorder = Arc::new(Recorder::default());
+    let proxy = proxy(proxy_config(fake_addr), recorder.clone()).await;
+    let mut stalled = TcpStream::connect(proxy.local_addr()).await.unwrap();
+    let ping = op_msg::encode(
+        5,
+        0,
+        MsgFlags::default(),
+        &bson_bytes(&doc! { "ping": 1, "$db": "admin" }),
+    );
+    stalled.write_all(&ping).await.unwrap();
+    // The whole reply was read and inspected: the proxy is now writing it
+    // to a client that reads nothing.
+    assert!(Stack::eventually(WAIT, || !recorder.replies.lock().unwrap().is_empty()).await);
+    proxy.shutdown_now();
+    tokio::time::timeout(WAIT, proxy.wait())
+        .await
+        .expect("every connection closed despite the stalled client");
+    drop(stalled);
+}
+
 // ---------------------------------------------------------------- inspector seam
 
 #[tokio::test]
