@@ -349,6 +349,13 @@ async fn accept_loop(
         settings,
         tls,
     } = listener;
+    // A second descriptor of the same socket, to stop it listening when the
+    // thread stops accepting: dropping the io_uring accept only queues its
+    // cancellation, and until the kernel has processed it the pending
+    // accept keeps the socket open and listening — a client could still
+    // connect after `wait()` returned. `shutdown` on a listening socket
+    // stops it at once and fails the pending accept.
+    let control = socket.try_clone().ok();
     let listener = match TcpListener::from_std(socket) {
         Ok(listener) => listener,
         Err(e) => {
@@ -371,7 +378,12 @@ async fn accept_loop(
             })
             .await
         };
-        let Some(accepted) = accepted else { break };
+        let Some(accepted) = accepted else {
+            if let Some(control) = &control {
+                let _ = socket2::SockRef::from(control).shutdown(std::net::Shutdown::Both);
+            }
+            break;
+        };
         let (stream, peer) = match accepted {
             Ok(pair) => {
                 backoff = ACCEPT_BACKOFF_MIN;
