@@ -61,8 +61,10 @@ fn runner_bin(bin: &str) -> Option<std::path::PathBuf> {
 /// Binary `bin` of workspace package `package`, for the profile and target
 /// directory of the test running. Cargo hands a test the paths of its own
 /// package's binaries only, so another package's is built here, once per
-/// test process: a no-op when `cargo nextest run --workspace` (or a
-/// `cargo build` of it) already did, and it keeps a stale one from being
+/// test process, as the same build scripts/test.sh runs first (so
+/// there it is a no-op). A workspace build does not make it one: cargo
+/// unifies features over the packages it builds, so `-p <package>` alone
+/// has its own dependency builds. It also keeps a stale binary from being
 /// used when only this package's tests were built.
 fn workspace_bin(package: &str, bin: &str) -> std::path::PathBuf {
     use std::sync::{Mutex, OnceLock};
