@@ -5,9 +5,9 @@
 //! reader of the client and the only writer to the upstream, `replies` the
 //! only reader of the upstream and the only writer to the client, so a
 //! write blocked in one direction never stops the other. Each reads into
-//! its own reusable buffer, shows every complete frame (sliced out of the
-//! batch, not copied) to the inspector in place, and writes the batch with
-//! one write. Request/reply correlation, rejection replies, injected
+//! its own reusable buffer, shows every complete frame to the inspector
+//! where it was read (a borrowed `FrameRef`: no copy, no reference count),
+//! and writes the batch with one write from that same buffer. Request/reply correlation, rejection replies, injected
 //! requests, drain and the close log line live here too. Frames are
 //! forwarded as the exact bytes received. The shared state is borrowed
 //! only inside synchronous passes, never across `.await`. Document
@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::future::{Fuse, FusedFuture, FutureExt};
-use monoio::buf::SliceMut;
+use monoio::buf::{IoBuf, SliceMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 use monoio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -41,7 +41,7 @@ use super::tls::{self, ClientStream, ListenTls, Transport, UpstreamTls};
 use super::unreachable;
 use super::upstream::{DialError, HostPort, Resolve};
 use crate::metrics::{Direction, FrameSide, ProxyMetrics};
-use sessionguard_protocol::wire::{self, Frame, Message, MsgFlags, MsgHeader, WireError};
+use sessionguard_protocol::wire::{self, FrameRef, Message, MsgFlags, WireError};
 use sessionguard_protocol::{command_index, intern_command, OTHER_COMMAND};
 
 /// Which side of a connection pair failed.
@@ -545,9 +545,9 @@ const BUF_SIZE: usize = 16 * 1024;
 /// A buffer grown past this for a big frame is replaced once empty.
 const BUF_KEEP: usize = 4 * BUF_SIZE;
 
-/// Makes room for the next read, reusing the allocation once the previous
-/// batch has been written (its `Bytes` dropped): `reserve` then moves the
-/// partial tail to the front instead of allocating.
+/// Makes room for the next read in the same allocation: once the previous
+/// batch is written and skipped, `reserve` moves the partial tail (if any)
+/// to the front instead of allocating.
 ///
 /// An empty buffer is rewound to its front even when room is left further
 /// on: otherwise reads walk through the whole 16 KiB, and at hundreds of
@@ -557,8 +557,16 @@ fn ready_for_read(buf: &mut BytesMut) {
         *buf = BytesMut::with_capacity(BUF_SIZE);
     }
     if buf.is_empty() {
-        // Unique again once the batch is written: rewinds without copying.
+        // Rewinds without copying (the written frames were only skipped).
         buf.reserve(BUF_SIZE);
+    }
+    // Room for a partial frame's declared length (already checked against
+    // the maximum by the pass that found it partial); `reserve` first moves
+    // the partial tail to the front when the room is there.
+    if let Ok(Some(n)) = wire::frame_len(buf, usize::MAX) {
+        if n > buf.capacity() {
+            buf.reserve(n - buf.len());
+        }
     }
     let spare = buf.capacity() - buf.len();
     if spare < BUF_SIZE / 4 {
@@ -588,77 +596,73 @@ fn idle_slot<A, B, F: Future>(_f: impl Fn(A, B) -> F) -> Fuse<F> {
     Fuse::terminated()
 }
 
-/// Splits the complete frames off the front of `buf` (one `Bytes`, the
-/// batch; frames are sliced out of it without copying), checking each
-/// declared length before waiting for its bytes. Room for a partial
-/// frame's declared length is reserved. A length out of bounds ends the
-/// batch and comes back as the error to close with once the frames before
-/// it are dealt with (they were sent first).
-fn complete_frames(
-    buf: &mut BytesMut,
-    max: usize,
-    side: Side,
-) -> (Option<Bytes>, Option<ConnError>) {
+/// How many bytes at the front of `buf` are complete frames (the batch),
+/// checking each declared length before waiting for its bytes. A length
+/// out of bounds ends the batch and comes back as the error to close with
+/// once the frames before it are dealt with (they were sent first).
+fn complete_frames(buf: &[u8], max: usize, side: Side) -> (usize, Option<ConnError>) {
     let mut at = 0;
-    let mut partial = None;
-    let mut refused = None;
     loop {
         match wire::frame_len(&buf[at..], max) {
-            Err(source) => {
-                refused = Some(ConnError::Malformed { side, source });
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(n)) if at + n > buf.len() => {
-                partial = Some(n);
-                break;
-            }
-            Ok(Some(n)) => at += n,
+            Err(source) => return (at, Some(ConnError::Malformed { side, source })),
+            Ok(Some(n)) if at + n <= buf.len() => at += n,
+            Ok(_) => return (at, None),
         }
     }
-    let batch = (at > 0).then(|| buf.split_to(at).freeze());
-    if let Some(n) = partial {
-        if n > buf.capacity() {
-            buf.reserve(n - buf.len());
-        }
-    }
-    (batch, refused)
 }
 
-/// Each frame of a batch, as the `Frame` the inspector sees (a slice of
-/// the batch: a reference count, no allocation).
-fn frames(batch: &Bytes) -> impl Iterator<Item = Frame> + '_ {
+/// Each frame of a batch, borrowed where it was read: the inspector looks
+/// at it in place, with no reference count and no allocation.
+fn frames(batch: &[u8]) -> impl Iterator<Item = FrameRef<'_>> + '_ {
     let mut at = 0;
     std::iter::from_fn(move || {
-        let rest = batch.get(at..)?;
-        let header = MsgHeader::parse(rest)?;
-        let n = usize::try_from(header.message_length).ok()?;
-        let frame = Frame {
-            header,
-            bytes: batch.slice(at..at + n),
-        };
-        at += n;
+        let frame = FrameRef::first_of(batch.get(at..)?)?;
+        at += frame.bytes.len();
         Some(frame)
     })
 }
 
-/// What a pass leaves to write: the batch untouched (the common case), or,
-/// when a frame was cut or replaced, the bytes rebuilt (rare).
+/// What a pass leaves to write: the front of the read buffer untouched
+/// (the common case), or, when a frame was cut or replaced, the bytes
+/// rebuilt (rare) in place of the `consumed` bytes read.
 enum Output {
     Nothing,
-    Batch(Bytes),
-    Rebuilt(Vec<u8>),
+    Batch(usize),
+    Rebuilt { bytes: Vec<u8>, consumed: usize },
 }
 
 impl Output {
-    fn into_bytes(self) -> Option<Bytes> {
+    /// The read bytes this output stands for.
+    fn consumed(&self) -> usize {
         match self {
-            Output::Nothing => None,
-            Output::Batch(bytes) => Some(bytes),
-            Output::Rebuilt(bytes) if bytes.is_empty() => None,
-            Output::Rebuilt(bytes) => Some(Bytes::from(bytes)),
+            Output::Nothing => 0,
+            Output::Batch(n) => *n,
+            Output::Rebuilt { consumed, .. } => *consumed,
         }
     }
+}
+
+/// Writes a pass's output, then drops the frames it stands for from the
+/// read buffer. The batch is written from the read buffer itself (moved
+/// into the write and handed back): no copy, no reference count.
+async fn write_output<W: AsyncWriteRent>(
+    mut half: W,
+    mut buf: BytesMut,
+    output: Output,
+) -> (W, BytesMut, io::Result<usize>) {
+    let consumed = output.consumed();
+    let res = match output {
+        Output::Nothing => Ok(0),
+        Output::Batch(n) => {
+            let (res, slice) = half.write_all(buf.slice(..n)).await;
+            buf = slice.into_inner();
+            res
+        }
+        Output::Rebuilt { bytes, .. } if bytes.is_empty() => Ok(0),
+        Output::Rebuilt { bytes, .. } => half.write_all(bytes).await.0,
+    };
+    buf.advance(consumed);
+    (half, buf, res)
 }
 
 /// Runs a write unless the connection is finished first (`None`): a peer
@@ -811,8 +815,9 @@ where
                     poke(&pair.wake_replies);
                 }
                 let progressed = !matches!(output, Output::Nothing);
-                arm_timer(timer.as_mut(), !buf.is_empty(), progressed, timeout);
-                if let Some(bytes) = output.into_bytes() {
+                let partial = buf.len() > output.consumed();
+                arm_timer(timer.as_mut(), partial, progressed, timeout);
+                if progressed {
                     // An injection being written finishes first (one writer).
                     let w = match upstream.take() {
                         Some(w) => w,
@@ -828,8 +833,9 @@ where
                             w
                         }
                     };
-                    let write = write_from(w, bytes);
-                    let Some((w, res)) = unless_closed(&pair, &pair.wake_requests, write).await
+                    let write = write_output(w, buf, output);
+                    let Some((w, written, res)) =
+                        unless_closed(&pair, &pair.wake_requests, write).await
                     else {
                         return;
                     };
@@ -837,6 +843,7 @@ where
                         return pair.finish(upstream_error(e));
                     }
                     upstream = Some(w);
+                    buf = written;
                 }
                 if let Some(e) = refused {
                     return pair.finish(Outcome::Failed(e));
@@ -917,22 +924,24 @@ where
                     Err(e) => return pair.finish(Outcome::Failed(e)),
                 };
                 let progressed = !matches!(output, Output::Nothing);
-                arm_timer(timer.as_mut(), !buf.is_empty(), progressed, timeout);
-                let w = match output.into_bytes() {
-                    None => w,
-                    Some(bytes) => {
-                        pair.client_writing.set(true);
-                        let write = write_from(w, bytes);
-                        let Some((w, res)) = unless_closed(&pair, &pair.wake_replies, write).await
-                        else {
-                            return;
-                        };
-                        pair.client_writing.set(false);
-                        if let Err(e) = res {
-                            return pair.finish(client_error(e));
-                        }
-                        w
+                let partial = buf.len() > output.consumed();
+                arm_timer(timer.as_mut(), partial, progressed, timeout);
+                let w = if progressed {
+                    pair.client_writing.set(true);
+                    let write = write_output(w, buf, output);
+                    let Some((w, written, res)) =
+                        unless_closed(&pair, &pair.wake_replies, write).await
+                    else {
+                        return;
+                    };
+                    pair.client_writing.set(false);
+                    if let Err(e) = res {
+                        return pair.finish(client_error(e));
                     }
+                    buf = written;
+                    w
+                } else {
+                    w
                 };
                 client = Some(w);
                 if let Some(e) = refused {
@@ -960,21 +969,22 @@ fn request_pass<I: Inspector>(
     buf: &mut BytesMut,
 ) -> Result<(Output, Option<ConnError>), ConnError> {
     let settings = &pair.settings;
-    let (batch, refused) = complete_frames(buf, settings.max_message_size, Side::Client);
-    let Some(batch) = batch else {
+    let (end, refused) = complete_frames(buf, settings.max_message_size, Side::Client);
+    if end == 0 {
         return Ok((Output::Nothing, refused));
-    };
+    }
+    let batch = &buf[..end];
     let mut rebuilt: Option<Vec<u8>> = None;
     let mut kept = 0;
     let mut count = 0;
-    for frame in frames(&batch) {
+    for frame in frames(batch) {
         count += 1;
         settings.metrics.frame(
             Direction::ClientToUpstream,
             frame.header.op_code,
             frame.bytes.len(),
         );
-        match inspect_request(pair, &frame)? {
+        match inspect_request(pair, frame)? {
             RequestAction::Forward(record) => {
                 if let Some(record) = record {
                     if let Some(request_id) = pair.table.borrow_mut().insert_client(record) {
@@ -985,7 +995,7 @@ fn request_pass<I: Inspector>(
                     }
                 }
                 match &mut rebuilt {
-                    Some(out) => out.extend_from_slice(&frame.bytes),
+                    Some(out) => out.extend_from_slice(frame.bytes),
                     None => kept += frame.bytes.len(),
                 }
             }
@@ -1012,15 +1022,18 @@ fn request_pass<I: Inspector>(
     }
     pair.requests.set(pair.requests.get() + count);
     let output = match rebuilt {
-        None => Output::Batch(batch),
-        Some(out) => Output::Rebuilt(out),
+        None => Output::Batch(end),
+        Some(bytes) => Output::Rebuilt {
+            bytes,
+            consumed: end,
+        },
     };
     Ok((output, refused))
 }
 
 fn inspect_request<I: Inspector>(
     pair: &Pair<I>,
-    frame: &Frame,
+    frame: FrameRef<'_>,
 ) -> Result<RequestAction<I::Pending>, ConnError> {
     let malformed = |source| ConnError::Malformed {
         side: Side::Client,
@@ -1102,10 +1115,11 @@ fn reply_pass<I: Inspector>(
     buf: &mut BytesMut,
 ) -> Result<(Output, Option<ConnError>), ConnError> {
     let settings = &pair.settings;
-    let (batch, refused) = complete_frames(buf, settings.max_message_size, Side::Upstream);
-    let Some(batch) = batch else {
+    let (end, refused) = complete_frames(buf, settings.max_message_size, Side::Upstream);
+    if end == 0 {
         return Ok((Output::Nothing, refused));
-    };
+    }
+    let batch = &buf[..end];
     let malformed = |source| ConnError::Malformed {
         side: Side::Upstream,
         source,
@@ -1113,15 +1127,15 @@ fn reply_pass<I: Inspector>(
     let mut rebuilt: Option<Vec<u8>> = None;
     let mut kept = 0;
     let mut count = 0;
-    for frame in frames(&batch) {
+    for frame in frames(batch) {
         count += 1;
         settings.metrics.frame(
             Direction::UpstreamToClient,
             frame.header.op_code,
             frame.bytes.len(),
         );
-        let opened = wire::open(&frame, settings.max_message_size).map_err(malformed)?;
-        let msg = opened.parse(&frame).map_err(malformed)?;
+        let opened = wire::open(frame, settings.max_message_size).map_err(malformed)?;
+        let msg = opened.parse(frame).map_err(malformed)?;
         let more_to_come = matches!(&msg, Message::Msg(m) if m.flags.more_to_come());
         let mut table = pair.table.borrow_mut();
         let owner = table.on_reply(
@@ -1134,7 +1148,7 @@ fn reply_pass<I: Inspector>(
                 drop(table);
                 if let Some(waiter) = waiter {
                     // A copy, so the read buffer is not held by the waiter.
-                    let _ = waiter.send(Ok(Bytes::copy_from_slice(&frame.bytes)));
+                    let _ = waiter.send(Ok(Bytes::copy_from_slice(frame.bytes)));
                 }
                 rebuilt.get_or_insert_with(|| batch[..kept].to_vec());
                 continue;
@@ -1144,7 +1158,7 @@ fn reply_pass<I: Inspector>(
                 drop(table);
                 observe_round_trip(settings, &request, more_to_come);
                 pair.inspector
-                    .on_reply(&pair.ctx, Some(&mut request), &frame, &msg)
+                    .on_reply(&pair.ctx, Some(&mut request), frame, &msg)
             }
             ReplyOwner::Streaming(key) => {
                 // The stream continues: the record stays in the table and
@@ -1153,7 +1167,7 @@ fn reply_pass<I: Inspector>(
                 if let Some(request) = &request {
                     observe_round_trip(settings, request, more_to_come);
                 }
-                pair.inspector.on_reply(&pair.ctx, request, &frame, &msg)
+                pair.inspector.on_reply(&pair.ctx, request, frame, &msg)
             }
             ReplyOwner::Unmatched => {
                 drop(table);
@@ -1163,12 +1177,12 @@ fn reply_pass<I: Inspector>(
                     op = frame.header.op_code.name(),
                     "reply matches no request in flight; forwarding it anyway"
                 );
-                pair.inspector.on_reply(&pair.ctx, None, &frame, &msg)
+                pair.inspector.on_reply(&pair.ctx, None, frame, &msg)
             }
         };
         match verdict {
             ReplyVerdict::Forward => match &mut rebuilt {
-                Some(out) => out.extend_from_slice(&frame.bytes),
+                Some(out) => out.extend_from_slice(frame.bytes),
                 None => kept += frame.bytes.len(),
             },
             ReplyVerdict::Replace(bytes) => {
@@ -1180,8 +1194,11 @@ fn reply_pass<I: Inspector>(
     }
     pair.replies.set(pair.replies.get() + count);
     let output = match rebuilt {
-        None => Output::Batch(batch),
-        Some(out) => Output::Rebuilt(out),
+        None => Output::Batch(end),
+        Some(bytes) => Output::Rebuilt {
+            bytes,
+            consumed: end,
+        },
     };
     Ok((output, refused))
 }
@@ -1209,27 +1226,66 @@ mod tests {
         let front = buf.as_ptr();
         for _ in 0..3 {
             buf.extend_from_slice(&frame_of(1000));
-            let (batch, refused) = complete_frames(&mut buf, 1 << 20, Side::Client);
+            let (end, refused) = complete_frames(&buf, 1 << 20, Side::Client);
             assert!(refused.is_none());
-            assert_eq!(batch.map(|b| b.len()), Some(1000));
-            // The batch is written and dropped before the next read.
+            assert_eq!(end, 1000);
+            // What `write_output` does once the batch is written.
+            buf.advance(end);
             ready_for_read(&mut buf);
             assert_eq!(buf.as_ptr(), front, "the next read reuses the front");
             assert!(buf.capacity() >= BUF_SIZE);
         }
     }
 
-    /// A partial frame stays readable where it is (no copy) while the
-    /// batch before it is still being written.
+    /// Frames are borrowed from the buffer they were read into, one by one.
     #[test]
-    fn a_partial_tail_is_kept_whole_across_a_pass() {
+    fn frames_are_slices_of_the_read_buffer() {
+        let mut bytes = frame_of(100);
+        bytes.extend_from_slice(&frame_of(40));
+        bytes.extend_from_slice(&frame_of(300)[..50]);
+        let (end, refused) = complete_frames(&bytes, 1 << 20, Side::Upstream);
+        assert_eq!((end, refused.is_none()), (140, true));
+        let seen: Vec<(usize, usize)> = frames(&bytes[..end])
+            .map(|f| {
+                (
+                    f.bytes.as_ptr() as usize - bytes.as_ptr() as usize,
+                    f.bytes.len(),
+                )
+            })
+            .collect();
+        assert_eq!(seen, vec![(0, 100), (100, 40)]);
+    }
+
+    /// After the batch is written, the partial frame behind it moves to
+    /// the front, whole, with room reserved for its declared length.
+    #[test]
+    fn a_partial_tail_is_kept_whole_with_room_for_its_length() {
         let mut buf = BytesMut::with_capacity(BUF_SIZE);
         let mut bytes = frame_of(100);
-        bytes.extend_from_slice(&frame_of(300)[..50]);
+        let big = frame_of(3 * BUF_SIZE);
+        bytes.extend_from_slice(&big[..50]);
         buf.extend_from_slice(&bytes);
-        let (batch, _) = complete_frames(&mut buf, 1 << 20, Side::Client);
-        assert_eq!(batch.map(|b| b.len()), Some(100));
+        let (end, _) = complete_frames(&buf, 1 << 20, Side::Client);
+        assert_eq!(end, 100);
+        buf.advance(end);
         ready_for_read(&mut buf);
         assert_eq!(&buf[..], &bytes[100..]);
+        assert!(buf.capacity() >= 3 * BUF_SIZE);
+    }
+
+    /// A length out of bounds ends the batch after the frames before it.
+    #[test]
+    fn a_refused_length_comes_back_after_the_good_frames() {
+        let mut bytes = frame_of(100);
+        bytes.extend_from_slice(&frame_of(2000)[..16]);
+        let (end, refused) = complete_frames(&bytes, 1000, Side::Client);
+        assert_eq!(end, 100);
+        assert!(matches!(
+            refused,
+            Some(ConnError::Malformed {
+                side: Side::Client,
+                ..
+            })
+        ));
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 pub use crate::ctl::InjectError;
 use crate::ctl::{Ctl, Inbox, InjectRequest};
 
-use sessionguard_protocol::wire::{Frame, Message};
+use sessionguard_protocol::wire::{FrameRef, Message};
 pub use sessionguard_protocol::CloseCause;
 
 /// Policy hooks called by every proxied connection. Every method but
@@ -57,7 +57,7 @@ pub trait Inspector: Send + Sync + 'static {
     fn on_request(
         &self,
         conn: &ConnContext,
-        frame: &Frame,
+        frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> Verdict<Self::Pending>;
 
@@ -73,7 +73,7 @@ pub trait Inspector: Send + Sync + 'static {
         &self,
         conn: &ConnContext,
         request: Option<&mut InFlightRequest<Self::Pending>>,
-        frame: &Frame,
+        frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> ReplyVerdict {
         let _ = (conn, request, frame, msg);
@@ -102,7 +102,7 @@ pub struct NoopInspector;
 impl Inspector for NoopInspector {
     type Pending = ();
 
-    fn on_request(&self, _: &ConnContext, _: &Frame, _: &Message<'_>) -> Verdict {
+    fn on_request(&self, _: &ConnContext, _: FrameRef<'_>, _: &Message<'_>) -> Verdict {
         Verdict::Forward(())
     }
 }

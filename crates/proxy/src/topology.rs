@@ -33,7 +33,7 @@ use tracing::{error, warn};
 use super::inspect::{CloseCause, ConnContext, InFlightRequest, Inspector, ReplyVerdict, Verdict};
 use super::upstream::{HostPort, DEFAULT_MONGODB_PORT};
 use sessionguard_protocol::wire::{
-    self, op_compressed, Compressor, Frame, Message, MsgFlags, OpCode, HEADER_LEN,
+    self, op_compressed, Compressor, Frame, FrameRef, Message, MsgFlags, OpCode, HEADER_LEN,
 };
 
 /// Hello fields that hold lists of member addresses.
@@ -195,7 +195,7 @@ pub(crate) struct ReplyRewrite {
 /// arrived compressed is compressed again with the same compressor, which
 /// the driver negotiated and therefore accepts. Pure.
 pub(crate) fn rewrite_hello_reply(
-    frame: &Frame,
+    frame: FrameRef<'_>,
     msg: &Message<'_>,
     map: &MemberMap,
 ) -> Result<ReplyRewrite, bson::raw::Error> {
@@ -269,7 +269,7 @@ pub(crate) fn rewrite_hello_reply(
 }
 
 /// The compressor of an OP_COMPRESSED frame (its id is byte 8 of the body).
-fn compressor_of(frame: &Frame) -> Option<Compressor> {
+fn compressor_of(frame: FrameRef<'_>) -> Option<Compressor> {
     if frame.header.op_code != OpCode::Compressed {
         return None;
     }
@@ -349,7 +349,7 @@ impl<I: Inspector> TopologyInspector<I> {
         );
     }
 
-    fn rewrite(&self, conn: &ConnContext, frame: &Frame, msg: &Message<'_>) -> ReplyVerdict {
+    fn rewrite(&self, conn: &ConnContext, frame: FrameRef<'_>, msg: &Message<'_>) -> ReplyVerdict {
         // Single-upstream mode has nothing to map: it only looks for a
         // replica-set hello (to warn once about drivers bypassing the
         // proxy), without rebuilding the reply.
@@ -397,7 +397,7 @@ impl<I: Inspector> Inspector for TopologyInspector<I> {
     fn on_request(
         &self,
         conn: &ConnContext,
-        frame: &Frame,
+        frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> Verdict<I::Pending> {
         self.inner.on_request(conn, frame, msg)
@@ -407,7 +407,7 @@ impl<I: Inspector> Inspector for TopologyInspector<I> {
         &self,
         conn: &ConnContext,
         mut request: Option<&mut InFlightRequest<I::Pending>>,
-        frame: &Frame,
+        frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> ReplyVerdict {
         // The wrapped inspector sees the reply as the member sent it.
@@ -591,7 +591,7 @@ mod tests {
         let opened = wire::open(&frame, usize::MAX).unwrap();
         let msg = opened.parse(&frame).unwrap();
 
-        let out = rewrite_hello_reply(&frame, &msg, &map()).unwrap();
+        let out = rewrite_hello_reply(frame.view(), &msg, &map()).unwrap();
         let (new_frame, document) = reparse(out.frame.as_ref().unwrap());
         assert_eq!(new_frame.header.request_id, 41);
         assert_eq!(new_frame.header.response_to, 40);
@@ -613,7 +613,7 @@ mod tests {
         let frame = reopen(bytes).unwrap();
         let opened = wire::open(&frame, usize::MAX).unwrap();
         let msg = opened.parse(&frame).unwrap();
-        let out = rewrite_hello_reply(&frame, &msg, &map()).unwrap();
+        let out = rewrite_hello_reply(frame.view(), &msg, &map()).unwrap();
         let new_bytes = out.frame.unwrap();
         let (new_frame, document) = reparse(&new_bytes);
         assert_eq!(new_frame.header.request_id, 9);
@@ -642,10 +642,10 @@ mod tests {
             let frame = reopen(bytes).unwrap();
             let opened = wire::open(&frame, usize::MAX).unwrap();
             let msg = opened.parse(&frame).unwrap();
-            let out = rewrite_hello_reply(&frame, &msg, &map()).unwrap();
+            let out = rewrite_hello_reply(frame.view(), &msg, &map()).unwrap();
             let (new_frame, document) = reparse(out.frame.as_ref().unwrap());
             assert_eq!(new_frame.header.op_code, OpCode::Compressed);
-            assert_eq!(compressor_of(&new_frame), Some(compressor));
+            assert_eq!(compressor_of(new_frame.view()), Some(compressor));
             assert_eq!(
                 (new_frame.header.request_id, new_frame.header.response_to),
                 (5, 4)
@@ -671,7 +671,7 @@ mod tests {
     impl Inspector for Seen {
         type Pending = ();
 
-        fn on_request(&self, _: &ConnContext, _: &Frame, _: &Message<'_>) -> Verdict {
+        fn on_request(&self, _: &ConnContext, _: FrameRef<'_>, _: &Message<'_>) -> Verdict {
             Verdict::Forward(())
         }
 
@@ -679,7 +679,7 @@ mod tests {
             &self,
             _conn: &ConnContext,
             _request: Option<&mut InFlightRequest>,
-            _frame: &Frame,
+            _frame: FrameRef<'_>,
             msg: &Message<'_>,
         ) -> ReplyVerdict {
             if let Message::Msg(m) = msg {
@@ -710,8 +710,12 @@ mod tests {
             let frame = msg_frame(&original, MsgFlags(MsgFlags::MORE_TO_COME));
             let opened = wire::open(&frame, usize::MAX).unwrap();
             let msg = opened.parse(&frame).unwrap();
-            let verdict =
-                inspector.on_reply(&ctx(), Some(&mut hello_request(streamed)), &frame, &msg);
+            let verdict = inspector.on_reply(
+                &ctx(),
+                Some(&mut hello_request(streamed)),
+                frame.view(),
+                &msg,
+            );
             let ReplyVerdict::Replace(bytes) = verdict else {
                 panic!("streamed reply {streamed} not rewritten");
             };
@@ -732,19 +736,19 @@ mod tests {
         let mut find = hello_request(0);
         find.command = Some(Cow::Borrowed("find"));
         assert_eq!(
-            inspector.on_reply(&ctx(), Some(&mut find), &frame, &msg),
+            inspector.on_reply(&ctx(), Some(&mut find), frame.view(), &msg),
             ReplyVerdict::Forward
         );
         // An unmatched reply is rewritten only when it is shaped like a hello.
         assert_eq!(
-            inspector.on_reply(&ctx(), None, &frame, &msg),
+            inspector.on_reply(&ctx(), None, frame.view(), &msg),
             ReplyVerdict::Forward
         );
         let hello_frame = msg_frame(&hello(), MsgFlags::default());
         let opened = wire::open(&hello_frame, usize::MAX).unwrap();
         let msg = opened.parse(&hello_frame).unwrap();
         assert!(matches!(
-            inspector.on_reply(&ctx(), None, &hello_frame, &msg),
+            inspector.on_reply(&ctx(), None, hello_frame.view(), &msg),
             ReplyVerdict::Replace(_)
         ));
     }
@@ -763,7 +767,7 @@ mod tests {
         // Without a map the reply is forwarded unchanged, and the bypass
         // warning is spent on the first one.
         assert_eq!(
-            single.on_reply(&ctx(), Some(&mut hello_request(0)), &frame, &msg),
+            single.on_reply(&ctx(), Some(&mut hello_request(0)), frame.view(), &msg),
             ReplyVerdict::Forward
         );
         assert!(single.warned_bypass.load(Ordering::Relaxed));

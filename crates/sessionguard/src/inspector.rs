@@ -21,7 +21,7 @@ use dashmap::DashMap;
 use crate::peer_process::{Owner, ProcessTable};
 use crate::request_times::RequestTimes;
 use sessionguard_engine::{Decision, PendingRequest, SessionEngine};
-use sessionguard_protocol::wire::{Frame, Message};
+use sessionguard_protocol::wire::{FrameRef, Message};
 use sessionguard_protocol::CloseCause;
 use sessionguard_proxy::{
     ConnContext, InFlightRequest, Injector, Inspector, ReplyVerdict, Verdict,
@@ -107,7 +107,7 @@ impl Inspector for EngineInspector {
     fn on_request(
         &self,
         conn: &ConnContext,
-        frame: &Frame,
+        frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> Verdict<Self::Pending> {
         if let Some(attribution) = &self.attribution {
@@ -123,7 +123,7 @@ impl Inspector for EngineInspector {
         &self,
         conn: &ConnContext,
         request: Option<&mut InFlightRequest<Self::Pending>>,
-        _frame: &Frame,
+        _frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> ReplyVerdict {
         // A reply that matches no request the engine follows tells it
@@ -156,7 +156,7 @@ mod tests {
     use bson::spec::BinarySubtype;
     use bson::{rawdoc, Binary, RawDocumentBuf};
     use sessionguard_engine::{RuleId, RulesConfig, SessionConfig};
-    use sessionguard_protocol::wire::{self, op_msg, MsgFlags, MsgHeader};
+    use sessionguard_protocol::wire::{self, op_msg, Frame, MsgFlags, MsgHeader};
     use std::time::Instant;
 
     fn frame(request_id: i32, response_to: i32, doc: &RawDocumentBuf) -> Frame {
@@ -196,7 +196,7 @@ mod tests {
             let request = frame(5, 0, &insert(session, collection));
             let opened = wire::open(&request, usize::MAX).unwrap();
             let msg = opened.parse(&request).unwrap();
-            let Verdict::Forward(pending) = inspector.on_request(&ctx, &request, &msg) else {
+            let Verdict::Forward(pending) = inspector.on_request(&ctx, request.view(), &msg) else {
                 panic!("rejected");
             };
             sent.push(InFlightRequest {
@@ -215,7 +215,7 @@ mod tests {
         let reply = frame(100, 5, &rawdoc! { "n": 1, "ok": 1.0 });
         let opened = wire::open(&reply, usize::MAX).unwrap();
         let msg = opened.parse(&reply).unwrap();
-        inspector.on_reply(&ctx, Some(&mut second), &reply, &msg);
+        inspector.on_reply(&ctx, Some(&mut second), reply.view(), &msg);
         inspector.on_close(&ctx, CloseCause::ClientClosed, vec![first]);
 
         let fired = engine.violations();

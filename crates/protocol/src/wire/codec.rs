@@ -21,16 +21,68 @@ pub struct Frame {
     pub bytes: Bytes,
 }
 
-impl Frame {
+/// One whole wire message borrowed from a buffer: what an inspecting proxy
+/// looks at between reading a frame and forwarding it from the same buffer,
+/// with no reference count and no allocation per frame. `Copy`, like the
+/// slice it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    pub header: MsgHeader,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> FrameRef<'a> {
+    /// The frame at the start of `bytes`, when they hold at least its
+    /// header and its declared length (checked by `frame_len` beforehand);
+    /// exactly that many bytes.
+    pub fn first_of(bytes: &'a [u8]) -> Option<FrameRef<'a>> {
+        let header = MsgHeader::parse(bytes)?;
+        let len = usize::try_from(header.message_length).ok()?;
+        Some(FrameRef {
+            header,
+            bytes: bytes.get(..len)?,
+        })
+    }
     /// Everything after the 16-byte header.
-    pub fn body(&self) -> &[u8] {
+    pub fn body(&self) -> &'a [u8] {
         // Frames from the decoder always hold a full header; a hand-built one
         // might not, and that must not panic.
         self.bytes.get(HEADER_LEN..).unwrap_or(&[])
     }
     /// The 16 header bytes as received.
+    pub fn header_bytes(&self) -> &'a [u8] {
+        self.bytes.get(..HEADER_LEN).unwrap_or(self.bytes)
+    }
+    /// An owned copy (for the rare caller that keeps a frame).
+    pub fn to_frame(&self) -> Frame {
+        Frame {
+            header: self.header,
+            bytes: Bytes::copy_from_slice(self.bytes),
+        }
+    }
+}
+
+impl<'a> From<&'a Frame> for FrameRef<'a> {
+    fn from(frame: &'a Frame) -> FrameRef<'a> {
+        frame.view()
+    }
+}
+
+impl Frame {
+    /// The borrowed view the parser and inspectors take.
+    pub fn view(&self) -> FrameRef<'_> {
+        FrameRef {
+            header: self.header,
+            bytes: &self.bytes,
+        }
+    }
+    /// Everything after the 16-byte header.
+    pub fn body(&self) -> &[u8] {
+        self.view().body()
+    }
+    /// The 16 header bytes as received.
     pub fn header_bytes(&self) -> &[u8] {
-        self.bytes.get(..HEADER_LEN).unwrap_or(&self.bytes)
+        self.view().header_bytes()
     }
     /// Builds a frame from a header's fields and a body (length computed).
     pub fn build(request_id: i32, response_to: i32, op_code: OpCode, body: &[u8]) -> Frame {

@@ -16,7 +16,7 @@ mod reader;
 
 use std::borrow::Cow;
 
-pub use codec::{frame_len, Frame, FrameCodec, DEFAULT_MAX_MESSAGE_SIZE};
+pub use codec::{frame_len, Frame, FrameCodec, FrameRef, DEFAULT_MAX_MESSAGE_SIZE};
 pub use error::WireError;
 pub use header::{MsgHeader, OpCode, HEADER_LEN};
 pub use legacy::{OpQuery, OpReply};
@@ -48,7 +48,11 @@ pub struct Opened<'a> {
 
 /// Removes an OP_COMPRESSED wrapper if there is one. `max_message_size` bounds
 /// the decompressed size (checked before allocating).
-pub fn open(frame: &Frame, max_message_size: usize) -> Result<Opened<'_>, WireError> {
+pub fn open<'a>(
+    frame: impl Into<FrameRef<'a>>,
+    max_message_size: usize,
+) -> Result<Opened<'a>, WireError> {
+    let frame = frame.into();
     if frame.header.op_code != OpCode::Compressed {
         return Ok(Opened {
             op_code: frame.header.op_code,
@@ -83,7 +87,11 @@ impl Opened<'_> {
 
     /// Parses the opened body: `parse` with the right header bytes (the
     /// frame's own, or the reconstructed header for a decompressed message).
-    pub fn parse<'b>(&'b self, frame: &Frame) -> Result<Message<'b>, WireError> {
+    pub fn parse<'b, 'f>(
+        &'b self,
+        frame: impl Into<FrameRef<'f>>,
+    ) -> Result<Message<'b>, WireError> {
+        let frame = frame.into();
         if self.compressor.is_some() {
             let header = self.header(&frame.header).to_bytes();
             parse(self.op_code, &header, &self.body)

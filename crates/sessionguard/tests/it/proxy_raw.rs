@@ -22,7 +22,7 @@ use sessionguard::metrics::Metrics;
 use sessionguard::start_proxy;
 use sessionguard_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use sessionguard_protocol::wire::{
-    self, legacy, op_compressed, op_msg, Compressor, Frame, Message, MsgFlags, OpCode,
+    self, legacy, op_compressed, op_msg, Compressor, Frame, FrameRef, Message, MsgFlags, OpCode,
 };
 use sessionguard_proxy::{
     CloseCause, ConnContext, InFlightRequest, InjectError, Inspector, NoopInspector, ProxyHandle,
@@ -86,7 +86,7 @@ impl Inspector for Recorder {
         self.contexts.lock().unwrap().push(conn.clone());
     }
 
-    fn on_request(&self, conn: &ConnContext, _frame: &Frame, msg: &Message<'_>) -> Verdict {
+    fn on_request(&self, conn: &ConnContext, _frame: FrameRef<'_>, msg: &Message<'_>) -> Verdict {
         let name = match msg {
             Message::Msg(m) => m.command_name(),
             Message::Query(q) => q.command_name(),
@@ -114,7 +114,7 @@ impl Inspector for Recorder {
         &self,
         _conn: &ConnContext,
         request: Option<&mut InFlightRequest>,
-        frame: &Frame,
+        frame: FrameRef<'_>,
         _msg: &Message<'_>,
     ) -> ReplyVerdict {
         self.replies
