@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use monoio::buf::{IoBuf, SliceMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
@@ -540,44 +540,37 @@ where
 }
 
 /// Read buffer size per direction: most frames fit, and a buffer grows to a
-/// larger frame's declared length only while that frame is read.
+/// larger frame's declared length when one arrives.
 const BUF_SIZE: usize = 16 * 1024;
 /// A buffer grown past this for a big frame is replaced once empty.
-const BUF_KEEP: usize = 4 * BUF_SIZE;
+const BUF_KEEP: usize = 64 * 1024;
 
-/// Makes room for the next read in the same allocation: once the previous
-/// batch is written and skipped, `reserve` moves the partial tail (if any)
-/// to the front instead of allocating.
-///
-/// An empty buffer is rewound to its front even when room is left further
-/// on: otherwise reads walk through the whole 16 KiB, and at hundreds of
-/// connections the bytes they touch no longer stay in the core's cache.
-fn ready_for_read(buf: &mut BytesMut) {
+/// Makes room for the next read. Written frames are drained from the
+/// front, so reads always land at the buffer's start and only a partial
+/// frame is ever moved: at hundreds of connections the few KiB each buffer
+/// touches stay in the core's cache, where reads that walked through the
+/// whole buffer did not.
+fn ready_for_read(buf: &mut Vec<u8>) {
     if buf.is_empty() && buf.capacity() > BUF_KEEP {
-        *buf = BytesMut::with_capacity(BUF_SIZE);
-    }
-    if buf.is_empty() {
-        // Rewinds without copying (the written frames were only skipped).
-        buf.reserve(BUF_SIZE);
+        *buf = Vec::with_capacity(BUF_SIZE);
     }
     // Room for a partial frame's declared length (already checked against
-    // the maximum by the pass that found it partial); `reserve` first moves
-    // the partial tail to the front when the room is there.
+    // the maximum by the pass that found it partial).
     if let Ok(Some(n)) = wire::frame_len(buf, usize::MAX) {
         if n > buf.capacity() {
-            buf.reserve(n - buf.len());
+            buf.reserve_exact(n - buf.len());
         }
     }
-    let spare = buf.capacity() - buf.len();
-    if spare < BUF_SIZE / 4 {
-        buf.reserve(BUF_SIZE.max(buf.len() + BUF_SIZE / 4) - buf.len());
+    // Never a read into no room: it would come back as 0 bytes, an EOF.
+    if buf.len() == buf.capacity() {
+        buf.reserve(BUF_SIZE);
     }
 }
 
 async fn read_into<R: AsyncReadRent>(
     mut half: R,
-    mut buf: BytesMut,
-) -> (R, BytesMut, io::Result<usize>) {
+    mut buf: Vec<u8>,
+) -> (R, Vec<u8>, io::Result<usize>) {
     ready_for_read(&mut buf);
     // Into the spare capacity: a monoio read of a whole buffer writes from
     // its start.
@@ -647,9 +640,9 @@ impl Output {
 /// into the write and handed back): no copy, no reference count.
 async fn write_output<W: AsyncWriteRent>(
     mut half: W,
-    mut buf: BytesMut,
+    mut buf: Vec<u8>,
     output: Output,
-) -> (W, BytesMut, io::Result<usize>) {
+) -> (W, Vec<u8>, io::Result<usize>) {
     let consumed = output.consumed();
     let res = match output {
         Output::Nothing => Ok(0),
@@ -661,7 +654,7 @@ async fn write_output<W: AsyncWriteRent>(
         Output::Rebuilt { bytes, .. } if bytes.is_empty() => Ok(0),
         Output::Rebuilt { bytes, .. } => half.write_all(bytes).await.0,
     };
-    buf.advance(consumed);
+    buf.drain(..consumed);
     (half, buf, res)
 }
 
@@ -738,7 +731,7 @@ where
 {
     let timeout = pair.settings.frame_read_timeout;
     let mut upstream = Some(upstream);
-    let mut read = pin!(read_into(client, BytesMut::with_capacity(BUF_SIZE)).fuse());
+    let mut read = pin!(read_into(client, Vec::with_capacity(BUF_SIZE)).fuse());
     let mut injecting = pin!(idle_slot(write_from::<W>));
     let mut timer = pin!(Fuse::<monoio::time::Sleep>::terminated());
     loop {
@@ -807,7 +800,7 @@ where
                     .await;
                     return;
                 }
-                let (output, refused) = match request_pass(&pair, &mut buf) {
+                let (output, refused) = match request_pass(&pair, &buf) {
                     Ok(passed) => passed,
                     Err(e) => return pair.finish(Outcome::Failed(e)),
                 };
@@ -864,7 +857,7 @@ where
 {
     let timeout = pair.settings.frame_read_timeout;
     let mut client = Some(client);
-    let mut read = pin!(read_into(upstream, BytesMut::with_capacity(BUF_SIZE)).fuse());
+    let mut read = pin!(read_into(upstream, Vec::with_capacity(BUF_SIZE)).fuse());
     let mut timer = pin!(Fuse::<monoio::time::Sleep>::terminated());
     let client_error = |source| io_failed(Side::Client, "writing", source);
     loop {
@@ -919,7 +912,7 @@ where
                 if let Some(end) = read_end(res, Side::Upstream) {
                     return pair.finish(end);
                 }
-                let (output, refused) = match reply_pass(&pair, &mut buf) {
+                let (output, refused) = match reply_pass(&pair, &buf) {
                     Ok(passed) => passed,
                     Err(e) => return pair.finish(Outcome::Failed(e)),
                 };
@@ -966,7 +959,7 @@ where
 /// never arrive before its request is known), queue rejection replies.
 fn request_pass<I: Inspector>(
     pair: &Pair<I>,
-    buf: &mut BytesMut,
+    buf: &[u8],
 ) -> Result<(Output, Option<ConnError>), ConnError> {
     let settings = &pair.settings;
     let (end, refused) = complete_frames(buf, settings.max_message_size, Side::Client);
@@ -1112,7 +1105,7 @@ fn observe_round_trip<P>(
 /// inspector (which may replace a reply: hello rewriting).
 fn reply_pass<I: Inspector>(
     pair: &Pair<I>,
-    buf: &mut BytesMut,
+    buf: &[u8],
 ) -> Result<(Output, Option<ConnError>), ConnError> {
     let settings = &pair.settings;
     let (end, refused) = complete_frames(buf, settings.max_message_size, Side::Upstream);
@@ -1221,7 +1214,7 @@ mod tests {
     /// in the core's cache.
     #[test]
     fn a_written_batch_gives_its_room_back_so_the_next_read_lands_at_the_front() {
-        let mut buf = BytesMut::with_capacity(BUF_SIZE);
+        let mut buf = Vec::with_capacity(BUF_SIZE);
         ready_for_read(&mut buf);
         let front = buf.as_ptr();
         for _ in 0..3 {
@@ -1230,7 +1223,7 @@ mod tests {
             assert!(refused.is_none());
             assert_eq!(end, 1000);
             // What `write_output` does once the batch is written.
-            buf.advance(end);
+            buf.drain(..end);
             ready_for_read(&mut buf);
             assert_eq!(buf.as_ptr(), front, "the next read reuses the front");
             assert!(buf.capacity() >= BUF_SIZE);
@@ -1260,14 +1253,14 @@ mod tests {
     /// the front, whole, with room reserved for its declared length.
     #[test]
     fn a_partial_tail_is_kept_whole_with_room_for_its_length() {
-        let mut buf = BytesMut::with_capacity(BUF_SIZE);
+        let mut buf = Vec::with_capacity(BUF_SIZE);
         let mut bytes = frame_of(100);
         let big = frame_of(3 * BUF_SIZE);
         bytes.extend_from_slice(&big[..50]);
         buf.extend_from_slice(&bytes);
         let (end, _) = complete_frames(&buf, 1 << 20, Side::Client);
         assert_eq!(end, 100);
-        buf.advance(end);
+        buf.drain(..end);
         ready_for_read(&mut buf);
         assert_eq!(&buf[..], &bytes[100..]);
         assert!(buf.capacity() >= 3 * BUF_SIZE);
