@@ -539,9 +539,14 @@ where
     let _ = (requests.await, replies.await);
 }
 
-/// Read buffer size per direction: most frames fit, and a buffer grows to a
-/// larger frame's declared length when one arrives.
-const BUF_SIZE: usize = 16 * 1024;
+/// Read buffer size per direction when a connection starts. Small, so an
+/// idle connection's two buffers share a page: drivers send one request
+/// at a time per connection and most commands and replies fit; a buffer
+/// grows to a larger frame's declared length when one arrives, and doubles
+/// (up to `BUF_BURST`) after a read that filled it.
+const BUF_SIZE: usize = 2 * 1024;
+/// How far a buffer grows for bursts of frames that are each small.
+const BUF_BURST: usize = 16 * 1024;
 /// A buffer grown past this for a big frame is replaced once empty.
 const BUF_KEEP: usize = 64 * 1024;
 
@@ -576,7 +581,22 @@ async fn read_into<R: AsyncReadRent>(
     // its start.
     let (len, cap) = (buf.len(), buf.capacity());
     let (res, slice) = half.read(SliceMut::new(buf, len, cap)).await;
-    (half, slice.into_inner(), res)
+    let mut buf = slice.into_inner();
+    if let Ok(read) = res {
+        grow_after_read(&mut buf, cap - len, read);
+    }
+    (half, buf, res)
+}
+
+/// A read that filled all the room it had suggests more is waiting (a
+/// burst of frames, or a reply bigger than the buffer): double the buffer,
+/// up to `BUF_BURST`, so the rest takes fewer reads.
+fn grow_after_read(buf: &mut Vec<u8>, room: usize, read: usize) {
+    let cap = buf.capacity();
+    if read == room && cap < BUF_BURST {
+        let target = (2 * cap).min(BUF_BURST);
+        buf.reserve_exact(target.saturating_sub(buf.len()));
+    }
 }
 
 async fn write_from<W: AsyncWriteRent>(mut half: W, bytes: Bytes) -> (W, io::Result<usize>) {
@@ -1264,6 +1284,27 @@ mod tests {
         ready_for_read(&mut buf);
         assert_eq!(&buf[..], &bytes[100..]);
         assert!(buf.capacity() >= 3 * BUF_SIZE);
+    }
+
+    /// Bursts grow the buffer (to fewer reads), single small frames do not
+    /// (an idle connection stays small).
+    #[test]
+    fn a_read_that_fills_the_buffer_doubles_it_up_to_the_burst_size() {
+        let mut buf = Vec::with_capacity(BUF_SIZE);
+        buf.extend_from_slice(&[0; 100]);
+        grow_after_read(&mut buf, BUF_SIZE, 100);
+        assert_eq!(buf.capacity(), BUF_SIZE, "a short read leaves it");
+        let mut sizes = Vec::new();
+        for _ in 0..6 {
+            // A read that filled the room it had.
+            let room = buf.capacity() - buf.len();
+            buf.resize(buf.capacity(), 0);
+            grow_after_read(&mut buf, room, room);
+            sizes.push(buf.capacity());
+        }
+        assert_eq!(sizes[0], 2 * BUF_SIZE);
+        assert_eq!(*sizes.last().unwrap(), BUF_BURST);
+        assert!(sizes.windows(2).all(|w| w[0] <= w[1]));
     }
 
     /// A length out of bounds ends the batch after the frames before it.
