@@ -18,6 +18,7 @@ use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use futures_util::future::{Fuse, FusedFuture, FutureExt};
 use monoio::buf::{IoBuf, SliceMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 use monoio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::ctl::{poke, register, ConnSignal, SIG_DRAIN, SIG_INJECT, SIG_KILL};
 use super::inflight::{InFlight, ReplyOwner};
@@ -276,7 +277,10 @@ pub(crate) async fn serve<I: Inspector>(
         local,
         injector,
     };
-    inspector.on_connect(&ctx);
+    if catch_unwind(AssertUnwindSafe(|| inspector.on_connect(&ctx))).is_err() {
+        error!(conn = id, %peer, "the inspector panicked on connect (a bug); closing this connection");
+        return;
+    }
     let pair = Rc::new(Pair {
         ctx,
         inspector,
@@ -343,6 +347,10 @@ pub(crate) async fn serve<I: Inspector>(
         }) if is_peer_gone(&source) => info!(
             conn = id, %peer, side = %Side::Client, reason, in_flight, lifetime = ?lifetime,
             "connection closed: the client reset the connection while {action}"
+        ),
+        Outcome::Failed(e @ ConnError::Internal(_)) => error!(
+            conn = id, %peer, side = %e.side(), reason, in_flight, lifetime = ?lifetime,
+            "connection closed: {e}"
         ),
         Outcome::Failed(e) => warn!(
             conn = id, %peer, side = %e.side(), reason, in_flight, lifetime = ?lifetime,
@@ -452,8 +460,16 @@ impl<I: Inspector> Pair<I> {
         }
         let still_in_flight = self.table.borrow_mut().take_client_requests();
         self.in_flight_at_close.set(still_in_flight.len());
-        self.inspector
-            .on_close(&self.ctx, outcome.cause(), still_in_flight);
+        let judged = catch_unwind(AssertUnwindSafe(|| {
+            self.inspector
+                .on_close(&self.ctx, outcome.cause(), still_in_flight)
+        }));
+        if judged.is_err() {
+            error!(
+                conn = self.ctx.id,
+                "the inspector panicked while judging the close (a bug); the connection closes anyway"
+            );
+        }
         self.signal.fail_injections(InjectError::Closed);
         *self.outcome.borrow_mut() = Some(outcome);
         poke(&self.wake_requests);
@@ -820,7 +836,7 @@ where
                     .await;
                     return;
                 }
-                let (output, refused) = match request_pass(&pair, &buf) {
+                let (output, refused) = match contained(|| request_pass(&pair, &buf)) {
                     Ok(passed) => passed,
                     Err(e) => return pair.finish(Outcome::Failed(e)),
                 };
@@ -932,7 +948,7 @@ where
                 if let Some(end) = read_end(res, Side::Upstream) {
                     return pair.finish(end);
                 }
-                let (output, refused) = match reply_pass(&pair, &buf) {
+                let (output, refused) = match contained(|| reply_pass(&pair, &buf)) {
                     Ok(passed) => passed,
                     Err(e) => return pair.finish(Outcome::Failed(e)),
                 };
@@ -972,6 +988,16 @@ where
             }
         }
     }
+}
+
+/// Runs an inspection pass with a panic in it (a bug in an inspector, never
+/// the input's fault) turned into this connection's close with an internal
+/// error: the panic unwinds out of the pass only, so the other connections
+/// on the data thread go on being served. Free when nothing panics.
+fn contained<T>(pass: impl FnOnce() -> Result<T, ConnError>) -> Result<T, ConnError> {
+    catch_unwind(AssertUnwindSafe(pass)).unwrap_or(Err(ConnError::Internal(
+        "a panic while inspecting a frame (a bug in sessionguard: please report it)",
+    )))
 }
 
 /// One pass over the client's complete frames: count, inspect, record the

@@ -324,6 +324,9 @@ impl ProxyHandle {
     /// closed (after `drain` or `shutdown_now`).
     pub async fn wait(mut self) {
         let _ = self.running.wait_for(|n| *n == 0).await;
+        // Every thread has counted itself out after dropping its runtime:
+        // these joins only collect threads that are exiting, they do not
+        // block the caller's runtime on a connection's close.
         self.join_threads();
         info!("listener stopped");
     }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use monoio::io::AsyncReadRent;
 use monoio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::connection::{Accepted, ConnSettings, ServeConnection};
 use super::ctl::{Ctl, Inbox, Registry, SIG_DRAIN, SIG_KILL, SIG_WAKE};
@@ -119,6 +119,28 @@ pub(crate) fn bind_all(listen: &str, threads: usize) -> io::Result<Vec<std::net:
     }))
 }
 
+/// Counts a data thread out of `running` when it ends, whether it returns
+/// or panics, and after its runtime is dropped: so `ProxyHandle::wait`
+/// joins threads that have already finished, and a thread that died does
+/// not leave `wait` (and a draining process) waiting forever.
+struct CountedOut {
+    running: Arc<watch::Sender<usize>>,
+    index: usize,
+}
+
+impl Drop for CountedOut {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!(
+                thread = self.index,
+                "a data thread stopped on a panic (a bug): its connections are closed, \
+                 the other threads go on"
+            );
+        }
+        self.running.send_modify(|n| *n -= 1);
+    }
+}
+
 /// The running data threads.
 pub(crate) struct DataThreads {
     pub inboxes: Vec<Arc<Inbox>>,
@@ -167,17 +189,20 @@ pub(crate) fn start(
             .name(format!("sg-data-{index}"))
             .spawn(move || {
                 let _logs = tracing::dispatcher::set_default(&dispatch);
+                // Declared first, dropped last: after the runtime is gone.
+                let _counted = CountedOut {
+                    running: running_tx,
+                    index,
+                };
                 let mut runtime = match build_runtime(driver) {
                     Ok(runtime) => runtime,
                     Err(e) => {
                         let _ = ready.send(Err(e));
-                        running_tx.send_modify(|n| *n -= 1);
                         return;
                     }
                 };
                 let _ = ready.send(Ok(()));
                 runtime.block_on(thread_main(listeners, bell, inbox, shared));
-                running_tx.send_modify(|n| *n -= 1);
             })?;
         handles.push(handle);
     }

@@ -73,6 +73,8 @@ async fn proxy(config: ProxyConfig, inspector: Arc<impl Inspector>) -> ProxyHand
 #[derive(Default)]
 struct Recorder {
     reject: Option<&'static str>,
+    /// A command whose inspection panics (an inspector bug, simulated).
+    panic_on: Option<&'static str>,
     contexts: Mutex<Vec<ConnContext>>,
     requests: Mutex<Vec<(u64, Option<String>)>>,
     replies: Mutex<Vec<(i32, Option<InFlightRequest>)>>,
@@ -96,6 +98,9 @@ impl Inspector for Recorder {
             .lock()
             .unwrap()
             .push((conn.id, name.map(str::to_string)));
+        if name.is_some() && name == self.panic_on {
+            panic!("test inspector: a bug while inspecting {name:?}");
+        }
         if name.is_some() && name == self.reject {
             let reply = doc! {
                 "ok": 0.0,
@@ -808,6 +813,55 @@ async fn rejected_requests_are_answered_by_the_proxy_and_not_forwarded() {
         .await));
     assert_eq!(emu.command_count("drop"), 0, "never reached the upstream");
     assert_eq!(emu.command_count("ping"), 1);
+}
+
+/// A panic in inspection (a bug, never the client's fault) costs only the
+/// connection being inspected: every other connection, on whichever data
+/// thread the kernel gave it, goes on being served, the close is judged as
+/// internal, new connections are served, and the proxy still drains.
+#[tokio::test]
+async fn a_panicking_inspector_closes_only_the_connection_it_was_inspecting() {
+    let emu = emulator(EmulatorConfig::default()).await;
+    let recorder = Arc::new(Recorder {
+        panic_on: Some("explode"),
+        ..Recorder::default()
+    });
+    let proxy = proxy(proxy_config(emu.addr()), recorder.clone()).await;
+    let ping = || doc! { "ping": 1, "$db": "admin" };
+    // Enough bystanders that some share the culprit's data thread.
+    let mut bystanders = Vec::new();
+    for _ in 0..8 {
+        let mut client = RawClient::connect(proxy.local_addr()).await;
+        assert!(ok(&client.command(ping()).await));
+        bystanders.push(client);
+    }
+
+    let mut culprit = RawClient::connect(proxy.local_addr()).await;
+    culprit.send(0, &doc! { "explode": 1, "$db": "raw" }).await;
+    culprit.expect_closed(WAIT).await;
+    let internal = || {
+        recorder
+            .closes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, cause, _)| *cause == CloseCause::Internal)
+            .count()
+    };
+    assert!(common::eventually(WAIT, || internal() == 1).await);
+
+    for client in &mut bystanders {
+        assert!(ok(&client.command(ping()).await));
+    }
+    for _ in 0..4 {
+        let mut fresh = RawClient::connect(proxy.local_addr()).await;
+        assert!(ok(&fresh.command(ping()).await));
+    }
+    assert_eq!(internal(), 1, "only the culprit closed");
+    proxy.drain();
+    tokio::time::timeout(WAIT, proxy.wait())
+        .await
+        .expect("every data thread finished the drain");
 }
 
 #[tokio::test]
