@@ -436,12 +436,14 @@ async fn accept_loop(
             true
         });
         if !admitted {
-            drop(stream);
+            // Counted before the close: whoever sees the connection closed
+            // (a client, a test) must find it counted.
             shared
                 .stats
                 .rejected_over_cap
                 .fetch_add(1, Ordering::Relaxed);
             shared.metrics.connection_rejected();
+            drop(stream);
             th.rejected_since_log.set(th.rejected_since_log.get() + 1);
             if th
                 .last_reject_log
