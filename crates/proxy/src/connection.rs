@@ -7,8 +7,9 @@
 //! write blocked in one direction never stops the other. Each reads into
 //! its own reusable buffer, shows every complete frame to the inspector
 //! where it was read (a borrowed `FrameRef`: no copy, no reference count),
-//! and writes the batch with one write from that same buffer. Request/reply correlation, rejection replies, injected
-//! requests, drain and the close log line live here too. Frames are
+//! and writes the batch with one write from that same buffer.
+//! Request/reply correlation, rejection replies, injected requests, drain
+//! and the close log line live here too. Frames are
 //! forwarded as the exact bytes received. The shared state is borrowed
 //! only inside synchronous passes, never across `.await`. Document
 //! contents are never logged.

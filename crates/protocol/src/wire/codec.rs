@@ -53,13 +53,6 @@ impl<'a> FrameRef<'a> {
     pub fn header_bytes(&self) -> &'a [u8] {
         self.bytes.get(..HEADER_LEN).unwrap_or(self.bytes)
     }
-    /// An owned copy (for the rare caller that keeps a frame).
-    pub fn to_frame(&self) -> Frame {
-        Frame {
-            header: self.header,
-            bytes: Bytes::copy_from_slice(self.bytes),
-        }
-    }
 }
 
 impl<'a> From<&'a Frame> for FrameRef<'a> {
