@@ -53,20 +53,13 @@ if (($(nproc) >= 2)) && command -v taskset >/dev/null; then
 else
     on() { shift; exec "$@"; }
 fi
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-free_port() { # below the ephemeral range, as compare.sh
-    local port
-    while :; do port=$((20000 + RANDOM % 12000)); port_open "$port" || { echo "$port"; return; }; done
-}
-wait_port() {
-    for _ in $(seq 200); do port_open "$1" && return 0; sleep 0.05; done
-    die "$2 did not listen on $1"
-}
+# shellcheck source=bench/ports.sh
+source "bench/ports.sh"
 
 P_EMU=$(free_port)
 on 1 "$DEV_BIN" emulator --fast --listen "127.0.0.1:$P_EMU" --log-level warn >"$WORK/emulator.log" 2>&1 &
 PIDS+=($!)
-wait_port "$P_EMU" emulator
+wait_port "$P_EMU" emulator "$!"
 
 P_SG=$(free_port) P_ADMIN=$(free_port)
 cat >"$WORK/sessionguard.toml" <<TOML
@@ -84,7 +77,7 @@ TOML
 on 0 "$BIN" proxy --config "$WORK/sessionguard.toml" >"$WORK/sessionguard.log" 2>&1 &
 PID_SG=$!
 PIDS+=("$PID_SG")
-wait_port "$P_SG" sessionguard
+wait_port "$P_SG" sessionguard "$PID_SG"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
