@@ -645,8 +645,9 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> HttpResponse {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+/// A plain-text response (the admin API's and the marks endpoint's).
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> HttpResponse {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,
