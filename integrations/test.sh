@@ -110,24 +110,8 @@ fi
 # ---------------------------------------------------------------- binaries
 # For the e2e cases: sessionguard (exec) and sessionguard-dev (the emulator).
 REPO_ROOT="$(cd "$DIR/.." && pwd)"
-if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
-  BIN="$SESSIONGUARD_BIN"
-  DEV_BIN="${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}"
-else
-  say "== building sessionguard and sessionguard-dev"
-  (cd "$REPO_ROOT" && cargo build --locked --quiet -p sessionguard -p sessionguard-dev)
-  target_dir="$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-  BIN="$target_dir/debug/sessionguard"
-  DEV_BIN="${SESSIONGUARD_DEV_BIN:-$target_dir/debug/sessionguard-dev}"
-fi
-[[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
-[[ -x "$DEV_BIN" ]] || die "no sessionguard-dev binary at $DEV_BIN"
-# Every exec setting is passed as a flag: a SESSIONGUARD_* variable left in
-# the caller's environment (a config file, --fail-on) would change the verdicts.
-while read -r var; do
-  unset "$var"
-done < <(compgen -e | grep '^SESSIONGUARD_' || true)
+# shellcheck source=scripts/binaries.sh
+source "$REPO_ROOT/scripts/binaries.sh"
 
 # ---------------------------------------------------------------- the stub
 STUB_LOG="$WORK/marks.jsonl"

@@ -67,25 +67,8 @@ die() { printf 'interop: %s\n' "$*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- binaries
 # The proxy (sessionguard) and the dev tools (sessionguard-dev: the emulator).
-if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
-  BIN="$SESSIONGUARD_BIN"
-  DEV_BIN="${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}"
-else
-  say "== building sessionguard and sessionguard-dev"
-  (cd "$REPO_ROOT" && cargo build --locked --quiet -p sessionguard -p sessionguard-dev)
-  target_dir="$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-  BIN="$target_dir/debug/sessionguard"
-  DEV_BIN="${SESSIONGUARD_DEV_BIN:-$target_dir/debug/sessionguard-dev}"
-fi
-[[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
-[[ -x "$DEV_BIN" ]] || die "no sessionguard-dev binary at $DEV_BIN (cargo build -p sessionguard-dev)"
-# The suites pass every setting as a flag; a SESSIONGUARD_* variable left in
-# the caller's environment (a config file, --fail-on, an emulator topology)
-# would change what the scenarios and the exec reports are checked against.
-while read -r var; do
-  unset "$var"
-done < <(compgen -e | grep '^SESSIONGUARD_' || true)
+# shellcheck source=scripts/binaries.sh
+source "$REPO_ROOT/scripts/binaries.sh"
 
 # ---------------------------------------------------------------- installs
 # 20.19: what mongodb 7 and Mongoose 9 declare in their engines field.
