@@ -147,6 +147,22 @@ wait_for() {
   wait "$pid"
 }
 
+# Counts a case as passed or failed and says so; a failure shows the last
+# `lines` lines of the case's output.
+tally() { # name elapsed_ms verdict detail output_file lines
+  local name=$1 elapsed=$2 verdict=$3 detail=$4 out=$5 lines=$6
+  if [[ $verdict -eq 0 ]]; then
+    passed=$((passed + 1))
+    say "PASS $name (${elapsed} ms) $detail"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    say "FAIL $name (${elapsed} ms) $detail"
+    say "    output ($out):"
+    sed 's/^/    | /' "$out" | tail -n "$lines"
+  fi
+}
+
 # run_case NAME ENDPOINT CWD EXPECTED CHECK_ARGS -- COMMAND...
 # ENDPOINT: marks | drop | delay | unset | refused | invalid | slow | error. CHECK_ARGS: extra
 # check.py flags; "RUNNER" in them stands for the runner's own pid.
@@ -187,16 +203,7 @@ run_case() {
     verdict=1
     detail="the suite failed (exit $status); $detail"
   fi
-  if [[ $verdict -eq 0 ]]; then
-    passed=$((passed + 1))
-    say "PASS $name (${elapsed} ms) $detail"
-  else
-    failed=$((failed + 1))
-    failures+=("$name")
-    say "FAIL $name (${elapsed} ms) $detail"
-    say "    output ($out):"
-    sed 's/^/    | /' "$out" | tail -n 25
-  fi
+  tally "$name" "$elapsed" "$verdict" "$detail" "$out" 25
 }
 
 SAMPLE="$NODE_DIR/sample"
@@ -328,16 +335,7 @@ run_e2e() {
   read -ra check <<<"$check_args"
   detail="$(python3 "$DIR/test/check_report.py" "$WORK/$name.json" "$WORK/$name.xml" "$out" "$status" \
     "$file" "$test" "${check[@]}")" || verdict=$?
-  if [[ $verdict -eq 0 ]]; then
-    passed=$((passed + 1))
-    say "PASS $name (${elapsed} ms) $detail"
-  else
-    failed=$((failed + 1))
-    failures+=("$name")
-    say "FAIL $name (${elapsed} ms) $detail"
-    say "    output ($out):"
-    sed 's/^/    | /' "$out" | tail -n 40
-  fi
+  tally "$name" "$elapsed" "$verdict" "$detail" "$out" 40
 }
 
 E2E="$NODE_DIR/e2e"
