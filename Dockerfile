@@ -7,6 +7,8 @@ WORKDIR /src
 # shipped binary is built: it links neither the emulator nor the driver.
 COPY Cargo.toml Cargo.lock ./
 COPY crates ./crates
+# Patched third-party crates the workspace builds from (vendor/*/PATCHES.md).
+COPY vendor ./vendor
 RUN cargo build --release --locked -p sessionguard
 
 FROM debian:bookworm-slim

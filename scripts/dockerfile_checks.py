@@ -11,7 +11,8 @@ dockerfile-parse (not a parser of our own):
   what is compiled compared with CI;
 - every path a COPY names exists, and the build stage copies everything cargo
   reads before it builds (the workspace manifest and lock file, every member's
-  manifest and sources, files the code includes with include_str!/include_bytes!);
+  manifest and sources, crates patched in by path, files the code includes with
+  include_str!/include_bytes!);
 - the runtime stage copies the binary the build produced and starts it, with
   the config file it copied; the ports its SESSIONGUARD_LISTEN / _ADMIN
   environment sets are EXPOSEd, its HEALTHCHECK asks the admin port's
@@ -130,8 +131,12 @@ def main():
         for s in sources
         if not any(f.startswith("--from") for f in copy_flags)
     ]
-    workspace = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]
+    manifest = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    workspace = manifest["workspace"]
     needed = ["Cargo.toml", "Cargo.lock"] + ([".cargo"] if (ROOT / ".cargo").exists() else [])
+    # Crates patched in from the repository (vendor/*) are built from there.
+    for registry in manifest.get("patch", {}).values():
+        needed += [dep["path"].rstrip("/") for dep in registry.values() if "path" in dep]
     for member in workspace["members"]:
         needed.append(f"{member}/Cargo.toml")
         needed += [f"{member}/{p}" for p in ("src", "build.rs", "benches") if (ROOT / member / p).exists()]
