@@ -69,6 +69,15 @@ pub(crate) trait OpAble {
     fn legacy_interest(&self) -> Option<(super::ready::Direction, usize)>;
     #[cfg(any(feature = "legacy", feature = "poll-io"))]
     fn legacy_call(&mut self) -> io::Result<u32>;
+
+    // sessionguard patch (see PATCHES.md): a read that returned `n` bytes
+    // shows the socket drained when it filled less than its buffer.
+    #[cfg(any(feature = "legacy", feature = "poll-io"))]
+    #[inline]
+    fn legacy_drained(&mut self, n: u32) -> bool {
+        let _ = n;
+        false
+    }
 }
 
 /// If legacy is enabled and iouring is not, we can expose io interface in a poll-like way.

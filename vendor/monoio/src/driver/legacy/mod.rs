@@ -298,10 +298,20 @@ impl LegacyInner {
         }
 
         match OpAble::legacy_call(data) {
-            Ok(n) => Poll::Ready(CompletionMeta {
-                result: Ok(n),
-                flags: 0,
-            }),
+            Ok(n) => {
+                // sessionguard patch (see PATCHES.md): as tokio does with
+                // mio's edge-triggered epoll, a short read proves the
+                // socket drained, so the next read waits for the next edge
+                // instead of first failing with EAGAIN. READ_CLOSED stays:
+                // an end of stream already seen is never waited for again.
+                if data.legacy_drained(n) {
+                    ref_mut.clear_readiness(Ready::READABLE);
+                }
+                Poll::Ready(CompletionMeta {
+                    result: Ok(n),
+                    flags: 0,
+                })
+            }
             Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => {
                 ref_mut.clear_readiness(direction.mask());
                 ref_mut.set_waker(cx, direction);

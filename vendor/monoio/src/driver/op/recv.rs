@@ -49,11 +49,29 @@ pub(crate) struct Recv<T> {
 
     /// Reference to the in-flight buffer.
     pub(crate) buf: T,
+
+    /// sessionguard patch (see PATCHES.md): the fd is a byte stream, where
+    /// a read that fills less than its buffer shows the socket drained (not
+    /// so for datagrams: one message per read, more may be queued).
+    stream: bool,
 }
 
 impl<T: IoBufMut> Op<Recv<T>> {
     pub(crate) fn recv(fd: SharedFd, buf: T) -> io::Result<Self> {
-        Op::submit_with(Recv { fd, buf })
+        Op::submit_with(Recv {
+            fd,
+            buf,
+            stream: false,
+        })
+    }
+
+    /// `recv` on a byte stream (TCP, Unix stream): see `Recv::stream`.
+    pub(crate) fn recv_stream(fd: SharedFd, buf: T) -> io::Result<Self> {
+        Op::submit_with(Recv {
+            fd,
+            buf,
+            stream: true,
+        })
     }
 
     #[allow(unused)]
@@ -61,6 +79,7 @@ impl<T: IoBufMut> Op<Recv<T>> {
         Recv {
             fd: fd.clone(),
             buf,
+            stream: false,
         }
     }
 
@@ -80,6 +99,13 @@ impl<T: IoBufMut> Op<Recv<T>> {
 }
 
 impl<T: IoBufMut> OpAble for Recv<T> {
+    // sessionguard patch (see PATCHES.md).
+    #[cfg(any(feature = "legacy", feature = "poll-io"))]
+    #[inline]
+    fn legacy_drained(&mut self, n: u32) -> bool {
+        self.stream && n > 0 && (n as usize) < self.buf.bytes_total()
+    }
+
     #[cfg(all(target_os = "linux", feature = "iouring"))]
     fn uring_op(&mut self) -> io_uring::squeue::Entry {
         opcode::Recv::new(
