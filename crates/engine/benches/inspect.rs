@@ -6,6 +6,9 @@
 //! of them is a violation of one finding (concurrent use of a shared
 //! session), logged to a JSON sink as in production, next to the clean
 //! round trip: the cost a misbehaving application adds per operation.
+//! `data_threads` runs the small round trip on one and on two threads at
+//! once (own connection and session each): what the engine's shared state
+//! costs when data threads on other cores write it too.
 //! Run with `cargo bench --bench inspect`.
 
 use std::hint::black_box;
@@ -26,11 +29,15 @@ fn lsid(n: u8) -> RawDocumentBuf {
 }
 
 fn find_frame(request_id: i32) -> Bytes {
+    find_frame_on(request_id, 1)
+}
+
+fn find_frame_on(request_id: i32, session: u8) -> Bytes {
     let body = rawdoc! {
         "find": "orders",
         "filter": { "status": "active" },
         "batchSize": 2_i32,
-        "lsid": lsid(1),
+        "lsid": lsid(session),
         "$db": "shop",
     };
     op_msg::encode(request_id, 0, MsgFlags(0), body.as_bytes())
@@ -93,18 +100,29 @@ fn round_trip(
     request: &[u8],
     reply: &[u8],
 ) {
+    round_trip_on(engine, 1, codec, buffer, request, reply)
+}
+
+fn round_trip_on(
+    engine: &SessionEngine,
+    conn: u64,
+    codec: &mut FrameCodec,
+    buffer: &mut BytesMut,
+    request: &[u8],
+    reply: &[u8],
+) {
     let frame = decode(codec, buffer, request);
     let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
     let msg = opened.parse(&frame).unwrap();
     // The proxy keeps the engine's record with its own until the reply.
-    let (decision, pending) = engine.request(1, frame.header.request_id, &msg);
+    let (decision, pending) = engine.request(conn, frame.header.request_id, &msg);
     black_box(decision);
 
     let frame = decode(codec, buffer, reply);
     let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
     let msg = opened.parse(&frame).unwrap();
     if let Some(mut pending) = pending {
-        engine.reply(1, &mut pending, &msg);
+        engine.reply(conn, &mut pending, &msg);
     }
 }
 
@@ -225,5 +243,78 @@ fn flood(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, small, large, flood);
+/// The small find's round trip on one data thread and on two at once, each
+/// thread with its own connection and session, as the proxy's data threads
+/// run them. What the two threads share is the engine's own state (its
+/// tables, counters and shard locks): the time per round trip on two
+/// threads over one shows what those shared writes cost when another core
+/// writes the same cache lines. Wall time per round trip and thread.
+fn data_threads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("data_threads");
+    group.throughput(Throughput::Elements(1));
+    // (threads, one engine per thread): the last is the control, two
+    // threads sharing nothing, so what the machine itself does to two busy
+    // cores is not counted against the engine. Meaningful with 2+ cores
+    // (on one, the threads take turns).
+    for (threads, own_engines) in [(1usize, false), (2, false), (2, true)] {
+        let engines: Vec<SessionEngine> = if own_engines {
+            (0..threads).map(|_| engine()).collect()
+        } else {
+            vec![engine()]
+        };
+        if !own_engines {
+            for conn in 2..=threads as u64 {
+                engines[0].connect(
+                    conn,
+                    ([10, 0, 0, conn as u8], 50000).into(),
+                    ([127, 0, 0, 1], 27018).into(),
+                    false,
+                );
+            }
+        }
+        let name = if own_engines {
+            format!("{threads}_threads_sharing_nothing")
+        } else {
+            format!("{threads}_threads")
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for conn in 1..=threads as u64 {
+                        // Own engines: each thread is connection 1 of its own.
+                        let (engine, conn) = if own_engines {
+                            (&engines[conn as usize - 1], 1)
+                        } else {
+                            (&engines[0], conn)
+                        };
+                        scope.spawn(move || {
+                            let request = find_frame_on(7, conn as u8);
+                            let reply = find_reply(7);
+                            let mut codec = FrameCodec::default();
+                            let mut buffer = BytesMut::with_capacity(64 * 1024);
+                            for _ in 0..iters {
+                                round_trip_on(
+                                    engine,
+                                    conn,
+                                    &mut codec,
+                                    &mut buffer,
+                                    &request,
+                                    &reply,
+                                );
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+        for engine in &engines {
+            assert_eq!(engine.stats().violations, 0);
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, small, large, flood, data_threads);
 criterion_main!(benches);
