@@ -7,9 +7,11 @@
 //! No policy here and no logging: just the tables, and `Names`, the way
 //! rules and findings turn ids back into names.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -26,10 +28,46 @@ pub(crate) type FastDashMap<K, V> = DashMap<K, V, RandomState>;
 /// How many distinct names / identities each table keeps.
 pub(crate) const DEFAULT_INTERN_LIMIT: usize = 100_000;
 
+/// How many ids a thread remembers (`MEMO`) before it starts over: far
+/// more than the command names and namespaces an application uses, small
+/// enough that names a client invents cannot grow a thread's memory.
+const MEMO_LIMIT: usize = 4096;
+
+/// Tells tables apart in the per-thread memo (one process may hold many
+/// engines, each with its own tables and seeds).
+static NEXT_TABLE: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// Ids this thread already looked up, by (table, hash). The command
+    /// name and namespace are interned on every request, and the shared
+    /// table's shard lock is an atomic write on a cache line every data
+    /// thread touches for the same name: with data threads on several
+    /// cores that line moves between them on each request. An id never
+    /// changes once handed out (tables only grow), so a thread may keep it.
+    static MEMO: RefCell<HashMap<(u64, u64), u32, foldhash::fast::FixedState>> =
+        RefCell::new(HashMap::with_hasher(foldhash::fast::FixedState::default()));
+}
+
+fn memo_get(table: u64, hash: u64) -> Option<u32> {
+    MEMO.with(|memo| memo.borrow().get(&(table, hash)).copied())
+}
+
+fn memo_put(table: u64, hash: u64, id: u32) {
+    MEMO.with(|memo| {
+        let mut memo = memo.borrow_mut();
+        if memo.len() >= MEMO_LIMIT {
+            memo.clear();
+        }
+        memo.insert((table, hash), id);
+    });
+}
+
 /// A bounded table of interned values keyed by a seeded hash. Id 0 is
 /// "unknown": what every value past the bound gets.
 #[derive(Debug)]
 pub(crate) struct InternTable<V: ?Sized> {
+    /// This table in the per-thread memo.
+    table: u64,
     ids: FastDashMap<u64, u32>,
     values: FastDashMap<u32, Arc<V>>,
     /// Seeds the hash that keys `ids`: random per process, so values that
@@ -39,6 +77,9 @@ pub(crate) struct InternTable<V: ?Sized> {
     /// because `DashMap::len` locks every shard on every miss.
     next: AtomicU32,
     limit: usize,
+    /// Lookups that reached the shared maps (tests check the memo).
+    #[cfg(test)]
+    shared_lookups: AtomicU64,
 }
 
 /// Command names, namespaces and owners.
@@ -50,17 +91,34 @@ pub(crate) type IdentityTable = InternTable<ClientIdentity>;
 impl<V: ?Sized> InternTable<V> {
     pub(crate) fn new(limit: usize) -> InternTable<V> {
         InternTable {
+            table: NEXT_TABLE.fetch_add(1, Ordering::Relaxed),
             ids: FastDashMap::default(),
             values: FastDashMap::default(),
             seed: RandomState::default(),
             next: AtomicU32::new(1),
             limit,
+            #[cfg(test)]
+            shared_lookups: AtomicU64::new(0),
         }
     }
 
     /// The id of the value hashing to `hash`, interning `make()` when new
     /// and the table has room.
     fn intern_hashed(&self, hash: u64, make: impl FnOnce() -> Arc<V>) -> u32 {
+        if let Some(id) = memo_get(self.table, hash) {
+            return id;
+        }
+        let id = self.intern_shared(hash, make);
+        // "Unknown" is not remembered: it is no id of this value's.
+        if id != 0 {
+            memo_put(self.table, hash, id);
+        }
+        id
+    }
+
+    fn intern_shared(&self, hash: u64, make: impl FnOnce() -> Arc<V>) -> u32 {
+        #[cfg(test)]
+        self.shared_lookups.fetch_add(1, Ordering::Relaxed);
         if let Some(id) = self.ids.get(&hash) {
             return *id;
         }
@@ -289,6 +347,49 @@ impl Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_asks_the_shared_table_once_per_name() {
+        let table = StringTable::new(10);
+        let find = table.intern("find");
+        let namespace = table.intern_parts(&["shop", ".", "orders"]);
+        for _ in 0..100 {
+            assert_eq!(table.intern("find"), find);
+            assert_eq!(table.intern_parts(&["shop", ".", "orders"]), namespace);
+        }
+        assert_eq!(table.shared_lookups.load(Ordering::Relaxed), 2);
+        // Another thread asks once too, and gets the same ids.
+        let elsewhere = std::thread::scope(|scope| {
+            scope
+                .spawn(|| (table.intern("find"), table.intern("find")))
+                .join()
+                .unwrap()
+        });
+        assert_eq!(elsewhere, (find, find));
+        assert_eq!(table.shared_lookups.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn tables_do_not_share_a_threads_memo() {
+        // Same thread, two tables: each hands out its own ids.
+        let first = StringTable::new(10);
+        let second = StringTable::new(10);
+        assert_eq!(first.intern("a"), 1);
+        assert_eq!(second.intern("b"), 1);
+        assert_eq!(second.intern("a"), 2);
+        assert_eq!(first.intern("b"), 2);
+        assert_eq!(&*second.resolve(second.intern("a")), "a");
+    }
+
+    #[test]
+    fn past_the_bound_unknown_is_not_remembered_as_an_id() {
+        let table = StringTable::new(1);
+        assert_eq!(table.intern("first"), 1);
+        assert_eq!(table.intern("second"), 0);
+        assert_eq!(table.intern("second"), 0);
+        // Every unknown asks again (cheap: the bound check), never a memo.
+        assert_eq!(table.shared_lookups.load(Ordering::Relaxed), 3);
+    }
 
     #[test]
     fn strings_intern_to_stable_ids_and_resolve() {
