@@ -1229,6 +1229,31 @@ mod engine_tests {
     }
 
     #[test]
+    fn a_timeline_within_one_millisecond_reads_in_the_order_requests_arrived() {
+        // Engine time stands still: only the request sequence orders them.
+        let engine = engine();
+        connect(&engine, 1, PEER, "web");
+        connect(&engine, 2, "10.1.1.1:50001", "web");
+        send(&engine, 2, 9, &find(3), 0, 100);
+        reply(&engine, 2, 9, &ok(), 100);
+        send(&engine, 1, 10, &find(3), 0, 100);
+        reply(&engine, 1, 10, &ok(), 100);
+        send(&engine, 2, 11, &find(3), 0, 100);
+        reply(&engine, 2, 11, &ok(), 100);
+        send(&engine, 1, 12, &insert(3, 7, 1), 0, 100);
+        send(&engine, 2, 20, &find(3), 0, 100);
+        let finding = engine.findings()[0].fingerprint;
+        let detail = engine.finding(finding).unwrap();
+        let first = detail.examples.first.as_ref().unwrap();
+        let ops: Vec<_> = first
+            .timeline
+            .iter()
+            .map(|op| (op.connection_id, op.request_id))
+            .collect();
+        assert_eq!(ops, vec![(2, 9), (1, 10), (2, 11), (1, 12), (2, 20)]);
+    }
+
+    #[test]
     fn a_closed_connections_ring_still_explains_its_violation() {
         let engine = engine();
         connect(&engine, 1, PEER, "web");

@@ -7,8 +7,9 @@
 //! received them and cut at the offending request.
 //!
 //! Order: by time sent, and within one millisecond by the engine's request
-//! sequence number (every inspected request takes the next), so a fast
-//! client's kill-then-use in the same millisecond still reads in order.
+//! sequence number (monotonic nanoseconds when the request was inspected),
+//! so a fast client's kill-then-use in the same millisecond still reads in
+//! order.
 //!
 //! Why per connection and not per session: a session entry is in the ledger
 //! a million times over and must stay small (docs/performance.md), while

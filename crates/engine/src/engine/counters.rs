@@ -2,7 +2,7 @@
 //! collector reads at scrape time), `PerCommand`, and the session and
 //! transaction lifecycle counters bumped where each transition happens.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use sessionguard_protocol::CloseCause;
 use sessionguard_protocol::{command_index, COMMAND_LABELS};
@@ -10,6 +10,53 @@ use sessionguard_protocol::{command_index, COMMAND_LABELS};
 use crate::ledger::LedgerCounts;
 use crate::outcome::{Refusal, SessionCommand};
 use crate::state::{EndKind, TxnEvents};
+
+/// How many slots a `StripedCounter` spreads over (a power of two).
+const STRIPES: usize = 16;
+
+/// Gives each thread its slot in every `StripedCounter`.
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+}
+
+/// One cache line (two, for the adjacent-line prefetcher) per slot.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe(AtomicU64);
+
+/// A count every data thread adds to on every request: one atomic for all
+/// of them is a cache line that moves between cores on each increment
+/// (bench inspect `data_threads`: 75 ns of a 700 ns round trip on two
+/// threads). Each thread adds to its own slot; reading sums them. More
+/// threads than slots share slots, still exactly counted.
+#[derive(Debug)]
+pub(super) struct StripedCounter {
+    stripes: Box<[Stripe]>,
+}
+
+impl Default for StripedCounter {
+    fn default() -> StripedCounter {
+        StripedCounter {
+            stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+        }
+    }
+}
+
+impl StripedCounter {
+    pub(super) fn add(&self, n: u64) {
+        let slot = STRIPE.with(|slot| *slot);
+        self.stripes[slot].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(super) fn sum(&self) -> u64 {
+        self.stripes
+            .iter()
+            .map(|stripe| stripe.0.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
 
 /// Engine-wide counters (for metrics and the admin API).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -107,5 +154,26 @@ impl Lifecycle {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         self.transactions(events);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_striped_count_adds_up_across_threads() {
+        let counter = StripedCounter::default();
+        std::thread::scope(|scope| {
+            for _ in 0..40 {
+                scope.spawn(|| {
+                    for _ in 0..1_000 {
+                        counter.add(1);
+                    }
+                });
+            }
+        });
+        counter.add(5);
+        assert_eq!(counter.sum(), 40_005);
     }
 }

@@ -72,8 +72,8 @@ use super::state::{millis, ClientId, Millis, Sym};
 use super::web_store::{StoreConfig, StoreTracker};
 
 use conn_state::{ConnState, UpstreamState};
-use counters::Lifecycle;
 pub use counters::{EngineStats, PerCommand};
+use counters::{Lifecycle, StripedCounter};
 pub use pending::PendingRequest;
 use violation_log::ViolationLog;
 
@@ -106,7 +106,7 @@ pub struct SessionEngine {
     origin_wall: SystemTime,
     violations: ViolationLog,
     last_purge: AtomicU64,
-    requests_inspected: AtomicU64,
+    requests_inspected: StripedCounter,
     requests_rejected: AtomicU64,
     refreshes_sent: AtomicU64,
     sessions_refreshed: AtomicU64,
@@ -165,7 +165,7 @@ impl SessionEngine {
                 per_rule: Default::default(),
             },
             last_purge: AtomicU64::new(0),
-            requests_inspected: AtomicU64::new(0),
+            requests_inspected: StripedCounter::default(),
             requests_rejected: AtomicU64::new(0),
             refreshes_sent: AtomicU64::new(0),
             sessions_refreshed: AtomicU64::new(0),
@@ -207,6 +207,19 @@ impl SessionEngine {
     /// Milliseconds since the engine started (its clock for all state).
     pub fn now(&self) -> Millis {
         millis(self.origin.elapsed())
+    }
+
+    /// The engine time and a request's sequence number from one clock
+    /// read. The sequence orders the timeline's operations sent in one
+    /// millisecond: nanoseconds since the engine started (monotonic), so
+    /// no write shared by every data thread (a counter was one contended
+    /// cache line per request), increasing in the order one thread
+    /// inspects requests; 0 and `u64::MAX` stay free for the timeline's
+    /// own markers.
+    pub(super) fn now_and_seq(&self) -> (Millis, u64) {
+        let elapsed = self.origin.elapsed();
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX - 1);
+        (millis(elapsed), nanos.clamp(1, u64::MAX - 1))
     }
 
     /// The server's session timeout: configured, else learned from hello,

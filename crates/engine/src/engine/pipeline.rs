@@ -95,7 +95,9 @@ impl SessionEngine {
         request_id: i32,
         message: &Message<'_>,
     ) -> (Decision, Option<PendingRequest>) {
-        self.request_at(conn, request_id, message, self.now())
+        // One clock read gives both the engine time and the sequence.
+        let (now, seq) = self.now_and_seq();
+        self.request_timed(conn, request_id, message, now, seq)
     }
 
     /// `request` at a given engine time (tests drive time explicitly).
@@ -106,11 +108,22 @@ impl SessionEngine {
         message: &Message<'_>,
         now: Millis,
     ) -> (Decision, Option<PendingRequest>) {
+        let (_, seq) = self.now_and_seq();
+        self.request_timed(conn, request_id, message, now, seq)
+    }
+
+    fn request_timed(
+        &self,
+        conn: u64,
+        request_id: i32,
+        message: &Message<'_>,
+        now: Millis,
+        seq: u64,
+    ) -> (Decision, Option<PendingRequest>) {
         let Some(view) = RequestView::from_message(message) else {
             return (Decision::Forward, None);
         };
-        // The count doubles as the request's sequence number (timelines).
-        let seq = self.requests_inspected.fetch_add(1, Ordering::Relaxed);
+        self.requests_inspected.add(1);
         self.decide_due_verdicts(now);
         let inspected = self.inspect(conn, request_id, view, now, seq);
         let ctx = self.context(now);

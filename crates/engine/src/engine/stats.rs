@@ -50,7 +50,7 @@ impl SessionEngine {
         EngineStats {
             ledger,
             connections: self.conns.len(),
-            requests_inspected: self.requests_inspected.load(Ordering::Relaxed),
+            requests_inspected: self.requests_inspected.sum(),
             requests_rejected: self.requests_rejected.load(Ordering::Relaxed),
             refreshes_sent: self.refreshes_sent.load(Ordering::Relaxed),
             sessions_refreshed: self.sessions_refreshed.load(Ordering::Relaxed),
