@@ -44,20 +44,11 @@ SESSIONS=${BENCH_SESSIONS:-1000000}
 PIN=${BENCH_PIN:-1}
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
+# shellcheck source=bench/common.sh
+source "bench/common.sh"
 
 # ---- binary -----------------------------------------------------------------
-# The proxy (sessionguard) and the dev tools (sessionguard-dev: the emulator
-# and the load generator), both release builds.
-if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
-    BIN=$SESSIONGUARD_BIN
-else
-    cargo build --release --quiet -p sessionguard -p sessionguard-dev ||
-        die "cargo build --release failed"
-    BIN=${CARGO_TARGET_DIR:-target}/release/sessionguard
-fi
-DEV_BIN=${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}
-[[ -x "$BIN" ]] || die "no sessionguard binary at $BIN"
-[[ -x "$DEV_BIN" ]] || die "no sessionguard-dev binary at $DEV_BIN (cargo build --release -p sessionguard-dev)"
+bench_binaries
 
 # ---- HAProxy ----------------------------------------------------------------
 if ! command -v haproxy >/dev/null; then
@@ -100,41 +91,15 @@ else
 fi
 
 # ---- ports and processes ----------------------------------------------------
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir ""
 
-# shellcheck source=bench/ports.sh
-source "bench/ports.sh"
-
-P_EMU=$(free_port)
-on "$CPU_UPSTREAM" "$DEV_BIN" emulator --fast --listen "127.0.0.1:$P_EMU" --log-level warn >"$WORK/emulator.log" 2>&1 &
-PID_EMU=$!; PIDS+=("$PID_EMU")
-wait_port "$P_EMU" emulator "$PID_EMU"
+start_emulator "$CPU_UPSTREAM"
 
 P_HA=$(free_port)
 # HAProxy refuses to start when maxconn needs more descriptors than allowed.
 HA_MAXCONN=20000
 [[ "$FD_LIMIT" != unlimited ]] && HA_MAXCONN=$(((FD_LIMIT - 200) / 2))
-cat >"$WORK/haproxy.cfg" <<EOF
-global
-    maxconn $HA_MAXCONN
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-frontend bench
-    bind 127.0.0.1:$P_HA
-    default_backend emulator
-backend emulator
-    server emulator 127.0.0.1:$P_EMU
-EOF
+haproxy_config "$WORK/haproxy.cfg" "$P_HA" "$P_EMU" "$HA_MAXCONN"
 on "$CPU_MIDDLE" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PID_HA=$!; PIDS+=("$PID_HA")
 wait_port "$P_HA" haproxy "$PID_HA"

@@ -28,56 +28,18 @@ IO=${PROFILE_IO:-auto}
 die() { echo "profile.sh: $*" >&2; exit 1; }
 command -v perf >/dev/null || die "perf is missing (Debian: apt-get install linux-perf)"
 command -v python3 >/dev/null || die "python3 is missing"
-if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
-    BIN=$SESSIONGUARD_BIN
-else
-    cargo build --release --quiet -p sessionguard -p sessionguard-dev || die "cargo build --release failed"
-    BIN=${CARGO_TARGET_DIR:-target}/release/sessionguard
-fi
-DEV_BIN=${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}
-[[ -x "$BIN" && -x "$DEV_BIN" ]] || die "need $BIN and $DEV_BIN"
+# shellcheck source=bench/common.sh
+source "bench/common.sh"
+bench_binaries
 ((SECONDS_PER_POINT > PROFILE_SECONDS)) || die "BENCH_SECONDS must exceed PROFILE_SECONDS"
 
-WORK=${PROFILE_KEEP:-$(mktemp -d)}
-mkdir -p "$WORK"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    [[ -n "${PROFILE_KEEP:-}" ]] || rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir "${PROFILE_KEEP:-}"
 
-if (($(nproc) >= 2)) && command -v taskset >/dev/null; then
-    on() { local cpu=$1; shift; exec taskset -c "$cpu" "$@"; }
-else
-    on() { shift; exec "$@"; }
-fi
-# shellcheck source=bench/ports.sh
-source "bench/ports.sh"
+bench_two_core_placement
+start_emulator 1
 
-P_EMU=$(free_port)
-on 1 "$DEV_BIN" emulator --fast --listen "127.0.0.1:$P_EMU" --log-level warn >"$WORK/emulator.log" 2>&1 &
-PIDS+=($!)
-wait_port "$P_EMU" emulator "$!"
-
-P_SG=$(free_port) P_ADMIN=$(free_port)
-cat >"$WORK/sessionguard.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$P_SG"
-upstream = "mongodb://127.0.0.1:$P_EMU"
-admin = "127.0.0.1:$P_ADMIN"
-max_connections = 40000
-io = "$IO"
-[log]
-level = "warn"
-[sessions]
-mode = "observe"
-TOML
-on 0 "$BIN" proxy --config "$WORK/sessionguard.toml" >"$WORK/sessionguard.log" 2>&1 &
-PID_SG=$!
-PIDS+=("$PID_SG")
-wait_port "$P_SG" sessionguard "$PID_SG"
+start_observe_proxy sessionguard "$IO" 0
+P_SG=$SG_PORT PID_SG=$SG_PID
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)

@@ -27,76 +27,26 @@ die() { echo "syscalls.sh: $*" >&2; exit 1; }
 for tool in strace haproxy python3; do
     command -v "$tool" >/dev/null || die "$tool is missing (Debian: apt-get install $tool)"
 done
-if [[ -n "${SESSIONGUARD_BIN:-}" ]]; then
-    BIN=$SESSIONGUARD_BIN
-else
-    cargo build --release --quiet -p sessionguard -p sessionguard-dev || die "cargo build --release failed"
-    BIN=${CARGO_TARGET_DIR:-target}/release/sessionguard
-fi
-DEV_BIN=${SESSIONGUARD_DEV_BIN:-$(dirname "$BIN")/sessionguard-dev}
-[[ -x "$BIN" && -x "$DEV_BIN" ]] || die "need $BIN and $DEV_BIN"
+# shellcheck source=bench/common.sh
+source "bench/common.sh"
+bench_binaries
 ((SAMPLE_SECONDS >= 1)) || die "BENCH_SECONDS must be at least 3"
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir ""
 
-if (($(nproc) >= 2)) && command -v taskset >/dev/null; then
-    on() { local cpu=$1; shift; exec taskset -c "$cpu" "$@"; }
-else
-    on() { shift; exec "$@"; }
-fi
-# shellcheck source=bench/ports.sh
-source "bench/ports.sh"
-
-P_EMU=$(free_port)
-on 1 "$DEV_BIN" emulator --fast --listen "127.0.0.1:$P_EMU" --log-level warn >"$WORK/emulator.log" 2>&1 &
-PIDS+=($!)
-wait_port "$P_EMU" emulator "$!"
+bench_two_core_placement
+start_emulator 1
 
 declare -A PORT PID
 P_HA=$(free_port)
-cat >"$WORK/haproxy.cfg" <<EOF
-global
-    maxconn 9000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 10m
-    timeout server 10m
-frontend bench
-    bind 127.0.0.1:$P_HA
-    default_backend emulator
-backend emulator
-    server emulator 127.0.0.1:$P_EMU
-EOF
+haproxy_config "$WORK/haproxy.cfg" "$P_HA" "$P_EMU" 9000
 on 0 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PID[haproxy]=$!; PORT[haproxy]=$P_HA; PIDS+=($!)
 wait_port "$P_HA" haproxy "${PID[haproxy]}"
 
 for io in io_uring epoll; do
-    name="sg-$io"
-    port=$(free_port) admin=$(free_port)
-    cat >"$WORK/$name.toml" <<TOML
-[proxy]
-listen = "127.0.0.1:$port"
-upstream = "mongodb://127.0.0.1:$P_EMU"
-admin = "127.0.0.1:$admin"
-max_connections = 40000
-io = "$io"
-[log]
-level = "warn"
-[sessions]
-mode = "observe"
-TOML
-    on 0 "$BIN" proxy --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
-    PID[$name]=$!; PORT[$name]=$port; PIDS+=($!)
-    wait_port "$port" "$name" "${PID[$name]}"
+    start_observe_proxy "sg-$io" "$io" 0
+    PID[sg-$io]=$SG_PID; PORT[sg-$io]=$SG_PORT
 done
 
 switches() { # pid -> "voluntary involuntary", all threads
