@@ -2,7 +2,8 @@
 //! that its resident memory is the entries themselves plus a small index at
 //! every size, whatever the allocator does.
 //!
-//! Each shard (a std `RwLock`, picked from the hash's high bits) owns a
+//! Each shard (a std `RwLock` on cache lines of its own, picked from the
+//! hash's high bits) owns a
 //! `hashbrown::HashTable<u32>` of slot numbers (five bytes a bucket, so the
 //! table's doubling slack costs at most ~12 bytes an entry) and a slab of
 //! `(key, value)` slots in fixed-capacity chunks, each allocated once and
@@ -26,6 +27,7 @@ use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crossbeam_utils::CachePadded;
 use foldhash::fast::RandomState;
 use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
@@ -39,7 +41,10 @@ const CHUNK_SLOTS: usize = 1024;
 pub(crate) type Slot<K, V> = Option<(K, V)>;
 
 pub(crate) struct SlabMap<K, V> {
-    shards: Box<[RwLock<Shard<K, V>>]>,
+    /// Padded: a shard is ~100 bytes, so unpadded neighbours share a cache
+    /// line and two data threads working on sessions in different shards
+    /// still wrote the same line with every lock and unlock.
+    shards: Box<[PaddedShard<K, V>]>,
     /// `64 - log2(shards.len())`: the shard is taken from the bits just
     /// below hashbrown's 7-bit tag, so shard choice and in-shard bucket
     /// choice use different bits of the same hash.
@@ -48,6 +53,9 @@ pub(crate) struct SlabMap<K, V> {
     /// Kept in step under the shard locks so `len` never walks the shards.
     len: AtomicUsize,
 }
+
+/// A shard's lock on cache lines of its own (see `SlabMap::shards`).
+type PaddedShard<K, V> = CachePadded<RwLock<Shard<K, V>>>;
 
 struct Shard<K, V> {
     index: HashTable<u32>,
@@ -190,10 +198,10 @@ impl<K: Hash + Eq, V> SlabMap<K, V> {
         SlabMap {
             shards: (0..shards)
                 .map(|_| {
-                    RwLock::new(Shard {
+                    CachePadded::new(RwLock::new(Shard {
                         index: HashTable::new(),
                         slab: Slab::new(),
-                    })
+                    }))
                 })
                 .collect(),
             shard_shift: 64 - shards.trailing_zeros(),
@@ -483,6 +491,23 @@ mod tests {
         }
         assert_eq!(single.len(), 2_500);
         assert_eq!(single.slots(), 2_500);
+    }
+
+    #[test]
+    fn no_two_shards_share_a_cache_line() {
+        let map: SlabMap<u32, u64> = SlabMap::with_shards(8);
+        // 128: a cache line and the line the adjacent-line prefetcher pairs
+        // with it.
+        for pair in map.shards.windows(2) {
+            let first = std::ptr::from_ref(&*pair[0]) as usize;
+            let second = std::ptr::from_ref(&*pair[1]) as usize;
+            assert!(
+                second - first >= 128,
+                "shards {} bytes apart",
+                second - first
+            );
+            assert_eq!(first % 128, 0, "a shard starts on a line boundary");
+        }
     }
 
     #[test]
