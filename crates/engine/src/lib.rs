@@ -26,8 +26,9 @@
 //! - `ledger`: the bounded, shared map of sessions, cursors and held sessions.
 //! - `slab_map`: the sharded map under the ledger (entries in fixed slab
 //!   chunks, a small index), so a session costs its slot at every size.
-//! - `intern`: small ids for names and client identities, and `Names`,
-//!   which turns them back into names.
+//! - `intern`: small ids for names and client identities (each thread
+//!   remembers the ids it looked up), and `Names`, which turns them back
+//!   into names.
 //! - `web_store`: web-session stores (`[stores]`): store documents by
 //!   `_id`, and the resurrections `store-session-resurrected` reports.
 //! - `outcome`: what waits on the server's reply: session commands and

@@ -44,7 +44,8 @@
 //!   its upstream cannot be dialed (cause and fix in `errmsg`).
 //! - `metrics`: [`ProxyMetrics`], the pre-resolved handles the connection
 //!   and listener update from any data thread (atomic adds, no allocation
-//!   per frame).
+//!   per frame; the per-frame series in per-thread stripes a collector sums
+//!   at scrape time).
 //! - `settings`: [`ProxySettings`], what [`Proxy::start`] needs.
 #![forbid(unsafe_code)]
 
