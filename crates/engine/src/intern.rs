@@ -371,9 +371,12 @@ mod tests {
 
     #[test]
     fn tables_do_not_share_a_threads_memo() {
-        // Same thread, two tables: each hands out its own ids.
+        // Same thread, two tables with the same seed (so a name hashes the
+        // same in both: only the table part of the memo's key tells them
+        // apart): each hands out its own ids.
         let first = StringTable::new(10);
-        let second = StringTable::new(10);
+        let mut second = StringTable::new(10);
+        second.seed = first.seed.clone();
         assert_eq!(first.intern("a"), 1);
         assert_eq!(second.intern("b"), 1);
         assert_eq!(second.intern("a"), 2);
