@@ -98,12 +98,12 @@ fn data_arriving_after_a_short_read_still_wakes_the_reader() {
 #[test]
 fn an_end_of_stream_reported_with_the_last_data_is_read_at_once() {
     let (mut peer, accepted) = pair();
-    // Data and FIN are both on the socket before the reader first waits, so
-    // one epoll event reports them together; after the short read clears
-    // READABLE, only the kept READ_CLOSED can let the next read through.
+    // Data and FIN are both on the socket before the reader first waits
+    // (loopback delivers them within the sending calls), so one epoll event
+    // reports them together; after the short read clears READABLE, only the
+    // kept READ_CLOSED can let the next read through.
     peer.write_all(b"last words").expect("write");
     peer.shutdown(Shutdown::Write).expect("shutdown");
-    std::thread::sleep(Duration::from_millis(50));
     epoll_runtime().block_on(async move {
         let mut stream = TcpStream::from_std(accepted).expect("adopt");
         let data = read_bounded(&mut stream, 1024).await;
