@@ -8,6 +8,12 @@
 //! is plain synchronous code with no I/O.
 //! It also hands out the proxy's own (negative) request ids, which cannot
 //! collide with drivers' ids (drivers count up from small positive numbers).
+//!
+//! Drivers send one request per connection at a time, so the first entry
+//! lives inline (`first`) and the hash map holds only the rest: with many
+//! connections, a connection's map went cold between a request and its
+//! reply, and its control bytes and bucket were cache misses of their own
+//! on both (docs/performance.md, "fourth pass").
 
 use std::collections::HashMap;
 
@@ -43,10 +49,13 @@ pub(crate) enum ReplyOwner<P> {
 
 #[derive(Debug)]
 pub(crate) struct InFlight<P> {
-    /// foldhash, seeded per map: one insert and one remove per request,
-    /// where SipHash's cost showed in the profile; the random seed keeps a
-    /// client from choosing request ids that collide.
-    entries: HashMap<i32, Entry<P>, RandomState>,
+    /// The entry a connection usually has, next to the rest of this table.
+    /// Keys are unique across `first` and `rest`.
+    first: Option<(i32, Entry<P>)>,
+    /// Entries while `first` is taken (pipelining clients, exhaust streams
+    /// with an injection, reused ids). foldhash, seeded per map: the random
+    /// seed keeps a client from choosing request ids that collide.
+    rest: HashMap<i32, Entry<P>, RandomState>,
     /// Client requests displaced by a later request reusing their id (a
     /// misbehaving client): no reply can be matched to them any more, but
     /// they are still in flight for the inspector, which gets them at close.
@@ -57,7 +66,8 @@ pub(crate) struct InFlight<P> {
 impl<P> Default for InFlight<P> {
     fn default() -> Self {
         InFlight {
-            entries: HashMap::default(),
+            first: None,
+            rest: HashMap::default(),
             displaced: Vec::new(),
             next_proxy_id: -1,
         }
@@ -67,12 +77,57 @@ impl<P> Default for InFlight<P> {
 impl<P> InFlight<P> {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        usize::from(self.first.is_some()) + self.rest.len()
     }
 
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    /// Stores `entry` under `id`, returning the entry it replaces.
+    fn put(&mut self, id: i32, entry: Entry<P>) -> Option<Entry<P>> {
+        match &mut self.first {
+            Some((key, old)) if *key == id => Some(std::mem::replace(old, entry)),
+            Some(_) => self.rest.insert(id, entry),
+            None if self.rest.is_empty() => {
+                self.first = Some((id, entry));
+                None
+            }
+            None => {
+                let old = self.rest.remove(&id);
+                self.first = Some((id, entry));
+                old
+            }
+        }
+    }
+
+    fn take(&mut self, id: i32) -> Option<Entry<P>> {
+        if matches!(&self.first, Some((key, _)) if *key == id) {
+            return self.first.take().map(|(_, entry)| entry);
+        }
+        if self.rest.is_empty() {
+            return None;
+        }
+        self.rest.remove(&id)
+    }
+
+    fn get_mut(&mut self, id: i32) -> Option<&mut Entry<P>> {
+        match &mut self.first {
+            Some((key, entry)) if *key == id => Some(entry),
+            _ => self.rest.get_mut(&id),
+        }
+    }
+
+    fn contains(&self, id: i32) -> bool {
+        matches!(&self.first, Some((key, _)) if *key == id) || self.rest.contains_key(&id)
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Entry<P>> {
+        self.first
+            .iter()
+            .map(|(_, entry)| entry)
+            .chain(self.rest.values())
     }
 
     /// Records a client request that expects a reply. A request id that is
@@ -80,7 +135,7 @@ impl<P> InFlight<P> {
     /// returned so the caller can log it, and its record is kept for close.
     pub(crate) fn insert_client(&mut self, request: InFlightRequest<P>) -> Option<i32> {
         let id = request.request_id;
-        match self.entries.insert(id, Entry::Client(request))? {
+        match self.put(id, Entry::Client(request))? {
             Entry::Client(old) => {
                 self.displaced.push(old);
                 Some(id)
@@ -92,7 +147,7 @@ impl<P> InFlight<P> {
 
     /// Records an injected request under `id` (from `next_proxy_id`).
     pub(crate) fn insert_injected(&mut self, id: i32, reply: InjectReply) {
-        self.entries.insert(id, Entry::Injected(Some(reply)));
+        self.put(id, Entry::Injected(Some(reply)));
     }
 
     /// A fresh negative id that no waiting entry uses.
@@ -100,7 +155,7 @@ impl<P> InFlight<P> {
         loop {
             let id = self.next_proxy_id;
             self.next_proxy_id = if id == i32::MIN { -1 } else { id - 1 };
-            if !self.entries.contains_key(&id) {
+            if !self.contains(id) {
                 return id;
             }
         }
@@ -116,15 +171,14 @@ impl<P> InFlight<P> {
         reply_request_id: i32,
         more_to_come: bool,
     ) -> ReplyOwner<P> {
-        let Some(entry) = self.entries.remove(&response_to) else {
+        let Some(entry) = self.take(response_to) else {
             return self.displaced_reply(response_to, more_to_come);
         };
         match (entry, more_to_come) {
             (Entry::Client(request), false) => ReplyOwner::Client(request),
             (Entry::Client(mut request), true) => {
                 request.streamed_replies = request.streamed_replies.saturating_add(1);
-                self.entries
-                    .insert(reply_request_id, Entry::Client(request));
+                self.put(reply_request_id, Entry::Client(request));
                 ReplyOwner::Streaming(reply_request_id)
             }
             (Entry::Injected(reply), false) => ReplyOwner::Injected(reply),
@@ -132,8 +186,7 @@ impl<P> InFlight<P> {
             // reply is unexpected; deliver the first one.
             (Entry::Injected(mut reply), true) => {
                 let owner = ReplyOwner::Injected(reply.take());
-                self.entries
-                    .insert(reply_request_id, Entry::Injected(reply));
+                self.put(reply_request_id, Entry::Injected(reply));
                 owner
             }
         }
@@ -158,7 +211,7 @@ impl<P> InFlight<P> {
 
     /// The client request in flight under `key` (a stream's current key).
     pub(crate) fn client_mut(&mut self, key: i32) -> Option<&mut InFlightRequest<P>> {
-        match self.entries.get_mut(&key)? {
+        match self.get_mut(key)? {
             Entry::Client(request) => Some(request),
             Entry::Injected(_) => None,
         }
@@ -166,13 +219,13 @@ impl<P> InFlight<P> {
 
     /// Nothing at all in flight: the upstream is free for an injected request.
     pub(crate) fn idle_for_inject(&self) -> bool {
-        self.entries.is_empty()
+        self.first.is_none() && self.rest.is_empty()
     }
 
     /// Nothing but monitoring (awaitable / streaming hello) in flight: a
     /// draining connection may close now without cutting off real work.
     pub(crate) fn idle_for_drain(&self) -> bool {
-        self.entries.values().all(|e| match e {
+        self.entries().all(|e| match e {
             Entry::Client(request) => request.awaitable_hello,
             Entry::Injected(_) => false,
         })
@@ -183,10 +236,16 @@ impl<P> InFlight<P> {
     /// `Closed`.
     pub(crate) fn take_client_requests(&mut self) -> Vec<InFlightRequest<P>> {
         let mut out = std::mem::take(&mut self.displaced);
-        out.extend(self.entries.drain().filter_map(|(_, e)| match e {
-            Entry::Client(request) => Some(request),
-            Entry::Injected(_) => None,
-        }));
+        let first = self.first.take().map(|(_, entry)| entry);
+        out.extend(
+            first
+                .into_iter()
+                .chain(self.rest.drain().map(|(_, e)| e))
+                .filter_map(|e| match e {
+                    Entry::Client(request) => Some(request),
+                    Entry::Injected(_) => None,
+                }),
+        );
         out.sort_by_key(|r| r.started);
         out
     }
@@ -321,6 +380,100 @@ mod tests {
         // Wraps to -1, which is taken by the injected request: skipped.
         assert_eq!(a, -1);
         assert_eq!(map.next_proxy_id(), -2);
+    }
+
+    /// The inline first entry and the map behave as one map: the same
+    /// operations on this table and on a plain `HashMap` model (several
+    /// requests in flight, reused ids, exhaust re-keying, injections) give
+    /// the same owners, and close hands back the same requests.
+    #[test]
+    fn the_inline_entry_and_the_map_act_as_one_table() {
+        let mut table = InFlight::<u32>::default();
+        let mut model: HashMap<i32, Option<u32>> = HashMap::new(); // None: injected
+        let mut model_displaced: Vec<u32> = Vec::new();
+        let mut waiters = Vec::new();
+        let mut seed: u64 = 0x5eed;
+        let mut next = |bound: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % bound
+        };
+        for step in 0..20_000u32 {
+            let id = next(6) as i32 + 1;
+            match next(5) {
+                0 | 1 => {
+                    let mut r = request(id, "find");
+                    r.pending = step;
+                    let displaced = table.insert_client(r);
+                    match model.insert(id, Some(step)) {
+                        Some(Some(old)) => {
+                            model_displaced.push(old);
+                            assert_eq!(displaced, Some(id));
+                        }
+                        Some(None) => assert_eq!(displaced, Some(id)),
+                        None => assert_eq!(displaced, None),
+                    }
+                }
+                2 => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(rx);
+                    let proxy_id = table.next_proxy_id();
+                    assert!(!model.contains_key(&proxy_id));
+                    table.insert_injected(proxy_id, tx);
+                    model.insert(proxy_id, None);
+                }
+                choice => {
+                    // Replies to a waiting id (client or injected) or to one
+                    // nothing waits for; streamed replies re-key.
+                    let keys: Vec<i32> = model.keys().copied().collect();
+                    let response_to = if keys.is_empty() || next(4) == 0 {
+                        id + 100
+                    } else {
+                        keys[next(keys.len() as u64) as usize]
+                    };
+                    let more = choice == 4 && next(2) == 0;
+                    let new_key = 1000 + step as i32;
+                    let owner = table.on_reply(response_to, new_key, more);
+                    match (model.remove(&response_to), owner) {
+                        (Some(Some(p)), ReplyOwner::Client(r)) if !more => assert_eq!(r.pending, p),
+                        (Some(Some(p)), ReplyOwner::Streaming(key)) if more => {
+                            assert_eq!(key, new_key);
+                            assert_eq!(table.client_mut(key).unwrap().pending, p);
+                            model.insert(new_key, Some(p));
+                        }
+                        (Some(None), ReplyOwner::Injected(_)) => {
+                            if more {
+                                model.insert(new_key, None);
+                            }
+                        }
+                        (None, ReplyOwner::Unmatched) => {}
+                        (None, ReplyOwner::Client(r)) if !more => {
+                            let at = model_displaced.iter().position(|p| *p == r.pending);
+                            model_displaced.remove(at.expect("a displaced request"));
+                        }
+                        (expected, got) => panic!("step {step}: model {expected:?}, table {got:?}"),
+                    }
+                }
+            }
+            assert_eq!(table.len(), model.len(), "step {step}");
+            assert_eq!(table.idle_for_inject(), model.is_empty());
+        }
+        let mut left: Vec<u32> = table
+            .take_client_requests()
+            .iter()
+            .map(|r| r.pending)
+            .collect();
+        let mut expected: Vec<u32> = model
+            .values()
+            .flatten()
+            .copied()
+            .chain(model_displaced)
+            .collect();
+        left.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(left, expected);
+        assert!(table.is_empty());
     }
 
     #[tokio::test]
