@@ -19,7 +19,7 @@ use bson::{rawdoc, Binary, RawDocumentBuf};
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
+use sessionguard_engine::{ConnHandle, RulesConfig, SessionConfig, SessionEngine};
 use sessionguard_protocol::wire::{self, op_msg, Frame, FrameCodec, Message, MsgFlags};
 
 fn lsid(n: u8) -> RawDocumentBuf {
@@ -93,19 +93,15 @@ fn decode(codec: &mut FrameCodec, buffer: &mut BytesMut, bytes: &[u8]) -> Frame 
 }
 
 /// Decode + inspect + ledger update for one request and its reply.
-fn round_trip(
-    engine: &SessionEngine,
-    codec: &mut FrameCodec,
-    buffer: &mut BytesMut,
-    request: &[u8],
-    reply: &[u8],
-) {
-    round_trip_on(engine, 1, codec, buffer, request, reply)
+/// Connection 1's handle (every engine here has it).
+fn first_conn(engine: &SessionEngine) -> ConnHandle {
+    engine.conn_handle(1).expect("connection 1 is connected")
 }
 
+/// As the data path does it: with the connection's handle, not its id.
 fn round_trip_on(
     engine: &SessionEngine,
-    conn: u64,
+    conn: &ConnHandle,
     codec: &mut FrameCodec,
     buffer: &mut BytesMut,
     request: &[u8],
@@ -115,14 +111,14 @@ fn round_trip_on(
     let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
     let msg = opened.parse(&frame).unwrap();
     // The proxy keeps the engine's record with its own until the reply.
-    let (decision, pending) = engine.request(conn, frame.header.request_id, &msg);
+    let (decision, pending) = engine.request_on(conn, frame.header.request_id, &msg);
     black_box(decision);
 
     let frame = decode(codec, buffer, reply);
     let opened = wire::open(&frame, wire::DEFAULT_MAX_MESSAGE_SIZE).unwrap();
     let msg = opened.parse(&frame).unwrap();
     if let Some(mut pending) = pending {
-        engine.reply(conn, &mut pending, &msg);
+        engine.reply_on(conn, &mut pending, &msg);
     }
 }
 
@@ -153,7 +149,8 @@ fn small(c: &mut Criterion) {
 
     let engine = engine();
     group.bench_function("request_and_reply_inspected", |b| {
-        b.iter(|| round_trip(&engine, &mut codec, &mut buffer, &request, &reply))
+        let conn = first_conn(&engine);
+        b.iter(|| round_trip_on(&engine, &conn, &mut codec, &mut buffer, &request, &reply))
     });
     // The violation counter proves the loop exercised a clean pattern.
     assert_eq!(engine.stats().violations, 0);
@@ -177,11 +174,12 @@ fn large(c: &mut Criterion) {
         + marker.len();
     group.throughput(Throughput::Bytes(template.len() as u64));
     let mut txn_number = 1i64;
+    let conn = first_conn(&engine);
     group.bench_function("request_and_reply_inspected", |b| {
         b.iter(|| {
             txn_number += 1;
             template[txn_at..txn_at + 8].copy_from_slice(&txn_number.to_le_bytes());
-            round_trip(&engine, &mut codec, &mut buffer, &template, &reply);
+            round_trip_on(&engine, &conn, &mut codec, &mut buffer, &template, &reply);
         })
     });
     assert_eq!(engine.stats().violations, 0);
@@ -207,7 +205,8 @@ fn flood(c: &mut Criterion) {
 
     let clean = engine();
     group.bench_function("clean_find", |b| {
-        b.iter(|| round_trip(&clean, &mut codec, &mut buffer, &request, &reply))
+        let conn = first_conn(&clean);
+        b.iter(|| round_trip_on(&clean, &conn, &mut codec, &mut buffer, &request, &reply))
     });
     assert_eq!(clean.stats().violations, 0);
 
@@ -231,10 +230,18 @@ fn flood(c: &mut Criterion) {
     let _blocker = violating.request(2, 1, &msg);
     // The pattern violates (checked before measuring: `--list` runs no
     // iteration).
-    round_trip(&violating, &mut codec, &mut buffer, &request, &reply);
+    round_trip_on(
+        &violating,
+        &first_conn(&violating),
+        &mut codec,
+        &mut buffer,
+        &request,
+        &reply,
+    );
     assert_eq!(violating.stats().violations, 1);
     group.bench_function("every_find_violates", |b| {
-        b.iter(|| round_trip(&violating, &mut codec, &mut buffer, &request, &reply))
+        let conn = first_conn(&violating);
+        b.iter(|| round_trip_on(&violating, &conn, &mut codec, &mut buffer, &request, &reply))
     });
     // One finding counts them all.
     let findings = violating.findings();
@@ -289,6 +296,7 @@ fn data_threads(c: &mut Criterion) {
                             (&engines[0], conn)
                         };
                         scope.spawn(move || {
+                            let handle = engine.conn_handle(conn).expect("connected");
                             let request = find_frame_on(7, conn as u8);
                             let reply = find_reply(7);
                             let mut codec = FrameCodec::default();
@@ -296,7 +304,7 @@ fn data_threads(c: &mut Criterion) {
                             for _ in 0..iters {
                                 round_trip_on(
                                     engine,
-                                    conn,
+                                    &handle,
                                     &mut codec,
                                     &mut buffer,
                                     &request,

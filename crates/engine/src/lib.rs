@@ -76,7 +76,7 @@ pub use config::{
     Mode, RefreshPolicy, ResolvedRules, RuleOverride, RuleSettings, RulesConfig, SessionConfig,
     DEFAULT_FINDING_INTERVAL,
 };
-pub use engine::{Decision, EngineStats, PendingRequest, PerCommand, SessionEngine};
+pub use engine::{ConnHandle, Decision, EngineStats, PendingRequest, PerCommand, SessionEngine};
 pub use finding_id::FindingId;
 pub use findings::{
     DistinctCount, Example, Examples, FindingDetail, FindingSide, FindingSnapshot, TimelineEntry,

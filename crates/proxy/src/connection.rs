@@ -278,12 +278,13 @@ pub(crate) async fn serve<I: Inspector>(
         local,
         injector,
     };
-    if catch_unwind(AssertUnwindSafe(|| inspector.on_connect(&ctx))).is_err() {
+    let Ok(state) = catch_unwind(AssertUnwindSafe(|| inspector.on_connect(&ctx))) else {
         error!(conn = id, %peer, "the inspector panicked on connect (a bug); closing this connection");
         return;
-    }
+    };
     let pair = Rc::new(Pair {
         ctx,
+        state,
         inspector,
         settings: settings.clone(),
         signal,
@@ -426,6 +427,8 @@ enum RequestAction<P> {
 /// atomics, no cross-thread wake.
 struct Pair<I: Inspector> {
     ctx: ConnContext,
+    /// The inspector's own state of this connection (`Inspector::Conn`).
+    state: I::Conn,
     inspector: Arc<I>,
     settings: Arc<ConnSettings>,
     signal: Rc<ConnSignal>,
@@ -463,7 +466,7 @@ impl<I: Inspector> Pair<I> {
         self.in_flight_at_close.set(still_in_flight.len());
         let judged = catch_unwind(AssertUnwindSafe(|| {
             self.inspector
-                .on_close(&self.ctx, outcome.cause(), still_in_flight)
+                .on_close(&self.ctx, &self.state, outcome.cause(), still_in_flight)
         }));
         if judged.is_err() {
             error!(
@@ -1107,25 +1110,30 @@ fn inspect_request<I: Inspector>(
     }
     // Before the inspector runs: its time is part of the round trip.
     let started = Instant::now();
-    Ok(match pair.inspector.on_request(&pair.ctx, frame, &msg) {
-        RequestVerdict::Forward(pending) => {
-            RequestAction::Forward(expects_reply.then(|| InFlightRequest {
-                request_id: frame.header.request_id,
-                command: command.map(|name| intern_command(name, command_metric)),
-                command_metric,
-                started,
-                exhaust_allowed,
-                awaitable_hello,
-                streamed_replies: 0,
-                pending,
-            }))
-        }
-        RequestVerdict::Reject { reply } => RequestAction::Reject {
-            reply,
-            expects_reply,
-            legacy: matches!(msg, Message::Query(_)),
+    Ok(
+        match pair
+            .inspector
+            .on_request(&pair.ctx, &pair.state, frame, &msg)
+        {
+            RequestVerdict::Forward(pending) => {
+                RequestAction::Forward(expects_reply.then(|| InFlightRequest {
+                    request_id: frame.header.request_id,
+                    command: command.map(|name| intern_command(name, command_metric)),
+                    command_metric,
+                    started,
+                    exhaust_allowed,
+                    awaitable_hello,
+                    streamed_replies: 0,
+                    pending,
+                }))
+            }
+            RequestVerdict::Reject { reply } => RequestAction::Reject {
+                reply,
+                expects_reply,
+                legacy: matches!(msg, Message::Query(_)),
+            },
         },
-    })
+    )
 }
 
 /// Records the latency of a request's first reply. Awaitable hellos wait
@@ -1198,7 +1206,7 @@ fn reply_pass<I: Inspector>(
                 drop(table);
                 observe_round_trip(settings, &request, more_to_come);
                 pair.inspector
-                    .on_reply(&pair.ctx, Some(&mut request), frame, &msg)
+                    .on_reply(&pair.ctx, &pair.state, Some(&mut request), frame, &msg)
             }
             ReplyOwner::Streaming(key) => {
                 // The stream continues: the record stays in the table and
@@ -1207,7 +1215,8 @@ fn reply_pass<I: Inspector>(
                 if let Some(request) = &request {
                     observe_round_trip(settings, request, more_to_come);
                 }
-                pair.inspector.on_reply(&pair.ctx, request, frame, &msg)
+                pair.inspector
+                    .on_reply(&pair.ctx, &pair.state, request, frame, &msg)
             }
             ReplyOwner::Unmatched => {
                 drop(table);
@@ -1217,7 +1226,8 @@ fn reply_pass<I: Inspector>(
                     op = frame.header.op_code.name(),
                     "reply matches no request in flight; forwarding it anyway"
                 );
-                pair.inspector.on_reply(&pair.ctx, None, frame, &msg)
+                pair.inspector
+                    .on_reply(&pair.ctx, &pair.state, None, frame, &msg)
             }
         };
         match verdict {

@@ -25,8 +25,8 @@ use crate::ctl::{Ctl, Inbox, InjectRequest};
 use sessionguard_protocol::wire::{FrameRef, Message};
 pub use sessionguard_protocol::CloseCause;
 
-/// Policy hooks called by every proxied connection. Every method but
-/// `on_request` has a no-op default.
+/// Policy hooks called by every proxied connection. `on_reply` and
+/// `on_close` have no-op defaults.
 ///
 /// One owner of in-flight state per connection: what an inspector needs to
 /// remember about a forwarded request until its reply (`Pending`) is
@@ -43,10 +43,14 @@ pub trait Inspector: Send + Sync + 'static {
     /// (`moreToCome`) or is rejected.
     type Pending: Send + 'static;
 
+    /// What the inspector keeps about one connection, from `on_connect` to
+    /// `on_close`; `()` for an inspector that needs nothing. The connection
+    /// holds it and hands it to every call, so per-connection policy state
+    /// is reached without a lookup in a table shared by every connection.
+    type Conn: 'static;
+
     /// A client connected and its upstream connection is established.
-    fn on_connect(&self, conn: &ConnContext) {
-        let _ = conn;
-    }
+    fn on_connect(&self, conn: &ConnContext) -> Self::Conn;
 
     /// Called for each client request before it is forwarded. `Reject` =>
     /// not forwarded; `reply` (a full OP_MSG body document, raw BSON bytes)
@@ -57,6 +61,7 @@ pub trait Inspector: Send + Sync + 'static {
     fn on_request(
         &self,
         conn: &ConnContext,
+        state: &Self::Conn,
         frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> Verdict<Self::Pending>;
@@ -72,11 +77,12 @@ pub trait Inspector: Send + Sync + 'static {
     fn on_reply(
         &self,
         conn: &ConnContext,
+        state: &Self::Conn,
         request: Option<&mut InFlightRequest<Self::Pending>>,
         frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> ReplyVerdict {
-        let _ = (conn, request, frame, msg);
+        let _ = (conn, state, request, frame, msg);
         ReplyVerdict::Forward
     }
 
@@ -88,10 +94,11 @@ pub trait Inspector: Send + Sync + 'static {
     fn on_close(
         &self,
         conn: &ConnContext,
+        state: &Self::Conn,
         cause: CloseCause,
         still_in_flight: Vec<InFlightRequest<Self::Pending>>,
     ) {
-        let _ = (conn, cause, still_in_flight);
+        let _ = (conn, state, cause, still_in_flight);
     }
 }
 
@@ -101,8 +108,11 @@ pub struct NoopInspector;
 
 impl Inspector for NoopInspector {
     type Pending = ();
+    type Conn = ();
 
-    fn on_request(&self, _: &ConnContext, _: FrameRef<'_>, _: &Message<'_>) -> Verdict {
+    fn on_connect(&self, _: &ConnContext) {}
+
+    fn on_request(&self, _: &ConnContext, _: &(), _: FrameRef<'_>, _: &Message<'_>) -> Verdict {
         Verdict::Forward(())
     }
 }

@@ -389,23 +389,26 @@ impl<I: Inspector> TopologyInspector<I> {
 
 impl<I: Inspector> Inspector for TopologyInspector<I> {
     type Pending = I::Pending;
+    type Conn = I::Conn;
 
-    fn on_connect(&self, conn: &ConnContext) {
-        self.inner.on_connect(conn);
+    fn on_connect(&self, conn: &ConnContext) -> I::Conn {
+        self.inner.on_connect(conn)
     }
 
     fn on_request(
         &self,
         conn: &ConnContext,
+        state: &I::Conn,
         frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> Verdict<I::Pending> {
-        self.inner.on_request(conn, frame, msg)
+        self.inner.on_request(conn, state, frame, msg)
     }
 
     fn on_reply(
         &self,
         conn: &ConnContext,
+        state: &I::Conn,
         mut request: Option<&mut InFlightRequest<I::Pending>>,
         frame: FrameRef<'_>,
         msg: &Message<'_>,
@@ -413,7 +416,7 @@ impl<I: Inspector> Inspector for TopologyInspector<I> {
         // The wrapped inspector sees the reply as the member sent it.
         let verdict = self
             .inner
-            .on_reply(conn, request.as_deref_mut(), frame, msg);
+            .on_reply(conn, state, request.as_deref_mut(), frame, msg);
         if !is_hello_reply(request.as_deref(), msg) {
             return verdict;
         }
@@ -428,10 +431,11 @@ impl<I: Inspector> Inspector for TopologyInspector<I> {
     fn on_close(
         &self,
         conn: &ConnContext,
+        state: &I::Conn,
         cause: CloseCause,
         still_in_flight: Vec<InFlightRequest<I::Pending>>,
     ) {
-        self.inner.on_close(conn, cause, still_in_flight);
+        self.inner.on_close(conn, state, cause, still_in_flight);
     }
 }
 
@@ -670,14 +674,18 @@ mod tests {
 
     impl Inspector for Seen {
         type Pending = ();
+        type Conn = ();
 
-        fn on_request(&self, _: &ConnContext, _: FrameRef<'_>, _: &Message<'_>) -> Verdict {
+        fn on_connect(&self, _: &ConnContext) {}
+
+        fn on_request(&self, _: &ConnContext, _: &(), _: FrameRef<'_>, _: &Message<'_>) -> Verdict {
             Verdict::Forward(())
         }
 
         fn on_reply(
             &self,
             _conn: &ConnContext,
+            _state: &(),
             _request: Option<&mut InFlightRequest>,
             _frame: FrameRef<'_>,
             msg: &Message<'_>,
@@ -712,6 +720,7 @@ mod tests {
             let msg = opened.parse(&frame).unwrap();
             let verdict = inspector.on_reply(
                 &ctx(),
+                &(),
                 Some(&mut hello_request(streamed)),
                 frame.view(),
                 &msg,
@@ -736,19 +745,19 @@ mod tests {
         let mut find = hello_request(0);
         find.command = Some(Cow::Borrowed("find"));
         assert_eq!(
-            inspector.on_reply(&ctx(), Some(&mut find), frame.view(), &msg),
+            inspector.on_reply(&ctx(), &(), Some(&mut find), frame.view(), &msg),
             ReplyVerdict::Forward
         );
         // An unmatched reply is rewritten only when it is shaped like a hello.
         assert_eq!(
-            inspector.on_reply(&ctx(), None, frame.view(), &msg),
+            inspector.on_reply(&ctx(), &(), None, frame.view(), &msg),
             ReplyVerdict::Forward
         );
         let hello_frame = msg_frame(&hello(), MsgFlags::default());
         let opened = wire::open(&hello_frame, usize::MAX).unwrap();
         let msg = opened.parse(&hello_frame).unwrap();
         assert!(matches!(
-            inspector.on_reply(&ctx(), None, hello_frame.view(), &msg),
+            inspector.on_reply(&ctx(), &(), None, hello_frame.view(), &msg),
             ReplyVerdict::Replace(_)
         ));
     }
@@ -767,7 +776,7 @@ mod tests {
         // Without a map the reply is forwarded unchanged, and the bypass
         // warning is spent on the first one.
         assert_eq!(
-            single.on_reply(&ctx(), Some(&mut hello_request(0)), frame.view(), &msg),
+            single.on_reply(&ctx(), &(), Some(&mut hello_request(0)), frame.view(), &msg),
             ReplyVerdict::Forward
         );
         assert!(single.warned_bypass.load(Ordering::Relaxed));

@@ -20,7 +20,7 @@ use dashmap::DashMap;
 
 use crate::peer_process::{Owner, ProcessTable};
 use crate::request_times::RequestTimes;
-use sessionguard_engine::{Decision, PendingRequest, SessionEngine};
+use sessionguard_engine::{ConnHandle, Decision, PendingRequest, SessionEngine};
 use sessionguard_protocol::wire::{FrameRef, Message};
 use sessionguard_protocol::CloseCause;
 use sessionguard_proxy::{
@@ -82,10 +82,12 @@ impl Inspector for EngineInspector {
     /// `None` for requests the engine does not follow (no session, no
     /// effect): they cost the table nothing more than the proxy's record.
     type Pending = Option<PendingRequest>;
+    /// The engine's state of the connection, reached without its table.
+    type Conn = ConnHandle;
 
-    fn on_connect(&self, conn: &ConnContext) {
+    fn on_connect(&self, conn: &ConnContext) -> ConnHandle {
         self.injectors.insert(conn.id, conn.injector.clone());
-        self.engine.connect(conn.id, conn.peer, conn.local, true);
+        let handle = self.engine.connect(conn.id, conn.peer, conn.local, true);
         if let Some(attribution) = &self.attribution {
             // At once, while the client is surely still connected; on the
             // blocking pool, since it reads every process's descriptors.
@@ -102,18 +104,20 @@ impl Inspector for EngineInspector {
                 None => table.insert(id, Owner::Unknown("no runtime to look it up".into())),
             }
         }
+        handle
     }
 
     fn on_request(
         &self,
         conn: &ConnContext,
+        handle: &ConnHandle,
         frame: FrameRef<'_>,
         msg: &Message<'_>,
     ) -> Verdict<Self::Pending> {
         if let Some(attribution) = &self.attribution {
             attribution.times.stamp(conn.id, frame.header.request_id);
         }
-        match self.engine.request(conn.id, frame.header.request_id, msg) {
+        match self.engine.request_on(handle, frame.header.request_id, msg) {
             (Decision::Forward, pending) => Verdict::Forward(pending),
             (Decision::Reject { reply }, _) => Verdict::Reject { reply },
         }
@@ -121,7 +125,8 @@ impl Inspector for EngineInspector {
 
     fn on_reply(
         &self,
-        conn: &ConnContext,
+        _conn: &ConnContext,
+        handle: &ConnHandle,
         request: Option<&mut InFlightRequest<Self::Pending>>,
         _frame: FrameRef<'_>,
         msg: &Message<'_>,
@@ -130,7 +135,7 @@ impl Inspector for EngineInspector {
         // nothing (exhaust replies chain responseTo to the previous reply;
         // the proxy's table knows which request they answer).
         if let Some(pending) = request.and_then(|r| r.pending.as_mut()) {
-            self.engine.reply(conn.id, pending, msg);
+            self.engine.reply_on(handle, pending, msg);
         }
         ReplyVerdict::Forward
     }
@@ -138,6 +143,7 @@ impl Inspector for EngineInspector {
     fn on_close(
         &self,
         conn: &ConnContext,
+        _handle: &ConnHandle,
         cause: CloseCause,
         still_in_flight: Vec<InFlightRequest<Self::Pending>>,
     ) {
@@ -190,13 +196,15 @@ mod tests {
             "10.0.0.1:5000".parse().unwrap(),
             "127.0.0.1:27017".parse().unwrap(),
         );
-        inspector.on_connect(&ctx);
+        let handle = inspector.on_connect(&ctx);
         let mut sent = Vec::new();
         for (session, collection) in [(1, "first"), (2, "second")] {
             let request = frame(5, 0, &insert(session, collection));
             let opened = wire::open(&request, usize::MAX).unwrap();
             let msg = opened.parse(&request).unwrap();
-            let Verdict::Forward(pending) = inspector.on_request(&ctx, request.view(), &msg) else {
+            let Verdict::Forward(pending) =
+                inspector.on_request(&ctx, &handle, request.view(), &msg)
+            else {
                 panic!("rejected");
             };
             sent.push(InFlightRequest {
@@ -215,8 +223,8 @@ mod tests {
         let reply = frame(100, 5, &rawdoc! { "n": 1, "ok": 1.0 });
         let opened = wire::open(&reply, usize::MAX).unwrap();
         let msg = opened.parse(&reply).unwrap();
-        inspector.on_reply(&ctx, Some(&mut second), reply.view(), &msg);
-        inspector.on_close(&ctx, CloseCause::ClientClosed, vec![first]);
+        inspector.on_reply(&ctx, &handle, Some(&mut second), reply.view(), &msg);
+        inspector.on_close(&ctx, &handle, CloseCause::ClientClosed, vec![first]);
 
         let fired = engine.violations();
         assert_eq!(fired.len(), 1, "{fired:?}");

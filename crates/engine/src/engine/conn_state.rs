@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::intern::ClientIdentity;
 use crate::outcome::SessionCommand;
@@ -45,6 +46,42 @@ pub(super) struct ConnState {
     /// connections that carry no transaction). When the upstream side cuts
     /// the connection, their open transactions' outcome becomes unknown.
     pub(super) txn_sessions: Vec<SessionKey>,
+}
+
+/// One connection's state, shared by the connection table (the refresher,
+/// timelines of other connections' violations) and the data thread's
+/// `ConnHandle`. Only the data thread locks it per request, so the lock is
+/// uncontended; no other lock is taken while it is held.
+pub(super) type ConnCell = Mutex<ConnState>;
+
+/// Locks a connection's state. A panic while it was held (a bug, caught by
+/// the proxy) leaves plain data behind: it is used as it is.
+pub(super) fn lock(cell: &ConnCell) -> MutexGuard<'_, ConnState> {
+    cell.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The data thread's handle on one connection's state in the engine, from
+/// `SessionEngine::connect`: with it, a request and its reply reach the
+/// state directly instead of looking it up in the connection table every
+/// time (`request_on`, `reply_on`). Closing the connection is still
+/// `close(id)`.
+#[derive(Clone)]
+pub struct ConnHandle {
+    pub(super) id: u64,
+    pub(super) cell: Arc<ConnCell>,
+}
+
+impl ConnHandle {
+    /// The connection id given to `connect`.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl std::fmt::Debug for ConnHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHandle").field("id", &self.id).finish()
+    }
 }
 
 /// How many transactional sessions a connection remembers for its close.

@@ -13,7 +13,7 @@ use crate::intern::{normalize_ip, ClientIdentity};
 use crate::state::{ClientId, CommandClass, OwnerId};
 use crate::timeline::OpRing;
 
-use super::conn_state::{ConnState, PendingAuth, UpstreamState};
+use super::conn_state::{lock, ConnCell, ConnHandle, ConnState, PendingAuth, UpstreamState};
 use super::SessionEngine;
 
 impl SessionEngine {
@@ -36,31 +36,49 @@ impl SessionEngine {
     /// A client connected (`local`: the listener it reached). `can_inject`:
     /// the caller can send requests of the engine's own on this connection's
     /// upstream (the refresher's `refreshSessions`), so refreshes may be
-    /// planned on it.
-    pub fn connect(&self, conn: u64, peer: SocketAddr, local: SocketAddr, can_inject: bool) {
+    /// planned on it. The handle lets the data thread reach the
+    /// connection's state without the table (`request_on`, `reply_on`).
+    pub fn connect(
+        &self,
+        conn: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+        can_inject: bool,
+    ) -> ConnHandle {
         let upstream = self.upstream_id(local);
         let identity = ClientIdentity {
             peer: Some(normalize_ip(peer.ip())),
             ..ClientIdentity::default()
         };
         let client = self.tables.identities.intern(&identity);
-        self.conns.insert(
-            conn,
-            ConnState {
-                peer,
-                upstream,
-                identity,
-                client,
-                owner: OwnerId::UNKNOWN,
-                pending_auth: None,
-                awaiting_replies: 0,
-                ops: OpRing::default(),
-                can_inject,
-                refresh_in_progress: false,
-                carried_sessions: false,
-                txn_sessions: Vec::new(),
-            },
-        );
+        let cell = Arc::new(ConnCell::new(ConnState {
+            peer,
+            upstream,
+            identity,
+            client,
+            owner: OwnerId::UNKNOWN,
+            pending_auth: None,
+            awaiting_replies: 0,
+            ops: OpRing::default(),
+            can_inject,
+            refresh_in_progress: false,
+            carried_sessions: false,
+            txn_sessions: Vec::new(),
+        }));
+        self.conns.insert(conn, cell.clone());
+        ConnHandle { id: conn, cell }
+    }
+
+    /// The handle of open connection `conn`, for callers that hold only
+    /// its id (what `connect` returned, again).
+    pub fn conn_handle(&self, conn: u64) -> Option<ConnHandle> {
+        self.conn_cell(conn)
+            .map(|cell| ConnHandle { id: conn, cell })
+    }
+
+    /// The state of open connection `conn` (for callers that hold ids).
+    pub(super) fn conn_cell(&self, conn: u64) -> Option<Arc<ConnCell>> {
+        self.conns.get(&conn).map(|cell| Arc::clone(&cell))
     }
 
     pub(super) fn pending_owner(&self, user: &AuthUser<'_>) -> Option<PendingAuth> {
@@ -75,7 +93,7 @@ impl SessionEngine {
     /// (client identity, owner, upstream).
     pub(super) fn connection_facts(
         &self,
-        conn: u64,
+        cell: Option<&ConnCell>,
         view: &RequestView<'_>,
         class: CommandClass,
     ) -> (ClientId, OwnerId, u32) {
@@ -89,7 +107,7 @@ impl SessionEngine {
         } else {
             None
         };
-        let Some(mut state) = self.conns.get_mut(&conn) else {
+        let Some(mut state) = cell.map(lock) else {
             return (ClientId::UNKNOWN, OwnerId::UNKNOWN, 0);
         };
         if let Some(handshake) = handshake {

@@ -17,7 +17,7 @@ use crate::state::{Millis, RequestRef};
 use crate::timeline::{Gather, Timeline};
 use crate::violation::{RequestEvidence, RuleId, StoreEvidence, Violation, ViolationRecord};
 
-use super::conn_state::ConnState;
+use super::conn_state::{lock, ConnState};
 use super::violation_log::{log_summary, log_violation};
 use super::SessionEngine;
 
@@ -57,7 +57,7 @@ impl SessionEngine {
             // store-session-resurrected: the read may be on a third connection.
             peers[2] = match closing {
                 Some((id, state)) if id == store.read.conn => Some(state.peer),
-                _ => self.conns.get(&store.read.conn).map(|state| state.peer),
+                _ => self.conn_cell(store.read.conn).map(|cell| lock(&cell).peer),
             };
         }
         let now = violation.at;
@@ -111,7 +111,10 @@ impl SessionEngine {
             if let Some((_, state)) = closing.filter(|(id, _)| *id == conn) {
                 gather.add(&state.ops);
                 peers[index] = Some(state.peer);
-            } else if let Some(state) = self.conns.get(&conn) {
+            } else if let Some(cell) = self.conn_cell(conn) {
+                // Never the caller's own connection while it holds it: the
+                // engine emits only after letting go of its connection.
+                let state = lock(&cell);
                 gather.add(&state.ops);
                 peers[index] = Some(state.peer);
             }

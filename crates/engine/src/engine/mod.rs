@@ -71,7 +71,8 @@ use super::rules::RuleContext;
 use super::state::{millis, ClientId, Millis, Sym};
 use super::web_store::{StoreConfig, StoreTracker};
 
-use conn_state::{ConnState, UpstreamState};
+pub use conn_state::ConnHandle;
+use conn_state::{ConnCell, UpstreamState};
 pub use counters::{EngineStats, PerCommand};
 use counters::{Lifecycle, StripedCounter};
 pub use pending::PendingRequest;
@@ -96,7 +97,7 @@ pub struct SessionEngine {
     transaction_max_open: AtomicU64,
     ledger: SessionLedger,
     tables: Tables,
-    conns: FastDashMap<u64, ConnState>,
+    conns: FastDashMap<u64, Arc<ConnCell>>,
     upstream_ids: FastDashMap<SocketAddr, u32>,
     next_upstream: AtomicU32,
     upstreams: FastDashMap<u32, UpstreamState>,

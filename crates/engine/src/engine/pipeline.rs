@@ -26,7 +26,7 @@ use crate::violation::{
     Action, RuleId, Violation, SESSIONGUARD_VIOLATION_CODE, SESSIONGUARD_VIOLATION_CODE_NAME,
 };
 
-use super::conn_state::TXN_SESSIONS_PER_CONN;
+use super::conn_state::{lock, ConnCell, ConnHandle, TXN_SESSIONS_PER_CONN};
 use super::pending::PendingRequest;
 use super::violation_log::log_summary;
 use super::{Decision, SessionEngine};
@@ -89,6 +89,8 @@ impl SessionEngine {
     /// request the engine follows comes with its `PendingRequest`, which
     /// the caller keeps until the request's final reply (`reply`) or its
     /// connection's close (`close`); a rejected one never has one.
+    /// `conn` is looked up in the connection table; the data path holds
+    /// a `ConnHandle` and calls `request_on` instead.
     pub fn request(
         &self,
         conn: u64,
@@ -97,7 +99,19 @@ impl SessionEngine {
     ) -> (Decision, Option<PendingRequest>) {
         // One clock read gives both the engine time and the sequence.
         let (now, seq) = self.now_and_seq();
-        self.request_timed(conn, request_id, message, now, seq)
+        let cell = self.conn_cell(conn);
+        self.request_timed(conn, cell.as_deref(), request_id, message, now, seq)
+    }
+
+    /// `request` on the connection `conn` stands for (from `connect`).
+    pub fn request_on(
+        &self,
+        conn: &ConnHandle,
+        request_id: i32,
+        message: &Message<'_>,
+    ) -> (Decision, Option<PendingRequest>) {
+        let (now, seq) = self.now_and_seq();
+        self.request_timed(conn.id, Some(&conn.cell), request_id, message, now, seq)
     }
 
     /// `request` at a given engine time (tests drive time explicitly).
@@ -109,12 +123,16 @@ impl SessionEngine {
         now: Millis,
     ) -> (Decision, Option<PendingRequest>) {
         let (_, seq) = self.now_and_seq();
-        self.request_timed(conn, request_id, message, now, seq)
+        let cell = self.conn_cell(conn);
+        self.request_timed(conn, cell.as_deref(), request_id, message, now, seq)
     }
 
+    /// `cell`: the connection's state (`None`: a connection the engine was
+    /// not told of, whose requests it judges without an identity).
     fn request_timed(
         &self,
         conn: u64,
+        cell: Option<&ConnCell>,
         request_id: i32,
         message: &Message<'_>,
         now: Millis,
@@ -125,7 +143,7 @@ impl SessionEngine {
         };
         self.requests_inspected.add(1);
         self.decide_due_verdicts(now);
-        let inspected = self.inspect(conn, request_id, view, now, seq);
+        let inspected = self.inspect(conn, cell, request_id, view, now, seq);
         let ctx = self.context(now);
         let can_reply = inspected.facts.expects_reply;
         // One snapshot per request: a reload mid-request cannot mix settings.
@@ -220,8 +238,14 @@ impl SessionEngine {
             if retried {
                 self.count_retry(inspected.view.name);
             }
-            pending =
-                self.apply_request_effects(&inspected, end_kind, ended_in_flight, destroys, now);
+            pending = self.apply_request_effects(
+                &inspected,
+                cell,
+                end_kind,
+                ended_in_flight,
+                destroys,
+                now,
+            );
         }
 
         let reply = if rejected {
@@ -395,13 +419,14 @@ impl SessionEngine {
     pub(super) fn inspect<'a>(
         &self,
         conn: u64,
+        cell: Option<&ConnCell>,
         request_id: i32,
         view: RequestView<'a>,
         now: Millis,
         seq: u64,
     ) -> Inspected<'a> {
         let class = CommandClass::of(view.name);
-        let (client, owner, upstream) = self.connection_facts(conn, &view, class);
+        let (client, owner, upstream) = self.connection_facts(cell, &view, class);
         let namespace = view.namespace();
         let request = RequestRef {
             conn,
@@ -472,6 +497,7 @@ impl SessionEngine {
     pub(super) fn apply_request_effects(
         &self,
         inspected: &Inspected<'_>,
+        cell: Option<&ConnCell>,
         end_kind: Option<EndKind>,
         ended_in_flight: Vec<Violation>,
         destroys: Vec<crate::web_store::StoreOp>,
@@ -521,7 +547,7 @@ impl SessionEngine {
             || facts.class == CommandClass::KillAllSessions;
         if !(tracked && facts.expects_reply) {
             if in_ring {
-                if let Some(mut conn) = self.conns.get_mut(&facts.request.conn) {
+                if let Some(mut conn) = cell.map(lock) {
                     conn.ops.record(inspected.key, facts.request, inspected.seq);
                 }
             }
@@ -531,7 +557,7 @@ impl SessionEngine {
             }
             return None;
         }
-        let mut conn = self.conns.get_mut(&facts.request.conn)?;
+        let mut conn = cell.map(lock)?;
         let op = in_ring.then(|| conn.ops.record(inspected.key, facts.request, inspected.seq));
         let pending = PendingRequest {
             key: inspected.key,
@@ -767,13 +793,31 @@ impl SessionEngine {
     /// `moreToCome`) the caller drops `pending`; after a streamed one it
     /// keeps it for the next. Replies that match no request are not
     /// shown to the engine.
+    /// `conn` is looked up in the connection table; the data path holds
+    /// a `ConnHandle` and calls `reply_on` instead.
     pub fn reply(&self, conn: u64, pending: &mut PendingRequest, message: &Message<'_>) {
         self.reply_at(conn, pending, message, self.now())
+    }
+
+    /// `reply` on the connection `conn` stands for (from `connect`).
+    pub fn reply_on(&self, conn: &ConnHandle, pending: &mut PendingRequest, message: &Message<'_>) {
+        self.reply_timed(Some(&conn.cell), pending, message, self.now())
     }
 
     pub fn reply_at(
         &self,
         conn: u64,
+        pending: &mut PendingRequest,
+        message: &Message<'_>,
+        now: Millis,
+    ) {
+        let cell = self.conn_cell(conn);
+        self.reply_timed(cell.as_deref(), pending, message, now)
+    }
+
+    fn reply_timed(
+        &self,
+        cell: Option<&ConnCell>,
         pending: &mut PendingRequest,
         message: &Message<'_>,
         now: Millis,
@@ -784,10 +828,10 @@ impl SessionEngine {
         self.decide_due_verdicts(now);
         let final_reply = !reply.more_to_come;
         let response_to = pending.entry.request.request_id;
-        // One connection lookup per reply: the upstream its cursors live on
-        // and the handshake / auth outcome come from (or go to) one entry.
+        // One lock of the connection per reply: the upstream its cursors
+        // live on and the handshake / auth outcome come from (or go to) it.
         let upstream = {
-            let Some(mut state) = self.conns.get_mut(&conn) else {
+            let Some(mut state) = cell.map(lock) else {
                 return;
             };
             if final_reply {
@@ -921,9 +965,12 @@ impl SessionEngine {
         still_in_flight: impl IntoIterator<Item = PendingRequest>,
         now: Millis,
     ) {
-        let Some((_, state)) = self.conns.remove(&conn) else {
+        let Some((_, cell)) = self.conns.remove(&conn) else {
             return;
         };
+        // Out of the table, nobody else reaches it; the data thread's handle
+        // is dropped after this returns.
+        let state = lock(&cell);
         let ctx = self.context(now);
         // Only a close the client made is judged (see `rules::Hook::Close`).
         let judge = cause.client_went_first();

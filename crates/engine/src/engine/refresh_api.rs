@@ -6,8 +6,10 @@
 //! points one way, `refresh` -> `engine`.)
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::conn_state::{lock, ConnCell};
 use super::SessionEngine;
 use crate::config::RefreshPolicy;
 use crate::ledger::SessionLedger;
@@ -52,14 +54,24 @@ impl SessionEngine {
     /// Connections that can carry a refresh now: injectable, carrying the
     /// application's session traffic, no refresh of theirs in progress.
     pub(crate) fn refresh_carriers(&self) -> Vec<RefreshCarrier> {
-        self.conns
+        let cells: Vec<(u64, Arc<ConnCell>)> = self
+            .conns
             .iter()
-            .filter(|c| c.can_inject && c.carried_sessions && !c.refresh_in_progress)
-            .map(|c| RefreshCarrier {
-                conn: *c.key(),
-                owner: c.owner,
-                upstream: c.upstream,
-                quiet: c.is_quiet(),
+            .map(|entry| (*entry.key(), Arc::clone(entry.value())))
+            .collect();
+        // Each connection locked on its own, with no table lock held.
+        cells
+            .into_iter()
+            .filter_map(|(conn, cell)| {
+                let c = lock(&cell);
+                (c.can_inject && c.carried_sessions && !c.refresh_in_progress).then(|| {
+                    RefreshCarrier {
+                        conn,
+                        owner: c.owner,
+                        upstream: c.upstream,
+                        quiet: c.is_quiet(),
+                    }
+                })
             })
             .collect()
     }
@@ -67,15 +79,16 @@ impl SessionEngine {
     /// Marks `conn` busy with a refresh; its upstream, or `None` if it has
     /// closed since.
     pub(crate) fn start_refresh_on(&self, conn: u64) -> Option<u32> {
-        let mut state = self.conns.get_mut(&conn)?;
+        let cell = self.conn_cell(conn)?;
+        let mut state = lock(&cell);
         state.refresh_in_progress = true;
         Some(state.upstream)
     }
 
     /// `conn`'s refresh is over (answered or not).
     pub(crate) fn end_refresh_on(&self, conn: u64) {
-        if let Some(mut state) = self.conns.get_mut(&conn) {
-            state.refresh_in_progress = false;
+        if let Some(cell) = self.conn_cell(conn) {
+            lock(&cell).refresh_in_progress = false;
         }
     }
 

@@ -1693,3 +1693,87 @@ fn the_ledger_stays_within_max_sessions() {
     assert!(counts.evicted_idle >= 150, "{counts:?}");
     assert_eq!(rules_fired(&engine), vec![]);
 }
+
+/// The data path's `ConnHandle`s reach the state the ids reach: a
+/// handshake sent through a handle names the client, a violation between
+/// two handle-driven connections has both connections' operations and
+/// peers in its timeline, a reply through a handle ends the wait the
+/// refresher reads, and after `close` the connection has left the table.
+#[test]
+fn handles_reach_the_same_connection_state_as_ids() {
+    let engine = engine();
+    let listener = LISTENER.parse().unwrap();
+    let message =
+        |id: i32, to: i32, doc: &RawDocumentBuf| encode(id, to, MsgFlags(0), doc.as_bytes());
+    let send_on = |handle: &ConnHandle, id: i32, doc: &RawDocumentBuf| {
+        let frame = message(id, 0, doc);
+        let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+        engine.request_on(handle, id, &Message::Msg(msg))
+    };
+    let reply_on =
+        |handle: &ConnHandle, pending: &mut PendingRequest, to: i32, doc: &RawDocumentBuf| {
+            let frame = message(9000 + to, to, doc);
+            let msg = OpMsg::parse(&frame[..HEADER_LEN], &frame[HEADER_LEN..]).unwrap();
+            engine.reply_on(handle, pending, &Message::Msg(msg));
+        };
+    let a = engine.connect(1, "10.0.0.1:5000".parse().unwrap(), listener, true);
+    let b = engine.connect(2, "10.0.0.1:6000".parse().unwrap(), listener, true);
+    assert_eq!((a.id(), b.id()), (1, 2));
+    for handle in [&a, &b] {
+        let hello = rawdoc! {
+            "hello": 1,
+            "client": { "driver": { "name": "nodejs", "version": "6.10.0" }, "application": { "name": "checkout" } },
+            "$db": "admin",
+        };
+        let (_, pending) = send_on(handle, 1, &hello);
+        let answer =
+            rawdoc! { "isWritablePrimary": true, "logicalSessionTimeoutMinutes": 30, "ok": 1.0 };
+        reply_on(
+            handle,
+            &mut pending.expect("a hello is followed"),
+            1,
+            &answer,
+        );
+    }
+
+    let (_, first) = send_on(&a, 10, &insert(3, 1, 1));
+    let mut first = first.expect("a session request is followed");
+    let (decision, _second) = send_on(&b, 20, &find(3));
+    assert_eq!(decision, Decision::Forward, "observe mode");
+    assert_eq!(rules_fired(&engine), vec![RuleId::ConcurrentUse]);
+    let finding = engine.findings()[0].clone();
+    let current = finding.current.as_ref().unwrap();
+    assert_eq!(current.app_name.as_deref(), Some("checkout"));
+    let detail = engine.finding(finding.fingerprint).unwrap();
+    let example = detail.examples.first.unwrap();
+    let ops: Vec<_> = example
+        .timeline
+        .iter()
+        .map(|op| (op.connection_id, op.request_id))
+        .collect();
+    assert_eq!(ops, vec![(1, 10), (2, 20)]);
+    assert_eq!(
+        example.violation.earlier.as_ref().unwrap().peer.as_deref(),
+        Some("10.0.0.1:5000")
+    );
+    assert_eq!(
+        example.violation.current.as_ref().unwrap().peer.as_deref(),
+        Some("10.0.0.1:6000")
+    );
+
+    // The insert on `a` is still awaited until its reply comes through `a`.
+    let quiet = |conn: u64| {
+        engine
+            .refresh_carriers()
+            .iter()
+            .find(|c| c.conn == conn)
+            .map(|c| c.quiet)
+    };
+    assert_eq!(quiet(1), Some(false));
+    reply_on(&a, &mut first, 10, &ok());
+    assert_eq!(quiet(1), Some(true));
+
+    engine.close(1, CloseCause::ClientClosed, Vec::new());
+    assert_eq!(quiet(1), None, "closed: out of the table");
+    assert_eq!(engine.stats().connections, 1);
+}

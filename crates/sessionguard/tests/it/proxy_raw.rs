@@ -83,12 +83,23 @@ struct Recorder {
 
 impl Inspector for Recorder {
     type Pending = ();
+    /// The connection's id as the inspector saw it at connect: each call
+    /// checks that the proxy hands back that connection's own state.
+    type Conn = u64;
 
-    fn on_connect(&self, conn: &ConnContext) {
+    fn on_connect(&self, conn: &ConnContext) -> u64 {
         self.contexts.lock().unwrap().push(conn.clone());
+        conn.id
     }
 
-    fn on_request(&self, conn: &ConnContext, _frame: FrameRef<'_>, msg: &Message<'_>) -> Verdict {
+    fn on_request(
+        &self,
+        conn: &ConnContext,
+        state: &u64,
+        _frame: FrameRef<'_>,
+        msg: &Message<'_>,
+    ) -> Verdict {
+        assert_eq!(*state, conn.id, "another connection's state");
         let name = match msg {
             Message::Msg(m) => m.command_name(),
             Message::Query(q) => q.command_name(),
@@ -117,11 +128,13 @@ impl Inspector for Recorder {
 
     fn on_reply(
         &self,
-        _conn: &ConnContext,
+        conn: &ConnContext,
+        state: &u64,
         request: Option<&mut InFlightRequest>,
         frame: FrameRef<'_>,
         _msg: &Message<'_>,
     ) -> ReplyVerdict {
+        assert_eq!(*state, conn.id, "another connection's state");
         self.replies
             .lock()
             .unwrap()
@@ -132,9 +145,11 @@ impl Inspector for Recorder {
     fn on_close(
         &self,
         conn: &ConnContext,
+        state: &u64,
         cause: CloseCause,
         still_in_flight: Vec<InFlightRequest>,
     ) {
+        assert_eq!(*state, conn.id, "another connection's state");
         self.closes
             .lock()
             .unwrap()
