@@ -44,7 +44,9 @@
 //!   call (through the binary's `Inspector` adapter), split by concern:
 //!   - `engine/mod.rs`: the struct, construction, configuration, reload.
 //!   - `conns` (data in `conn_state`): connection identity — handshake
-//!     metadata, authenticated owner, upstreams.
+//!     metadata, authenticated owner, upstreams. Each connection's state
+//!     has its own lock; the data path holds it as a [`ConnHandle`]
+//!     (`request_on`, `reply_on`), the table keeps it for everyone else.
 //!   - `pipeline`: the request / reply / close pipeline and the sweep;
 //!     `pending`: [`PendingRequest`], its record of a request awaiting its
 //!     reply, which the caller (the proxy's in-flight table) owns.

@@ -30,7 +30,8 @@
 //!   records inline).
 //! - `inflight`: the per-connection map of requests awaiting replies, the
 //!   only owner of in-flight state: each entry carries the inspector's
-//!   record of the request (`Inspector::Pending`) too.
+//!   record of the request (`Inspector::Pending`) too. The first entry is
+//!   inline (drivers send one request at a time); a map holds the rest.
 //! - `upstream`: connection-string parsing and dialing (TCP; tokio for the
 //!   readiness probe, monoio on the data threads).
 //! - `topology`: replica-set mode's hello rewriting (member -> proxy
