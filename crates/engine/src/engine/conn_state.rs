@@ -51,7 +51,10 @@ pub(super) struct ConnState {
 /// One connection's state, shared by the connection table (the refresher,
 /// timelines of other connections' violations) and the data thread's
 /// `ConnHandle`. Only the data thread locks it per request, so the lock is
-/// uncontended; no other lock is taken while it is held.
+/// uncontended. While it is held only leaf locks are taken (the intern
+/// tables); never another connection's state or a shard of the table, so
+/// no two connections' locks can wait on each other (`close` holds a state
+/// already out of the table, which nobody else can reach).
 pub(super) type ConnCell = Mutex<ConnState>;
 
 /// Locks a connection's state. A panic while it was held (a bug, caught by
