@@ -641,7 +641,8 @@ pub(crate) fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
     let engine = SessionEngine::new(&config, &RulesConfig::default());
     let peer: SocketAddr = ([10, 0, 0, 1], 50000).into();
     let local: SocketAddr = ([127, 0, 0, 1], 27018).into();
-    engine.connect(1, peer, local, false);
+    // Through the connection's handle, as the proxy's data path does.
+    let conn = engine.connect(1, peer, local, false);
     let reply_frame = op_msg::encode(1, 1, MsgFlags(0), rawdoc! { "ok": 1.0 }.as_bytes());
     let before = rss_kib(None).map_err(|e| format!("reading RSS: {e}"))?;
     let started = Instant::now();
@@ -658,10 +659,10 @@ pub(crate) fn ledger_memory(count: usize) -> Result<LedgerReport, String> {
         let request_id = i32::try_from(index % (i32::MAX as usize)).unwrap_or(1);
         let frame = op_msg::encode(request_id, 0, MsgFlags(0), body.as_bytes());
         let request = parse_frame(&frame)?;
-        let (_, pending) = engine.request(1, request_id, &Message::Msg(request));
+        let (_, pending) = engine.request_on(&conn, request_id, &Message::Msg(request));
         let reply = parse_frame(&reply_frame)?;
         if let Some(mut pending) = pending {
-            engine.reply(1, &mut pending, &Message::Msg(reply));
+            engine.reply_on(&conn, &mut pending, &Message::Msg(reply));
         }
     }
     let elapsed = started.elapsed();
