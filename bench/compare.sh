@@ -169,12 +169,12 @@ field() { grep -o "$2=[0-9.]*" <<<"$1" | cut -d= -f2; }
 # utime + stime of a process, in clock ticks (the comm field may hold spaces).
 cpu_ticks() { [[ -n "$1" ]] && awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" || echo 0; }
 TICKS=$(getconf CLK_TCK)
-declare -A OPS P50 P99 P999 ERR CPU
+declare -A OPS P50 P99 P999 ERR CPU LOAD
 for conns in $CONNECTIONS; do
     for config in $CONFIGS; do
         if [[ $config == sg-flood ]] && ((conns < 2)); then
             OPS[$config,$conns]=- P50[$config,$conns]=- P99[$config,$conns]=- P999[$config,$conns]=-
-            ERR[$config,$conns]=- CPU[$config,$conns]=-
+            ERR[$config,$conns]=- CPU[$config,$conns]=- LOAD[$config,$conns]=-
             continue
         fi
         ticks_before=$(cpu_ticks "${MIDDLE[$config]}")
@@ -193,16 +193,18 @@ for conns in $CONNECTIONS; do
         P99[$config,$conns]=$(field "$line" p99_us)
         P999[$config,$conns]=$(field "$line" p999_us)
         ERR[$config,$conns]=$(field "$line" errors)
+        LOAD[$config,$conns]=$(field "$line" load_cpu_us_per_op)
     done
 done
 echo "# load average after the load runs: $(load_average)"
 echo
-printf '%-6s %-11s %10s %9s %9s %9s %7s %14s\n' conns config ops/s p50_us p99_us p999_us errors middle_cpu_us/op
+printf '%-6s %-11s %10s %9s %9s %9s %7s %14s %14s\n' conns config ops/s p50_us p99_us p999_us errors \
+    middle_cpu_us/op load_cpu_us/op
 for conns in $CONNECTIONS; do
     for config in $CONFIGS; do
-        printf '%-6s %-11s %10s %9s %9s %9s %7s %14s\n' "$conns" "$config" "${OPS[$config,$conns]}" \
+        printf '%-6s %-11s %10s %9s %9s %9s %7s %14s %14s\n' "$conns" "$config" "${OPS[$config,$conns]}" \
             "${P50[$config,$conns]}" "${P99[$config,$conns]}" "${P999[$config,$conns]}" "${ERR[$config,$conns]}" \
-            "${CPU[$config,$conns]}"
+            "${CPU[$config,$conns]}" "${LOAD[$config,$conns]}"
     done
 done
 echo
@@ -241,6 +243,23 @@ if [[ " $CONNECTIONS " == *" 16 "* && " $CONNECTIONS " == *" 256 "* ]]; then
     done
     echo "   (middle cpu/op at 256 over 16; haproxy: $(div "${CPU[haproxy,256]}" "${CPU[haproxy,16]}"))"
 fi
+
+# What each middle makes the load generator pay per operation, against
+# HAProxy: where the generator shares the middle's core, throughput is set
+# by the sum of the two, so a middle that is cheap itself but makes the
+# generator dearer still loses throughput.
+echo
+printf '%-6s' conns
+for config in $CONFIGS; do [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] && printf ' %-14s' "$config/ha"; done
+echo "   (load generator cpu/op)"
+for conns in $CONNECTIONS; do
+    printf '%-6s' "$conns"
+    for config in $CONFIGS; do
+        [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] || continue
+        printf ' %-14s' "$(div "${LOAD[$config,$conns]}" "${LOAD[haproxy,$conns]}")"
+    done
+    echo
+done
 
 # The flood: violations per inspected request and its CPU per operation
 # against the clean run of the same build (sg-observe).

@@ -165,6 +165,11 @@ pub struct LoadReport {
     pub p99_us: f64,
     pub p999_us: f64,
     pub max_us: f64,
+    /// This process's own CPU time per measured operation, in µs (`None`
+    /// without /proc). On a machine where the load generator shares a core
+    /// with the middle, what the middle makes the generator pay is part of
+    /// its cost: bench/compare.sh prints it beside the middle's.
+    pub load_cpu_us_per_op: Option<f64>,
 }
 
 impl std::fmt::Display for LoadReport {
@@ -172,7 +177,7 @@ impl std::fmt::Display for LoadReport {
         write!(
             f,
             "mode=load target={} connections={} seconds={:.2} ops={} errors={} ops_per_sec={:.0} \
-             p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1}",
+             p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} load_cpu_us_per_op={}",
             self.target,
             self.connections,
             self.seconds,
@@ -182,7 +187,9 @@ impl std::fmt::Display for LoadReport {
             self.p50_us,
             self.p99_us,
             self.p999_us,
-            self.max_us
+            self.max_us,
+            self.load_cpu_us_per_op
+                .map_or_else(|| "-".to_string(), |us| format!("{us:.2}"))
         )
     }
 }
@@ -235,6 +242,11 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
     let measure_from = started + plan.warmup;
     let stop_at = measure_from + plan.duration;
     let run_id = run_id();
+    // The generator's own CPU from the end of the warm-up on.
+    let cpu_at_measure = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        own_cpu()
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for (index, client) in clients.into_iter().enumerate() {
         let payload = payload.clone();
@@ -258,6 +270,10 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
             plan.target
         ));
     }
+    let cpu_used = match (cpu_at_measure.await.ok().flatten(), own_cpu()) {
+        (Some(from), Some(to)) => Some(to.saturating_sub(from)),
+        _ => None,
+    };
     latencies.sort_unstable();
     let ops = latencies.len() as u64;
     Ok(LoadReport {
@@ -271,7 +287,24 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
         p99_us: percentile_us(&latencies, 0.99),
         p999_us: percentile_us(&latencies, 0.999),
         max_us: percentile_us(&latencies, 1.0),
+        load_cpu_us_per_op: cpu_used.map(|cpu| cpu.as_secs_f64() * 1e6 / ops as f64),
     })
+}
+
+/// CPU time used so far by this process's threads (the scheduler's run
+/// time per thread, in ns, from /proc), or `None` without /proc. A thread
+/// that exits between two readings takes its time with it: the generator
+/// runs on one thread, so its readings only grow.
+fn own_cpu() -> Option<Duration> {
+    let mut total_ns = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total_ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(total_ns))
 }
 
 /// Nearest-rank percentile of sorted nanosecond samples, in microseconds.
