@@ -54,9 +54,14 @@ async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
     assert!(report.p999_us <= report.max_us, "{report}");
     // This process's CPU from /proc (the proxy and the emulator run in it
     // too here, so only its presence and sign are checked).
-    let cpu = report.load_cpu_us_per_op.expect("/proc/self/task/*/schedstat");
+    let cpu = report
+        .load_cpu_us_per_op
+        .expect("/proc/self/task/*/schedstat");
     assert!(cpu > 0.0, "{report}");
-    assert!(report.to_string().contains("load_cpu_us_per_op="), "{report}");
+    assert!(
+        report.to_string().contains("load_cpu_us_per_op="),
+        "{report}"
+    );
     // Every operation went through the engine (plus the hellos and warm-up).
     let stats = engine.stats();
     assert!(
