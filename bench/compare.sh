@@ -221,20 +221,27 @@ for conns in $CONNECTIONS; do
         "$(sub "${P99[sg-observe,$conns]}" "${P99[direct,$conns]}")"
 done
 
-# Middle CPU per operation against HAProxy's in the same run, and how each
-# middle's CPU per operation grows from 16 to 256 connections.
-echo
-printf '%-6s' conns
-for config in $CONFIGS; do [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] && printf ' %-14s' "$config/ha"; done
-echo "   (middle cpu/op)"
-for conns in $CONNECTIONS; do
-    printf '%-6s' "$conns"
-    for config in $CONFIGS; do
-        [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] || continue
-        printf ' %-14s' "$(div "${CPU[$config,$conns]}" "${CPU[haproxy,$conns]}")"
-    done
+# A per-operation measure of each middle against HAProxy's in the same run,
+# one row per connection count: `against_haproxy ARRAY LABEL`.
+against_haproxy() {
+    local -n measure=$1
     echo
-done
+    printf '%-6s' conns
+    for config in $CONFIGS; do [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] && printf ' %-14s' "$config/ha"; done
+    echo "   ($2)"
+    for conns in $CONNECTIONS; do
+        printf '%-6s' "$conns"
+        for config in $CONFIGS; do
+            [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] || continue
+            printf ' %-14s' "$(div "${measure[$config,$conns]}" "${measure[haproxy,$conns]}")"
+        done
+        echo
+    done
+}
+
+# Middle CPU per operation against HAProxy's, and how each middle's CPU per
+# operation grows from 16 to 256 connections.
+against_haproxy CPU "middle cpu/op"
 if [[ " $CONNECTIONS " == *" 16 "* && " $CONNECTIONS " == *" 256 "* ]]; then
     printf '%-6s' 256/16
     for config in $CONFIGS; do
@@ -248,18 +255,7 @@ fi
 # HAProxy: where the generator shares the middle's core, throughput is set
 # by the sum of the two, so a middle that is cheap itself but makes the
 # generator dearer still loses throughput.
-echo
-printf '%-6s' conns
-for config in $CONFIGS; do [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] && printf ' %-14s' "$config/ha"; done
-echo "   (load generator cpu/op)"
-for conns in $CONNECTIONS; do
-    printf '%-6s' "$conns"
-    for config in $CONFIGS; do
-        [[ -n "${MIDDLE[$config]}" && $config != haproxy ]] || continue
-        printf ' %-14s' "$(div "${LOAD[$config,$conns]}" "${LOAD[haproxy,$conns]}")"
-    done
-    echo
-done
+against_haproxy LOAD "load generator cpu/op"
 
 # The flood: violations per inspected request and its CPU per operation
 # against the clean run of the same build (sg-observe).
