@@ -1110,30 +1110,28 @@ fn inspect_request<I: Inspector>(
     }
     // Before the inspector runs: its time is part of the round trip.
     let started = Instant::now();
-    Ok(
-        match pair
-            .inspector
-            .on_request(&pair.ctx, &pair.state, frame, &msg)
-        {
-            RequestVerdict::Forward(pending) => {
-                RequestAction::Forward(expects_reply.then(|| InFlightRequest {
-                    request_id: frame.header.request_id,
-                    command: command.map(|name| intern_command(name, command_metric)),
-                    command_metric,
-                    started,
-                    exhaust_allowed,
-                    awaitable_hello,
-                    streamed_replies: 0,
-                    pending,
-                }))
-            }
-            RequestVerdict::Reject { reply } => RequestAction::Reject {
-                reply,
-                expects_reply,
-                legacy: matches!(msg, Message::Query(_)),
-            },
+    let verdict = pair
+        .inspector
+        .on_request(&pair.ctx, &pair.state, frame, &msg);
+    Ok(match verdict {
+        RequestVerdict::Forward(pending) => {
+            RequestAction::Forward(expects_reply.then(|| InFlightRequest {
+                request_id: frame.header.request_id,
+                command: command.map(|name| intern_command(name, command_metric)),
+                command_metric,
+                started,
+                exhaust_allowed,
+                awaitable_hello,
+                streamed_replies: 0,
+                pending,
+            }))
+        }
+        RequestVerdict::Reject { reply } => RequestAction::Reject {
+            reply,
+            expects_reply,
+            legacy: matches!(msg, Message::Query(_)),
         },
-    )
+    })
 }
 
 /// Records the latency of a request's first reply. Awaitable hellos wait
