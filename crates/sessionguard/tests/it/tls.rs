@@ -558,6 +558,53 @@ async fn a_required_client_certificate_is_checked_and_a_missing_one_refused() {
     emulator.shutdown().await;
 }
 
+/// A client that connects to the TLS listener and never sends its
+/// ClientHello holds nothing past `handshake_timeout`: the proxy closes it
+/// and says why.
+#[tokio::test(flavor = "current_thread")]
+async fn a_client_that_never_starts_its_tls_handshake_is_closed_after_the_timeout() {
+    let logs = common::ThreadLogs::default();
+    let _guard = logs.install_at(tracing::Level::DEBUG);
+    let pki = Pki::new();
+    let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
+    let upstream = format!(
+        "mongodb://127.0.0.1:{}/?tls=true&tlsCAFile={}",
+        emulator.addr().port(),
+        pki.upstream_ca_file()
+    );
+    let listen = ListenTlsConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..pki.listen_tls(false, false)
+    };
+    let proxy = proxy(upstream, Some(listen)).await;
+
+    let mut silent = tokio::net::TcpStream::connect(proxy.local_addr())
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut received))
+        .await
+        .is_ok();
+    assert!(
+        closed,
+        "a silent client still held its connection after 20 s"
+    );
+    assert!(
+        received.is_empty(),
+        "nothing is sent to a client that never spoke"
+    );
+    let text = logs.text();
+    assert!(
+        text.lines().any(
+            |l| l.contains("client TLS handshake not completed within 300ms") && l.contains("WARN")
+        ),
+        "{text}"
+    );
+    proxy.shutdown_now();
+    proxy.wait().await;
+    emulator.shutdown().await;
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn the_proxy_presents_its_client_certificate_to_an_upstream_that_requires_one() {
     let pki = Pki::new();
