@@ -213,6 +213,15 @@ async fn emulator(tls: Arc<ServerConfig>) -> EmulatorHandle {
         .unwrap()
 }
 
+/// The proxy's upstream URI for a TLS emulator, reached as `host` and
+/// trusting the CA in `ca_file`.
+fn tls_upstream(emulator: &EmulatorHandle, host: &str, ca_file: &str) -> String {
+    format!(
+        "mongodb://{host}:{}/?tls=true&tlsCAFile={ca_file}",
+        emulator.addr().port()
+    )
+}
+
 async fn proxy(upstream: String, tls: Option<ListenTlsConfig>) -> ProxyHandle {
     let config = ProxyConfig {
         listen: "127.0.0.1:0".to_string(),
@@ -276,11 +285,7 @@ async fn the_driver_speaks_tls_to_the_proxy_which_speaks_tls_to_the_upstream() {
     let pki = Pki::new();
     let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
     // The host name, not the address: SNI and the name check use it.
-    let upstream = format!(
-        "mongodb://localhost:{}/?tls=true&tlsCAFile={}",
-        emulator.addr().port(),
-        pki.upstream_ca_file()
-    );
+    let upstream = tls_upstream(&emulator, "localhost", &pki.upstream_ca_file());
     let proxy = proxy(upstream, Some(pki.listen_tls(false, false))).await;
     let client = client(format!(
         "mongodb://localhost:{}/?directConnection=true&tls=true&tlsCAFile={}",
@@ -310,11 +315,7 @@ async fn an_upstream_certificate_from_another_ca_is_explained_to_the_client_and_
     let pki = Pki::new();
     let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
     // Trusts the proxy CA, which did not sign the emulator's certificate.
-    let upstream = format!(
-        "mongodb://localhost:{}/?tls=true&tlsCAFile={}",
-        emulator.addr().port(),
-        pki.proxy_ca_file()
-    );
+    let upstream = tls_upstream(&emulator, "localhost", &pki.proxy_ca_file());
     let proxy = proxy(upstream, None).await;
 
     // The handshake is answered with the cause, then the connection closed.
@@ -508,11 +509,7 @@ async fn a_required_client_certificate_is_checked_and_a_missing_one_refused() {
     let _guard = logs.install_at(tracing::Level::DEBUG);
     let pki = Pki::new();
     let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
-    let upstream = format!(
-        "mongodb://127.0.0.1:{}/?tls=true&tlsCAFile={}",
-        emulator.addr().port(),
-        pki.upstream_ca_file()
-    );
+    let upstream = tls_upstream(&emulator, "127.0.0.1", &pki.upstream_ca_file());
     let proxy = proxy(upstream, Some(pki.listen_tls(true, true))).await;
     let base = format!(
         "mongodb://127.0.0.1:{}/?directConnection=true&tls=true&tlsCAFile={}&serverSelectionTimeoutMS=1500",
@@ -567,11 +564,7 @@ async fn a_client_that_never_starts_its_tls_handshake_is_closed_after_the_timeou
     let _guard = logs.install_at(tracing::Level::DEBUG);
     let pki = Pki::new();
     let emulator = emulator(emulator_tls(&pki.upstream_leaf, None)).await;
-    let upstream = format!(
-        "mongodb://127.0.0.1:{}/?tls=true&tlsCAFile={}",
-        emulator.addr().port(),
-        pki.upstream_ca_file()
-    );
+    let upstream = tls_upstream(&emulator, "127.0.0.1", &pki.upstream_ca_file());
     let listen = ListenTlsConfig {
         handshake_timeout: Duration::from_millis(300),
         ..pki.listen_tls(false, false)
