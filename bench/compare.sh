@@ -24,6 +24,11 @@
 #
 # Environment:
 #   BENCH_SECONDS=5            measured seconds per point (after BENCH_WARMUP=1)
+#   BENCH_ROUNDS=1             rounds of every point, interleaved (all configs and
+#                              connection counts, then again): each figure is the
+#                              median of the rounds (use an odd number), errors the
+#                              sum. Slow drift of a shared machine then hits every
+#                              middle alike instead of the one measured during it.
 #   BENCH_CONNECTIONS="1 16 256"
 #   BENCH_MEMORY=1             0 skips the memory probes
 #   BENCH_IDLE_CONNECTIONS=10000   BENCH_SESSIONS=1000000
@@ -42,6 +47,8 @@ MEMORY=${BENCH_MEMORY:-1}
 IDLE=${BENCH_IDLE_CONNECTIONS:-10000}
 SESSIONS=${BENCH_SESSIONS:-1000000}
 PIN=${BENCH_PIN:-1}
+ROUNDS=${BENCH_ROUNDS:-1}
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: BENCH_ROUNDS must be a positive number" >&2; exit 1; }
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
 # shellcheck source=bench/common.sh
@@ -161,7 +168,9 @@ echo "# sessionguard bench/compare.sh — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 echo "# machine: $CPUS cpu ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'))," \
     "$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
 echo "# haproxy: $(haproxy -v 2>/dev/null | head -1)"
-echo "# placement: $PLACEMENT; ${SECONDS_PER_POINT}s per point after ${WARMUP}s warm-up"
+ROUNDS_NOTE=""
+((ROUNDS == 1)) || ROUNDS_NOTE="; $ROUNDS interleaved rounds, each figure their median"
+echo "# placement: $PLACEMENT; ${SECONDS_PER_POINT}s per point after ${WARMUP}s warm-up$ROUNDS_NOTE"
 echo "# load average at start: $(load_average)"
 echo "# sessionguard: $BIN (proxy.io = auto; sg-epoll: epoll)${SESSIONGUARD_BASELINE_BIN:+; baseline: $SESSIONGUARD_BASELINE_BIN}"
 
@@ -170,30 +179,52 @@ field() { grep -o "$2=[0-9.]*" <<<"$1" | cut -d= -f2; }
 cpu_ticks() { [[ -n "$1" ]] && awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" || echo 0; }
 TICKS=$(getconf CLK_TCK)
 declare -A OPS P50 P99 P999 ERR CPU LOAD
+# Every round's value of a measure, "MEASURE,config,conns" -> " v1 v2 ...".
+declare -A ROUND_VALUES
+keep() { ROUND_VALUES[$1,$2,$3]+=" $4"; } # measure config conns value
+# The median of the values ("-" if any is "-"; the lower middle one for an
+# even count); errors are summed instead.
+median() {
+    [[ "$1" == *-* ]] && { echo -; return; }
+    tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}
+total() { tr ' ' '\n' <<<"$1" | grep . | awk '$1 != "-" { s += $1; n++ } END { print (n ? s : "-") }'; }
+for ((round = 1; round <= ROUNDS; round++)); do
+    for conns in $CONNECTIONS; do
+        for config in $CONFIGS; do
+            if [[ $config == sg-flood ]] && ((conns < 2)); then
+                for measure in OPS P50 P99 P999 ERR CPU LOAD; do keep "$measure" "$config" "$conns" -; done
+                continue
+            fi
+            ticks_before=$(cpu_ticks "${MIDDLE[$config]}")
+            # shellcheck disable=SC2086 # LOAD_FLAGS holds zero or one flag
+            line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --target "127.0.0.1:${PORT[$config]}" ${LOAD_FLAGS[$config]:-} \
+                --connections "$conns" --duration "${SECONDS_PER_POINT}s" --warmup "${WARMUP}s") ||
+                die "bench-load failed for $config at $conns connections"
+            ticks=$(($(cpu_ticks "${MIDDLE[$config]}") - ticks_before))
+            ops_total=$(field "$line" "ops")
+            # Warm-up operations are not counted in ops but did use CPU: scale.
+            keep CPU "$config" "$conns" "$(awk -v t="$ticks" -v hz="$TICKS" -v ops="$ops_total" \
+                -v w="$WARMUP" -v d="$SECONDS_PER_POINT" -v mid="${MIDDLE[$config]}" \
+                'BEGIN { if (mid == "" || ops == 0) print "-"; else printf "%.1f", t / hz * 1e6 / (ops * (w + d) / d) }')"
+            keep OPS "$config" "$conns" "$(field "$line" ops_per_sec)"
+            keep P50 "$config" "$conns" "$(field "$line" p50_us)"
+            keep P99 "$config" "$conns" "$(field "$line" p99_us)"
+            keep P999 "$config" "$conns" "$(field "$line" p999_us)"
+            keep ERR "$config" "$conns" "$(field "$line" errors)"
+            keep LOAD "$config" "$conns" "$(field "$line" load_cpu_us_per_op)"
+        done
+    done
+done
 for conns in $CONNECTIONS; do
     for config in $CONFIGS; do
-        if [[ $config == sg-flood ]] && ((conns < 2)); then
-            OPS[$config,$conns]=- P50[$config,$conns]=- P99[$config,$conns]=- P999[$config,$conns]=-
-            ERR[$config,$conns]=- CPU[$config,$conns]=- LOAD[$config,$conns]=-
-            continue
-        fi
-        ticks_before=$(cpu_ticks "${MIDDLE[$config]}")
-        # shellcheck disable=SC2086 # LOAD_FLAGS holds zero or one flag
-        line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --target "127.0.0.1:${PORT[$config]}" ${LOAD_FLAGS[$config]:-} \
-            --connections "$conns" --duration "${SECONDS_PER_POINT}s" --warmup "${WARMUP}s") ||
-            die "bench-load failed for $config at $conns connections"
-        ticks=$(($(cpu_ticks "${MIDDLE[$config]}") - ticks_before))
-        ops_total=$(field "$line" "ops")
-        # Warm-up operations are not counted in ops but did use CPU: scale.
-        CPU[$config,$conns]=$(awk -v t="$ticks" -v hz="$TICKS" -v ops="$ops_total" \
-            -v w="$WARMUP" -v d="$SECONDS_PER_POINT" -v mid="${MIDDLE[$config]}" \
-            'BEGIN { if (mid == "" || ops == 0) print "-"; else printf "%.1f", t / hz * 1e6 / (ops * (w + d) / d) }')
-        OPS[$config,$conns]=$(field "$line" ops_per_sec)
-        P50[$config,$conns]=$(field "$line" p50_us)
-        P99[$config,$conns]=$(field "$line" p99_us)
-        P999[$config,$conns]=$(field "$line" p999_us)
-        ERR[$config,$conns]=$(field "$line" errors)
-        LOAD[$config,$conns]=$(field "$line" load_cpu_us_per_op)
+        OPS[$config,$conns]=$(median "${ROUND_VALUES[OPS,$config,$conns]}")
+        P50[$config,$conns]=$(median "${ROUND_VALUES[P50,$config,$conns]}")
+        P99[$config,$conns]=$(median "${ROUND_VALUES[P99,$config,$conns]}")
+        P999[$config,$conns]=$(median "${ROUND_VALUES[P999,$config,$conns]}")
+        ERR[$config,$conns]=$(total "${ROUND_VALUES[ERR,$config,$conns]}")
+        CPU[$config,$conns]=$(median "${ROUND_VALUES[CPU,$config,$conns]}")
+        LOAD[$config,$conns]=$(median "${ROUND_VALUES[LOAD,$config,$conns]}")
     done
 done
 echo "# load average after the load runs: $(load_average)"
