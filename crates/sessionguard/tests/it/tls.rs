@@ -586,13 +586,15 @@ async fn a_client_that_never_starts_its_tls_handshake_is_closed_after_the_timeou
         received.is_empty(),
         "nothing is sent to a client that never spoke"
     );
-    let text = logs.text();
-    assert!(
-        text.lines().any(
-            |l| l.contains("client TLS handshake not completed within 300ms") && l.contains("WARN")
-        ),
-        "{text}"
-    );
+    // The handshake (and the socket it holds) is dropped as the timeout
+    // ends it, before the line is written: wait for the line.
+    let said_why = common::Stack::eventually(Duration::from_secs(10), || {
+        logs.text().lines().any(|l| {
+            l.contains("client TLS handshake not completed within 300ms") && l.contains("WARN")
+        })
+    })
+    .await;
+    assert!(said_why, "{}", logs.text());
     proxy.shutdown_now();
     proxy.wait().await;
     emulator.shutdown().await;
