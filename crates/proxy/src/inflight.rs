@@ -106,6 +106,7 @@ impl<P> InFlight<P> {
         if matches!(&self.first, Some((key, _)) if *key == id) {
             return self.first.take().map(|(_, entry)| entry);
         }
+        // The usual case (one request at a time): no hashing of the id.
         if self.rest.is_empty() {
             return None;
         }
