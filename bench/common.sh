@@ -54,9 +54,10 @@ start_emulator() { # cpu
 }
 
 # sessionguard in front of the emulator, observe mode, every rule on, on a
-# CPU with the given `proxy.io`; sets SG_PORT and SG_PID.
-start_observe_proxy() { # name io cpu
-    local name=$1 io=$2 cpu=$3 admin
+# CPU with the given `proxy.io` (and, optionally, another binary than BIN
+# and `proxy.inspect`); sets SG_PORT and SG_PID.
+start_observe_proxy() { # name io cpu [binary] [inspect]
+    local name=$1 io=$2 cpu=$3 bin=${4:-$BIN} inspect=${5:-true} admin
     SG_PORT=$(free_port) admin=$(free_port)
     cat >"$WORK/$name.toml" <<TOML
 [proxy]
@@ -65,12 +66,13 @@ upstream = "mongodb://127.0.0.1:$P_EMU"
 admin = "127.0.0.1:$admin"
 max_connections = 40000
 io = "$io"
+inspect = $inspect
 [log]
 level = "warn"
 [sessions]
 mode = "observe"
 TOML
-    on "$cpu" "$BIN" proxy --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
+    on "$cpu" "$bin" proxy --config "$WORK/$name.toml" >"$WORK/$name.log" 2>&1 &
     SG_PID=$!
     PIDS+=("$SG_PID")
     wait_port "$SG_PORT" "$name" "$SG_PID"
@@ -93,6 +95,13 @@ backend emulator
     server emulator 127.0.0.1:$3
 CFG
 }
+
+# One `key=value` field of a bench-load result line.
+field() { grep -o "$2=[0-9.]*" <<<"$1" | cut -d= -f2; } # line key
+
+# utime + stime of a process, in clock ticks (the comm field may hold
+# spaces); 0 for no process (the direct path has no middle).
+cpu_ticks() { [[ -n "$1" ]] && awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" || echo 0; }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 

@@ -174,9 +174,6 @@ echo "# placement: $PLACEMENT; ${SECONDS_PER_POINT}s per point after ${WARMUP}s 
 echo "# load average at start: $(load_average)"
 echo "# sessionguard: $BIN (proxy.io = auto; sg-epoll: epoll)${SESSIONGUARD_BASELINE_BIN:+; baseline: $SESSIONGUARD_BASELINE_BIN}"
 
-field() { grep -o "$2=[0-9.]*" <<<"$1" | cut -d= -f2; }
-# utime + stime of a process, in clock ticks (the comm field may hold spaces).
-cpu_ticks() { [[ -n "$1" ]] && awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" || echo 0; }
 TICKS=$(getconf CLK_TCK)
 declare -A OPS P50 P99 P999 ERR CPU LOAD
 # Every round's value of a measure, "MEASURE,config,conns" -> " v1 v2 ...".

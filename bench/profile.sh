@@ -41,7 +41,6 @@ start_emulator 1
 start_observe_proxy sessionguard "$IO" 0
 P_SG=$SG_PORT PID_SG=$SG_PID
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
 echo "# sessionguard bench/profile.sh — $(date -u +%FT%TZ)"

@@ -53,7 +53,6 @@ switches() { # pid -> "voluntary involuntary", all threads
     cat /proc/"$1"/task/*/status 2>/dev/null |
         awk '/^voluntary_ctxt/ {v += $2} /^nonvoluntary_ctxt/ {n += $2} END {print v + 0, n + 0}'
 }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
 echo "# sessionguard bench/syscalls.sh — $(date -u +%FT%TZ)"
