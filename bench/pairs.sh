@@ -86,7 +86,9 @@ for ((pair = 1; pair <= PAIRS; pair++)); do
     order="A B"
     ((pair % 2 == 0)) && order="B A"
     for bin in $order; do
-        read -r rate proxy load < <(run "$bin")
+        # An assignment, so a failed run (its `die`) stops the script.
+        result=$(run "$bin")
+        read -r rate proxy load <<<"$result"
         echo "$pair $bin $rate $proxy $load" >>"$RESULTS"
         awk -v p="$pair" -v b="$bin" -v r="$rate" -v c="$proxy" -v l="$load" \
             'BEGIN { printf "%-5s %-3s %9d %11.2f %11s %11s\n", p, b, r, c, l, (l == "-" ? "-" : sprintf("%.2f", c + l)) }'
