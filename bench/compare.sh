@@ -33,6 +33,10 @@
 #   BENCH_MEMORY=1             0 skips the memory probes
 #   BENCH_IDLE_CONNECTIONS=10000   BENCH_SESSIONS=1000000
 #   BENCH_PIN=1                0: no taskset pinning
+#   BENCH_LOAD_SCHED=other     batch: the load generator runs as SCHED_BATCH (chrt -b),
+#                              so the processes it wakes are never preempted by it: a
+#                              diagnostic of how a shared core's cost splits between a
+#                              middle and the generator (docs/performance.md, seventh pass)
 #   SESSIONGUARD_BIN=path      use this proxy binary instead of building (cargo build --release)
 #   SESSIONGUARD_DEV_BIN=path  the dev tools' binary (emulator, bench-load; default:
 #                              sessionguard-dev next to SESSIONGUARD_BIN, built with it)
@@ -49,6 +53,11 @@ SESSIONS=${BENCH_SESSIONS:-1000000}
 PIN=${BENCH_PIN:-1}
 ROUNDS=${BENCH_ROUNDS:-1}
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: BENCH_ROUNDS must be a positive number" >&2; exit 1; }
+case ${BENCH_LOAD_SCHED:-other} in
+    other) LOAD_SCHED=() ;;
+    batch) LOAD_SCHED=(chrt --batch 0) ;;
+    *) echo "compare.sh: BENCH_LOAD_SCHED must be other or batch" >&2; exit 1 ;;
+esac
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
 # shellcheck source=bench/common.sh
@@ -170,6 +179,7 @@ echo "# machine: $CPUS cpu ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 
 echo "# haproxy: $(haproxy -v 2>/dev/null | head -1)"
 ROUNDS_NOTE=""
 ((ROUNDS == 1)) || ROUNDS_NOTE="; $ROUNDS interleaved rounds, each figure their median"
+((${#LOAD_SCHED[@]} == 0)) || ROUNDS_NOTE+="; load generator SCHED_BATCH"
 echo "# placement: $PLACEMENT; ${SECONDS_PER_POINT}s per point after ${WARMUP}s warm-up$ROUNDS_NOTE"
 echo "# load average at start: $(load_average)"
 echo "# sessionguard: $BIN (proxy.io = auto; sg-epoll: epoll)${SESSIONGUARD_BASELINE_BIN:+; baseline: $SESSIONGUARD_BASELINE_BIN}"
@@ -195,7 +205,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
             fi
             ticks_before=$(cpu_ticks "${MIDDLE[$config]}")
             # shellcheck disable=SC2086 # LOAD_FLAGS holds zero or one flag
-            line=$(on "$CPU_CLIENT" "$DEV_BIN" bench-load --target "127.0.0.1:${PORT[$config]}" ${LOAD_FLAGS[$config]:-} \
+            line=$(on "$CPU_CLIENT" "${LOAD_SCHED[@]}" "$DEV_BIN" bench-load --target "127.0.0.1:${PORT[$config]}" ${LOAD_FLAGS[$config]:-} \
                 --connections "$conns" --duration "${SECONDS_PER_POINT}s" --warmup "${WARMUP}s") ||
                 die "bench-load failed for $config at $conns connections"
             ticks=$(($(cpu_ticks "${MIDDLE[$config]}") - ticks_before))
@@ -284,6 +294,23 @@ fi
 # by the sum of the two, so a middle that is cheap itself but makes the
 # generator dearer still loses throughput.
 against_haproxy LOAD "load generator cpu/op"
+
+# The two together: what the core they share pays per operation. How it
+# splits between them moves with which of them the scheduler lets preempt
+# the other (BENCH_LOAD_SCHED=batch moves about 2 us per operation from the
+# generator to sessionguard and leaves the sum); the sum is what sets the
+# throughput, so it is the fair CPU comparison on a shared core.
+if [[ "$CPU_CLIENT" == "$CPU_MIDDLE" && "$CPU_CLIENT" != x ]]; then
+    declare -A CORE
+    # shellcheck disable=SC2034 # read through against_haproxy's nameref
+    for conns in $CONNECTIONS; do
+        for config in $CONFIGS; do
+            CORE[$config,$conns]=$(awk -v a="${CPU[$config,$conns]}" -v b="${LOAD[$config,$conns]}" \
+                'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "%.2f", a + b; else print "-" }')
+        done
+    done
+    against_haproxy CORE "middle + load generator cpu/op: the shared core"
+fi
 
 # The flood: violations per inspected request and its CPU per operation
 # against the clean run of the same build (sg-observe).
