@@ -33,6 +33,11 @@
 #   BENCH_MEMORY=1             0 skips the memory probes
 #   BENCH_IDLE_CONNECTIONS=10000   BENCH_SESSIONS=1000000
 #   BENCH_PIN=1                0: no taskset pinning
+#   BENCH_PLACEMENT=shared     on two CPUs: shared = the load generator and the middle
+#                              share cpu0, the upstream has cpu1 (the application's
+#                              core pays for the proxy); own = the middle has cpu1 to
+#                              itself, the load generator and the upstream share cpu0
+#                              (a proxy on its own core). Three or more CPUs: one each.
 #   BENCH_LOAD_SCHED=other     batch: the load generator runs as SCHED_BATCH (chrt -b),
 #                              so the processes it wakes are never preempted by it: a
 #                              diagnostic of how a shared core's cost splits between a
@@ -52,6 +57,8 @@ IDLE=${BENCH_IDLE_CONNECTIONS:-10000}
 SESSIONS=${BENCH_SESSIONS:-1000000}
 PIN=${BENCH_PIN:-1}
 ROUNDS=${BENCH_ROUNDS:-1}
+PLACE=${BENCH_PLACEMENT:-shared}
+[[ "$PLACE" == shared || "$PLACE" == own ]] || { echo "compare.sh: BENCH_PLACEMENT must be shared or own" >&2; exit 1; }
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: BENCH_ROUNDS must be a positive number" >&2; exit 1; }
 case ${BENCH_LOAD_SCHED:-other} in
     other) LOAD_SCHED=() ;;
@@ -91,11 +98,16 @@ CPUS=$(nproc)
 if [[ "$PIN" == 1 ]] && command -v taskset >/dev/null && ((CPUS >= 2)); then
     if ((CPUS >= 3)); then
         CPU_CLIENT=0 CPU_MIDDLE=1 CPU_UPSTREAM=2
-    else
+    elif [[ "$PLACE" == shared ]]; then
         # Two cores: the upstream gets one to itself (as a database server
         # would); the load generator and the proxy in the middle share the
         # other, so the proxy's CPU competes with the application's.
         CPU_CLIENT=0 CPU_MIDDLE=0 CPU_UPSTREAM=1
+    else
+        # The middle alone on a core, as a proxy deployed on its own host
+        # or sidecar core would be; the load generator and the upstream
+        # share the other, which then sets the throughput.
+        CPU_CLIENT=0 CPU_MIDDLE=1 CPU_UPSTREAM=0
     fi
     # exec: a background `on ... &` then has the program's own pid in $!.
     on() { local cpu=$1; shift; exec taskset -c "$cpu" "$@"; }
