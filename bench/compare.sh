@@ -58,15 +58,15 @@ SESSIONS=${BENCH_SESSIONS:-1000000}
 PIN=${BENCH_PIN:-1}
 ROUNDS=${BENCH_ROUNDS:-1}
 PLACE=${BENCH_PLACEMENT:-shared}
-[[ "$PLACE" == shared || "$PLACE" == own ]] || { echo "compare.sh: BENCH_PLACEMENT must be shared or own" >&2; exit 1; }
-[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: BENCH_ROUNDS must be a positive number" >&2; exit 1; }
+
+die() { echo "compare.sh: $*" >&2; exit 1; }
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive number"
+[[ "$PLACE" == shared || "$PLACE" == own ]] || die "BENCH_PLACEMENT must be shared or own"
 case ${BENCH_LOAD_SCHED:-other} in
     other) LOAD_SCHED=() ;;
     batch) LOAD_SCHED=(chrt --batch 0) ;;
-    *) echo "compare.sh: BENCH_LOAD_SCHED must be other or batch" >&2; exit 1 ;;
+    *) die "BENCH_LOAD_SCHED must be other or batch" ;;
 esac
-
-die() { echo "compare.sh: $*" >&2; exit 1; }
 # shellcheck source=bench/common.sh
 source "bench/common.sh"
 
