@@ -3,6 +3,10 @@
 # on this machine (see docs/performance.md):
 #   direct     load generator -> emulator (fast mode)
 #   haproxy    load generator -> HAProxy (TCP mode) -> emulator
+#   relay      load generator -> sessionguard-dev bench-relay -> emulator: a
+#              frame-aware io_uring relay with no inspection at all, the floor
+#              (what this machine allows a relay that does nothing else; left
+#              out, with a note, where io_uring is unavailable)
 #   sg-observe load generator -> sessionguard (observe, every rule on) -> emulator
 #   sg-off     load generator -> sessionguard (proxy.inspect = false) -> emulator
 #   sg-flood   as sg-observe (its own proxy process), but every load connection
@@ -167,6 +171,19 @@ P_FLOOD=$SG_PORT PID_FLOOD=$SG_PID
 start_sessionguard sg-epoll true epoll
 P_EPOLL=$SG_PORT PID_EPOLL=$SG_PID
 
+# The floor (optional: it needs io_uring, and a dev binary that has it).
+P_RELAY=$(free_port)
+on "$CPU_MIDDLE" "$DEV_BIN" bench-relay --listen "127.0.0.1:$P_RELAY" --upstream "127.0.0.1:$P_EMU" \
+    >"$WORK/relay.log" 2>&1 &
+PID_RELAY=$!; PIDS+=("$PID_RELAY")
+RELAY_UP=0
+for _ in $(seq 200); do
+    # Its first line (the driver it runs on) is printed once it serves.
+    grep -q listening "$WORK/relay.log" 2>/dev/null && port_open "$P_RELAY" && { RELAY_UP=1; break; }
+    kill -0 "$PID_RELAY" 2>/dev/null || break
+    sleep 0.05
+done
+
 declare -A PORT=([direct]=$P_EMU [haproxy]=$P_HA [sg-observe]=$P_SG [sg-off]=$P_OFF [sg-flood]=$P_FLOOD
     [sg-epoll]=$P_EPOLL)
 # The process in the middle of each path, whose CPU time per operation is
@@ -175,6 +192,13 @@ declare -A MIDDLE=([direct]="" [haproxy]=$PID_HA [sg-observe]=$PID_SG [sg-off]=$
     [sg-epoll]=$PID_EPOLL)
 declare -A LOAD_FLAGS=([sg-flood]=--shared-session)
 CONFIGS="direct haproxy sg-observe sg-off sg-flood sg-epoll"
+if ((RELAY_UP)); then
+    RELAY_NOTE="relay: $(head -1 "$WORK/relay.log") — frame-aware, no inspection"
+    PORT[relay]=$P_RELAY MIDDLE[relay]=$PID_RELAY
+    CONFIGS="direct haproxy relay sg-observe sg-off sg-flood sg-epoll"
+else
+    RELAY_NOTE="relay: not measured ($(head -1 "$WORK/relay.log" 2>/dev/null || echo "no log"))"
+fi
 if [[ -n "${SESSIONGUARD_BASELINE_BIN:-}" ]]; then
     [[ -x "$SESSIONGUARD_BASELINE_BIN" ]] || die "no baseline binary at $SESSIONGUARD_BASELINE_BIN"
     start_sessionguard base-observe true "" "$SESSIONGUARD_BASELINE_BIN"
@@ -195,6 +219,7 @@ ROUNDS_NOTE=""
 echo "# placement: $PLACEMENT; ${SECONDS_PER_POINT}s per point after ${WARMUP}s warm-up$ROUNDS_NOTE"
 echo "# load average at start: $(load_average)"
 echo "# sessionguard: $BIN (proxy.io = auto; sg-epoll: epoll)${SESSIONGUARD_BASELINE_BIN:+; baseline: $SESSIONGUARD_BASELINE_BIN}"
+echo "# $RELAY_NOTE"
 
 TICKS=$(getconf CLK_TCK)
 declare -A OPS P50 P99 P999 ERR CPU LOAD
@@ -288,6 +313,9 @@ against_haproxy() {
         echo
     done
 }
+
+# Throughput of every middle against HAProxy's (relay/ha: the floor's).
+against_haproxy OPS "throughput"
 
 # Middle CPU per operation against HAProxy's, and how each middle's CPU per
 # operation grows from 16 to 256 connections.

@@ -56,6 +56,9 @@ enum Command {
     Emulator(EmulatorArgs),
     /// Benchmark load generator and memory probes (see docs/performance.md).
     BenchLoad(sessionguard_dev::bench::BenchArgs),
+    /// A frame-aware io_uring relay with no inspection: bench/compare.sh's
+    /// floor (see docs/performance.md).
+    BenchRelay(sessionguard_dev::relay::RelayArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -126,6 +129,13 @@ fn main() -> ExitCode {
         Command::DemoApp { pattern, exit_code } => run_demo_app(&pattern, exit_code),
         Command::Emulator(args) => run_emulator(args),
         Command::BenchLoad(args) => sessionguard_dev::bench::main(args),
+        Command::BenchRelay(args) => match sessionguard_dev::relay::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: bench-relay cannot start: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
     }
 }
 
