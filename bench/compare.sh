@@ -283,8 +283,10 @@ for conns in $CONNECTIONS; do
     done
 done
 echo
-div() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "nan" }'; }
+# A ratio; "-" where a point was not measured (sg-flood at 1 connection).
+div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/) print "-"; else if (b > 0) printf "%.3f", a / b; else print "nan" }'; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
+delta() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "%+.2f", a - b; else print "-" }'; }
 printf '%-6s %-26s %-26s %-24s %-24s %-18s\n' conns "thru sg/direct (off)" "thru sg/haproxy (off)" \
     "p99 sg/direct (off)" "p99 sg/haproxy (off)" "added p99 us (sg)"
 for conns in $CONNECTIONS; do
@@ -350,6 +352,22 @@ if [[ "$CPU_CLIENT" == "$CPU_MIDDLE" && "$CPU_CLIENT" != x ]]; then
         done
     done
     against_haproxy CORE "middle + load generator cpu/op: the shared core"
+    # Where sessionguard's shared-core time goes, from the floor up (us per
+    # operation): the floor (a relay that does nothing else), what the data
+    # path and its bookkeeping add (sg-off over relay), what the inspection
+    # adds (sg-observe over sg-off); HAProxy's sum for scale.
+    if [[ -n "${PORT[relay]:-}" ]]; then
+        echo
+        printf '%-6s %-14s %-22s %-22s %-13s %-12s\n' conns "floor (relay)" "+ data path (sg-off)" \
+            "+ inspection (sg-obs)" "= sg-observe" "haproxy"
+        for conns in $CONNECTIONS; do
+            printf '%-6s %-14s %-22s %-22s %-13s %-12s\n' "$conns" "${CORE[relay,$conns]}" \
+                "$(delta "${CORE[sg-off,$conns]}" "${CORE[relay,$conns]}")" \
+                "$(delta "${CORE[sg-observe,$conns]}" "${CORE[sg-off,$conns]}")" \
+                "${CORE[sg-observe,$conns]}" "${CORE[haproxy,$conns]}"
+        done
+        echo "   (the shared core's us per operation, middle + load generator)"
+    fi
 fi
 
 # The flood: violations per inspected request and its CPU per operation
