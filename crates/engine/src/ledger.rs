@@ -215,15 +215,28 @@ impl SessionLedger {
 
     // ---- cursors ----
 
-    /// Records a cursor opened under `owner`; true if it was new.
+    /// Records a cursor opened under `owner`; true if it was new. (The
+    /// engine inserts and counts apart: `insert_cursor`.)
+    #[cfg(test)]
     pub(crate) fn register_cursor(&self, key: CursorKey, entry: CursorEntry) -> bool {
-        let new = self.cursors.insert(key, entry).is_none();
+        let new = self.insert_cursor(key, entry);
         if new {
-            self.with_existing(&entry.owner, |state| {
-                state.open_cursors = state.open_cursors.saturating_add(1)
-            });
+            self.with_existing(&entry.owner, |state| state.cursors_changed(1));
         }
         new
+    }
+
+    /// `register_cursor` without the owner's count: true if it was new,
+    /// and then the caller counts it (`SessionState::cursors_changed`) in
+    /// a lookup of the owner it makes anyway.
+    pub(crate) fn insert_cursor(&self, key: CursorKey, entry: CursorEntry) -> bool {
+        self.cursors.insert(key, entry).is_none()
+    }
+
+    /// `remove_cursor` without the owner's count, which the caller then
+    /// takes off (`SessionState::cursors_changed`).
+    pub(crate) fn take_cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
+        self.cursors.remove(key).map(|(_, entry)| entry)
     }
 
     pub(crate) fn cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
@@ -232,10 +245,8 @@ impl SessionLedger {
 
     /// Forgets a cursor (exhausted, killed, not found).
     pub(crate) fn remove_cursor(&self, key: &CursorKey) -> Option<CursorEntry> {
-        let (_, entry) = self.cursors.remove(key)?;
-        self.with_existing(&entry.owner, |state| {
-            state.open_cursors = state.open_cursors.saturating_sub(1)
-        });
+        let entry = self.take_cursor(key)?;
+        self.with_existing(&entry.owner, |state| state.cursors_changed(-1));
         Some(entry)
     }
 

@@ -586,10 +586,7 @@ pub(crate) fn txn_number_reuse(
         return None;
     }
     let number = ev.facts.request.txn_number?;
-    let last = state.last_retryable.as_deref()?;
-    if last.txn_number != number {
-        return None;
-    }
+    let last = state.last_retryable_with(number)?;
     // The statement identity covers the command name, namespace and
     // statements: equal means a genuine retry.
     if last.statement == ev.facts.statement {

@@ -484,6 +484,30 @@ impl SessionState {
 
     /// The server would treat the next use as a brand-new session (after an
     /// end, a kill, or an expiry): forget everything tied to the old one.
+    /// The last retryable write, if it carried `number`. It never carries
+    /// a number above `highest_txn`, so the common case (every write with a
+    /// fresh number) is answered without reading the boxed record: at
+    /// hundreds of connections that read is a cache miss per write.
+    pub(crate) fn last_retryable_with(&self, number: i64) -> Option<&RetryableWrite> {
+        if self.highest_txn.is_none_or(|highest| number > highest) {
+            return None;
+        }
+        self.last_retryable
+            .as_deref()
+            .filter(|last| last.txn_number == number)
+    }
+
+    /// A cursor of this session was opened (+1) or closed (-1).
+    pub(crate) fn cursors_changed(&mut self, change: i8) {
+        self.open_cursors = if change >= 0 {
+            self.open_cursors
+                .saturating_add(change.unsigned_abs().into())
+        } else {
+            self.open_cursors
+                .saturating_sub(change.unsigned_abs().into())
+        };
+    }
+
     pub(crate) fn restart(&mut self, now: Millis) {
         let first_client = self.first_client;
         *self = SessionState::new(now);
@@ -547,7 +571,8 @@ impl SessionState {
         let Some(number) = request.request.txn_number else {
             return TxnEvents::default();
         };
-        if self.highest_txn.is_none_or(|highest| number > highest) {
+        let fresh = self.highest_txn.is_none_or(|highest| number > highest);
+        if fresh {
             self.highest_txn = Some(number);
         }
         let mut events = TxnEvents::default();
@@ -568,6 +593,9 @@ impl SessionState {
                 request: request.request,
             };
             match &mut self.last_retryable {
+                // A number above all before it: stored without reading the
+                // record it replaces (see `last_retryable_with`).
+                Some(last) if fresh => **last = write,
                 // The first write with this number defines it; later
                 // different writes with the same number are the reuse.
                 Some(last) if last.txn_number == number => {}
@@ -987,6 +1015,18 @@ pub(crate) mod tests {
         assert_eq!(state.highest_txn, Some(4));
         assert_eq!(state.last_retryable.as_ref().unwrap().statement, 99);
         assert_eq!(state.in_flight.len(), 3);
+        // Looked up by number: only the current one, never a fresh one.
+        assert_eq!(state.last_retryable_with(4).map(|w| w.statement), Some(99));
+        assert!(state.last_retryable_with(3).is_none());
+        assert!(state.last_retryable_with(5).is_none());
+        // A lower number after a transaction raised the highest: the last
+        // retryable write is still found by its own number.
+        let mut txn = facts(request(1, 4, 8, Some(9)), CommandClass::Write);
+        txn.in_transaction = true;
+        txn.start_transaction = true;
+        state.apply_request(&txn, 8);
+        assert_eq!(state.highest_txn, Some(9));
+        assert_eq!(state.last_retryable_with(4).map(|w| w.statement), Some(99));
     }
 
     #[test]

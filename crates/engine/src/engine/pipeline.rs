@@ -308,9 +308,10 @@ impl SessionEngine {
         let facts = &event.facts;
         let cut_off = state.take_cut_off(facts);
         let resent = facts.retryable_write
-            && state.last_retryable.as_deref().is_some_and(|last| {
-                Some(last.txn_number) == facts.request.txn_number
-                    && last.statement == facts.statement
+            && facts.request.txn_number.is_some_and(|number| {
+                state
+                    .last_retryable_with(number)
+                    .is_some_and(|last| last.statement == facts.statement)
             });
         let events = state.apply_request(facts, now);
         self.lifecycle.transactions(events);
@@ -884,6 +885,13 @@ impl SessionEngine {
         let mut found = Vec::new();
         let mut suspected = false;
         let enabled = |rule| self.rules.enabled(rule);
+        // The cursor map first: a cursor of this session is counted in the
+        // one lookup of the session below (no rule reads the count).
+        let cursor = self.cursor_reply(&key, pending, upstream, &reply);
+        let (own_cursor, other_cursor) = match cursor {
+            Some((owner, change)) if owner == key => (change, None),
+            other => (0, other),
+        };
         self.ledger.with_existing(&key, |state| {
             rules::on_reply(
                 enabled,
@@ -897,43 +905,54 @@ impl SessionEngine {
             let applied = state.apply_reply(&pending.entry, &facts, final_reply, now);
             self.lifecycle.transactions(applied.txn);
             suspected = applied.suspected;
+            if own_cursor != 0 {
+                state.cursors_changed(own_cursor);
+            }
         });
+        if let Some((owner, change)) = other_cursor {
+            // getMore drove another session's cursor.
+            self.ledger
+                .with_existing(&owner, |state| state.cursors_changed(change));
+        }
         if suspected {
             self.decide_verdicts(&key, &pending.entry.request, true, now);
         }
-        self.cursor_reply(&key, pending, upstream, &reply);
         for violation in found {
             self.emit(violation, false);
         }
     }
 
+    /// The reply's effect on the cursor map: a cursor opened or exhausted.
+    /// Returns whose open-cursor count changes and by how much, for the
+    /// caller to apply in its lookup of that session.
     pub(super) fn cursor_reply(
         &self,
         key: &SessionKey,
         pending: &PendingRequest,
         upstream: u32,
         reply: &ReplyView<'_>,
-    ) {
+    ) -> Option<(SessionKey, i8)> {
         match pending.entry.class {
             CommandClass::GetMore => {
-                let Some(id) = pending.cursor else { return };
+                let id = pending.cursor?;
                 let exhausted = reply.cursor_id == Some(0)
                     || (!reply.ok && reply.code == Some(CURSOR_NOT_FOUND));
-                if exhausted {
-                    self.ledger.remove_cursor(&CursorKey { upstream, id });
+                if !exhausted {
+                    return None;
                 }
+                let entry = self.ledger.take_cursor(&CursorKey { upstream, id })?;
+                Some((entry.owner, -1))
             }
-            CommandClass::KillCursors => {}
+            CommandClass::KillCursors => None,
             _ => {
-                if let Some(id) = reply.cursor_id.filter(|id| *id != 0) {
-                    self.ledger.register_cursor(
-                        CursorKey { upstream, id },
-                        CursorEntry {
-                            owner: *key,
-                            opened_by: pending.entry.request,
-                        },
-                    );
-                }
+                let id = reply.cursor_id.filter(|id| *id != 0)?;
+                let entry = CursorEntry {
+                    owner: *key,
+                    opened_by: pending.entry.request,
+                };
+                self.ledger
+                    .insert_cursor(CursorKey { upstream, id }, entry)
+                    .then_some((*key, 1))
             }
         }
     }

@@ -1777,3 +1777,43 @@ fn handles_reach_the_same_connection_state_as_ids() {
     assert_eq!(quiet(1), None, "closed: out of the table");
     assert_eq!(engine.stats().connections, 1);
 }
+
+#[test]
+fn a_sessions_open_cursors_follow_its_cursors_even_when_another_session_drains_one() {
+    let engine = engine();
+    connect(&engine, 1, PEER, "web");
+    let open_cursors = |session: u8| {
+        let key = SessionKey {
+            lsid: Lsid([session; 16]),
+            owner: OwnerId::UNKNOWN,
+        };
+        engine.ledger.read(&key, |s| s.open_cursors)
+    };
+    let opened = |id: i64| rawdoc! { "cursor": { "id": id, "ns": "shop.orders", "firstBatch": [] }, "ok": 1.0 };
+    let drained =
+        rawdoc! { "cursor": { "id": 0_i64, "ns": "shop.orders", "nextBatch": [] }, "ok": 1.0 };
+    let get_more = |id: i64, session: u8| {
+        rawdoc! { "getMore": id, "collection": "orders", "lsid": lsid(session), "$db": "shop" }
+    };
+    send(&engine, 1, 10, &find(1), 0, 0);
+    reply(&engine, 1, 10, &opened(77), 0);
+    send(&engine, 1, 11, &find(1), 0, 1);
+    reply(&engine, 1, 11, &opened(78), 1);
+    assert_eq!(open_cursors(1), Some(2));
+    // A getMore that leaves its cursor open changes nothing.
+    send(&engine, 1, 12, &get_more(77, 1), 0, 2);
+    reply(&engine, 1, 12, &opened(77), 2);
+    assert_eq!(open_cursors(1), Some(2));
+    send(&engine, 1, 13, &get_more(77, 1), 0, 3);
+    reply(&engine, 1, 13, &drained, 3);
+    assert_eq!(open_cursors(1), Some(1));
+    // Session 2 drives session 1's other cursor to its end (a misuse,
+    // reported): the count that drops is the owner's.
+    send(&engine, 1, 14, &find(2), 0, 4);
+    reply(&engine, 1, 14, &ok(), 4);
+    send(&engine, 1, 15, &get_more(78, 2), 0, 5);
+    reply(&engine, 1, 15, &drained, 5);
+    assert_eq!((open_cursors(1), open_cursors(2)), (Some(0), Some(0)));
+    assert_eq!(engine.stats().ledger.cursors, 0);
+    assert!(rules_fired(&engine).contains(&RuleId::CursorSessionMismatch));
+}
