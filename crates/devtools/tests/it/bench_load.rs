@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::Stack;
 use sessionguard::EngineInspector;
-use sessionguard_dev::bench::{idle_memory, run_load, LoadPlan};
+use sessionguard_dev::bench::{idle_memory, run_load, LoadPlan, LoadReport};
 use sessionguard_emulator::EmulatorConfig;
 use sessionguard_engine::{RulesConfig, SessionConfig, SessionEngine};
 
@@ -31,11 +31,11 @@ async fn stack() -> (Stack, Arc<SessionEngine>) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
-    let (stack, engine) = stack().await;
+/// A second of load over 4 connections through `target`: no errors, and
+/// enough operations to mean something.
+pub(crate) async fn short_clean_load(target: std::net::SocketAddr) -> LoadReport {
     let report = run_load(&LoadPlan {
-        target: stack.proxy.local_addr(),
+        target,
         connections: 4,
         warmup: Duration::from_millis(200),
         duration: Duration::from_millis(800),
@@ -43,9 +43,15 @@ async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
     })
     .await
     .expect("load runs");
-
     assert_eq!(report.errors, 0, "{report}");
     assert!(report.ops >= 100, "too few operations: {report}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
+    let (stack, engine) = stack().await;
+    let report = short_clean_load(stack.proxy.local_addr()).await;
     assert!(report.ops_per_sec > 0.0, "{report}");
     assert!(
         0.0 < report.p50_us && report.p50_us <= report.p99_us && report.p99_us <= report.p999_us,

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use bson::{doc, Document};
-use sessionguard_dev::bench::{run_load, LoadPlan};
 use sessionguard_emulator::{Emulator, EmulatorConfig};
 use sessionguard_protocol::wire::{op_msg, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,17 +29,7 @@ async fn emulator_and_relay() -> (sessionguard_emulator::EmulatorHandle, std::ne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_runs_through_the_relay_without_errors() {
     let (_emulator, relay) = emulator_and_relay().await;
-    let report = run_load(&LoadPlan {
-        target: relay,
-        connections: 4,
-        warmup: Duration::from_millis(200),
-        duration: Duration::from_millis(600),
-        shared_session: false,
-    })
-    .await
-    .expect("load runs");
-    assert_eq!(report.errors, 0, "{report}");
-    assert!(report.ops >= 100, "too few operations: {report}");
+    super::bench_load::short_clean_load(relay).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
