@@ -482,8 +482,6 @@ impl SessionState {
         self.ended.is_some()
     }
 
-    /// The server would treat the next use as a brand-new session (after an
-    /// end, a kill, or an expiry): forget everything tied to the old one.
     /// The last retryable write, if it carried `number`. It never carries
     /// a number above `highest_txn`, so the common case (every write with a
     /// fresh number) is answered without reading the boxed record: at
@@ -499,15 +497,11 @@ impl SessionState {
 
     /// A cursor of this session was opened (+1) or closed (-1).
     pub(crate) fn cursors_changed(&mut self, change: i8) {
-        self.open_cursors = if change >= 0 {
-            self.open_cursors
-                .saturating_add(change.unsigned_abs().into())
-        } else {
-            self.open_cursors
-                .saturating_sub(change.unsigned_abs().into())
-        };
+        self.open_cursors = self.open_cursors.saturating_add_signed(change.into());
     }
 
+    /// The server would treat the next use as a brand-new session (after an
+    /// end, a kill, or an expiry): forget everything tied to the old one.
     pub(crate) fn restart(&mut self, now: Millis) {
         let first_client = self.first_client;
         *self = SessionState::new(now);

@@ -889,8 +889,8 @@ impl SessionEngine {
         // one lookup of the session below (no rule reads the count).
         let cursor = self.cursor_reply(&key, pending, upstream, &reply);
         let (own_cursor, other_cursor) = match cursor {
-            Some((owner, change)) if owner == key => (change, None),
-            other => (0, other),
+            Some((owner, change)) if owner == key => (Some(change), None),
+            other => (None, other),
         };
         self.ledger.with_existing(&key, |state| {
             rules::on_reply(
@@ -905,8 +905,8 @@ impl SessionEngine {
             let applied = state.apply_reply(&pending.entry, &facts, final_reply, now);
             self.lifecycle.transactions(applied.txn);
             suspected = applied.suspected;
-            if own_cursor != 0 {
-                state.cursors_changed(own_cursor);
+            if let Some(change) = own_cursor {
+                state.cursors_changed(change);
             }
         });
         if let Some((owner, change)) = other_cursor {
