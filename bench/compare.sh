@@ -4,9 +4,10 @@
 #   direct     load generator -> emulator (fast mode)
 #   haproxy    load generator -> HAProxy (TCP mode) -> emulator
 #   relay      load generator -> sessionguard-dev bench-relay -> emulator: a
-#              frame-aware io_uring relay with no inspection at all, the floor
-#              (what this machine allows a relay that does nothing else; left
-#              out, with a note, where io_uring is unavailable)
+#              frame-aware relay with no inspection at all, on the runtime and
+#              driver the proxy's data threads use, the floor (what this machine
+#              allows a relay that does nothing else; the header names its
+#              driver, or why it was left out)
 #   sg-observe load generator -> sessionguard (observe, every rule on) -> emulator
 #   sg-off     load generator -> sessionguard (proxy.inspect = false) -> emulator
 #   sg-flood   as sg-observe (its own proxy process), but every load connection
@@ -47,7 +48,7 @@
 #                              diagnostic of how a shared core's cost splits between a
 #                              middle and the generator (docs/performance.md, seventh pass)
 #   SESSIONGUARD_BIN=path      use this proxy binary instead of building (cargo build --release)
-#   SESSIONGUARD_DEV_BIN=path  the dev tools' binary (emulator, bench-load; default:
+#   SESSIONGUARD_DEV_BIN=path  the dev tools' binary (emulator, bench-load, bench-relay; default:
 #                              sessionguard-dev next to SESSIONGUARD_BIN, built with it)
 #   SESSIONGUARD_BASELINE_BIN=path  also measure this sessionguard binary (base-*)
 set -euo pipefail
@@ -171,7 +172,7 @@ P_FLOOD=$SG_PORT PID_FLOOD=$SG_PID
 start_sessionguard sg-epoll true epoll
 P_EPOLL=$SG_PORT PID_EPOLL=$SG_PID
 
-# The floor (optional: it needs io_uring, and a dev binary that has it).
+# The floor (optional: an older dev binary lacks it).
 P_RELAY=$(free_port)
 on "$CPU_MIDDLE" "$DEV_BIN" bench-relay --listen "127.0.0.1:$P_RELAY" --upstream "127.0.0.1:$P_EMU" \
     >"$WORK/relay.log" 2>&1 &

@@ -2,10 +2,11 @@
 //! sessionguard against. A frame-aware relay with no inspection at all:
 //! it reads whole MongoDB frames by their length prefix (as any inspecting
 //! proxy must) and forwards every complete frame of a read with one write,
-//! on one io_uring thread (monoio, COOP_TASKRUN, as the proxy's data
-//! threads; epoll where io_uring is unavailable, said at start), with one
-//! task per direction and one reusable buffer each. It
-//! is the design `../shared/perf-notes.md` measured at 0.74-0.83x
+//! on one thread of the runtime the proxy's data threads run on (the same
+//! driver choice, `proxy.io = auto` or `SESSIONGUARD_IO`, and the same
+//! builder: `sessionguard_proxy::build_runtime`), with one task per
+//! direction and one reusable buffer each. It is the design
+//! `../shared/perf-notes.md` measured at 0.74-0.83x
 //! HAProxy's CPU per operation, kept here so every compare.sh run says
 //! what this machine allows a relay that does nothing else.
 //!
@@ -18,11 +19,9 @@ use std::net::SocketAddr;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
+use sessionguard_protocol::wire::{frame_len, DEFAULT_MAX_MESSAGE_SIZE};
+use sessionguard_proxy::{build_runtime, choose_driver, IoMode};
 
-/// A declared frame length outside 16 bytes..=48 MiB closes the
-/// connection (MongoDB's own bounds for a message).
-const MAX_FRAME: usize = 48 * 1024 * 1024;
-const MIN_FRAME: usize = 16;
 const BUF_SIZE: usize = 16 * 1024;
 
 /// `bench-relay` arguments.
@@ -60,35 +59,17 @@ pub fn spawn(listen: SocketAddr, upstream: SocketAddr) -> io::Result<SocketAddr>
     Ok(local)
 }
 
-/// `started` is told which driver serves: "io_uring", or "epoll" with the
-/// reason io_uring could not be used.
+/// `started` is told which driver serves, and why (as the proxy logs it).
 fn serve(
     listener: std::net::TcpListener,
     upstream: SocketAddr,
     started: impl FnOnce(&str),
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
-    let mut flags = io_uring::IoUring::builder();
-    flags.setup_coop_taskrun();
-    let uring = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-        .uring_builder(flags)
-        .with_entries(1024)
-        .build();
-    match uring {
-        Ok(mut runtime) => {
-            started("io_uring");
-            runtime.block_on(async move {
-                accept_loop(TcpListener::from_std(listener)?, upstream).await
-            })
-        }
-        Err(e) => {
-            let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().build()?;
-            started(&format!("epoll: io_uring unavailable: {e}"));
-            runtime.block_on(async move {
-                accept_loop(TcpListener::from_std(listener)?, upstream).await
-            })
-        }
-    }
+    let choice = choose_driver(IoMode::Auto)?;
+    let mut runtime = build_runtime(choice.driver)?;
+    started(&format!("{}: {}", choice.driver, choice.reason));
+    runtime.block_on(async move { accept_loop(TcpListener::from_std(listener)?, upstream).await })
 }
 
 async fn accept_loop(listener: TcpListener, upstream: SocketAddr) -> io::Result<()> {
@@ -119,15 +100,10 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr) -> io::Result<
 }
 
 /// How many bytes at the front of `buf` are complete frames, or `None` for
-/// a declared length out of bounds.
-pub fn complete_frames(buf: &[u8]) -> Option<usize> {
+/// a declared length outside the proxy's default bounds.
+fn complete_frames(buf: &[u8]) -> Option<usize> {
     let mut at = 0;
-    while let Some(prefix) = buf.get(at..at + 4) {
-        let declared = i32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
-        let len = usize::try_from(declared).ok()?;
-        if !(MIN_FRAME..=MAX_FRAME).contains(&len) {
-            return None;
-        }
+    while let Some(len) = frame_len(&buf[at..], DEFAULT_MAX_MESSAGE_SIZE).ok()? {
         if buf.len() - at < len {
             break;
         }
@@ -142,11 +118,10 @@ pub fn complete_frames(buf: &[u8]) -> Option<usize> {
 async fn pump<R: AsyncReadRent, W: AsyncWriteRent>(mut from: R, mut to: W) {
     let mut buf: Vec<u8> = Vec::with_capacity(BUF_SIZE);
     loop {
-        // Room for the partial frame's declared length, and never a read
-        // into no room (it would read as the peer's close).
-        if let Some(prefix) = buf.get(..4) {
-            let declared = i32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
-            let len = usize::try_from(declared).unwrap_or(0);
+        // Room for the partial frame's declared length (checked when it
+        // was read), and never a read into no room (it would read as the
+        // peer's close).
+        if let Ok(Some(len)) = frame_len(&buf, usize::MAX) {
             if len > buf.capacity() {
                 buf.reserve_exact(len - buf.len());
             }
@@ -201,6 +176,7 @@ mod tests {
         assert_eq!(complete_frames(&frame(20)[..0]), Some(0));
         assert_eq!(complete_frames(&(-1_i32).to_le_bytes()), None);
         assert_eq!(complete_frames(&8_i32.to_le_bytes()), None);
-        assert_eq!(complete_frames(&(49 * 1024 * 1024_i32).to_le_bytes()), None);
+        let too_large = i32::try_from(DEFAULT_MAX_MESSAGE_SIZE + 1).unwrap();
+        assert_eq!(complete_frames(&too_large.to_le_bytes()), None);
     }
 }

@@ -98,8 +98,11 @@ pub fn io_uring_unavailable() -> Option<String> {
 }
 
 /// Decides the driver once for the process: `SESSIONGUARD_IO` overrides
-/// `configured`. `io_uring` asked for and unavailable is an error.
-pub(crate) fn choose(configured: IoMode) -> io::Result<DriverChoice> {
+/// `configured`. `io_uring` asked for and unavailable is an error. Public
+/// with `build_runtime` for the benchmark's reference relay
+/// (`sessionguard-dev bench-relay`), which must run on what the data
+/// threads run on.
+pub fn choose_driver(configured: IoMode) -> io::Result<DriverChoice> {
     let env = std::env::var(IO_ENV).ok();
     let (mode, source) = match env.as_deref().map(IoMode::from_str) {
         Some(Ok(mode)) => (mode, IO_ENV),
@@ -140,8 +143,7 @@ fn choose_for(
 }
 
 /// One data thread's runtime: whichever driver was chosen, one type.
-pub(crate) type Runtime =
-    monoio::FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
+pub type Runtime = monoio::FusionRuntime<TimeDriver<IoUringDriver>, TimeDriver<LegacyDriver>>;
 
 /// Submission queue size: completions are reaped every loop turn, so this
 /// bounds a turn's batch, not the number of connections.
@@ -154,7 +156,7 @@ const RING_ENTRIES: u32 = 1024;
 /// HAProxy's CPU per operation (the interrupting task_work contended with
 /// the loopback softirq for the socket lock). Kernels before 5.19 refuse
 /// the flag, not io_uring: retried without it.
-pub(crate) fn build_runtime(driver: Driver) -> io::Result<Runtime> {
+pub fn build_runtime(driver: Driver) -> io::Result<Runtime> {
     Ok(match driver {
         Driver::IoUring => {
             let mut flags = io_uring::IoUring::builder();

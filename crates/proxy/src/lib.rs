@@ -87,7 +87,10 @@ pub use tls::{
 };
 pub use upstream::{dial, ConnectionString, DialError, HostPort};
 
-pub use driver::{io_uring_unavailable, Driver, DriverChoice, IoMode, IO_ENV};
+pub use driver::{
+    build_runtime, choose_driver, io_uring_unavailable, Driver, DriverChoice, IoMode, Runtime,
+    IO_ENV,
+};
 
 use connection::{ConnSettings, ServeConnection};
 use listener::{BoundListener, ListenerStats, Shared};
@@ -122,7 +125,7 @@ impl Proxy {
             io,
         } = settings;
         // Once, for every data thread, with the reason.
-        let choice = driver::choose(io)?;
+        let choice = driver::choose_driver(io)?;
         info!(driver = %choice.driver, reason = %choice.reason, "data path I/O driver");
         tls::log_settings(upstream_tls.as_ref(), listen_tls.as_ref());
         let member_mode = !members.is_empty();

@@ -43,11 +43,17 @@ async fn a_frame_sent_in_pieces_is_forwarded_whole_and_answered() {
         client.flush().await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut len = [0u8; 4];
-    client.read_exact(&mut len).await.unwrap();
-    let mut reply = vec![0u8; usize::try_from(i32::from_le_bytes(len)).unwrap()];
-    reply[..4].copy_from_slice(&len);
-    client.read_exact(&mut reply[4..]).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut len = [0u8; 4];
+        client.read_exact(&mut len).await?;
+        let mut reply = vec![0u8; usize::try_from(i32::from_le_bytes(len)).unwrap()];
+        reply[..4].copy_from_slice(&len);
+        client.read_exact(&mut reply[4..]).await?;
+        std::io::Result::Ok(reply)
+    })
+    .await
+    .expect("a reply within 10 s: the relay forwarded the whole frame")
+    .expect("the relay keeps the connection open");
     let response_to = i32::from_le_bytes(reply[8..12].try_into().unwrap());
     assert_eq!(response_to, 7, "the reply answers the request");
     // OP_MSG: header (16), flags (4), section kind 0 (1), the body.
