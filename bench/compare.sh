@@ -223,7 +223,7 @@ echo "# sessionguard: $BIN (proxy.io = auto; sg-epoll: epoll)${SESSIONGUARD_BASE
 echo "# $RELAY_NOTE"
 
 TICKS=$(getconf CLK_TCK)
-declare -A OPS P50 P99 P999 ERR CPU LOAD
+declare -A OPS P50 P99 P999 ERR CPU LOAD SLEEPS
 # Every round's value of a measure, "MEASURE,config,conns" -> " v1 v2 ...".
 declare -A ROUND_VALUES
 keep() { ROUND_VALUES[$1,$2,$3]+=" $4"; } # measure config conns value
@@ -238,7 +238,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for conns in $CONNECTIONS; do
         for config in $CONFIGS; do
             if [[ $config == sg-flood ]] && ((conns < 2)); then
-                for measure in OPS P50 P99 P999 ERR CPU LOAD; do keep "$measure" "$config" "$conns" -; done
+                for measure in OPS P50 P99 P999 ERR CPU LOAD SLEEPS; do keep "$measure" "$config" "$conns" -; done
                 continue
             fi
             ticks_before=$(cpu_ticks "${MIDDLE[$config]}")
@@ -258,6 +258,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
             keep P999 "$config" "$conns" "$(field "$line" p999_us)"
             keep ERR "$config" "$conns" "$(field "$line" errors)"
             keep LOAD "$config" "$conns" "$(field "$line" load_cpu_us_per_op)"
+            keep SLEEPS "$config" "$conns" "$(field "$line" load_sleeps_per_op)"
         done
     done
 done
@@ -270,6 +271,7 @@ for conns in $CONNECTIONS; do
         ERR[$config,$conns]=$(total "${ROUND_VALUES[ERR,$config,$conns]}")
         CPU[$config,$conns]=$(median "${ROUND_VALUES[CPU,$config,$conns]}")
         LOAD[$config,$conns]=$(median "${ROUND_VALUES[LOAD,$config,$conns]}")
+        SLEEPS[$config,$conns]=$(median "${ROUND_VALUES[SLEEPS,$config,$conns]}")
     done
 done
 echo "# load average after the load runs: $(load_average)"
@@ -337,6 +339,23 @@ fi
 # by the sum of the two, so a middle that is cheap itself but makes the
 # generator dearer still loses throughput.
 against_haproxy LOAD "load generator cpu/op"
+
+# How finely the generator and the middle on its core take turns: the
+# generator's sleeps per operation (HAProxy answers each few requests at
+# once; an io_uring middle submits once per loop turn, so the two alternate
+# in batches of about a hundred operations). Which of them pays for the
+# wake-ups moves with it; the shared core's sum below does not (ninth pass).
+echo
+printf '%-6s' conns
+for config in $CONFIGS; do [[ -n "${MIDDLE[$config]}" ]] && printf ' %-14s' "$config"; done
+echo "   (load generator sleeps/op)"
+for conns in $CONNECTIONS; do
+    printf '%-6s' "$conns"
+    for config in $CONFIGS; do
+        [[ -n "${MIDDLE[$config]}" ]] && printf ' %-14s' "${SLEEPS[$config,$conns]:--}"
+    done
+    echo
+done
 
 # The two together: what the core they share pays per operation. How it
 # splits between them moves with which of them the scheduler lets preempt

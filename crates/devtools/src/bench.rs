@@ -170,6 +170,13 @@ pub struct LoadReport {
     /// with the middle, what the middle makes the generator pay is part of
     /// its cost: bench/compare.sh prints it beside the middle's.
     pub load_cpu_us_per_op: Option<f64>,
+    /// How often this process went to sleep per measured operation (its
+    /// threads' voluntary context switches; `None` without /proc): how
+    /// finely it and a middle on the same core take turns. About one sleep
+    /// per three operations through HAProxy, one per 150 through an
+    /// io_uring middle that submits once per loop turn (docs/performance.md,
+    /// ninth pass).
+    pub load_sleeps_per_op: Option<f64>,
 }
 
 impl std::fmt::Display for LoadReport {
@@ -177,7 +184,8 @@ impl std::fmt::Display for LoadReport {
         write!(
             f,
             "mode=load target={} connections={} seconds={:.2} ops={} errors={} ops_per_sec={:.0} \
-             p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} load_cpu_us_per_op={}",
+             p50_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1} load_cpu_us_per_op={} \
+             load_sleeps_per_op={}",
             self.target,
             self.connections,
             self.seconds,
@@ -189,7 +197,9 @@ impl std::fmt::Display for LoadReport {
             self.p999_us,
             self.max_us,
             self.load_cpu_us_per_op
-                .map_or_else(|| "-".to_string(), |us| format!("{us:.2}"))
+                .map_or_else(|| "-".to_string(), |us| format!("{us:.2}")),
+            self.load_sleeps_per_op
+                .map_or_else(|| "-".to_string(), |n| format!("{n:.3}"))
         )
     }
 }
@@ -242,10 +252,10 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
     let measure_from = started + plan.warmup;
     let stop_at = measure_from + plan.duration;
     let run_id = run_id();
-    // The generator's own CPU from the end of the warm-up on.
-    let cpu_at_measure = tokio::spawn(async move {
+    // The generator's own CPU and sleeps from the end of the warm-up on.
+    let at_measure = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from.into()).await;
-        own_cpu()
+        (own_cpu(), own_sleeps())
     });
     let mut tasks = tokio::task::JoinSet::new();
     for (index, client) in clients.into_iter().enumerate() {
@@ -270,7 +280,12 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
             plan.target
         ));
     }
-    let cpu_used = match (cpu_at_measure.await.ok().flatten(), own_cpu()) {
+    let (cpu_from, sleeps_from) = at_measure.await.unwrap_or((None, None));
+    let cpu_used = match (cpu_from, own_cpu()) {
+        (Some(from), Some(to)) => Some(to.saturating_sub(from)),
+        _ => None,
+    };
+    let sleeps = match (sleeps_from, own_sleeps()) {
         (Some(from), Some(to)) => Some(to.saturating_sub(from)),
         _ => None,
     };
@@ -288,6 +303,7 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
         p999_us: percentile_us(&latencies, 0.999),
         max_us: percentile_us(&latencies, 1.0),
         load_cpu_us_per_op: cpu_used.map(|cpu| cpu.as_secs_f64() * 1e6 / ops as f64),
+        load_sleeps_per_op: sleeps.map(|n| n as f64 / ops as f64),
     })
 }
 
@@ -305,6 +321,26 @@ fn own_cpu() -> Option<Duration> {
         total_ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(Duration::from_nanos(total_ns))
+}
+
+/// Voluntary context switches of this process's threads so far (each time
+/// one went to sleep for want of work), or `None` without /proc. As with
+/// `own_cpu`, a thread that exits takes its count with it.
+fn own_sleeps() -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))?
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+    }
+    Some(total)
 }
 
 /// Nearest-rank percentile of sorted nanosecond samples, in microseconds.

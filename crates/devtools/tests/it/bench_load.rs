@@ -68,6 +68,16 @@ async fn load_through_the_proxy_reports_sane_numbers_and_raises_nothing() {
         report.to_string().contains("load_cpu_us_per_op="),
         "{report}"
     );
+    // Its sleeps, from /proc too: a closed loop through a proxy and an
+    // emulator in this very process waits for replies, so it sleeps.
+    let sleeps = report.load_sleeps_per_op.expect("/proc/self/task/*/status");
+    assert!(sleeps > 0.0, "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains(&format!("load_sleeps_per_op={sleeps:.3}")),
+        "{report}"
+    );
     // Every operation went through the engine (plus the hellos and warm-up).
     let stats = engine.stats();
     assert!(
