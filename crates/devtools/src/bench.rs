@@ -312,14 +312,9 @@ pub async fn run_load(plan: &LoadPlan) -> Result<LoadReport, String> {
 /// that exits between two readings takes its time with it: the generator
 /// runs on one thread, so its readings only grow.
 fn own_cpu() -> Option<Duration> {
-    let mut total_ns = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let Ok(task) = task else { continue };
-        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
-            continue;
-        };
-        total_ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
+    let total_ns = sum_over_threads("schedstat", |stat| {
+        stat.split_whitespace().next()?.parse().ok()
+    })?;
     Some(Duration::from_nanos(total_ns))
 }
 
@@ -327,18 +322,27 @@ fn own_cpu() -> Option<Duration> {
 /// one went to sleep for want of work), or `None` without /proc. As with
 /// `own_cpu`, a thread that exits takes its count with it.
 fn own_sleeps() -> Option<u64> {
-    let mut total = 0u64;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let Ok(task) = task else { continue };
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue;
-        };
-        total += status
+    sum_over_threads("status", |status| {
+        status
             .lines()
             .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))?
             .trim()
-            .parse::<u64>()
-            .ok()?;
+            .parse()
+            .ok()
+    })
+}
+
+/// The sum over this process's threads of a number read from each one's
+/// `/proc/self/task/<tid>/<file>` (a thread gone meanwhile is skipped);
+/// `None` without /proc or when a file does not hold the number.
+fn sum_over_threads(file: &str, number: impl Fn(&str) -> Option<u64>) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(text) = std::fs::read_to_string(task.path().join(file)) else {
+            continue;
+        };
+        total += number(&text)?;
     }
     Some(total)
 }
