@@ -343,7 +343,8 @@ against_haproxy LOAD "load generator cpu/op"
 # How finely the generator and the middle on its core take turns: the
 # generator's sleeps per operation (HAProxy answers each few requests at
 # once; an io_uring middle submits once per loop turn, so the two alternate
-# in batches of about a hundred operations). Which of them pays for the
+# in batches of up to one operation per connection: about 150 at 256
+# connections, 8 at 16). Which of them pays for the
 # wake-ups moves with it; the shared core's sum below does not (ninth pass).
 echo
 printf '%-6s' conns

@@ -172,10 +172,10 @@ pub struct LoadReport {
     pub load_cpu_us_per_op: Option<f64>,
     /// How often this process went to sleep per measured operation (its
     /// threads' voluntary context switches; `None` without /proc): how
-    /// finely it and a middle on the same core take turns. About one sleep
-    /// per three operations through HAProxy, one per 150 through an
-    /// io_uring middle that submits once per loop turn (docs/performance.md,
-    /// ninth pass).
+    /// finely it and a middle on the same core take turns. At 256
+    /// connections, about one sleep per three operations through HAProxy
+    /// and one per 150 through an io_uring middle that submits once per
+    /// loop turn (docs/performance.md, ninth pass).
     pub load_sleeps_per_op: Option<f64>,
 }
 
