@@ -1,6 +1,6 @@
 //! The integration tests of the dev tools (the demo, `bench-load`,
-//! `bench-relay`, `exec` with `demo-app` as its child), built as one test binary: each former
-//! `tests/<suite>.rs` is a module. Their shared scaffolding is the
+//! `bench-relay`, `exec` with `demo-app` as its child), built as one test
+//! binary: each former `tests/<suite>.rs` is a module. Their shared scaffolding is the
 //! `sessionguard-test-support` crate.
 
 mod bench_load;

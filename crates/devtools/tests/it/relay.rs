@@ -1,6 +1,7 @@
 //! `bench-relay`, compare.sh's floor: the load generator's workload runs
-//! through it against the fast emulator without an error, and it forwards
-//! a frame that arrives in pieces whole, byte for byte.
+//! through it against the fast emulator without an error, it forwards a
+//! frame that arrives in pieces whole, byte for byte, and it closes a
+//! connection whose declared frame length is out of bounds.
 
 use std::time::Duration;
 
