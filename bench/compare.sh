@@ -229,9 +229,11 @@ declare -A ROUND_VALUES
 keep() { ROUND_VALUES[$1,$2,$3]+=" $4"; } # measure config conns value
 # The median of the values ("-" if any is "-"; the lower middle one for an
 # even count); errors are summed instead.
+# The median of a round's values; `-` when one is missing, nothing when all
+# are (a field an older dev binary does not print: the row shows `-`).
 median() {
     [[ "$1" == *-* ]] && { echo -; return; }
-    tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+    tr ' ' '\n' <<<"$1" | { grep . || true; } | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 total() { tr ' ' '\n' <<<"$1" | grep . | awk '$1 != "-" { s += $1; n++ } END { print (n ? s : "-") }'; }
 for ((round = 1; round <= ROUNDS; round++)); do
