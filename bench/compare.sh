@@ -227,15 +227,17 @@ declare -A OPS P50 P99 P999 ERR CPU LOAD SLEEPS
 # Every round's value of a measure, "MEASURE,config,conns" -> " v1 v2 ...".
 declare -A ROUND_VALUES
 keep() { ROUND_VALUES[$1,$2,$3]+=" $4"; } # measure config conns value
+# The rounds' values of a measure, one per line. None at all is no error: a
+# field an older dev binary does not print leaves every round empty, and its
+# row then shows "-".
+values() { tr ' ' '\n' <<<"$1" | { grep . || true; }; }
 # The median of the values ("-" if any is "-"; the lower middle one for an
 # even count); errors are summed instead.
-# The median of a round's values; `-` when one is missing, nothing when all
-# are (a field an older dev binary does not print: the row shows `-`).
 median() {
     [[ "$1" == *-* ]] && { echo -; return; }
-    tr ' ' '\n' <<<"$1" | { grep . || true; } | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+    values "$1" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
-total() { tr ' ' '\n' <<<"$1" | grep . | awk '$1 != "-" { s += $1; n++ } END { print (n ? s : "-") }'; }
+total() { values "$1" | awk '$1 != "-" { s += $1; n++ } END { print (n ? s : "-") }'; }
 for ((round = 1; round <= ROUNDS; round++)); do
     for conns in $CONNECTIONS; do
         for config in $CONFIGS; do
