@@ -4,10 +4,13 @@
 # same load and placement as bench/compare.sh (emulator on cpu1; load
 # generator and middle sharing cpu0; sessionguard in observe mode, every
 # rule on). Two runs per middle and connection count:
-#   - untraced: the middle's CPU per operation, and voluntary / involuntary
+#   - untraced: the middle's CPU per operation, voluntary / involuntary
 #     context switches per operation of the middle and the load generator
 #     (an involuntary switch of the middle is the load generator, woken by
-#     a reply, preempting it: the switch and the switch back are paid);
+#     a reply, preempting it: the switch and the switch back are paid), and
+#     the machine's TCP segments with data and pure ACKs received per
+#     operation (all four hops of a round trip: a middle whose timing
+#     defeated the piggybacked ACK would show more than 4 and 0);
 #   - under `strace -c -f` from before the first request to after the last:
 #     each system call per operation, failed ones (EAGAIN) apart.
 # It measures; it never judges. docs/performance.md quotes its output.
@@ -55,6 +58,12 @@ switches() { # pid -> "voluntary involuntary", all threads
 }
 HZ=$(getconf CLK_TCK)
 
+tcp_segments() { # -> "data-segments-sent pure-acks-received", the whole machine
+    awk 'NR % 2 == 1 { split($0, key) }
+         NR % 2 == 0 && $1 == "TcpExt:" { for (i = 2; i <= NF; i++) v[key[i]] = $i }
+         END { print v["TCPOrigDataSent"] + 0, v["TCPPureAcks"] + 0 }' /proc/net/netstat
+}
+
 echo "# sessionguard bench/syscalls.sh — $(date -u +%FT%TZ)"
 echo "# $(nproc) cpu ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')), Linux $(uname -r)"
 echo "# $(haproxy -v 2>/dev/null | head -1)"
@@ -62,7 +71,8 @@ echo "# placement: client=cpu0 middle=cpu0 upstream=cpu1; ${SECONDS_PER_POINT}s 
 for conns in $CONNECTIONS; do
     echo
     echo "## $conns connections"
-    printf '%-12s %9s %11s %11s %11s %11s\n' middle ops/s "cpu us/op" "mid vol/op" "mid inv/op" "load vol/op"
+    printf '%-12s %9s %11s %11s %11s %11s %9s %9s\n' middle ops/s "cpu us/op" "mid vol/op" "mid inv/op" \
+        "load vol/op" "segs/op" "acks/op"
     for middle in haproxy sg-io_uring sg-epoll; do
         pid=${PID[$middle]}
         # Untraced: CPU and context switches, over the whole run.
@@ -70,8 +80,10 @@ for conns in $CONNECTIONS; do
             --duration "${SECONDS_PER_POINT}s" --warmup 0s >"$WORK/line" &
         load=$!
         read -r mv0 mn0 < <(switches "$pid")
+        read -r s0 a0 < <(tcp_segments)
         t0=$(cpu_ticks "$pid")
         wait "$load" || die "bench-load failed ($middle, $conns connections)"
+        read -r s1 a1 < <(tcp_segments)
         # A finished process has no /proc entry: the load generator's
         # switches are sampled in the middle of a second run below.
         read -r mv1 mn1 < <(switches "$pid")
@@ -92,14 +104,15 @@ for conns in $CONNECTIONS; do
         wait "$load" || die "bench-load failed ($middle, $conns connections)"
         rate2=$(sed -n 's/.*ops_per_sec=\([0-9.]*\).*/\1/p' "$WORK/line2")
         python3 - "$middle" "$rate" "$ops" "$t0" "$t1" "$HZ" "$mv0" "$mv1" "$mn0" "$mn1" \
-            "$lv0" "$lv1" "$q0" "$q1" "$rate2" <<'PY'
+            "$lv0" "$lv1" "$q0" "$q1" "$rate2" "$s0" "$s1" "$a0" "$a1" <<'PY'
 import sys
-(middle, rate, ops, t0, t1, hz, mv0, mv1, mn0, mn1, lv0, lv1, q0, q1, rate2) = sys.argv[1:]
+(middle, rate, ops, t0, t1, hz, mv0, mv1, mn0, mn1, lv0, lv1, q0, q1, rate2, s0, s1, a0, a1) = sys.argv[1:]
 ops = int(ops)
 cpu = (int(t1) - int(t0)) / int(hz) * 1e6 / ops
 load_ops = float(rate2) * (float(q1) - float(q0))
 print(f"{middle:12} {float(rate):9.0f} {cpu:11.2f} {(int(mv1) - int(mv0)) / ops:11.3f} "
-      f"{(int(mn1) - int(mn0)) / ops:11.3f} {(int(lv1) - int(lv0)) / load_ops:11.3f}")
+      f"{(int(mn1) - int(mn0)) / ops:11.3f} {(int(lv1) - int(lv0)) / load_ops:11.3f} "
+      f"{(int(s1) - int(s0)) / ops:9.2f} {(int(a1) - int(a0)) / ops:9.2f}")
 PY
     done
     echo
