@@ -9,8 +9,9 @@
 #     (an involuntary switch of the middle is the load generator, woken by
 #     a reply, preempting it: the switch and the switch back are paid), and
 #     the machine's TCP segments with data and pure ACKs received per
-#     operation (all four hops of a round trip: a middle whose timing
-#     defeated the piggybacked ACK would show more than 4 and 0);
+#     operation (all four hops of a round trip: 4 and 0 when every ACK
+#     rides on data; a middle whose timing defeated the piggybacked ACK
+#     would show pure ACKs above 0);
 #   - under `strace -c -f` from before the first request to after the last:
 #     each system call per operation, failed ones (EAGAIN) apart.
 # It measures; it never judges. docs/performance.md quotes its output.
